@@ -1,0 +1,116 @@
+"""Load a model: the embedded default, a local diffusers folder, or a hub id; SD 1.x/2.x or SD XL."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = ASSETS / "shapes-ldm"
+PAPER_K = 700  # the paper's K for Stable Diffusion, out of 1000 training steps
+SD_GUIDANCE = 7.5
+
+
+@dataclass
+class Model:
+    """A Stable Diffusion pipeline plus what the cascade needs to know about it."""
+
+    pipe: DiffusionPipeline
+    name: str
+    default_k: int = PAPER_K  # the best K is model-dependent: a folder may set its own
+    default_guidance: float = SD_GUIDANCE
+
+    @property
+    def is_xl(self) -> bool:
+        return isinstance(self.pipe, StableDiffusionXLPipeline)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def base_size(self) -> int:
+        """The side, in pixels, the model was trained at."""
+        return self.pipe.unet.config.sample_size * self.vae_scale
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes the UNet accepts are multiples of this (every downsampler halves the latent)."""
+        return self.vae_scale * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.pipe.scheduler.config.num_train_timesteps
+
+    @classmethod
+    def from_pipeline(cls, pipe: DiffusionPipeline, name: str | None = None) -> "Model":
+        """Wrap a pipeline the user already has; the cascade samples with DDIM on its scheduler config."""
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise ValueError(f"pipe must be a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}")
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        source = pipe.config.get("_name_or_path") or ""
+        settings = _folder_settings(source)
+        return cls(pipe=pipe, name=str(name or source or type(pipe).__name__),
+                   default_k=settings.get("default_k", PAPER_K),
+                   default_guidance=settings.get("default_guidance", SD_GUIDANCE))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _folder_settings(folder: str) -> dict:
+    """A model folder may carry its own defaults (default_k, default_guidance) in self_cascade.json."""
+    path = Path(folder) / "self_cascade.json"
+    return json.loads(path.read_text()) if folder and path.is_file() else {}
+
+
+def _index(source: str) -> dict | None:
+    path = Path(source) / "model_index.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_model(name: str = "embedded", device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> Model:
+    """`embedded`, a local diffusers folder, or a hub id -> Model, on `device` (auto: cuda, mps, cpu).
+
+    Weights are read as safetensors only, and no remote code is run. fp16 on cuda unless `dtype` says.
+    """
+    source = str(EMBEDDED) if name == "embedded" else name
+    if name == "embedded" and not EMBEDDED.is_dir():
+        raise FileNotFoundError(f"the embedded model is missing: {EMBEDDED} (train it: python -m tuner.train_base)")
+    if Path(source).exists() and _index(source) is None:
+        raise ValueError(f"model {name!r}: not a diffusers folder (no model_index.json)")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    index = _index(source)
+    if index is not None:
+        is_xl = "text_encoder_2" in index
+    else:  # a hub id: the index says which pipeline it is
+        from huggingface_hub import hf_hub_download
+        is_xl = "text_encoder_2" in json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+    if is_xl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return Model.from_pipeline(pipe.to(device), name=name)

@@ -1,0 +1,321 @@
+"""Train the embedded shapes-world model: a VAE, then a text encoder and UNet, saved as a diffusers folder.
+
+    python -m tuner.train_base --out assets/shapes-ldm            # CPU: about two hours on 2 cores
+    accelerate launch -m tuner.train_base --out ... --unet-batch 512  # a GPU: minutes
+
+Runs under `accelerate`, resumes from `--work` after an interruption (checkpoints are complete and
+written atomically), and is reproducible from `--seed`: the scenes of step s come from (seed, s).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sc_app.shapes import PALETTE, SHAPES, random_scene, render_batch
+from tuner.text import write_word_tokenizer
+
+log = logging.getLogger("train_base")
+
+WORDS = ["a", "and", *PALETTE, *SHAPES]
+
+
+@dataclass
+class Config:
+    out: str = "assets/shapes-ldm"
+    work: str = "runs/base"  # checkpoints and the latent cache
+    seed: int = 0
+    base_size: int = 64  # pixels; the VAE downsamples 4x, so 16x16 latents
+    # VAE
+    vae_steps: int = 2400
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    # latent cache: rendered and encoded once, then indexed
+    cache_scenes: int = 60_000
+    # text encoder + UNet
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 3e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+
+def vae_model() -> AutoencoderKL:
+    # No mid-block attention: the VAE stays fully convolutional, so decoding 16x the base pixels costs
+    # 16x, not 256x, and sees nothing it did not see in training.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32, mid_block_add_attention=False, sample_size=64,
+    )
+
+
+def text_model(vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=64,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    ))
+
+
+def unet_model(sample_size: int) -> UNet2DConditionModel:
+    # Attention only at 8x8 and 4x4: composition is global, and the top level stays cheap at high resolution.
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(48, 96, 160),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=32, norm_num_groups=16,
+    )
+
+
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def scenes_for(seed: int, stream: int, step: int, count: int):
+    rng = np.random.default_rng([seed, stream, step])
+    return [random_scene(rng) for _ in range(count)], rng
+
+
+# ---- checkpoints: complete (model, optimizer, EMA, step) and atomic (write, then rename) -------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+# ---- phase 1: the VAE, on small crops of renders at several scales ------------------------------------
+
+def train_vae(cfg: Config, acc: Accelerator, work: Path) -> AutoencoderKL:
+    vae = vae_model()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, cfg.vae_steps))
+    ckpt_path, start = work / "vae.ckpt", 0
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        vae.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        start = state["step"]
+        log.info("vae: resumed at step %d", start)
+    vae, opt = acc.prepare(vae, opt)
+    started, running = time.time(), 0.0
+    for step in range(start, cfg.vae_steps):
+        scenes, rng = scenes_for(cfg.seed, 1, step, cfg.vae_batch)
+        size = int(rng.choice([64, 96, 128]))  # several scales, so high-resolution edges decode cleanly
+        images = render_batch(scenes, size, size)
+        y, x = rng.integers(0, size - cfg.vae_crop + 1, size=2)
+        batch = to_tensor(images[:, y:y + cfg.vae_crop, x:x + cfg.vae_crop]).to(acc.device)
+        posterior = acc.unwrap_model(vae).encode(batch).latent_dist
+        recon = acc.unwrap_model(vae).decode(posterior.sample()).sample
+        l1 = (recon - batch).abs().mean()
+        loss = l1 + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        acc.backward(loss)
+        opt.step(); sched.step(); opt.zero_grad()
+        running = 0.98 * running + 0.02 * l1.item() if step > start else l1.item()
+        if (step + 1) % cfg.log_every == 0:
+            log.info("vae step %d/%d  L1 %.4f  %.2f s/step", step + 1, cfg.vae_steps, running,
+                     (time.time() - started) / (step + 1 - start))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            save_checkpoint(ckpt_path, {"model": acc.unwrap_model(vae).state_dict(), "opt": opt.state_dict(),
+                                        "sched": sched.state_dict(), "step": step + 1})
+    return acc.unwrap_model(vae).eval().requires_grad_(False)
+
+
+# ---- the latent cache: every training scene rendered and encoded once --------------------------------
+
+@torch.no_grad()
+def latent_cache(cfg: Config, vae: AutoencoderKL, work: Path, device) -> tuple[torch.Tensor, list[str]]:
+    path = work / "latents.safetensors"
+    if path.exists():
+        cache = load_file(path)
+        prompts = json.loads((work / "prompts.json").read_text())
+        return cache["latents"], prompts
+    scenes, _ = scenes_for(cfg.seed, 2, 0, cfg.cache_scenes)
+    latents = []
+    for i in range(0, len(scenes), 500):
+        images = to_tensor(render_batch(scenes[i:i + 500], cfg.base_size, cfg.base_size)).to(device)
+        latents.append(vae.encode(images).latent_dist.mean.cpu())
+        log.info("cache: %d/%d scenes encoded", i + 500, len(scenes))
+    latents = torch.cat(latents)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    latents = latents * vae.config.scaling_factor
+    (work / "prompts.json").write_text(json.dumps([s.prompt for s in scenes]))
+    save_file({"latents": latents.contiguous(),
+               "scaling_factor": torch.tensor(vae.config.scaling_factor)}, str(path))
+    return latents, [s.prompt for s in scenes]
+
+
+# ---- phase 2: text encoder + UNet, v-prediction with min-SNR weighting, caption dropout, EMA -----------
+
+def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer):
+    unet, text = unet_model(cfg.base_size // 4), text_model(len(tokenizer))
+    noise_sched = scheduler()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.unet_steps))
+    ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
+    ckpt_path, start = work / "unet.ckpt", 0
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        ema_unet.shadow, ema_text.shadow = state["ema_unet"], state["ema_text"]
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        log.info("unet: resumed at step %d", start)
+    else:
+        torch.manual_seed(cfg.seed)
+    unet, text, opt = acc.prepare(unet, text, opt)
+    ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty_ids, ids = ids[-1], ids[:-1]
+    alphas = noise_sched.alphas_cumprod.to(acc.device)
+    started, running = time.time(), 0.0
+    for step in range(start, cfg.unet_steps):
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        index = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
+        x0 = latents[index].to(acc.device)
+        tokens = ids[index].clone()
+        tokens[torch.from_numpy(rng.random(cfg.unet_batch) < cfg.caption_dropout)] = empty_ids
+        t = torch.randint(0, 1000, (cfg.unet_batch,), device=acc.device)
+        noise = torch.randn_like(x0)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        with acc.autocast():
+            cond = text(tokens.to(acc.device))[0]
+            pred = unet(xt, t, cond).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # min-SNR for v-prediction
+        loss = (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step(); opt.zero_grad()
+        ema_unet.update(acc.unwrap_model(unet), step); ema_text.update(acc.unwrap_model(text), step)
+        running = 0.98 * running + 0.02 * loss.item() if step > start else loss.item()
+        if (step + 1) % cfg.log_every == 0:
+            log.info("unet step %d/%d  loss %.4f  lr %.2e  %.2f s/step", step + 1, cfg.unet_steps, running,
+                     sched.get_last_lr()[0], (time.time() - started) / (step + 1 - start))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            save_checkpoint(ckpt_path, {
+                "unet": acc.unwrap_model(unet).state_dict(), "text": acc.unwrap_model(text).state_dict(),
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "ema_unet": ema_unet.shadow,
+                "ema_text": ema_text.shadow, "step": step + 1, "torch_rng": torch.get_rng_state(),
+                "config": dataclasses.asdict(cfg),
+            })
+    return ema_unet, ema_text
+
+
+def export(cfg: Config, work: Path, vae: AutoencoderKL, tokenizer) -> Path:
+    """Write the EMA weights of the latest checkpoint as a Stable Diffusion folder (fp16 safetensors)."""
+    state = load_checkpoint(work / "unet.ckpt")
+    unet, text = unet_model(cfg.base_size // 4), text_model(len(tokenizer))
+    unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "unet_steps": state["step"]},
+                                                  indent=2))
+    card = out / "README.md"
+    if card.exists():  # the model card is written by hand; keep it across re-exports
+        shutil.copy(card, tmp / "README.md")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log.info("exported %s (unet step %d)", out, state["step"])
+    return out
+
+
+def parse_args() -> Config:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(Config):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoints")
+    args = vars(parser.parse_args())
+    export_only = args.pop("export_only")
+    return Config(**args), export_only
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg, export_only = parse_args()
+    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_word_tokenizer(WORDS, work / "tokenizer")
+    vae = train_vae(cfg, acc, work) if not export_only else None
+    if export_only:
+        vae = vae_model()
+        vae.load_state_dict(load_checkpoint(work / "vae.ckpt")["model"])
+        vae.register_to_config(scaling_factor=float(load_file(work / "latents.safetensors")["scaling_factor"]))
+    else:
+        latents, prompts = latent_cache(cfg, vae.to(acc.device), work, acc.device)
+        vae.register_to_config(scaling_factor=float(load_file(work / "latents.safetensors")["scaling_factor"]))
+        train_unet(cfg, acc, work, latents, prompts, tokenizer)
+    if acc.is_main_process:
+        export(cfg, work, vae.cpu(), tokenizer)
+
+
+if __name__ == "__main__":
+    main()
