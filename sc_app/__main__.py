@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     g.add_argument("--out", type=Path, required=True)
+    _add_video_parser(sub)
     return parser
 
 
@@ -98,11 +99,15 @@ def _write_run(result, folder: Path) -> None:
 
 def generate(args) -> None:
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from .api import generate as run
     from .cascade import check_inputs
     from .models import load_model
 
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()  # stderr carries our own lines and the sampler's bar only
     prompts = read_prompts(args)
     options = _method_options(args)
     if args.upsampler is not None and not args.upsampler.is_file():
@@ -127,10 +132,102 @@ def generate(args) -> None:
         print(f"{args.out / f'{i:04d}' if args.prompts_file else args.out}: {result.total_seconds:.1f} s", file=sys.stderr)
 
 
+# ---- generate-video: the image contract for text-to-video models ----------------------------------------
+
+def _add_video_parser(sub) -> None:
+    from .video import VIDEO_METHODS
+
+    v = sub.add_parser("generate-video", help="generate a video with self-cascade or direct sampling")
+    v.add_argument("--model", default="embedded", help="'embedded' (the moving-shapes video model), a ModelScope or "
+                   "AnimateDiff folder, an SD 1.5 folder with --motion-adapter, or a hub id")
+    v.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder: runs an SD 1.5 --model as AnimateDiff")
+    v.add_argument("--prompt", help="the prompt (or use --prompts-file)")
+    v.add_argument("--prompts-file", type=Path, help="one prompt per line; prompt i goes to DIR/NNNN with seed + i")
+    v.add_argument("--negative-prompt", default=None)
+    v.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    v.add_argument("--fps", type=float, default=None, help="frames per second of the mp4 and gif (default: the model's)")
+    v.add_argument("--height", type=int, required=True)
+    v.add_argument("--width", type=int, required=True)
+    v.add_argument("--method", default="self-cascade", choices=VIDEO_METHODS)
+    v.add_argument("--k", type=int, nargs="+", default=None,
+                   help="re-noise level of each stage (one value, or one per stage); default: the model's")
+    v.add_argument("--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))")
+    v.add_argument("--upsample", default="bilinear", choices=("bilinear", "bicubic"))
+    v.add_argument("--steps", type=int, default=50)
+    v.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
+    v.add_argument("--out", type=Path, required=True)
+
+
+def _video_options(args) -> dict:
+    if args.method != "self-cascade":
+        given = [flag for flag, value in (("--k", args.k), ("--stages", args.stages)) if value is not None]
+        if given:
+            raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
+        return {}
+    k = None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
+    return {"k": k, "stages": args.stages, "upsample": args.upsample}
+
+
+def _write_video_run(result, folder: Path, fps: float) -> None:
+    """stageR.mp4 per stage (self-cascade), final.mp4, preview.gif, result.json: as `_write_run`, all or nothing."""
+    from .video import export_gif, export_mp4
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if result.method == "self-cascade":
+            for r, stage in enumerate(result.stages):
+                export_mp4(stage.clips[0], tmp / f"stage{r}.mp4", fps)
+        export_mp4(result.clips[0], tmp / "final.mp4", fps)
+        export_gif(result.clips[0], tmp / "preview.gif", fps)
+        (tmp / "result.json").write_text(json.dumps({**result.summary(), "fps": fps}, indent=2, default=str))
+        folder.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generate_video(args) -> None:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from .video import check_video_inputs, generate_video as run, load_video_model
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()  # stderr carries our own lines and the sampler's bar only
+    prompts = read_prompts(args)
+    options = _video_options(args)
+    if args.fps is not None and args.fps <= 0:
+        raise BadInput(f"--fps must be > 0, got {args.fps}")
+    if args.out.exists() and not args.out.is_dir():
+        raise BadInput(f"--out {args.out}: exists and is not a folder")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        model = load_video_model(args.model, motion_adapter=args.motion_adapter, device=args.device, dtype=dtype)
+        frames = model.default_frames if args.frames is None else args.frames
+        check_video_inputs(model, args.height, args.width, frames, args.steps, args.guidance or 0.0,
+                           options.get("k"), options.get("stages"), options.get("upsample", "bilinear"))
+    except (ValueError, OSError, RuntimeError) as error:
+        raise BadInput(f"{error}".splitlines()[0]) from None
+    fps = args.fps or model.default_fps
+    for i, prompt in enumerate(prompts):
+        result = run(model, prompt, args.height, args.width, args.method, num_frames=frames,
+                     negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
+        folder = args.out / f"{i:04d}" if args.prompts_file else args.out
+        _write_video_run(result, folder, fps)
+        print(f"{folder}: {result.total_seconds:.1f} s", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        generate(args)
+        (generate_video if args.command == "generate-video" else generate)(args)
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -105,7 +105,7 @@ def load_model(name: str = "embedded", device: str | torch.device | None = None,
     else:  # a hub id: the index says which pipeline it is
         from huggingface_hub import hf_hub_download
         is_xl = "text_encoder_2" in json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
-    kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+    kwargs = dict(dtype=dtype, use_safetensors=True)
     if is_xl:
         pipe = StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
     else:

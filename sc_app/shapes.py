@@ -4,13 +4,18 @@ A scene lives in relative coordinates: centres in [0, 1] of width and height, ra
 image's shorter side. Placement is done in the unit square, so a scene that fits there (inside, no
 overlap) still fits when one axis is stretched: the same seed gives the same scene at every size and
 aspect ratio, which is what makes real high-resolution data exist for every scale.
+
+`detect`, `matches` and `describe` read an image (a render or a model's sample) back into the objects
+it shows, so that composition can be judged at any size.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 PALETTE = {
     "red": (220, 40, 40),
@@ -128,3 +133,75 @@ def random_prompts(count: int, seed: int) -> list[str]:
     """Fresh evaluation prompts; seeds far from the training stream's."""
     rng = np.random.default_rng([seed, 0x5EED])
     return [random_scene(rng).prompt for _ in range(count)]
+
+
+# --- detector: reads a shapes-world image back into (colour, shape) pairs, for judging samples ---
+
+_PALETTE_RGB = np.array(list(PALETTE.values()), np.float32)  # (4, 3), in PALETTE order
+# A pixel takes a palette colour when it is at most half-way from that colour to a typical
+# background grey: on a clean render that is anti-aliasing coverage >= 0.5, so masks keep the true
+# area; diffusion outputs drift in colour by far less than this.
+_TYPICAL_BACKGROUND = np.array([222.0, 222.0, 222.0], np.float32)
+_COLOUR_RADIUS = 0.5 * np.linalg.norm(_PALETTE_RGB - _TYPICAL_BACKGROUND, axis=1)
+# Blobs smaller than (this * shorter side)^2 are specks, not objects: real objects are at least
+# 0.12 in radius, but a diffusion model's small repeated objects are well above this and must count.
+_MIN_OBJECT_SIDE = 0.05
+# Shape prototypes, rows in SHAPES order, as (fill of the bounding box, centroid height within the
+# box from its top): an up-pointing triangle fills half its box and carries its mass low (2/3 down).
+_SHAPE_PROTOTYPES = np.array([[np.pi / 4, 0.5], [1.0, 0.5], [0.5, 2 / 3]])
+_FEATURE_WEIGHTS = np.array([1.0, 1.5])  # centroids differ by 1/6, fills by 0.2-0.3: even them out
+
+
+def _as_rgb(image) -> np.ndarray:
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if array.ndim != 3 or array.shape[2] < 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {array.shape}")
+    return array[..., :3]
+
+
+def _classify_shape(mask: np.ndarray) -> str:
+    """The nearest prototype to a blob's (fill, centroid) features; `mask` is cropped to its box."""
+    height, width = mask.shape
+    rows = np.nonzero(mask)[0]
+    fill = rows.size / (height * width)
+    centroid = (rows.mean() + 0.5) / height
+    distances = (((_SHAPE_PROTOTYPES - [fill, centroid]) * _FEATURE_WEIGHTS) ** 2).sum(1)
+    return SHAPES[int(distances.argmin())]
+
+
+def detect(image) -> list[tuple[str, str]]:
+    """The (colour, shape) of every object in a shapes-world image (a PIL image or HxWx3 uint8 array).
+
+    Each pixel takes its nearest palette colour if close enough; each connected blob of one colour
+    (holes filled) big enough to be more than a speck is one object. Order: palette order, then
+    top to bottom.
+    """
+    rgb = _as_rgb(image)
+    height, width = rgb.shape[:2]
+    # squared distance to each palette colour, one whole-image plane per colour (fast and contiguous)
+    channels = np.moveaxis(rgb, -1, 0).astype(np.float32)  # (3, H, W), contiguous planes
+    distance2 = np.stack([sum((channels[k] - colour[k]) ** 2 for k in range(3)) for colour in _PALETTE_RGB])
+    nearest2 = distance2.min(0)
+    min_area = (_MIN_OBJECT_SIDE * min(height, width)) ** 2
+    eight_connected = np.ones((3, 3), bool)
+    found = []
+    for index, colour in enumerate(PALETTE):
+        mask = (distance2[index] == nearest2) & (distance2[index] <= _COLOUR_RADIUS[index] ** 2)
+        labels, count = ndimage.label(mask, structure=eight_connected)
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        for label, box in enumerate(ndimage.find_objects(labels), start=1):
+            if areas[label] >= min_area:
+                # holes (noise, blotches inside an object) would lower its fill and fake a triangle
+                blob = ndimage.binary_fill_holes(labels[box] == label)
+                found.append((colour, _classify_shape(blob)))
+    return found
+
+
+def matches(image, prompt: str) -> bool:
+    """Whether the image holds exactly the prompted objects: no extra, none missing, right colour and shape."""
+    return Counter(detect(image)) == Counter(parse_prompt(prompt))
+
+
+def describe(image) -> str:
+    """What the detector sees, as a prompt-like string for logs (`nothing` for an empty image)."""
+    return " and ".join(f"a {colour} {shape}" for colour, shape in detect(image)) or "nothing"

@@ -1,0 +1,816 @@
+"""The page of Self-Cascade Studio: Generate, Compare and Tune tabs, a thin shell over the library.
+
+Every event maps widgets to library calls (`sc_app.api.generate`, `tuner.upsampler_training.train_adapter`)
+and streams what they report. The model is loaded once, by the caller, and handed to `build()`.
+
+GPU work runs in `Studio.gpu_generate` / `Studio.gpu_tune`, which `spaces.GPU` wraps on a Hugging Face
+Space with a duration computed from the request. On ZeroGPU they run in another process, so everything
+crosses as plain values: requests in, events out (PIL images, numbers), trained adapter weights as bytes.
+A stop request crosses as a file. Nothing here touches CUDA at import.
+
+Files the app writes (stage images, uploads, adapters) live under its own work folder, with names the app
+makes; a name from an upload is never part of a path.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+try:  # on a Hugging Face Space; must come before anything initialises CUDA
+    import spaces
+except ImportError:  # pragma: no cover - `spaces` is in requirements.txt
+    spaces = None
+
+import gradio as gr
+from PIL import Image
+
+from .api import generate as run_method
+from .cascade import check_inputs
+from .plan import plan_stages
+
+log = logging.getLogger(__name__)
+
+ASPECTS = ("1:1", "4:3", "3:4", "16:9", "9:16", "2:1", "1:2")
+SCALES = {"4x": 4, "16x": 16, "64x": 64}  # times the model's base pixels
+STAGE_CHOICES = ("auto", "0", "1", "2", "3", "4")
+COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf")
+TUNE_SCALES = (2, 4)
+SHAPES_WORLD, MY_IMAGES = "shapes world", "my images"
+NO_ADAPTER = "none"
+
+ENV_MAX_PIXELS = "SC_MAX_PIXELS"
+ENV_WORK_DIR = "SC_WORK_DIR"
+MAX_PIXELS_GPU = 2048 * 2048  # what cascade.decode's tiling keeps inside a 24 GB GPU at SD sizes
+MAX_PIXELS_CPU = 1024 * 1024
+MAX_UPLOAD_SIZE = "200mb"  # per file, enforced by gradio on upload
+MAX_ZIP_MEMBERS = 5000
+MAX_ZIP_BYTES = 1 << 30  # uncompressed, all members together
+MAX_TUNE_STEPS = 20_000
+QUEUE_SIZE = 32
+KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
+
+# ZeroGPU durations: seconds per denoising step at the model's base size (an estimate on the slow side
+# for SD-class UNets on a shared A100/H200), growing a little faster than the pixel count (attention).
+STEP_SECONDS_AT_BASE = 0.12
+PIXEL_EXPONENT = 1.3
+TUNE_SECONDS_PER_SAMPLE = 0.05
+GPU_OVERHEAD_SECONDS = 15
+MAX_GPU_SECONDS = 600
+
+EMBEDDED_EXAMPLES = ["a red circle and a blue square", "a yellow triangle",
+                     "a green square and a red triangle and a blue circle"]
+SD_EXAMPLES = ["a photo of a cat sitting on a windowsill", "an astronaut riding a horse on the moon",
+               "a cozy cabin in a snowy forest at dusk"]
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def on_gpu(fn, duration):
+    """`spaces.GPU(fn, duration=duration)` on a Space, `fn` itself anywhere else."""
+    if spaces is None or not on_space():
+        return fn
+    return spaces.GPU(fn, duration=duration)
+
+
+def user_error(message: str) -> gr.Error:
+    """An error shown in the page, without a traceback in the server's log."""
+    return gr.Error(message, print_exception=False)
+
+
+# ---- sizes -----------------------------------------------------------------------------------------
+
+def resolve_max_pixels(flag: int | None, device_type: str) -> int:
+    """The size limit: the flag, else $SC_MAX_PIXELS, else a default for the device."""
+    if flag is not None:
+        value, source = flag, "--max-pixels"
+    elif os.environ.get(ENV_MAX_PIXELS):
+        value, source = os.environ[ENV_MAX_PIXELS], ENV_MAX_PIXELS
+    else:
+        return MAX_PIXELS_GPU if device_type == "cuda" else MAX_PIXELS_CPU
+    try:
+        value = int(value)
+    except ValueError:
+        raise ValueError(f"{source} must be a whole number of pixels, got {value!r}") from None
+    if value <= 0:
+        raise ValueError(f"{source} must be positive, got {value}")
+    return value
+
+
+def target_size(base_size: int, multiple: int, aspect: str, scale: str) -> tuple[int, int]:
+    """(height, width) at `scale` times the model's base pixels with the given aspect ratio."""
+    if aspect not in ASPECTS:
+        raise user_error(f"aspect ratio must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    if scale not in SCALES:
+        raise user_error(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    aw, ah = (int(v) for v in aspect.split(":"))
+    pixels = base_size**2 * SCALES[scale]
+    width = max(multiple, round(math.sqrt(pixels * aw / ah) / multiple) * multiple)
+    height = max(multiple, round(math.sqrt(pixels * ah / aw) / multiple) * multiple)
+    return height, width
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.2f} MP" if pixels >= 10_000 else f"{pixels:,} pixels"
+
+
+# ---- uploads ---------------------------------------------------------------------------------------
+
+def _display_name(name: str) -> str:
+    """A file name fit for a message: its last part, printable, not too long."""
+    name = re.split(r"[\\/]", str(name))[-1]
+    name = "".join(c if c.isprintable() else "?" for c in name)
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def safe_stem(name: str, fallback: str = "file") -> str:
+    """A name made safe for the app's folders: letters, digits, '-', '_' and '.', no leading dot."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(re.split(r"[\\/]", str(name))[-1]).stem).strip("._")
+    return stem[:60] or fallback
+
+
+def _read_image(data: bytes, name: str, min_side: int) -> str:
+    """Check that `data` is a whole image at least `min_side` on its shorter side; return its extension."""
+    label = _display_name(name)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+            image.load()  # decodes every pixel: catches truncated and corrupt files
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise user_error(f"{label}: the image is too large to read safely") from None
+    except Image.UnidentifiedImageError:
+        raise user_error(f"{label} is not an image (upload PNG, JPEG or WebP files, or a zip of them)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise user_error(f"{label} could not be read, the file looks corrupt ({error})") from None
+    if kind not in IMAGE_FORMATS:
+        raise user_error(f"{label}: {kind} images are not supported (upload PNG, JPEG or WebP)")
+    if min(width, height) < min_side:
+        raise user_error(f"{label} is {width}x{height}, smaller than the {min_side}x{min_side} crop that "
+                         f"tuning at this scale needs")
+    return IMAGE_FORMATS[kind]
+
+
+def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each file in a zip, within limits on count and size; names are never paths."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        members = [m for m in members if not any(part.startswith(".") or part == "__MACOSX"
+                                                 for part in re.split(r"[\\/]", m.filename))]
+        if len(members) > MAX_ZIP_MEMBERS:
+            raise user_error(f"{_display_name(path)} holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
+        for member in members:
+            total += member.file_size
+            if total > MAX_ZIP_BYTES:
+                raise user_error(f"{_display_name(path)} unpacks to more than {MAX_ZIP_BYTES >> 20} MB")
+            yield member.filename, archive.read(member)
+
+
+def prepare_images(files: list[str], dest: Path, min_side: int) -> int:
+    """Copy uploaded images (and the images inside uploaded zips) into `dest` as 00000.png, 00001.jpg, ...
+
+    Every file is checked first (an image, whole, large enough); the first bad one raises a gr.Error that
+    names it. The names the files came with are only ever shown, never used as paths.
+    """
+    if not files:
+        raise user_error("no images uploaded: add image files or a zip of images, or pick 'shapes world'")
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+
+    def add(name: str, data: bytes) -> None:
+        nonlocal count
+        extension = _read_image(data, name, min_side)
+        (dest / f"{count:05d}{extension}").write_bytes(data)
+        count += 1
+
+    for file in files:
+        path = str(file)
+        name = _display_name(Path(path).name)
+        if zipfile.is_zipfile(path):
+            try:
+                for member, data in _zip_members(path):
+                    add(member, data)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as error:
+                raise user_error(f"{name} could not be unpacked, the zip looks corrupt ({error})") from None
+        else:
+            add(name, Path(path).read_bytes())
+    if count == 0:
+        raise user_error("the uploaded zip holds no images")
+    return count
+
+
+# ---- the studio ------------------------------------------------------------------------------------
+
+class _Stopped(Exception):
+    """Raised from the step callback when the request's stop file appears."""
+
+
+@dataclass
+class _TuneJob:
+    """The server's one tuning job: a thread that drains the GPU generator into a queue the page reads."""
+
+    session: str
+    stop: Path
+    events: queue.Queue = field(default_factory=queue.Queue)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Studio:
+    """The model, the limits and the work folder behind the page; handlers for its events."""
+
+    def __init__(self, model, *, max_pixels: int | None = None, work_dir: str | Path | None = None):
+        self.model = model
+        self.max_pixels = resolve_max_pixels(max_pixels, model.device.type)
+        root = work_dir or os.environ.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "self-cascade-studio"
+        self.work_dir = Path(root).resolve()
+        self.runs_dir = self.work_dir / "runs"
+        self.jobs_dir = self.work_dir / "jobs"
+        self.adapter_dir = self.work_dir / "adapters" / self._model_slug()
+        for folder in (self.runs_dir, self.jobs_dir, self.adapter_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._model_lock = threading.Lock()  # one library call on the model at a time (hooks, patches)
+        self._tune_lock = threading.Lock()
+        self._tune_job: _TuneJob | None = None
+        self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
+        self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
+
+    def _model_slug(self) -> str:
+        import hashlib
+        return f"{safe_stem(self.model.name, 'model')}-{hashlib.sha1(self.model.name.encode()).hexdigest()[:8]}"
+
+    # ---- adapters --------------------------------------------------------------------------------
+
+    def adapters(self) -> dict[str, Path | None]:
+        """Adapter choices by label: none, the ones shipped with the model, the ones made here."""
+        choices: dict[str, Path | None] = {NO_ADAPTER: None}
+        shipped = Path(self.model.name) / "upsamplers" if Path(self.model.name).is_dir() else None
+        if self.model.name == "embedded":
+            from .models import EMBEDDED
+            shipped = EMBEDDED / "upsamplers"
+        for path in sorted(shipped.glob("*.safetensors")) if shipped and shipped.is_dir() else []:
+            choices[f"shipped: {path.stem}"] = path
+        for path in sorted(self.adapter_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+            choices[path.stem] = path
+        return choices
+
+    def adapter_path(self, label: str | None) -> str | None:
+        """The file behind a choice; labels are looked up, never used as paths."""
+        if not label or label == NO_ADAPTER:
+            return None
+        path = self.adapters().get(label)
+        if path is None:
+            raise user_error(f"adapter {label!r} is not one this server has: pick one from the list")
+        return str(path)
+
+    def adapter_choices(self, value: str | None = None) -> dict:
+        choices = list(self.adapters())
+        return gr.update(choices=choices, **({"value": value} if value in choices else {}))
+
+    def _store_adapter(self, data: bytes, stem: str) -> str:
+        """Write adapter bytes into the adapter folder atomically; return its label."""
+        name = safe_stem(stem, "adapter")
+        path = self.adapter_dir / f"{name}.safetensors"
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.adapter_dir / f"{name}-{n}.safetensors"
+        tmp = self.adapter_dir / f".{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(data)
+        try:
+            from .upsampler import load_adapter
+            load_adapter(tmp, self.model)
+        except ValueError as error:
+            tmp.unlink(missing_ok=True)
+            raise user_error(f"this adapter does not fit the loaded model: {str(error).replace(str(tmp), 'the file')}") from None
+        os.replace(tmp, path)
+        return path.stem
+
+    def upload_adapter(self, file: str | None):
+        """Add a .safetensors adapter file to the choices, after checking it fits the model."""
+        if not file:
+            raise user_error("no adapter file uploaded")
+        if not str(file).lower().endswith(".safetensors"):
+            raise user_error(f"{_display_name(file)}: an adapter is a .safetensors file")
+        label = self._store_adapter(Path(file).read_bytes(), "uploaded-" + safe_stem(Path(file).name, "adapter"))
+        gr.Info(f"Adapter {label} added.")
+        return self.adapter_choices(label), self.adapter_choices()
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def size_choices(self, aspect: str) -> dict:
+        """The scale radio's labels for an aspect ratio, with the sizes they give."""
+        base, m = self.model.base_size, self.model.size_multiple
+        labels = []
+        for scale in SCALES:
+            h, w = target_size(base, m, aspect, scale)
+            over = " (over this server's limit)" if h * w > self.max_pixels else ""
+            labels.append((f"{scale}: {w} x {h}{over}", scale))
+        return gr.update(choices=labels)
+
+    def request(self, method: str, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed,
+                adapter) -> dict:
+        """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise user_error("the prompt is empty: describe the image you want")
+        height, width = target_size(self.model.base_size, self.model.size_multiple, aspect, scale)
+        if height * width > self.max_pixels:
+            raise user_error(f"{width}x{height} is {_megapixels(height * width)}, over this server's limit of "
+                             f"{_megapixels(self.max_pixels)} (set by --max-pixels or {ENV_MAX_PIXELS}): "
+                             f"pick a smaller scale")
+        try:
+            stages = None if stages in (None, "", "auto") else int(stages)
+            k = None if k is None else int(k)
+            steps = int(steps)
+            guidance = self.model.default_guidance if guidance is None else float(guidance)
+            seed = 0 if seed is None else int(seed)
+        except (TypeError, ValueError) as error:
+            raise user_error(f"a setting is not a number: {error}") from None
+        if not 0 <= seed < 2**63:
+            raise user_error(f"seed must be in 0..{2**63 - 1}, got {seed}")
+        cascade = method == "self-cascade"
+        try:
+            check_inputs(self.model, height, width, steps, guidance, k if cascade else None,
+                         stages if cascade else None)
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        request = {"method": method, "prompt": prompt, "negative_prompt": (negative_prompt or "").strip() or None,
+                   "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance,
+                   "seed": seed}
+        if cascade:
+            request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
+        return request
+
+    def _stage_steps(self, request: dict, stage: int) -> int:
+        """How many steps a stage runs, for the progress bar: all for the pivot, about K/T of them after."""
+        steps = request["num_inference_steps"]
+        if stage == 0:
+            return steps
+        k = request.get("k") or self.model.default_k
+        return max(1, min(steps, round(steps * k / self.model.num_train_timesteps)))
+
+    def generate_seconds(self, requests: list[dict], stop: str) -> int:
+        """A ZeroGPU duration for `requests`: steps x size per stage, from the scale plan."""
+        base, m = self.model.base_size, self.model.size_multiple
+        seconds = GPU_OVERHEAD_SECONDS
+        for request in requests:
+            h, w = request["height"], request["width"]
+            sizes = (plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade"
+                     else [(h, w)])
+            for r, (sh, sw) in enumerate(sizes):
+                steps = self._stage_steps(request, r)
+                seconds += steps * STEP_SECONDS_AT_BASE * (sh * sw / base**2) ** PIXEL_EXPONENT
+        return int(min(MAX_GPU_SECONDS, math.ceil(seconds)))
+
+    # ---- GPU work (another process on ZeroGPU: plain values in and out) ---------------------------
+
+    def _generate_events(self, requests: list[dict], stop: str) -> Iterator[tuple]:
+        """Run each request through `sc_app.api.generate`, yielding events as they happen:
+        ("step", job, stage, i), ("stage", job, index, image, height, width, seconds), ("done", job, summary),
+        ("unavailable", job, message), then ("end",) or ("error", message) or ("stopped",)."""
+        events: queue.Queue = queue.Queue()
+        stop_file = Path(stop)
+
+        def work() -> None:
+            if not self._model_lock.acquire(blocking=False):
+                events.put(("waiting",))
+                self._model_lock.acquire()
+            try:
+                for job, request in enumerate(requests):
+                    def callback(info, job=job):
+                        if stop_file.exists():
+                            raise _Stopped
+                        events.put(("step", job, int(info["stage"]), int(info["i"])))
+
+                    def on_stage(index, stage, job=job):
+                        events.put(("stage", job, index, stage.images[0], stage.height, stage.width, stage.seconds))
+
+                    try:
+                        result = run_method(self.model, callback=callback, on_stage=on_stage, **request)
+                        events.put(("done", job, result.summary()))
+                    except _Stopped:
+                        events.put(("stopped",))
+                        return
+                    except ModuleNotFoundError as error:
+                        if not (error.name or "").startswith("sc_app."):
+                            raise
+                        events.put(("unavailable", job, f"{request['method']} is not available here ({error.name})"))
+                    except ValueError as error:
+                        events.put(("error", str(error)))
+                        return
+                    except Exception as error:  # a message in the page, the traceback in the log
+                        log.exception("generation failed")
+                        events.put(("error", _failure(error, request)))
+                        return
+            finally:
+                self._model_lock.release()
+            events.put(("end",))
+
+        threading.Thread(target=work, name="sc-generate", daemon=True).start()
+        while True:
+            event = events.get()
+            yield event
+            if event[0] in ("end", "error", "stopped"):
+                return
+
+    def tune_seconds(self, data, scale, steps, batch_size, lr, stop) -> int:
+        per_step = TUNE_SECONDS_PER_SAMPLE * batch_size * scale**2
+        return int(min(MAX_GPU_SECONDS, math.ceil(GPU_OVERHEAD_SECONDS + steps * per_step)))
+
+    def _tune_events(self, data: str, scale: int, steps: int, batch_size: int, lr: float, stop: str) -> Iterator[tuple]:
+        """Run the tuner, yielding ("progress", step, total, loss) and then ("done", adapter bytes, steps
+        run) or ("error", message). The adapter comes back as bytes: on ZeroGPU this runs in another process."""
+        events: queue.Queue = queue.Queue()
+        stop_file = Path(stop)
+        out = stop_file.parent / "adapter.safetensors"
+
+        def work() -> None:
+            last = [0]
+
+            def progress(step, total, loss):
+                last[0] = int(step)
+                events.put(("progress", int(step), int(total), float(loss)))
+
+            try:
+                from tuner.upsampler_training import train_adapter
+                with self._model_lock:
+                    path = train_adapter(self.model, data, scale=scale, steps=steps, batch_size=batch_size, lr=lr,
+                                         out=out, progress=progress, should_stop=stop_file.exists)
+                events.put(("done", Path(path).read_bytes(), last[0]))
+            except ModuleNotFoundError as error:
+                if not (error.name or "").startswith("tuner"):
+                    log.exception("tuning failed")
+                events.put(("error", f"tuning is not available on this server ({error.name} is missing)"))
+            except ValueError as error:
+                events.put(("error", str(error)))
+            except Exception as error:
+                log.exception("tuning failed")
+                events.put(("error", _failure(error)))
+
+        threading.Thread(target=work, name="sc-tune", daemon=True).start()
+        while True:
+            event = events.get()
+            yield event
+            if event[0] in ("done", "error"):
+                return
+
+    # ---- page events -----------------------------------------------------------------------------
+
+    def _new_folder(self, parent: Path) -> Path:
+        folder = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        old = sorted(parent.iterdir())[:-KEEP_RUNS]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return folder
+
+    def _stream(self, requests: list[dict], progress) -> Iterator[tuple]:
+        """The GPU events of `requests`, with steps shown on the progress bar and errors raised as gr.Error.
+        If the page goes away mid-run, the stop file ends the run at its next step."""
+        run = self._new_folder(self.runs_dir)
+        stop = run / "stop"
+        finished = False
+        try:
+            for event in self.gpu_generate(requests, str(stop)):
+                kind = event[0]
+                if kind == "step":
+                    _, job, stage, i = event
+                    request = requests[job]
+                    what = request["method"] + ("" if stage == 0 else f", stage {stage}")
+                    progress((i + 1, self._stage_steps(request, stage)), desc=what, unit="steps")
+                elif kind == "waiting":
+                    progress(0.0, desc="waiting for the tuning job to finish")
+                elif kind == "error":
+                    finished = True
+                    raise user_error(event[1])
+                elif kind in ("end", "stopped"):
+                    finished = True
+                else:
+                    yield run, event
+        finally:
+            if not finished:
+                stop.touch()
+
+    def generate(self, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter,
+                 progress=gr.Progress()):
+        """Generate tab: the pivot and every stage side by side as they finish, then the final image."""
+        request = self.request("self-cascade", prompt, negative_prompt, aspect, scale, stages, k, steps,
+                               guidance, seed, adapter)
+        gallery, total = [], 0.0
+        for run, event in self._stream([request], progress):
+            if event[0] == "stage":
+                _, _, index, image, h, w, seconds = event
+                path = run / f"stage{index}.png"
+                image.save(path)
+                total += seconds
+                gallery.append((str(path), f"{'pivot' if index == 0 else f'stage {index}'}: {w} x {h}, {seconds:.1f} s"))
+                yield gallery, None, f"Stage {index} done ({w} x {h}, {seconds:.1f} s)..."
+            elif event[0] == "done":
+                summary = event[2]
+                final = run / f"self-cascade-{request['width']}x{request['height']}-seed{request['seed']}.png"
+                shutil.copyfile(run / f"stage{len(gallery) - 1}.png", final)
+                tuned = f", adapter {adapter}" if request.get("upsampler") else ""
+                yield gallery, str(final), (f"Done: {request['width']} x {request['height']} in "
+                                            f"{summary['total_seconds']:.1f} s, {len(gallery)} stages, "
+                                            f"K {summary['k']}, seed {request['seed']}{tuned}.")
+            elif event[0] == "unavailable":
+                raise user_error(event[2])
+
+    def compare(self, prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf,
+                side_a, side_b, progress=gr.Progress()):
+        """Compare tab: one prompt and seed through each method; a gallery, a table and an A/B slider."""
+        methods = [m for m in COMPARE_METHODS if m != "attn-sf" or attn_sf]
+        requests = [self.request(m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter)
+                    for m in methods]
+        finals: dict[int, str] = {}
+        results: dict[str, str] = {}
+        gallery, table = [], []
+        for run, event in self._stream(requests, progress):
+            kind, job = event[0], event[1]
+            method = methods[job]
+            if kind == "stage":
+                path = run / f"{method}.png"
+                event[3].save(path)  # the last stage to arrive is the final image
+                finals[job] = str(path)
+            elif kind == "done":
+                summary = event[2]
+                label = method + (" (tuned)" if requests[job].get("upsampler") else "")
+                h, w = requests[job]["height"], requests[job]["width"]
+                results[method] = finals[job]
+                gallery.append((finals[job], f"{label}: {w} x {h}, {summary['total_seconds']:.1f} s"))
+                table.append([label, f"{w} x {h}", round(summary["total_seconds"], 2), len(summary["stages"])])
+                yield gallery, table, self.slider(results, side_a, side_b), results
+            elif kind == "unavailable":
+                gr.Warning(event[2])
+
+    @staticmethod
+    def slider(results: dict, side_a: str, side_b: str):
+        """The A/B slider's images for two chosen methods, when both have run."""
+        if not results or side_a not in results or side_b not in results:
+            return gr.skip()
+        return gr.update(value=(results[side_a], results[side_b]), label=f"A: {side_a}  |  B: {side_b}")
+
+    def tune(self, source, files, steps, batch_size, lr, scale, request: gr.Request, progress=gr.Progress()):
+        """Tune tab: fine-tune the feature upsamplers on uploads or the shapes world, with a live loss plot."""
+        try:
+            steps, batch_size, lr, scale = int(steps), int(batch_size), float(lr), int(scale)
+        except (TypeError, ValueError) as error:
+            raise user_error(f"a setting is not a number: {error}") from None
+        if not 1 <= steps <= MAX_TUNE_STEPS:
+            raise user_error(f"steps must be in 1..{MAX_TUNE_STEPS}, got {steps}")
+        if not 1 <= batch_size <= 256:
+            raise user_error(f"batch size must be in 1..256, got {batch_size}")
+        if not 0 < lr <= 1:
+            raise user_error(f"learning rate must be in (0, 1], got {lr}")
+        if scale not in TUNE_SCALES:
+            raise user_error(f"scale must be one of {TUNE_SCALES}, got {scale}")
+        if source not in (SHAPES_WORLD, MY_IMAGES):
+            raise user_error(f"data must be {SHAPES_WORLD!r} or {MY_IMAGES!r}, got {source!r}")
+        if not self._tune_lock.acquire(blocking=False):
+            raise user_error("a tuning job is already running on this server, and only one runs at a time: "
+                             "try again when it has finished")
+        job = None
+        try:
+            folder = self._new_folder(self.jobs_dir)
+            if source == SHAPES_WORLD:
+                data = "shapes"
+            else:
+                files = [f for f in (files or []) if f]
+                count = prepare_images(files, folder / "data", self.model.base_size * scale)
+                data = str(folder / "data")
+                gr.Info(f"{count} images ready for tuning.")
+            job = _TuneJob(getattr(request, "session_hash", None) or "", folder / "stop")
+            self._tune_job = job
+            name = f"tuned-{time.strftime('%Y%m%d-%H%M%S')}-{'shapes' if data == 'shapes' else 'images'}-x{scale}"
+            threading.Thread(target=self._run_tune, args=(job, name, data, scale, steps, batch_size, lr),
+                             name="sc-tune-job", daemon=True).start()
+        finally:
+            if job is None:
+                self._tune_lock.release()
+        yield from self._follow(job, progress)
+
+    def _run_tune(self, job: _TuneJob, name: str, data, scale, steps, batch_size, lr) -> None:
+        """The job's thread: drains the GPU generator, stores the adapter, frees the server's tuning slot."""
+        try:
+            for event in self.gpu_tune(data, scale, steps, batch_size, lr, str(job.stop)):
+                if event[0] == "done":
+                    cancelled = job.stop.exists()
+                    label = self._store_adapter(event[1], name + ("-cancelled" if cancelled else ""))
+                    event = ("saved", label, event[2], cancelled)
+                job.events.put(event)
+        except gr.Error as error:
+            job.events.put(("error", error.message))
+        except Exception as error:
+            log.exception("tuning failed")
+            job.events.put(("error", _failure(error)))
+        finally:
+            job.done.set()
+            self._tune_job = None
+            self._tune_lock.release()
+            job.events.put(None)
+
+    def _follow(self, job: _TuneJob, progress):
+        losses: list[tuple[int, float]] = []
+        shown = 0.0
+        finished = False
+        try:
+            yield "Starting...", _loss_frame(losses), None, gr.skip(), gr.skip()
+            while (event := job.events.get()) is not None:
+                if event[0] == "progress":
+                    _, step, total, loss = event
+                    losses.append((step, loss))
+                    progress((step, total), desc="tuning", unit="steps")
+                    if time.monotonic() - shown > 0.5 or step == total:
+                        shown = time.monotonic()
+                        yield f"Step {step} of {total}, loss {loss:.4f}", _loss_frame(losses), None, gr.skip(), gr.skip()
+                elif event[0] == "error":
+                    finished = True
+                    raise user_error(event[1])
+                elif event[0] == "saved":
+                    finished = True
+                    _, label, step, cancelled = event
+                    path = str(self.adapters()[label])
+                    how = f"cancelled at step {step}" if cancelled else f"{step} steps"
+                    loss = f", final loss {losses[-1][1]:.4f}" if losses else ""
+                    yield (f"Saved adapter **{label}** ({how}{loss}). It is selected in Generate and Compare.",
+                           _loss_frame(losses), path, self.adapter_choices(label), self.adapter_choices(label))
+            finished = True
+        finally:
+            if not finished:  # the page went away: stop the job at its next step
+                job.stop.touch()
+
+    def cancel_tune(self, request: gr.Request):
+        job = self._tune_job
+        if job is None or job.done.is_set():
+            return "No tuning job is running."
+        if job.session != (getattr(request, "session_hash", None) or ""):
+            raise user_error("the running tuning job was started from another page; only that page can cancel it")
+        job.stop.touch()
+        return "Cancelling: the adapter trained so far will be saved..."
+
+
+def _failure(error: Exception, request: dict | None = None) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "out of memory" in text.lower():
+        size = f" at {request['width']} x {request['height']}" if request else ""
+        return f"the GPU ran out of memory{size}: pick a smaller scale or fewer steps"
+    return f"something went wrong: {type(error).__name__}: {text}"
+
+
+def _loss_frame(losses: list[tuple[int, float]]):
+    import pandas as pd
+    return pd.DataFrame(losses, columns=["step", "loss"])
+
+
+# ---- the page --------------------------------------------------------------------------------------
+
+def _size_controls(studio: Studio) -> tuple:
+    aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio")
+    scale = gr.Radio(studio.size_choices("1:1")["choices"], value="4x", label="Size (times the model's pixels)")
+    aspect.change(studio.size_choices, aspect, scale, api_visibility="private", queue=False)
+    return aspect, scale
+
+
+def _sampling_controls(studio: Studio, with_stages: bool) -> tuple:
+    model = studio.model
+    stages = None
+    with gr.Accordion("Settings", open=False):
+        if with_stages:
+            stages = gr.Dropdown(list(STAGE_CHOICES), value="auto", label="Stages after the pivot",
+                                 info="auto: about 4x more pixels per stage")
+        k = gr.Slider(1, model.num_train_timesteps - 1, value=model.default_k, step=1, label="K (re-noise level)",
+                      info="higher: more new detail per stage, less of the pivot's layout")
+        steps = gr.Slider(1, 150, value=50, step=1, label="Steps")
+        guidance = gr.Slider(0, 20, value=model.default_guidance, step=0.5, label="Guidance scale")
+        with gr.Row(equal_height=True):
+            seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
+            dice = gr.Button("Random seed", scale=1, size="sm")
+        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private", queue=False)
+    return stages, k, steps, guidance, seed
+
+
+def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None = None) -> gr.Blocks:
+    """The Blocks for a loaded model. `max_pixels`: the size limit (else $SC_MAX_PIXELS, else a default
+    for the device); `work_dir`: the app's own folder (else $SC_WORK_DIR, else one in the temp folder)."""
+    studio = Studio(model, max_pixels=max_pixels, work_dir=work_dir)
+    base, m = model.base_size, model.size_multiple
+    examples = EMBEDDED_EXAMPLES if model.name == "embedded" else SD_EXAMPLES
+    gpu = dict(concurrency_id="gpu", concurrency_limit=1)
+    adapters = list(studio.adapters())
+
+    with gr.Blocks(title="Self-Cascade Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        demo.studio = studio
+        gr.Markdown(f"# Self-Cascade Studio\nHigher resolutions from a pre-trained diffusion model: a pivot at the "
+                    f"model's own size, then stages of about 4x the pixels, each re-noised to K and denoised again. "
+                    f"Model **{model.name}**, trained at {base} x {base}; sizes are multiples of {m}; limit "
+                    f"{_megapixels(studio.max_pixels)}.")
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate") as generate_tab:
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="prompt")
+                        negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
+                        aspect, scale = _size_controls(studio)
+                        stages, k, steps, guidance, seed = _sampling_controls(studio, with_stages=True)
+                        with gr.Row(equal_height=True):
+                            adapter = gr.Dropdown(adapters, value=NO_ADAPTER, label="Feature upsamplers (adapter)",
+                                                  allow_custom_value=True, scale=3)
+                            adapter_upload = gr.UploadButton("Load .safetensors", file_types=[".safetensors"],
+                                                             scale=1, size="sm")
+                        run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                        gr.Examples([[e] for e in examples], [prompt])
+                    with gr.Column(scale=3):
+                        stage_gallery = gr.Gallery(label="Pivot and stages", columns=4, object_fit="contain",
+                                                   height="auto", format="png", elem_id="stages")
+                        status = gr.Markdown(label="Status", elem_id="generate-status")
+                        final = gr.File(label="Final image", elem_id="final")
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        c_prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="compare-prompt")
+                        c_negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
+                        c_aspect, c_scale = _size_controls(studio)
+                        _, c_k, c_steps, c_guidance, c_seed = _sampling_controls(studio, with_stages=False)
+                        c_adapter = gr.Dropdown(adapters, value=NO_ADAPTER, label="Adapter for the self-cascade",
+                                                allow_custom_value=True)
+                        c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
+                        c_run = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                    with gr.Column(scale=3):
+                        c_gallery = gr.Gallery(label="One image per method", columns=4, object_fit="contain",
+                                               height="auto", format="png", elem_id="compare-gallery")
+                        with gr.Row():
+                            side_a = gr.Dropdown(list(COMPARE_METHODS), value="direct", label="A (left)")
+                            side_b = gr.Dropdown(list(COMPARE_METHODS), value="self-cascade", label="B (right)")
+                        ab = gr.ImageSlider(label="A/B", type="filepath", elem_id="ab-slider")
+                        c_table = gr.Dataframe(headers=["method", "size", "seconds", "stages"],
+                                               datatype=["str", "str", "number", "number"], interactive=False,
+                                               label="Time and size per method")
+                        results = gr.State({})
+            with gr.Tab("Tune", id="tune"):
+                gr.Markdown("Fine-tune the time-aware feature upsamplers (the base model stays frozen) on your "
+                            "high-resolution images, or on the shapes world with no data. The adapter is saved "
+                            "on this server and appears in Generate and Compare.")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        source = gr.Radio([SHAPES_WORLD, MY_IMAGES], value=SHAPES_WORLD, label="Data")
+                        files = gr.File(label="Images or a zip of images", file_count="multiple",
+                                        file_types=["image", ".zip"])
+                        with gr.Row():
+                            t_steps = gr.Number(200, precision=0, minimum=1, maximum=MAX_TUNE_STEPS, label="Steps")
+                            t_batch = gr.Number(8, precision=0, minimum=1, maximum=256, label="Batch size")
+                        with gr.Row():
+                            t_lr = gr.Number(1e-4, minimum=0, label="Learning rate")
+                            t_scale = gr.Radio(list(TUNE_SCALES), value=2, label="Scale (per side)")
+                        with gr.Row():
+                            t_run = gr.Button("Start tuning", variant="primary")
+                            t_cancel = gr.Button("Cancel", variant="stop")
+                    with gr.Column(scale=3):
+                        t_status = gr.Markdown(label="Status", elem_id="tune-status")
+                        t_plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=300, label="Loss")
+                        t_adapter = gr.File(label="Adapter (download)")
+
+        # Generate
+        adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")
+        gr.on([run.click, prompt.submit], studio.generate,
+              [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter],
+              [stage_gallery, final, status], api_name="generate", **gpu)
+        # Compare
+        c_inputs = [c_prompt, c_negative, c_aspect, c_scale, c_k, c_steps, c_guidance, c_seed, c_adapter, c_attn_sf,
+                    side_a, side_b]
+        gr.on([c_run.click, c_prompt.submit], studio.compare, c_inputs, [c_gallery, c_table, ab, results],
+              api_name="compare", **gpu)
+        gr.on([side_a.change, side_b.change], studio.slider, [results, side_a, side_b], ab,
+              api_visibility="private", queue=False)
+        # Tune
+        t_run.click(studio.tune, [source, files, t_steps, t_batch, t_lr, t_scale],
+                    [t_status, t_plot, t_adapter, adapter, c_adapter], api_name="tune", concurrency_limit=2)
+        t_cancel.click(studio.cancel_tune, None, t_status, api_name="cancel_tune", queue=False)
+        # adapters made by other pages appear when a tab is opened
+        for tab, dropdown in ((generate_tab, adapter), (compare_tab, c_adapter)):
+            tab.select(studio.adapter_choices, None, dropdown, api_visibility="private", queue=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
+    """Queue (GPU events one at a time, a bounded queue) and serve; `kwargs` go to `Blocks.launch`."""
+    studio: Studio = demo.studio
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_SIZE,
+                       allowed_paths=[str(studio.work_dir)], **kwargs)

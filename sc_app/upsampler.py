@@ -1,0 +1,337 @@
+"""Time-aware feature upsamplers (paper 4.3, Eq. 8-9): the tuned self-cascade.
+
+N small modules read UNet features of the clean pivot (one pass of the frozen UNet per stage), upsample
+them to the stage's feature size, transform them knowing the timestep, and add them to the matching
+features of the high-resolution pass through diffusers' own `down_block_additional_residuals` and
+`mid_block_additional_residual`. The base model stays frozen. The last layer of every module starts at
+zero, so an untrained adapter adds exact zeros and reproduces the tuning-free cascade bit for bit.
+
+Which features (`feature_sites`): the output of each down block and of the mid block, deepest first,
+N = 4 of them. These are the features the official code upsamples (its SD XL UNet adds upsampled pivot
+features to the outputs of its three down blocks and of its mid block); the paper picks skip features
+because they steer semantics without hurting image quality, and the deep ones carry the composition
+the pivot is there to fix. A UNet with fewer than three down blocks fills up with its other skip
+features, deepest first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .sampling import Conditioning, added_conditions, guided_denoiser
+
+log = logging.getLogger(__name__)
+
+FORMAT = "self-cascade-upsampler"
+FORMAT_VERSION = 1
+NUM_UPSAMPLERS = 4  # N in the paper
+DEFAULT_WIDTH = 8  # bottleneck channels per module: 88k parameters at SD 1.5 widths, 72k at SD XL's
+TIME_DIM = 32  # the modules' own sinusoidal timestep embedding (the UNet's is 1280 wide at SD widths)
+SCALE_TOLERANCE = 0.15  # a x2 adapter serves stages whose per-side growth is 1.7 .. 2.3
+
+
+# ---- where the upsamplers read and write -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Site:
+    """A feature of the UNet: skip feature `index` of its down-block residuals, or the mid block (None)."""
+
+    index: int | None
+    level: int  # downsamplings before it: the feature is the latent size halved `level` times
+    channels: int
+
+    @property
+    def name(self) -> str:
+        return "mid" if self.index is None else f"skip{self.index}"
+
+
+def _skips(config) -> tuple[list[Site], list[int]]:
+    """Every skip feature the UNet hands to its up blocks, in diffusers' order (conv_in first), and the
+    index of each down block's output (its last skip feature)."""
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    skips, block_outputs = [Site(0, 0, channels[0])], []
+    for block, (width, count) in enumerate(zip(channels, layers)):
+        for _ in range(count):
+            skips.append(Site(len(skips), block, width))
+        if block < len(channels) - 1:  # every down block but the last ends in a downsampler
+            skips.append(Site(len(skips), block + 1, width))
+        block_outputs.append(len(skips) - 1)
+    return skips, block_outputs
+
+
+def feature_sites(config, n: int = NUM_UPSAMPLERS) -> list[Site]:
+    """The `n` features the upsamplers work on: mid block, then down-block outputs, deepest first."""
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
+        raise ValueError("the feature upsamplers need a UNet with a mid block")
+    skips, block_outputs = _skips(config)
+    channels = list(config["block_out_channels"])
+    chosen = [Site(None, len(channels) - 1, channels[-1])] + [skips[i] for i in reversed(block_outputs)]
+    chosen += [s for s in reversed(skips) if s not in chosen]
+    return chosen[:n]
+
+
+def unet_fingerprint(config) -> str:
+    """A short hash of the UNet's config (its architecture), ignoring diffusers' private keys."""
+    clean = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _level_size(size: tuple[int, int], level: int) -> tuple[int, int]:
+    h, w = size
+    for _ in range(level):  # a stride-2, padding-1 convolution: ceil(n / 2)
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+# ---- the modules -----------------------------------------------------------------------------------
+
+def _groups(width: int) -> int:
+    groups = max(1, min(32, width // 4))  # at least four channels a group, at most 32 groups (as SD)
+    while width % groups:
+        groups -= 1
+    return groups
+
+
+class _ResBlock(nn.Module):
+    """norm -> SiLU -> conv, + timestep shift, norm -> SiLU -> conv, plus the input (as SD's resnets)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(_groups(width), width), nn.GroupNorm(_groups(width), width)
+        self.conv1, self.conv2 = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.time = nn.Linear(TIME_DIM, width)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.time(temb)[:, :, None, None]
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class TimeAwareUpsampler(nn.Module):
+    """phi_n(h, t) of Eq. 9: bilinear upsampling, then two residual blocks that see the timestep.
+
+    A 1x1 projection into `width` channels comes first and one back out last (zero-initialised). The
+    projection runs before the upsampling because the two commute exactly (bilinear weights sum to one),
+    and it is cheaper at the pivot's size.
+    """
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, width, 1)
+        self.blocks = nn.ModuleList([_ResBlock(width), _ResBlock(width)])
+        self.proj_out = nn.Conv2d(width, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, feature: torch.Tensor, size: tuple[int, int], temb: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(self.proj_in(feature), size=size, mode="bilinear", align_corners=False)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+class Adapter(nn.Module):
+    """The N upsamplers of one base model and one scale, with what the file's metadata records."""
+
+    def __init__(self, unet_config, *, width: int | None = DEFAULT_WIDTH, scale: float = 2.0, k: int = 700,
+                 base_model: str = "", steps: int = 0):
+        super().__init__()
+        if width is not None and (not isinstance(width, int) or width < 1):
+            raise ValueError(f"width must be a positive integer or None (full width), got {width!r}")
+        self.sites = feature_sites(unet_config)
+        self.num_skips = len(_skips(unet_config)[0])
+        self.width = width
+        self.widths = [width or s.channels for s in self.sites]
+        self.upsamplers = nn.ModuleList([TimeAwareUpsampler(s.channels, w) for s, w in zip(self.sites, self.widths)])
+        self.fingerprint = unet_fingerprint(unet_config)
+        self.scale, self.k, self.base_model, self.steps = float(scale), int(k), base_model, int(steps)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> str:
+        sites = ", ".join(f"{s.name} ({s.channels} ch, 1/{2 ** s.level})" for s in self.sites)
+        width = "full width" if self.width is None else f"width {self.width}"
+        return (f"{len(self.sites)} time-aware upsamplers x{self.scale:g} at {sites}; {width}; "
+                f"{self.num_parameters:,} trainable parameters")
+
+    def fits(self, pivot_size: tuple[int, int], stage_size: tuple[int, int]) -> bool:
+        """Whether a stage that grows pivot_size -> stage_size (per side) is this adapter's scale."""
+        return all(abs(s / p / self.scale - 1) <= SCALE_TOLERANCE for p, s in zip(pivot_size, stage_size))
+
+    def forward(self, features: list[torch.Tensor], t: torch.Tensor, latent_size: tuple[int, int]):
+        """Pivot features at the sites -> (down_block_additional_residuals, mid_block_additional_residual)
+        for a UNet pass over latents of `latent_size` at timestep(s) `t`. Other skip features get zero."""
+        batch = features[0].shape[0]
+        t = torch.as_tensor(t, device=features[0].device).reshape(-1).expand(batch)
+        temb = get_timestep_embedding(t, TIME_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
+        temb = temb.to(self.upsamplers[0].proj_in.weight.dtype)
+        zero = features[0].new_zeros(())  # broadcasts, so skipped features cost no memory
+        down, mid = [zero] * self.num_skips, zero
+        for site, upsampler, feature in zip(self.sites, self.upsamplers, features):
+            out = upsampler(feature, _level_size(latent_size, site.level), temb)
+            if site.index is None:
+                mid = out
+            else:
+                down[site.index] = out
+        return tuple(down), mid
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": self.base_model,
+            "unet_fingerprint": self.fingerprint, "scale": repr(self.scale), "k": str(self.k),
+            "n": str(len(self.sites)), "width": json.dumps(self.width), "widths": json.dumps(self.widths),
+            "sites": json.dumps([s.name for s in self.sites]), "steps": str(self.steps),
+        }
+
+
+def parameter_count(unet_config, width: int | None = DEFAULT_WIDTH) -> int:
+    """Trainable parameters of an adapter for a UNet config (no UNet weights needed)."""
+    return Adapter(unet_config, width=width).num_parameters
+
+
+# ---- files -----------------------------------------------------------------------------------------
+
+def save_adapter(adapter: Adapter, path: str | Path) -> Path:
+    """Write the adapter as safetensors with its metadata, atomically (write, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    save_file(tensors, str(tmp), metadata=adapter.metadata())
+    os.replace(tmp, path)
+    return path
+
+
+def load_adapter(path: str | Path, model) -> Adapter:
+    """Read an adapter file for `model`; ValueError (one line) for a wrong model or a file that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"upsampler {path}: no such file")
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type (not OSError) on a bad header
+        raise ValueError(f"upsampler {path}: not a safetensors file ({type(error).__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"upsampler {path}: not a self-cascade upsampler file (no {FORMAT!r} metadata)")
+    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        raise ValueError(f"upsampler {path}: format version {meta['format_version']} is newer than this "
+                         f"program's ({FORMAT_VERSION})")
+    fingerprint = unet_fingerprint(model.unet.config)
+    if meta.get("unet_fingerprint") != fingerprint:
+        raise ValueError(f"upsampler {path} was trained for base model {meta.get('base_model')!r} "
+                         f"(UNet {meta.get('unet_fingerprint')}), not for {model.name!r} (UNet {fingerprint})")
+    try:
+        adapter = Adapter(model.unet.config, width=json.loads(meta["width"]), scale=float(meta["scale"]),
+                          k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]))
+        adapter.load_state_dict(tensors)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
+    if meta["base_model"] != model.name:  # same architecture under another name: a path or a fine-tune
+        log.warning("upsampler %s was trained on %r; using it with %r (same UNet architecture)",
+                    path, meta["base_model"], model.name)
+    return adapter.to(model.device, model.unet.dtype).eval()
+
+
+# ---- pivot features and the tuned denoiser ---------------------------------------------------------
+
+class _Stop(Exception):
+    """Ends the pivot pass after the mid block: the up blocks are not needed for its features."""
+
+
+@torch.no_grad()
+def skip_features(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                  added_cond_kwargs: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(skip features in diffusers' order, mid-block output) of one UNet pass, read with forward hooks."""
+    skips, mids = [], []
+
+    def on_conv_in(module, args, output):
+        skips.append(output)
+
+    def on_down(module, args, output):
+        skips.extend(output[1])
+
+    def on_mid(module, args, output):
+        mids.append(output)
+        raise _Stop
+
+    handles = [unet.conv_in.register_forward_hook(on_conv_in), unet.mid_block.register_forward_hook(on_mid)]
+    handles += [block.register_forward_hook(on_down) for block in unet.down_blocks]
+    try:
+        unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return skips, mids[0]
+
+
+def pivot_features(model, sites: list[Site], latents: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+    """h^{r-1}_0 of Eq. 8: the sites' features of the clean pivot (timestep 0), batched like the
+    sampler's UNet calls ([uncond, cond] under guidance), with SD XL size conditions of the pivot."""
+    x = torch.cat([latents, latents]) if cond.guided else latents
+    height, width = (s * model.vae_scale for s in latents.shape[-2:])
+    added = added_conditions(model, cond, height, width)
+    t = torch.zeros((), dtype=torch.long, device=x.device)
+    skips, mid = skip_features(model.unet, x.to(model.unet.dtype), t, cond.embeds, added)
+    return [mid if s.index is None else skips[s.index] for s in sites]
+
+
+def _as_adapter(adapter, model) -> Adapter:
+    if isinstance(adapter, (str, Path)):
+        return load_adapter(adapter, model)
+    if not isinstance(adapter, Adapter):
+        raise ValueError(f"upsampler must be an Adapter or a .safetensors path, got {type(adapter).__name__}")
+    if adapter.fingerprint != unet_fingerprint(model.unet.config):
+        raise ValueError(f"upsampler was trained for base model {adapter.base_model!r}, not for {model.name!r}")
+    return adapter.to(model.device, model.unet.dtype).eval()
+
+
+def stage_denoiser_for(model, adapter):
+    """The `stage_denoiser` hook of `cascade.self_cascade` for a trained adapter (or its path).
+
+    A stage whose growth is the adapter's scale gets the tuned denoiser (Algorithm 2 with pivot
+    conditioning); any other stage keeps its tuning-free denoiser.
+    """
+    adapter = _as_adapter(adapter, model)
+
+    def stage_denoiser(stage_index, pivot_latents, denoiser, cond, added):
+        # The stage's size is first known from the latents of its first step, so the scale check and the
+        # pivot pass happen there, once per stage.
+        state: dict = {}
+        tuned = guided_denoiser(model.unet, cond, added, unet_kwargs=lambda t, i: state["residuals"])
+
+        @torch.no_grad()
+        def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            if "fits" not in state:
+                state["fits"] = adapter.fits(pivot_latents.shape[-2:], x.shape[-2:])
+                if state["fits"]:
+                    state["features"] = pivot_features(model, adapter.sites, pivot_latents, cond)
+                else:
+                    log.info("stage %d: no upsampler for x%.2f, tuning-free", stage_index,
+                             x.shape[-1] / pivot_latents.shape[-1])
+            if not state["fits"]:
+                return denoiser(x, t, i)
+            down, mid = adapter(state["features"], t, x.shape[-2:])
+            state["residuals"] = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            return tuned(x, t, i)
+
+        return denoise
+
+    return stage_denoiser

@@ -1,0 +1,361 @@
+"""Self-cascade for text-to-video UNets (paper 4.2, Table 3): the image cascade with frames kept whole.
+
+Video latents are (batch, channels, frames, height, width), the layout both `UNet3DConditionModel`
+(ModelScope text-to-video) and `UNetMotionModel` (AnimateDiff) take. Upsampling between stages is
+spatial only: each frame's latent is resized on its own and the frame count stays.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel,
+                       UNetMotionModel)
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
+from .models import ASSETS, Model, _folder_settings, _index, default_device
+from .sampling import guided_denoiser, initial_noise, make_scheduler, start_timestep
+
+VIDEO_EMBEDDED = ASSETS / "shapes-video"
+VIDEO_METHODS = ("self-cascade", "direct")
+DEFAULT_FRAMES = 16  # ModelScope's and AnimateDiff's native clip length; a folder may set its own
+DEFAULT_FPS = 8
+DECODE_FRAMES = 8  # frames per VAE call: decoding a whole high-resolution clip at once can exhaust memory
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+@dataclass
+class VideoPipe:
+    """A text-to-video folder's components, with Stable Diffusion's prompt encoding.
+
+    It stands where a diffusers pipeline stands in `Model`, so the image cascade's helpers
+    (encode_prompt, make_scheduler, decode) work on it unchanged; diffusers' own ModelScope pipeline is
+    deprecated, and AnimateDiff's would convert a UNet we already converted.
+    """
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet3DConditionModel | UNetMotionModel
+    scheduler: DDIMScheduler
+    image_processor: VaeImageProcessor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    def to(self, device: torch.device) -> "VideoPipe":
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.to(device)
+        return self
+
+    def _embed(self, texts: list[str], device) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].to(self.text_encoder.dtype)
+
+    def encode_prompt(self, prompt: list[str], device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt: list[str] | None = None):
+        """(prompt embeddings, negative embeddings or None): the signature of diffusers' SD pipelines."""
+        cond = self._embed(prompt, device).repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_classifier_free_guidance:
+            return cond, None
+        negative = negative_prompt or [""] * len(prompt)
+        return cond, self._embed(negative, device).repeat_interleave(num_images_per_prompt, dim=0)
+
+
+@dataclass
+class VideoModel(Model):
+    """A text-to-video model; the image `Model`'s sizes, steps and defaults apply as they are."""
+
+    default_frames: int = DEFAULT_FRAMES
+    default_fps: int = DEFAULT_FPS
+
+    @property
+    def kind(self) -> str:
+        return "modelscope" if isinstance(self.unet, UNet3DConditionModel) else "animatediff"
+
+    @property
+    def max_frames(self) -> int | None:
+        """AnimateDiff's temporal position table has this many entries; ModelScope's UNet has no limit."""
+        return self.unet.config.motion_max_seq_length if isinstance(self.unet, UNetMotionModel) else None
+
+
+def _read_index(source: str) -> dict:
+    if not Path(source).exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"model {source!r}: no such folder")  # a path, not a hub id: say so
+    if Path(source).exists():
+        index = _index(source)
+        if index is None:
+            raise ValueError(f"model {source!r}: not a diffusers folder (no model_index.json)")
+        return index
+    from huggingface_hub import hf_hub_download
+    return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+
+
+def _load_unet(source: str, index: dict, motion_adapter: str | None, common: dict):
+    """The folder's video UNet; an SD 1.5 UNet becomes AnimateDiff's with the folder's or the given adapter."""
+    unet_class = (index.get("unet") or [None, None])[1]
+    adapter = MotionAdapter.from_pretrained(motion_adapter, **common) if motion_adapter else None
+    if unet_class == "UNet3DConditionModel":
+        if adapter is not None:
+            raise ValueError(f"motion_adapter: {source!r} is a ModelScope (UNet3DConditionModel) model; it takes no motion adapter")
+        return UNet3DConditionModel.from_pretrained(source, subfolder="unet", **common)
+    if unet_class == "UNetMotionModel":
+        unet = UNetMotionModel.from_pretrained(source, subfolder="unet", **common)
+        if adapter is not None:
+            unet.load_motion_modules(adapter)
+        return unet
+    if unet_class == "UNet2DConditionModel":
+        if "text_encoder_2" in index:
+            raise ValueError(f"model {source!r}: SD XL image models are not supported as AnimateDiff here")
+        if adapter is None and (index.get("motion_adapter") or [None])[0]:
+            adapter = MotionAdapter.from_pretrained(source, subfolder="motion_adapter", **common)
+        if adapter is None:
+            raise ValueError(f"model {source!r} is an image model: give a motion adapter folder to run it as AnimateDiff")
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
+        return UNetMotionModel.from_unet2d(unet, adapter)
+    raise ValueError(f"model {source!r}: unet {unet_class!r} is not a UNet3DConditionModel, UNetMotionModel "
+                     "or SD 1.5 UNet2DConditionModel")
+
+
+def load_video_model(name: str = "embedded", motion_adapter: str | None = None,
+                     device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoModel:
+    """`embedded` (the moving-shapes model), a ModelScope or AnimateDiff folder, an SD 1.5 folder plus a
+    `motion_adapter` folder, or a hub id -> VideoModel. Safetensors only; no remote code is run."""
+    if name == "embedded" and not VIDEO_EMBEDDED.is_dir():
+        raise FileNotFoundError(f"the embedded video model is missing: {VIDEO_EMBEDDED} (train it: python -m tuner.train_video)")
+    source = str(VIDEO_EMBEDDED) if name == "embedded" else str(name)
+    index = _read_index(source)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    common = dict(dtype=dtype, use_safetensors=True)
+    pipe = VideoPipe(
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        unet=_load_unet(source, index, motion_adapter, common),
+        scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
+    )
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.eval().requires_grad_(False)
+    settings = _folder_settings(source)
+    model = VideoModel(pipe=pipe.to(device), name=name)
+    for key in ("default_k", "default_guidance", "default_frames", "default_fps"):
+        if key in settings:
+            setattr(model, key, settings[key])
+    return model
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+def check_video_inputs(model, height: int, width: int, num_frames: int, num_inference_steps: int,
+                       guidance_scale: float, k=None, stages: int | None = None, upsample: str = "bilinear"):
+    """The image checks plus the frame count; returns the stage sizes. Errors name the argument and value."""
+    if not isinstance(model, VideoModel):
+        raise ValueError(f"model must be a VideoModel (load_video_model), got {type(model).__name__}")
+    sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale, k, stages, upsample)
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if model.max_frames is not None and num_frames > model.max_frames:
+        raise ValueError(f"num_frames must be at most {model.max_frames} for this motion model, got {num_frames}")
+    return sizes
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+@dataclass
+class VideoStage(Stage):
+    clips: list[np.ndarray] = field(default_factory=list, repr=False)  # per prompt, (frames, H, W, 3) uint8
+
+
+@dataclass
+class VideoResult(Result):
+    @property
+    def clips(self) -> list[np.ndarray]:
+        """The final clip of each prompt."""
+        return self.stages[-1].clips
+
+
+# ---- latents <-> frames ---------------------------------------------------------------------------
+
+def upsample_frames(latents: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(B, C, F, h, w) -> (B, C, F, *size), every frame resized on its own (no mixing across time)."""
+    b, c, f, h, w = latents.shape
+    flat = latents.float().permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    up = F.interpolate(flat, size=size, mode=mode, align_corners=False)
+    return up.reshape(b, f, c, *size).permute(0, 2, 1, 3, 4)
+
+
+def decode_video(model: VideoModel, latents: torch.Tensor) -> list[np.ndarray]:
+    """(B, C, F, h, w) latents -> per prompt a (F, H, W, 3) uint8 clip, decoded a few frames at a time."""
+    b, c, f, h, w = latents.shape
+    flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    frames = [np.asarray(image) for i in range(0, b * f, DECODE_FRAMES) for image in decode(model, flat[i:i + DECODE_FRAMES])]
+    return list(np.stack(frames).reshape(b, f, *frames[0].shape))
+
+
+def _latent_shape(model: VideoModel, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+    return (batch, model.unet.config.in_channels, num_frames, height // model.vae_scale, width // model.vae_scale)
+
+
+def _sampling_unet(unet):
+    """The UNet as `guided_denoiser` calls it, whichever video layout it has.
+
+    UNetMotionModel takes one text embedding per frame (AnimateDiff's pipeline repeats them itself);
+    UNet3DConditionModel repeats them inside and has no `added_cond_kwargs`.
+    """
+    if isinstance(unet, UNetMotionModel):
+        def call(sample, timestep, encoder_hidden_states, **kwargs):
+            per_frame = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+            return unet(sample, timestep, encoder_hidden_states=per_frame, **kwargs)
+    else:
+        def call(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, **kwargs):
+            return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+    return call
+
+
+def _finish(model: VideoModel, stage: VideoStage, decode_stage: bool, on_stage: StageCallback | None, index: int) -> float:
+    started = time.perf_counter()
+    if decode_stage:
+        stage.clips = decode_video(model, stage.latents)
+    if on_stage is not None:
+        on_stage(index, stage)
+    return time.perf_counter() - started
+
+
+def _settings(model: VideoModel, prompts: list[str], negative_prompt, seed, steps: int, cond, num_frames: int) -> dict:
+    return {"prompt": prompts[0] if len(prompts) == 1 else prompts, "negative_prompt": negative_prompt, "seed": seed,
+            "steps": steps, "guidance_scale": cond.guidance_scale, "num_frames": num_frames, "model": model.name}
+
+
+# ---- the methods ----------------------------------------------------------------------------------
+
+def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, width: int, *,
+                       num_frames: int | None = None, negative_prompt: str | None = None,
+                       num_inference_steps: int = 50, guidance_scale: float | None = None,
+                       k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear",
+                       generator=None, seed: int | None = None, callback=None, on_stage: StageCallback | None = None,
+                       decode_stages: bool = True, progress: bool = False, stage_denoiser=None) -> VideoResult:
+    """Pivot clip at the base size, then per stage: upsample every frame's clean latent, diffuse to K,
+    denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade`; frames default to the model's."""
+    num_frames = model.default_frames if num_frames is None else num_frames
+    sizes = check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0, k, stages, upsample)
+    prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
+    ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
+    scheduler = make_scheduler(model, num_inference_steps)
+    denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
+    settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
+    result = VideoResult("self-cascade", prompts, [], {**settings, "k": ks, "upsample": upsample})
+    latents = None
+    for r, (h, w) in enumerate(sizes):
+        shape = _latent_shape(model, len(prompts), num_frames, h, w)
+        noise = initial_noise(shape, gens, model)
+        stage_fn = denoiser
+        if r == 0:
+            timesteps, x = scheduler.timesteps, noise * scheduler.init_noise_sigma
+        else:  # z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), frame by frame
+            start = start_timestep(scheduler, ks[r - 1])
+            timesteps = scheduler.timesteps[scheduler.timesteps <= start]
+            upsampled = upsample_frames(latents, shape[-2:], upsample)
+            x = scheduler.add_noise(upsampled.to(noise.dtype), noise, start.reshape(1))
+            if stage_denoiser is not None:
+                stage_fn = stage_denoiser(r, latents, denoiser, cond, None)
+        latents, seconds = _timed_sample(stage_fn, x, scheduler, timesteps, callback, r, progress)
+        stage = VideoStage(h, w, len(timesteps), seconds, int(timesteps[0]), latents)
+        result.stages.append(stage)
+        result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)
+    return result
+
+
+def video_direct(model: VideoModel, prompt: str | list[str], height: int, width: int, *,
+                 num_frames: int | None = None, negative_prompt: str | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float | None = None, generator=None, seed: int | None = None, callback=None,
+                 on_stage: StageCallback | None = None, progress: bool = False) -> VideoResult:
+    """Plain sampling at the target size, same scheduler, steps, frames and seed as the cascade's pivot."""
+    num_frames = model.default_frames if num_frames is None else num_frames
+    check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0)
+    prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
+    scheduler = make_scheduler(model, num_inference_steps)
+    x = initial_noise(_latent_shape(model, len(prompts), num_frames, height, width), gens, model) * scheduler.init_noise_sigma
+    denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
+    result = VideoResult("direct", prompts, [], _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames))
+    latents, seconds = _timed_sample(denoiser, x, scheduler, scheduler.timesteps, callback, 0, progress)
+    stage = VideoStage(height, width, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
+    result.stages.append(stage)
+    result.decode_seconds += _finish(model, stage, True, on_stage, 0)
+    return result
+
+
+def generate_video(model: VideoModel, prompt: str | list[str], height: int, width: int, method: str = "self-cascade", *,
+                   k=None, stages: int | None = None, upsample: str = "bilinear", **common) -> VideoResult:
+    """One door for both methods; `common` takes num_frames, negative_prompt, num_inference_steps,
+    guidance_scale, seed or generator, callback, on_stage, progress."""
+    if method not in VIDEO_METHODS:
+        raise ValueError(f"method must be one of {', '.join(VIDEO_METHODS)}, got {method!r}")
+    if method == "direct":
+        if k is not None or stages is not None:
+            raise ValueError("k and stages apply to the self-cascade only, not to method 'direct'")
+        return video_direct(model, prompt, height, width, **common)
+    return video_self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample, **common)
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+def _as_frames(frames) -> np.ndarray:
+    array = np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8 or len(array) == 0:
+        raise ValueError(f"frames must be a non-empty (frames, H, W, 3) uint8 array, got {array.dtype} {array.shape}")
+    return array
+
+
+def _temporary(path: Path) -> Path:
+    """A name beside `path` with the same suffix (ffmpeg picks the container from it), hidden by a dot."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def export_mp4(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
+    """H.264 mp4 in yuv420p (what browsers and players accept) through imageio-ffmpeg's bundled ffmpeg;
+    written beside `path`, then renamed, so `path` is never half-written."""
+    from moviepy import ImageSequenceClip
+
+    array, path = _as_frames(frames), Path(path)
+    if array.shape[1] % 2 or array.shape[2] % 2:
+        raise ValueError(f"frames must have even height and width for yuv420p, got {array.shape[2]}x{array.shape[1]}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    tmp = _temporary(path)
+    clip = ImageSequenceClip(list(array), fps=fps)
+    try:
+        clip.write_videofile(str(tmp), fps=fps, codec="libx264", audio=False, logger=None, pixel_format="yuv420p",
+                             ffmpeg_params=["-pix_fmt", "yuv420p", "-movflags", "+faststart"])
+        os.replace(tmp, path)
+    finally:
+        clip.close()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_gif(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
+    """A looping GIF preview, written beside `path`, then renamed."""
+    array, path = _as_frames(frames), Path(path)
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    images = [Image.fromarray(frame) for frame in array]
+    tmp = _temporary(path)
+    try:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

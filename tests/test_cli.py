@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sc_app.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(capsys, *argv):
+    code = main(["generate", *argv])
+    return code, capsys.readouterr().err
+
+
+def test_end_to_end_in_a_fresh_process(sd_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sc_app", "generate", "--model", str(sd_folder), "--prompt", "a red circle",
+         "--height", "64", "--width", "32", "--steps", "4", "--seed", "7", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["final.png", "result.json", "stage0.png", "stage1.png", "stage2.png"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "self-cascade" and result["seed"] == 7 and result["steps"] == 4
+    assert result["prompt"] == "a red circle" and result["k"] == [700, 700]
+    assert [(s["height"], s["width"]) for s in result["stages"]] == [(24, 12), (40, 20), (64, 32)]
+    assert all(s["seconds"] > 0 and s["steps"] > 0 for s in result["stages"])
+    assert result["total_seconds"] > 0
+    assert Image.open(out / "final.png").size == (32, 64)
+    assert Image.open(out / "stage0.png").size == (12, 24)
+
+
+def test_prompts_file_writes_one_folder_per_prompt(sd_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    code, err = _run(capsys, "--model", str(sd_folder), "--prompts-file", str(prompts), "--height", "32",
+                     "--width", "32", "--steps", "3", "--seed", "10", "--method", "direct", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000", "0001"]
+    second = json.loads((tmp_path / "o" / "0001" / "result.json").read_text())
+    assert second["prompt"] == "a blue square" and second["seed"] == 11 and second["method"] == "direct"
+    assert sorted(p.name for p in (tmp_path / "o" / "0001").iterdir()) == ["final.png", "result.json"]
+
+
+def test_k_and_stages_reach_the_cascade(sd_folder, tmp_path, capsys):
+    code, err = _run(capsys, "--model", str(sd_folder), "--prompt", "a cat", "--height", "64", "--width", "64",
+                     "--steps", "10", "--k", "400", "--stages", "1", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["k"] == [400] and len(result["stages"]) == 2
+    assert result["stages"][1]["start_t"] <= 400
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"--height": "30"}, "multiple of 4"),
+    ({"--k": "1200"}, "k must be an integer in 1..999"),
+    ({"--k": ["500", "600", "700"]}, "one value per stage"),
+    ({"--method": "magic"}, "invalid choice: 'magic'"),
+    ({"--method": "direct", "--k": "500"}, "--k apply to --method self-cascade only"),
+    ({"--steps": "0"}, "num_inference_steps must be in"),
+    ({"--prompt": None, "--prompts-file": "/nonexistent/prompts.txt"}, "cannot read it"),
+    ({"--prompt": "  "}, "--prompt is empty"),
+    ({"--upsampler": "/nonexistent/a.safetensors"}, "no such file"),
+    ({"--height": "abc"}, "invalid int value"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(sd_folder, tmp_path, capsys, overrides, message):
+    flags = {"--model": str(sd_folder), "--prompt": "a cat", "--height": "32", "--width": "32", "--steps": "2"}
+    flags.update(overrides)
+    argv = []
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [flag, *([value] if isinstance(value, str) else value)]
+    out = tmp_path / "o"
+    code, err = _run(capsys, *argv, "--out", str(out))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_folder_is_bad_input(tmp_path, capsys):
+    (tmp_path / "notamodel").mkdir()
+    code, err = _run(capsys, "--model", str(tmp_path / "notamodel"), "--prompt", "a cat", "--height", "32",
+                     "--width", "32", "--out", str(tmp_path / "o"))
+    assert code == 2 and "not a diffusers folder" in err and not (tmp_path / "o").exists()

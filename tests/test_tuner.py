@@ -1,0 +1,138 @@
+"""The upsampler tuner: command line on shapes and on a folder, bad input, resume, stop, SD XL, v-pred."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sc_app.cascade import self_cascade
+from sc_app.models import load_model
+from sc_app.upsampler import load_adapter, stage_denoiser_for
+from tuner.__main__ import main
+from tuner.upsampler_training import checkpoint_path, train_adapter
+
+FAST = dict(batch_size=2, lr=1e-2, checkpoint_every=2)
+
+
+def cli(sd_folder, out, *extra):
+    return main(["train", "--model", str(sd_folder), "--steps", "2", "--batch-size", "2", "--lr", "1e-3",
+                 "--out", str(out), "--device", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(sd_model, tmp_path_factory):
+    """Four steps straight through: the reference for resume, and an adapter that moved."""
+    progress = []
+    out = train_adapter(sd_model, "shapes", steps=4, out=tmp_path_factory.mktemp("a") / "x2.safetensors",
+                        progress=lambda *p: progress.append(p), **FAST)
+    return out, progress
+
+
+def test_cli_trains_on_shapes(sd_folder, sd_model, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "shapes.safetensors"
+    assert cli(sd_folder, out, "--data", "shapes", "--k", "500") == 0
+    adapter = load_adapter(out, sd_model)
+    assert (adapter.steps, adapter.scale, adapter.k) == (2, 2.0, 500)
+    assert checkpoint_path(out).is_file()
+    assert f"{adapter.num_parameters:,} trainable parameters" in caplog.text
+
+
+def _write_folder(folder):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    (folder / "b.txt").write_text("a blue square\n")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "tiny.png")
+    (folder / "broken.png").write_text("not a png")
+    (folder / "notes.md").write_text("# notes")
+
+
+def test_cli_trains_on_a_folder_and_skips_bad_files(sd_folder, sd_model, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    _write_folder(tmp_path / "images")
+    out = tmp_path / "folder.safetensors"
+    assert cli(sd_folder, out, "--data", str(tmp_path / "images")) == 0
+    assert load_adapter(out, sd_model).steps == 2
+    assert "broken.png" in caplog.text and "notes.md" in caplog.text
+    assert "2 usable images, 1 skipped as smaller than the 32x32 crop, 2 unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda d: d.mkdir(), [], "no images in the folder"),
+    (lambda d: (d.mkdir(), Image.new("RGB", (8, 8)).save(d / "s.png")), [], "no usable image (1 smaller"),
+    (lambda d: d.mkdir(), ["--steps", "0"], "steps must be a positive integer"),
+    (lambda d: d.mkdir(), ["--out-is-bin"], "must be a .safetensors file"),
+    (lambda d: d.mkdir(), ["--init-from", "missing.safetensors"], "no such file"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(sd_folder, tmp_path, capsys, make, args, message):
+    make(tmp_path / "data")
+    out = tmp_path / ("x.bin" if "--out-is-bin" in args else "x.safetensors")
+    args = [a for a in args if a != "--out-is-bin"]
+    argv = ["train", "--model", str(sd_folder), "--data", str(tmp_path / "data"), "--steps", "2",
+            "--batch-size", "2", "--lr", "1e-3", "--out", str(out), "--device", "cpu", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and message in err.splitlines()[-1]
+    assert "Traceback" not in err
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
+def test_resume_continues_from_the_checkpoint_step(sd_model, trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    reference, progress = trained
+    assert [p[0] for p in progress] == [1, 2, 3, 4] and all(p[1] == 4 and p[2] > 0 for p in progress)
+    out, resumed = tmp_path / "x2.safetensors", []
+    train_adapter(sd_model, "shapes", steps=2, out=out, **FAST)
+    train_adapter(sd_model, "shapes", steps=4, out=out, resume=True, progress=lambda *p: resumed.append(p), **FAST)
+    assert "resumed at step 2" in caplog.text
+    assert [p[0] for p in resumed] == [3, 4]
+    a, b = load_adapter(reference, sd_model), load_adapter(out, sd_model)
+    assert b.steps == 4
+    for key, value in a.state_dict().items():  # the same run as one without interruption
+        assert torch.allclose(b.state_dict()[key], value, atol=1e-6), key
+
+
+def test_trained_adapter_changes_the_output(sd_model, trained):
+    adapter = load_adapter(trained[0], sd_model)
+    assert any(p.abs().sum() > 0 for p in (u.proj_out.weight for u in adapter.upsamplers))
+    run = dict(num_inference_steps=4, guidance_scale=5.0, seed=2, decode_stages=False)
+    plain = self_cascade(sd_model, "a green square", 32, 32, **run)
+    tuned = self_cascade(sd_model, "a green square", 32, 32, stage_denoiser=stage_denoiser_for(sd_model, adapter), **run)
+    assert not torch.equal(plain.stages[-1].latents, tuned.stages[-1].latents)
+
+
+def test_should_stop_saves_what_was_trained(sd_model, tmp_path):
+    seen = []
+    out = train_adapter(sd_model, "shapes", steps=10, out=tmp_path / "s.safetensors", **FAST,
+                        progress=lambda *p: seen.append(p), should_stop=lambda: len(seen) >= 2)
+    assert load_adapter(out, sd_model).steps == 2
+
+
+def test_init_from_another_scale(sd_model, trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = train_adapter(sd_model, "shapes", scale=3, steps=1, out=tmp_path / "x3.safetensors",
+                        init_from=trained[0], **FAST)
+    adapter = load_adapter(out, sd_model)
+    assert (adapter.scale, adapter.steps) == (3.0, 1)
+    assert "initialised from" in caplog.text
+
+
+def test_sdxl_trains(sdxl_model, tmp_path):
+    out = train_adapter(sdxl_model, "shapes", steps=2, out=tmp_path / "xl.safetensors", **FAST)
+    adapter = load_adapter(out, sdxl_model)
+    run = dict(num_inference_steps=3, guidance_scale=5.0, seed=0, decode_stages=False)
+    plain = self_cascade(sdxl_model, "a red circle", 32, 32, **run)
+    tuned = self_cascade(sdxl_model, "a red circle", 32, 32, stage_denoiser=stage_denoiser_for(sdxl_model, adapter), **run)
+    assert not torch.equal(plain.stages[-1].latents, tuned.stages[-1].latents)
+
+
+def test_v_prediction_with_generated_pivots(sd2_folder, tmp_path):
+    model = load_model(str(sd2_folder), device="cpu")
+    assert model.pipe.scheduler.config.prediction_type == "v_prediction"
+    losses = []
+    out = train_adapter(model, "shapes", steps=2, out=tmp_path / "v.safetensors", pivot="generated", pivot_steps=2,
+                        progress=lambda step, total, loss: losses.append(loss), **FAST)
+    assert load_adapter(out, model).steps == 2 and all(np.isfinite(losses))

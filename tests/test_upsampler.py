@@ -1,0 +1,101 @@
+"""Time-aware feature upsamplers: identity when untrained, injection, fallback, files, SD XL."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sc_app.upsampler as up
+from sc_app.api import generate
+from sc_app.cascade import self_cascade
+from sc_app.upsampler import Adapter, load_adapter, parameter_count, save_adapter, stage_denoiser_for
+
+SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, mid_block_type="UNetMidBlock2DCrossAttn")
+SDXL = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, mid_block_type="UNetMidBlock2DCrossAttn")
+RUN = dict(num_inference_steps=4, guidance_scale=5.0, seed=3, decode_stages=False, k=600)
+
+
+def cascade(model, adapter=None, prompt="a red circle", size=64):
+    denoiser = stage_denoiser_for(model, adapter) if adapter is not None else None
+    return self_cascade(model, prompt, size, size, stage_denoiser=denoiser, **RUN)
+
+
+def trained_like(model, scale=2.0, seed=0) -> Adapter:
+    """An adapter with random weights everywhere, zero-initialised layers included."""
+    adapter = Adapter(model.unet.config, scale=scale, base_model=model.name)
+    torch.manual_seed(seed)
+    for p in adapter.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return adapter
+
+
+def test_sites_and_parameter_counts():
+    # SD XL: the three down-block outputs and the mid block, as the official code
+    assert [s.name for s in Adapter(SDXL).sites] == ["mid", "skip8", "skip6", "skip3"]
+    assert [s.name for s in Adapter(SD15).sites] == ["mid", "skip11", "skip9", "skip6"]
+    assert 1_000 < parameter_count(SD15) < 100_000 and 1_000 < parameter_count(SDXL) < 100_000
+    assert parameter_count(SD15, width=16) > parameter_count(SD15)
+    assert "trainable parameters" in Adapter(SDXL).describe()
+
+
+def test_untrained_adapter_reproduces_tuning_free_exactly(sd_model):
+    plain = cascade(sd_model)
+    tuned = cascade(sd_model, Adapter(sd_model.unet.config, base_model=sd_model.name))
+    assert len(plain.stages) == 3
+    for a, b in zip(plain.stages, tuned.stages):
+        assert torch.equal(a.latents, b.latents)
+
+
+def test_trained_adapter_changes_stages_after_the_pivot(sd_model, monkeypatch):
+    calls = []
+    real = up.pivot_features
+    monkeypatch.setattr(up, "pivot_features", lambda *a: calls.append(1) or real(*a))
+    plain, tuned = cascade(sd_model), cascade(sd_model, trained_like(sd_model))
+    assert torch.equal(plain.stages[0].latents, tuned.stages[0].latents)
+    assert not torch.allclose(plain.stages[1].latents, tuned.stages[1].latents, atol=1e-3)
+    assert not torch.allclose(plain.stages[2].latents, tuned.stages[2].latents, atol=1e-3)
+    assert len(calls) == 2  # the pivot pass runs once per stage, not once per step
+
+
+def test_stage_of_another_scale_stays_tuning_free(sd_model):
+    plain, tuned = cascade(sd_model), cascade(sd_model, trained_like(sd_model, scale=3.0))
+    for a, b in zip(plain.stages, tuned.stages):
+        assert torch.equal(a.latents, b.latents)
+
+
+def test_sdxl_added_conditions(sdxl_model):
+    plain = cascade(sdxl_model, size=32)
+    untrained = cascade(sdxl_model, Adapter(sdxl_model.unet.config, base_model=sdxl_model.name), size=32)
+    tuned = cascade(sdxl_model, trained_like(sdxl_model), size=32)
+    assert torch.equal(plain.stages[-1].latents, untrained.stages[-1].latents)
+    assert not torch.allclose(plain.stages[-1].latents, tuned.stages[-1].latents, atol=1e-3)
+
+
+def test_save_load_round_trip(sd_model, tmp_path):
+    adapter = trained_like(sd_model)
+    adapter.k, adapter.steps = 500, 123
+    path = save_adapter(adapter, tmp_path / "x2.safetensors")
+    loaded = load_adapter(path, sd_model)
+    assert loaded.metadata() == adapter.metadata()
+    assert (loaded.scale, loaded.k, loaded.steps, loaded.widths) == (2.0, 500, 123, adapter.widths)
+    for key, value in adapter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    # the api takes the path too, and the result is that of the in-memory adapter
+    by_path = generate(sd_model, "a red circle", 32, 32, upsampler=path, num_inference_steps=3, seed=1)
+    in_memory = generate(sd_model, "a red circle", 32, 32, upsampler=adapter, num_inference_steps=3, seed=1)
+    assert torch.equal(by_path.stages[-1].latents, in_memory.stages[-1].latents)
+
+
+def test_wrong_or_broken_files_are_refused(sd_model, sdxl_model, tmp_path):
+    path = save_adapter(Adapter(sd_model.unet.config, base_model=sd_model.name), tmp_path / "sd.safetensors")
+    with pytest.raises(ValueError, match="trained for base model") as error:
+        load_adapter(path, sdxl_model)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="not for"):
+        stage_denoiser_for(sdxl_model, Adapter(sd_model.unet.config))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_adapter(tmp_path / "junk.safetensors", sd_model)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a self-cascade upsampler"):
+        load_adapter(tmp_path / "other.safetensors", sd_model)
+    with pytest.raises(ValueError, match="no such file"):
+        load_adapter(tmp_path / "missing.safetensors", sd_model)

@@ -1,0 +1,95 @@
+"""Command line: `python -m tuner train --model embedded --data shapes|DIR --scale 2 --steps N
+--batch-size B --lr LR --out FILE.safetensors [--k K] [--resume] [--init-from FILE] [--pivot ...]`.
+
+Bad input gets one line on stderr and exit code 2, before any file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sc_app.upsampler import DEFAULT_WIDTH
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors follow the one-line rule too
+        raise BadInput(message)
+
+
+def _width(value: str) -> int | None:
+    return None if value == "full" else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m tuner", description="Training for Self-Cascade Studio.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="tune the time-aware feature upsamplers of a model (paper 4.3)")
+    t.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
+    t.add_argument("--data", required=True, help="'shapes' (rendered shapes world) or a folder of images")
+    t.add_argument("--scale", type=float, default=2.0, help="growth per side of the stage to tune for")
+    t.add_argument("--steps", type=int, required=True, help="total training steps (a resumed run counts its past)")
+    t.add_argument("--batch-size", type=int, required=True)
+    t.add_argument("--lr", type=float, required=True)
+    t.add_argument("--out", type=Path, required=True, help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt)")
+    t.add_argument("--k", type=int, default=None, help="train on t in 1..K (default: the model's K)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    t.add_argument("--init-from", type=Path, default=None, help="start from a trained adapter (e.g. another scale)")
+    t.add_argument("--pivot", default="downsampled", choices=("downsampled", "generated"))
+    t.add_argument("--width", type=_width, default=DEFAULT_WIDTH, help="bottleneck channels, or 'full'")
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--shapes-pool", type=int, default=0, help="render this many scenes once (0: fresh every step)")
+    t.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    t.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def train(args) -> None:
+    import torch
+
+    from sc_app.models import load_model
+    from tuner.upsampler_training import train_adapter
+
+    if args.out.suffix != ".safetensors":
+        raise BadInput(f"--out {args.out}: must be a .safetensors file")
+    if args.init_from is not None and not args.init_from.is_file():
+        raise BadInput(f"--init-from {args.init_from}: no such file")
+    if args.data != "shapes" and not Path(args.data).is_dir():
+        raise BadInput(f"--data {args.data}: no such folder (give a folder of images, or 'shapes')")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # the loaders' bars would bury the one-line errors
+    transformers_logging.disable_progress_bar()
+    try:
+        # fp32 weights: autocast picks bf16 or fp16 per op on a GPU, and the optimizer sees fp32
+        model = load_model(args.model, device=args.device, dtype=torch.float32)
+        train_adapter(model, args.data, scale=args.scale, k=args.k, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, out=args.out, seed=args.seed, resume=args.resume, init_from=args.init_from,
+                      pivot=args.pivot, width=args.width, checkpoint_every=args.checkpoint_every,
+                      shapes_pool=args.shapes_pool)
+    except (ValueError, FileNotFoundError) as error:
+        raise BadInput(f"{error}".splitlines()[0]) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        train(args)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

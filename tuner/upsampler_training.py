@@ -1,0 +1,264 @@
+"""Tune the time-aware feature upsamplers on a frozen base model (paper 4.3, Eq. 10, Algorithm 1).
+
+    python -m tuner train --model embedded --data shapes --scale 2 --steps 2000 --batch-size 32 \
+        --lr 1e-3 --out assets/upsampler-x2.safetensors
+
+Each step: a batch of crops at the stage size (the model's base size x scale); their pivots (the crop
+downsampled to the base size and encoded, or a base-model sample from the caption); t ~ U{1..K}; the
+noised high-resolution latent; and the scheduler's loss (epsilon or v) of the frozen UNet's prediction
+with the upsamplers' residuals from the pivot's features. Only the upsamplers train.
+
+All randomness of step s comes from (seed, s), and checkpoints carry the adapter, the optimizer and the
+loss scaler, so a resumed run continues exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from sc_app.api import as_model
+from sc_app.sampling import (added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler,
+                             sample_ddim)
+from sc_app.upsampler import DEFAULT_WIDTH, Adapter, load_adapter, pivot_features, save_adapter, unet_fingerprint
+from tuner.data import make_dataset
+
+log = logging.getLogger(__name__)
+
+PIVOTS = ("downsampled", "generated")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def stage_size(model, scale: float) -> int:
+    """The crop side in pixels: the base size grown by `scale`, on the model's size grid."""
+    return max(model.size_multiple, round(model.base_size * scale / model.size_multiple) * model.size_multiple)
+
+
+def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_steps, caption_dropout,
+                 checkpoint_every) -> int:
+    """Validate the request before anything is loaded or written; return the crop size. Errors name the
+    argument and its value."""
+    if not isinstance(scale, (int, float)) or not 1 < scale <= 8:
+        raise ValueError(f"scale must be a number in (1, 8] (growth per side), got {scale!r}")
+    if stage_size(model, scale) <= model.base_size:
+        raise ValueError(f"scale {scale} does not grow a {model.base_size}px base on a {model.size_multiple}px grid")
+    if k is not None and not (isinstance(k, int) and 0 < k < model.num_train_timesteps):
+        raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {k!r}")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("pivot_steps", pivot_steps),
+                        ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < 1):
+        raise ValueError(f"lr must be in (0, 1), got {lr!r}")
+    if not 0 <= caption_dropout < 1:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout!r}")
+    if Path(out).suffix != ".safetensors":
+        raise ValueError(f"out must be a .safetensors file, got {str(out)!r}")
+    if pivot not in PIVOTS:
+        raise ValueError(f"pivot must be one of {', '.join(PIVOTS)}, got {pivot!r}")
+    prediction = model.pipe.scheduler.config.prediction_type
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"the model's scheduler predicts {prediction!r}; the tuner knows {', '.join(PREDICTION_TYPES)}")
+    return stage_size(model, scale)
+
+
+# ---- checkpoints: complete and atomic ------------------------------------------------------------
+
+def checkpoint_path(out: str | Path) -> Path:
+    return Path(out).with_suffix(".ckpt")
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, adapter: Adapter) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, still no pickle code
+    mine = {"fingerprint": adapter.fingerprint, "scale": adapter.scale, "width": adapter.width}
+    theirs = {key: state["config"].get(key) for key in mine}
+    if theirs != mine:
+        raise ValueError(f"resume: checkpoint {path} is for {theirs}, not {mine}")
+    return state
+
+
+# ---- one batch -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (the posterior mean), in the VAE's own dtype."""
+    vae = model.pipe.vae
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def generate_pivots(model, captions: list[str], size: int, generator: torch.Generator, steps: int) -> torch.Tensor:
+    """Pivots sampled by the base model from the captions at its own size (DDIM, the model's guidance)."""
+    cond = encode_prompt(model, captions, None, model.default_guidance)
+    scheduler = make_scheduler(model, steps)
+    shape = (len(captions), model.unet.config.in_channels, size // model.vae_scale, size // model.vae_scale)
+    x = initial_noise(shape, generator, model) * scheduler.init_noise_sigma
+    denoiser = guided_denoiser(model.unet, cond, added_conditions(model, cond, size, size))
+    return sample_ddim(denoiser, x, scheduler, scheduler.timesteps, disable=True)
+
+
+def _to_pixels(images: np.ndarray, device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps: int, batch_size: int, lr: float,
+                  out: str | Path, seed: int = 0, resume: bool = False, init_from: str | Path | None = None,
+                  pivot: str = "downsampled", width: int | None = DEFAULT_WIDTH, pivot_steps: int = 20,
+                  caption_dropout: float = 0.1, checkpoint_every: int = 250, shapes_pool: int = 0,
+                  progress: Callable[[int, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> Path:
+    """Train the feature upsamplers of `model` for one `scale` (per side) and write them to `out`.
+
+    `data`: 'shapes', a folder of images, or a dataset object with `sample(rng, count)`. `resume`
+    continues from `out`'s checkpoint; `init_from` starts from another adapter (extendable tuning: a
+    new scale from a trained one). `progress(step, total, loss)` is called every step; when
+    `should_stop()` turns true the run saves what it has and returns. Returns `out`.
+    """
+    # 0. Inputs, before anything is written
+    model = as_model(model)
+    crop = check_inputs(model, scale=scale, k=k, steps=steps, batch_size=batch_size, lr=lr, out=out, pivot=pivot,
+                        pivot_steps=pivot_steps, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every)
+    dataset = make_dataset(data, crop, shapes_pool, seed) if isinstance(data, (str, Path)) else data
+    k = k or model.default_k
+    out, ckpt_path = Path(out), checkpoint_path(out)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
+        torch.manual_seed(seed)
+        adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name)
+
+    # 1. Where to start: a checkpoint of this run, another adapter, or zero-initialised upsamplers
+    state, start = None, 0
+    if resume and ckpt_path.is_file():
+        state = _load_checkpoint(ckpt_path, adapter)
+        adapter.load_state_dict(state["adapter"])
+        start = state["step"]
+        log.info("resumed at step %d from %s", start, ckpt_path)
+    elif resume:
+        log.info("no checkpoint at %s: starting from step 0", ckpt_path)
+    if state is None and init_from is not None:
+        source = load_adapter(init_from, model)
+        if source.widths != adapter.widths:
+            raise ValueError(f"init_from {init_from}: widths {source.widths} differ from {adapter.widths}")
+        adapter.load_state_dict(source.state_dict())
+        log.info("initialised from %s (x%g, %d steps)", init_from, source.scale, source.steps)
+    log.info("%s", adapter.describe())
+    log.info("data: %r; pivot: %s; t in 1..%d; %s", dataset, pivot, k, model.pipe.scheduler.config.prediction_type)
+
+    # 2. The frozen base model, the optimizer and mixed precision (bf16, else fp16, on a GPU)
+    device = model.device
+    for module in (model.unet, model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    precision = "no" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    adapter.to(device)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    adapter, optimizer = acc.prepare(adapter, optimizer)
+    if state is not None and acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    noise_scheduler = model.pipe.scheduler
+    prediction = noise_scheduler.config.prediction_type
+    vae = model.pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:  # SD XL's VAE overflows in fp16
+        vae.to(torch.float32)
+
+    def save(step: int) -> None:
+        unwrapped = acc.unwrap_model(adapter)
+        unwrapped.steps = step
+        _save_checkpoint(ckpt_path, {
+            "adapter": {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else {},
+            "step": step, "config": {"fingerprint": unet_fingerprint(model.unet.config), "scale": float(scale),
+                                     "width": width, "k": k, "seed": seed, "pivot": pivot, "lr": lr,
+                                     "batch_size": batch_size, "base_model": model.name}})
+        save_adapter(unwrapped, out)
+
+    # 3. Algorithm 1
+    step, running, started = start, None, time.perf_counter()
+    pivot_size = model.base_size
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"tune x{scale:g}", disable=None)
+    try:
+        for step in bar:
+            if should_stop is not None and should_stop():
+                log.info("stopped at step %d", step)
+                break
+            rng = np.random.default_rng([seed, step])
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            images, captions = dataset.sample(rng, batch_size)
+            with torch.no_grad():
+                pixels = _to_pixels(images, device)
+                z0 = encode_images(model, pixels)
+                if pivot == "downsampled":  # the same image at the base size: aligned with the target
+                    small = F.interpolate(pixels, size=(pivot_size, pivot_size), mode="bilinear", antialias=True)
+                    pivots = encode_images(model, small)
+                else:
+                    with acc.autocast():
+                        pivots = generate_pivots(model, captions, pivot_size, generator, pivot_steps)
+                dropped = rng.random(batch_size) < caption_dropout  # also learn the unconditional branch of CFG
+                cond = encode_prompt(model, ["" if d else c for c, d in zip(captions, dropped)], None, 0.0)
+                t = torch.randint(1, k + 1, (batch_size,), generator=generator).to(device)
+                noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
+                zt = noise_scheduler.add_noise(z0, noise, t)
+                target = {"epsilon": noise, "sample": z0}.get(prediction)
+                if target is None:
+                    target = noise_scheduler.get_velocity(z0, noise, t)
+                with acc.autocast():
+                    features = pivot_features(model, acc.unwrap_model(adapter).sites, pivots, cond)
+            with acc.autocast():
+                down, mid = adapter(features, t, zt.shape[-2:])
+                pred = model.unet(zt, t, encoder_hidden_states=cond.embeds,
+                                  added_cond_kwargs=added_conditions(model, cond, crop, crop),
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            acc.backward(loss)
+            acc.clip_grad_norm_(adapter.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            value = loss.item()
+            if not math.isfinite(value):
+                raise RuntimeError(f"loss is {value} at step {step + 1}; try a lower lr")
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.set_postfix(loss=f"{running:.4f}")
+            if progress is not None:
+                progress(step + 1, steps, value)
+            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save(step + 1)
+        else:
+            step = max(start, steps)
+    finally:
+        bar.close()
+        if upcast:
+            vae.to(torch.float16)
+
+    # 4. Save what was trained (all of it, or up to the stop)
+    save(step)
+    seconds = time.perf_counter() - started
+    done = step - start
+    log.info("wrote %s: %d steps (%d this run) in %.1f s, %.2f steps/s, loss %s", out, step, done, seconds,
+             done / seconds if seconds > 0 else 0.0, "n/a" if running is None else f"{running:.4f}")
+    return out
