@@ -12,7 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .api import METHODS
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
+
+from .api import METHODS  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 

@@ -95,7 +95,10 @@ def load_model(name: str = "embedded", device: str | torch.device | None = None,
     source = str(EMBEDDED) if name == "embedded" else name
     if name == "embedded" and not EMBEDDED.is_dir():
         raise FileNotFoundError(f"the embedded model is missing: {EMBEDDED} (train it: python -m tuner.train_base)")
-    if Path(source).exists() and _index(source) is None:
+    looks_like_path = source.startswith(("/", ".", "~")) or Path(source).exists()
+    if looks_like_path and not Path(source).expanduser().is_dir():
+        raise ValueError(f"model {name!r}: no such folder")
+    if looks_like_path and _index(source) is None:
         raise ValueError(f"model {name!r}: not a diffusers folder (no model_index.json)")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)

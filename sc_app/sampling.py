@@ -94,11 +94,11 @@ def initial_noise(shape, generator, model) -> torch.Tensor:
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, scheduler: DDIMScheduler, timesteps: torch.Tensor,
                 callback: Callable[[dict], None] | None = None, disable: bool | None = None) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) over `timesteps` (Song et al. 2021); callback gets x, i, t, denoised."""
+    """Deterministic DDIM (eta = 0) over `timesteps` (Song et al. 2021); callback gets x, i, t, steps, denoised."""
     for i, t in enumerate(tqdm(timesteps, disable=disable, leave=False)):
         out = denoiser(scheduler.scale_model_input(x, t), t, i)
         step = scheduler.step(out, t, x)
         x = step.prev_sample
         if callback is not None:
-            callback({"x": x, "i": i, "t": t, "denoised": step.pred_original_sample})
+            callback({"x": x, "i": i, "t": t, "steps": len(timesteps), "denoised": step.pred_original_sample})
     return x

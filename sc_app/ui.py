@@ -13,6 +13,7 @@ makes; a name from an upload is never part of a path.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -62,7 +63,7 @@ MAX_ZIP_BYTES = 1 << 30  # uncompressed, all members together
 MAX_TUNE_STEPS = 20_000
 QUEUE_SIZE = 32
 KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
-IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # what the tuner reads
 
 # ZeroGPU durations: seconds per denoising step at the model's base size (an estimate on the slow side
 # for SD-class UNets on a shared A100/H200), growing a little faster than the pixel count (attention).
@@ -172,8 +173,8 @@ def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
     total = 0
     with zipfile.ZipFile(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
-        members = [m for m in members if not any(part.startswith(".") or part == "__MACOSX"
-                                                 for part in re.split(r"[\\/]", m.filename))]
+        members = [m for m in members if not any(part == "__MACOSX" or (part.startswith(".") and part.strip("."))
+                                                 for part in re.split(r"[\\/]", m.filename))]  # no hidden files
         if len(members) > MAX_ZIP_MEMBERS:
             raise user_error(f"{_display_name(path)} holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
         for member in members:
@@ -183,36 +184,44 @@ def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
             yield member.filename, archive.read(member)
 
 
-def prepare_images(files: list[str], dest: Path, min_side: int) -> int:
-    """Copy uploaded images (and the images inside uploaded zips) into `dest` as 00000.png, 00001.jpg, ...
+def _uploaded(files: list[str]) -> Iterator[tuple[str, bytes, str | None]]:
+    """(name, bytes, caption) of every uploaded image: loose files, and the members of zips, where a
+    .txt beside an image (same name) is its caption."""
+    for file in files:
+        path = str(file)
+        if not zipfile.is_zipfile(path):
+            yield Path(path).name, Path(path).read_bytes(), None
+            continue
+        try:
+            members = list(_zip_members(path))
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as error:
+            raise user_error(f"{_display_name(path)} could not be unpacked, the zip looks corrupt ({error})") from None
+        captions = {name.rsplit(".", 1)[0]: data.decode("utf-8", "replace").strip()
+                    for name, data in members if name.lower().endswith(".txt")}
+        for name, data in members:
+            if not name.lower().endswith(".txt"):
+                yield name, data, captions.get(name.rsplit(".", 1)[0])
 
-    Every file is checked first (an image, whole, large enough); the first bad one raises a gr.Error that
-    names it. The names the files came with are only ever shown, never used as paths.
+
+def prepare_images(files: list[str], dest: Path, min_side: int) -> int:
+    """Copy uploaded images (and the images inside uploaded zips) into `dest` as 00000.png, 00001.jpg, ...,
+    with 00000.txt for a caption that came in a zip.
+
+    Every file is checked (an image, whole, large enough); the first bad one raises a gr.Error that names
+    it. The names the files came with are only ever shown, never used as paths.
     """
     if not files:
         raise user_error("no images uploaded: add image files or a zip of images, or pick 'shapes world'")
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
-
-    def add(name: str, data: bytes) -> None:
-        nonlocal count
+    for name, data, caption in _uploaded(files):
         extension = _read_image(data, name, min_side)
         (dest / f"{count:05d}{extension}").write_bytes(data)
+        if caption:
+            (dest / f"{count:05d}.txt").write_text(caption, encoding="utf-8")
         count += 1
-
-    for file in files:
-        path = str(file)
-        name = _display_name(Path(path).name)
-        if zipfile.is_zipfile(path):
-            try:
-                for member, data in _zip_members(path):
-                    add(member, data)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as error:
-                raise user_error(f"{name} could not be unpacked, the zip looks corrupt ({error})") from None
-        else:
-            add(name, Path(path).read_bytes())
     if count == 0:
-        raise user_error("the uploaded zip holds no images")
+        raise user_error("the upload holds no images")
     return count
 
 
@@ -252,23 +261,28 @@ class Studio:
         self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
 
     def _model_slug(self) -> str:
-        import hashlib
         return f"{safe_stem(self.model.name, 'model')}-{hashlib.sha1(self.model.name.encode()).hexdigest()[:8]}"
 
     # ---- adapters --------------------------------------------------------------------------------
 
     def adapters(self) -> dict[str, Path | None]:
-        """Adapter choices by label: none, the ones shipped with the model, the ones made here."""
+        """Adapter choices by label: none, the ones shipped with the model, the ones made or loaded here."""
         choices: dict[str, Path | None] = {NO_ADAPTER: None}
-        shipped = Path(self.model.name) / "upsamplers" if Path(self.model.name).is_dir() else None
-        if self.model.name == "embedded":
-            from .models import EMBEDDED
-            shipped = EMBEDDED / "upsamplers"
-        for path in sorted(shipped.glob("*.safetensors")) if shipped and shipped.is_dir() else []:
+        for path in self._shipped_adapters():
             choices[f"shipped: {path.stem}"] = path
         for path in sorted(self.adapter_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
             choices[path.stem] = path
         return choices
+
+    def _shipped_adapters(self) -> list[Path]:
+        """assets/upsampler*.safetensors for the embedded model; a model folder's upsamplers/*.safetensors."""
+        from .models import ASSETS
+        if self.model.name == "embedded":
+            found = sorted(ASSETS.glob("upsampler*.safetensors"))
+            folder = ASSETS / "shapes-ldm" / "upsamplers"
+        else:
+            found, folder = [], Path(self.model.name) / "upsamplers"
+        return found + (sorted(folder.glob("*.safetensors")) if folder.is_dir() else [])
 
     def adapter_path(self, label: str | None) -> str | None:
         """The file behind a choice; labels are looked up, never used as paths."""
@@ -389,6 +403,7 @@ class Studio:
         stop_file = Path(stop)
 
         def work() -> None:
+            request, last = None, ("end",)
             if not self._model_lock.acquire(blocking=False):
                 events.put(("waiting",))
                 self._model_lock.acquire()
@@ -404,24 +419,22 @@ class Studio:
 
                     try:
                         result = run_method(self.model, callback=callback, on_stage=on_stage, **request)
-                        events.put(("done", job, result.summary()))
-                    except _Stopped:
-                        events.put(("stopped",))
-                        return
                     except ModuleNotFoundError as error:
                         if not (error.name or "").startswith("sc_app."):
                             raise
                         events.put(("unavailable", job, f"{request['method']} is not available here ({error.name})"))
-                    except ValueError as error:
-                        events.put(("error", str(error)))
-                        return
-                    except Exception as error:  # a message in the page, the traceback in the log
-                        log.exception("generation failed")
-                        events.put(("error", _failure(error, request)))
-                        return
+                        continue
+                    events.put(("done", job, result.summary()))
+            except _Stopped:
+                last = ("stopped",)
+            except ValueError as error:
+                last = ("error", str(error))
+            except Exception as error:  # a message in the page, the traceback in the log
+                log.exception("generation failed")
+                last = ("error", _failure(error, request))
             finally:
                 self._model_lock.release()
-            events.put(("end",))
+                events.put(last)
 
         threading.Thread(target=work, name="sc-generate", daemon=True).start()
         while True:
@@ -450,9 +463,14 @@ class Studio:
 
             try:
                 from tuner.upsampler_training import train_adapter
-                with self._model_lock:
+                if not self._model_lock.acquire(blocking=False):
+                    events.put(("waiting",))
+                    self._model_lock.acquire()
+                try:
                     path = train_adapter(self.model, data, scale=scale, steps=steps, batch_size=batch_size, lr=lr,
                                          out=out, progress=progress, should_stop=stop_file.exists)
+                finally:
+                    self._model_lock.release()
                 events.put(("done", Path(path).read_bytes(), last[0]))
             except ModuleNotFoundError as error:
                 if not (error.name or "").startswith("tuner"):
@@ -494,7 +512,7 @@ class Studio:
                     _, job, stage, i = event
                     request = requests[job]
                     what = request["method"] + ("" if stage == 0 else f", stage {stage}")
-                    progress((i + 1, self._stage_steps(request, stage)), desc=what, unit="steps")
+                    progress((i + 1, max(i + 1, self._stage_steps(request, stage))), desc=what, unit="steps")
                 elif kind == "waiting":
                     progress(0.0, desc="waiting for the tuning job to finish")
                 elif kind == "error":
@@ -506,7 +524,7 @@ class Studio:
                     yield run, event
         finally:
             if not finished:
-                stop.touch()
+                _touch(stop)
 
     def generate(self, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter,
                  progress=gr.Progress()):
@@ -577,8 +595,8 @@ class Studio:
             raise user_error(f"steps must be in 1..{MAX_TUNE_STEPS}, got {steps}")
         if not 1 <= batch_size <= 256:
             raise user_error(f"batch size must be in 1..256, got {batch_size}")
-        if not 0 < lr <= 1:
-            raise user_error(f"learning rate must be in (0, 1], got {lr}")
+        if not 0 < lr < 1:
+            raise user_error(f"learning rate must be in (0, 1), got {lr}")
         if scale not in TUNE_SCALES:
             raise user_error(f"scale must be one of {TUNE_SCALES}, got {scale}")
         if source not in (SHAPES_WORLD, MY_IMAGES):
@@ -586,14 +604,14 @@ class Studio:
         if not self._tune_lock.acquire(blocking=False):
             raise user_error("a tuning job is already running on this server, and only one runs at a time: "
                              "try again when it has finished")
-        job = None
+        job, folder = None, self._new_folder(self.jobs_dir)
         try:
-            folder = self._new_folder(self.jobs_dir)
             if source == SHAPES_WORLD:
                 data = "shapes"
             else:
+                from tuner.upsampler_training import stage_size
                 files = [f for f in (files or []) if f]
-                count = prepare_images(files, folder / "data", self.model.base_size * scale)
+                count = prepare_images(files, folder / "data", stage_size(self.model, scale))
                 data = str(folder / "data")
                 gr.Info(f"{count} images ready for tuning.")
             job = _TuneJob(getattr(request, "session_hash", None) or "", folder / "stop")
@@ -603,6 +621,7 @@ class Studio:
                              name="sc-tune-job", daemon=True).start()
         finally:
             if job is None:
+                shutil.rmtree(folder, ignore_errors=True)
                 self._tune_lock.release()
         yield from self._follow(job, progress)
 
@@ -621,6 +640,7 @@ class Studio:
             log.exception("tuning failed")
             job.events.put(("error", _failure(error)))
         finally:
+            shutil.rmtree(job.stop.parent, ignore_errors=True)  # the uploads and the tuner's checkpoint
             job.done.set()
             self._tune_job = None
             self._tune_lock.release()
@@ -633,7 +653,9 @@ class Studio:
         try:
             yield "Starting...", _loss_frame(losses), None, gr.skip(), gr.skip()
             while (event := job.events.get()) is not None:
-                if event[0] == "progress":
+                if event[0] == "waiting":
+                    yield "Waiting for the running generation to finish...", gr.skip(), None, gr.skip(), gr.skip()
+                elif event[0] == "progress":
                     _, step, total, loss = event
                     losses.append((step, loss))
                     progress((step, total), desc="tuning", unit="steps")
@@ -654,7 +676,7 @@ class Studio:
             finished = True
         finally:
             if not finished:  # the page went away: stop the job at its next step
-                job.stop.touch()
+                _touch(job.stop)
 
     def cancel_tune(self, request: gr.Request):
         job = self._tune_job
@@ -662,8 +684,16 @@ class Studio:
             return "No tuning job is running."
         if job.session != (getattr(request, "session_hash", None) or ""):
             raise user_error("the running tuning job was started from another page; only that page can cancel it")
-        job.stop.touch()
+        _touch(job.stop)
         return "Cancelling: the adapter trained so far will be saved..."
+
+
+def _touch(path: Path) -> None:
+    """Ask a run to stop (its folder may be gone already, when it has just ended)."""
+    try:
+        path.touch()
+    except FileNotFoundError:
+        pass
 
 
 def _failure(error: Exception, request: dict | None = None) -> str:
@@ -674,9 +704,15 @@ def _failure(error: Exception, request: dict | None = None) -> str:
     return f"something went wrong: {type(error).__name__}: {text}"
 
 
+def _model_label(name: str) -> str:
+    """A model's name for the page: a folder shows as its own name, not its whole path."""
+    return Path(name).name if Path(name).is_dir() else name
+
+
 def _loss_frame(losses: list[tuple[int, float]]):
     import pandas as pd
-    return pd.DataFrame(losses, columns=["step", "loss"])
+    frame = pd.DataFrame([(step, round(loss, 5)) for step, loss in losses], columns=["step", "loss"])
+    return frame.astype({"step": "int64", "loss": "float64"})
 
 
 # ---- the page --------------------------------------------------------------------------------------
@@ -719,7 +755,7 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
         demo.studio = studio
         gr.Markdown(f"# Self-Cascade Studio\nHigher resolutions from a pre-trained diffusion model: a pivot at the "
                     f"model's own size, then stages of about 4x the pixels, each re-noised to K and denoised again. "
-                    f"Model **{model.name}**, trained at {base} x {base}; sizes are multiples of {m}; limit "
+                    f"Model **{_model_label(model.name)}**, trained at {base} x {base}; sizes are multiples of {m}; limit "
                     f"{_megapixels(studio.max_pixels)}.")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
@@ -776,14 +812,15 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                             t_steps = gr.Number(200, precision=0, minimum=1, maximum=MAX_TUNE_STEPS, label="Steps")
                             t_batch = gr.Number(8, precision=0, minimum=1, maximum=256, label="Batch size")
                         with gr.Row():
-                            t_lr = gr.Number(1e-4, minimum=0, label="Learning rate")
+                            t_lr = gr.Number(1e-3, minimum=0, maximum=1, label="Learning rate")
                             t_scale = gr.Radio(list(TUNE_SCALES), value=2, label="Scale (per side)")
                         with gr.Row():
                             t_run = gr.Button("Start tuning", variant="primary")
                             t_cancel = gr.Button("Cancel", variant="stop")
                     with gr.Column(scale=3):
                         t_status = gr.Markdown(label="Status", elem_id="tune-status")
-                        t_plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=300, label="Loss")
+                        t_plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=300, label="Loss",
+                                            x_title="step", y_title="loss", y_axis_format=".3~r")
                         t_adapter = gr.File(label="Adapter (download)")
 
         # Generate
@@ -801,6 +838,7 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
         # Tune
         t_run.click(studio.tune, [source, files, t_steps, t_batch, t_lr, t_scale],
                     [t_status, t_plot, t_adapter, adapter, c_adapter], api_name="tune", concurrency_limit=2)
+        files.upload(lambda: MY_IMAGES, None, source, api_visibility="private", queue=False)
         t_cancel.click(studio.cancel_tune, None, t_status, api_name="cancel_tune", queue=False)
         # adapters made by other pages appear when a tab is opened
         for tab, dropdown in ((generate_tab, adapter), (compare_tab, c_adapter)):

@@ -109,7 +109,8 @@ def _load_unet(source: str, index: dict, motion_adapter: str | None, common: dic
     adapter = MotionAdapter.from_pretrained(motion_adapter, **common) if motion_adapter else None
     if unet_class == "UNet3DConditionModel":
         if adapter is not None:
-            raise ValueError(f"motion_adapter: {source!r} is a ModelScope (UNet3DConditionModel) model; it takes no motion adapter")
+            raise ValueError(f"motion_adapter: {source!r} is a ModelScope (UNet3DConditionModel) model; "
+                             "it takes no motion adapter")
         return UNet3DConditionModel.from_pretrained(source, subfolder="unet", **common)
     if unet_class == "UNetMotionModel":
         unet = UNetMotionModel.from_pretrained(source, subfolder="unet", **common)
@@ -134,7 +135,8 @@ def load_video_model(name: str = "embedded", motion_adapter: str | None = None,
     """`embedded` (the moving-shapes model), a ModelScope or AnimateDiff folder, an SD 1.5 folder plus a
     `motion_adapter` folder, or a hub id -> VideoModel. Safetensors only; no remote code is run."""
     if name == "embedded" and not VIDEO_EMBEDDED.is_dir():
-        raise FileNotFoundError(f"the embedded video model is missing: {VIDEO_EMBEDDED} (train it: python -m tuner.train_video)")
+        raise FileNotFoundError(f"the embedded video model is missing: {VIDEO_EMBEDDED} "
+                                "(train it: python -m tuner.train_video)")
     source = str(VIDEO_EMBEDDED) if name == "embedded" else str(name)
     index = _read_index(source)
     device = torch.device(device) if device is not None else default_device()
@@ -159,11 +161,16 @@ def load_video_model(name: str = "embedded", motion_adapter: str | None = None,
 
 # ---- inputs ---------------------------------------------------------------------------------------
 
+def _frames(model, num_frames: int | None) -> int:
+    if not isinstance(model, VideoModel):
+        raise ValueError(f"model must be a VideoModel (load_video_model), got {type(model).__name__}")
+    return model.default_frames if num_frames is None else num_frames
+
+
 def check_video_inputs(model, height: int, width: int, num_frames: int, num_inference_steps: int,
                        guidance_scale: float, k=None, stages: int | None = None, upsample: str = "bilinear"):
     """The image checks plus the frame count; returns the stage sizes. Errors name the argument and value."""
-    if not isinstance(model, VideoModel):
-        raise ValueError(f"model must be a VideoModel (load_video_model), got {type(model).__name__}")
+    _frames(model, num_frames)
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale, k, stages, upsample)
     if not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
@@ -201,7 +208,8 @@ def decode_video(model: VideoModel, latents: torch.Tensor) -> list[np.ndarray]:
     """(B, C, F, h, w) latents -> per prompt a (F, H, W, 3) uint8 clip, decoded a few frames at a time."""
     b, c, f, h, w = latents.shape
     flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-    frames = [np.asarray(image) for i in range(0, b * f, DECODE_FRAMES) for image in decode(model, flat[i:i + DECODE_FRAMES])]
+    frames = [np.asarray(image) for i in range(0, b * f, DECODE_FRAMES)
+              for image in decode(model, flat[i:i + DECODE_FRAMES])]
     return list(np.stack(frames).reshape(b, f, *frames[0].shape))
 
 
@@ -249,8 +257,9 @@ def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, 
                        decode_stages: bool = True, progress: bool = False, stage_denoiser=None) -> VideoResult:
     """Pivot clip at the base size, then per stage: upsample every frame's clean latent, diffuse to K,
     denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade`; frames default to the model's."""
-    num_frames = model.default_frames if num_frames is None else num_frames
-    sizes = check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0, k, stages, upsample)
+    num_frames = _frames(model, num_frames)
+    sizes = check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0,
+                               k, stages, upsample)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
     scheduler = make_scheduler(model, num_inference_steps)
@@ -283,13 +292,15 @@ def video_direct(model: VideoModel, prompt: str | list[str], height: int, width:
                  guidance_scale: float | None = None, generator=None, seed: int | None = None, callback=None,
                  on_stage: StageCallback | None = None, progress: bool = False) -> VideoResult:
     """Plain sampling at the target size, same scheduler, steps, frames and seed as the cascade's pivot."""
-    num_frames = model.default_frames if num_frames is None else num_frames
+    num_frames = _frames(model, num_frames)
     check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     scheduler = make_scheduler(model, num_inference_steps)
-    x = initial_noise(_latent_shape(model, len(prompts), num_frames, height, width), gens, model) * scheduler.init_noise_sigma
+    shape = _latent_shape(model, len(prompts), num_frames, height, width)
+    x = initial_noise(shape, gens, model) * scheduler.init_noise_sigma
     denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
-    result = VideoResult("direct", prompts, [], _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames))
+    settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
+    result = VideoResult("direct", prompts, [], settings)
     latents, seconds = _timed_sample(denoiser, x, scheduler, scheduler.timesteps, callback, 0, progress)
     stage = VideoStage(height, width, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
     result.stages.append(stage)
@@ -297,8 +308,9 @@ def video_direct(model: VideoModel, prompt: str | list[str], height: int, width:
     return result
 
 
-def generate_video(model: VideoModel, prompt: str | list[str], height: int, width: int, method: str = "self-cascade", *,
-                   k=None, stages: int | None = None, upsample: str = "bilinear", **common) -> VideoResult:
+def generate_video(model: VideoModel, prompt: str | list[str], height: int, width: int,
+                   method: str = "self-cascade", *, k=None, stages: int | None = None, upsample: str = "bilinear",
+                   **common) -> VideoResult:
     """One door for both methods; `common` takes num_frames, negative_prompt, num_inference_steps,
     guidance_scale, seed or generator, callback, on_stage, progress."""
     if method not in VIDEO_METHODS:
@@ -325,9 +337,11 @@ def _temporary(path: Path) -> Path:
 
 
 def export_mp4(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
-    """H.264 mp4 in yuv420p (what browsers and players accept) through imageio-ffmpeg's bundled ffmpeg;
-    written beside `path`, then renamed, so `path` is never half-written."""
-    from moviepy import ImageSequenceClip
+    """H.264 mp4 in yuv420p (what browsers and players accept) through moviepy's writer and imageio-ffmpeg's
+    bundled ffmpeg; written beside `path`, then renamed, so `path` is never half-written."""
+    # The writer, not ImageSequenceClip: a clip's duration is a float sum of frame durations, and
+    # int(duration * fps) can drop the last frame (6 frames at 6 fps came out as 5).
+    from moviepy.video.io.ffmpeg_writer import FFMPEG_VideoWriter
 
     array, path = _as_frames(frames), Path(path)
     if array.shape[1] % 2 or array.shape[2] % 2:
@@ -335,15 +349,21 @@ def export_mp4(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     tmp = _temporary(path)
-    clip = ImageSequenceClip(list(array), fps=fps)
     try:
-        clip.write_videofile(str(tmp), fps=fps, codec="libx264", audio=False, logger=None, pixel_format="yuv420p",
-                             ffmpeg_params=["-pix_fmt", "yuv420p", "-movflags", "+faststart"])
+        with FFMPEG_VideoWriter(str(tmp), size=(array.shape[2], array.shape[1]), fps=fps, codec="libx264",
+                                ffmpeg_params=["-pix_fmt", "yuv420p", "-movflags", "+faststart"]) as writer:
+            for frame in array:
+                writer.write_frame(np.ascontiguousarray(frame))
         os.replace(tmp, path)
     finally:
-        clip.close()
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _gif_duration(fps: float) -> int:
+    """Milliseconds per frame: GIF counts in hundredths of a second (PIL would floor), and browsers slow
+    anything under 20 ms down to 100 ms."""
+    return max(20, 10 * round(100 / fps))
 
 
 def export_gif(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
@@ -354,7 +374,7 @@ def export_gif(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
     images = [Image.fromarray(frame) for frame in array]
     tmp = _temporary(path)
     try:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=_gif_duration(fps), loop=0)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -56,7 +56,7 @@ class Config:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     log_every: int = 50
 
 
@@ -126,6 +126,10 @@ class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    def to(self, device) -> "EMA":
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
@@ -225,6 +229,7 @@ def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor,
     else:
         torch.manual_seed(cfg.seed)
     unet, text, opt = acc.prepare(unet, text, opt)
+    ema_unet.to(acc.device), ema_text.to(acc.device)
     ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     empty_ids, ids = ids[-1], ids[:-1]

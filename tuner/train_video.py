@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from sc_app.models import load_model
+from sc_app.models import _folder_settings, load_model
 from sc_app.moving_shapes import random_clip, render_clips
 from tuner.train_base import EMA, load_checkpoint, lr_lambda, save_checkpoint, to_tensor
 
@@ -91,12 +92,12 @@ def zero_init(motion: torch.nn.ModuleList) -> None:
 @torch.no_grad()
 def latent_cache(cfg: Config, base, work: Path, device) -> tuple[torch.Tensor, list[str]]:
     """(clips, frames, 4, h, w) scaled latents and the clips' prompts; rebuilt if the settings changed."""
-    path, meta = work / "clips.safetensors", {"seed": cfg.seed, "frames": cfg.frames, "clips": cfg.cache_clips,
-                                               "size": base.base_size}
+    path = work / "clips.safetensors"
+    meta = json.dumps({"seed": cfg.seed, "frames": cfg.frames, "clips": cfg.cache_clips, "size": base.base_size})
     if path.exists():
-        index = json.loads((work / "clips.json").read_text())
-        if index["meta"] == meta:
-            return load_file(path)["latents"], index["prompts"]
+        with safe_open(str(path), "pt") as cache:
+            if cache.metadata()["meta"] == meta:
+                return cache.get_tensor("latents"), json.loads(cache.metadata()["prompts"])
         log.info("cache: settings changed, rebuilding")
     rng = np.random.default_rng([cfg.seed, 4])
     clips = [random_clip(rng) for _ in range(cfg.cache_clips)]
@@ -107,12 +108,11 @@ def latent_cache(cfg: Config, base, work: Path, device) -> tuple[torch.Tensor, l
         z = vae.encode(flat).latent_dist.mean * vae.config.scaling_factor
         latents.append(z.reshape(len(pixels), cfg.frames, *z.shape[1:]).half().cpu())
         log.info("cache: %d/%d clips encoded", min(i + 64, len(clips)), len(clips))
-    latents = torch.cat(latents)
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents.contiguous()}, str(tmp))
-    (work / "clips.json").write_text(json.dumps({"meta": meta, "prompts": [c.prompt for c in clips]}))
-    os.replace(tmp, path)  # the tensors last: a cache with a stale index is rebuilt, never half-read
-    return latents, [c.prompt for c in clips]
+    latents, prompts = torch.cat(latents), [c.prompt for c in clips]
+    tmp = path.with_suffix(".tmp")  # settings and prompts ride in the file's metadata: one atomic rename
+    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"meta": meta, "prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+    return latents, prompts
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -134,6 +134,7 @@ def batch_for(cfg: Config, step: int, latents: torch.Tensor, ids: torch.Tensor, 
 
 
 def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor, prompts: list[str]):
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights (a resume overwrites them)
     unet = UNetMotionModel.from_unet2d(base.unet, motion_adapter(cfg, base.unet))
     unet.freeze_unet2d_params()
     motion, text, noise_sched = motion_modules(unet), base.pipe.text_encoder.to(acc.device), base.pipe.scheduler
@@ -141,8 +142,8 @@ def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     ckpt_path, start = work / "motion.ckpt", 0
     if (state := load_checkpoint(ckpt_path)) is not None:
-        motion.load_state_dict(state["motion"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        start = state["step"]
+        motion.load_state_dict(state["motion"]); opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"]); start = state["step"]
         log.info("motion: resumed at step %d", start)
     else:
         zero_init(motion)
@@ -194,9 +195,11 @@ def export(cfg: Config, work: Path, base) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     video.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    settings = json.loads((Path(cfg.base) / "self_cascade.json").read_text()) if (Path(cfg.base) / "self_cascade.json").is_file() else {}
-    (tmp / "self_cascade.json").write_text(json.dumps({**settings, "default_frames": cfg.frames, "default_fps": cfg.fps}, indent=2))
-    (tmp / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "steps": state["step"]}, indent=2))
+    # The image model's own defaults (K, guidance) hold for its frames; the clip length and rate are new.
+    settings = {**_folder_settings(cfg.base), "default_frames": cfg.frames, "default_fps": cfg.fps}
+    (tmp / "self_cascade.json").write_text(json.dumps(settings, indent=2))
+    training = {"config": dataclasses.asdict(cfg), "steps": state["step"]}
+    (tmp / "training.json").write_text(json.dumps(training, indent=2))
     card = out / "README.md"
     if card.exists():  # the model card is written by hand; keep it across re-exports
         shutil.copy(card, tmp / "README.md")

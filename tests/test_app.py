@@ -1,0 +1,345 @@
+"""The app through its HTTP API (gradio_client), launched in-process on a tiny model folder."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_PIXELS = 64 * 64  # the tiny model's base is 16 x 16: 4x and 16x fit, 64x does not
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(sd_folder, tmp_path_factory):
+    from sc_app import ui
+    from sc_app.models import load_model
+
+    model = load_model(str(sd_folder), device="cpu")
+    work = tmp_path_factory.mktemp("work")
+    demo = ui.build(model, max_pixels=MAX_PIXELS, work_dir=work)
+    port = free_port()
+    ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=demo.studio, model=model, work=work)
+    demo.close()
+
+
+@pytest.fixture
+def client(app, tmp_path):
+    return Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
+
+
+def sizes(gallery) -> list[tuple[int, int]]:
+    """(height, width) of each gallery image, read from the files the client downloaded."""
+    out = []
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            out.append((image.height, image.width))
+    return out
+
+
+def png(path: Path, size: int, colour=(200, 60, 60)) -> Path:
+    Image.new("RGB", (size, size), colour).save(path)
+    return path
+
+
+def _png_bytes(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (40, 70, 220)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# ---- Generate ------------------------------------------------------------------------------------
+
+def test_generate_with_only_a_prompt_streams_pivot_and_stages(client, app):
+    gallery, final, status = client.predict("a red circle", api_name="/generate")
+    assert sizes(gallery) == [(16, 16), (32, 32)]  # default 4x: the 16px pivot, then one stage
+    assert "pivot: 16 x 16" in gallery[0]["caption"] and "stage 1: 32 x 32" in gallery[1]["caption"]
+    assert gallery[1]["caption"].endswith(" s")  # the stage's seconds
+    with Image.open(final) as image:
+        assert image.size == (32, 32)
+    assert Path(final).name == "self-cascade-32x32-seed0.png"
+    assert status.startswith("Done: 32 x 32")
+
+
+def test_generate_sizes_follow_aspect_and_scale(client, app):
+    from sc_app.plan import plan_stages
+    from sc_app.ui import target_size
+
+    height, width = target_size(16, 4, "16:9", "16x")
+    assert (height, width) == (48, 84)
+    gallery, final, _ = client.predict("a blue square", "", "16:9", "16x", "auto", 500, 10, 5.0, 3,
+                                       api_name="/generate")
+    assert sizes(gallery) == plan_stages(height, width, 16, 4)  # pivot + 2 stages
+    assert len(gallery) == 3
+    with Image.open(final) as image:
+        assert image.size == (width, height)
+
+
+def test_generate_streams_one_update_per_stage(client):
+    job = client.submit("a red circle", scale="16x", steps=5, api_name="/generate")
+    job.result(timeout=120)
+    updates = [o for o in job.outputs() if o[0]]
+    assert [len(o[0]) for o in updates][:3] == [1, 2, 3]  # the pivot first, then each stage as it finishes
+
+
+def test_same_seed_same_image(client):
+    a = client.predict("a red circle", steps=5, seed=7, api_name="/generate")[1]
+    b = client.predict("a red circle", steps=5, seed=7, api_name="/generate")[1]
+    assert Image.open(a).tobytes() == Image.open(b).tobytes()
+
+
+# ---- Compare -------------------------------------------------------------------------------------
+
+def test_compare_returns_one_image_per_method(client):
+    gallery, table, slider = client.predict("a red circle and a blue square", steps=10, attn_sf=True,
+                                            api_name="/compare")
+    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf"]
+    assert [item["caption"].split(":")[0] for item in gallery] == methods
+    assert sizes(gallery) == [(32, 32)] * 4
+    assert [row[0] for row in table["data"]] == methods
+    assert [row[1] for row in table["data"]] == ["32 x 32"] * 4
+    assert all(row[2] > 0 for row in table["data"])
+    a, b = slider["value"]  # A: direct, B: self-cascade
+    assert Image.open(a).tobytes() == Image.open(gallery[1]["image"]).tobytes()
+    assert Image.open(b).tobytes() == Image.open(gallery[0]["image"]).tobytes()
+
+
+def test_compare_without_attn_sf_runs_three_methods(client):
+    gallery, table, _ = client.predict("a red circle", steps=5, side_a="scalecrafter", api_name="/compare")
+    assert len(gallery) == 3 and len(table["data"]) == 3
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt": "  "}, "prompt is empty"),
+    ({"scale": "64x"}, "over this server's limit"),  # 128 x 128 > MAX_PIXELS
+    ({"k": 0}, "less than minimum"),
+    ({"k": 1000}, "greater than maximum"),
+    ({"steps": 0}, "less than minimum"),
+    ({"aspect": "5:4"}, "not in the list of choices"),
+    ({"stages": "many"}, "not in the list of choices"),
+    ({"adapter": "../../etc/passwd"}, "not one this server has"),
+])
+def test_generate_bad_input_is_an_error_message(client, kwargs, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(**{"prompt": "a red circle", **kwargs}, api_name="/generate")
+
+
+def test_size_limit_comes_from_flag_then_environment(monkeypatch):
+    from sc_app.ui import MAX_PIXELS_CPU, MAX_PIXELS_GPU, resolve_max_pixels
+
+    monkeypatch.delenv("SC_MAX_PIXELS", raising=False)
+    assert resolve_max_pixels(None, "cpu") == MAX_PIXELS_CPU
+    assert resolve_max_pixels(None, "cuda") == MAX_PIXELS_GPU
+    monkeypatch.setenv("SC_MAX_PIXELS", "5000")
+    assert resolve_max_pixels(None, "cpu") == 5000
+    assert resolve_max_pixels(7000, "cpu") == 7000
+    monkeypatch.setenv("SC_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="SC_MAX_PIXELS"):
+        resolve_max_pixels(None, "cpu")
+
+
+def test_corrupt_adapter_file_is_refused(client, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(AppError, match="does not fit the loaded model"):
+        client.predict(handle_file(str(bad)), api_name="/load_adapter")
+
+
+def test_adapter_for_another_model_is_refused(client, sdxl_folder, tmp_path):
+    from sc_app.upsampler import Adapter, save_adapter
+
+    config = json.loads((sdxl_folder / "unet" / "config.json").read_text())
+    path = save_adapter(Adapter(config, base_model="tiny-sdxl"), tmp_path / "other.safetensors")
+    with pytest.raises(AppError, match="does not fit the loaded model.*tiny-sdxl"):
+        client.predict(handle_file(str(path)), api_name="/load_adapter")
+
+
+def test_loaded_adapter_is_offered_and_used(client, app, tmp_path):
+    from sc_app.upsampler import Adapter, save_adapter
+
+    path = save_adapter(Adapter(app.model.unet.config, base_model=app.model.name), tmp_path / "mine.safetensors")
+    generate_choice, _ = client.predict(handle_file(str(path)), api_name="/load_adapter")
+    label = generate_choice["value"]
+    assert label.startswith("uploaded-mine") and [label, label] in generate_choice["choices"]
+    assert (app.studio.adapter_dir / f"{label}.safetensors").is_file()
+    tuned = client.predict("a red circle", steps=5, adapter=label, api_name="/generate")
+    plain = client.predict("a red circle", steps=5, api_name="/generate")
+    assert sizes(tuned[0]) == [(16, 16), (32, 32)]
+    assert "adapter" in tuned[2]
+    # an untrained adapter adds exact zeros: the tuned cascade equals the tuning-free one
+    assert Image.open(tuned[1]).tobytes() == Image.open(plain[1]).tobytes()
+
+
+# ---- Tune: uploads -------------------------------------------------------------------------------
+
+def tune_args(source="my images", files=None, steps=2, batch_size=1, lr=1e-3, scale=2):
+    return dict(source=source, files=files, steps=steps, batch_size=batch_size, lr=lr, scale=scale)
+
+
+def test_tune_without_uploads_is_an_error(client):
+    with pytest.raises(AppError, match="no images uploaded"):
+        client.predict(**tune_args(files=[]), api_name="/tune")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("notes.txt", b"hello", "Invalid file type"),  # gradio's own check of file_types
+    ("fake.png", b"this is not an image", "fake.png is not an image"),
+    ("cut.png", None, "cut.png could not be read"),
+    ("small.png", "small", "small.png is 8x8, smaller than the 32x32 crop"),
+])
+def test_tune_bad_upload_is_an_error(client, tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:  # a PNG cut in half
+        buffer = io.BytesIO()
+        Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, "PNG")
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    elif content == "small":
+        png(path, 8)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(AppError, match=message):
+        client.predict(**tune_args(files=[handle_file(str(path))]), api_name="/tune")
+
+
+def test_tune_bad_zip_member_is_named(client, tmp_path):
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("good.png", _png_bytes(64))
+        z.writestr("folder/readme.md", "hello")
+    with pytest.raises(AppError, match="readme.md is not an image"):
+        client.predict(**tune_args(files=[handle_file(str(archive))]), api_name="/tune")
+
+
+def test_zip_names_never_become_paths(tmp_path):
+    from sc_app.ui import prepare_images
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../../escaped.png", _png_bytes(40))
+        z.writestr("/abs/escaped2.png", _png_bytes(40))
+        z.writestr("sub/dir/ok.png", _png_bytes(40))
+        z.writestr("sub/dir/ok.txt", "a red circle")
+        z.writestr("__MACOSX/._ok.png", b"junk")
+        z.writestr(".hidden.png", b"junk")
+    dest = tmp_path / "deep" / "data"
+    assert prepare_images([str(archive)], dest, 32) == 3
+    assert sorted(p.name for p in dest.iterdir()) == ["00000.png", "00001.png", "00002.png", "00002.txt"]
+    assert (dest / "00002.txt").read_text() == "a red circle"
+    assert not list(tmp_path.rglob("escaped*")) and not Path("/abs").exists()
+
+
+# ---- Tune: training ------------------------------------------------------------------------------
+
+def test_tune_makes_an_adapter_that_generate_accepts(client, app, tmp_path):
+    pytest.importorskip("tuner.upsampler_training")
+    images = [handle_file(str(png(tmp_path / f"{i}.png", 48, (40 * i, 180, 60)))) for i in range(3)]
+    status, plot, adapter_file, generate_choice, compare_choice = client.predict(
+        **tune_args(files=images, steps=3, batch_size=2), api_name="/tune")
+    label = generate_choice["value"]
+    assert status.startswith(f"Saved adapter **{label}** (3 steps")
+    assert compare_choice["value"] == label
+    assert [row[0] for row in plot["data"]] == [1, 2, 3]
+    assert Path(adapter_file).name == f"{label}.safetensors"
+    from sc_app.upsampler import load_adapter
+    assert load_adapter(adapter_file, app.model).steps == 3
+    gallery, final, status = client.predict("a red circle", steps=5, adapter=label, api_name="/generate")
+    assert sizes(gallery) == [(16, 16), (32, 32)] and f"adapter {label}" in status
+    gallery, table, _ = client.predict("a red circle", steps=5, adapter=label, api_name="/compare")
+    assert table["data"][0][0] == "self-cascade (tuned)"
+    # the uploads were copied into a job folder of the app's own, and removed when the job ended
+    assert not list((app.work / "jobs").glob("*/data/*"))
+
+
+def test_one_tuning_job_per_server_and_cancel(app, tmp_path):
+    pytest.importorskip("tuner.upsampler_training")
+    first = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "a"))
+    second = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "b"))
+    job = first.submit(**tune_args(source="shapes world", steps=5000, batch_size=1), api_name="/tune")
+    deadline = time.monotonic() + 60
+    while not (job.outputs() and job.outputs()[-1][0].startswith("Step")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.outputs()[-1][0].startswith("Step")
+    with pytest.raises(AppError, match="already running"):
+        second.predict(**tune_args(source="shapes world"), api_name="/tune")
+    with pytest.raises(AppError, match="another page"):
+        second.predict(api_name="/cancel_tune")
+    assert first.predict(api_name="/cancel_tune").startswith("Cancelling")
+    status, *_ = job.result(timeout=60)
+    assert "cancelled at step" in status and "-cancelled" in status
+    assert second.predict(api_name="/cancel_tune") == "No tuning job is running."
+
+
+# ---- launch --------------------------------------------------------------------------------------
+
+def load_app_module():
+    spec = importlib.util.spec_from_file_location("sc_studio_app", ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flags_and_share_off_by_default():
+    app_module = load_app_module()
+    args = app_module.parse_args([])
+    assert (args.model, args.share, args.host, args.port, args.device, args.max_pixels) == \
+           ("embedded", False, None, None, None, None)
+    args = app_module.parse_args(["--model", "x", "--share", "--host", "0.0.0.0", "--port", "8000",
+                                  "--device", "cpu", "--max-pixels", "65536"])
+    assert (args.model, args.share, args.host, args.port, args.device, args.max_pixels) == \
+           ("x", True, "0.0.0.0", 8000, "cpu", 65536)
+
+
+def test_a_folder_that_is_not_a_model_is_one_line(tmp_path, capsys):
+    assert load_app_module().main(["--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: model")
+
+
+def test_gpu_duration_grows_with_size_and_steps(app):
+    studio = app.studio
+    small = studio.request("self-cascade", "a red circle", "", "1:1", "4x", "auto", 700, 10, 5.0, 0, "none")
+    large = studio.request("self-cascade", "a red circle", "", "1:1", "16x", "auto", 700, 50, 5.0, 0, "none")
+    assert studio.generate_seconds([small], "") < studio.generate_seconds([large], "")
+    assert studio.generate_seconds([small], "") < studio.generate_seconds([small, small], "")
+
+
+def test_nothing_touches_cuda_at_import():
+    code = ("import runpy, sys; sys.argv = ['x']; import sc_app.ui; "
+            "runpy.run_path('app.py', run_name='not_main'); import torch; "
+            "assert not torch.cuda.is_initialized(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_leaving_mid_run_stops_the_work(client, app):
+    job = client.submit("a red circle", scale="16x", steps=150, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:  # the pivot is in
+        time.sleep(0.1)
+    job.cancel()
+    while not list(app.studio.runs_dir.glob("*/stop")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(app.studio.runs_dir.glob("*/stop")), "the page left, but the run was not asked to stop"
+    assert app.studio._model_lock.acquire(timeout=10), "the run went on after its page left"
+    app.studio._model_lock.release()

@@ -1,0 +1,185 @@
+"""The page in a real browser: Debian's chromium driven by Playwright for Python (no browser is downloaded).
+
+As a script it takes the README's screenshots from the real page:
+
+    python tests/test_browser.py [--model embedded] [--out docs/screenshots]
+
+Under pytest, SC_SCREENSHOTS=DIR also copies the test's screenshots there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+VIEWPORT = {"width": 1400, "height": 1000}
+RENDERED = """([selector, count]) => {
+    const images = [...document.querySelectorAll(selector)];
+    return images.length >= count && images.every(i => i.complete && i.naturalWidth > 0);
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model, work_dir, max_pixels=None) -> tuple[str, object]:
+    from sc_app import ui
+    demo = ui.build(model, max_pixels=max_pixels, work_dir=work_dir)
+    port = free_port()
+    ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    return f"http://127.0.0.1:{port}/", demo
+
+
+def open_browser(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+
+def natural_widths(page, selector: str) -> list[int]:
+    return page.eval_on_selector_all(selector, "images => images.map(i => i.naturalWidth)")
+
+
+def run_generate(page, url: str, prompt: str, stages: int, shot: Path, timeout_ms: int = 120_000) -> list[int]:
+    """Type a prompt, click Generate, wait until `stages` stage images have rendered; screenshot."""
+    page.goto(url)
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#generate-button").click()
+    page.wait_for_function(RENDERED, arg=["#stages img", stages], timeout=timeout_ms)
+    page.get_by_text("Done:").wait_for(timeout=timeout_ms)
+    page.screenshot(path=str(shot), full_page=True)
+    return natural_widths(page, "#stages img")
+
+
+def run_compare(page, url: str, prompt: str, methods: int, shot: Path, timeout_ms: int = 240_000) -> list[int]:
+    """Open the Compare tab, run it, wait for one image per method and the A/B slider; screenshot."""
+    page.goto(url)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-prompt textarea").fill(prompt)
+    page.locator("#compare-button").click()
+    page.wait_for_function(RENDERED, arg=["#compare-gallery img", methods], timeout=timeout_ms)
+    page.wait_for_function(RENDERED, arg=["#ab-slider img", 2], timeout=timeout_ms)
+    page.screenshot(path=str(shot), full_page=True)
+    return natural_widths(page, "#compare-gallery img")
+
+
+# ---- under pytest --------------------------------------------------------------------------------
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (pip install playwright; never `playwright install`)")
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def page(sd_folder, tmp_path_factory):
+    sync_playwright = _browser_or_skip()
+    from sc_app.models import load_model
+    url, demo = serve(load_model(str(sd_folder), device="cpu"), tmp_path_factory.mktemp("work"))
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright)
+        page = browser.new_page(viewport=VIEWPORT)
+        page.app_url = url
+        yield page
+        browser.close()
+    demo.close()
+
+
+def _keep(shot: Path) -> None:
+    if os.environ.get("SC_SCREENSHOTS"):
+        folder = Path(os.environ["SC_SCREENSHOTS"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, folder / shot.name)
+
+
+def test_generate_renders_every_stage(page, tmp_path):
+    shot = tmp_path / "generate.png"
+    widths = run_generate(page, page.app_url, "a red circle and a blue square", 2, shot, timeout_ms=60_000)
+    assert len(widths) == 2 and all(w > 0 for w in widths)  # the pivot and one stage, both decoded by the browser
+    assert page.get_by_text("pivot: 16 x 16").count() >= 1
+    assert shot.stat().st_size > 10_000
+    _keep(shot)
+
+
+def test_compare_renders_each_method_and_the_slider(page, tmp_path):
+    shot = tmp_path / "compare.png"
+    widths = run_compare(page, page.app_url, "a red circle", 3, shot, timeout_ms=120_000)
+    assert len(widths) == 3 and all(w > 0 for w in widths)
+    assert shot.stat().st_size > 10_000
+    _keep(shot)
+
+
+def test_tune_plots_the_loss_and_offers_the_adapter(page, tmp_path):
+    pytest.importorskip("tuner.upsampler_training")
+    page.goto(page.app_url)
+    page.get_by_role("tab", name="Tune").click()
+    steps = page.get_by_label("Steps")
+    steps.fill("20")
+    page.get_by_label("Batch size").fill("2")
+    page.get_by_role("button", name="Start tuning").click()
+    page.get_by_text("Saved adapter").wait_for(timeout=120_000)
+    label = page.locator("#tune-status strong").inner_text()
+    assert label.startswith("tuned-") and label.endswith("-shapes-x2")
+    assert page.locator("#tune-status").get_by_text("20 steps").count() == 1
+    page.screenshot(path=str(tmp_path / "tune.png"), full_page=True)
+    page.get_by_role("tab", name="Generate").click()
+    assert page.get_by_label("Feature upsamplers (adapter)").input_value() == label
+    _keep(tmp_path / "tune.png")
+
+
+def test_bad_input_shows_a_message_not_a_trace(page):
+    page.goto(page.app_url)
+    page.locator("#generate-button").click()  # no prompt
+    page.get_by_text("the prompt is empty").first.wait_for(timeout=30_000)
+    assert page.get_by_text("Traceback").count() == 0
+
+
+# ---- as a script: the README's screenshots -------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Screenshots of the Generate and Compare tabs from the real page.")
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    parser.add_argument("--prompt", default="a red circle and a blue square")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    from sc_app.models import load_model
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        model = load_model(args.model, device=args.device)
+        url, demo = serve(model, work)
+        with sync_playwright() as playwright:
+            browser = open_browser(playwright)
+            page = browser.new_page(viewport=VIEWPORT)
+            run_generate(page, url, args.prompt, 2, args.out / "generate.png", timeout_ms=600_000)
+            run_compare(page, url, args.prompt, 3, args.out / "compare.png", timeout_ms=1_200_000)
+            browser.close()
+        demo.close()
+    print(f"wrote {args.out / 'generate.png'} and {args.out / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
