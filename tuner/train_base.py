@@ -46,6 +46,11 @@ class Config:
     vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 1e-3
+    # decoder fine-tune on whole images: GroupNorm statistics of 32px crops differ from a whole scene's,
+    # which shifts colours when decoding whole images; the encoder (so the latent space) stays frozen
+    decoder_steps: int = 400
+    decoder_batch: int = 16
+    decoder_lr: float = 2e-4
     # latent cache: rendered and encoded once, then indexed
     cache_scenes: int = 60_000
     # text encoder + UNet
@@ -209,6 +214,46 @@ def latent_cache(cfg: Config, vae: AutoencoderKL, work: Path, device) -> tuple[t
     return latents, [s.prompt for s in scenes]
 
 
+# ---- phase 1b: the decoder, on whole scenes at the base size and above -----------------------------
+
+def finetune_decoder(cfg: Config, acc: Accelerator, work: Path, vae: AutoencoderKL) -> None:
+    ckpt_path, start = work / "decoder.ckpt", 0
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        vae.decoder.load_state_dict(state["decoder"])
+        start = state["step"]
+    if start >= cfg.decoder_steps:
+        return
+    vae.requires_grad_(False).decoder.requires_grad_(True)
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.decoder_lr)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    for step in range(start, cfg.decoder_steps):
+        scenes, rng = scenes_for(cfg.seed, 4, step, cfg.decoder_batch)
+        size = int(rng.choice([cfg.base_size, cfg.base_size * 2]))
+        batch = to_tensor(render_batch(scenes, size, size)).to(acc.device)
+        with torch.no_grad():
+            z = vae.encode(batch).latent_dist.mean
+        recon = vae.decode(z).sample
+        l1 = (recon - batch).abs().mean()
+        (l1 + F.mse_loss(recon, batch)).backward()
+        opt.step(); opt.zero_grad()
+        if (step + 1) % cfg.log_every == 0:
+            log.info("decoder step %d/%d  L1 %.4f", step + 1, cfg.decoder_steps, l1.item())
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
+            save_checkpoint(ckpt_path, {"decoder": vae.decoder.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    vae.eval().requires_grad_(False)
+
+
+def load_vae(work: Path) -> AutoencoderKL:
+    """The trained VAE: encoder and decoder, the fine-tuned decoder where there is one, the latent scale."""
+    vae = vae_model()
+    vae.load_state_dict(load_checkpoint(work / "vae.ckpt")["model"])
+    if (state := load_checkpoint(work / "decoder.ckpt")) is not None:
+        vae.decoder.load_state_dict(state["decoder"])
+    vae.register_to_config(scaling_factor=float(load_file(work / "latents.safetensors")["scaling_factor"]))
+    return vae.eval().requires_grad_(False)
+
+
 # ---- phase 2: text encoder + UNet, v-prediction with min-SNR weighting, caption dropout, EMA -----------
 
 def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer):
@@ -309,17 +354,13 @@ def main() -> None:
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = write_word_tokenizer(WORDS, work / "tokenizer")
-    vae = train_vae(cfg, acc, work) if not export_only else None
-    if export_only:
-        vae = vae_model()
-        vae.load_state_dict(load_checkpoint(work / "vae.ckpt")["model"])
-        vae.register_to_config(scaling_factor=float(load_file(work / "latents.safetensors")["scaling_factor"]))
-    else:
-        latents, prompts = latent_cache(cfg, vae.to(acc.device), work, acc.device)
-        vae.register_to_config(scaling_factor=float(load_file(work / "latents.safetensors")["scaling_factor"]))
+    if not export_only:  # every phase resumes from its own checkpoint, or skips when it is complete
+        vae = train_vae(cfg, acc, work).to(acc.device)
+        latents, prompts = latent_cache(cfg, vae, work, acc.device)
+        finetune_decoder(cfg, acc, work, vae)
         train_unet(cfg, acc, work, latents, prompts, tokenizer)
     if acc.is_main_process:
-        export(cfg, work, vae.cpu(), tokenizer)
+        export(cfg, work, load_vae(work), tokenizer)
 
 
 if __name__ == "__main__":
