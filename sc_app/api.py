@@ -26,8 +26,10 @@ def generate(model, prompt: str | list[str], height: int, width: int, method: st
     if method == "self-cascade":
         stage_denoiser = None
         if upsampler is not None:
-            from .upsampler import stage_denoiser_for
-            stage_denoiser = stage_denoiser_for(model, upsampler)
+            from .upsampler import Adapter, load_adapter, stage_denoiser_for
+            adapter = upsampler if isinstance(upsampler, Adapter) else load_adapter(upsampler, model)
+            k = adapter.k if k is None else k  # the adapter only saw timesteps 1..its K in training
+            stage_denoiser = stage_denoiser_for(model, adapter)
         return self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample,
                             stage_denoiser=stage_denoiser, **common)
     if method == "direct":

@@ -11,7 +11,8 @@ N = 4 of them. These are the features the official code upsamples (its SD XL UNe
 features to the outputs of its three down blocks and of its mid block); the paper picks skip features
 because they steer semantics without hurting image quality, and the deep ones carry the composition
 the pivot is there to fix. A UNet with fewer than three down blocks fills up with its other skip
-features, deepest first.
+features, deepest first. One difference from the official code: diffusers adds the down-block
+residuals to the skip connections only, so they reach the up blocks but not the next down block.
 """
 from __future__ import annotations
 
@@ -290,6 +291,9 @@ def pivot_features(model, sites: list[Site], latents: torch.Tensor, cond: Condit
     added = added_conditions(model, cond, height, width)
     t = torch.zeros((), dtype=torch.long, device=x.device)
     skips, mid = skip_features(model.unet, x.to(model.unet.dtype), t, cond.embeds, added)
+    if [f.shape[1] for f in skips] != [s.channels for s in _skips(model.unet.config)[0]]:
+        # diffusers zips the residuals with the skips, so a layout we did not foresee would silently misalign
+        raise ValueError(f"{model.name}: its UNet's skip features do not follow the Stable Diffusion layout")
     return [mid if s.index is None else skips[s.index] for s in sites]
 
 

@@ -136,3 +136,12 @@ def test_v_prediction_with_generated_pivots(sd2_folder, tmp_path):
     out = train_adapter(model, "shapes", steps=2, out=tmp_path / "v.safetensors", pivot="generated", pivot_steps=2,
                         progress=lambda step, total, loss: losses.append(loss), **FAST)
     assert load_adapter(out, model).steps == 2 and all(np.isfinite(losses))
+
+
+def test_refuses_mismatched_resume_and_half_precision_on_cpu(sd_folder, trained):
+    model = load_model(str(sd_folder), device="cpu")
+    with pytest.raises(ValueError, match="resume: checkpoint"):
+        train_adapter(model, "shapes", scale=3, steps=8, out=trained[0], resume=True, **FAST)
+    half = load_model(str(sd_folder), device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs a float32 model"):
+        train_adapter(half, "shapes", steps=1, out=trained[0].with_name("half.safetensors"), **FAST)

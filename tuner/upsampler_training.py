@@ -121,6 +121,20 @@ def _to_pixels(images: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def _mixed_precision(model) -> str:
+    """Autocast on a GPU: a half-precision model's own dtype (so its weights are never cast per op),
+    else bf16 where the GPU has it. The adapter's own weights stay float32 for the optimizer."""
+    dtype = model.unet.dtype
+    if model.device.type != "cuda":
+        if dtype != torch.float32:
+            raise ValueError(f"training on {model.device.type} needs a float32 model, got {dtype} (load it with "
+                             f"dtype=torch.float32)")
+        return "no"
+    if dtype in (torch.float16, torch.bfloat16):
+        return "fp16" if dtype == torch.float16 else "bf16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps: int, batch_size: int, lr: float,
@@ -138,6 +152,7 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     """
     # 0. Inputs, before anything is written
     model = as_model(model)
+    precision = _mixed_precision(model)
     crop = check_inputs(model, scale=scale, k=k, steps=steps, batch_size=batch_size, lr=lr, out=out, pivot=pivot,
                         pivot_steps=pivot_steps, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every)
     dataset = make_dataset(data, crop, shapes_pool, seed) if isinstance(data, (str, Path)) else data
@@ -170,7 +185,6 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     for module in (model.unet, model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False).eval()
-    precision = "no" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     adapter.to(device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
@@ -190,44 +204,49 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
         unwrapped = acc.unwrap_model(adapter)
         unwrapped.steps = step
         _save_checkpoint(ckpt_path, {
-            "adapter": {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()},
+            "adapter": {name: v.detach().cpu() for name, v in unwrapped.state_dict().items()},
             "optimizer": optimizer.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else {},
             "step": step, "config": {"fingerprint": unet_fingerprint(model.unet.config), "scale": float(scale),
                                      "width": width, "k": k, "seed": seed, "pivot": pivot, "lr": lr,
                                      "batch_size": batch_size, "base_model": model.name}})
         save_adapter(unwrapped, out)
 
+    pivot_size, sites = model.base_size, acc.unwrap_model(adapter).sites
+
+    @torch.no_grad()
+    def make_batch(step: int):
+        """Algorithm 1, lines 2-5: (z^r_0, z^{r-1}_0, c), t ~ U{1..K}, eps; all drawn from (seed, step)."""
+        rng = np.random.default_rng([seed, step])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        images, captions = dataset.sample(rng, batch_size)
+        pixels = _to_pixels(images, device)
+        z0 = encode_images(model, pixels)
+        if pivot == "downsampled":  # the same image at the base size: aligned with the target
+            small = F.interpolate(pixels, size=(pivot_size, pivot_size), mode="bilinear", antialias=True)
+            pivots = encode_images(model, small)
+        else:
+            with acc.autocast():
+                pivots = generate_pivots(model, captions, pivot_size, generator, pivot_steps)
+        dropped = rng.random(batch_size) < caption_dropout  # so the unconditional branch of CFG is learnt too
+        cond = encode_prompt(model, ["" if d else c for c, d in zip(captions, dropped)], None, 0.0)
+        t = torch.randint(1, k + 1, (batch_size,), generator=generator).to(device)
+        noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
+        target = {"epsilon": noise, "sample": z0}.get(prediction)
+        if target is None:
+            target = noise_scheduler.get_velocity(z0, noise, t)
+        with acc.autocast():
+            features = pivot_features(model, sites, pivots, cond)
+        return noise_scheduler.add_noise(z0, noise, t), t, target, cond, features
+
     # 3. Algorithm 1
     step, running, started = start, None, time.perf_counter()
-    pivot_size = model.base_size
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"tune x{scale:g}", disable=None)
     try:
         for step in bar:
             if should_stop is not None and should_stop():
                 log.info("stopped at step %d", step)
                 break
-            rng = np.random.default_rng([seed, step])
-            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            images, captions = dataset.sample(rng, batch_size)
-            with torch.no_grad():
-                pixels = _to_pixels(images, device)
-                z0 = encode_images(model, pixels)
-                if pivot == "downsampled":  # the same image at the base size: aligned with the target
-                    small = F.interpolate(pixels, size=(pivot_size, pivot_size), mode="bilinear", antialias=True)
-                    pivots = encode_images(model, small)
-                else:
-                    with acc.autocast():
-                        pivots = generate_pivots(model, captions, pivot_size, generator, pivot_steps)
-                dropped = rng.random(batch_size) < caption_dropout  # also learn the unconditional branch of CFG
-                cond = encode_prompt(model, ["" if d else c for c, d in zip(captions, dropped)], None, 0.0)
-                t = torch.randint(1, k + 1, (batch_size,), generator=generator).to(device)
-                noise = torch.randn(z0.shape, generator=generator).to(device, z0.dtype)
-                zt = noise_scheduler.add_noise(z0, noise, t)
-                target = {"epsilon": noise, "sample": z0}.get(prediction)
-                if target is None:
-                    target = noise_scheduler.get_velocity(z0, noise, t)
-                with acc.autocast():
-                    features = pivot_features(model, acc.unwrap_model(adapter).sites, pivots, cond)
+            zt, t, target, cond, features = make_batch(step)
             with acc.autocast():
                 down, mid = adapter(features, t, zt.shape[-2:])
                 pred = model.unet(zt, t, encoder_hidden_states=cond.embeds,
