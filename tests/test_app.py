@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -337,7 +338,12 @@ def test_leaving_mid_run_stops_the_work(client, app):
     deadline = time.monotonic() + 60
     while not job.outputs() and time.monotonic() < deadline:  # the pivot is in
         time.sleep(0.1)
-    job.cancel()
+    for _ in range(3):  # the server shares its cores with the sampler: a busy moment may time a request out
+        try:
+            job.cancel()
+            break
+        except httpx.TimeoutException:
+            continue
     while not list(app.studio.runs_dir.glob("*/stop")) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert list(app.studio.runs_dir.glob("*/stop")), "the page left, but the run was not asked to stop"
