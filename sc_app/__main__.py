@@ -15,22 +15,11 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
 from .api import METHODS  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-
-
-class BadInput(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors follow the one-line rule too
-        raise BadInput(message)
-
+from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m sc_app", description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m sc_app", description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="generate an image with self-cascade or a baseline")
     g.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
     g.add_argument("--prompt", help="the prompt (or use --prompts-file)")
@@ -101,15 +90,11 @@ def _write_run(result, folder: Path) -> None:
 
 def generate(args) -> None:
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    from .api import generate as run
+    from .api import generate as generate_image
     from .cascade import check_inputs
     from .models import load_model
 
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()  # stderr carries our own lines and the sampler's bar only
+    quiet_loaders()
     prompts = read_prompts(args)
     options = _method_options(args)
     if args.upsampler is not None and not args.upsampler.is_file():
@@ -127,7 +112,7 @@ def generate(args) -> None:
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     for i, prompt in enumerate(prompts):
-        result = run(model, prompt, args.height, args.width, args.method, negative_prompt=args.negative_prompt,
+        result = generate_image(model, prompt, args.height, args.width, args.method, negative_prompt=args.negative_prompt,
                      num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + i,
                      progress=True, **options)
         _write_run(result, args.out / f"{i:04d}" if args.prompts_file else args.out)
@@ -195,13 +180,9 @@ def _write_video_run(result, folder: Path, fps: float) -> None:
 
 def generate_video(args) -> None:
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from .video import check_video_inputs, generate_video as generate_clip, load_video_model
 
-    from .video import check_video_inputs, generate_video as run, load_video_model
-
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()  # stderr carries our own lines and the sampler's bar only
+    quiet_loaders()
     prompts = read_prompts(args)
     options = _video_options(args)
     if args.fps is not None and args.fps <= 0:
@@ -218,7 +199,7 @@ def generate_video(args) -> None:
         raise BadInput(f"{error}".splitlines()[0]) from None
     fps = args.fps or model.default_fps
     for i, prompt in enumerate(prompts):
-        result = run(model, prompt, args.height, args.width, args.method, num_frames=frames,
+        result = generate_clip(model, prompt, args.height, args.width, args.method, num_frames=frames,
                      negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
         folder = args.out / f"{i:04d}" if args.prompts_file else args.out
@@ -227,13 +208,8 @@ def generate_video(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        (generate_video if args.command == "generate-video" else generate)(args)
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    commands = {"generate": generate, "generate-video": generate_video}
+    return run(build_parser(), lambda args: commands[args.command](args), argv)
 
 
 if __name__ == "__main__":

@@ -35,20 +35,11 @@ import numpy as np
 import torch
 
 from .api import METHODS, generate
+from .cli import BadInput, Parser, quiet_loaders, run
 
-EXIT_BAD_INPUT = 2
 DEFAULT_PROMPT = "a red circle and a blue square"
 DEFAULT_WORK = Path("runs/bench-quality")  # runs/ is git-ignored
 ARCH_SIZES = [(1024, 1024), (2048, 2048)]
-
-
-class BadInput(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors follow the one-line rule too
-        raise BadInput(message)
 
 
 # ---- small parts shared by both benches --------------------------------------------------------------
@@ -839,8 +830,8 @@ def run_quality(args, argv: list[str]) -> None:
 # ---- command line ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m sc_app.bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m sc_app.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(p, methods: str, batch: int, sizes: str):
         p.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
@@ -879,19 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()  # stderr carries the bench's own lines
+    quiet_loaders()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-        (run_speed if args.command == "speed" else run_quality)(args, argv)
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return run(build_parser(), lambda args: (run_speed if args.command == "speed" else run_quality)(args, argv), argv)
 
 
 if __name__ == "__main__":

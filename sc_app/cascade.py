@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .plan import plan_stages
-from .sampling import (Conditioning, Denoiser, added_conditions, encode_prompt, guided_denoiser, initial_noise,
+from .sampling import (Denoiser, added_conditions, encode_prompt, guided_denoiser, initial_noise,
                        make_scheduler, sample_ddim, start_timestep)
 
 UPSAMPLE_MODES = ("bilinear", "bicubic")

@@ -10,27 +10,16 @@ import logging
 import sys
 from pathlib import Path
 
+from sc_app.cli import BadInput, Parser, quiet_loaders, run
 from sc_app.upsampler import DEFAULT_WIDTH
-
-EXIT_BAD_INPUT = 2
-
-
-class BadInput(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors follow the one-line rule too
-        raise BadInput(message)
-
 
 def _width(value: str) -> int | None:
     return None if value == "full" else int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m tuner", description="Training for Self-Cascade Studio.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m tuner", description="Training for Self-Cascade Studio.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="tune the time-aware feature upsamplers of a model (paper 4.3)")
     t.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
     t.add_argument("--data", required=True, help="'shapes' (rendered shapes world) or a folder of images")
@@ -63,11 +52,7 @@ def train(args) -> None:
         raise BadInput(f"--init-from {args.init_from}: no such file")
     if args.data != "shapes" and not Path(args.data).is_dir():
         raise BadInput(f"--data {args.data}: no such folder (give a folder of images, or 'shapes')")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()  # the loaders' bars would bury the one-line errors
-    transformers_logging.disable_progress_bar()
+    quiet_loaders()
     try:
         # fp32 weights: autocast picks bf16 or fp16 per op on a GPU, and the optimizer sees fp32
         model = load_model(args.model, device=args.device, dtype=torch.float32)
@@ -82,13 +67,7 @@ def train(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-        train(args)
-    except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return run(build_parser(), train, argv)
 
 
 if __name__ == "__main__":
