@@ -14,7 +14,10 @@ except ImportError:
     pass
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
 EXIT_BAD_INPUT = 2
 

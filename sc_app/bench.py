@@ -34,8 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import METHODS, generate
-from .cli import BadInput, Parser, quiet_loaders, run
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
+
+from .api import METHODS, generate  # noqa: E402
+from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 
 DEFAULT_PROMPT = "a red circle and a blue square"
 DEFAULT_WORK = Path("runs/bench-quality")  # runs/ is git-ignored
