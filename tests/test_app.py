@@ -16,8 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,7 +253,6 @@ def test_zip_names_never_become_paths(tmp_path):
 # ---- Tune: training ------------------------------------------------------------------------------
 
 def test_tune_makes_an_adapter_that_generate_accepts(client, app, tmp_path):
-    pytest.importorskip("tuner.upsampler_training")
     images = [handle_file(str(png(tmp_path / f"{i}.png", 48, (40 * i, 180, 60)))) for i in range(3)]
     status, plot, adapter_file, generate_choice, compare_choice = client.predict(
         **tune_args(files=images, steps=3, batch_size=2), api_name="/tune")
@@ -274,7 +272,6 @@ def test_tune_makes_an_adapter_that_generate_accepts(client, app, tmp_path):
 
 
 def test_one_tuning_job_per_server_and_cancel(app, tmp_path):
-    pytest.importorskip("tuner.upsampler_training")
     first = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "a"))
     second = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "b"))
     job = first.submit(**tune_args(source="shapes world", steps=5000, batch_size=1), api_name="/tune")

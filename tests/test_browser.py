@@ -127,7 +127,6 @@ def test_compare_renders_each_method_and_the_slider(page, tmp_path):
 
 
 def test_tune_plots_the_loss_and_offers_the_adapter(page, tmp_path):
-    pytest.importorskip("tuner.upsampler_training")
     page.goto(page.app_url)
     page.get_by_role("tab", name="Tune").click()
     steps = page.get_by_label("Steps")
