@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from sc_app.cli import BadInput, Parser, quiet_loaders, run
-from sc_app.upsampler import DEFAULT_WIDTH
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
+
+from sc_app.cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
+from sc_app.upsampler import DEFAULT_WIDTH  # noqa: E402
 
 def _width(value: str) -> int | None:
     return None if value == "full" else int(value)
