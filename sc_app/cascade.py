@@ -11,7 +11,7 @@ from PIL import Image
 
 from .plan import plan_stages
 from .sampling import (Denoiser, added_conditions, encode_prompt, guided_denoiser, initial_noise,
-                       make_scheduler, sample_ddim, start_timestep)
+                       make_scheduler, renoise, sample_ddim)
 
 UPSAMPLE_MODES = ("bilinear", "bicubic")
 TILE_ABOVE_PIXELS = 1280 * 1280  # decode larger images tile by tile, so 2048^2 fits a 24 GB GPU
@@ -182,10 +182,8 @@ def self_cascade(model, prompt: str | list[str], height: int, width: int, *, neg
         if r == 0:
             timesteps, x = scheduler.timesteps, noise * scheduler.init_noise_sigma
         else:  # Eq. 6: z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), then denoise K -> 0 (Eq. 7)
-            start = start_timestep(scheduler, ks[r - 1])
-            timesteps = scheduler.timesteps[scheduler.timesteps <= start]
             upsampled = F.interpolate(latents.float(), size=shape[-2:], mode=upsample, align_corners=False)
-            x = scheduler.add_noise(upsampled.to(noise.dtype), noise, start.reshape(1))
+            timesteps, x = renoise(scheduler, upsampled, noise, ks[r - 1])
             if stage_denoiser is not None:
                 denoiser = stage_denoiser(r, latents, denoiser, cond, added)
         latents, seconds = _timed_sample(denoiser, x, scheduler, timesteps, callback, r, progress)

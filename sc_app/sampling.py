@@ -86,6 +86,13 @@ def start_timestep(scheduler: DDIMScheduler, k: int) -> torch.Tensor:
     return below[0]
 
 
+def renoise(scheduler: DDIMScheduler, upsampled: torch.Tensor, noise: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 6: diffuse the upsampled previous stage to K's timestep; returns the timesteps left (K -> 0) and z_K."""
+    start = start_timestep(scheduler, k)
+    x = scheduler.add_noise(upsampled.to(noise.dtype), noise, start.reshape(1))
+    return scheduler.timesteps[scheduler.timesteps <= start], x
+
+
 def initial_noise(shape, generator, model) -> torch.Tensor:
     # Drawn on the generators' own device (CPU by default), so a seed means the same noise everywhere.
     return randn_tensor(shape, generator=generator, device=model.device, dtype=model.unet.dtype)

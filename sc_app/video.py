@@ -23,7 +23,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
 from .models import ASSETS, Model, _folder_settings, _index, default_device
-from .sampling import guided_denoiser, initial_noise, make_scheduler, start_timestep
+from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
 
 VIDEO_EMBEDDED = ASSETS / "shapes-video"
 VIDEO_METHODS = ("self-cascade", "direct")
@@ -274,10 +274,8 @@ def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, 
         if r == 0:
             timesteps, x = scheduler.timesteps, noise * scheduler.init_noise_sigma
         else:  # z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), frame by frame
-            start = start_timestep(scheduler, ks[r - 1])
-            timesteps = scheduler.timesteps[scheduler.timesteps <= start]
             upsampled = upsample_frames(latents, shape[-2:], upsample)
-            x = scheduler.add_noise(upsampled.to(noise.dtype), noise, start.reshape(1))
+            timesteps, x = renoise(scheduler, upsampled, noise, ks[r - 1])
             if stage_denoiser is not None:
                 stage_fn = stage_denoiser(r, latents, denoiser, cond, None)
         latents, seconds = _timed_sample(stage_fn, x, scheduler, timesteps, callback, r, progress)
