@@ -1,7 +1,7 @@
 """Self-Cascade Studio in the browser: `python app.py` serves the page on the embedded model, offline, on a CPU.
 
-    python app.py [--model embedded|FOLDER|HUB_ID] [--device cpu|cuda|mps] [--host 127.0.0.1] [--port 7860]
-                  [--share] [--max-pixels N] [--work-dir DIR]
+    python app.py [--model embedded|FOLDER|HUB_ID] [--video-model embedded|FOLDER|HUB_ID] [--motion-adapter FOLDER]
+                  [--device cpu|cuda|mps] [--host 127.0.0.1] [--port 7860] [--share] [--max-pixels N] [--work-dir DIR]
 
 On a Hugging Face Space (sdk: gradio, app_file: app.py) it runs unchanged: GPU work goes through
 `spaces.GPU`, and the host and port come from the Space's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
@@ -26,6 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Self-Cascade Studio: higher resolutions from a pre-trained "
                                                  "diffusion model, in the browser.")
     parser.add_argument("--model", default="embedded", help="'embedded' (default), a diffusers folder, or a hub id")
+    parser.add_argument("--video-model", default="embedded",
+                        help="the Video tab's model, loaded on first use: 'embedded' (default, the moving-shapes "
+                             "model), a ModelScope or AnimateDiff folder, or a hub id")
+    parser.add_argument("--motion-adapter", default=None,
+                        help="a motion adapter folder, to run an SD 1.5 --video-model as AnimateDiff")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1; 0.0.0.0 for a LAN)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load_model(args.model, device=args.device)
-        demo = ui.build(model, max_pixels=args.max_pixels, work_dir=args.work_dir)
+        demo = ui.build(model, max_pixels=args.max_pixels, work_dir=args.work_dir, video_model=args.video_model,
+                        motion_adapter=args.motion_adapter)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -143,6 +143,8 @@ def _add_video_parser(sub) -> None:
     v.add_argument("--steps", type=int, default=50)
     v.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--upsampler", type=Path, default=None,
+                   help="feature upsamplers trained on this video model (.safetensors, python -m tuner train)")
     v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     v.add_argument("--out", type=Path, required=True)
@@ -150,12 +152,13 @@ def _add_video_parser(sub) -> None:
 
 def _video_options(args) -> dict:
     if args.method != "self-cascade":
-        given = [flag for flag, value in (("--k", args.k), ("--stages", args.stages)) if value is not None]
+        given = [flag for flag, value in (("--k", args.k), ("--stages", args.stages), ("--upsampler", args.upsampler))
+                 if value is not None]
         if given:
             raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
         return {}
     k = None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
-    return {"k": k, "stages": args.stages, "upsample": args.upsample}
+    return {"k": k, "stages": args.stages, "upsample": args.upsample, "upsampler": args.upsampler}
 
 
 def _write_video_run(result, folder: Path, fps: float) -> None:
@@ -187,6 +190,8 @@ def generate_video(args) -> None:
     options = _video_options(args)
     if args.fps is not None and args.fps <= 0:
         raise BadInput(f"--fps must be > 0, got {args.fps}")
+    if args.upsampler is not None and not args.upsampler.is_file():
+        raise BadInput(f"--upsampler {args.upsampler}: no such file")
     if args.out.exists() and not args.out.is_dir():
         raise BadInput(f"--out {args.out}: exists and is not a folder")
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -195,6 +200,9 @@ def generate_video(args) -> None:
         frames = model.default_frames if args.frames is None else args.frames
         check_video_inputs(model, args.height, args.width, frames, args.steps, args.guidance or 0.0,
                            options.get("k"), options.get("stages"), options.get("upsample", "bilinear"))
+        if args.upsampler is not None:
+            from .upsampler import load_adapter
+            options["upsampler"] = load_adapter(args.upsampler, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     fps = args.fps or model.default_fps

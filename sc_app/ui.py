@@ -1,11 +1,13 @@
-"""The page of Self-Cascade Studio: Generate, Compare and Tune tabs, a thin shell over the library.
+"""The page of Self-Cascade Studio: Generate, Compare, Tune and Video tabs, a thin shell over the library.
 
 Every event maps widgets to library calls (`sc_app.api.generate`, `tuner.upsampler_training.train_adapter`)
-and streams what they report. The model is loaded once, by the caller, and handed to `build()`.
+and streams what they report. The model is loaded once, by the caller, and handed to `build()`; the Video
+tab's model (`sc_app.ui_video`) is loaded the first time that tab generates.
 
-GPU work runs in `Studio.gpu_generate` / `Studio.gpu_tune`, which `spaces.GPU` wraps on a Hugging Face
-Space with a duration computed from the request. On ZeroGPU they run in another process, so everything
-crosses as plain values: requests in, events out (PIL images, numbers), trained adapter weights as bytes.
+GPU work runs in `Studio.gpu_generate` / `Studio.gpu_tune` / `VideoTab.gpu_generate`, which `spaces.GPU` wraps
+on a Hugging Face Space with a duration computed from the request. On ZeroGPU they run in another process, so
+everything crosses as plain values: requests in, events out (PIL images, clips as arrays, numbers), trained
+adapter weights as bytes.
 A stop request crosses as a file. Nothing here touches CUDA at import.
 
 Files the app writes (stage images, uploads, adapters) live under its own work folder, with names the app
@@ -131,6 +133,31 @@ def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.2f} MP" if pixels >= 10_000 else f"{pixels:,} pixels"
 
 
+def stage_steps(model, request: dict, stage: int) -> int:
+    """How many steps a stage runs, for the progress bar: all for the pivot, about K/T of them after."""
+    steps = request["num_inference_steps"]
+    if stage == 0:
+        return steps
+    k = request.get("k") or model.default_k
+    return max(1, min(steps, round(steps * k / model.num_train_timesteps)))
+
+
+def gpu_seconds(model, requests: list[dict]) -> int:
+    """A ZeroGPU duration for `requests`: steps x size per stage, from the scale plan, times the frames of a
+    video (a clip's frames go through the UNet as one batch)."""
+    base, m = model.base_size, model.size_multiple
+    seconds = GPU_OVERHEAD_SECONDS
+    for request in requests:
+        h, w = request["height"], request["width"]
+        sizes = (plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade"
+                 else [(h, w)])
+        frames = request.get("num_frames", 1)
+        for r, (sh, sw) in enumerate(sizes):
+            steps = stage_steps(model, request, r)
+            seconds += frames * steps * STEP_SECONDS_AT_BASE * (sh * sw / base**2) ** PIXEL_EXPONENT
+    return int(min(MAX_GPU_SECONDS, math.ceil(seconds)))
+
+
 # ---- uploads ---------------------------------------------------------------------------------------
 
 def _display_name(name: str) -> str:
@@ -242,9 +269,13 @@ class _TuneJob:
 
 
 class Studio:
-    """The model, the limits and the work folder behind the page; handlers for its events."""
+    """The model, the limits and the work folder behind the page; handlers for its events. The Video tab's
+    model and handlers are `self.video` (`sc_app.ui_video.VideoTab`)."""
 
-    def __init__(self, model, *, max_pixels: int | None = None, work_dir: str | Path | None = None):
+    def __init__(self, model, *, max_pixels: int | None = None, work_dir: str | Path | None = None,
+                 video_model="embedded", motion_adapter: str | None = None):
+        from .ui_video import VideoTab  # it builds on this module
+
         self.model = model
         self.max_pixels = resolve_max_pixels(max_pixels, model.device.type)
         root = work_dir or os.environ.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "self-cascade-studio"
@@ -259,6 +290,7 @@ class Studio:
         self._tune_job: _TuneJob | None = None
         self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
         self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
+        self.video = VideoTab(self, video_model, motion_adapter)
 
     def _model_slug(self) -> str:
         return f"{safe_stem(self.model.name, 'model')}-{hashlib.sha1(self.model.name.encode()).hexdigest()[:8]}"
@@ -372,33 +404,22 @@ class Studio:
             request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
         return request
 
-    def _stage_steps(self, request: dict, stage: int) -> int:
-        """How many steps a stage runs, for the progress bar: all for the pivot, about K/T of them after."""
-        steps = request["num_inference_steps"]
-        if stage == 0:
-            return steps
-        k = request.get("k") or self.model.default_k
-        return max(1, min(steps, round(steps * k / self.model.num_train_timesteps)))
-
     def generate_seconds(self, requests: list[dict], stop: str) -> int:
-        """A ZeroGPU duration for `requests`: steps x size per stage, from the scale plan."""
-        base, m = self.model.base_size, self.model.size_multiple
-        seconds = GPU_OVERHEAD_SECONDS
-        for request in requests:
-            h, w = request["height"], request["width"]
-            sizes = (plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade"
-                     else [(h, w)])
-            for r, (sh, sw) in enumerate(sizes):
-                steps = self._stage_steps(request, r)
-                seconds += steps * STEP_SECONDS_AT_BASE * (sh * sw / base**2) ** PIXEL_EXPONENT
-        return int(min(MAX_GPU_SECONDS, math.ceil(seconds)))
+        return gpu_seconds(self.model, requests)
 
     # ---- GPU work (another process on ZeroGPU: plain values in and out) ---------------------------
 
     def _generate_events(self, requests: list[dict], stop: str) -> Iterator[tuple]:
-        """Run each request through `sc_app.api.generate`, yielding events as they happen:
-        ("step", job, stage, i), ("stage", job, index, image, height, width, seconds), ("done", job, summary),
-        ("unavailable", job, message), then ("end",) or ("error", message) or ("stopped",)."""
+        """Run each request through `sc_app.api.generate`; the events of `_job_events`, each stage's
+        image as a PIL image."""
+        yield from self._job_events(requests, stop, lambda request, **hooks: run_method(self.model, **hooks, **request),
+                                    lambda stage: stage.images[0])
+
+    def _job_events(self, requests: list[dict], stop: str, run, output) -> Iterator[tuple]:
+        """Run each request through `run(request, callback=, on_stage=)` in a thread holding the model lock,
+        yielding events as they happen: ("step", job, stage, i), ("stage", job, index, output(stage), height,
+        width, seconds), ("done", job, summary), ("unavailable", job, message), then ("end",) or
+        ("error", message) or ("stopped",)."""
         events: queue.Queue = queue.Queue()
         stop_file = Path(stop)
 
@@ -415,10 +436,10 @@ class Studio:
                         events.put(("step", job, int(info["stage"]), int(info["i"])))
 
                     def on_stage(index, stage, job=job):
-                        events.put(("stage", job, index, stage.images[0], stage.height, stage.width, stage.seconds))
+                        events.put(("stage", job, index, output(stage), stage.height, stage.width, stage.seconds))
 
                     try:
-                        result = run_method(self.model, callback=callback, on_stage=on_stage, **request)
+                        result = run(request, callback=callback, on_stage=on_stage)
                     except ModuleNotFoundError as error:
                         if not (error.name or "").startswith("sc_app."):
                             raise
@@ -499,20 +520,22 @@ class Studio:
             shutil.rmtree(path, ignore_errors=True)
         return folder
 
-    def _stream(self, requests: list[dict], progress) -> Iterator[tuple]:
-        """The GPU events of `requests`, with steps shown on the progress bar and errors raised as gr.Error.
-        If the page goes away mid-run, the stop file ends the run at its next step."""
+    def _stream(self, requests: list[dict], progress, gpu=None, model=None) -> Iterator[tuple]:
+        """The events of `gpu` (default: the image model's) for `requests`, with steps shown on the progress bar
+        and errors raised as gr.Error. If the page goes away mid-run, the stop file ends the run at its next step."""
+        gpu = self.gpu_generate if gpu is None else gpu
+        model = self.model if model is None else model
         run = self._new_folder(self.runs_dir)
         stop = run / "stop"
         finished = False
         try:
-            for event in self.gpu_generate(requests, str(stop)):
+            for event in gpu(requests, str(stop)):
                 kind = event[0]
                 if kind == "step":
                     _, job, stage, i = event
                     request = requests[job]
                     what = request["method"] + ("" if stage == 0 else f", stage {stage}")
-                    progress((i + 1, max(i + 1, self._stage_steps(request, stage))), desc=what, unit="steps")
+                    progress((i + 1, max(i + 1, stage_steps(model, request, stage))), desc=what, unit="steps")
                 elif kind == "waiting":
                     progress(0.0, desc="waiting for the tuning job to finish")
                 elif kind == "error":
@@ -742,10 +765,16 @@ def _sampling_controls(studio: Studio, with_stages: bool) -> tuple:
     return stages, k, steps, guidance, seed
 
 
-def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None = None) -> gr.Blocks:
+def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None = None, video_model="embedded",
+          motion_adapter: str | None = None) -> gr.Blocks:
     """The Blocks for a loaded model. `max_pixels`: the size limit (else $SC_MAX_PIXELS, else a default
-    for the device); `work_dir`: the app's own folder (else $SC_WORK_DIR, else one in the temp folder)."""
-    studio = Studio(model, max_pixels=max_pixels, work_dir=work_dir)
+    for the device); `work_dir`: the app's own folder (else $SC_WORK_DIR, else one in the temp folder);
+    `video_model`: the Video tab's model, a loaded VideoModel or a name for `load_video_model` (loaded on
+    first use), with `motion_adapter` for an SD 1.5 folder."""
+    from .ui_video import video_tab
+
+    studio = Studio(model, max_pixels=max_pixels, work_dir=work_dir, video_model=video_model,
+                    motion_adapter=motion_adapter)
     base, m = model.base_size, model.size_multiple
     examples = EMBEDDED_EXAMPLES if model.name == "embedded" else SD_EXAMPLES
     gpu = dict(concurrency_id="gpu", concurrency_limit=1)
@@ -822,6 +851,7 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                         t_plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=300, label="Loss",
                                             x_title="step", y_title="loss", y_axis_format=".3~r")
                         t_adapter = gr.File(label="Adapter (download)")
+            video_tab(studio, gpu)
 
         # Generate
         adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")

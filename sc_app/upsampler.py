@@ -13,6 +13,11 @@ because they steer semantics without hurting image quality, and the deep ones ca
 the pivot is there to fix. A UNet with fewer than three down blocks fills up with its other skip
 features, deepest first. One difference from the official code: diffusers adds the down-block
 residuals to the skip connections only, so they reach the up blocks but not the next down block.
+
+Video UNets (`UNet3DConditionModel`, `UNetMotionModel`) fold a clip's frames into the batch before
+their first layer and take the same two residual arguments, so the upsamplers work on them frame by
+frame: a pivot clip's features are per frame, their upsampling is spatial only, and a clip's timestep
+reaches each of its frames.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet3DConditionModel, UNetMotionModel
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -40,6 +46,8 @@ NUM_UPSAMPLERS = 4  # N in the paper
 DEFAULT_WIDTH = 8  # bottleneck channels per module: 88k parameters at SD 1.5 widths, 72k at SD XL's
 TIME_DIM = 32  # the modules' own sinusoidal timestep embedding (the UNet's is 1280 wide at SD widths)
 SCALE_TOLERANCE = 0.15  # a x2 adapter serves stages whose per-side growth is 1.7 .. 2.3
+IMAGE_UNET = "UNet2DConditionModel"  # what files written before the `unet_class` metadata were for
+VIDEO_UNETS = {"UNet3DConditionModel": "a ModelScope video UNet", "UNetMotionModel": "an AnimateDiff video UNet"}
 
 
 # ---- where the upsamplers read and write -----------------------------------------------------------
@@ -147,7 +155,7 @@ class Adapter(nn.Module):
     """The N upsamplers of one base model and one scale, with what the file's metadata records."""
 
     def __init__(self, unet_config, *, width: int | None = DEFAULT_WIDTH, scale: float = 2.0, k: int = 700,
-                 base_model: str = "", steps: int = 0):
+                 base_model: str = "", steps: int = 0, unet_class: str = IMAGE_UNET):
         super().__init__()
         if width is not None and (not isinstance(width, int) or width < 1):
             raise ValueError(f"width must be a positive integer or None (full width), got {width!r}")
@@ -157,6 +165,7 @@ class Adapter(nn.Module):
         self.widths = [width or s.channels for s in self.sites]
         self.upsamplers = nn.ModuleList([TimeAwareUpsampler(s.channels, w) for s, w in zip(self.sites, self.widths)])
         self.fingerprint = unet_fingerprint(unet_config)
+        self.unet_class = unet_class
         self.scale, self.k, self.base_model, self.steps = float(scale), int(k), base_model, int(steps)
 
     @property
@@ -177,7 +186,8 @@ class Adapter(nn.Module):
         """Pivot features at the sites -> (down_block_additional_residuals, mid_block_additional_residual)
         for a UNet pass over latents of `latent_size` at timestep(s) `t`. Other skip features get zero."""
         batch = features[0].shape[0]
-        t = torch.as_tensor(t, device=features[0].device).reshape(-1).expand(batch)
+        t = torch.as_tensor(t, device=features[0].device).reshape(-1)
+        t = t.repeat_interleave(batch // len(t))  # one timestep per clip reaches each of its (folded) frames
         temb = get_timestep_embedding(t, TIME_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
         temb = temb.to(self.upsamplers[0].proj_in.weight.dtype)
         zero = features[0].new_zeros(())  # broadcasts, so skipped features cost no memory
@@ -195,7 +205,7 @@ class Adapter(nn.Module):
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": self.base_model,
             "unet_fingerprint": self.fingerprint, "scale": repr(self.scale), "k": str(self.k),
             "n": str(len(self.sites)), "width": json.dumps(self.width), "widths": json.dumps(self.widths),
-            "sites": json.dumps([s.name for s in self.sites]), "steps": str(self.steps),
+            "sites": json.dumps([s.name for s in self.sites]), "steps": str(self.steps), "unet_class": self.unet_class,
         }
 
 
@@ -217,6 +227,23 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     return path
 
 
+def _describe_unet(unet_class: str) -> str:
+    return f"{VIDEO_UNETS.get(unet_class, 'an image UNet')} ({unet_class})"
+
+
+def _refuse_other_model(source: str, base_model, unet_class: str, fingerprint, model) -> None:
+    """One line naming both sides when an adapter was trained on another UNet than `model`'s: the kind
+    first (an image adapter in a video model, ModelScope in AnimateDiff), then the architecture."""
+    theirs = type(model.unet).__name__
+    if unet_class != theirs:
+        raise ValueError(f"{source} was trained for base model {base_model!r}, {_describe_unet(unet_class)}, "
+                         f"not for {model.name!r}, {_describe_unet(theirs)}")
+    own = unet_fingerprint(model.unet.config)
+    if fingerprint != own:
+        raise ValueError(f"{source} was trained for base model {base_model!r} (UNet {fingerprint}), "
+                         f"not for {model.name!r} (UNet {own})")
+
+
 def load_adapter(path: str | Path, model) -> Adapter:
     """Read an adapter file for `model`; ValueError (one line) for a wrong model or a file that is not one."""
     path = Path(path)
@@ -233,13 +260,12 @@ def load_adapter(path: str | Path, model) -> Adapter:
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
         raise ValueError(f"upsampler {path}: format version {meta['format_version']} is newer than this "
                          f"program's ({FORMAT_VERSION})")
-    fingerprint = unet_fingerprint(model.unet.config)
-    if meta.get("unet_fingerprint") != fingerprint:
-        raise ValueError(f"upsampler {path} was trained for base model {meta.get('base_model')!r} "
-                         f"(UNet {meta.get('unet_fingerprint')}), not for {model.name!r} (UNet {fingerprint})")
+    _refuse_other_model(f"upsampler {path}", meta.get("base_model"), meta.get("unet_class", IMAGE_UNET),
+                        meta.get("unet_fingerprint"), model)
     try:
         adapter = Adapter(model.unet.config, width=json.loads(meta["width"]), scale=float(meta["scale"]),
-                          k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]))
+                          k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]),
+                          unet_class=meta.get("unet_class", IMAGE_UNET))
         adapter.load_state_dict(tensors)
     except (KeyError, ValueError, RuntimeError) as error:
         raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
@@ -255,14 +281,24 @@ class _Stop(Exception):
     """Ends the pivot pass after the mid block: the up blocks are not needed for its features."""
 
 
+def unet_caller(unet):
+    """The UNet as the samplers call it: a video UNet through sc_app.video's wrapper, which hands each
+    layout its text embeddings (AnimateDiff's per frame) and drops the image-only added conditions."""
+    if isinstance(unet, (UNet3DConditionModel, UNetMotionModel)):
+        from .video import _sampling_unet  # video imports this module: resolve the cycle at call time
+        return _sampling_unet(unet)
+    return unet
+
+
 @torch.no_grad()
 def skip_features(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                   added_cond_kwargs: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(skip features in diffusers' order, mid-block output) of one UNet pass, read with forward hooks."""
+    """(skip features in diffusers' order, mid-block output) of one UNet pass, read with forward hooks.
+    A video UNet's features have its frames folded into the batch, as it computes them."""
     skips, mids = [], []
 
-    def on_conv_in(module, args, output):
-        skips.append(output)
+    def on_first(module, args, output):
+        skips.append(output[0] if isinstance(output, tuple) else output)
 
     def on_down(module, args, output):
         skips.extend(output[1])
@@ -271,10 +307,13 @@ def skip_features(unet, sample: torch.Tensor, timestep, encoder_hidden_states: t
         mids.append(output)
         raise _Stop
 
-    handles = [unet.conv_in.register_forward_hook(on_conv_in), unet.mid_block.register_forward_hook(on_mid)]
+    # ModelScope's UNet runs a temporal transformer on conv_in's output before it becomes the first skip
+    first = unet.transformer_in if hasattr(unet, "transformer_in") else unet.conv_in
+    handles = [first.register_forward_hook(on_first), unet.mid_block.register_forward_hook(on_mid)]
     handles += [block.register_forward_hook(on_down) for block in unet.down_blocks]
     try:
-        unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+        unet_caller(unet)(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                          added_cond_kwargs=added_cond_kwargs)
     except _Stop:
         pass
     finally:
@@ -285,7 +324,8 @@ def skip_features(unet, sample: torch.Tensor, timestep, encoder_hidden_states: t
 
 def pivot_features(model, sites: list[Site], latents: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
     """h^{r-1}_0 of Eq. 8: the sites' features of the clean pivot (timestep 0), batched like the
-    sampler's UNet calls ([uncond, cond] under guidance), with SD XL size conditions of the pivot."""
+    sampler's UNet calls ([uncond, cond] under guidance), with SD XL size conditions of the pivot.
+    A pivot clip (B, C, F, h, w) gives per-frame features (B * F, ...), the UNet's own folding."""
     x = torch.cat([latents, latents]) if cond.guided else latents
     height, width = (s * model.vae_scale for s in latents.shape[-2:])
     added = added_conditions(model, cond, height, width)
@@ -302,8 +342,7 @@ def _as_adapter(adapter, model) -> Adapter:
         return load_adapter(adapter, model)
     if not isinstance(adapter, Adapter):
         raise ValueError(f"upsampler must be an Adapter or a .safetensors path, got {type(adapter).__name__}")
-    if adapter.fingerprint != unet_fingerprint(model.unet.config):
-        raise ValueError(f"upsampler was trained for base model {adapter.base_model!r}, not for {model.name!r}")
+    _refuse_other_model("upsampler", adapter.base_model, adapter.unet_class, adapter.fingerprint, model)
     return adapter.to(model.device, model.unet.dtype).eval()
 
 
@@ -319,7 +358,7 @@ def stage_denoiser_for(model, adapter):
         # The stage's size is first known from the latents of its first step, so the scale check and the
         # pivot pass happen there, once per stage.
         state: dict = {}
-        tuned = guided_denoiser(model.unet, cond, added, unet_kwargs=lambda t, i: state["residuals"])
+        tuned = guided_denoiser(unet_caller(model.unet), cond, added, unet_kwargs=lambda t, i: state["residuals"])
 
         @torch.no_grad()
         def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:

@@ -24,9 +24,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
 from .models import ASSETS, Model, _folder_settings, _index, default_device
 from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
+from .upsampler import Adapter, load_adapter, stage_denoiser_for
 
 VIDEO_EMBEDDED = ASSETS / "shapes-video"
 VIDEO_METHODS = ("self-cascade", "direct")
+VIDEO_UNETS = ("UNet3DConditionModel", "UNetMotionModel")
 DEFAULT_FRAMES = 16  # ModelScope's and AnimateDiff's native clip length; a folder may set its own
 DEFAULT_FPS = 8
 DECODE_FRAMES = 8  # frames per VAE call: decoding a whole high-resolution clip at once can exhaust memory
@@ -101,6 +103,13 @@ def _read_index(source: str) -> dict:
         return index
     from huggingface_hub import hf_hub_download
     return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+
+
+def is_video_model(name: str) -> bool:
+    """Whether a model folder or hub id holds a text-to-video model: a video UNet, or an SD 1.5 UNet that
+    ships its own motion adapter (an SD 1.5 folder alone is an image model)."""
+    index = _read_index(name)
+    return (index.get("unet") or [None, None])[1] in VIDEO_UNETS or bool((index.get("motion_adapter") or [None])[0])
 
 
 def _load_unet(source: str, index: dict, motion_adapter: str | None, common: dict):
@@ -254,10 +263,21 @@ def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, 
                        num_inference_steps: int = 50, guidance_scale: float | None = None,
                        k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear",
                        generator=None, seed: int | None = None, callback=None, on_stage: StageCallback | None = None,
-                       decode_stages: bool = True, progress: bool = False, stage_denoiser=None) -> VideoResult:
+                       decode_stages: bool = True, progress: bool = False, stage_denoiser=None,
+                       upsampler: Adapter | str | Path | None = None) -> VideoResult:
     """Pivot clip at the base size, then per stage: upsample every frame's clean latent, diffuse to K,
-    denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade`; frames default to the model's."""
+    denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade`; frames default to the model's.
+
+    `upsampler` (an Adapter or a .safetensors path, trained on this video UNet) tunes every stage whose
+    scale it fits (paper 4.3); K then defaults to the adapter's, the only timesteps it was trained on."""
     num_frames = _frames(model, num_frames)
+    adapter = None
+    if upsampler is not None:
+        if stage_denoiser is not None:
+            raise ValueError("give upsampler or stage_denoiser, not both: the upsampler is a stage denoiser")
+        adapter = upsampler if isinstance(upsampler, Adapter) else load_adapter(upsampler, model)
+        k = adapter.k if k is None else k
+        stage_denoiser = stage_denoiser_for(model, adapter)
     sizes = check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0,
                                k, stages, upsample)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
@@ -265,6 +285,9 @@ def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, 
     scheduler = make_scheduler(model, num_inference_steps)
     denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
+    if adapter is not None:  # result.json says which adapter tuned the clip
+        settings["upsampler"] = {"scale": adapter.scale, "k": adapter.k, "steps": adapter.steps,
+                                 "base_model": adapter.base_model}
     result = VideoResult("self-cascade", prompts, [], {**settings, "k": ks, "upsample": upsample})
     latents = None
     for r, (h, w) in enumerate(sizes):
@@ -308,16 +331,20 @@ def video_direct(model: VideoModel, prompt: str | list[str], height: int, width:
 
 def generate_video(model: VideoModel, prompt: str | list[str], height: int, width: int,
                    method: str = "self-cascade", *, k=None, stages: int | None = None, upsample: str = "bilinear",
-                   **common) -> VideoResult:
+                   upsampler: Adapter | str | Path | None = None, **common) -> VideoResult:
     """One door for both methods; `common` takes num_frames, negative_prompt, num_inference_steps,
-    guidance_scale, seed or generator, callback, on_stage, progress."""
+    guidance_scale, seed or generator, callback, on_stage, progress. `upsampler` (an Adapter or a
+    .safetensors path) turns the self-cascade into its tuned version, as `sc_app.api.generate`."""
     if method not in VIDEO_METHODS:
         raise ValueError(f"method must be one of {', '.join(VIDEO_METHODS)}, got {method!r}")
     if method == "direct":
         if k is not None or stages is not None:
             raise ValueError("k and stages apply to the self-cascade only, not to method 'direct'")
+        if upsampler is not None:
+            raise ValueError("upsampler applies to the self-cascade only, not to method 'direct'")
         return video_direct(model, prompt, height, width, **common)
-    return video_self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample, **common)
+    return video_self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample,
+                              upsampler=upsampler, **common)
 
 
 # ---- export ---------------------------------------------------------------------------------------

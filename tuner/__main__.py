@@ -1,6 +1,9 @@
 """Command line: `python -m tuner train --model embedded --data shapes|DIR --scale 2 --steps N
 --batch-size B --lr LR --out FILE.safetensors [--k K] [--resume] [--init-from FILE] [--pivot ...]`.
 
+A video model (`--model embedded-video`, a ModelScope or AnimateDiff folder, or an SD 1.5 folder with
+`--motion-adapter`) trains on `--data moving-shapes|DIR` (a folder of clips) with `--frames F`.
+
 Bad input gets one line on stderr and exit code 2, before any file is written.
 """
 from __future__ import annotations
@@ -24,8 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m tuner", description="Training for Self-Cascade Studio.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="tune the time-aware feature upsamplers of a model (paper 4.3)")
-    t.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
-    t.add_argument("--data", required=True, help="'shapes' (rendered shapes world) or a folder of images")
+    t.add_argument("--model", default="embedded", help="'embedded' (the image model), 'embedded-video' (the "
+                   "moving-shapes video model), a diffusers image or video folder, or a hub id")
+    t.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder: trains on an SD 1.5 --model run "
+                   "as AnimateDiff")
+    t.add_argument("--data", required=True, help="'shapes' (rendered shapes world) or a folder of images; for a "
+                   "video model 'moving-shapes' or a folder of clips (mp4, webm, gif, or sub-folders of frames)")
+    t.add_argument("--frames", type=int, default=None, help="frames per training clip (video models; default: "
+                   "the model's)")
     t.add_argument("--scale", type=float, default=2.0, help="growth per side of the stage to tune for")
     t.add_argument("--steps", type=int, required=True, help="total training steps (a resumed run counts its past)")
     t.add_argument("--batch-size", type=int, required=True)
@@ -37,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pivot", default="downsampled", choices=("downsampled", "generated"))
     t.add_argument("--width", type=_width, default=DEFAULT_WIDTH, help="bottleneck channels, or 'full'")
     t.add_argument("--checkpoint-every", type=int, default=250)
-    t.add_argument("--shapes-pool", type=int, default=0, help="render this many scenes once (0: fresh every step)")
+    t.add_argument("--shapes-pool", type=int, default=0, help="render this many scenes or clips once "
+                   "(0: fresh every step)")
     t.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     t.add_argument("--seed", type=int, default=0)
     return parser
@@ -47,22 +57,30 @@ def train(args) -> None:
     import torch
 
     from sc_app.models import load_model
+    from sc_app.video import is_video_model, load_video_model
     from tuner.upsampler_training import train_adapter
 
     if args.out.suffix != ".safetensors":
         raise BadInput(f"--out {args.out}: must be a .safetensors file")
     if args.init_from is not None and not args.init_from.is_file():
         raise BadInput(f"--init-from {args.init_from}: no such file")
-    if args.data != "shapes" and not Path(args.data).is_dir():
-        raise BadInput(f"--data {args.data}: no such folder (give a folder of images, or 'shapes')")
+    if args.data not in ("shapes", "moving-shapes") and not Path(args.data).is_dir():
+        raise BadInput(f"--data {args.data}: no such folder (give a folder of images or clips, 'shapes' or "
+                       "'moving-shapes')")
     quiet_loaders()
     try:
         # fp32 weights: autocast picks bf16 or fp16 per op on a GPU, and the optimizer sees fp32
-        model = load_model(args.model, device=args.device, dtype=torch.float32)
+        video = args.model == "embedded-video" or args.motion_adapter is not None or (
+            args.model != "embedded" and is_video_model(args.model))
+        if video:
+            model = load_video_model("embedded" if args.model == "embedded-video" else args.model,
+                                     motion_adapter=args.motion_adapter, device=args.device, dtype=torch.float32)
+        else:
+            model = load_model(args.model, device=args.device, dtype=torch.float32)
         train_adapter(model, args.data, scale=args.scale, k=args.k, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, out=args.out, seed=args.seed, resume=args.resume, init_from=args.init_from,
                       pivot=args.pivot, width=args.width, checkpoint_every=args.checkpoint_every,
-                      shapes_pool=args.shapes_pool)
+                      shapes_pool=args.shapes_pool, frames=args.frames)
     except (ValueError, FileNotFoundError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
 

@@ -2,11 +2,17 @@
 
     python -m tuner train --model embedded --data shapes --scale 2 --steps 2000 --batch-size 32 \
         --lr 1e-3 --out assets/upsampler-x2.safetensors
+    python -m tuner train --model embedded-video --data moving-shapes --frames 8 --scale 2 --steps 2000 \
+        --batch-size 4 --lr 1e-3 --out assets/shapes-video/upsampler-x2.safetensors
 
 Each step: a batch of crops at the stage size (the model's base size x scale); their pivots (the crop
 downsampled to the base size and encoded, or a base-model sample from the caption); t ~ U{1..K}; the
 noised high-resolution latent; and the scheduler's loss (epsilon or v) of the frozen UNet's prediction
 with the upsamplers' residuals from the pivot's features. Only the upsamplers train.
+
+A video model trains the same way on clips of F frames: every frame is cropped alike, encoded and
+downsampled on its own, the frames are folded into the batch for the pivot's features and the
+upsamplers (as the video UNet folds them), and a clip shares one timestep and one caption.
 
 All randomness of step s comes from (seed, s), and checkpoints carry the adapter, the optimizer and the
 loss scaler, so a resumed run continues exactly where the interrupted one stopped.
@@ -29,7 +35,9 @@ from tqdm.auto import tqdm
 from sc_app.api import as_model
 from sc_app.sampling import (added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler,
                              sample_ddim)
-from sc_app.upsampler import DEFAULT_WIDTH, Adapter, load_adapter, pivot_features, save_adapter, unet_fingerprint
+from sc_app.upsampler import (DEFAULT_WIDTH, Adapter, load_adapter, pivot_features, save_adapter, unet_caller,
+                               unet_fingerprint)
+from sc_app.video import VideoModel
 from tuner.data import make_dataset
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,20 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def stage_size(model, scale: float) -> int:
     """The crop side in pixels: the base size grown by `scale`, on the model's size grid."""
     return max(model.size_multiple, round(model.base_size * scale / model.size_multiple) * model.size_multiple)
+
+
+def clip_frames(model, frames: int | None) -> int | None:
+    """Frames per training clip: a video model's default unless given; None for an image model."""
+    if not isinstance(model, VideoModel):
+        if frames is not None:
+            raise ValueError(f"frames applies to video models only, got {frames!r} for image model {model.name!r}")
+        return None
+    frames = model.default_frames if frames is None else frames
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be a positive integer, got {frames!r}")
+    if model.max_frames is not None and frames > model.max_frames:
+        raise ValueError(f"frames must be at most {model.max_frames} for this motion model, got {frames}")
+    return frames
 
 
 def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_steps, caption_dropout,
@@ -106,19 +128,31 @@ def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_pivots(model, captions: list[str], size: int, generator: torch.Generator, steps: int) -> torch.Tensor:
-    """Pivots sampled by the base model from the captions at its own size (DDIM, the model's guidance)."""
+def generate_pivots(model, captions: list[str], size: int, generator: torch.Generator, steps: int,
+                    frames: int | None = None) -> torch.Tensor:
+    """Pivots sampled by the base model from the captions at its own size (DDIM, the model's guidance):
+    images, or clips of `frames` frames from a video model."""
     cond = encode_prompt(model, captions, None, model.default_guidance)
     scheduler = make_scheduler(model, steps)
-    shape = (len(captions), model.unet.config.in_channels, size // model.vae_scale, size // model.vae_scale)
+    side = size // model.vae_scale
+    shape = (len(captions), model.unet.config.in_channels, *((frames,) if frames else ()), side, side)
     x = initial_noise(shape, generator, model) * scheduler.init_noise_sigma
-    denoiser = guided_denoiser(model.unet, cond, added_conditions(model, cond, size, size))
+    denoiser = guided_denoiser(unet_caller(model.unet), cond, added_conditions(model, cond, size, size))
     return sample_ddim(denoiser, x, scheduler, scheduler.timesteps, disable=True)
 
 
 def _to_pixels(images: np.ndarray, device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]; clips (N, F, H, W, 3) come frame by frame."""
+    images = images.reshape(-1, *images.shape[-3:])
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _unfold(latents: torch.Tensor, frames: int | None) -> torch.Tensor:
+    """(N * F, C, h, w) frame latents -> (N, C, F, h, w) clip latents, the layout video UNets take."""
+    if frames is None:
+        return latents
+    _, c, h, w = latents.shape
+    return latents.reshape(-1, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 def _mixed_precision(model) -> str:
@@ -141,11 +175,13 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
                   out: str | Path, seed: int = 0, resume: bool = False, init_from: str | Path | None = None,
                   pivot: str = "downsampled", width: int | None = DEFAULT_WIDTH, pivot_steps: int = 20,
                   caption_dropout: float = 0.1, checkpoint_every: int = 250, shapes_pool: int = 0,
-                  progress: Callable[[int, int, float], None] | None = None,
+                  frames: int | None = None, progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> Path:
     """Train the feature upsamplers of `model` for one `scale` (per side) and write them to `out`.
 
-    `data`: 'shapes', a folder of images, or a dataset object with `sample(rng, count)`. `resume`
+    `data`: 'shapes' or a folder of images for an image model; 'moving-shapes' or a folder of clips for
+    a video model (a `VideoModel`, clips of `frames` frames, default the model's); or a dataset object
+    with `sample(rng, count)`. `shapes_pool` renders that many scenes or clips once. `resume`
     continues from `out`'s checkpoint; `init_from` starts from another adapter (extendable tuning: a
     new scale from a trained one). `progress(step, total, loss)` is called every step; when
     `should_stop()` turns true the run saves what it has and returns. Returns `out`.
@@ -155,12 +191,14 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     precision = _mixed_precision(model)
     crop = check_inputs(model, scale=scale, k=k, steps=steps, batch_size=batch_size, lr=lr, out=out, pivot=pivot,
                         pivot_steps=pivot_steps, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every)
-    dataset = make_dataset(data, crop, shapes_pool, seed) if isinstance(data, (str, Path)) else data
+    frames = clip_frames(model, frames)
+    dataset = make_dataset(data, crop, shapes_pool, seed, frames) if isinstance(data, (str, Path)) else data
     k = k or model.default_k
     out, ckpt_path = Path(out), checkpoint_path(out)
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
-        adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name)
+        adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name,
+                          unet_class=type(model.unet).__name__)
 
     # 1. Where to start: a checkpoint of this run, another adapter, or zero-initialised upsamplers
     state, start = None, 0
@@ -179,6 +217,7 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
         log.info("initialised from %s (x%g, %d steps)", init_from, source.scale, source.steps)
     log.info("%s", adapter.describe())
     log.info("data: %r; pivot: %s; t in 1..%d; %s", dataset, pivot, k, model.pipe.scheduler.config.prediction_type)
+    unet = unet_caller(model.unet)
 
     # 2. The frozen base model, the optimizer and mixed precision (bf16, else fp16, on a GPU)
     device = model.device
@@ -208,7 +247,7 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
             "optimizer": optimizer.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else {},
             "step": step, "config": {"fingerprint": unet_fingerprint(model.unet.config), "scale": float(scale),
                                      "width": width, "k": k, "seed": seed, "pivot": pivot, "lr": lr,
-                                     "batch_size": batch_size, "base_model": model.name}})
+                                     "batch_size": batch_size, "frames": frames, "base_model": model.name}})
         save_adapter(unwrapped, out)
 
     pivot_size, sites = model.base_size, acc.unwrap_model(adapter).sites
@@ -220,13 +259,13 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         images, captions = dataset.sample(rng, batch_size)
         pixels = _to_pixels(images, device)
-        z0 = encode_images(model, pixels)
+        z0 = _unfold(encode_images(model, pixels), frames)
         if pivot == "downsampled":  # the same image at the base size: aligned with the target
             small = F.interpolate(pixels, size=(pivot_size, pivot_size), mode="bilinear", antialias=True)
-            pivots = encode_images(model, small)
+            pivots = _unfold(encode_images(model, small), frames)
         else:
             with acc.autocast():
-                pivots = generate_pivots(model, captions, pivot_size, generator, pivot_steps)
+                pivots = generate_pivots(model, captions, pivot_size, generator, pivot_steps, frames)
         dropped = rng.random(batch_size) < caption_dropout  # so the unconditional branch of CFG is learnt too
         cond = encode_prompt(model, ["" if d else c for c, d in zip(captions, dropped)], None, 0.0)
         t = torch.randint(1, k + 1, (batch_size,), generator=generator).to(device)
@@ -249,9 +288,9 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
             zt, t, target, cond, features = make_batch(step)
             with acc.autocast():
                 down, mid = adapter(features, t, zt.shape[-2:])
-                pred = model.unet(zt, t, encoder_hidden_states=cond.embeds,
-                                  added_cond_kwargs=added_conditions(model, cond, crop, crop),
-                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                pred = unet(zt, t, encoder_hidden_states=cond.embeds,
+                            added_cond_kwargs=added_conditions(model, cond, crop, crop),
+                            down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
             loss = F.mse_loss(pred.float(), target.float())
             acc.backward(loss)
             acc.clip_grad_norm_(adapter.parameters(), 1.0)

@@ -1,0 +1,260 @@
+"""The Video tab: the self-cascade on a text-to-video UNet, each stage's clip as an mp4 as soon as it is done.
+
+A thin shell over `sc_app.video.generate_video`, built on the image tabs' machinery in `sc_app.ui` (the GPU
+event stream, the run folders, the size controls' arithmetic). The video model is loaded on first use, so the
+page builds, and the image tabs work, when it is missing.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import gradio as gr
+
+from . import video as video_lib
+from .models import ASSETS, _folder_settings
+from .ui import (ASPECTS, EMBEDDED_EXAMPLES, ENV_MAX_PIXELS, SCALES, STAGE_CHOICES, _megapixels, _model_label,
+                 gpu_seconds, on_gpu, target_size, user_error)
+from .video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
+
+MAX_FRAMES = 64  # a bound for the page; a motion model's own table may be shorter (checked per request)
+MAX_FPS = 60
+MAX_STEPS = 150
+MAX_K = 999  # for the usual 1000 training timesteps; the request is checked against the model's own
+DEFAULT_KEYS = ("default_frames", "default_fps", "default_k", "default_guidance")
+STAGE_SLOTS = 1 + int(STAGE_CHOICES[-1])  # the pivot and the most stages the dropdown offers
+EMBEDDED_VIDEO = f"{ASSETS.name}/{VIDEO_EMBEDDED.name}"
+VIDEO_EXAMPLES = ["a corgi running on a beach at sunset", "waves crashing on rocks, aerial view",
+                  "a paper boat drifting down a rainy street"]
+TIME_HEADERS = ["clip", "size", "seconds"]
+
+
+class VideoTab:
+    """The video model (loaded on first use), its requests, and the tab's Generate event."""
+
+    def __init__(self, studio, model: VideoModel | str = "embedded", motion_adapter: str | None = None):
+        self.studio = studio
+        self.source = model.name if isinstance(model, VideoModel) else str(model)
+        self.motion_adapter = motion_adapter
+        self.loaded: VideoModel | None = model if isinstance(model, VideoModel) else None
+        self.gpu_generate = on_gpu(self._events, duration=self.seconds)
+
+    def model(self) -> VideoModel:
+        """The video model, loaded on the image model's device the first time it is needed; a gr.Error that
+        says what is missing when it cannot be. A failure is not remembered: a model trained or copied in
+        later is picked up by the next click."""
+        if self.loaded is not None:
+            return self.loaded
+        hint = " Make it with `python -m tuner.train_video`." if self.source == "embedded" else ""
+        try:
+            self.loaded = load_video_model(self.source, self.motion_adapter, device=self.studio.model.device)
+        except (ValueError, OSError, RuntimeError) as error:
+            if self.source == "embedded" and isinstance(error, FileNotFoundError):
+                raise user_error(f"the embedded video model is missing ({EMBEDDED_VIDEO} is not there).{hint} "
+                                 "Or start the app with `--video-model FOLDER` (a ModelScope or AnimateDiff "
+                                 "folder).") from None
+            raise user_error(f"the video model {_model_label(self.source)} could not be loaded: "
+                             f"{_first_line(error)}.{hint}") from None
+        return self.loaded
+
+    def defaults(self) -> dict:
+        """The model's default frames, fps, K and guidance (DEFAULT_KEYS): its own once loaded; before that
+        what loading it would give (its folder's self_cascade.json over the library's defaults), read
+        without loading any weights."""
+        if self.loaded is not None:
+            return {key: getattr(self.loaded, key) for key in DEFAULT_KEYS}
+        folder = video_lib.VIDEO_EMBEDDED if self.source == "embedded" else Path(self.source)
+        settings = _folder_settings(str(folder))
+        return {f.name: settings.get(f.name, f.default) for f in fields(VideoModel) if f.name in DEFAULT_KEYS}
+
+    def size_choices(self, aspect: str) -> dict:
+        """The scale radio's labels; with the sizes they give once the model is loaded (its base size is
+        not known before)."""
+        if self.loaded is None:
+            return gr.update(choices=[(scale, scale) for scale in SCALES])
+        base, m = self.loaded.base_size, self.loaded.size_multiple
+        return gr.update(choices=[(f"{scale}: {w} x {h}", scale)
+                                  for scale in SCALES for h, w in [target_size(base, m, aspect, scale)]])
+
+    def request(self, method: str, prompt, negative_prompt, frames, aspect, scale, stages, k, steps, guidance,
+                seed) -> dict:
+        """Widget values -> keyword arguments of `generate_video`, checked; gr.Error if not valid. Frames, K
+        or guidance None mean the model's own default."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise user_error("the prompt is empty: describe the clip you want")
+        model = self.model()
+        height, width = target_size(model.base_size, model.size_multiple, aspect, scale)
+        try:
+            frames = model.default_frames if frames is None else int(frames)
+            stages = None if stages in (None, "", "auto") else int(stages)
+            k = None if k is None else int(k)
+            steps = int(steps)
+            guidance = model.default_guidance if guidance is None else float(guidance)
+            seed = 0 if seed is None else int(seed)
+        except (TypeError, ValueError) as error:
+            raise user_error(f"a setting is not a number: {error}") from None
+        if not 1 <= frames <= MAX_FRAMES:
+            raise user_error(f"frames must be in 1..{MAX_FRAMES}, got {frames}")
+        if not 0 <= seed < 2**63:
+            raise user_error(f"seed must be in 0..{2**63 - 1}, got {seed}")
+        # the UNet takes a clip's frames as one batch: the whole clip counts against the limit
+        pixels = frames * height * width
+        if pixels > self.studio.max_pixels:
+            raise user_error(f"{frames} frames of {width}x{height} are {_megapixels(pixels)} in all, over this "
+                             f"server's limit of {_megapixels(self.studio.max_pixels)} (set by --max-pixels or "
+                             f"{ENV_MAX_PIXELS}): pick a smaller scale or fewer frames")
+        cascade = method == "self-cascade"
+        try:
+            check_video_inputs(model, height, width, frames, steps, guidance, k if cascade else None,
+                               stages if cascade else None)
+        except ValueError as error:
+            raise user_error(str(error)) from None
+        request = {"method": method, "prompt": prompt, "negative_prompt": (negative_prompt or "").strip() or None,
+                   "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,
+                   "guidance_scale": guidance, "seed": seed}
+        if cascade:
+            request.update(k=k, stages=stages)
+        return request
+
+    def fps(self, fps) -> float:
+        fps = self.model().default_fps if fps is None else float(fps)
+        if not 1 <= fps <= MAX_FPS:
+            raise user_error(f"fps must be in 1..{MAX_FPS}, got {fps:g}")
+        return fps
+
+    # ---- GPU work (another process on ZeroGPU: plain values in and out) ---------------------------
+
+    def seconds(self, requests: list[dict], stop: str) -> int:
+        return gpu_seconds(self.loaded, requests)
+
+    def _events(self, requests: list[dict], stop: str):
+        """Each request through `generate_video`; the events of `Studio._job_events`, each stage's clip
+        as a (frames, H, W, 3) uint8 array."""
+        yield from self.studio._job_events(
+            requests, stop, lambda request, **hooks: generate_video(self.loaded, **hooks, **request),
+            lambda stage: stage.clips[0])
+
+    # ---- the page event --------------------------------------------------------------------------
+
+    def generate(self, prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed,
+                 with_direct, progress=gr.Progress()):
+        """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
+        direct sampling at the target size beside the cascade's final clip."""
+        methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
+        requests = [self.request(method, prompt, negative_prompt, frames, aspect, scale, stages, k, steps,
+                                 guidance, seed) for method in methods]
+        fps = self.fps(fps)
+        stage_clips: list[tuple[str, str]] = []  # (path, label) of the pivot and each stage
+        ab: dict[str, tuple[str, str]] = {}  # method -> (path, label) of its final clip
+        times: list[list] = []
+        status = ["Starting..."]
+
+        def outputs():
+            slots = [gr.update(value=None, label="pivot" if i == 0 else f"stage {i}", visible=i == 0)
+                     for i in range(STAGE_SLOTS)]
+            for i, (path, label) in enumerate(stage_clips):
+                slots[i] = gr.update(value=path, label=label, visible=True)
+            sides = [gr.update(value=ab[m][0], label=ab[m][1]) if m in ab else gr.update(value=None)
+                     for m in ("self-cascade", "direct")]
+            return *slots, *sides, times, " ".join(filter(None, status))
+
+        yield outputs()  # the last run's clips go
+        for run, event in self.studio._stream(requests, progress, self.gpu_generate, self.loaded):
+            kind, job = event[0], event[1]
+            request = requests[job]
+            if kind == "stage":
+                _, _, index, clip, h, w, seconds = event
+                name = "pivot" if index == 0 else f"stage {index}"
+                if request["method"] == "direct":
+                    path = export_mp4(clip, run / f"direct-{w}x{h}.mp4", fps)
+                    ab["direct"] = (str(path), f"direct: {w} x {h}, {seconds:.1f} s")
+                    times.append(["direct", f"{w} x {h}", round(seconds, 2)])
+                else:
+                    path = export_mp4(clip, run / f"stage{index}-{w}x{h}.mp4", fps)
+                    stage_clips.append((str(path), f"{name}: {w} x {h}, {seconds:.1f} s"))
+                    times.append([name, f"{w} x {h}", round(seconds, 2)])
+                    status = [f"{name.capitalize()} done ({w} x {h}, {seconds:.1f} s)..."]
+                    yield outputs()
+            elif kind == "done":
+                seconds = event[2]["total_seconds"]
+                if request["method"] == "direct":
+                    status[-1] = f"Direct sampling: {seconds:.1f} s."
+                else:
+                    size = f"{request['width']} x {request['height']}"
+                    ab["self-cascade"] = (stage_clips[-1][0], f"self-cascade: {size}, {seconds:.1f} s")
+                    done = (f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade in "
+                            f"{seconds:.1f} s ({len(stage_clips)} clips, K {', '.join(map(str, event[2]['k']))}), "
+                            f"seed {request['seed']}.")
+                    status = [done, "Direct sampling at the same size..." if with_direct else ""]
+                yield outputs()
+            elif kind == "unavailable":
+                raise user_error(event[2])
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# ---- the page --------------------------------------------------------------------------------------
+
+def video_tab(studio, gpu: dict) -> gr.Tab:
+    """The Video tab inside the page's Tabs, with its events; `gpu`: the GPU events' concurrency settings."""
+    tab = studio.video
+    examples = EMBEDDED_EXAMPLES if tab.source == "embedded" else VIDEO_EXAMPLES
+
+    def default(key: str):
+        """A widget's initial value, read on every page load: a model trained or loaded since the server
+        started shows its own."""
+        return lambda: tab.defaults()[key]
+
+    with gr.Tab("Video", id="video") as video:
+        gr.Markdown(f"The same cascade for a text-to-video model (**{_model_label(tab.source)}**, loaded on first "
+                    f"use): a pivot clip at the model's own size, then every frame upsampled, re-noised to K and "
+                    f"denoised again at each stage. The frame count stays; the limit counts every frame's pixels.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="video-prompt")
+                negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
+                with gr.Row():
+                    frames = gr.Slider(1, MAX_FRAMES, value=default("default_frames"), step=1, label="Frames",
+                                       elem_id="video-frames", scale=3)
+                    fps = gr.Number(default("default_fps"), minimum=1, maximum=MAX_FPS, label="Frames per second",
+                                    scale=1)
+                aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio")
+                scale = gr.Radio(tab.size_choices("1:1")["choices"], value="4x",
+                                 label="Size (times the video model's pixels)", elem_id="video-scale")
+                with gr.Accordion("Settings", open=False):
+                    stages = gr.Dropdown(list(STAGE_CHOICES), value="auto", label="Stages after the pivot",
+                                         info="auto: about 4x more pixels per stage")
+                    k = gr.Slider(1, MAX_K, value=default("default_k"), step=1, label="K (re-noise level)",
+                                  info="higher: more new detail per stage, less of the pivot's layout")
+                    steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps")
+                    guidance = gr.Slider(0, 20, value=default("default_guidance"), step=0.5, label="Guidance scale")
+                    with gr.Row(equal_height=True):
+                        seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
+                        dice = gr.Button("Random seed", scale=1, size="sm")
+                with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
+                run = gr.Button("Generate video", variant="primary", elem_id="video-button")
+                gr.Examples([[e] for e in examples], [prompt])
+            with gr.Column(scale=3):
+                with gr.Row():
+                    slots = [gr.Video(label="pivot" if i == 0 else f"stage {i}", visible=i == 0, autoplay=True,
+                                      loop=True, min_width=160, elem_id=f"video-stage{i}")
+                             for i in range(STAGE_SLOTS)]
+                gr.Markdown("**A/B**: the self-cascade's final clip beside direct sampling at the same size, "
+                            "seed and steps.")
+                with gr.Row():
+                    ab = [gr.Video(label=label, autoplay=True, loop=True, elem_id=f"video-{label}")
+                          for label in ("self-cascade", "direct")]
+                times = gr.Dataframe(headers=TIME_HEADERS, datatype=["str", "str", "number"], interactive=False,
+                                     label="Denoising time per clip")
+                status = gr.Markdown(label="Status", elem_id="video-status")
+        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private", queue=False)
+        aspect.change(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
+        video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
+        gr.on([run.click, prompt.submit], tab.generate,
+              [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct],
+              [*slots, *ab, times, status], api_name="generate_video", **gpu)
+    return video
