@@ -48,9 +48,7 @@ from .bench import (Variant, _file_hash, _load_adapter, _sync, check_work_settin
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 from .moving_shapes import random_clip, render_clip  # noqa: E402
 from .plan import plan_stages  # noqa: E402
-from .shapes import PALETTE, detect, matches, random_prompts  # noqa: E402
-# detect's own masks, so that the objects located here are exactly the ones it counts
-from .shapes import _COLOUR_RADIUS, _MIN_OBJECT_SIDE, _PALETTE_RGB  # noqa: E402
+from .shapes import EIGHT_CONNECTED, blobs, detect, matches, random_prompts  # noqa: E402
 from .video import check_video_inputs, generate_video, load_video_model  # noqa: E402
 
 DEFAULT_WORK = Path("runs/bench-video")  # runs/ is git-ignored
@@ -68,28 +66,17 @@ FVD_NOTE = (
 
 def locate(frame: np.ndarray) -> list[tuple[str, float, float]]:
     """(colour, x, y) of every object `shapes.detect` counts, in its order: the centroid of the object's
-    blob and rim weighted by colour coverage, x as a fraction of the width and y of the height. detect
-    reads the same masks but returns no positions."""
+    blob and rim weighted by colour coverage, x as a fraction of the width and y of the height."""
     height, width = frame.shape[:2]
-    channels = np.moveaxis(frame[..., :3], -1, 0).astype(np.float32)
-    distance2 = np.stack([sum((channels[k] - colour[k]) ** 2 for k in range(3)) for colour in _PALETTE_RGB])
-    nearest2 = distance2.min(0)
-    min_area = (_MIN_OBJECT_SIDE * min(height, width)) ** 2
-    eight_connected = np.ones((3, 3), bool)
     found = []
-    for index, colour in enumerate(PALETTE):
-        mask = (distance2[index] == nearest2) & (distance2[index] <= _COLOUR_RADIUS[index] ** 2)
-        labels, count = ndimage.label(mask, structure=eight_connected)
-        areas = np.bincount(labels.ravel(), minlength=count + 1)
+    for blob in blobs(frame):
         # Pixels weighted by how much of the colour they hold (1 on it, 0 at the typical background, which
         # is twice the mask's radius away), over the blob and its anti-aliased rim: a binary mask's centroid
         # moves in whole-pixel steps, which alone would read as jitter at 64 pixels.
-        coverage = np.clip(1 - np.sqrt(distance2[index]) / (2 * _COLOUR_RADIUS[index]), 0, 1)
-        for label in range(1, count + 1):
-            if areas[label] >= min_area:
-                rim = ndimage.binary_dilation(labels == label, structure=eight_connected)
-                y, x = ndimage.center_of_mass(coverage * rim)
-                found.append((colour, (x + 0.5) / width, (y + 0.5) / height))
+        coverage = np.clip(1 - blob.distance / (2 * blob.radius), 0, 1)
+        rim = ndimage.binary_dilation(blob.labels == blob.label, structure=EIGHT_CONNECTED)
+        y, x = ndimage.center_of_mass(coverage * rim)
+        found.append((blob.colour, (x + 0.5) / width, (y + 0.5) / height))
     return found
 
 

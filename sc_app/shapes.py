@@ -146,6 +146,7 @@ _COLOUR_RADIUS = 0.5 * np.linalg.norm(_PALETTE_RGB - _TYPICAL_BACKGROUND, axis=1
 # Blobs smaller than (this * shorter side)^2 are specks, not objects: real objects are at least
 # 0.12 in radius, but a diffusion model's small repeated objects are well above this and must count.
 _MIN_OBJECT_SIDE = 0.05
+EIGHT_CONNECTED = np.ones((3, 3), bool)  # blobs join pixels that touch at a corner too
 # Shape prototypes, rows in SHAPES order, as (fill of the bounding box, centroid height within the
 # box from its top): an up-pointing triangle fills half its box and carries its mass low (2/3 down).
 _SHAPE_PROTOTYPES = np.array([[np.pi / 4, 0.5], [1.0, 0.5], [0.5, 2 / 3]])
@@ -169,12 +170,24 @@ def _classify_shape(mask: np.ndarray) -> str:
     return SHAPES[int(distances.argmin())]
 
 
-def detect(image) -> list[tuple[str, str]]:
-    """The (colour, shape) of every object in a shapes-world image (a PIL image or HxWx3 uint8 array).
+@dataclass(frozen=True)
+class Blob:
+    """One object as the detector sees it: its colour, and where it lies as `labels == label` (within
+    `box`, the slices of its bounding box), with how far each pixel is from the colour (`distance`)."""
+
+    colour: str
+    labels: np.ndarray
+    label: int
+    box: tuple[slice, slice]
+    distance: np.ndarray  # Euclidean RGB distance of every pixel to the colour
+    radius: float  # a pixel within this distance, and nearest to this colour, belongs to it
+
+
+def blobs(image) -> list[Blob]:
+    """Every object in a shapes-world image (a PIL image or HxWx3 uint8 array), as `detect` counts them.
 
     Each pixel takes its nearest palette colour if close enough; each connected blob of one colour
-    (holes filled) big enough to be more than a speck is one object. Order: palette order, then
-    top to bottom.
+    big enough to be more than a speck is one object. Order: palette order, then top to bottom.
     """
     rgb = _as_rgb(image)
     height, width = rgb.shape[:2]
@@ -183,17 +196,27 @@ def detect(image) -> list[tuple[str, str]]:
     distance2 = np.stack([sum((channels[k] - colour[k]) ** 2 for k in range(3)) for colour in _PALETTE_RGB])
     nearest2 = distance2.min(0)
     min_area = (_MIN_OBJECT_SIDE * min(height, width)) ** 2
-    eight_connected = np.ones((3, 3), bool)
     found = []
     for index, colour in enumerate(PALETTE):
         mask = (distance2[index] == nearest2) & (distance2[index] <= _COLOUR_RADIUS[index] ** 2)
-        labels, count = ndimage.label(mask, structure=eight_connected)
+        labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
         areas = np.bincount(labels.ravel(), minlength=count + 1)
+        distance = None
         for label, box in enumerate(ndimage.find_objects(labels), start=1):
             if areas[label] >= min_area:
-                # holes (noise, blotches inside an object) would lower its fill and fake a triangle
-                blob = ndimage.binary_fill_holes(labels[box] == label)
-                found.append((colour, _classify_shape(blob)))
+                distance = np.sqrt(distance2[index]) if distance is None else distance
+                found.append(Blob(colour, labels, label, box, distance, float(_COLOUR_RADIUS[index])))
+    return found
+
+
+def detect(image) -> list[tuple[str, str]]:
+    """The (colour, shape) of every object in a shapes-world image (a PIL image or HxWx3 uint8 array), in
+    the order of `blobs`."""
+    found = []
+    for blob in blobs(image):
+        # holes (noise, blotches inside an object) would lower its fill and fake a triangle
+        filled = ndimage.binary_fill_holes(blob.labels[blob.box] == blob.label)
+        found.append((blob.colour, _classify_shape(filled)))
     return found
 
 
