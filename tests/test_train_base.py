@@ -32,10 +32,14 @@ def test_trains_exports_an_sd_folder_and_resumes(tmp_path, monkeypatch):
     result = self_cascade(model, "a red circle", 128, 64, num_inference_steps=3, seed=0)
     assert result.images[0].size == (64, 128)
 
-    # resume continues from the checkpoint's step instead of starting over
+    # resume continues from the checkpoint's step instead of starting over; the re-export keeps the model
+    # card and the measured defaults, which are written by hand
     first = torch.load(work / "unet.ckpt", weights_only=True)
     assert first["step"] == 2
+    (out / "README.md").write_text("# card")
+    (out / "self_cascade.json").write_text('{"default_k": 250}')
     _train(monkeypatch, work, out, unet_steps=3)
+    assert (out / "README.md").read_text() == "# card" and load_model(str(out), device="cpu").default_k == 250
     second = torch.load(work / "unet.ckpt", weights_only=True)
     assert second["step"] == 3
     changed = [k for k in first["unet"] if not torch.equal(first["unet"][k], second["unet"][k])]

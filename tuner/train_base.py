@@ -33,6 +33,7 @@ from tuner.text import write_word_tokenizer
 log = logging.getLogger("train_base")
 
 WORDS = ["a", "and", *PALETTE, *SHAPES]
+KEPT_ON_EXPORT = ("README.md", "self_cascade.json")  # the model card, and the defaults measured for the model
 
 
 @dataclass
@@ -328,9 +329,9 @@ def export(cfg: Config, work: Path, vae: AutoencoderKL, tokenizer) -> Path:
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     (tmp / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "unet_steps": state["step"]},
                                                   indent=2))
-    card = out / "README.md"
-    if card.exists():  # the model card is written by hand; keep it across re-exports
-        shutil.copy(card, tmp / "README.md")
+    for name in KEPT_ON_EXPORT:  # written by hand after measuring the model; a re-export keeps them
+        if (out / name).exists():
+            shutil.copy(out / name, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported %s (unet step %d)", out, state["step"])
