@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError
 
 from test_app import load_app_module
 from test_browser import CHROMIUM, VIEWPORT, open_browser
-from test_video import make_adapter, make_modelscope
+from tiny_models import make_modelscope, make_motion_adapter
 
 FRAMES = 3  # odd, and unlike the 4 latent channels
 STEPS = 4
@@ -38,15 +38,9 @@ def serve(model, work: Path, **video) -> tuple[str, gr.Blocks]:
 
 
 @pytest.fixture(scope="module")
-def video_model(sd_folder, tmp_path_factory):
-    from sc_app.video import load_video_model
-    return load_video_model(str(make_modelscope(tmp_path_factory.mktemp("modelscope"), sd_folder)), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def app(sd_model, video_model, tmp_path_factory):
+def app(sd_model, modelscope_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
-    url, demo = serve(sd_model, work, video_model=video_model)
+    url, demo = serve(sd_model, work, video_model=modelscope_model)
     yield SimpleNamespace(url=url, studio=demo.studio, work=work)
     demo.close()
 
@@ -149,7 +143,7 @@ def test_frames_beyond_a_motion_models_table_are_refused(sd_model, sd_folder, tm
     from sc_app.ui import Studio
     from sc_app.video import load_video_model
 
-    animatediff = load_video_model(str(sd_folder), motion_adapter=str(make_adapter(tmp_path / "adapter")),
+    animatediff = load_video_model(str(sd_folder), motion_adapter=str(make_motion_adapter(tmp_path / "adapter")),
                                    device="cpu")
     studio = Studio(sd_model, max_pixels=MAX_PIXELS, work_dir=tmp_path / "work", video_model=animatediff)
     with pytest.raises(gr.Error, match="num_frames must be at most 8 for this motion model, got 9"):

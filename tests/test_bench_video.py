@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_video import make_modelscope
 
 from sc_app import bench_video
 from sc_app.bench_video import locate, main, position_jitter, real_clips, score_clip
@@ -102,11 +101,6 @@ def test_real_clips_are_fixed_by_the_seed():
 
 # ---- the command end to end -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def video_folder(sd_folder, tmp_path_factory):
-    return make_modelscope(tmp_path_factory.mktemp("modelscope"), sd_folder)
-
-
 def section_rows(text: str, name: str) -> dict[str, list[str]]:
     body = re.search(rf"<!-- bench:{name} -->(.*?)<!-- /bench:{name} -->", text, re.S)[1]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines()
@@ -114,11 +108,11 @@ def section_rows(text: str, name: str) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows[1:]}
 
 
-def test_the_command_writes_its_section_and_resumes(video_folder, tmp_path, monkeypatch, capsys):
+def test_the_command_writes_its_section_and_resumes(modelscope_folder, tmp_path, monkeypatch, capsys):
     md, work = tmp_path / "docs" / "bench.md", tmp_path / "work"
     md.parent.mkdir()
     md.write_text("# Benchmarks\n\nkept by hand\n")
-    argv = ["--model", str(video_folder), "--device", "cpu", "--n", "2", "--frames", "3", "--steps", "2",
+    argv = ["--model", str(modelscope_folder), "--device", "cpu", "--n", "2", "--frames", "3", "--steps", "2",
             "--k", "500,700", "--md", str(md), "--work", str(work)]
     assert main(argv) == 0
     text = md.read_text()
@@ -141,7 +135,7 @@ def test_the_command_writes_its_section_and_resumes(video_folder, tmp_path, monk
     scores = [score_clip(cells["self-cascade K=500"].clip(i), prompts[i]) for i in range(2)]
     frames = sum(s.frames_matched for s in scores) / 6
     assert rows["self-cascade K=500"][2] == f"{100 * frames:.1f}%"
-    model = load_video_model(str(video_folder), device="cpu")
+    model = load_video_model(str(modelscope_folder), device="cpu")
     again = generate_video(model, prompts[1], 32, 32, "self-cascade", k=700, num_frames=3, num_inference_steps=2,
                            seed=1)
     np.testing.assert_array_equal(again.clips[0], cells["self-cascade K=700"].clip(1))
@@ -167,17 +161,17 @@ def test_the_command_writes_its_section_and_resumes(video_folder, tmp_path, monk
     ["--size", "30x30"],  # the tiny UNet takes multiples of 4
     ["--k", "0"],
 ])
-def test_bad_flags_are_one_line_and_exit_2(flags, video_folder, tmp_path, capsys):
+def test_bad_flags_are_one_line_and_exit_2(flags, modelscope_folder, tmp_path, capsys):
     md = tmp_path / "bench.md"
-    model = [] if "--model" in flags else ["--model", str(video_folder)]
+    model = [] if "--model" in flags else ["--model", str(modelscope_folder)]
     code = main(model + ["--device", "cpu", "--md", str(md), "--work", str(tmp_path / "w")] + flags)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1
     assert not md.exists() and not (tmp_path / "w").exists()
 
 
-def test_the_tuned_rows_run_the_upsampler_at_its_own_k(video_folder, tmp_path):
-    model = load_video_model(str(video_folder), device="cpu")
+def test_the_tuned_rows_run_the_upsampler_at_its_own_k(modelscope_folder, tmp_path):
+    model = load_video_model(str(modelscope_folder), device="cpu")
     adapter = Adapter(model.unet.config, scale=2.0, k=500, base_model=model.name,
                       unet_class=type(model.unet).__name__)
     torch.manual_seed(0)
@@ -185,7 +179,7 @@ def test_the_tuned_rows_run_the_upsampler_at_its_own_k(video_folder, tmp_path):
         parameter.data.normal_(0.0, 0.3)
     path = save_adapter(adapter, tmp_path / "adapter.safetensors")
     md, work = tmp_path / "bench.md", tmp_path / "work"
-    common = ["--model", str(video_folder), "--device", "cpu", "--n", "2", "--frames", "3", "--steps", "2",
+    common = ["--model", str(modelscope_folder), "--device", "cpu", "--n", "2", "--frames", "3", "--steps", "2",
               "--upsampler", str(path), "--md", str(md), "--work", str(work), "--grid-prompts", "0"]
     assert main(common + ["--k", "500"]) == 0
     rows = section_rows(md.read_text(), "video")

@@ -2,7 +2,6 @@
 mp4/gif export, the generate-video command line, the moving-shapes renderer and the video trainer."""
 import json
 import math
-import shutil
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import MotionAdapter, UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
+from diffusers import UNet2DConditionModel, UNet3DConditionModel, UNetMotionModel
 from PIL import Image
 
 from sc_app import video
@@ -25,58 +24,6 @@ from sc_app.video import (export_gif, export_mp4, generate_video, load_video_mod
 PROMPT = "a red circle"
 FRAMES = 3  # odd, and unlike the 4 latent channels, so a frames/channels mix-up cannot pass
 STEPS = 4
-
-
-# ---- tiny models, built in code and saved as folders ------------------------------------------------
-
-def make_modelscope(folder: Path, sd_folder: Path) -> Path:
-    """A ModelScope-layout folder: the tiny SD model's VAE, text encoder and tokenizer with a tiny UNet3D."""
-    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
-        shutil.copytree(sd_folder / sub, folder / sub)
-    torch.manual_seed(0)
-    UNet3DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-    ).save_pretrained(folder / "unet", safe_serialization=True)
-    components = {"unet": ["diffusers", "UNet3DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                  "scheduler": ["diffusers", "DDIMScheduler"]}
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline", **components}))
-    return folder
-
-
-def make_adapter(folder: Path) -> Path:
-    """A MotionAdapter for the tiny SD UNet (random, so its temporal layers do change the output)."""
-    torch.manual_seed(0)
-    MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_num_attention_heads=2,
-                  motion_norm_num_groups=4, motion_max_seq_length=8).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def modelscope_folder(sd_folder, tmp_path_factory):
-    return make_modelscope(tmp_path_factory.mktemp("modelscope"), sd_folder)
-
-
-@pytest.fixture(scope="module")
-def adapter_folder(tmp_path_factory):
-    return make_adapter(tmp_path_factory.mktemp("adapter"))
-
-
-@pytest.fixture(scope="module")
-def modelscope_model(modelscope_folder):
-    return load_video_model(str(modelscope_folder), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def animatediff_model(sd_folder, adapter_folder):
-    return load_video_model(str(sd_folder), motion_adapter=str(adapter_folder), device="cpu")
-
-
-@pytest.fixture(params=["modelscope", "animatediff"])
-def video_model(request):
-    return request.getfixturevalue(f"{request.param}_model")
 
 
 def test_loaders_pick_the_video_unet(modelscope_model, animatediff_model):
@@ -177,13 +124,13 @@ def test_motion_models_refuse_more_frames_than_their_position_table(animatediff_
         video_self_cascade(animatediff_model, PROMPT, 32, 32, num_frames=9, num_inference_steps=STEPS)
 
 
-def test_image_models_are_not_video_models(sd_model, sd_folder, modelscope_folder, adapter_folder):
+def test_image_models_are_not_video_models(sd_model, sd_folder, modelscope_folder, motion_folder):
     with pytest.raises(ValueError, match="must be a VideoModel"):
         video_self_cascade(sd_model, PROMPT, 32, 32, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="is an image model: give a motion adapter"):
         load_video_model(str(sd_folder), device="cpu")
     with pytest.raises(ValueError, match="takes no motion adapter"):
-        load_video_model(str(modelscope_folder), motion_adapter=str(adapter_folder), device="cpu")
+        load_video_model(str(modelscope_folder), motion_adapter=str(motion_folder), device="cpu")
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -239,9 +186,9 @@ def test_cli_writes_a_clip_per_stage(modelscope_folder, tmp_path, capsys):
     assert Image.open(out / "preview.gif").n_frames == FRAMES
 
 
-def test_cli_direct_on_sd_plus_motion_adapter(sd_folder, adapter_folder, tmp_path, capsys):
+def test_cli_direct_on_sd_plus_motion_adapter(sd_folder, motion_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = _run(capsys, "--model", str(sd_folder), "--motion-adapter", str(adapter_folder), "--prompt", PROMPT,
+    code, err = _run(capsys, "--model", str(sd_folder), "--motion-adapter", str(motion_folder), "--prompt", PROMPT,
                      "--frames", str(FRAMES), "--height", "32", "--width", "32", "--steps", "2", "--method", "direct",
                      "--device", "cpu", "--out", str(out))
     assert code == 0, err
@@ -272,12 +219,12 @@ def test_cli_prompts_file_writes_one_folder_per_prompt(modelscope_folder, tmp_pa
     ({"--model": "/nonexistent/video-model"}, "no such folder"),
     ({"--model": "SD"}, "is an image model"),
 ])
-def test_cli_bad_input_one_line_exit_2_nothing_written(modelscope_folder, sd_folder, adapter_folder, tmp_path,
+def test_cli_bad_input_one_line_exit_2_nothing_written(modelscope_folder, sd_folder, motion_folder, tmp_path,
                                                        capsys, overrides, message):
     flags = {"--model": str(modelscope_folder), "--prompt": PROMPT, "--height": "32", "--width": "32",
              "--frames": str(FRAMES), "--steps": "2"}
     for flag, value in overrides.items():
-        flags[flag] = {"ADAPTER": str(adapter_folder), "SD": str(sd_folder)}.get(value, value)
+        flags[flag] = {"ADAPTER": str(motion_folder), "SD": str(sd_folder)}.get(value, value)
     argv = [item for pair in flags.items() for item in pair]
     code, err = _run(capsys, *argv, "--out", str(tmp_path / "o"))
     lines = err.strip().splitlines()

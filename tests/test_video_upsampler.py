@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_video import make_adapter, make_modelscope
 
 import sc_app.upsampler as up
 from sc_app import video
@@ -16,8 +15,7 @@ from sc_app.api import generate
 from sc_app.moving_shapes import clip_from_seed, render_clip
 from sc_app.sampling import encode_prompt
 from sc_app.upsampler import Adapter, load_adapter, save_adapter, skip_features, stage_denoiser_for
-from sc_app.video import (export_gif, export_mp4, generate_video, is_video_model, load_video_model,
-                          video_self_cascade)
+from sc_app.video import export_gif, export_mp4, generate_video, is_video_model, video_self_cascade
 from tuner.__main__ import main as tuner_main
 from tuner.upsampler_training import checkpoint_path, train_adapter
 
@@ -25,31 +23,6 @@ PROMPT = "a red circle"
 FRAMES = 3  # odd, and unlike the 4 latent channels, so a frames/channels mix-up cannot pass
 RUN = dict(num_frames=FRAMES, num_inference_steps=4, guidance_scale=5.0, seed=3, decode_stages=False, k=600)
 FAST = dict(batch_size=2, lr=1e-2, checkpoint_every=2, frames=FRAMES)
-
-
-@pytest.fixture(scope="module")
-def modelscope_folder(sd_folder, tmp_path_factory):
-    return make_modelscope(tmp_path_factory.mktemp("modelscope"), sd_folder)
-
-
-@pytest.fixture(scope="module")
-def motion_folder(tmp_path_factory):
-    return make_adapter(tmp_path_factory.mktemp("motion"))
-
-
-@pytest.fixture(scope="module")
-def modelscope_model(modelscope_folder):
-    return load_video_model(str(modelscope_folder), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def animatediff_model(sd_folder, motion_folder):
-    return load_video_model(str(sd_folder), motion_adapter=str(motion_folder), device="cpu")
-
-
-@pytest.fixture(params=["modelscope", "animatediff"])
-def video_model(request):
-    return request.getfixturevalue(f"{request.param}_model")
 
 
 def untrained(model, scale=2.0) -> Adapter:

@@ -1,11 +1,14 @@
-"""Tiny SD 1.x/2.x and SD XL pipelines built in code and saved as diffusers folders (no download)."""
+"""Tiny SD 1.x/2.x and SD XL pipelines, a ModelScope-layout video folder and a MotionAdapter, built in code and
+saved as diffusers folders (no download)."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel, UNet3DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tuner.text import write_word_tokenizer
@@ -61,4 +64,29 @@ def make_sdxl(folder: Path) -> Path:
         text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), 16)),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler("epsilon"))
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_modelscope(folder: Path, sd_folder: Path) -> Path:
+    """A ModelScope-layout folder: the tiny SD model's VAE, text encoder and tokenizer with a tiny UNet3D."""
+    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(sd_folder / sub, folder / sub)
+    torch.manual_seed(0)
+    UNet3DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).save_pretrained(folder / "unet", safe_serialization=True)
+    components = {"unet": ["diffusers", "UNet3DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "scheduler": ["diffusers", "DDIMScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline", **components}))
+    return folder
+
+
+def make_motion_adapter(folder: Path) -> Path:
+    """A MotionAdapter for the tiny SD UNet (random, so its temporal layers do change the output)."""
+    torch.manual_seed(0)
+    MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_num_attention_heads=2,
+                  motion_norm_num_groups=4, motion_max_seq_length=8).save_pretrained(folder, safe_serialization=True)
     return folder
