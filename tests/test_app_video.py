@@ -15,7 +15,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from test_app import load_app_module
-from test_browser import CHROMIUM, VIEWPORT, open_browser
+from test_browser import VIEWPORT, browser_or_skip, open_browser
 from tiny_models import make_modelscope, make_motion_adapter
 
 FRAMES = 3  # odd, and unlike the 4 latent channels
@@ -219,10 +219,7 @@ def test_gpu_duration_grows_with_frames(app):
 # ---- in a browser ----------------------------------------------------------------------------------
 
 def test_video_tab_in_a_browser(app):
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    with sync_playwright() as playwright:
+    with browser_or_skip()() as playwright:
         browser = open_browser(playwright)
         try:
             page = browser.new_page(viewport=VIEWPORT)
