@@ -520,18 +520,26 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
-def check_work_settings(work: Path, settings: dict, is_main: bool) -> None:
-    """Samples in `work` must come from the same model and sampling settings; the first run records them."""
+def check_work_settings(work: Path, settings: dict, is_main: bool, report_only: bool = False) -> dict:
+    """Samples in `work` must come from the same model and sampling settings; the first run records them,
+    with the machine it ran on (informative, not compared). `report_only` reads samples made on another
+    device, so the device is not compared either. Returns the recorded settings."""
     path = work / "settings.json"
+    ignored = {"machine", "device"} if report_only else {"machine"}
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+        changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                   if k not in ignored and old.get(k) != v]
         if changed:
             raise BadInput(f"--work {work} holds samples made with other settings ({'; '.join(changed)}): "
                            "use another --work, or delete it to start over")
-    elif is_main:
+        return old
+    if report_only:
+        raise BadInput(f"--report-only: {work} holds no samples (no settings.json)")
+    if is_main:
         work.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
+    return settings
 
 
 def generate_cells(model, cells: list[Cell], prompts: list[str], *, seed: int, steps: int, guidance,
@@ -754,8 +762,9 @@ def run_quality(args, argv: list[str]) -> None:
                              _file_hash(args.upsampler) if adapter is not None else "")
     guidance = model.default_guidance if args.guidance is None else args.guidance
     settings = {"model": model.name, "fingerprint": model_fingerprint(model), "device": model.device.type,
-                "dtype": str(model.unet.dtype), "steps": args.steps, "guidance": guidance, "seed": args.seed}
-    check_work_settings(args.work, settings, state.is_main_process)
+                "dtype": str(model.unet.dtype), "steps": args.steps, "guidance": guidance, "seed": args.seed,
+                "machine": machine_description(model.device)}
+    recorded = check_work_settings(args.work, settings, state.is_main_process, args.report_only)
     state.wait_for_everyone()
 
     def log(message: str) -> None:
@@ -764,21 +773,29 @@ def run_quality(args, argv: list[str]) -> None:
     prompts = random_prompts(args.n, args.seed)
     scenes = eval_scenes(args.n, args.seed)
     session = uuid.uuid4().hex[:12]
-    if state.is_main_process:
-        log(machine_description(model.device))
     pivots = {size: plan_stages(*size, model.base_size, model.size_multiple)[0] for size in sizes}
     base_cells = {size: Cell(Variant("direct", base=True), pivots[size], args.work) for size in sizes}
     cells_by_size = {size: [Cell(v, size, args.work) for v in variants] for size in sizes}
-    started = time.perf_counter()
     unique_bases = list({c.size: c for c in base_cells.values()}.values())
-    log(f"base samples at {', '.join(size_name(c.size) for c in unique_bases)}")
-    generate_cells(model, unique_bases, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
-                   batch_size=args.batch_size, adapter=adapter, state=state, session=session, log=log)
-    for size in sizes:
-        log(f"{size_name(size)}: {', '.join(v.label for v in variants)}")
-        generate_cells(model, cells_by_size[size], prompts, seed=args.seed, steps=args.steps, guidance=guidance,
+    if args.report_only:
+        cells = unique_bases + [c for size_cells in cells_by_size.values() for c in size_cells]
+        missing = sum(not c.done(i) for c in cells for i in range(args.n))
+        if missing:
+            raise BadInput(f"--report-only: {missing} samples are missing in {args.work}: run without "
+                           "--report-only to make them")
+    if state.is_main_process:
+        log(machine_description(model.device))
+    if not args.report_only:
+        started = time.perf_counter()
+        log(f"base samples at {', '.join(size_name(c.size) for c in unique_bases)}")
+        generate_cells(model, unique_bases, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
                        batch_size=args.batch_size, adapter=adapter, state=state, session=session, log=log)
-    log(f"sampling took {time.perf_counter() - started:.0f} s in this run")
+        for size in sizes:
+            log(f"{size_name(size)}: {', '.join(v.label for v in variants)}")
+            generate_cells(model, cells_by_size[size], prompts, seed=args.seed, steps=args.steps,
+                           guidance=guidance, batch_size=args.batch_size, adapter=adapter, state=state,
+                           session=session, log=log)
+        log(f"sampling took {time.perf_counter() - started:.0f} s in this run")
     if not state.is_main_process:
         return
 
@@ -802,8 +819,10 @@ def run_quality(args, argv: list[str]) -> None:
     quality_grid(figure, cells_by_size, base_cells, scenes, args.grid_rows)
     body = "\n\n".join([
         f"### Quality: the comparison table ({model.name})",
-        f"{machine_description(model.device)}\n\nCommand: `{command_line(argv)}` (samples in `{args.work}`)",
-        f"Model `{model.name}` (weights {settings['fingerprint']}), {settings['dtype']} on {settings['device']}; "
+        (f"Samples and times: {recorded.get('machine', 'machine not recorded')}\n\nMetrics: "
+         f"{machine_description(model.device)}" if args.report_only else machine_description(model.device))
+        + f"\n\nCommand: `{command_line(argv)}` (samples in `{args.work}`)",
+        f"Model `{model.name}` (weights {settings['fingerprint']}), {recorded['dtype']} on {recorded['device']}; "
         f"{args.n} fresh prompts `shapes.random_prompts({args.n}, {args.seed})`, prompt i with seed {args.seed} + i "
         f"for every method; DDIM {args.steps} steps, guidance {guidance}. K sweeps the self-cascade's re-noise "
         "level (the same K at every stage).",
@@ -868,6 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--figure", type=Path, default=None, help="default: quality_grid.png beside --out")
     q.add_argument("--grid-rows", type=int, default=3)
     q.add_argument("--no-fid", action="store_true", help="composition and time only")
+    q.add_argument("--report-only", action="store_true",
+                   help="generate nothing: the table from the samples already in --work (e.g. made on a GPU "
+                        "machine without the Inception file); every sample must be there")
     return parser
 
 

@@ -1,5 +1,6 @@
 """The benchmarks: markdown sections, speed ratios, FID/KID, and both benches end to end on a tiny model."""
 import importlib.util
+import json
 import re
 
 import numpy as np
@@ -205,6 +206,38 @@ def test_quality_bench_end_to_end_resumes_and_replaces_its_section(sd_folder, tm
 
     # Other sampling settings in the same work folder would mix samples: refused.
     assert bench.main(args[:-4] + ["--steps", "4", "--work", str(work)]) == 2
+
+
+def test_report_only_tables_samples_made_on_another_device(sd_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(metrics, "inception_features", cheap_features)
+    out, work = tmp_path / "benchmarks.md", tmp_path / "work"
+    args = ["quality", "--model", str(sd_folder), "--sizes", "32x32", "--n", "2", "--steps", "2",
+            "--methods", "direct,self-cascade", "--device", "cpu", "--work", str(work)]
+    assert bench.main(args + ["--no-fid"]) == 0
+    # as if a GPU machine had made them: its device and machine are on record
+    settings = json.loads((work / "settings.json").read_text())
+    assert "CPU" in settings["machine"]
+    settings.update(device="cuda", machine="Machine: a GPU box.")
+    (work / "settings.json").write_text(json.dumps(settings))
+    assert bench.main(args) == 2  # generating more here would mix devices: refused
+    capsys.readouterr()
+
+    def fail(*a, **k):
+        raise AssertionError("--report-only generates nothing")
+
+    monkeypatch.setattr(bench, "run_variant", fail)
+    assert bench.main(args + ["--report-only", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Samples and times: Machine: a GPU box." in text and "on cuda" in text
+    assert [r[1] for r in section_rows(text, "quality")] == ["base (16x16, the model's own size)", "direct",
+                                                             "self-cascade K=700"]  # the tiny model's default K
+    assert all(r[4] != "-" for r in section_rows(text, "quality"))  # FID computed here
+
+    (work / "32x32" / "direct" / "0001.json").unlink()
+    capsys.readouterr()
+    assert bench.main(args + ["--report-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --report-only: 1 samples are missing in {work}: run without --report-only to make them"]
 
 
 def test_eval_scenes_are_the_prompts_scenes():

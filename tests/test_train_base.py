@@ -1,3 +1,4 @@
+import json
 import sys
 
 import torch
@@ -7,10 +8,10 @@ from sc_app.models import load_model
 from tuner import train_base
 
 
-def _train(monkeypatch, work, out, unet_steps):
+def _train(monkeypatch, work, out, unet_steps, *extra):
     argv = ["train_base", "--work", str(work), "--out", str(out), "--vae-steps", "2", "--vae-batch", "2",
             "--cache-scenes", "24", "--decoder-steps", "2", "--decoder-batch", "2", "--unet-steps", str(unet_steps),
-            "--unet-batch", "4", "--checkpoint-every", "1", "--log-every", "1", "--warmup", "1"]
+            "--unet-batch", "4", "--checkpoint-every", "1", "--log-every", "1", "--warmup", "1", *extra]
     monkeypatch.setattr(sys, "argv", argv)
     train_base.main()
 
@@ -44,6 +45,30 @@ def test_trains_exports_an_sd_folder_and_resumes(tmp_path, monkeypatch):
     assert second["step"] == 3
     changed = [k for k in first["unet"] if not torch.equal(first["unet"][k], second["unet"][k])]
     assert changed  # one more optimisation step ran on top of the resumed weights
+
+
+def test_init_from_continues_a_shipped_model(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _train(monkeypatch, tmp_path / "work1", first, 2)
+    _train(monkeypatch, tmp_path / "work2", second, 1, "--init-from", str(first), "--cache-scenes", "1100")
+    assert not (tmp_path / "work2" / "vae.ckpt").exists()  # no VAE phase: the folder's VAE is kept as it is
+    old, new = load_model(str(first), device="cpu").pipe, load_model(str(second), device="cpu").pipe
+    assert new.vae.config.scaling_factor == old.vae.config.scaling_factor  # the scale its UNet was trained with
+    assert all(torch.equal(a, b) for a, b in zip(old.vae.state_dict().values(), new.vae.state_dict().values()))
+    # the UNet starts from the folder's weights: one small step away from them, far from a fresh init
+    fresh = train_base.unet_model(16).state_dict()
+    drift = max((a.float() - b.float()).abs().max() for a, b in zip(old.unet.state_dict().values(),
+                                                                     new.unet.state_dict().values()))
+    distance = max((a.float() - b.float()).abs().max() for a, b in zip(old.unet.state_dict().values(),
+                                                                        fresh.values()))
+    assert drift < 0.01 < distance
+    # the cache spans three render chunks (rendered in parallel), kept in chunk order
+    prompts = json.loads((tmp_path / "work2" / "prompts.json").read_text())
+    assert len(load_file(tmp_path / "work2" / "latents.safetensors")["latents"]) == len(prompts) == 1100
+    second_chunk, _ = train_base.scenes_for(0, 2, 1, 500)
+    assert prompts[500:1000] == [s.prompt for s in second_chunk]
 
 
 def test_word_tokenizer_keeps_words_whole(tmp_path):

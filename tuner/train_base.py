@@ -2,6 +2,7 @@
 
     python -m tuner.train_base --out assets/shapes-ldm            # CPU: about two hours on 2 cores
     accelerate launch -m tuner.train_base --out ... --unet-batch 512  # a GPU: minutes
+    python -m tuner.train_base --init-from assets/shapes-ldm --work runs/more ...  # train a shipped model further
 
 Runs under `accelerate`, resumes from `--work` after an interruption (checkpoints are complete and
 written atomically), and is reproducible from `--seed`: the scenes of step s come from (seed, s).
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,6 +42,9 @@ KEPT_ON_EXPORT = ("README.md", "self_cascade.json")  # the model card, and the d
 class Config:
     out: str = "assets/shapes-ldm"
     work: str = "runs/base"  # checkpoints and the latent cache
+    # a diffusers folder written by this script: its VAE (and latent scale) is kept as it is, and its text
+    # encoder and UNet are where the UNet phase starts (with a fresh optimizer) when --work has no checkpoint
+    init_from: str = ""
     seed: int = 0
     base_size: int = 64  # pixels; the VAE downsamples 4x, so 16x16 latents
     # VAE
@@ -193,26 +198,43 @@ def train_vae(cfg: Config, acc: Accelerator, work: Path) -> AutoencoderKL:
 
 # ---- the latent cache: every training scene rendered and encoded once --------------------------------
 
+CACHE_CHUNK = 500
+
+
+def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    seed, chunk, count, size = args
+    scenes, _ = scenes_for(seed, 2, chunk, count)
+    return render_batch(scenes, size, size), [s.prompt for s in scenes]
+
+
 @torch.no_grad()
-def latent_cache(cfg: Config, vae: AutoencoderKL, work: Path, device) -> tuple[torch.Tensor, list[str]]:
+def latent_cache(cfg: Config, vae: AutoencoderKL, work: Path, device, measure_scale: bool
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """Render `cache_scenes` scenes (chunk c drawn from (seed, 2, c), in as many processes as there are
+    cores) and encode them. `measure_scale`: set the VAE's scaling factor to 1 / std of the latents; a VAE
+    from --init-from keeps its own, which its UNet was trained with."""
     path = work / "latents.safetensors"
     if path.exists():
         cache = load_file(path)
         prompts = json.loads((work / "prompts.json").read_text())
         return cache["latents"], prompts
-    scenes, _ = scenes_for(cfg.seed, 2, 0, cfg.cache_scenes)
-    latents = []
-    for i in range(0, len(scenes), 500):
-        images = to_tensor(render_batch(scenes[i:i + 500], cfg.base_size, cfg.base_size)).to(device)
-        latents.append(vae.encode(images).latent_dist.mean.cpu())
-        log.info("cache: %d/%d scenes encoded", i + 500, len(scenes))
+    counts = [min(CACHE_CHUNK, cfg.cache_scenes - i) for i in range(0, cfg.cache_scenes, CACHE_CHUNK)]
+    jobs = [(cfg.seed, c, n, cfg.base_size) for c, n in enumerate(counts)]
+    latents, prompts = [], []
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for images, chunk_prompts in pool.map(_render_chunk, jobs):
+            latents.append(vae.encode(to_tensor(images).to(device)).latent_dist.mean.cpu())
+            prompts += chunk_prompts
+            if len(latents) % 20 == 0 or len(prompts) == cfg.cache_scenes:
+                log.info("cache: %d/%d scenes encoded", len(prompts), cfg.cache_scenes)
     latents = torch.cat(latents)
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if measure_scale:
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * vae.config.scaling_factor
-    (work / "prompts.json").write_text(json.dumps([s.prompt for s in scenes]))
+    (work / "prompts.json").write_text(json.dumps(prompts))
     save_file({"latents": latents.contiguous(),
                "scaling_factor": torch.tensor(vae.config.scaling_factor)}, str(path))
-    return latents, [s.prompt for s in scenes]
+    return latents, prompts
 
 
 # ---- phase 1b: the decoder, on whole scenes at the base size and above -----------------------------
@@ -245,8 +267,11 @@ def finetune_decoder(cfg: Config, acc: Accelerator, work: Path, vae: Autoencoder
     vae.eval().requires_grad_(False)
 
 
-def load_vae(work: Path) -> AutoencoderKL:
-    """The trained VAE: encoder and decoder, the fine-tuned decoder where there is one, the latent scale."""
+def load_vae(cfg: Config, work: Path) -> AutoencoderKL:
+    """The trained VAE: encoder and decoder, the fine-tuned decoder where there is one, the latent scale;
+    or --init-from's VAE, unchanged."""
+    if cfg.init_from:
+        return AutoencoderKL.from_pretrained(cfg.init_from, subfolder="vae").eval().requires_grad_(False)
     vae = vae_model()
     vae.load_state_dict(load_checkpoint(work / "vae.ckpt")["model"])
     if (state := load_checkpoint(work / "decoder.ckpt")) is not None:
@@ -259,6 +284,10 @@ def load_vae(work: Path) -> AutoencoderKL:
 
 def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer):
     unet, text = unet_model(cfg.base_size // 4), text_model(len(tokenizer))
+    if cfg.init_from:  # a checkpoint in --work, loaded below, takes precedence
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_from, subfolder="unet").state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(cfg.init_from, subfolder="text_encoder").state_dict())
+        log.info("unet: starting from %s", cfg.init_from)
     noise_sched = scheduler()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
@@ -280,11 +309,12 @@ def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor,
                     truncation=True, return_tensors="pt").input_ids
     empty_ids, ids = ids[-1], ids[:-1]
     alphas = noise_sched.alphas_cumprod.to(acc.device)
+    latents = latents.to(acc.device)
     started, running = time.time(), 0.0
     for step in range(start, cfg.unet_steps):
         rng = np.random.default_rng([cfg.seed, 3, step])
         index = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
-        x0 = latents[index].to(acc.device)
+        x0 = latents[index.to(acc.device)]
         tokens = ids[index].clone()
         tokens[torch.from_numpy(rng.random(cfg.unet_batch) < cfg.caption_dropout)] = empty_ids
         t = torch.randint(0, 1000, (cfg.unet_batch,), device=acc.device)
@@ -356,12 +386,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = write_word_tokenizer(WORDS, work / "tokenizer")
     if not export_only:  # every phase resumes from its own checkpoint, or skips when it is complete
-        vae = train_vae(cfg, acc, work).to(acc.device)
-        latents, prompts = latent_cache(cfg, vae, work, acc.device)
-        finetune_decoder(cfg, acc, work, vae)
+        if cfg.init_from:
+            vae = load_vae(cfg, work).to(acc.device)
+            latents, prompts = latent_cache(cfg, vae, work, acc.device, measure_scale=False)
+        else:
+            vae = train_vae(cfg, acc, work).to(acc.device)
+            latents, prompts = latent_cache(cfg, vae, work, acc.device, measure_scale=True)
+            finetune_decoder(cfg, acc, work, vae)
         train_unet(cfg, acc, work, latents, prompts, tokenizer)
     if acc.is_main_process:
-        export(cfg, work, load_vae(work), tokenizer)
+        export(cfg, work, load_vae(cfg, work), tokenizer)
 
 
 if __name__ == "__main__":
