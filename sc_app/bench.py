@@ -8,7 +8,9 @@ quality  The paper's comparison table (Tables 1-2) on the embedded model: per me
          (the shapes detector), FID_r/KID_r against real shapes-world renders at the target size, FID_b/KID_b
          against the model's own base-resolution samples, and time relative to direct; plus a figure. Samples
          and their records go to `--work`, so an interrupted run resumes where it stopped, and
-         `accelerate launch -m sc_app.bench quality ...` splits the prompts across processes.
+         `accelerate launch --multi_gpu --num_processes N -m sc_app.bench quality ...` splits the prompts
+         across processes: one per GPU, or on a machine without one, N CPU processes (with OMP_NUM_THREADS
+         set to cores / N).
 
 A section of the markdown file lies between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and is replaced
 on every write, so reruns never duplicate it. Bad input: one line on stderr, exit code 2.
@@ -750,7 +752,7 @@ def run_quality(args, argv: list[str]) -> None:
     sizes, ks, methods = parse_common(args)
     if args.n < 2:
         raise BadInput(f"--n must be >= 2 (FID and KID need two samples), got {args.n}")
-    state = PartialState()
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # cpu: processes over gloo
     if args.device is None and state.num_processes > 1:
         args.device = str(state.device)  # one GPU per process under `accelerate launch`
     model = _load(args, args.dtype)

@@ -240,6 +240,26 @@ def test_report_only_tables_samples_made_on_another_device(sd_folder, tmp_path, 
     assert err == [f"error: --report-only: 1 samples are missing in {work}: run without --report-only to make them"]
 
 
+def test_quality_bench_splits_prompts_across_cpu_processes(sd_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = subprocess.run([*launch, "-m", "sc_app.bench",
+                          "quality", "--model", str(sd_folder), "--sizes", "32x32", "--n", "4", "--steps", "2",
+                          "--methods", "direct", "--batch-size", "1", "--no-fid", "--work", str(work)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    made_by = {int(line.split("samples ")[1].split("..")[0]): line.split("]")[0].split()[-1]
+               for line in run.stderr.splitlines() if line.startswith("  [process") and "direct" in line}
+    assert made_by == {0: "0", 1: "0", 2: "1", 3: "1"}  # each process its half, none twice
+    assert sorted(p.name for p in (work / "32x32" / "direct").glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
+
+
 def test_eval_scenes_are_the_prompts_scenes():
     from sc_app.shapes import random_prompts
 

@@ -10,7 +10,6 @@ import logging
 from itertools import islice
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence
 
@@ -158,6 +157,8 @@ def _iter_frames(source: Path, stop: int | None = None):
                     break
                 yield np.asarray(frame.convert("RGB"))
     else:
+        import imageio_ffmpeg  # here, not at the top: image training needs no ffmpeg (e.g. on a bare GPU machine)
+
         reader = imageio_ffmpeg.read_frames(str(source))
         try:
             width, height = next(reader)["size"]

@@ -40,6 +40,8 @@ from sc_app.upsampler import (DEFAULT_WIDTH, Adapter, load_adapter, pivot_featur
 from sc_app.video import VideoModel
 from tuner.data import make_dataset
 
+LOG_EVERY = 50
+
 log = logging.getLogger(__name__)
 
 PIVOTS = ("downsampled", "generated")
@@ -302,6 +304,9 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
                 raise RuntimeError(f"loss is {value} at step {step + 1}; try a lower lr")
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.set_postfix(loss=f"{running:.4f}")
+            if bar.disable and (step + 1) % LOG_EVERY == 0:  # no terminal (a log file): the bar writes nothing
+                log.info("step %d/%d  loss %.4f  %.2f steps/s", step + 1, steps, running,
+                         (step + 1 - start) / (time.perf_counter() - started))
             if progress is not None:
                 progress(step + 1, steps, value)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
