@@ -171,8 +171,8 @@ def machine_description(device: torch.device) -> str:
     return f"Machine: {'; '.join(parts)}. Date: {date}. Versions: {versions}."
 
 
-def command_line(argv: list[str]) -> str:
-    return "python -m sc_app.bench " + shlex.join(argv)
+def command_line(argv: list[str], module: str = "sc_app.bench") -> str:
+    return f"python -m {module} " + shlex.join(argv)
 
 
 def write_section(path: Path, name: str, body: str) -> None:

@@ -31,8 +31,8 @@ def trained(sd_model, tmp_path_factory):
 
 def test_cli_trains_on_shapes(sd_folder, sd_model, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    out = tmp_path / "shapes.safetensors"
-    assert cli(sd_folder, out, "--data", "shapes", "--k", "500") == 0
+    out = tmp_path / "new" / "shapes.safetensors"  # the folder is made at the start, not at the first checkpoint
+    assert cli(sd_folder, out, "--data", "shapes", "--k", "500", "--checkpoint-every", "1") == 0
     adapter = load_adapter(out, sd_model)
     assert (adapter.steps, adapter.scale, adapter.k) == (2, 2.0, 500)
     assert checkpoint_path(out).is_file()

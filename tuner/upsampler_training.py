@@ -197,6 +197,7 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     dataset = make_dataset(data, crop, shapes_pool, seed, frames) if isinstance(data, (str, Path)) else data
     k = k or model.default_k
     out, ckpt_path = Path(out), checkpoint_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # now, not at the first checkpoint minutes later
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
         adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name,
