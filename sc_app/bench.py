@@ -786,7 +786,7 @@ def run_quality(args, argv: list[str]) -> None:
             raise BadInput(f"--report-only: {missing} samples are missing in {args.work}: run without "
                            "--report-only to make them")
     if state.is_main_process:
-        log(machine_description(model.device))
+        log(settings["machine"])
     if not args.report_only:
         started = time.perf_counter()
         log(f"base samples at {', '.join(size_name(c.size) for c in unique_bases)}")

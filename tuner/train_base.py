@@ -15,9 +15,9 @@ import json
 import logging
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
