@@ -9,6 +9,7 @@ from PIL import Image
 from sc_app.cascade import self_cascade
 from sc_app.models import load_model
 from sc_app.upsampler import load_adapter, stage_denoiser_for
+from tuner import upsampler_training
 from tuner.__main__ import main
 from tuner.upsampler_training import checkpoint_path, train_adapter
 
@@ -29,14 +30,24 @@ def trained(sd_model, tmp_path_factory):
     return out, progress
 
 
-def test_cli_trains_on_shapes(sd_folder, sd_model, tmp_path, caplog):
+def test_cli_trains_on_shapes(sd_folder, sd_model, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    monkeypatch.setattr(upsampler_training, "LOG_EVERY", 1)
     out = tmp_path / "new" / "shapes.safetensors"  # the folder is made at the start, not at the first checkpoint
     assert cli(sd_folder, out, "--data", "shapes", "--k", "500", "--checkpoint-every", "1") == 0
+    assert "step 2/2  loss" in caplog.text  # no terminal here: the loss goes to the log, not only to a bar
     adapter = load_adapter(out, sd_model)
     assert (adapter.steps, adapter.scale, adapter.k) == (2, 2.0, 500)
     assert checkpoint_path(out).is_file()
     assert f"{adapter.num_parameters:,} trainable parameters" in caplog.text
+
+
+def test_image_training_needs_no_ffmpeg():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['imageio_ffmpeg'] = None; import tuner.upsampler_training, tuner.__main__"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def _write_folder(folder):
