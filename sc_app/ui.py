@@ -339,12 +339,14 @@ class Studio:
             path = self.adapter_dir / f"{name}-{n}.safetensors"
         tmp = self.adapter_dir / f".{uuid.uuid4().hex}.tmp"
         tmp.write_bytes(data)
+        from .upsampler import load_adapter, weights_mismatch
         try:
-            from .upsampler import load_adapter
-            load_adapter(tmp, self.model)
+            adapter = load_adapter(tmp, self.model)
         except ValueError as error:
             tmp.unlink(missing_ok=True)
             raise user_error(f"this adapter does not fit the loaded model: {str(error).replace(str(tmp), 'the file')}") from None
+        if (mismatch := weights_mismatch(adapter, self.model)) is not None:
+            gr.Warning(f"{name}: {mismatch}")
         os.replace(tmp, path)
         return path.stem
 

@@ -48,6 +48,8 @@ TIME_DIM = 32  # the modules' own sinusoidal timestep embedding (the UNet's is 1
 SCALE_TOLERANCE = 0.15  # a x2 adapter serves stages whose per-side growth is 1.7 .. 2.3
 IMAGE_UNET = "UNet2DConditionModel"  # what files written before the `unet_class` metadata were for
 VIDEO_UNETS = {"UNet3DConditionModel": "a ModelScope video UNet", "UNetMotionModel": "an AnimateDiff video UNet"}
+SIGNATURE_TENSORS, SIGNATURE_VALUES = 16, 8  # the weights sampled into a file's `unet_signature`
+SIGNATURE_TOLERANCE = 0.01  # above bf16's rounding (0.4%), below what further training moves
 
 
 # ---- where the upsamplers read and write -----------------------------------------------------------
@@ -96,6 +98,25 @@ def unet_fingerprint(config) -> str:
     """A short hash of the UNet's config (its architecture), ignoring diffusers' private keys."""
     clean = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_signature(unet) -> list[float]:
+    """A few of the UNet's weights at fixed places: it tells apart two trainings of one architecture,
+    which `unet_fingerprint` cannot, and survives a cast to fp16 or bf16."""
+    matrices = [p for _, p in sorted(unet.named_parameters()) if p.ndim > 1]
+    picked = [matrices[round(i)] for i in torch.linspace(0, len(matrices) - 1, SIGNATURE_TENSORS).tolist()]
+    values = []
+    for weight in picked:
+        flat = weight.detach().reshape(-1)
+        places = torch.linspace(0, flat.numel() - 1, SIGNATURE_VALUES).round().long().to(flat.device)
+        values += flat[places].float().cpu().tolist()
+    return values
+
+
+def signature_distance(a: list[float], b: list[float]) -> float:
+    """Relative L2 distance of two signatures (0: the same weights)."""
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def _level_size(size: tuple[int, int], level: int) -> tuple[int, int]:
@@ -155,7 +176,8 @@ class Adapter(nn.Module):
     """The N upsamplers of one base model and one scale, with what the file's metadata records."""
 
     def __init__(self, unet_config, *, width: int | None = DEFAULT_WIDTH, scale: float = 2.0, k: int = 700,
-                 base_model: str = "", steps: int = 0, unet_class: str = IMAGE_UNET):
+                 base_model: str = "", steps: int = 0, unet_class: str = IMAGE_UNET,
+                 signature: list[float] | None = None):
         super().__init__()
         if width is not None and (not isinstance(width, int) or width < 1):
             raise ValueError(f"width must be a positive integer or None (full width), got {width!r}")
@@ -167,6 +189,7 @@ class Adapter(nn.Module):
         self.fingerprint = unet_fingerprint(unet_config)
         self.unet_class = unet_class
         self.scale, self.k, self.base_model, self.steps = float(scale), int(k), base_model, int(steps)
+        self.signature = signature  # weights_signature of the UNet it was trained on; None in older files
 
     @property
     def num_parameters(self) -> int:
@@ -206,6 +229,7 @@ class Adapter(nn.Module):
             "unet_fingerprint": self.fingerprint, "scale": repr(self.scale), "k": str(self.k),
             "n": str(len(self.sites)), "width": json.dumps(self.width), "widths": json.dumps(self.widths),
             "sites": json.dumps([s.name for s in self.sites]), "steps": str(self.steps), "unet_class": self.unet_class,
+            **({"unet_signature": json.dumps(self.signature)} if self.signature is not None else {}),
         }
 
 
@@ -244,6 +268,18 @@ def _refuse_other_model(source: str, base_model, unet_class: str, fingerprint, m
                          f"not for {model.name!r} (UNet {own})")
 
 
+def weights_mismatch(adapter: Adapter, model) -> str | None:
+    """One line when the adapter was trained on other weights of `model`'s architecture (a stale adapter
+    of a retrained model, or one of a fine-tune), which the architecture check lets through."""
+    if adapter.signature is None:
+        return None
+    distance = signature_distance(weights_signature(model.unet), adapter.signature)
+    if distance <= SIGNATURE_TOLERANCE:
+        return None
+    return (f"the upsamplers were trained on other weights than {model.name!r} has now ({distance:.0%} apart at "
+            "sampled places): they may help less, or hurt; retrain them on this model (python -m tuner train)")
+
+
 def load_adapter(path: str | Path, model) -> Adapter:
     """Read an adapter file for `model`; ValueError (one line) for a wrong model or a file that is not one."""
     path = Path(path)
@@ -265,13 +301,16 @@ def load_adapter(path: str | Path, model) -> Adapter:
     try:
         adapter = Adapter(model.unet.config, width=json.loads(meta["width"]), scale=float(meta["scale"]),
                           k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]),
-                          unet_class=meta.get("unet_class", IMAGE_UNET))
+                          unet_class=meta.get("unet_class", IMAGE_UNET),
+                          signature=json.loads(meta["unet_signature"]) if "unet_signature" in meta else None)
         adapter.load_state_dict(tensors)
     except (KeyError, ValueError, RuntimeError) as error:
         raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
     if meta["base_model"] != model.name:  # same architecture under another name: a path or a fine-tune
         log.warning("upsampler %s was trained on %r; using it with %r (same UNet architecture)",
                     path, meta["base_model"], model.name)
+    if (mismatch := weights_mismatch(adapter, model)) is not None:
+        log.warning("upsampler %s: %s", path, mismatch)
     return adapter.to(model.device, model.unet.dtype).eval()
 
 

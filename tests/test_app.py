@@ -192,6 +192,21 @@ def test_loaded_adapter_is_offered_and_used(client, app, tmp_path):
     assert Image.open(tuned[1]).tobytes() == Image.open(plain[1]).tobytes()
 
 
+def test_adapter_of_other_weights_is_offered_with_a_warning(app, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from sc_app.upsampler import Adapter, save_adapter, weights_signature
+
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    stale = [1.5 * v for v in weights_signature(app.model.unet)]  # as if the model was trained on since
+    path = save_adapter(Adapter(app.model.unet.config, base_model=app.model.name, signature=stale),
+                        tmp_path / "stale.safetensors")
+    choice, _ = app.studio.upload_adapter(str(path))
+    assert choice["value"].startswith("uploaded-stale")
+    assert len(warnings) == 1 and "trained on other weights" in warnings[0]
+
+
 # ---- Tune: uploads -------------------------------------------------------------------------------
 
 def tune_args(source="my images", files=None, steps=2, batch_size=1, lr=1e-3, scale=2):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from sc_app.cascade import self_cascade
 from sc_app.models import load_model
-from sc_app.upsampler import load_adapter, stage_denoiser_for
+from sc_app.upsampler import load_adapter, stage_denoiser_for, weights_signature
 from tuner import upsampler_training
 from tuner.__main__ import main
 from tuner.upsampler_training import checkpoint_path, train_adapter
@@ -38,6 +38,7 @@ def test_cli_trains_on_shapes(sd_folder, sd_model, tmp_path, caplog, monkeypatch
     assert "step 2/2  loss" in caplog.text  # no terminal here: the loss goes to the log, not only to a bar
     adapter = load_adapter(out, sd_model)
     assert (adapter.steps, adapter.scale, adapter.k) == (2, 2.0, 500)
+    assert adapter.signature == weights_signature(sd_model.unet)  # what a later load compares against
     assert checkpoint_path(out).is_file()
     assert f"{adapter.num_parameters:,} trainable parameters" in caplog.text
 

@@ -99,3 +99,28 @@ def test_wrong_or_broken_files_are_refused(sd_model, sdxl_model, tmp_path):
         load_adapter(tmp_path / "other.safetensors", sd_model)
     with pytest.raises(ValueError, match="no such file"):
         load_adapter(tmp_path / "missing.safetensors", sd_model)
+
+
+def test_adapter_of_other_weights_of_the_same_unet_is_flagged(sd_folder, tmp_path, caplog):
+    from sc_app.models import load_model
+    from sc_app.upsampler import weights_mismatch, weights_signature
+    model = load_model(str(sd_folder), device="cpu")
+    adapter = trained_like(model)
+    adapter.signature = weights_signature(model.unet)
+    path = save_adapter(adapter, tmp_path / "x2.safetensors")
+    with caplog.at_level("WARNING", logger="sc_app.upsampler"):
+        assert load_adapter(path, model).signature == adapter.signature
+    assert weights_mismatch(adapter, model) is None and "other weights" not in caplog.text
+    model.unet.to(torch.bfloat16)  # a cast is the same weights
+    assert weights_mismatch(adapter, model) is None
+    model.unet.to(torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():  # what further training does: every weight moves a little
+        for p in model.unet.parameters():
+            p.add_(0.1 * p.abs().mean() * torch.randn_like(p))
+    assert "other weights" in weights_mismatch(adapter, model)
+    with caplog.at_level("WARNING", logger="sc_app.upsampler"):
+        load_adapter(path, model)  # loads (a fine-tune may be meant) but says so
+    assert "retrain them" in caplog.text
+    adapter.signature = None  # files written before the signature: nothing to compare
+    assert weights_mismatch(load_adapter(save_adapter(adapter, tmp_path / "old.safetensors"), model), model) is None

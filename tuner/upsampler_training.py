@@ -36,7 +36,7 @@ from sc_app.api import as_model
 from sc_app.sampling import (added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler,
                              sample_ddim)
 from sc_app.upsampler import (DEFAULT_WIDTH, Adapter, load_adapter, pivot_features, save_adapter, unet_caller,
-                               unet_fingerprint)
+                               unet_fingerprint, weights_signature)
 from sc_app.video import VideoModel
 from tuner.data import make_dataset
 
@@ -201,7 +201,7 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
         adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name,
-                          unet_class=type(model.unet).__name__)
+                          unet_class=type(model.unet).__name__, signature=weights_signature(model.unet))
 
     # 1. Where to start: a checkpoint of this run, another adapter, or zero-initialised upsamplers
     state, start = None, 0
