@@ -72,6 +72,20 @@ def test_cli_trains_on_a_folder_and_skips_bad_files(sd_folder, sd_model, tmp_pat
     assert "2 usable images, 1 skipped as smaller than the 32x32 crop, 2 unreadable" in caplog.text
 
 
+def test_folder_drops_an_image_that_breaks_after_the_scan(tmp_path, caplog):
+    from tuner.data import ImageFolder
+
+    _write_folder(tmp_path / "images")
+    data = ImageFolder(tmp_path / "images", 32)
+    (tmp_path / "images" / "a.png").write_text("overwritten")  # broken mid-run
+    crops, captions = data.sample(np.random.default_rng(0), 6)
+    assert crops.shape == (6, 32, 32, 3) and captions == ["a blue square"] * 6  # all from b.jpg, the one left
+    assert "dropped" in caplog.text and "a.png" in caplog.text
+    (tmp_path / "images" / "b.jpg").unlink()
+    with pytest.raises(ValueError, match="no readable image left"):
+        data.sample(np.random.default_rng(1), 1)
+
+
 @pytest.mark.parametrize("make, args, message", [
     (lambda d: d.mkdir(), [], "no images in the folder"),
     (lambda d: (d.mkdir(), Image.new("RGB", (8, 8)).save(d / "s.png")), [], "no usable image (1 smaller"),

@@ -188,6 +188,23 @@ def test_clip_folder_samples_aligned_crops_with_captions(tmp_path):
     assert all(np.abs(np.diff(c.astype(float), axis=0)).sum() > 0 for c in clips)  # consecutive frames, moving
 
 
+def test_clip_folder_drops_a_clip_that_breaks_after_the_scan(tmp_path, caplog):
+    import shutil
+
+    from tuner.data import make_dataset
+
+    folder = write_clips(tmp_path / "clips")
+    data = make_dataset(folder, 32, frames=FRAMES)
+    (folder / "a.mp4").write_text("overwritten")  # broken mid-run
+    shutil.rmtree(folder / "c")
+    clips, captions = data.sample(np.random.default_rng(0), 4)
+    assert clips.shape == (4, FRAMES, 32, 32, 3) and captions == ["a blue square"] * 4  # b.gif, the one left
+    assert "dropped" in caplog.text and "a.mp4" in caplog.text
+    (folder / "b.gif").unlink()
+    with pytest.raises(ValueError, match="no readable clip left"):
+        data.sample(np.random.default_rng(1), 1)
+
+
 def test_cli_trains_embedded_video_on_moving_shapes(modelscope_folder, modelscope_model, tmp_path, monkeypatch):
     monkeypatch.setattr(video, "VIDEO_EMBEDDED", modelscope_folder)
     out = tmp_path / "embedded.safetensors"
