@@ -311,5 +311,8 @@ def test_train_video_resumes_exactly_and_exports_a_loadable_model(sd_folder, tmp
             torch.testing.assert_close(resumed[name][key], value)
     model = load_video_model(str(tmp_path / "video"), device="cpu")
     assert model.kind == "animatediff" and model.default_frames == FRAMES and model.max_frames == 8
+    assert not (tmp_path / "video" / "motion_adapter").exists()  # the motion layers are stored once, in unet/
+    from diffusers import AnimateDiffPipeline
+    assert isinstance(AnimateDiffPipeline.from_pretrained(tmp_path / "video").unet, UNetMotionModel)
     result = video_self_cascade(model, PROMPT, 32, 32, num_inference_steps=2, seed=0)
     assert result.clips[0].shape == (FRAMES, 32, 32, 3)

@@ -189,8 +189,11 @@ def export(cfg: Config, work: Path, base) -> Path:
     adapter = motion_adapter(cfg, base.unet)
     motion_modules(adapter).load_state_dict(state["ema"])
     pipe = base.pipe
+    # The UNet carries the motion layers, so the folder leaves out the separate motion_adapter (null in
+    # model_index.json) rather than store them twice.
     video = AnimateDiffPipeline(vae=pipe.vae.cpu(), text_encoder=pipe.text_encoder.cpu(), tokenizer=pipe.tokenizer,
-                                unet=base.unet.cpu(), motion_adapter=adapter, scheduler=pipe.scheduler)
+                                unet=UNetMotionModel.from_unet2d(base.unet.cpu(), adapter), motion_adapter=None,
+                                scheduler=pipe.scheduler)
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
