@@ -21,8 +21,9 @@ own resolution). Real clips of `sc_app.moving_shapes` at both sizes are the dete
 - s / clip: the median wall time of one `generate_video` call per clip (text encoding, denoising,
   decoding; stages before the last not decoded); time vs direct: that median over direct's.
 
-Clips and their records go to `--work`, so an interrupted run resumes where it stopped. Bad input: one
-line on stderr, exit code 2.
+Clips and their records go to `--work`, so an interrupted run resumes where it stopped. Under
+`accelerate launch --num_processes N` (N GPUs, or N CPU processes with `--multi_gpu`) the prompts are split
+between the processes and the first one writes the table. Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -208,20 +209,23 @@ def generate_clip(model, cell: ClipCell, prompt: str, seed: int, *, steps: int, 
 
 
 def generate_cells(model, cells: list[ClipCell], prompts: list[str], *, seed: int, steps: int, guidance: float,
-                   adapter, log) -> None:
+                   adapter, state, log) -> None:
     """Every missing clip, prompt by prompt through every cell, the order reversed every other prompt so
-    that drift in the machine's speed favours no method."""
+    that drift in the machine's speed favours no method. Prompts are split across processes."""
     pending = [i for i in range(len(prompts)) if not all(c.done(i) for c in cells)]
-    for n, i in enumerate(pending):
-        timing = []
-        for cell in cells if n % 2 == 0 else cells[::-1]:
-            if cell.done(i):
-                continue
-            clip, seconds = generate_clip(model, cell, prompts[i], seed + i, steps=steps, guidance=guidance,
-                                          adapter=adapter)
-            cell.save(i, clip, {"index": i, "prompt": prompts[i], "seed": seed + i, "seconds": seconds})
-            timing.append(f"{cell.variant.label} {seconds:.1f}s")
-        log(f"  clip {i + 1}/{len(prompts)}: {', '.join(timing)}")
+    state.wait_for_everyone()  # every process lists the same pending work before any writes a clip
+    with state.split_between_processes(pending) as mine:
+        for n, i in enumerate(mine):
+            timing = []
+            for cell in cells if n % 2 == 0 else cells[::-1]:
+                if cell.done(i):
+                    continue
+                clip, seconds = generate_clip(model, cell, prompts[i], seed + i, steps=steps, guidance=guidance,
+                                              adapter=adapter)
+                cell.save(i, clip, {"index": i, "prompt": prompts[i], "seed": seed + i, "seconds": seconds})
+                timing.append(f"{cell.variant.label} {seconds:.1f}s")
+            log(f"  [process {state.process_index}] clip {i + 1}/{len(prompts)}: {', '.join(timing)}")
+    state.wait_for_everyone()
 
 
 def real_clips(count: int, seed: int):
@@ -291,7 +295,12 @@ def load(args):
 
 
 def run_bench(args, argv: list[str]) -> None:
+    from accelerate import PartialState
+
     size, asked_ks = check_args(args)
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # cpu: processes over gloo
+    if args.device is None and state.num_processes > 1:
+        args.device = str(state.device)  # one GPU per process under `accelerate launch`
     model = load(args)
     size = size or (2 * model.base_size, 2 * model.base_size)
     frames = args.frames or model.default_frames
@@ -310,20 +319,24 @@ def run_bench(args, argv: list[str]) -> None:
         raise BadInput(str(error)) from None
     settings = {"model": model.name, "fingerprint": model_fingerprint(model), "device": model.device.type,
                 "dtype": str(model.unet.dtype), "steps": args.steps, "guidance": guidance, "seed": args.seed}
-    check_work_settings(args.work, settings, True)
+    check_work_settings(args.work, settings, state.is_main_process)
+    state.wait_for_everyone()
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     machine = machine_description(model.device)
-    log(machine)
+    if state.is_main_process:
+        log(machine)
     prompts = random_prompts(args.n, args.seed)
     pivot = plan_stages(*size, model.base_size, model.size_multiple)[0]
     base = ClipCell(Variant("direct", base=True), pivot, frames, args.work)
     cells = [ClipCell(v, size, frames, args.work) for v in variants]
     log(f"{size_name(size)}, {frames} frames: {', '.join(v.label for v in variants)}; base {size_name(pivot)}")
     generate_cells(model, [base] + cells, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
-                   adapter=adapter, log=log)
+                   adapter=adapter, state=state, log=log)
+    if not state.is_main_process:
+        return
 
     reals = real_clips(args.n, args.seed)
     rows = [Row(f"real clips ({size_name(s)})", s, [score_clip(render_clip(c, frames, *s), c.prompt) for c in reals])

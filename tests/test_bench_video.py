@@ -201,3 +201,24 @@ def test_the_tuned_rows_run_the_upsampler_at_its_own_k(modelscope_folder, tmp_pa
     rows = section_rows(md.read_text(), "video")
     assert list(rows)[-3:] == ["direct", f"self-cascade K={model.default_k}", "self-cascade tuned K=500"]
     assert "trained at K=500" in md.read_text() and not (md.parent / "video_grid.png").exists()
+
+
+def test_prompts_are_split_across_cpu_processes(modelscope_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    md, work = tmp_path / "bench.md", tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = subprocess.run([*launch, "-m", "sc_app.bench_video", "--model", str(modelscope_folder), "--n", "4",
+                          "--frames", "3", "--steps", "2", "--grid-prompts", "0", "--md", str(md), "--work", str(work)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    made_by = {int(line.split("clip ")[1].split("/")[0]): line.split("]")[0].split()[-1]
+               for line in run.stderr.splitlines() if line.startswith("  [process")}
+    assert made_by == {1: "0", 2: "0", 3: "1", 4: "1"}  # each process its half, none twice
+    assert sorted(p.name for p in (work / "32x32-3f" / "direct").glob("*.json")) == [f"{i:04d}.json" for i in range(4)]
+    rows = section_rows(md.read_text(), "video")
+    assert rows["direct"][1] == "4" and md.read_text().count("<!-- bench:video -->") == 1
