@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
-from .bench import (Variant, _file_hash, _load_adapter, _sync, check_work_settings, command_line,  # noqa: E402
+from .bench.common import (Variant, _file_hash, _load_adapter, _sync, check_work_settings, command_line,  # noqa: E402
                     machine_description, make_variants, markdown_table, model_fingerprint, parse_ints, parse_sizes,
                     ratios_to, size_name, write_section)
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402

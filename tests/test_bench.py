@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 
 from sc_app import bench, metrics
+from sc_app.bench import archs, common, quality
 
 
 def section_rows(text: str, name: str) -> list[list[str]]:
@@ -22,10 +23,10 @@ def section_rows(text: str, name: str) -> list[list[str]]:
 
 def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
     path = tmp_path / "docs" / "benchmarks.md"
-    bench.write_section(path, "speed", "first")
+    common.write_section(path, "speed", "first")
     path.write_text(path.read_text() + "\nhand-written notes\n")
-    bench.write_section(path, "quality", "a table")
-    bench.write_section(path, "speed", "second")
+    common.write_section(path, "quality", "a table")
+    common.write_section(path, "speed", "second")
     text = path.read_text()
     assert text.count("<!-- bench:speed -->") == 1 and text.count("<!-- /bench:speed -->") == 1
     assert "second" in text and "first" not in text
@@ -37,11 +38,11 @@ def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
 
 def test_ratios_are_medians_over_the_reference_median():
     times = {"direct": [10.0, 2.0, 4.0], "self-cascade K=700": [3.0, 1.0, 2.0, 100.0], "attn-sf": []}
-    out = bench.ratios_to(times)
+    out = common.ratios_to(times)
     assert out["direct"] == (4.0, 1.0)
     assert out["self-cascade K=700"] == (2.5, pytest.approx(2.5 / 4.0))
     assert "attn-sf" not in out
-    assert bench.ratios_to({"self-cascade K=700": [1.0]})["self-cascade K=700"] == (1.0, None)
+    assert common.ratios_to({"self-cascade K=700": [1.0]})["self-cascade K=700"] == (1.0, None)
 
 
 def test_time_vs_direct_pairs_prompts_timed_back_to_back():
@@ -49,9 +50,9 @@ def test_time_vs_direct_pairs_prompts_timed_back_to_back():
               2: {"seconds": 1.0, "session": "b"}}
     method = {0: {"seconds": 1.0, "session": "a"}, 1: {"seconds": 4.0, "session": "a"},
               2: {"seconds": 9.0, "session": "c"}}  # prompt 2 ran in another session: left out
-    assert bench.time_vs_direct(method, direct) == (0.75, False)
-    assert bench.time_vs_direct({2: method[2]}, direct) == (9.0, True)  # only cross-session pairs: flagged
-    assert bench.time_vs_direct(method, {}) == (None, False)
+    assert quality.time_vs_direct(method, direct) == (0.75, False)
+    assert quality.time_vs_direct({2: method[2]}, direct) == (9.0, True)  # only cross-session pairs: flagged
+    assert quality.time_vs_direct(method, {}) == (None, False)
 
 
 # ---- FID and KID ---------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def test_arch_configs_are_the_released_unets():
     from diffusers import UNet2DConditionModel
 
     counts = {}
-    for name, config in (("sd21", bench.SD21_UNET), ("sdxl", bench.SDXL_UNET)):
+    for name, config in (("sd21", archs.SD21_UNET), ("sdxl", archs.SDXL_UNET)):
         with torch.device("meta"):  # no memory, no weights: only the architecture
             counts[name] = sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
     assert counts == {"sd21": 865_910_724, "sdxl": 2_567_463_684}
@@ -155,9 +156,9 @@ TINY_SD = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
 
 @pytest.mark.parametrize("arch, config", [("sd21", TINY_SD), ("sdxl", TINY_XL)])
 def test_random_model_runs_the_cascade_without_text_encoders(arch, config):
-    model = bench.random_model(arch, "cpu", torch.float32, unet_config=config)
+    model = archs.random_model(arch, "cpu", torch.float32, unet_config=config)
     assert model.is_xl == (arch == "sdxl") and model.base_size == 64 and model.pipe.text_encoder is None
-    result, seconds = bench.run_variant(model, bench.Variant("self-cascade", 700), ["p"], (128, 128), seeds=[0],
+    result, seconds = common.run_variant(model, common.Variant("self-cascade", 700), ["p"], (128, 128), seeds=[0],
                                         steps=2, guidance=None)
     assert [(s.height, s.width) for s in result.stages] == [(64, 64), (128, 128)]
     assert result.images[0].size == (128, 128) and seconds > 0
@@ -196,7 +197,7 @@ def test_quality_bench_end_to_end_resumes_and_replaces_its_section(sd_folder, tm
     def fail(*a, **k):
         raise AssertionError("a resumed run should not redo finished work")
 
-    monkeypatch.setattr(bench, "run_variant", fail)
+    monkeypatch.setattr(quality, "run_variant", fail)
     monkeypatch.setattr(metrics, "inception_features", fail)
     first = out.read_text()
     assert bench.main(args) == 0
@@ -225,7 +226,7 @@ def test_report_only_tables_samples_made_on_another_device(sd_folder, tmp_path, 
     def fail(*a, **k):
         raise AssertionError("--report-only generates nothing")
 
-    monkeypatch.setattr(bench, "run_variant", fail)
+    monkeypatch.setattr(quality, "run_variant", fail)
     assert bench.main(args + ["--report-only", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Samples and times: Machine: a GPU box." in text and "on cuda" in text
@@ -263,4 +264,4 @@ def test_quality_bench_splits_prompts_across_cpu_processes(sd_folder, tmp_path):
 def test_eval_scenes_are_the_prompts_scenes():
     from sc_app.shapes import random_prompts
 
-    assert [s.prompt for s in bench.eval_scenes(20, 3)] == random_prompts(20, 3)
+    assert [s.prompt for s in quality.eval_scenes(20, 3)] == random_prompts(20, 3)
