@@ -15,20 +15,18 @@ makes; a name from an upload is never part of a path.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
-import io
 import logging
 import math
 import os
 import queue
 import random
-import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -39,11 +37,11 @@ except ImportError:  # pragma: no cover - `spaces` is in requirements.txt
     spaces = None
 
 import gradio as gr
-from PIL import Image
 
 from .api import generate as run_method
 from .cascade import check_inputs
 from .plan import plan_stages
+from .ui_uploads import _display_name, prepare_images, safe_stem, user_error
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +58,9 @@ ENV_WORK_DIR = "SC_WORK_DIR"
 MAX_PIXELS_GPU = 2048 * 2048  # what cascade.decode's tiling keeps inside a 24 GB GPU at SD sizes
 MAX_PIXELS_CPU = 1024 * 1024
 MAX_UPLOAD_SIZE = "200mb"  # per file, enforced by gradio on upload
-MAX_ZIP_MEMBERS = 5000
-MAX_ZIP_BYTES = 1 << 30  # uncompressed, all members together
 MAX_TUNE_STEPS = 20_000
 QUEUE_SIZE = 32
 KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
-IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # what the tuner reads
 
 # ZeroGPU durations: seconds per denoising step at the model's base size (an estimate on the slow side
 # for SD-class UNets on a shared A100/H200), growing a little faster than the pixel count (attention).
@@ -90,11 +85,6 @@ def on_gpu(fn, duration):
     if spaces is None or not on_space():
         return fn
     return spaces.GPU(fn, duration=duration)
-
-
-def user_error(message: str) -> gr.Error:
-    """An error shown in the page, without a traceback in the server's log."""
-    return gr.Error(message, print_exception=False)
 
 
 # ---- sizes -----------------------------------------------------------------------------------------
@@ -158,100 +148,6 @@ def gpu_seconds(model, requests: list[dict]) -> int:
     return int(min(MAX_GPU_SECONDS, math.ceil(seconds)))
 
 
-# ---- uploads ---------------------------------------------------------------------------------------
-
-def _display_name(name: str) -> str:
-    """A file name fit for a message: its last part, printable, not too long."""
-    name = re.split(r"[\\/]", str(name))[-1]
-    name = "".join(c if c.isprintable() else "?" for c in name)
-    return name if len(name) <= 60 else name[:57] + "..."
-
-
-def safe_stem(name: str, fallback: str = "file") -> str:
-    """A name made safe for the app's folders: letters, digits, '-', '_' and '.', no leading dot."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(re.split(r"[\\/]", str(name))[-1]).stem).strip("._")
-    return stem[:60] or fallback
-
-
-def _read_image(data: bytes, name: str, min_side: int) -> str:
-    """Check that `data` is a whole image at least `min_side` on its shorter side; return its extension."""
-    label = _display_name(name)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            kind = image.format
-            image.load()  # decodes every pixel: catches truncated and corrupt files
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise user_error(f"{label}: the image is too large to read safely") from None
-    except Image.UnidentifiedImageError:
-        raise user_error(f"{label} is not an image (upload PNG, JPEG or WebP files, or a zip of them)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise user_error(f"{label} could not be read, the file looks corrupt ({error})") from None
-    if kind not in IMAGE_FORMATS:
-        raise user_error(f"{label}: {kind} images are not supported (upload PNG, JPEG or WebP)")
-    if min(width, height) < min_side:
-        raise user_error(f"{label} is {width}x{height}, smaller than the {min_side}x{min_side} crop that "
-                         f"tuning at this scale needs")
-    return IMAGE_FORMATS[kind]
-
-
-def _zip_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each file in a zip, within limits on count and size; names are never paths."""
-    total = 0
-    with zipfile.ZipFile(path) as archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        members = [m for m in members if not any(part == "__MACOSX" or (part.startswith(".") and part.strip("."))
-                                                 for part in re.split(r"[\\/]", m.filename))]  # no hidden files
-        if len(members) > MAX_ZIP_MEMBERS:
-            raise user_error(f"{_display_name(path)} holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
-        for member in members:
-            total += member.file_size
-            if total > MAX_ZIP_BYTES:
-                raise user_error(f"{_display_name(path)} unpacks to more than {MAX_ZIP_BYTES >> 20} MB")
-            yield member.filename, archive.read(member)
-
-
-def _uploaded(files: list[str]) -> Iterator[tuple[str, bytes, str | None]]:
-    """(name, bytes, caption) of every uploaded image: loose files, and the members of zips, where a
-    .txt beside an image (same name) is its caption."""
-    for file in files:
-        path = str(file)
-        if not zipfile.is_zipfile(path):
-            yield Path(path).name, Path(path).read_bytes(), None
-            continue
-        try:
-            members = list(_zip_members(path))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as error:
-            raise user_error(f"{_display_name(path)} could not be unpacked, the zip looks corrupt ({error})") from None
-        captions = {name.rsplit(".", 1)[0]: data.decode("utf-8", "replace").strip()
-                    for name, data in members if name.lower().endswith(".txt")}
-        for name, data in members:
-            if not name.lower().endswith(".txt"):
-                yield name, data, captions.get(name.rsplit(".", 1)[0])
-
-
-def prepare_images(files: list[str], dest: Path, min_side: int) -> int:
-    """Copy uploaded images (and the images inside uploaded zips) into `dest` as 00000.png, 00001.jpg, ...,
-    with 00000.txt for a caption that came in a zip.
-
-    Every file is checked (an image, whole, large enough); the first bad one raises a gr.Error that names
-    it. The names the files came with are only ever shown, never used as paths.
-    """
-    if not files:
-        raise user_error("no images uploaded: add image files or a zip of images, or pick 'shapes world'")
-    dest.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for name, data, caption in _uploaded(files):
-        extension = _read_image(data, name, min_side)
-        (dest / f"{count:05d}{extension}").write_bytes(data)
-        if caption:
-            (dest / f"{count:05d}.txt").write_text(caption, encoding="utf-8")
-        count += 1
-    if count == 0:
-        raise user_error("the upload holds no images")
-    return count
-
-
 # ---- the studio ------------------------------------------------------------------------------------
 
 class _Stopped(Exception):
@@ -288,9 +184,31 @@ class Studio:
         self._model_lock = threading.Lock()  # one library call on the model at a time (hooks, patches)
         self._tune_lock = threading.Lock()
         self._tune_job: _TuneJob | None = None
+        self._workers: dict[threading.Thread, Path] = {}  # running jobs' threads and their stop files
+        self._workers_lock = threading.Lock()
+        atexit.register(self.stop_workers)
         self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
         self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
         self.video = VideoTab(self, video_model, motion_adapter)
+
+    def _start_worker(self, target, name: str, stop: Path, *args) -> None:
+        """Run a job in a thread that `stop_workers` can end at its next step."""
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._workers_lock:
+            self._workers = {t: f for t, f in self._workers.items() if t.is_alive()}
+            self._workers[thread] = stop
+        thread.start()
+
+    def stop_workers(self, timeout: float = 60.0) -> None:
+        """Ask every running job to stop at its next step and wait for it (at most `timeout` seconds in all).
+        Runs at interpreter exit: a thread still inside torch when Python finalises aborts the process."""
+        with self._workers_lock:
+            workers = list(self._workers.items())
+        for _, stop in workers:
+            _touch(stop)
+        deadline = time.monotonic() + timeout
+        for thread, _ in workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _model_slug(self) -> str:
         return f"{safe_stem(self.model.name, 'model')}-{hashlib.sha1(self.model.name.encode()).hexdigest()[:8]}"
@@ -459,7 +377,7 @@ class Studio:
                 self._model_lock.release()
                 events.put(last)
 
-        threading.Thread(target=work, name="sc-generate", daemon=True).start()
+        self._start_worker(work, "sc-generate", stop_file)
         while True:
             event = events.get()
             yield event
@@ -505,7 +423,7 @@ class Studio:
                 log.exception("tuning failed")
                 events.put(("error", _failure(error)))
 
-        threading.Thread(target=work, name="sc-tune", daemon=True).start()
+        self._start_worker(work, "sc-tune", stop_file)
         while True:
             event = events.get()
             yield event
@@ -642,8 +560,7 @@ class Studio:
             job = _TuneJob(getattr(request, "session_hash", None) or "", folder / "stop")
             self._tune_job = job
             name = f"tuned-{time.strftime('%Y%m%d-%H%M%S')}-{'shapes' if data == 'shapes' else 'images'}-x{scale}"
-            threading.Thread(target=self._run_tune, args=(job, name, data, scale, steps, batch_size, lr),
-                             name="sc-tune-job", daemon=True).start()
+            self._start_worker(self._run_tune, "sc-tune-job", job.stop, job, name, data, scale, steps, batch_size, lr)
         finally:
             if job is None:
                 shutil.rmtree(folder, ignore_errors=True)

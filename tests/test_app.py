@@ -192,6 +192,25 @@ def test_loaded_adapter_is_offered_and_used(client, app, tmp_path):
     assert Image.open(tuned[1]).tobytes() == Image.open(plain[1]).tobytes()
 
 
+def test_stop_workers_ends_a_running_job_at_its_next_step(app, tmp_path, monkeypatch):
+    from sc_app import ui
+
+    def endless(model, callback, on_stage, **request):  # a run that only the stop file ends
+        for i in range(100_000):
+            time.sleep(0.01)
+            callback({"stage": 0, "i": i})
+
+    monkeypatch.setattr(ui, "run_method", endless)
+    request = app.studio.request("direct", "a red circle", "", "1:1", "4x", "auto", None, 5, 5.0, 0, None)
+    events = app.studio.gpu_generate([request], str(tmp_path / "stop"))
+    assert next(events)[0] == "step"
+    running = [t for t in app.studio._workers if t.is_alive()]
+    assert len(running) == 1
+    app.studio.stop_workers(timeout=30)  # what the server does at exit
+    assert not running[0].is_alive()
+    assert list(events)[-1] == ("stopped",)
+
+
 def test_adapter_of_other_weights_is_offered_with_a_warning(app, tmp_path, monkeypatch):
     import gradio as gr
 
@@ -248,7 +267,7 @@ def test_tune_bad_zip_member_is_named(client, tmp_path):
 
 
 def test_zip_names_never_become_paths(tmp_path):
-    from sc_app.ui import prepare_images
+    from sc_app.ui_uploads import prepare_images
 
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as z:

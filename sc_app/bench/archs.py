@@ -72,13 +72,8 @@ def random_model(arch: str, device: torch.device | str, dtype: torch.dtype = tor
                  unet_config: dict | None = None):
     """A `Model` for timing: the real UNet architecture (or `unet_config`) with random weights, built directly
     on `device`; a tiny random VAE with the real 8x factor; fixed random text embeddings."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
 
     from ..models import Model
 

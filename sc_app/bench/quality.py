@@ -15,23 +15,9 @@ import numpy as np
 import torch
 
 from ..cli import BadInput
-from .common import (
-    Variant,
-    _check_sizes,
-    _file_hash,
-    _load,
-    _load_adapter,
-    check_work_settings,
-    command_line,
-    machine_description,
-    make_variants,
-    markdown_table,
-    model_fingerprint,
-    parse_common,
-    run_variant,
-    size_name,
-    write_section,
-)
+from .common import (Variant, _check_sizes, _file_hash, _load, _load_adapter, check_work_settings, command_line,
+                     machine_description, make_variants, markdown_table, model_fingerprint, parse_common, run_variant,
+                     size_name, write_section)
 
 DEFAULT_WORK = Path("runs/bench-quality")  # runs/ is git-ignored
 

@@ -8,21 +8,8 @@ import torch
 
 from ..cli import BadInput
 from .archs import ARCHS, random_model
-from .common import (
-    Variant,
-    _check_sizes,
-    _load,
-    _load_adapter,
-    command_line,
-    machine_description,
-    make_variants,
-    markdown_table,
-    parse_common,
-    ratios_to,
-    run_variant,
-    size_name,
-    write_section,
-)
+from .common import (Variant, _check_sizes, _load, _load_adapter, command_line, machine_description, make_variants,
+                     markdown_table, parse_common, ratios_to, run_variant, size_name, write_section)
 
 DEFAULT_PROMPT = "a red circle and a blue square"
 ARCH_SIZES = [(1024, 1024), (2048, 2048)]
