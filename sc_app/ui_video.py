@@ -14,8 +14,8 @@ import gradio as gr
 
 from . import video as video_lib
 from .models import ASSETS, _folder_settings
-from .ui import (ASPECTS, EMBEDDED_EXAMPLES, ENV_MAX_PIXELS, SCALES, STAGE_CHOICES, _megapixels, _model_label,
-                 gpu_seconds, on_gpu, target_size, user_error)
+from .ui import (ASPECTS, EMBEDDED_EXAMPLES, ENV_MAX_PIXELS, NO_ADAPTER, SCALES, STAGE_CHOICES, _megapixels,
+                 _model_label, gpu_seconds, on_gpu, target_size, user_error)
 from .video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
 
 MAX_FRAMES = 64  # a bound for the page; a motion model's own table may be shorter (checked per request)
@@ -64,9 +64,26 @@ class VideoTab:
         without loading any weights."""
         if self.loaded is not None:
             return {key: getattr(self.loaded, key) for key in DEFAULT_KEYS}
-        folder = video_lib.VIDEO_EMBEDDED if self.source == "embedded" else Path(self.source)
-        settings = _folder_settings(str(folder))
+        settings = _folder_settings(str(self._folder()))
         return {f.name: settings.get(f.name, f.default) for f in fields(VideoModel) if f.name in DEFAULT_KEYS}
+
+    def _folder(self) -> Path:
+        return video_lib.VIDEO_EMBEDDED if self.source == "embedded" else Path(self.source)
+
+    def adapters(self) -> dict[str, Path | None]:
+        """Feature upsamplers shipped with the video model: its folder's upsamplers/*.safetensors, by name."""
+        folder = self._folder() / "upsamplers"
+        shipped = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        return {NO_ADAPTER: None, **{path.stem: path for path in shipped}}
+
+    def adapter_path(self, label: str | None) -> str | None:
+        """The file behind a choice; labels are looked up, never used as paths."""
+        if not label or label == NO_ADAPTER:
+            return None
+        path = self.adapters().get(label)
+        if path is None:
+            raise user_error(f"upsamplers {label!r} are not ones this server has: pick them from the list")
+        return str(path)
 
     def size_choices(self, aspect: str) -> dict:
         """The scale radio's labels; with the sizes they give once the model is loaded (its base size is
@@ -78,7 +95,7 @@ class VideoTab:
                                   for scale in SCALES for h, w in [target_size(base, m, aspect, scale)]])
 
     def request(self, method: str, prompt, negative_prompt, frames, aspect, scale, stages, k, steps, guidance,
-                seed) -> dict:
+                seed, adapter=None) -> dict:
         """Widget values -> keyword arguments of `generate_video`, checked; gr.Error if not valid. Frames, K
         or guidance None mean the model's own default."""
         prompt = (prompt or "").strip()
@@ -115,7 +132,7 @@ class VideoTab:
                    "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,
                    "guidance_scale": guidance, "seed": seed}
         if cascade:
-            request.update(k=k, stages=stages)
+            request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
         return request
 
     def fps(self, fps) -> float:
@@ -139,12 +156,13 @@ class VideoTab:
     # ---- the page event --------------------------------------------------------------------------
 
     def generate(self, prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed,
-                 with_direct, progress=gr.Progress()):
+                 with_direct, adapter=NO_ADAPTER, progress=gr.Progress()):
         """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
-        direct sampling at the target size beside the cascade's final clip."""
+        direct sampling at the target size beside the cascade's final clip. `adapter`: one of `adapters()`,
+        the tuned self-cascade."""
         methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
         requests = [self.request(method, prompt, negative_prompt, frames, aspect, scale, stages, k, steps,
-                                 guidance, seed) for method in methods]
+                                 guidance, seed, adapter) for method in methods]
         fps = self.fps(fps)
         stage_clips: list[tuple[str, str]] = []  # (path, label) of the pivot and each stage
         ab: dict[str, tuple[str, str]] = {}  # method -> (path, label) of its final clip
@@ -184,7 +202,8 @@ class VideoTab:
                 else:
                     size = f"{request['width']} x {request['height']}"
                     ab["self-cascade"] = (stage_clips[-1][0], f"self-cascade: {size}, {seconds:.1f} s")
-                    done = (f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade in "
+                    tuned = " (tuned)" if request.get("upsampler") else ""
+                    done = (f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade{tuned} in "
                             f"{seconds:.1f} s ({len(stage_clips)} clips, K {', '.join(map(str, event[2]['k']))}), "
                             f"seed {request['seed']}.")
                     status = [done, "Direct sampling at the same size..." if with_direct else ""]
@@ -235,6 +254,9 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                     with gr.Row(equal_height=True):
                         seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
                         dice = gr.Button("Random seed", scale=1, size="sm")
+                    adapter = gr.Dropdown(list(tab.adapters()), value=NO_ADAPTER, label="Feature upsamplers",
+                                          info="trained on this video model (its upsamplers/ folder): the tuned "
+                                               "self-cascade", elem_id="video-adapter")
                 with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
                 run = gr.Button("Generate video", variant="primary", elem_id="video-button")
                 gr.Examples([[e] for e in examples], [prompt])
@@ -255,6 +277,6 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
         aspect.change(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         gr.on([run.click, prompt.submit], tab.generate,
-              [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct],
+              [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct, adapter],
               [*slots, *ab, times, status], api_name="generate_video", **gpu)
     return video

@@ -151,6 +151,33 @@ def test_frames_beyond_a_motion_models_table_are_refused(sd_model, sd_folder, tm
     assert not list(studio.runs_dir.iterdir())
 
 
+def test_upsamplers_shipped_with_the_video_model_tune_the_cascade(sd_model, sd_folder, tmp_path):
+    import torch
+
+    from sc_app.ui import NO_ADAPTER, Studio
+    from sc_app.upsampler import Adapter, save_adapter
+    from sc_app.video import load_video_model
+
+    folder = make_modelscope(tmp_path / "modelscope", sd_folder)
+    model = load_video_model(str(folder), device="cpu")
+    adapter = Adapter(model.unet.config, scale=2.0, k=700, base_model=model.name, unet_class=type(model.unet).__name__)
+    torch.manual_seed(0)
+    for parameter in adapter.parameters():  # trained-looking weights, so that the clips must differ
+        parameter.data.normal_(0.0, 0.3)
+    save_adapter(adapter, folder / "upsamplers" / "x2.safetensors")
+    studio = Studio(sd_model, max_pixels=MAX_PIXELS, work_dir=tmp_path / "work", video_model=str(folder))
+    assert list(studio.video.adapters()) == [NO_ADAPTER, "x2"]
+
+    def final_clip(**kwargs) -> str:
+        *_, cascade, direct, times, status = list(studio.video.generate(**video_args(with_direct=False, **kwargs)))[-1]
+        assert ("(tuned)" in status) == ("adapter" in kwargs)
+        return read_mp4(cascade["value"])[1]
+
+    assert not np.array_equal(final_clip(adapter="x2"), final_clip())
+    with pytest.raises(gr.Error, match="not ones this server has"):
+        next(studio.video.generate(**video_args(adapter="../../x2")))
+
+
 # ---- a missing video model -------------------------------------------------------------------------
 
 def test_missing_embedded_video_model_is_one_clear_error(sd_model, tmp_path, monkeypatch):

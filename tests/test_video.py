@@ -304,7 +304,10 @@ def test_train_video_resumes_exactly_and_exports_a_loadable_model(sd_folder, tmp
         return torch.load(tmp_path / work / "motion.ckpt", weights_only=True)
 
     run("resumed", 1)
+    (tmp_path / "video" / "upsamplers").mkdir()
+    (tmp_path / "video" / "upsamplers" / "x2.safetensors").write_bytes(b"kept")
     resumed, straight = run("resumed", 2), run("straight", 2)
+    assert (tmp_path / "video" / "upsamplers" / "x2.safetensors").read_bytes() == b"kept"  # across re-exports
     assert resumed["step"] == straight["step"] == 2
     for name in ("motion", "ema"):  # data, noise and timesteps come from (seed, step): a resume changes nothing
         for key, value in straight[name].items():

@@ -203,9 +203,13 @@ def export(cfg: Config, work: Path, base) -> Path:
     (tmp / "self_cascade.json").write_text(json.dumps(settings, indent=2))
     training = {"config": dataclasses.asdict(cfg), "steps": state["step"]}
     (tmp / "training.json").write_text(json.dumps(training, indent=2))
-    card = out / "README.md"
+    card, upsamplers = out / "README.md", out / "upsamplers"
     if card.exists():  # the model card is written by hand; keep it across re-exports
         shutil.copy(card, tmp / "README.md")
+    if upsamplers.is_dir():  # kept, not deleted: loading them now warns that they need retraining
+        shutil.copytree(upsamplers, tmp / "upsamplers")
+        log.warning("kept %s: its feature upsamplers were trained on the previous motion weights; retrain them "
+                    "(python -m tuner train --model %s ...)", upsamplers, out)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported %s (step %d)", out, state["step"])
