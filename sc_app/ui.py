@@ -87,6 +87,16 @@ def on_gpu(fn, duration):
     return spaces.GPU(fn, duration=duration)
 
 
+def chosen_adapter(choices: dict[str, Path | None], label: str | None) -> str | None:
+    """The file behind an adapter choice (None for none); labels are looked up, never used as paths."""
+    if not label or label == NO_ADAPTER:
+        return None
+    path = choices.get(label)
+    if path is None:
+        raise user_error(f"adapter {label!r} is not one this server has: pick one from the list")
+    return str(path)
+
+
 # ---- sizes -----------------------------------------------------------------------------------------
 
 def resolve_max_pixels(flag: int | None, device_type: str) -> int:
@@ -235,13 +245,7 @@ class Studio:
         return found + (sorted(folder.glob("*.safetensors")) if folder.is_dir() else [])
 
     def adapter_path(self, label: str | None) -> str | None:
-        """The file behind a choice; labels are looked up, never used as paths."""
-        if not label or label == NO_ADAPTER:
-            return None
-        path = self.adapters().get(label)
-        if path is None:
-            raise user_error(f"adapter {label!r} is not one this server has: pick one from the list")
-        return str(path)
+        return chosen_adapter(self.adapters(), label)
 
     def adapter_choices(self, value: str | None = None) -> dict:
         choices = list(self.adapters())

@@ -15,7 +15,7 @@ import gradio as gr
 from . import video as video_lib
 from .models import ASSETS, _folder_settings
 from .ui import (ASPECTS, EMBEDDED_EXAMPLES, ENV_MAX_PIXELS, NO_ADAPTER, SCALES, STAGE_CHOICES, _megapixels,
-                 _model_label, gpu_seconds, on_gpu, target_size, user_error)
+                 _model_label, chosen_adapter, gpu_seconds, on_gpu, target_size, user_error)
 from .video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
 
 MAX_FRAMES = 64  # a bound for the page; a motion model's own table may be shorter (checked per request)
@@ -76,15 +76,6 @@ class VideoTab:
         shipped = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         return {NO_ADAPTER: None, **{path.stem: path for path in shipped}}
 
-    def adapter_path(self, label: str | None) -> str | None:
-        """The file behind a choice; labels are looked up, never used as paths."""
-        if not label or label == NO_ADAPTER:
-            return None
-        path = self.adapters().get(label)
-        if path is None:
-            raise user_error(f"upsamplers {label!r} are not ones this server has: pick them from the list")
-        return str(path)
-
     def size_choices(self, aspect: str) -> dict:
         """The scale radio's labels; with the sizes they give once the model is loaded (its base size is
         not known before)."""
@@ -132,7 +123,7 @@ class VideoTab:
                    "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,
                    "guidance_scale": guidance, "seed": seed}
         if cascade:
-            request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
+            request.update(k=k, stages=stages, upsampler=chosen_adapter(self.adapters(), adapter))
         return request
 
     def fps(self, fps) -> float:

@@ -174,7 +174,7 @@ def test_upsamplers_shipped_with_the_video_model_tune_the_cascade(sd_model, sd_f
         return read_mp4(cascade["value"])[1]
 
     assert not np.array_equal(final_clip(adapter="x2"), final_clip())
-    with pytest.raises(gr.Error, match="not ones this server has"):
+    with pytest.raises(gr.Error, match="not one this server has"):
         next(studio.video.generate(**video_args(adapter="../../x2")))
 
 
