@@ -280,8 +280,10 @@ def weights_mismatch(adapter: Adapter, model) -> str | None:
             "sampled places): they may help less, or hurt; retrain them on this model (python -m tuner train)")
 
 
-def load_adapter(path: str | Path, model) -> Adapter:
-    """Read an adapter file for `model`; ValueError (one line) for a wrong model or a file that is not one."""
+def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapter:
+    """Read an adapter file for `model`; ValueError (one line) for a wrong model or a file that is not one.
+    `other_unet` accepts one trained on another UNet whose feature sites have the same names and shapes, as
+    a starting point for training (an image model's upsamplers for the AnimateDiff model built on it)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"upsampler {path}: no such file")
@@ -296,8 +298,11 @@ def load_adapter(path: str | Path, model) -> Adapter:
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
         raise ValueError(f"upsampler {path}: format version {meta['format_version']} is newer than this "
                          f"program's ({FORMAT_VERSION})")
-    _refuse_other_model(f"upsampler {path}", meta.get("base_model"), meta.get("unet_class", IMAGE_UNET),
-                        meta.get("unet_fingerprint"), model)
+    if not other_unet:
+        _refuse_other_model(f"upsampler {path}", meta.get("base_model"), meta.get("unet_class", IMAGE_UNET),
+                            meta.get("unet_fingerprint"), model)
+    elif json.loads(meta.get("sites", "[]")) != [s.name for s in feature_sites(model.unet.config)]:
+        raise ValueError(f"upsampler {path}: its feature sites {meta.get('sites')} are not {model.name!r}'s")
     try:
         adapter = Adapter(model.unet.config, width=json.loads(meta["width"]), scale=float(meta["scale"]),
                           k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]),
@@ -306,11 +311,12 @@ def load_adapter(path: str | Path, model) -> Adapter:
         adapter.load_state_dict(tensors)
     except (KeyError, ValueError, RuntimeError) as error:
         raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
-    if meta["base_model"] != model.name:  # same architecture under another name: a path or a fine-tune
-        log.warning("upsampler %s was trained on %r; using it with %r (same UNet architecture)",
-                    path, meta["base_model"], model.name)
-    if (mismatch := weights_mismatch(adapter, model)) is not None:
-        log.warning("upsampler %s: %s", path, mismatch)
+    if not other_unet:  # a starting point for training need not match by name or weights
+        if meta["base_model"] != model.name:  # same architecture under another name: a path or a fine-tune
+            log.warning("upsampler %s was trained on %r; using it with %r (same UNet architecture)",
+                        path, meta["base_model"], model.name)
+        if (mismatch := weights_mismatch(adapter, model)) is not None:
+            log.warning("upsampler %s: %s", path, mismatch)
     return adapter.to(model.device, model.unet.dtype).eval()
 
 

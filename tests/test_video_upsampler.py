@@ -302,3 +302,22 @@ def test_cli_upsampler_bad_input_one_line(modelscope_folder, modelscope_model, s
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_image_models_upsamplers_start_its_animatediff_models(sd_model, animatediff_model, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    still = dict(batch_size=2, lr=1e-2, checkpoint_every=2)
+    image = train_adapter(sd_model, "shapes", steps=2, out=tmp_path / "image.safetensors", **still)
+    with pytest.raises(ValueError, match="not for"):  # to sample with, an image adapter stays refused
+        load_adapter(image, animatediff_model)
+    video_out = train_adapter(animatediff_model, "moving-shapes", steps=1, out=tmp_path / "video.safetensors",
+                              init_from=image, **{**FAST, "lr": 1e-12})
+    assert "initialised from" in caplog.text and "UNet2DConditionModel" in caplog.text
+    started, source = load_adapter(video_out, animatediff_model), load_adapter(image, sd_model)
+    for key, value in source.state_dict().items():  # one step at lr 1e-12: still the image adapter's weights
+        torch.testing.assert_close(started.state_dict()[key], value)
+    wider = dict(sd_model.unet.config, block_out_channels=[2 * c for c in sd_model.unet.config.block_out_channels])
+    other = save_adapter(Adapter(wider), tmp_path / "wider.safetensors")
+    with pytest.raises(ValueError, match="do not match"):  # features of other shapes: refused
+        train_adapter(animatediff_model, "moving-shapes", steps=1, out=tmp_path / "bad.safetensors", init_from=other,
+                      **FAST)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt)")
     t.add_argument("--k", type=int, default=None, help="train on t in 1..K (default: the model's K)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    t.add_argument("--init-from", type=Path, default=None, help="start from a trained adapter (e.g. another scale)")
+    t.add_argument("--init-from", type=Path, default=None, help="start from a trained adapter (another scale, or the "
+                   "image model's for its AnimateDiff model)")
     t.add_argument("--pivot", default="downsampled", choices=("downsampled", "generated"))
     t.add_argument("--width", type=_width, default=DEFAULT_WIDTH, help="bottleneck channels, or 'full'")
     t.add_argument("--checkpoint-every", type=int, default=250)

@@ -213,11 +213,11 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     elif resume:
         log.info("no checkpoint at %s: starting from step 0", ckpt_path)
     if state is None and init_from is not None:
-        source = load_adapter(init_from, model)
+        source = load_adapter(init_from, model, other_unet=True)  # e.g. a video model's from its image model's
         if source.widths != adapter.widths:
             raise ValueError(f"init_from {init_from}: widths {source.widths} differ from {adapter.widths}")
         adapter.load_state_dict(source.state_dict())
-        log.info("initialised from %s (x%g, %d steps)", init_from, source.scale, source.steps)
+        log.info("initialised from %s (x%g, %d steps, %s)", init_from, source.scale, source.steps, source.unet_class)
     log.info("%s", adapter.describe())
     log.info("data: %r; pivot: %s; t in 1..%d; %s", dataset, pivot, k, model.pipe.scheduler.config.prediction_type)
     unet = unet_caller(model.unet)
