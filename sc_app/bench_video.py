@@ -354,7 +354,7 @@ def run_bench(args, argv: list[str]) -> None:
 
     figure = args.figure or args.md.parent / "video_grid.png"
     drawn = video_grid(figure, cells, base, prompts, args.grid_prompts) if args.grid_prompts else False
-    command = command_line(argv, module="sc_app.bench_video")
+    command = command_line(argv, module="sc_app.bench_video", processes=state.num_processes)
     tuned = (f"; tuned: `{args.upsampler}` (sha256 {_file_hash(args.upsampler)}, trained at K={adapter.k}), passed "
              "as `upsampler=` for the tuned rows only" if adapter is not None else "")
     body = "\n\n".join([

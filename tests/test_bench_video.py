@@ -222,3 +222,5 @@ def test_prompts_are_split_across_cpu_processes(modelscope_folder, tmp_path):
     assert sorted(p.name for p in (work / "32x32-3f" / "direct").glob("*.json")) == [f"{i:04d}.json" for i in range(4)]
     rows = section_rows(md.read_text(), "video")
     assert rows["direct"][1] == "4" and md.read_text().count("<!-- bench:video -->") == 1
+    launched = "Command: `accelerate launch --multi_gpu --num_processes 2 --num_machines 1 -m sc_app.bench_video"
+    assert launched in md.read_text()  # the section says how the run was split

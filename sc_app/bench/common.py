@@ -143,7 +143,11 @@ def machine_description(device: torch.device) -> str:
     return f"Machine: {'; '.join(parts)}. Date: {date}. Versions: {versions}."
 
 
-def command_line(argv: list[str], module: str = "sc_app.bench") -> str:
+def command_line(argv: list[str], module: str = "sc_app.bench", processes: int = 1) -> str:
+    """The command as typed; under `accelerate launch` with the process count the run had."""
+    if processes > 1:
+        launch = f"accelerate launch --multi_gpu --num_processes {processes} --num_machines 1 -m {module} "
+        return launch + shlex.join(argv)
     return f"python -m {module} " + shlex.join(argv)
 
 

@@ -355,7 +355,7 @@ def run_quality(args, argv: list[str]) -> None:
         f"### Quality: the comparison table ({model.name})",
         (f"Samples and times: {recorded.get('machine', 'machine not recorded')}\n\nMetrics: "
          f"{machine_description(model.device)}" if args.report_only else machine_description(model.device))
-        + f"\n\nCommand: `{command_line(argv)}` (samples in `{args.work}`)",
+        + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}` (samples in `{args.work}`)",
         f"Model `{model.name}` (weights {settings['fingerprint']}), {recorded['dtype']} on {recorded['device']}; "
         f"{args.n} fresh prompts `shapes.random_prompts({args.n}, {args.seed})`, prompt i with seed {args.seed} + i "
         f"for every method; DDIM {args.steps} steps, guidance {guidance}. K sweeps the self-cascade's re-noise "
