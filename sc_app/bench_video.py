@@ -44,8 +44,8 @@ from scipy.optimize import linear_sum_assignment
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
 from .bench.common import (Variant, _file_hash, _load_adapter, _sync, check_work_settings, command_line,  # noqa: E402
-                    machine_description, make_variants, markdown_table, model_fingerprint, parse_ints, parse_sizes,
-                    ratios_to, size_name, write_section)
+                           log, machine_description, make_variants, markdown_table, model_fingerprint,
+                           parse_ints, parse_sizes, process_state, ratios_to, size_name, write_section)
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 from .moving_shapes import random_clip, render_clip  # noqa: E402
 from .plan import plan_stages  # noqa: E402
@@ -295,12 +295,8 @@ def load(args):
 
 
 def run_bench(args, argv: list[str]) -> None:
-    from accelerate import PartialState
-
     size, asked_ks = check_args(args)
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # cpu: processes over gloo
-    if args.device is None and state.num_processes > 1:
-        args.device = str(state.device)  # one GPU per process under `accelerate launch`
+    state = process_state(args)
     model = load(args)
     size = size or (2 * model.base_size, 2 * model.base_size)
     frames = args.frames or model.default_frames
@@ -321,9 +317,6 @@ def run_bench(args, argv: list[str]) -> None:
                 "dtype": str(model.unet.dtype), "steps": args.steps, "guidance": guidance, "seed": args.seed}
     check_work_settings(args.work, settings, state.is_main_process)
     state.wait_for_everyone()
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     machine = machine_description(model.device)
     if state.is_main_process:

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import re
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,6 +37,15 @@ def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
 
 
 # ---- speed ratios and timing pairs ---------------------------------------------------------------
+
+def test_a_log_line_is_one_write(monkeypatch):
+    """Processes of a split run share stderr, unbuffered under PYTHONUNBUFFERED: a line written in two parts
+    (text, then newline, as print does) can be cut by another process's line."""
+    writes = []
+    monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+    common.log("  [process 1] batch 1/2 (samples 2..2): direct 0.1s")
+    assert writes == ["  [process 1] batch 1/2 (samples 2..2): direct 0.1s\n"]
+
 
 def test_ratios_are_medians_over_the_reference_median():
     times = {"direct": [10.0, 2.0, 4.0], "self-cascade K=700": [3.0, 1.0, 2.0, 100.0], "attn-sf": []}

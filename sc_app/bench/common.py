@@ -10,6 +10,7 @@ import platform
 import re
 import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,25 @@ def machine_description(device: torch.device) -> str:
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"Machine: {'; '.join(parts)}. Date: {date}. Versions: {versions}."
+
+
+def log(message: str) -> None:
+    """A line on stderr in one write: the lines of processes that share the stream stay whole, also
+    unbuffered (PYTHONUNBUFFERED), where print would write the text and its newline separately."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def process_state(args):
+    """accelerate's PartialState for a bench run: prompts split over `accelerate launch`'s processes, one GPU
+    each, or on a machine without one (or with `--device cpu`) CPU processes over gloo. Sets `args.device`
+    to the process's GPU when none was asked for."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if args.device is None and state.num_processes > 1:
+        args.device = str(state.device)
+    return state
 
 
 def command_line(argv: list[str], module: str = "sc_app.bench", processes: int = 1) -> str:

@@ -5,19 +5,17 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..cli import BadInput
 from .common import (Variant, _check_sizes, _file_hash, _load, _load_adapter, check_work_settings, command_line,
-                     machine_description, make_variants, markdown_table, model_fingerprint, parse_common, run_variant,
-                     size_name, write_section)
+                     machine_description, log, make_variants, markdown_table, model_fingerprint, parse_common,
+                     process_state, run_variant, size_name, write_section)
 
 DEFAULT_WORK = Path("runs/bench-quality")  # runs/ is git-ignored
 
@@ -276,17 +274,13 @@ def default_quality_sizes(model) -> list[tuple[int, int]]:
 
 
 def run_quality(args, argv: list[str]) -> None:
-    from accelerate import PartialState
-
     from ..plan import plan_stages
     from ..shapes import matches, random_prompts, render
 
     sizes, ks, methods = parse_common(args)
     if args.n < 2:
         raise BadInput(f"--n must be >= 2 (FID and KID need two samples), got {args.n}")
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # cpu: processes over gloo
-    if args.device is None and state.num_processes > 1:
-        args.device = str(state.device)  # one GPU per process under `accelerate launch`
+    state = process_state(args)
     model = _load(args, args.dtype)
     ks = ks or [model.default_k]
     sizes = sizes or default_quality_sizes(model)
@@ -300,9 +294,6 @@ def run_quality(args, argv: list[str]) -> None:
                 "machine": machine_description(model.device)}
     recorded = check_work_settings(args.work, settings, state.is_main_process, args.report_only)
     state.wait_for_everyone()
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     prompts = random_prompts(args.n, args.seed)
     scenes = eval_scenes(args.n, args.seed)

@@ -1,15 +1,14 @@
 """`python -m sc_app.bench speed`: self-cascade against direct at the same output size, side by side."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from ..cli import BadInput
 from .archs import ARCHS, random_model
-from .common import (Variant, _check_sizes, _load, _load_adapter, command_line, machine_description, make_variants,
-                     markdown_table, parse_common, ratios_to, run_variant, size_name, write_section)
+from .common import (Variant, _check_sizes, _load, _load_adapter, command_line, log, machine_description,
+                     make_variants, markdown_table, parse_common, ratios_to, run_variant, size_name, write_section)
 
 DEFAULT_PROMPT = "a red circle and a blue square"
 ARCH_SIZES = [(1024, 1024), (2048, 2048)]
@@ -93,11 +92,11 @@ def run_speed(args, argv: list[str]) -> None:
     prompts = [args.prompt] * args.batch_size
     device = model.device
     header = machine_description(device)
-    print(header, file=sys.stderr)
+    log(header)
     rows = []
     for size in sizes:
         timings = time_variants(model, variants, size, repeats=args.repeats, prompts=prompts, steps=args.steps,
-                                guidance=args.guidance, adapter=adapter, log=lambda s: print(s, file=sys.stderr))
+                                guidance=args.guidance, adapter=adapter, log=log)
         rows += speed_rows(size, timings)
     table = markdown_table(SPEED_HEADER, rows)
     print(table)
@@ -120,5 +119,5 @@ def run_speed(args, argv: list[str]) -> None:
             table,
         ])
         write_section(args.out, args.section or (f"speed-{args.arch}" if args.arch else "speed"), body)
-        print(f"wrote section to {args.out}", file=sys.stderr)
+        log(f"wrote section to {args.out}")
 
