@@ -206,10 +206,10 @@ def export(cfg: Config, work: Path, base) -> Path:
     card, upsamplers = out / "README.md", out / "upsamplers"
     if card.exists():  # the model card is written by hand; keep it across re-exports
         shutil.copy(card, tmp / "README.md")
-    if upsamplers.is_dir():  # kept, not deleted: loading them now warns that they need retraining
+    if upsamplers.is_dir():  # kept, not deleted: loaded on weights they were not trained on, they warn
         shutil.copytree(upsamplers, tmp / "upsamplers")
-        log.warning("kept %s: its feature upsamplers were trained on the previous motion weights; retrain them "
-                    "(python -m tuner train --model %s ...)", upsamplers, out)
+        log.warning("kept %s: if the motion weights changed since its feature upsamplers were trained, retrain "
+                    "them (python -m tuner train --model %s ...)", upsamplers, out)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported %s (step %d)", out, state["step"])
