@@ -1,6 +1,9 @@
 """Command line: `python -m sc_app generate --model embedded --prompt "a red circle" --height 256 --width 256 --out DIR`.
 
-Bad input gets one line on stderr and exit code 2, before any file is written.
+Bad input gets one line on stderr and exit code 2, before any file is written: flags are parsed and checked
+(numbers finite and in range, the size within the limit, `--out` writable) before torch loads, the rest
+before any sampling. Under `accelerate launch --num_processes N` a `--prompts-file` is split between the
+processes (one GPU each, or CPU processes without one); prompt i keeps its folder and seed.
 """
 from __future__ import annotations
 
@@ -11,11 +14,17 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
+from . import checks  # noqa: E402
 from .api import METHODS  # noqa: E402
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
+
+VIDEO_METHODS = ("self-cascade", "direct")  # sc_app.video.VIDEO_METHODS, named here so that --help needs no torch
+MAX_PIXELS_HELP = (f"largest width x height (times frames for a video) to run (default: ${checks.ENV_MAX_PIXELS}, "
+                   "else 2048x2048 on a GPU, 1024x1024 on a CPU)")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m sc_app", description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.")
@@ -31,15 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, nargs="+", default=None,
                    help="re-noise level of each stage (one value, or one per stage); default: the model's")
     g.add_argument("--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))")
-    g.add_argument("--upsample", default="bilinear", choices=("bilinear", "bicubic"))
+    g.add_argument("--upsample", default="bilinear", choices=("bilinear", "bicubic", "lanczos"),
+                   help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, "
+                   "encode)")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers (.safetensors)")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
+    g.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
     g.add_argument("--out", type=Path, required=True)
     _add_video_parser(sub)
+    _add_review_parser(sub)
     return parser
 
 
@@ -76,7 +89,7 @@ def _write_run(result, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        if result.method == "self-cascade":
+        if len(result.stages) > 1:  # the self-cascade, DemoFusion, FreeScale: every stage, the pivot first
             for r, stage in enumerate(result.stages):
                 stage.images[0].save(tmp / f"stage{r}.png")
         result.images[0].save(tmp / "final.png")
@@ -88,19 +101,61 @@ def _write_run(result, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_run(args, prompts: list[str], frames: int | None = None) -> Callable[[int], None]:
+    """What needs no model, checked before torch loads one: numbers finite and in range, seeds, `--out` (a probe
+    file is made and removed where the run will write), and the size within the limit of the device. Returns
+    the size check for another frame count (a video model's own, known once it is loaded)."""
+    try:
+        if args.guidance is not None:
+            checks.finite("--guidance", args.guidance, 0, checks.MAX_GUIDANCE)
+        checks.seed("--seed", args.seed, len(prompts))
+        if args.upsampler is not None and not args.upsampler.is_file():
+            raise ValueError(f"--upsampler {args.upsampler}: no such file")
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out}: exists and is not a folder")
+        checks.writable_folder("--out", args.out)
+        if args.prompts_file is None:  # a run's files are made beside --out, then moved in
+            checks.writable_folder("--out", args.out.parent, shown=args.out)
+        device = checks.torch_device(args.device)
+        limit = checks.max_pixels(args.max_pixels, device.type)
+        hint = f"on {device.type}; --max-pixels or ${checks.ENV_MAX_PIXELS} sets it"
+        checks.within_limit(args.height, args.width, limit, frames or 1, hint)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    return lambda count: checks.within_limit(args.height, args.width, limit, count, hint)
+
+
+def my_prompts(args, count: int) -> tuple[list[int], str]:
+    """The indices of the prompts this process runs, and its log lines' prefix: all of them in one process;
+    under `accelerate launch --num_processes N` its contiguous share (one GPU each, or CPU processes without
+    one, as the benches split theirs). Prompt i keeps its folder and seed whichever process runs it."""
+    from .bench.common import process_state
+
+    state = process_state(args)
+    if state.num_processes == 1:
+        return list(range(count)), ""
+    with state.split_between_processes(list(range(count))) as mine:
+        return list(mine), f"[process {state.process_index}] "
+
+
+def _done(prefix: str, folder: Path, seconds: float) -> None:
+    sys.stderr.write(f"{prefix}{folder}: {seconds:.1f} s\n")  # one write: processes sharing stderr keep lines whole
+
+
 def generate(args) -> None:
+    prompts = read_prompts(args)
+    options = _method_options(args)
+    check_run(args, prompts)
     import torch
+
     from .api import generate as generate_image
     from .cascade import check_inputs
     from .models import load_model
 
     quiet_loaders()
-    prompts = read_prompts(args)
-    options = _method_options(args)
-    if args.upsampler is not None and not args.upsampler.is_file():
-        raise BadInput(f"--upsampler {args.upsampler}: no such file")
-    if args.out.exists() and not args.out.is_dir():
-        raise BadInput(f"--out {args.out}: exists and is not a folder")
+    mine, prefix = my_prompts(args, len(prompts))
+    if not mine:
+        return
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = load_model(args.model, device=args.device, dtype=dtype)
@@ -111,19 +166,18 @@ def generate(args) -> None:
             options["upsampler"] = load_adapter(args.upsampler, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
-    for i, prompt in enumerate(prompts):
-        result = generate_image(model, prompt, args.height, args.width, args.method, negative_prompt=args.negative_prompt,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + i,
-                     progress=True, **options)
-        _write_run(result, args.out / f"{i:04d}" if args.prompts_file else args.out)
-        print(f"{args.out / f'{i:04d}' if args.prompts_file else args.out}: {result.total_seconds:.1f} s", file=sys.stderr)
+    for i in mine:
+        result = generate_image(model, prompts[i], args.height, args.width, args.method,
+                                negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                                guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
+        folder = args.out / f"{i:04d}" if args.prompts_file else args.out
+        _write_run(result, folder)
+        _done(prefix, folder, result.total_seconds)
 
 
 # ---- generate-video: the image contract for text-to-video models ----------------------------------------
 
 def _add_video_parser(sub) -> None:
-    from .video import VIDEO_METHODS
-
     v = sub.add_parser("generate-video", help="generate a video with self-cascade or direct sampling")
     v.add_argument("--model", default="embedded", help="'embedded' (the moving-shapes video model), a ModelScope or "
                    "AnimateDiff folder, an SD 1.5 folder with --motion-adapter, or a hub id")
@@ -147,6 +201,7 @@ def _add_video_parser(sub) -> None:
                    help="feature upsamplers trained on this video model (.safetensors, python -m tuner train)")
     v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
+    v.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
     v.add_argument("--out", type=Path, required=True)
 
 
@@ -182,41 +237,83 @@ def _write_video_run(result, folder: Path, fps: float) -> None:
 
 
 def generate_video(args) -> None:
+    prompts = read_prompts(args)
+    options = _video_options(args)
+    try:
+        if args.fps is not None:
+            checks.finite("--fps", args.fps, 0, checks.MAX_FPS, low_open=True)
+        if args.frames is not None:
+            checks.whole("--frames", args.frames, 1)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    fits = check_run(args, prompts, args.frames)
     import torch
+
     from .video import check_video_inputs, generate_video as generate_clip, load_video_model
 
     quiet_loaders()
-    prompts = read_prompts(args)
-    options = _video_options(args)
-    if args.fps is not None and args.fps <= 0:
-        raise BadInput(f"--fps must be > 0, got {args.fps}")
-    if args.upsampler is not None and not args.upsampler.is_file():
-        raise BadInput(f"--upsampler {args.upsampler}: no such file")
-    if args.out.exists() and not args.out.is_dir():
-        raise BadInput(f"--out {args.out}: exists and is not a folder")
+    mine, prefix = my_prompts(args, len(prompts))
+    if not mine:
+        return
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = load_video_model(args.model, motion_adapter=args.motion_adapter, device=args.device, dtype=dtype)
         frames = model.default_frames if args.frames is None else args.frames
+        fits(frames)  # the model's own clip length, when --frames is not given
         check_video_inputs(model, args.height, args.width, frames, args.steps, args.guidance or 0.0,
                            options.get("k"), options.get("stages"), options.get("upsample", "bilinear"))
+        fps = checks.finite("the model's default fps", model.default_fps, 0, checks.MAX_FPS, low_open=True) \
+            if args.fps is None else args.fps
         if args.upsampler is not None:
             from .upsampler import load_adapter
             options["upsampler"] = load_adapter(args.upsampler, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
-    fps = args.fps or model.default_fps
-    for i, prompt in enumerate(prompts):
-        result = generate_clip(model, prompt, args.height, args.width, args.method, num_frames=frames,
-                     negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
+    for i in mine:
+        result = generate_clip(model, prompts[i], args.height, args.width, args.method, num_frames=frames,
+                               negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                               guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
         folder = args.out / f"{i:04d}" if args.prompts_file else args.out
         _write_video_run(result, folder, fps)
-        print(f"{folder}: {result.total_seconds:.1f} s", file=sys.stderr)
+        _done(prefix, folder, result.total_seconds)
+
+
+# ---- review: the Review tab's pool and results ----------------------------------------------------------
+
+def _add_review_parser(sub) -> None:
+    r = sub.add_parser("review", help="the Review tab's pool of images, and the results of its votes")
+    actions = r.add_subparsers(dest="action", required=True, parser_class=Parser)
+    add = actions.add_parser("add", help="add the benches' sample folders (<method>/NNNN.png with NNNN.json) "
+                                         "to the pool")
+    add.add_argument("folders", nargs="+", type=Path, metavar="DIR")
+    results = actions.add_parser("results", help="print the ranking and the win rates of the votes so far")
+    results.add_argument("--csv", type=Path, default=None, help="also write the raw votes to this CSV file")
+    for p in (add, results):
+        p.add_argument("--work-dir", default=None, help="the app's work folder (default: $SC_WORK_DIR, else "
+                       "/data/self-cascade-studio on a Space with persistent storage, else the temp folder's)")
+
+
+def review(args) -> None:
+    import sqlite3
+
+    from . import review as review_lib
+
+    try:
+        if args.action == "add":
+            samples = [sample for folder in args.folders for sample in review_lib.bench_samples(folder)]
+            store = review_lib.Store(review_lib.review_dir(args.work_dir))
+            print(f"{store.root}: {store.add(samples, 'bench')}")
+        else:
+            store = review_lib.Store(review_lib.review_dir(args.work_dir))
+            print(review_lib.format_results(store.results()))
+            if args.csv is not None:
+                print(f"wrote {store.write_csv(args.csv)}", file=sys.stderr)
+    except (review_lib.ReviewError, OSError, sqlite3.Error) as error:
+        raise BadInput(str(error).splitlines()[0]) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = {"generate": generate, "generate-video": generate_video}
+    commands = {"generate": generate, "generate-video": generate_video, "review": review}
     return run(build_parser(), lambda args: commands[args.command](args), argv)
 
 

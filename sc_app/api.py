@@ -1,14 +1,19 @@
 """All methods through one door: `generate(model_or_pipe, prompt, height, width, method=...)`."""
 from __future__ import annotations
 
-from .cascade import Result, direct, self_cascade
-from .models import Model
+from typing import TYPE_CHECKING
 
-METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf")
+if TYPE_CHECKING:  # torch and diffusers load where they are used: the command lines parse their flags first
+    from .cascade import Result
+    from .models import Model
+
+METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale")
 
 
 def as_model(model) -> Model:
     """A loaded Model as it is, or a diffusers SD / SD XL pipeline the user already has."""
+    from .models import Model
+
     return model if isinstance(model, Model) else Model.from_pipeline(model)
 
 
@@ -16,8 +21,11 @@ def generate(model, prompt: str | list[str], height: int, width: int, method: st
              k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear",
              upsampler=None, **common) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
-    generator, callback, on_stage, progress. `upsampler` (an Adapter or a .safetensors path) turns the
-    self-cascade into its tuned version in every stage whose scale the adapter fits."""
+    generator, callback, on_stage, progress. `upsampler` (an Adapter, a .safetensors path, a folder of
+    them or a list) turns the self-cascade into its tuned version: each stage takes the adapter that fits
+    its growth and was trained nearest its resolution."""
+    from .cascade import direct, self_cascade
+
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -26,10 +34,10 @@ def generate(model, prompt: str | list[str], height: int, width: int, method: st
     if method == "self-cascade":
         stage_denoiser = None
         if upsampler is not None:
-            from .upsampler import Adapter, load_adapter, stage_denoiser_for
-            adapter = upsampler if isinstance(upsampler, Adapter) else load_adapter(upsampler, model)
-            k = adapter.k if k is None else k  # the adapter only saw timesteps 1..its K in training
-            stage_denoiser = stage_denoiser_for(model, adapter)
+            from .upsampler import common_k, load_adapters, stage_denoiser_for
+            adapters = load_adapters(upsampler, model)
+            k = common_k(adapters) if k is None else k  # the adapters only saw timesteps 1..their K in training
+            stage_denoiser = stage_denoiser_for(model, adapters)
         return self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample,
                             stage_denoiser=stage_denoiser, **common)
     if method == "direct":
@@ -37,5 +45,11 @@ def generate(model, prompt: str | list[str], height: int, width: int, method: st
     if method == "scalecrafter":
         from .baselines.scalecrafter import scalecrafter
         return scalecrafter(model, prompt, height, width, **common)
+    if method == "demofusion":  # common may also take stride, sigma, cosine_scale_1..3, view_batch_size
+        from .baselines.demofusion import demofusion
+        return demofusion(model, prompt, height, width, **common)
+    if method == "freescale":  # common may also take restart_fraction, cosine_scale, dilate_tau, fusion_sigma, freeu
+        from .baselines.freescale import freescale
+        return freescale(model, prompt, height, width, **common)
     from .baselines.attn_sf import attn_sf
     return attn_sf(model, prompt, height, width, **common)

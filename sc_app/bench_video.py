@@ -36,24 +36,55 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
-
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
+
+from .checks import MAX_GUIDANCE, finite, seed, writable_file, writable_folder  # noqa: E402
+from .cli import BadInput, Parser, parse_or_exit, quiet_loaders, run  # noqa: E402
+
+DEFAULT_WORK = Path("runs/bench-video")  # runs/ is git-ignored
+DEFAULT_MD = Path("docs/benchmarks.md")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m sc_app.bench_video", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded", help="'embedded' (the moving-shapes video model), a ModelScope or "
+                   "AnimateDiff folder, or an SD 1.5 folder with --motion-adapter")
+    p.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder, for an SD 1.5 --model")
+    p.add_argument("--size", default=None, help="target HEIGHTxWIDTH (default: 4x the base pixels, square)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    p.add_argument("--k", default=None, help="comma-separated K values for the self-cascade (default: the model's)")
+    p.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers (.safetensors): adds "
+                   "the tuned self-cascade, per --k or at the adapter's own K")
+    p.add_argument("--n", type=int, default=32, help="prompts (clips per method)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="clips and records, for resuming")
+    p.add_argument("--md", type=Path, default=DEFAULT_MD, help="markdown file to write the section into")
+    p.add_argument("--section", default="video", help="the section's marker name")
+    p.add_argument("--figure", type=Path, default=None, help="default: video_grid.png beside --md")
+    p.add_argument("--grid-prompts", type=int, default=2, help="prompts in the figure (0: no figure)")
+    return p
+
+
+if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads
+    parse_or_exit(build_parser(), None, lambda args: args)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 from .bench.common import (Variant, _file_hash, _load_adapter, _sync, check_work_settings, command_line,  # noqa: E402
                            log, machine_description, make_variants, markdown_table, model_fingerprint,
                            parse_ints, parse_sizes, process_state, ratios_to, size_name, write_section)
-from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 from .moving_shapes import random_clip, render_clip  # noqa: E402
 from .plan import plan_stages  # noqa: E402
 from .shapes import EIGHT_CONNECTED, blobs, detect, matches, random_prompts  # noqa: E402
 from .video import check_video_inputs, generate_video, load_video_model  # noqa: E402
 
-DEFAULT_WORK = Path("runs/bench-video")  # runs/ is git-ignored
-DEFAULT_MD = Path("docs/benchmarks.md")
 GRID_FRAMES = 4
 FVD_NOTE = (
     "**FVD** is not reported: it needs the Kinetics-400 I3D network's weights, and nothing installable here "
@@ -279,10 +310,18 @@ def check_args(args) -> tuple[tuple[int, int] | None, list[int] | None]:
                                ("--grid-prompts", args.grid_prompts, 0)):
         if value is not None and value < least:
             raise BadInput(f"{name} must be >= {least}, got {value}")
-    if args.guidance is not None and args.guidance < 0:
-        raise BadInput(f"--guidance must be >= 0, got {args.guidance}")
     if args.upsampler is not None and not args.upsampler.is_file():
         raise BadInput(f"--upsampler {args.upsampler}: no such file")
+    try:
+        if args.guidance is not None:
+            finite("--guidance", args.guidance, 0, MAX_GUIDANCE)
+        seed("--seed", args.seed, args.n)
+        writable_folder("--work", args.work)
+        writable_file("--md", args.md)
+        if args.figure is not None:
+            writable_file("--figure", args.figure)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
     return sizes[0] if sizes else None, ks
 
 
@@ -383,34 +422,9 @@ def run_bench(args, argv: list[str]) -> None:
     log(f"wrote section {args.section!r} to {args.md}" + (f" and {figure}" if drawn else ""))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m sc_app.bench_video", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded", help="'embedded' (the moving-shapes video model), a ModelScope or "
-                   "AnimateDiff folder, or an SD 1.5 folder with --motion-adapter")
-    p.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder, for an SD 1.5 --model")
-    p.add_argument("--size", default=None, help="target HEIGHTxWIDTH (default: 4x the base pixels, square)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
-    p.add_argument("--k", default=None, help="comma-separated K values for the self-cascade (default: the model's)")
-    p.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers (.safetensors): adds "
-                   "the tuned self-cascade, per --k or at the adapter's own K")
-    p.add_argument("--n", type=int, default=32, help="prompts (clips per method)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="clips and records, for resuming")
-    p.add_argument("--md", type=Path, default=DEFAULT_MD, help="markdown file to write the section into")
-    p.add_argument("--section", default="video", help="the section's marker name")
-    p.add_argument("--figure", type=Path, default=None, help="default: video_grid.png beside --md")
-    p.add_argument("--grid-prompts", type=int, default=2, help="prompts in the figure (0: no figure)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    quiet_loaders()
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser(), lambda args: run_bench(args, argv), argv)
+    return run(build_parser(), lambda args: (quiet_loaders(), run_bench(args, argv)), argv)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checks import MAX_GUIDANCE, finite
+from .checks import seed as check_seed
 from .plan import plan_stages
 from .sampling import (Denoiser, added_conditions, encode_prompt, guided_denoiser, initial_noise,
                        make_scheduler, renoise, sample_ddim)
 
-UPSAMPLE_MODES = ("bilinear", "bicubic")
+UPSAMPLE_MODES = ("bilinear", "bicubic", "lanczos")  # lanczos: in pixel space, decoded and encoded again
 TILE_ABOVE_PIXELS = 1280 * 1280  # decode larger images tile by tile, so 2048^2 fits a 24 GB GPU
 
 
@@ -70,8 +72,7 @@ def check_inputs(model, height: int, width: int, num_inference_steps: int, guida
             raise ValueError(f"{name} must be a multiple of {m} for this model, got {value}")
     if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= model.num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in 1..{model.num_train_timesteps}, got {num_inference_steps!r}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    finite("guidance_scale", guidance_scale, 0, MAX_GUIDANCE)
     if stages is not None and (not isinstance(stages, int) or stages < 0):
         raise ValueError(f"stages must be a non-negative integer, got {stages!r}")
     if upsample not in UPSAMPLE_MODES:
@@ -99,7 +100,7 @@ def _generators(generator, seed: int | None, count: int) -> list[torch.Generator
         if len(gens) != count:
             raise ValueError(f"generator: need one per prompt ({count}), got {len(gens)}")
         return gens
-    seed = 0 if seed is None else seed
+    seed = 0 if seed is None else check_seed("seed", seed, count)
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
 
@@ -127,6 +128,26 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
         if upcast:
             vae.to(torch.float16)
     return model.pipe.image_processor.postprocess(images.float(), output_type="pil")
+
+
+@torch.no_grad()
+def encode(model, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> scaled latents (the posterior mean), in the UNet's dtype."""
+    vae = model.pipe.vae
+    pixels = model.pipe.image_processor.preprocess(images).to(model.device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).to(model.unet.dtype)
+
+
+def upsample_latents(model, latents: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """The previous stage's clean latent at the next stage's latent `size`: interpolated in latent space
+    (bilinear, bicubic), or decoded, resized with Lanczos and encoded again (lanczos), which keeps edges
+    sharp at the cost of one VAE round trip."""
+    if mode != "lanczos":
+        return F.interpolate(latents.float(), size=size, mode=mode, align_corners=False)
+    pixels = (size[1] * model.vae_scale, size[0] * model.vae_scale)
+    return encode(model, [im.resize(pixels, Image.LANCZOS) for im in decode(model, latents)]).float()
 
 
 # ---- the methods ---------------------------------------------------------------------------------
@@ -182,7 +203,7 @@ def self_cascade(model, prompt: str | list[str], height: int, width: int, *, neg
         if r == 0:
             timesteps, x = scheduler.timesteps, noise * scheduler.init_noise_sigma
         else:  # Eq. 6: z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), then denoise K -> 0 (Eq. 7)
-            upsampled = F.interpolate(latents.float(), size=shape[-2:], mode=upsample, align_corners=False)
+            upsampled = upsample_latents(model, latents, shape[-2:], upsample)
             timesteps, x = renoise(scheduler, upsampled, noise, ks[r - 1])
             if stage_denoiser is not None:
                 denoiser = stage_denoiser(r, latents, denoiser, cond, added)

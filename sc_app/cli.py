@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Callable, TypeVar
 
 EXIT_BAD_INPUT = 2
+T = TypeVar("T")
 
 
 class BadInput(Exception):
@@ -24,6 +25,17 @@ def quiet_loaders() -> None:
 
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
+
+
+def parse_or_exit(parser: argparse.ArgumentParser, argv: list[str] | None,
+                  convert: Callable[[argparse.Namespace], T]) -> T:
+    """`convert(parser.parse_args(argv))` for a script that runs on its own rather than through `run`: a bad
+    flag (with a `Parser`), or a ValueError from `convert`, is one `error:` line on stderr and exit code 2."""
+    try:
+        return convert(parser.parse_args(argv))
+    except (BadInput, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 def run(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], None], argv: list[str] | None) -> int:

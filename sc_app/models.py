@@ -8,7 +8,17 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from .checks import torch_device
+
+
+def _assets_folder() -> Path:
+    """The embedded models: sc_app/assets/ in an installed copy (the data package sc_app.assets, which
+    pyproject.toml maps to the repository's assets/), else assets/ beside sc_app/ (a checkout)."""
+    here = Path(__file__).resolve().parent
+    return here / "assets" if (here / "assets").is_dir() else here.parent / "assets"
+
+
+ASSETS = _assets_folder()
 EMBEDDED = ASSETS / "shapes-ldm"
 PAPER_K = 700  # the paper's K for Stable Diffusion, out of 1000 training steps
 SD_GUIDANCE = 7.5
@@ -22,6 +32,7 @@ class Model:
     name: str
     default_k: int = PAPER_K  # the best K is model-dependent: a folder may set its own
     default_guidance: float = SD_GUIDANCE
+    offload_text_encoders: bool = False  # on the CPU between prompts, on the model's device only to encode
 
     @property
     def is_xl(self) -> bool:
@@ -68,11 +79,25 @@ class Model:
 
 
 def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch_device(None)
+
+
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "motion_adapter")
+
+
+def refuse_pickle_weights(name: str, source: str, parts: tuple[str, ...] = WEIGHT_FOLDERS) -> None:
+    """A local folder whose component (`parts`: subfolders, "" for the folder itself) holds only pickle weights
+    (.bin, .pt, .ckpt): one line saying so, before diffusers' loader logs its own error. Pickle files can run
+    code when read, so only safetensors load."""
+    for part in parts:
+        folder = Path(source) / part
+        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+            continue
+        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pattern))
+        if pickled:
+            where = f"{part}/ holds" if part else "it holds"
+            raise ValueError(f"model {name!r}: {where} only pickle weights ({', '.join(pickled[:2])}); this program "
+                             "reads safetensors only")
 
 
 def _folder_settings(folder: str) -> dict:
@@ -87,10 +112,12 @@ def _index(source: str) -> dict | None:
 
 
 def load_model(name: str = "embedded", device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> Model:
+               dtype: torch.dtype | None = None, offload_text_encoders: bool = False) -> Model:
     """`embedded`, a local diffusers folder, or a hub id -> Model, on `device` (auto: cuda, mps, cpu).
 
     Weights are read as safetensors only, and no remote code is run. fp16 on cuda unless `dtype` says.
+    `offload_text_encoders` keeps the text encoders on the CPU except while they encode a prompt: on a GPU,
+    their weights (0.25 GB for SD 1.5, 0.7 GB for SD 2.1, 1.6 GB for SD XL in fp16) leave room for larger sizes.
     """
     source = str(EMBEDDED) if name == "embedded" else name
     if name == "embedded" and not EMBEDDED.is_dir():
@@ -100,10 +127,11 @@ def load_model(name: str = "embedded", device: str | torch.device | None = None,
         raise ValueError(f"model {name!r}: no such folder")
     if looks_like_path and _index(source) is None:
         raise ValueError(f"model {name!r}: not a diffusers folder (no model_index.json)")
-    device = torch.device(device) if device is not None else default_device()
+    device = torch_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     index = _index(source)
     if index is not None:
+        refuse_pickle_weights(name, source)
         is_xl = "text_encoder_2" in index
     else:  # a hub id: the index says which pipeline it is
         from huggingface_hub import hf_hub_download
@@ -116,4 +144,10 @@ def load_model(name: str = "embedded", device: str | torch.device | None = None,
             source, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs
         )
     pipe.set_progress_bar_config(disable=True)
-    return Model.from_pipeline(pipe.to(device), name=name)
+    model = Model.from_pipeline(pipe.to(device), name=name)
+    if offload_text_encoders and device.type != "cpu":
+        model.offload_text_encoders = True
+        for encoder in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")):
+            if encoder is not None:
+                encoder.to("cpu")
+    return model

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from .checks import MAX_STAGES
+
 
 def num_stages(height: int, width: int, base_size: int) -> int:
     """R = ceil(log4(target pixels / base pixels)): stages after the pivot (paper 4.1)."""
@@ -25,6 +27,21 @@ def plan_stages(height: int, width: int, base_size: int, multiple: int, stages: 
     count = num_stages(height, width, base_size) if stages is None else stages
     if count < 0:
         raise ValueError(f"stages must be >= 0, got {stages}")
+    if count > MAX_STAGES:
+        planned = "" if stages is not None else (f" ({height}x{width} needs {count} stages of 4x pixels above a "
+                                                 f"{base_size}px base)")
+        raise ValueError(f"stages must be at most {MAX_STAGES}, got {count}{planned}")
+    sizes = _sizes(height, width, base_size, multiple, count)
+    if not _grows(sizes):  # every stage must be larger than the one before: no repeated or shrinking sizes
+        most = next(n for n in range(count - 1, -1, -1) if _grows(_sizes(height, width, base_size, multiple, n)))
+        if stages is None:  # the default count is ours to choose: as many as grow (12x24 over a 16px base: none)
+            return _sizes(height, width, base_size, multiple, most)
+        raise ValueError(f"stages must be at most {most} for {height}x{width} (each stage must grow the size; "
+                         f"sizes are multiples of {multiple} above a {base_size}px pivot), got {count}")
+    return sizes
+
+
+def _sizes(height: int, width: int, base_size: int, multiple: int, count: int) -> list[tuple[int, int]]:
     if count == 0:
         return [(height, width)]
     aspect = width / height
@@ -34,7 +51,8 @@ def plan_stages(height: int, width: int, base_size: int, multiple: int, stages: 
         grow = (height / pivot_h) ** (r / count), (width / pivot_w) ** (r / count)
         sizes.append((_round(pivot_h * grow[0], multiple), _round(pivot_w * grow[1], multiple)))
     sizes.append((height, width))
-    for (h0, w0), (h1, w1) in zip(sizes, sizes[1:]):
-        if h1 < h0 or w1 < w0:
-            raise ValueError(f"{height}x{width} is too small for {count} stages above a {base_size}px pivot")
     return sizes
+
+
+def _grows(sizes: list[tuple[int, int]]) -> bool:
+    return all(h1 >= h0 and w1 >= w0 and (h1, w1) != (h0, w0) for (h0, w0), (h1, w1) in zip(sizes, sizes[1:]))

@@ -1,6 +1,7 @@
 """One denoising loop over a denoiser, plus the conditioning it needs (prompts, CFG, SD XL added conditions)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +30,7 @@ def encode_prompt(model, prompts: list[str], negative_prompt: str | None, guidan
     """The pipeline's own prompt encoding, batched; the negative prompt is shared by the batch."""
     pipe, guided = model.pipe, guidance_scale > 1.0
     negative = [negative_prompt or ""] * len(prompts)
-    with torch.no_grad():
+    with torch.no_grad(), text_encoders_on_device(model):
         if model.is_xl:
             cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
                 prompts, device=model.device, num_images_per_prompt=1,
@@ -42,6 +43,23 @@ def encode_prompt(model, prompts: list[str], negative_prompt: str | None, guidan
         cond = torch.cat([uncond, cond])
         pooled = torch.cat([uncond_pooled, pooled]) if pooled is not None else None
     return Conditioning(cond, pooled, guidance_scale)
+
+
+@contextmanager
+def text_encoders_on_device(model):
+    """Offloaded text encoders (`Model.offload_text_encoders`) visit the model's device for one encoding, then go
+    back to the CPU; otherwise nothing moves."""
+    encoders = []
+    if getattr(model, "offload_text_encoders", False):
+        encoders = [getattr(model.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        encoders = [m for m in encoders if m is not None]
+    for encoder in encoders:
+        encoder.to(model.device)
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            encoder.to("cpu")
 
 
 def added_conditions(model, cond: Conditioning, height: int, width: int) -> dict | None:
@@ -100,9 +118,14 @@ def initial_noise(shape, generator, model) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, scheduler: DDIMScheduler, timesteps: torch.Tensor,
-                callback: Callable[[dict], None] | None = None, disable: bool | None = None) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) over `timesteps` (Song et al. 2021); callback gets x, i, t, steps, denoised."""
+                callback: Callable[[dict], None] | None = None, disable: bool | None = None,
+                before_step: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) over `timesteps` (Song et al. 2021); callback gets x, i, t, steps, denoised.
+
+    `before_step(x, i, t) -> x` replaces x before step i (DemoFusion's and FreeScale's skip residuals)."""
     for i, t in enumerate(tqdm(timesteps, disable=disable, leave=False)):
+        if before_step is not None:
+            x = before_step(x, i, t)
         out = denoiser(scheduler.scale_model_input(x, t), t, i)
         step = scheduler.step(out, t, x)
         x = step.prev_sample

@@ -228,3 +228,41 @@ def matches(image, prompt: str) -> bool:
 def describe(image) -> str:
     """What the detector sees, as a prompt-like string for logs (`nothing` for an empty image)."""
     return " and ".join(f"a {colour} {shape}" for colour, shape in detect(image)) or "nothing"
+
+
+# --- local structure: how well each object's outline is the ideal shape of its class ---
+
+# Area of each ideal shape over r^2 (r: radius or half-width), and where its centroid lies below the
+# centre of its box, in units of r (an up-pointing triangle's mass sits a third of r low).
+_SHAPE_AREA = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
+_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 3}
+
+
+def _ideal_mask(shape: str, cy: float, cx: float, r: float, height: int, width: int) -> np.ndarray:
+    """The shape, as `render` draws it, rasterised without anti-aliasing on a height x width pixel grid
+    (pixel coordinates, centre (cy, cx), radius r)."""
+    dy = np.arange(height)[:, None] + 0.5 - cy
+    dx = np.arange(width)[None, :] + 0.5 - cx
+    if shape == "circle":
+        return np.hypot(dx, dy) <= r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= r
+    return (dy <= r) & (2 * dx - dy <= r) & (-2 * dx - dy <= r)
+
+
+def shape_fidelity(image) -> list[float]:
+    """For every object `detect` finds, the IoU of its (hole-filled) mask with the ideal shape of its
+    detected class that has the same area and centroid: 1 for a perfect outline, lower for wobbly
+    sides, rounded corners or smeared edges. Clean renders score about 0.97 (their anti-aliased rim)."""
+    scores = []
+    for blob, (_, shape) in zip(blobs(image), detect(image)):
+        ys, xs = blob.box
+        mask = ndimage.binary_fill_holes(blob.labels[blob.box] == blob.label)
+        rows, cols = np.nonzero(mask)
+        r = float(np.sqrt(rows.size / _SHAPE_AREA[shape]))
+        cy, cx = rows.mean() + 0.5 - _CENTROID_DROP[shape] * r, cols.mean() + 0.5
+        pad = int(np.ceil(r)) + 2  # room for an ideal that reaches past the blob's own box
+        window = np.pad(mask, pad)
+        ideal = _ideal_mask(shape, cy + pad, cx + pad, r, *window.shape)
+        scores.append(float((window & ideal).sum() / (window | ideal).sum()))
+    return scores

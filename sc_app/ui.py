@@ -1,4 +1,4 @@
-"""The page of Self-Cascade Studio: Generate, Compare, Tune and Video tabs, a thin shell over the library.
+"""The page of Self-Cascade Studio: Generate, Compare, Tune, Video and Review tabs, a thin shell over the library.
 
 Every event maps widgets to library calls (`sc_app.api.generate`, `tuner.upsampler_training.train_adapter`)
 and streams what they report. The model is loaded once, by the caller, and handed to `build()`; the Video
@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -38,8 +39,12 @@ except ImportError:  # pragma: no cover - `spaces` is in requirements.txt
 
 import gradio as gr
 
+from . import checks
 from .api import generate as run_method
 from .cascade import check_inputs
+from .checks import ENV_MAX_PIXELS, MAX_PIXELS_CPU, MAX_PIXELS_GPU  # noqa: F401 (the app's limits, named here too)
+from .baselines.progressive import base_steps
+from .baselines.progressive import stage_steps as peer_stage_steps
 from .plan import plan_stages
 from .ui_uploads import _display_name, prepare_images, safe_stem, user_error
 
@@ -48,15 +53,13 @@ log = logging.getLogger(__name__)
 ASPECTS = ("1:1", "4:3", "3:4", "16:9", "9:16", "2:1", "1:2")
 SCALES = {"4x": 4, "16x": 16, "64x": 64}  # times the model's base pixels
 STAGE_CHOICES = ("auto", "0", "1", "2", "3", "4")
-COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf")
+COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale")
+PEER_METHODS = ("demofusion", "freescale")  # multi-stage peers: their own steps and work per stage
 TUNE_SCALES = (2, 4)
 SHAPES_WORLD, MY_IMAGES = "shapes world", "my images"
 NO_ADAPTER = "none"
 
-ENV_MAX_PIXELS = "SC_MAX_PIXELS"
 ENV_WORK_DIR = "SC_WORK_DIR"
-MAX_PIXELS_GPU = 2048 * 2048  # what cascade.decode's tiling keeps inside a 24 GB GPU at SD sizes
-MAX_PIXELS_CPU = 1024 * 1024
 MAX_UPLOAD_SIZE = "200mb"  # per file, enforced by gradio on upload
 MAX_TUNE_STEPS = 20_000
 QUEUE_SIZE = 32
@@ -74,6 +77,18 @@ EMBEDDED_EXAMPLES = ["a red circle and a blue square", "a yellow triangle",
                      "a green square and a red triangle and a blue circle"]
 SD_EXAMPLES = ["a photo of a cat sitting on a windowsill", "an astronaut riding a horse on the moon",
                "a cozy cabin in a snowy forest at dusk"]
+
+
+def _number(value):
+    """A widget's value as a number where it came as text (a dropdown's "2"), for the checks to judge."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
 
 
 def on_space() -> bool:
@@ -99,21 +114,7 @@ def chosen_adapter(choices: dict[str, Path | None], label: str | None) -> str | 
 
 # ---- sizes -----------------------------------------------------------------------------------------
 
-def resolve_max_pixels(flag: int | None, device_type: str) -> int:
-    """The size limit: the flag, else $SC_MAX_PIXELS, else a default for the device."""
-    if flag is not None:
-        value, source = flag, "--max-pixels"
-    elif os.environ.get(ENV_MAX_PIXELS):
-        value, source = os.environ[ENV_MAX_PIXELS], ENV_MAX_PIXELS
-    else:
-        return MAX_PIXELS_GPU if device_type == "cuda" else MAX_PIXELS_CPU
-    try:
-        value = int(value)
-    except ValueError:
-        raise ValueError(f"{source} must be a whole number of pixels, got {value!r}") from None
-    if value <= 0:
-        raise ValueError(f"{source} must be positive, got {value}")
-    return value
+resolve_max_pixels = checks.max_pixels  # the flag, else $SC_MAX_PIXELS, else a default for the device
 
 
 def target_size(base_size: int, multiple: int, aspect: str, scale: str) -> tuple[int, int]:
@@ -129,13 +130,14 @@ def target_size(base_size: int, multiple: int, aspect: str, scale: str) -> tuple
     return height, width
 
 
-def _megapixels(pixels: int) -> str:
-    return f"{pixels / 1e6:.2f} MP" if pixels >= 10_000 else f"{pixels:,} pixels"
+_megapixels = checks.megapixels
 
 
 def stage_steps(model, request: dict, stage: int) -> int:
     """How many steps a stage runs, for the progress bar: all for the pivot, about K/T of them after."""
     steps = request["num_inference_steps"]
+    if request["method"] in PEER_METHODS:
+        return peer_stage_steps(model, request["method"], steps, stage)
     if stage == 0:
         return steps
     k = request.get("k") or model.default_k
@@ -149,6 +151,10 @@ def gpu_seconds(model, requests: list[dict]) -> int:
     seconds = GPU_OVERHEAD_SECONDS
     for request in requests:
         h, w = request["height"], request["width"]
+        if request["method"] in PEER_METHODS:  # every stage, and DemoFusion's many base-size passes per step
+            steps = request["num_inference_steps"]
+            seconds += STEP_SECONDS_AT_BASE * base_steps(model, request["method"], h, w, steps, PIXEL_EXPONENT)
+            continue
         sizes = (plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade"
                  else [(h, w)])
         frames = request.get("num_frames", 1)
@@ -251,8 +257,9 @@ class Studio:
         choices = list(self.adapters())
         return gr.update(choices=choices, **({"value": value} if value in choices else {}))
 
-    def _store_adapter(self, data: bytes, stem: str) -> str:
-        """Write adapter bytes into the adapter folder atomically; return its label."""
+    def _store_adapter(self, data: bytes, stem: str, shown: str | None = None) -> str:
+        """Write adapter bytes into the adapter folder atomically; return its label. `shown`: the file's name
+        in a message (default: the stem)."""
         name = safe_stem(stem, "adapter")
         path = self.adapter_dir / f"{name}.safetensors"
         n = 1
@@ -266,7 +273,9 @@ class Studio:
             adapter = load_adapter(tmp, self.model)
         except ValueError as error:
             tmp.unlink(missing_ok=True)
-            raise user_error(f"this adapter does not fit the loaded model: {str(error).replace(str(tmp), 'the file')}") from None
+            # the library names the file it read, here a temporary one: say what is wrong with the user's file
+            reason = str(error).removeprefix(f"upsampler {tmp}: ").replace(f"upsampler {tmp}", "it")
+            raise user_error(f"{shown or name} cannot be used as an adapter here: {reason}") from None
         if (mismatch := weights_mismatch(adapter, self.model)) is not None:
             gr.Warning(f"{name}: {mismatch}")
         os.replace(tmp, path)
@@ -278,7 +287,8 @@ class Studio:
             raise user_error("no adapter file uploaded")
         if not str(file).lower().endswith(".safetensors"):
             raise user_error(f"{_display_name(file)}: an adapter is a .safetensors file")
-        label = self._store_adapter(Path(file).read_bytes(), "uploaded-" + safe_stem(Path(file).name, "adapter"))
+        label = self._store_adapter(Path(file).read_bytes(), "uploaded-" + safe_stem(Path(file).name, "adapter"),
+                                    shown=_display_name(file))
         gr.Info(f"Adapter {label} added.")
         return self.adapter_choices(label), self.adapter_choices()
 
@@ -305,16 +315,15 @@ class Studio:
             raise user_error(f"{width}x{height} is {_megapixels(height * width)}, over this server's limit of "
                              f"{_megapixels(self.max_pixels)} (set by --max-pixels or {ENV_MAX_PIXELS}): "
                              f"pick a smaller scale")
-        try:
-            stages = None if stages in (None, "", "auto") else int(stages)
-            k = None if k is None else int(k)
-            steps = int(steps)
-            guidance = self.model.default_guidance if guidance is None else float(guidance)
-            seed = 0 if seed is None else int(seed)
-        except (TypeError, ValueError) as error:
-            raise user_error(f"a setting is not a number: {error}") from None
-        if not 0 <= seed < 2**63:
-            raise user_error(f"seed must be in 0..{2**63 - 1}, got {seed}")
+        try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
+            stages = None if stages in (None, "", "auto") else checks.whole("stages", _number(stages), 0)
+            k = None if k is None else checks.whole("K", k, 1, self.model.num_train_timesteps - 1)
+            steps = checks.whole("steps", steps, 1, self.model.num_train_timesteps)
+            guidance = self.model.default_guidance if guidance is None else checks.finite(
+                "guidance", guidance, 0, checks.MAX_GUIDANCE)
+            seed = 0 if seed is None else checks.seed("seed", seed)
+        except ValueError as error:
+            raise user_error(str(error)) from None
         cascade = method == "self-cascade"
         try:
             check_inputs(self.model, height, width, steps, guidance, k if cascade else None,
@@ -524,6 +533,8 @@ class Studio:
                 yield gallery, table, self.slider(results, side_a, side_b), results
             elif kind == "unavailable":
                 gr.Warning(event[2])
+        if getattr(self, "review", None) is not None:  # the run's images join the Review tab's pool
+            self.review.add_compare(requests, methods, results)
 
     @staticmethod
     def slider(results: dict, side_a: str, side_b: str):
@@ -535,15 +546,12 @@ class Studio:
     def tune(self, source, files, steps, batch_size, lr, scale, request: gr.Request, progress=gr.Progress()):
         """Tune tab: fine-tune the feature upsamplers on uploads or the shapes world, with a live loss plot."""
         try:
-            steps, batch_size, lr, scale = int(steps), int(batch_size), float(lr), int(scale)
-        except (TypeError, ValueError) as error:
-            raise user_error(f"a setting is not a number: {error}") from None
-        if not 1 <= steps <= MAX_TUNE_STEPS:
-            raise user_error(f"steps must be in 1..{MAX_TUNE_STEPS}, got {steps}")
-        if not 1 <= batch_size <= 256:
-            raise user_error(f"batch size must be in 1..256, got {batch_size}")
-        if not 0 < lr < 1:
-            raise user_error(f"learning rate must be in (0, 1), got {lr}")
+            steps = checks.whole("steps", steps, 1, MAX_TUNE_STEPS)
+            batch_size = checks.whole("batch size", batch_size, 1, 256)
+            lr = checks.finite("learning rate", lr, 0, 1, low_open=True, high_open=True)
+            scale = checks.whole("scale", _number(scale))
+        except ValueError as error:
+            raise user_error(str(error)) from None
         if scale not in TUNE_SCALES:
             raise user_error(f"scale must be one of {TUNE_SCALES}, got {scale}")
         if source not in (SHAPES_WORLD, MY_IMAGES):
@@ -689,11 +697,13 @@ def _sampling_controls(studio: Studio, with_stages: bool) -> tuple:
 
 
 def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None = None, video_model="embedded",
-          motion_adapter: str | None = None) -> gr.Blocks:
+          motion_adapter: str | None = None, review_token: str | None = None) -> gr.Blocks:
     """The Blocks for a loaded model. `max_pixels`: the size limit (else $SC_MAX_PIXELS, else a default
     for the device); `work_dir`: the app's own folder (else $SC_WORK_DIR, else one in the temp folder);
     `video_model`: the Video tab's model, a loaded VideoModel or a name for `load_video_model` (loaded on
-    first use), with `motion_adapter` for an SD 1.5 folder."""
+    first use), with `motion_adapter` for an SD 1.5 folder; `review_token`: the owner's token for resetting the
+    Review tab's votes (else $SC_REVIEW_TOKEN; none: no reset)."""
+    from .ui_review import review_tab
     from .ui_video import video_tab
 
     studio = Studio(model, max_pixels=max_pixels, work_dir=work_dir, video_model=video_model,
@@ -775,6 +785,7 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                                             x_title="step", y_title="loss", y_axis_format=".3~r")
                         t_adapter = gr.File(label="Adapter (download)")
             video_tab(studio, gpu)
+            review_tab(studio, work_dir, review_token)
 
         # Generate
         adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")
@@ -799,9 +810,24 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
     return demo
 
 
+class _RunningIterators(dict):
+    """gradio's table of running event iterators, where removing one that is gone is a no-op. Its /cancel route
+    checks for the event outside its lock and deletes it inside: a cancel sent twice (a client retrying on a
+    busy server) or for an event that has just finished raised KeyError, a traceback in the server's log."""
+
+    def __delitem__(self, key) -> None:
+        self.pop(key, None)
+
+
 def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """Queue (GPU events one at a time, a bounded queue) and serve; `kwargs` go to `Blocks.launch`."""
+    """Queue (GPU events one at a time, a bounded queue) and serve; `kwargs` go to `Blocks.launch`. A cancel of
+    a finished or unknown event is a no-op (`_RunningIterators`)."""
     studio: Studio = demo.studio
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_SIZE,
-                       allowed_paths=[str(studio.work_dir)], **kwargs)
+    wait = not kwargs.pop("prevent_thread_lock", False)
+    served = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_SIZE,
+                         allowed_paths=[str(studio.work_dir)], prevent_thread_lock=True, **kwargs)
+    demo.server_app.iterators = _RunningIterators(demo.server_app.iterators)
+    if wait and not bool(getattr(sys, "ps1", sys.flags.interactive)):  # as Blocks.launch itself would
+        demo.block_thread()
+    return served

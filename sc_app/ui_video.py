@@ -12,14 +12,15 @@ from pathlib import Path
 
 import gradio as gr
 
+from . import checks
 from . import video as video_lib
 from .models import ASSETS, _folder_settings
 from .ui import (ASPECTS, EMBEDDED_EXAMPLES, ENV_MAX_PIXELS, NO_ADAPTER, SCALES, STAGE_CHOICES, _megapixels,
-                 _model_label, chosen_adapter, gpu_seconds, on_gpu, target_size, user_error)
+                 _model_label, _number, chosen_adapter, gpu_seconds, on_gpu, target_size, user_error)
 from .video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
 
 MAX_FRAMES = 64  # a bound for the page; a motion model's own table may be shorter (checked per request)
-MAX_FPS = 60
+MAX_FPS = checks.MAX_FPS
 MAX_STEPS = 150
 MAX_K = 999  # for the usual 1000 training timesteps; the request is checked against the model's own
 DEFAULT_KEYS = ("default_frames", "default_fps", "default_k", "default_guidance")
@@ -94,19 +95,16 @@ class VideoTab:
             raise user_error("the prompt is empty: describe the clip you want")
         model = self.model()
         height, width = target_size(model.base_size, model.size_multiple, aspect, scale)
-        try:
-            frames = model.default_frames if frames is None else int(frames)
-            stages = None if stages in (None, "", "auto") else int(stages)
-            k = None if k is None else int(k)
-            steps = int(steps)
-            guidance = model.default_guidance if guidance is None else float(guidance)
-            seed = 0 if seed is None else int(seed)
-        except (TypeError, ValueError) as error:
-            raise user_error(f"a setting is not a number: {error}") from None
-        if not 1 <= frames <= MAX_FRAMES:
-            raise user_error(f"frames must be in 1..{MAX_FRAMES}, got {frames}")
-        if not 0 <= seed < 2**63:
-            raise user_error(f"seed must be in 0..{2**63 - 1}, got {seed}")
+        try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
+            frames = model.default_frames if frames is None else checks.whole("frames", frames, 1, MAX_FRAMES)
+            stages = None if stages in (None, "", "auto") else checks.whole("stages", _number(stages), 0)
+            k = None if k is None else checks.whole("K", k, 1, model.num_train_timesteps - 1)
+            steps = checks.whole("steps", steps, 1, model.num_train_timesteps)
+            guidance = model.default_guidance if guidance is None else checks.finite(
+                "guidance", guidance, 0, checks.MAX_GUIDANCE)
+            seed = 0 if seed is None else checks.seed("seed", seed)
+        except ValueError as error:
+            raise user_error(str(error)) from None
         # the UNet takes a clip's frames as one batch: the whole clip counts against the limit
         pixels = frames * height * width
         if pixels > self.studio.max_pixels:
@@ -127,10 +125,10 @@ class VideoTab:
         return request
 
     def fps(self, fps) -> float:
-        fps = self.model().default_fps if fps is None else float(fps)
-        if not 1 <= fps <= MAX_FPS:
-            raise user_error(f"fps must be in 1..{MAX_FPS}, got {fps:g}")
-        return fps
+        try:
+            return checks.finite("fps", self.model().default_fps if fps is None else fps, 1, MAX_FPS)
+        except ValueError as error:
+            raise user_error(str(error)) from None
 
     # ---- GPU work (another process on ZeroGPU: plain values in and out) ---------------------------
 

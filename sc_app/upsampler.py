@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from diffusers import UNet3DConditionModel, UNetMotionModel
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .files import write_safetensors
 from .sampling import Conditioning, added_conditions, guided_denoiser
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class Adapter(nn.Module):
 
     def __init__(self, unet_config, *, width: int | None = DEFAULT_WIDTH, scale: float = 2.0, k: int = 700,
                  base_model: str = "", steps: int = 0, unet_class: str = IMAGE_UNET,
-                 signature: list[float] | None = None):
+                 signature: list[float] | None = None, size: int | None = None):
         super().__init__()
         if width is not None and (not isinstance(width, int) or width < 1):
             raise ValueError(f"width must be a positive integer or None (full width), got {width!r}")
@@ -190,6 +191,7 @@ class Adapter(nn.Module):
         self.unet_class = unet_class
         self.scale, self.k, self.base_model, self.steps = float(scale), int(k), base_model, int(steps)
         self.signature = signature  # weights_signature of the UNet it was trained on; None in older files
+        self.size = size  # the side in pixels of the stage it was trained for; None: the first stage (older files)
 
     @property
     def num_parameters(self) -> int:
@@ -204,6 +206,10 @@ class Adapter(nn.Module):
     def fits(self, pivot_size: tuple[int, int], stage_size: tuple[int, int]) -> bool:
         """Whether a stage that grows pivot_size -> stage_size (per side) is this adapter's scale."""
         return all(abs(s / p / self.scale - 1) <= SCALE_TOLERANCE for p, s in zip(pivot_size, stage_size))
+
+    def trained_side(self, base_size: int) -> float:
+        """The side in pixels of the stage it was trained for (files without one: the first stage)."""
+        return float(self.size) if self.size is not None else base_size * self.scale
 
     def forward(self, features: list[torch.Tensor], t: torch.Tensor, latent_size: tuple[int, int]):
         """Pivot features at the sites -> (down_block_additional_residuals, mid_block_additional_residual)
@@ -230,6 +236,7 @@ class Adapter(nn.Module):
             "n": str(len(self.sites)), "width": json.dumps(self.width), "widths": json.dumps(self.widths),
             "sites": json.dumps([s.name for s in self.sites]), "steps": str(self.steps), "unet_class": self.unet_class,
             **({"unet_signature": json.dumps(self.signature)} if self.signature is not None else {}),
+            **({"size": str(self.size)} if self.size is not None else {}),
         }
 
 
@@ -241,14 +248,9 @@ def parameter_count(unet_config, width: int | None = DEFAULT_WIDTH) -> int:
 # ---- files -----------------------------------------------------------------------------------------
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
-    """Write the adapter as safetensors with its metadata, atomically (write, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write the adapter as safetensors with its metadata, atomically, with the usual file permissions."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    save_file(tensors, str(tmp), metadata=adapter.metadata())
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(tensors, path, metadata=adapter.metadata())
 
 
 def _describe_unet(unet_class: str) -> str:
@@ -307,7 +309,8 @@ def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapte
         adapter = Adapter(model.unet.config, width=json.loads(meta["width"]), scale=float(meta["scale"]),
                           k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]),
                           unet_class=meta.get("unet_class", IMAGE_UNET),
-                          signature=json.loads(meta["unet_signature"]) if "unet_signature" in meta else None)
+                          signature=json.loads(meta["unet_signature"]) if "unet_signature" in meta else None,
+                          size=int(meta["size"]) if "size" in meta else None)
         adapter.load_state_dict(tensors)
     except (KeyError, ValueError, RuntimeError) as error:
         raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
@@ -386,37 +389,74 @@ def _as_adapter(adapter, model) -> Adapter:
     if isinstance(adapter, (str, Path)):
         return load_adapter(adapter, model)
     if not isinstance(adapter, Adapter):
-        raise ValueError(f"upsampler must be an Adapter or a .safetensors path, got {type(adapter).__name__}")
+        raise ValueError(f"upsampler must be an Adapter, a .safetensors path or a folder of them, got "
+                         f"{type(adapter).__name__}")
     _refuse_other_model("upsampler", adapter.base_model, adapter.unet_class, adapter.fingerprint, model)
     return adapter.to(model.device, model.unet.dtype).eval()
 
 
-def stage_denoiser_for(model, adapter):
-    """The `stage_denoiser` hook of `cascade.self_cascade` for a trained adapter (or its path).
+def load_adapters(upsampler, model) -> list[Adapter]:
+    """An Adapter, a .safetensors path, a folder of them (say one adapter per stage), or a list of these
+    -> the adapters, each checked against `model`."""
+    items = list(upsampler) if isinstance(upsampler, (list, tuple)) else [upsampler]
+    adapters = []
+    for item in items:
+        if isinstance(item, (str, Path)) and Path(item).is_dir():
+            files = sorted(Path(item).glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"upsampler {item}: no .safetensors files in the folder")
+            adapters += [load_adapter(f, model) for f in files]
+        else:
+            adapters.append(_as_adapter(item, model))
+    if not adapters:
+        raise ValueError("upsampler: an empty list")
+    return adapters
 
-    A stage whose growth is the adapter's scale gets the tuned denoiser (Algorithm 2 with pivot
-    conditioning); any other stage keeps its tuning-free denoiser.
+
+def adapter_for_stage(adapters: list[Adapter], model, pivot_latents: tuple[int, int],
+                      stage_latents: tuple[int, int]) -> Adapter | None:
+    """The adapter for a stage that grows latents of pivot_latents -> stage_latents (height, width): of
+    those whose scale fits, the one trained for the resolution nearest the stage's own (by pixel count);
+    None when none fits."""
+    fitting = [a for a in adapters if a.fits(pivot_latents, stage_latents)]
+    if not fitting:
+        return None
+    side = math.sqrt(stage_latents[0] * stage_latents[1]) * model.vae_scale
+    return min(fitting, key=lambda a: abs(math.log(a.trained_side(model.base_size) / side)))
+
+
+def common_k(adapters: list[Adapter]) -> int | None:
+    """The K the adapters were all trained to (the self-cascade's default with them); None if they differ."""
+    ks = {a.k for a in adapters}
+    return ks.pop() if len(ks) == 1 else None
+
+
+def stage_denoiser_for(model, upsampler):
+    """The `stage_denoiser` hook of `cascade.self_cascade` for trained adapters (see `load_adapters`).
+
+    A stage gets the tuned denoiser (Algorithm 2 with pivot conditioning) of the adapter that fits its
+    growth and was trained nearest its resolution; a stage that no adapter fits stays tuning-free.
     """
-    adapter = _as_adapter(adapter, model)
+    adapters = load_adapters(upsampler, model)
 
     def stage_denoiser(stage_index, pivot_latents, denoiser, cond, added):
-        # The stage's size is first known from the latents of its first step, so the scale check and the
-        # pivot pass happen there, once per stage.
+        # The stage's size is first known from the latents of its first step, so the choice of adapter and
+        # the pivot pass happen there, once per stage.
         state: dict = {}
         tuned = guided_denoiser(unet_caller(model.unet), cond, added, unet_kwargs=lambda t, i: state["residuals"])
 
         @torch.no_grad()
         def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            if "fits" not in state:
-                state["fits"] = adapter.fits(pivot_latents.shape[-2:], x.shape[-2:])
-                if state["fits"]:
-                    state["features"] = pivot_features(model, adapter.sites, pivot_latents, cond)
+            if "adapter" not in state:
+                state["adapter"] = adapter_for_stage(adapters, model, pivot_latents.shape[-2:], x.shape[-2:])
+                if state["adapter"] is not None:
+                    state["features"] = pivot_features(model, state["adapter"].sites, pivot_latents, cond)
                 else:
                     log.info("stage %d: no upsampler for x%.2f, tuning-free", stage_index,
                              x.shape[-1] / pivot_latents.shape[-1])
-            if not state["fits"]:
+            if state["adapter"] is None:
                 return denoiser(x, t, i)
-            down, mid = adapter(state["features"], t, x.shape[-2:])
+            down, mid = state["adapter"](state["features"], t, x.shape[-2:])
             state["residuals"] = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             return tuned(x, t, i)
 

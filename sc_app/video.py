@@ -22,7 +22,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
-from .models import ASSETS, Model, _folder_settings, _index, default_device
+from .checks import MAX_FPS, finite, torch_device
+from .models import ASSETS, Model, _folder_settings, _index, refuse_pickle_weights
 from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
 from .upsampler import Adapter, load_adapter, stage_denoiser_for
 
@@ -148,7 +149,11 @@ def load_video_model(name: str = "embedded", motion_adapter: str | None = None,
                                 "(train it: python -m tuner.train_video)")
     source = str(VIDEO_EMBEDDED) if name == "embedded" else str(name)
     index = _read_index(source)
-    device = torch.device(device) if device is not None else default_device()
+    if Path(source).exists():
+        refuse_pickle_weights(name, source)
+        if motion_adapter:
+            refuse_pickle_weights(motion_adapter, motion_adapter, parts=("",))
+    device = torch_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     common = dict(dtype=dtype, use_safetensors=True)
     pipe = VideoPipe(
@@ -176,10 +181,15 @@ def _frames(model, num_frames: int | None) -> int:
     return model.default_frames if num_frames is None else num_frames
 
 
+VIDEO_UPSAMPLE_MODES = ("bilinear", "bicubic")
+
+
 def check_video_inputs(model, height: int, width: int, num_frames: int, num_inference_steps: int,
                        guidance_scale: float, k=None, stages: int | None = None, upsample: str = "bilinear"):
     """The image checks plus the frame count; returns the stage sizes. Errors name the argument and value."""
     _frames(model, num_frames)
+    if upsample not in VIDEO_UPSAMPLE_MODES:  # frames are upsampled in latent space, one by one
+        raise ValueError(f"upsample must be one of {VIDEO_UPSAMPLE_MODES} for video, got {upsample!r}")
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale, k, stages, upsample)
     if not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
@@ -371,8 +381,7 @@ def export_mp4(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
     array, path = _as_frames(frames), Path(path)
     if array.shape[1] % 2 or array.shape[2] % 2:
         raise ValueError(f"frames must have even height and width for yuv420p, got {array.shape[2]}x{array.shape[1]}")
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    fps = finite("fps", fps, 0, MAX_FPS, low_open=True)
     tmp = _temporary(path)
     try:
         with FFMPEG_VideoWriter(str(tmp), size=(array.shape[2], array.shape[1]), fps=fps, codec="libx264",
@@ -394,8 +403,7 @@ def _gif_duration(fps: float) -> int:
 def export_gif(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
     """A looping GIF preview, written beside `path`, then renamed."""
     array, path = _as_frames(frames), Path(path)
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    fps = finite("fps", fps, 0, MAX_FPS, low_open=True)
     images = [Image.fromarray(frame) for frame in array]
     tmp = _temporary(path)
     try:

@@ -30,6 +30,13 @@ def sd_model(sd_folder):
 
 
 @pytest.fixture(scope="session")
+def embedded_model():
+    """The shipped image model, loaded once for every test that samples with it."""
+    from sc_app.models import load_model
+    return load_model("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def sdxl_model(sdxl_folder):
     from sc_app.models import load_model
     return load_model(str(sdxl_folder), device="cpu")

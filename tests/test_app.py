@@ -30,16 +30,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(sd_folder, tmp_path_factory):
+def app(sd_model, tmp_path_factory):
     from sc_app import ui
-    from sc_app.models import load_model
 
-    model = load_model(str(sd_folder), device="cpu")
+    model = sd_model  # the session's loaded model: the app holds it as it would hold its own
     work = tmp_path_factory.mktemp("work")
     demo = ui.build(model, max_pixels=MAX_PIXELS, work_dir=work)
     port = free_port()
     ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=demo.studio, model=model, work=work)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=demo.studio, model=model, work=work, demo=demo)
     demo.close()
 
 
@@ -113,20 +112,21 @@ def test_same_seed_same_image(client):
 def test_compare_returns_one_image_per_method(client):
     gallery, table, slider = client.predict("a red circle and a blue square", steps=10, attn_sf=True,
                                             api_name="/compare")
-    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf"]
+    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale"]
     assert [item["caption"].split(":")[0] for item in gallery] == methods
-    assert sizes(gallery) == [(32, 32)] * 4
+    assert sizes(gallery) == [(32, 32)] * 6
     assert [row[0] for row in table["data"]] == methods
-    assert [row[1] for row in table["data"]] == ["32 x 32"] * 4
+    assert [row[1] for row in table["data"]] == ["32 x 32"] * 6
+    assert [row[3] for row in table["data"]] == [2, 1, 1, 1, 2, 2]  # stages: pivot and final for the cascades
     assert all(row[2] > 0 for row in table["data"])
     a, b = slider["value"]  # A: direct, B: self-cascade
     assert Image.open(a).tobytes() == Image.open(gallery[1]["image"]).tobytes()
     assert Image.open(b).tobytes() == Image.open(gallery[0]["image"]).tobytes()
 
 
-def test_compare_without_attn_sf_runs_three_methods(client):
+def test_compare_without_attn_sf_runs_five_methods(client):
     gallery, table, _ = client.predict("a red circle", steps=5, side_a="scalecrafter", api_name="/compare")
-    assert len(gallery) == 3 and len(table["data"]) == 3
+    assert len(gallery) == 5 and len(table["data"]) == 5
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -140,6 +140,9 @@ def test_compare_without_attn_sf_runs_three_methods(client):
     ({"aspect": "5:4"}, "not in the list of choices"),
     ({"stages": "many"}, "not in the list of choices"),
     ({"adapter": "../../etc/passwd"}, "not one this server has"),
+    ({"k": 1.5}, "K must be a whole number, got 1.5"),  # not taken as 1 without a word
+    ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+    ({"seed": 2**70}, "seed must be in 0..9223372036854775807"),
 ])
 def test_generate_bad_input_is_an_error_message(client, kwargs, message):
     with pytest.raises(AppError, match=message):
@@ -163,7 +166,7 @@ def test_size_limit_comes_from_flag_then_environment(monkeypatch):
 def test_corrupt_adapter_file_is_refused(client, tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00" * 64)
-    with pytest.raises(AppError, match="does not fit the loaded model"):
+    with pytest.raises(AppError, match=r"broken.safetensors cannot be used as an adapter here: not a safetensors file"):
         client.predict(handle_file(str(bad)), api_name="/load_adapter")
 
 
@@ -172,7 +175,8 @@ def test_adapter_for_another_model_is_refused(client, sdxl_folder, tmp_path):
 
     config = json.loads((sdxl_folder / "unet" / "config.json").read_text())
     path = save_adapter(Adapter(config, base_model="tiny-sdxl"), tmp_path / "other.safetensors")
-    with pytest.raises(AppError, match="does not fit the loaded model.*tiny-sdxl"):
+    with pytest.raises(AppError, match="other.safetensors cannot be used as an adapter here: it was trained for base "
+                                       "model 'tiny-sdxl'"):
         client.predict(handle_file(str(path)), api_name="/load_adapter")
 
 
@@ -264,6 +268,70 @@ def test_tune_bad_zip_member_is_named(client, tmp_path):
         z.writestr("folder/readme.md", "hello")
     with pytest.raises(AppError, match="readme.md is not an image"):
         client.predict(**tune_args(files=[handle_file(str(archive))]), api_name="/tune")
+
+
+def test_nan_and_infinity_never_reach_the_work(app):
+    """gradio_client will not send NaN, a raw request to the API can: the handlers refuse it themselves."""
+    import gradio as gr
+
+    studio = app.studio
+    for guidance in (float("nan"), float("inf")):
+        with pytest.raises(gr.Error, match=f"guidance must be a finite number, got {guidance}"):
+            studio.request("self-cascade", "a red circle", "", "1:1", "4x", "auto", None, 5, guidance, 0, None)
+    with pytest.raises(gr.Error, match="learning rate must be a finite number, got nan"):
+        next(studio.tune("shapes world", None, 2, 1, float("nan"), 2, SimpleNamespace(session_hash="s")))
+
+
+def _zip_of_zeros(path: Path, name: str, size: int, header: bytes = b"") -> Path:
+    """A zip whose one member is `header` then zeros up to `size` bytes: kilobytes that unpack to megabytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, z.open(name, "w") as member:
+        member.write(header)
+        chunk = bytes(1 << 20)
+        for start in range(len(header), size, len(chunk)):
+            member.write(chunk[: size - start])
+    return path
+
+
+def test_a_zip_that_unpacks_to_zeros_is_refused_without_reading_it(tmp_path):
+    """Not an image by its first bytes: refused having read only those, not the 64 MB behind them."""
+    import tracemalloc
+
+    from sc_app.ui_uploads import prepare_images
+
+    archive = _zip_of_zeros(tmp_path / "zeros.zip", "zeros.png", 64 << 20)
+    assert archive.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception, match="zeros.png is not an image"):
+            prepare_images([str(archive)], tmp_path / "data", 32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MB held for a member that is not an image"
+    assert not list((tmp_path / "data").iterdir())
+
+
+def test_zip_members_are_capped_by_their_declared_size(tmp_path, monkeypatch):
+    from sc_app import ui_uploads
+
+    monkeypatch.setattr(ui_uploads, "MAX_MEMBER_BYTES", 2 << 20)
+    archive = _zip_of_zeros(tmp_path / "big.zip", "big.png", 3 << 20, header=_png_bytes(40))
+    with pytest.raises(Exception, match=r"big.png in big.zip unpacks to 3.0 MB, more than the 2 MB a file may have"):
+        ui_uploads.prepare_images([str(archive)], tmp_path / "data", 32)
+    assert not list((tmp_path / "data").iterdir())
+
+
+def test_an_image_larger_than_the_pixel_cap_is_refused_from_its_header(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from sc_app import ui_uploads
+
+    monkeypatch.setattr(ui_uploads, "MAX_IMAGE_PIXELS", 64 * 64)
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))  # no pixel is decoded
+    with pytest.raises(Exception, match="big.png is 80x80, more than the 4,096 pixels an upload may have"):
+        ui_uploads.prepare_images([str(png(tmp_path / "big.png", 80))], tmp_path / "data", 32)
+    assert decoded == []
 
 
 def test_zip_names_never_become_paths(tmp_path):
@@ -364,19 +432,71 @@ def test_nothing_touches_cuda_at_import():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
-def test_leaving_mid_run_stops_the_work(client, app):
+def _wait_for(state, what: str) -> None:
+    """Poll until `state()` holds. A busy machine only makes this slower; the bound is a backstop for a broken
+    build, far past any delay a loaded machine shows."""
+    backstop = time.monotonic() + 900
+    while not state():
+        assert time.monotonic() < backstop, f"never happened: {what}"
+        time.sleep(0.1)
+
+
+def test_leaving_mid_run_stops_the_work(app, tmp_path, monkeypatch):
+    from sc_app import ui
+
+    steps = []
+    real = ui.run_method
+
+    def counted(model, callback, **request):  # the library call, with every step counted
+        return real(model, callback=lambda info: (steps.append(info), callback(info)), **request)
+
+    monkeypatch.setattr(ui, "run_method", counted)
+    # one cancel request, waited for as long as the server needs: a client that gives up and retries is not the
+    # page leaving, and its repeated cancel is what used to fail in gradio's route
+    client = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path),
+                    httpx_kwargs={"timeout": 900})
+    before = set(app.studio.runs_dir.iterdir())
     job = client.submit("a red circle", scale="16x", steps=150, api_name="/generate")
-    deadline = time.monotonic() + 60
-    while not job.outputs() and time.monotonic() < deadline:  # the pivot is in
-        time.sleep(0.1)
-    for _ in range(3):  # the server shares its cores with the sampler: a busy moment may time a request out
-        try:
-            job.cancel()
-            break
-        except httpx.TimeoutException:
-            continue
-    while not list(app.studio.runs_dir.glob("*/stop")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert list(app.studio.runs_dir.glob("*/stop")), "the page left, but the run was not asked to stop"
-    assert app.studio._model_lock.acquire(timeout=10), "the run went on after its page left"
+    _wait_for(job.outputs, "the pivot streamed")
+    job.cancel()
+    _wait_for(lambda: any((run / "stop").exists() for run in set(app.studio.runs_dir.iterdir()) - before),
+              "the run was asked to stop")
+    _wait_for(lambda: app.studio._model_lock.acquire(blocking=False), "the run let go of the model")
     app.studio._model_lock.release()
+    stage = ui.stage_steps(app.model, {"method": "self-cascade", "num_inference_steps": 150, "k": None}, 1)
+    planned = 150 + 2 * stage  # the pivot and two stages
+    assert 150 <= len(steps) < planned, "the run went on after its page left"
+
+
+def test_a_repeated_cancel_is_a_no_op_not_a_server_error(app):
+    """gradio's /cancel checks for the event outside its lock and deletes it inside: a second cancel of the same
+    event (a client retrying on a busy server) arriving while the first closes it was a KeyError, a 500."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    class SlowToClose:  # a running event's iterator that closes when the test says so
+        def __init__(self):
+            self.closing, self.close = threading.Event(), threading.Event()
+
+        async def aclose(self):
+            self.closing.set()
+            while not self.close.is_set():
+                await asyncio.sleep(0.05)
+
+    server = app.demo.server_app
+    iterators = server.iterators
+    running = SlowToClose()
+    iterators["repeated-cancel"] = running
+    body = {"session_hash": "no-session", "fn_index": 0, "event_id": "repeated-cancel"}
+    cancel = lambda: httpx.post(f"{app.url}gradio_api/cancel", json=body, timeout=900)  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(cancel)
+        _wait_for(running.closing.is_set, "the first cancel closes the event")
+        second = pool.submit(cancel)
+        _wait_for(lambda: bool(getattr(server.lock, "_waiters", None)), "the second cancel waits for the first")
+        running.close.set()
+        assert [first.result().status_code, second.result().status_code] == [200, 200]
+    assert "repeated-cancel" not in iterators
+    unknown = httpx.post(f"{app.url}gradio_api/cancel", json={**body, "event_id": "never-ran"}, timeout=900)
+    assert unknown.status_code == 200

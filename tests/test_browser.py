@@ -89,10 +89,9 @@ def browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def page(sd_folder, tmp_path_factory):
+def page(sd_model, tmp_path_factory):
     sync_playwright = browser_or_skip()
-    from sc_app.models import load_model
-    url, demo = serve(load_model(str(sd_folder), device="cpu"), tmp_path_factory.mktemp("work"))
+    url, demo = serve(sd_model, tmp_path_factory.mktemp("work"))
     with sync_playwright() as playwright:
         browser = open_browser(playwright)
         page = browser.new_page(viewport=VIEWPORT)

@@ -144,3 +144,18 @@ def test_generate_takes_a_users_pipeline(sd_model):
     with pytest.raises(ValueError, match="self-cascade only"):
         generate(pipe, "a cat", 32, 32, method="direct", k=500)
     assert Model.from_pipeline(pipe).base_size == 16
+
+
+def test_lanczos_upsampling_goes_through_pixels(sd_model, monkeypatch):
+    import sc_app.cascade as cascade_module
+    calls = []
+    real_encode = cascade_module.encode
+    monkeypatch.setattr(cascade_module, "encode", lambda model, images: calls.append(images[0].size) or real_encode(model, images))
+    run = dict(num_inference_steps=4, guidance_scale=5.0, seed=3, decode_stages=False, k=600)
+    bilinear = self_cascade(sd_model, "a red circle", 64, 64, **run)
+    lanczos = self_cascade(sd_model, "a red circle", 64, 64, upsample="lanczos", **run)
+    assert calls == [(32, 32), (64, 64)]  # one VAE round trip per stage, at that stage's pixel size
+    assert torch.equal(bilinear.stages[0].latents, lanczos.stages[0].latents)
+    assert lanczos.stages[-1].latents.shape == bilinear.stages[-1].latents.shape
+    assert not torch.allclose(bilinear.stages[-1].latents, lanczos.stages[-1].latents, atol=1e-3)
+    assert lanczos.settings["upsample"] == "lanczos"

@@ -87,3 +87,46 @@ def test_unknown_model_folder_is_bad_input(tmp_path, capsys):
     code, err = _run(capsys, "--model", str(tmp_path / "notamodel"), "--prompt", "a cat", "--height", "32",
                      "--width", "32", "--out", str(tmp_path / "o"))
     assert code == 2 and "not a diffusers folder" in err and not (tmp_path / "o").exists()
+
+
+def _without_times(result: dict) -> dict:
+    return {**{k: v for k, v in result.items() if k != "total_seconds"},
+            "stages": [{k: v for k, v in s.items() if k != "seconds"} for s in result["stages"]]}
+
+
+def test_prompts_file_splits_over_processes_with_the_files_and_seeds_of_one(sd_folder, tmp_path):
+    """`accelerate launch --num_processes 2` (two CPU processes here): each prompt once, in its own folder with its
+    own seed, and the same files as a single-process run."""
+    import os
+    import re
+
+    import torch
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    flags = ["generate", "--model", str(sd_folder), "--prompts-file", str(prompts), "--height", "32", "--width", "32",
+             "--steps", "2", "--seed", "5", "--device", "cpu"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    split = tmp_path / "split"
+    run = subprocess.run([*launch, "-m", "sc_app", *flags, "--out", str(split)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    made_by = {Path(folder).name: process for process, folder in re.findall(r"\[process (\d)\] (\S+): ", run.stderr)}
+    assert made_by == {"0000": "0", "0001": "0", "0002": "1"}  # each process its share, none twice
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process ran
+    try:
+        assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in split.iterdir()) == ["0000", "0001", "0002"]
+    for i, prompt in enumerate(["a red circle", "a blue square", "a green triangle"]):
+        one, two = tmp_path / "one" / f"{i:04d}", split / f"{i:04d}"
+        assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+        result = json.loads((two / "result.json").read_text())
+        assert (result["prompt"], result["seed"]) == (prompt, 5 + i)
+        assert _without_times(result) == _without_times(json.loads((one / "result.json").read_text()))
+        for name in ("stage0.png", "final.png"):
+            assert Image.open(two / name).tobytes() == Image.open(one / name).tobytes()

@@ -10,7 +10,7 @@ from transformers import CLIPTextModel
 
 from sc_app.__main__ import main
 from sc_app.api import generate
-from sc_app.models import ASSETS, EMBEDDED, load_model
+from sc_app.models import ASSETS, EMBEDDED
 from sc_app.plan import plan_stages
 from sc_app.upsampler import load_adapter
 from sc_app.video import VIDEO_EMBEDDED, load_video_model
@@ -29,8 +29,8 @@ def test_embedded_is_a_small_sd_folder_of_safetensors():
     assert (EMBEDDED / "model_index.json").is_file()
 
 
-def test_embedded_loads_like_any_sd_folder_and_generates_the_right_sizes():
-    model = load_model("embedded", device="cpu")
+def test_embedded_loads_like_any_sd_folder_and_generates_the_right_sizes(embedded_model):
+    model = embedded_model
     pipe = model.pipe
     assert isinstance(pipe, StableDiffusionPipeline) and not model.is_xl
     assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
@@ -44,8 +44,8 @@ def test_embedded_loads_like_any_sd_folder_and_generates_the_right_sizes():
     assert pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
 
 
-def test_shipped_upsampler_fits_the_embedded_model_and_tunes_the_cascade():
-    model = load_model("embedded", device="cpu")
+def test_shipped_upsampler_fits_the_embedded_model_and_tunes_the_cascade(embedded_model):
+    model = embedded_model
     adapter = load_adapter(SHIPPED_UPSAMPLER, model)
     assert adapter.scale == 2 and adapter.steps > 0 and adapter.k == model.default_k
     options = dict(num_inference_steps=8, seed=0)

@@ -257,3 +257,31 @@ def _cpu_seconds(function, *args) -> float:
     start = time.process_time()
     function(*args)
     return time.process_time() - start
+
+
+def test_shape_fidelity_is_near_one_on_renders_and_drops_on_distorted_ones():
+    from scipy import ndimage
+
+    from sc_app.shapes import random_scene, render, shape_fidelity
+
+    rng = np.random.default_rng(11)
+    scenes = [random_scene(rng) for _ in range(12)]
+    for size in (64, 256):
+        scores = [s for scene in scenes for s in shape_fidelity(render(scene, size, size))]
+        assert len(scores) == sum(len(scene.objects) for scene in scenes)
+        assert min(scores) > 0.97
+    # wobbly outlines (what the cascade's 16x samples show): every object scores clearly lower
+    yy, xx = np.mgrid[0:256, 0:256]
+    for scene in scenes[:4]:
+        image = render(scene, 256, 256)
+        wavy = np.stack([ndimage.map_coordinates(image[..., c], [yy + 6 * np.sin(xx / 7), xx + 6 * np.sin(yy / 7)],
+                                                 order=1) for c in range(3)], -1)
+        assert max(shape_fidelity(wavy)) < 0.92
+    # a square with rounded corners (a soft 16x sample's square) is still a square, but a worse one
+    yy, xx = np.mgrid[0:256, 0:256]
+    rounded = np.full((256, 256, 3), 225, np.uint8)
+    corner = np.maximum(np.abs(yy - 128) - 40, 0) ** 2 + np.maximum(np.abs(xx - 128) - 40, 0) ** 2 <= 30 ** 2
+    rounded[corner] = PALETTE["blue"]
+    assert detect(rounded) == [("blue", "square")]
+    assert 0.8 < shape_fidelity(rounded)[0] < 0.97
+    assert shape_fidelity(np.full((64, 64, 3), 220, np.uint8)) == []

@@ -171,3 +171,61 @@ def test_refuses_mismatched_resume_and_half_precision_on_cpu(sd_folder, trained)
     half = load_model(str(sd_folder), device="cpu", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="needs a float32 model"):
         train_adapter(half, "shapes", steps=1, out=trained[0].with_name("half.safetensors"), **FAST)
+
+
+def test_per_stage_training_writes_an_adapter_per_stage(sd_model, tmp_path):
+    from sc_app.api import generate
+    from tuner.upsampler_training import stage_targets, train_stages
+
+    base = sd_model.base_size
+    assert [side for side, _ in stage_targets(sd_model, 4 * base, 4 * base)] == [2 * base, 4 * base]
+    paths = train_stages(sd_model, "shapes", target=(4 * base, 4 * base), out_dir=tmp_path / "stages", steps=1,
+                         crop=2 * base, **FAST)
+    adapters = [load_adapter(p, sd_model) for p in paths]
+    assert [(a.size, a.scale, a.steps) for a in adapters] == [(2 * base, 2.0, 1), (4 * base, 2.0, 1)]
+    run = dict(num_inference_steps=3, guidance_scale=5.0, seed=0, decode_stages=False)
+    by_folder = generate(sd_model, "a red circle", 4 * base, 4 * base, upsampler=tmp_path / "stages", **run)
+    first_only = generate(sd_model, "a red circle", 4 * base, 4 * base, upsampler=paths[0], **run)
+    assert torch.equal(by_folder.stages[1].latents, first_only.stages[1].latents)
+    assert not torch.equal(by_folder.stages[2].latents, first_only.stages[2].latents)
+    mtime = paths[0].stat().st_mtime_ns
+    train_stages(sd_model, "shapes", target=(4 * base, 4 * base), out_dir=tmp_path / "stages", steps=1,
+                 crop=2 * base, resume=True, **FAST)
+    assert paths[0].stat().st_mtime_ns == mtime  # complete stages are kept on resume
+
+
+def test_later_stage_trains_on_crops_of_its_own_scale(sd_model, tmp_path):
+    from tuner.data import ShapesData
+
+    data = ShapesData(64, render=128)
+    images, captions = data.sample(np.random.default_rng(0), 3)
+    assert images.shape == (3, 64, 64, 3) and len(captions) == 3
+    assert "128x128" in repr(data) and "64x64 crops" in repr(data)
+    base = sd_model.base_size
+    out = train_adapter(sd_model, "shapes", steps=1, out=tmp_path / "late.safetensors", size=4 * base,
+                        crop=2 * base, lr_schedule="cosine", **FAST)
+    assert load_adapter(out, sd_model).size == 4 * base
+    with pytest.raises(ValueError, match="crop must be"):
+        train_adapter(sd_model, "shapes", steps=1, out=tmp_path / "bad.safetensors", size=2 * base, crop=4 * base, **FAST)
+
+
+def test_cosine_schedule_falls_from_lr_to_a_tenth():
+    from tuner.upsampler_training import lr_at
+
+    assert lr_at(1e-3, "constant", 500, 1000) == 1e-3
+    rates = [lr_at(1e-3, "cosine", s, 1000) for s in range(1000)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_cli_tunes_every_stage_of_a_target(sd_folder, sd_model, tmp_path):
+    base = sd_model.base_size
+    out = tmp_path / "per-stage"
+    assert main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "1", "--batch-size", "2",
+                 "--lr", "1e-3", "--device", "cpu", "--target", f"{4 * base}x{4 * base}", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"x2-{2 * base}.safetensors",
+                                                                 f"x2-{4 * base}.safetensors"]
+    assert main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "1", "--batch-size", "2",
+                 "--lr", "1e-3", "--target", "64", "--out", str(out)]) == 2
+    assert main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "1", "--batch-size", "2",
+                 "--lr", "1e-3", "--target", "64x64", "--out", str(out / "a.safetensors")]) == 2

@@ -124,3 +124,43 @@ def test_adapter_of_other_weights_of_the_same_unet_is_flagged(sd_folder, tmp_pat
     assert "retrain them" in caplog.text
     adapter.signature = None  # files written before the signature: nothing to compare
     assert weights_mismatch(load_adapter(save_adapter(adapter, tmp_path / "old.safetensors"), model), model) is None
+
+
+def test_per_stage_adapters_each_tune_only_their_own_stage(sd_model, tmp_path):
+    from sc_app.cascade import check_inputs
+    sizes = check_inputs(sd_model, 64, 64, 4, 5.0)
+    assert len(sizes) == 3  # pivot and two x2 stages
+    first, second = (trained_like(sd_model, seed=s) for s in (1, 2))
+    first.size, second.size = sizes[1][0], sizes[2][0]
+    other_second = trained_like(sd_model, seed=3)
+    other_second.size = sizes[2][0]
+    both = cascade(sd_model, [first, second])
+    alone = cascade(sd_model, first)  # one x2 adapter serves every x2 stage, as before
+    assert torch.equal(both.stages[1].latents, alone.stages[1].latents)
+    assert not torch.allclose(both.stages[2].latents, alone.stages[2].latents, atol=1e-3)
+    swapped_last = cascade(sd_model, [first, other_second])
+    assert torch.equal(both.stages[1].latents, swapped_last.stages[1].latents)  # stage 2's adapter leaves stage 1
+    assert not torch.allclose(both.stages[2].latents, swapped_last.stages[2].latents, atol=1e-3)
+    # a folder of adapter files is the same set; the order they are given in does not matter
+    folder = tmp_path / "per-stage"
+    save_adapter(second, folder / "b.safetensors")
+    save_adapter(first, folder / "a.safetensors")
+    by_folder = generate(sd_model, "a red circle", 64, 64, upsampler=folder, **RUN)
+    assert torch.equal(by_folder.stages[2].latents, both.stages[2].latents)
+    assert torch.equal(cascade(sd_model, [second, first]).stages[2].latents, both.stages[2].latents)
+
+
+def test_adapter_choice_by_stage_resolution():
+    from types import SimpleNamespace
+    from sc_app.upsampler import adapter_for_stage
+    model = SimpleNamespace(vae_scale=4, base_size=64)
+    old = Adapter(SD15)  # a file without a size: trained for the first stage (base x scale = 128)
+    late = Adapter(SD15)
+    late.size = 256
+    x3 = Adapter(SD15, scale=3.0)
+    adapters = [late, old, x3]
+    assert adapter_for_stage(adapters, model, (16, 16), (32, 32)) is old  # 64 -> 128
+    assert adapter_for_stage(adapters, model, (32, 32), (64, 64)) is late  # 128 -> 256
+    assert adapter_for_stage(adapters, model, (64, 64), (128, 128)) is late  # 256 -> 512: the nearest there is
+    assert adapter_for_stage(adapters, model, (16, 16), (48, 48)) is x3
+    assert adapter_for_stage(adapters, model, (16, 16), (24, 24)) is None  # x1.5: none fits, tuning-free

@@ -209,12 +209,12 @@ def test_cli_prompts_file_writes_one_folder_per_prompt(modelscope_folder, tmp_pa
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"--frames": "0"}, "num_frames must be a positive integer"),
+    ({"--frames": "0"}, "--frames must be >= 1, got 0"),
     ({"--k": "5000"}, "k must be an integer in 1..999"),
     ({"--height": "30"}, "multiple of 4"),
     ({"--method": "attn-sf"}, "invalid choice: 'attn-sf'"),
     ({"--method": "direct", "--stages": "1"}, "--stages apply to --method self-cascade only"),
-    ({"--fps": "0"}, "--fps must be > 0"),
+    ({"--fps": "0"}, "--fps must be in (0, 60], got 0"),
     ({"--motion-adapter": "ADAPTER"}, "takes no motion adapter"),
     ({"--model": "/nonexistent/video-model"}, "no such folder"),
     ({"--model": "SD"}, "is an image model"),

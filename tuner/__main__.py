@@ -1,5 +1,6 @@
 """Command line: `python -m tuner train --model embedded --data shapes|DIR --scale 2 --steps N
---batch-size B --lr LR --out FILE.safetensors [--k K] [--resume] [--init-from FILE] [--pivot ...]`.
+--batch-size B --lr LR --out FILE.safetensors [--k K] [--resume] [--init-from FILE] [--pivot ...]`, or with
+`--target 256x256 --out DIR` one adapter per stage of that size's plan.
 
 A video model (`--model embedded-video`, a ModelScope or AnimateDiff folder, or an SD 1.5 folder with
 `--motion-adapter`) trains on `--data moving-shapes|DIR` (a folder of clips) with `--frames F`.
@@ -16,11 +17,14 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
+from sc_app import checks  # noqa: E402
 from sc_app.cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
-from sc_app.upsampler import DEFAULT_WIDTH  # noqa: E402
 
-def _width(value: str) -> int | None:
-    return None if value == "full" else int(value)
+FULL = "full"
+
+
+def _width(value: str) -> int | str:
+    return FULL if value == FULL else int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, required=True, help="total training steps (a resumed run counts its past)")
     t.add_argument("--batch-size", type=int, required=True)
     t.add_argument("--lr", type=float, required=True)
-    t.add_argument("--out", type=Path, required=True, help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt)")
+    t.add_argument("--out", type=Path, required=True, help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt); "
+                   "with --target a folder, one x{scale}-{side}.safetensors per stage")
+    t.add_argument("--target", default=None, help="HEIGHTxWIDTH: tune one adapter for every stage of this size's plan "
+                   "(each on its own resolution), in the --out folder; --scale and --size then come from the plan")
     t.add_argument("--k", type=int, default=None, help="train on t in 1..K (default: the model's K)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     t.add_argument("--init-from", type=Path, default=None, help="start from a trained adapter (another scale, or the "
                    "image model's for its AnimateDiff model)")
     t.add_argument("--pivot", default="downsampled", choices=("downsampled", "generated"))
-    t.add_argument("--width", type=_width, default=DEFAULT_WIDTH, help="bottleneck channels, or 'full'")
+    t.add_argument("--width", type=_width, default=None, help="bottleneck channels, or 'full' (default: "
+                   "sc_app.upsampler.DEFAULT_WIDTH)")
+    t.add_argument("--size", type=int, default=None, help="the stage's side in pixels (default: base size x "
+                   "--scale, the first stage); e.g. 256 with --scale 2 tunes the 128 -> 256 stage")
+    t.add_argument("--crop", type=int, default=None, help="train on crops of this side (default: --size); a "
+                   "128 crop of a 256 stage costs a quarter")
+    t.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     t.add_argument("--checkpoint-every", type=int, default=250)
     t.add_argument("--shapes-pool", type=int, default=0, help="render this many scenes or clips once "
                    "(0: fresh every step)")
@@ -54,15 +67,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_size(flag: str, text: str) -> tuple[int, int]:
+    height, x, width = text.lower().partition("x")
+    if not (x and height.strip().isdigit() and width.strip().isdigit()):
+        raise ValueError(f"{flag} must be HEIGHTxWIDTH, e.g. 256x256, got {text!r}")
+    return int(height), int(width)
+
+
+def check_flags(args) -> None:
+    """What needs no model, checked before torch loads: numbers finite and in range, the seed, and that --out
+    (the adapter and its checkpoint beside it) can be written, so a run never trains and then loses its result."""
+    try:
+        checks.finite("--lr", args.lr, 0, 1, low_open=True, high_open=True)
+        checks.finite("--scale", args.scale, 1, 8, low_open=True)
+        checks.seed("--seed", args.seed)
+        if args.target is not None:
+            if args.size is not None or args.out.suffix == ".safetensors":
+                raise ValueError("--target plans every stage's size: give --out a folder and no --size")
+            args.target = parse_size("--target", args.target)
+            checks.writable_folder("--out", args.out)
+            return
+        if args.out.suffix != ".safetensors":
+            raise ValueError(f"--out {args.out}: must be a .safetensors file")
+        checks.writable_file("--out", args.out)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+
+
 def train(args) -> None:
+    check_flags(args)
     import torch
 
     from sc_app.models import load_model
+    from sc_app.upsampler import DEFAULT_WIDTH
     from sc_app.video import is_video_model, load_video_model
-    from tuner.upsampler_training import train_adapter
+    from tuner.upsampler_training import train_adapter, train_stages
 
-    if args.out.suffix != ".safetensors":
-        raise BadInput(f"--out {args.out}: must be a .safetensors file")
+    width = DEFAULT_WIDTH if args.width is None else (None if args.width == FULL else args.width)
     if args.init_from is not None and not args.init_from.is_file():
         raise BadInput(f"--init-from {args.init_from}: no such file")
     if args.data not in ("shapes", "moving-shapes") and not Path(args.data).is_dir():
@@ -78,10 +119,15 @@ def train(args) -> None:
                                      motion_adapter=args.motion_adapter, device=args.device, dtype=torch.float32)
         else:
             model = load_model(args.model, device=args.device, dtype=torch.float32)
-        train_adapter(model, args.data, scale=args.scale, k=args.k, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, out=args.out, seed=args.seed, resume=args.resume, init_from=args.init_from,
-                      pivot=args.pivot, width=args.width, checkpoint_every=args.checkpoint_every,
-                      shapes_pool=args.shapes_pool, frames=args.frames)
+        options = dict(k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       init_from=args.init_from, pivot=args.pivot, width=width, checkpoint_every=args.checkpoint_every,
+                       shapes_pool=args.shapes_pool, frames=args.frames, lr_schedule=args.lr_schedule)
+        if args.target is not None:
+            train_stages(model, args.data, target=args.target, out_dir=args.out, crop=args.crop, resume=args.resume,
+                         **options)
+        else:
+            train_adapter(model, args.data, scale=args.scale, out=args.out, resume=args.resume, size=args.size,
+                          crop=args.crop, **options)
     except (ValueError, FileNotFoundError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
 

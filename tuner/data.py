@@ -46,19 +46,28 @@ class _Rendered:
 
 
 class ShapesData(_Rendered):
-    """Shapes-world scenes rendered at the crop size."""
+    """Shapes-world scenes rendered at `render` pixels (default: the crop size), in random `size` crops:
+    a crop of a larger render shows objects at that render's scale for the cost of the crop."""
 
-    def __init__(self, size: int, pool: int = 0, seed: int = 0):
-        self.size = size
+    def __init__(self, size: int, pool: int = 0, seed: int = 0, render: int | None = None):
+        self.size, self.render = size, render or size
         super().__init__(pool, seed)
 
     _draw = staticmethod(random_scene)
 
     def _render(self, scenes) -> np.ndarray:
-        return render_batch(scenes, self.size, self.size)
+        return render_batch(scenes, self.render, self.render)
+
+    def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, list[str]]:
+        images, captions = super().sample(rng, count)
+        if self.render == self.size:
+            return images, captions
+        corners = rng.integers(0, self.render - self.size + 1, (count, 2))
+        return np.stack([image[y:y + self.size, x:x + self.size] for image, (y, x) in zip(images, corners)]), captions
 
     def __repr__(self) -> str:
-        return f"shapes world at {self.size}x{self.size}{self._pool_note()}"
+        crops = f", {self.size}x{self.size} crops" if self.render != self.size else ""
+        return f"shapes world at {self.render}x{self.render}{crops}{self._pool_note()}"
 
 
 class MovingShapesData(_Rendered):
@@ -270,14 +279,16 @@ class ClipFolder(_Folder):
         return f"{len(self.items)} clips from {self.folder}, {self.frames} frames, {self.size}x{self.size} crops"
 
 
-def make_dataset(data: str | Path, size: int, shapes_pool: int = 0, seed: int = 0, frames: int | None = None):
+def make_dataset(data: str | Path, size: int, shapes_pool: int = 0, seed: int = 0, frames: int | None = None,
+                 render: int | None = None):
     """Images of `size` x `size` ('shapes' or a folder of images) for an image model, or, given `frames`,
-    clips ('moving-shapes' or a folder of clips) for a video model; ValueError for unusable data."""
+    clips ('moving-shapes' or a folder of clips) for a video model; ValueError for unusable data. Shapes
+    are rendered at `render` pixels (default `size`) and cropped; a folder's images are cropped as they are."""
     if frames is None:
         if str(data) == "moving-shapes":
             raise ValueError("data 'moving-shapes' is for video models; an image model trains on 'shapes' or a "
                              "folder of images")
-        return ShapesData(size, shapes_pool, seed) if str(data) == "shapes" else ImageFolder(data, size)
+        return ShapesData(size, shapes_pool, seed, render) if str(data) == "shapes" else ImageFolder(data, size)
     if str(data) == "shapes":
         raise ValueError("data 'shapes' is for image models; a video model trains on 'moving-shapes' or a "
                          "folder of clips")

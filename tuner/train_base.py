@@ -21,21 +21,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
-
-from sc_app.shapes import PALETTE, SHAPES, random_scene, render_batch
-from tuner.text import write_word_tokenizer
+from sc_app.checks import training_config
+from sc_app.cli import Parser, parse_or_exit
 
 log = logging.getLogger("train_base")
-
-WORDS = ["a", "and", *PALETTE, *SHAPES]
-KEPT_ON_EXPORT = ("README.md", "self_cascade.json")  # the model card, and the defaults measured for the model
 
 
 @dataclass
@@ -69,6 +58,43 @@ class Config:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 100
     log_every: int = 50
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """The flags (one per Config field) and --export-only, checked (numbers finite and in range, --out and
+    --work writable); bad ones are one `error:` line and exit code 2."""
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(Config):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoints")
+
+    def config(args) -> tuple[Config, bool]:
+        flags = vars(args)
+        export_only = flags.pop("export_only")
+        cfg = Config(**flags)
+        training_config(cfg)
+        return cfg, export_only
+
+    return parse_or_exit(parser, argv, config)
+
+
+if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads
+    parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from sc_app.files import save_model_folder  # noqa: E402
+from sc_app.shapes import PALETTE, SHAPES, random_scene, render_batch  # noqa: E402
+from tuner.text import write_word_tokenizer  # noqa: E402
+
+WORDS = ["a", "and", *PALETTE, *SHAPES]
+KEPT_ON_EXPORT = ("README.md", "self_cascade.json")  # the model card, and the defaults measured for the model
 
 
 def vae_model() -> AutoencoderKL:
@@ -346,7 +372,7 @@ def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor,
 
 
 def export(cfg: Config, work: Path, vae: AutoencoderKL, tokenizer) -> Path:
-    """Write the EMA weights of the latest checkpoint as a Stable Diffusion folder (fp16 safetensors)."""
+    """Write the EMA weights of the latest checkpoint as a Stable Diffusion folder (safetensors)."""
     state = load_checkpoint(work / "unet.ckpt")
     unet, text = unet_model(cfg.base_size // 4), text_model(len(tokenizer))
     unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
@@ -356,7 +382,7 @@ def export(cfg: Config, work: Path, vae: AutoencoderKL, tokenizer) -> Path:
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    save_model_folder(pipe, tmp)  # UNet and VAE float16, the text encoder float32 (see sc_app.files)
     (tmp / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "unet_steps": state["step"]},
                                                   indent=2))
     for name in KEPT_ON_EXPORT:  # written by hand after measuring the model; a re-export keeps them
@@ -366,16 +392,6 @@ def export(cfg: Config, work: Path, vae: AutoencoderKL, tokenizer) -> Path:
     os.replace(tmp, out)
     log.info("exported %s (unet step %d)", out, state["step"])
     return out
-
-
-def parse_args() -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoints")
-    args = vars(parser.parse_args())
-    export_only = args.pop("export_only")
-    return Config(**args), export_only
 
 
 def main() -> None:

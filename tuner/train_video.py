@@ -21,16 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from accelerate import Accelerator
-from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from sc_app.models import _folder_settings, load_model
-from sc_app.moving_shapes import random_clip, render_clips
-from tuner.train_base import EMA, load_checkpoint, lr_lambda, save_checkpoint, to_tensor
+from sc_app.checks import training_config
+from sc_app.cli import Parser, parse_or_exit
 
 log = logging.getLogger("train_video")
 
@@ -59,6 +51,41 @@ class Config:
     checkpoint_every: int = 250
     log_every: int = 50
 
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """The flags (one per Config field) and --export-only, checked (numbers finite and in range, --out and
+    --work writable, frames within the motion table); bad ones are one `error:` line and exit code 2."""
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoint")
+
+    def config(args) -> tuple[Config, bool]:
+        flags = vars(args)
+        export_only = flags.pop("export_only")
+        cfg = Config(**flags)
+        if cfg.frames > cfg.motion_max_frames:
+            raise ValueError(f"--frames {cfg.frames} exceeds --motion-max-frames {cfg.motion_max_frames}")
+        training_config(cfg)
+        return cfg, export_only
+
+    return parse_or_exit(parser, argv, config)
+
+
+if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads
+    parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from sc_app.files import save_model_folder  # noqa: E402
+from sc_app.models import _folder_settings, load_model  # noqa: E402
+from sc_app.moving_shapes import random_clip, render_clips  # noqa: E402
+from tuner.train_base import EMA, load_checkpoint, lr_lambda, save_checkpoint, to_tensor  # noqa: E402
 
 # ---- the model: frozen image UNet + trainable temporal layers ------------------------------------------
 
@@ -184,7 +211,7 @@ def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor
 
 
 def export(cfg: Config, work: Path, base) -> Path:
-    """Write the EMA motion weights with the image model as an AnimateDiff folder (fp16 safetensors)."""
+    """Write the EMA motion weights with the image model as an AnimateDiff folder (safetensors)."""
     state = load_checkpoint(work / "motion.ckpt")
     adapter = motion_adapter(cfg, base.unet)
     motion_modules(adapter).load_state_dict(state["ema"])
@@ -197,7 +224,7 @@ def export(cfg: Config, work: Path, base) -> Path:
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    video.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    save_model_folder(video, tmp)  # UNet and VAE float16, the text encoder float32 (see sc_app.files)
     # The image model's own defaults (K, guidance) hold for its frames; the clip length and rate are new.
     settings = {**_folder_settings(cfg.base), "default_frames": cfg.frames, "default_fps": cfg.fps}
     (tmp / "self_cascade.json").write_text(json.dumps(settings, indent=2))
@@ -216,21 +243,9 @@ def export(cfg: Config, work: Path, base) -> Path:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoint")
-    args = vars(parser.parse_args(argv))
-    export_only = args.pop("export_only")
-    return Config(**args), export_only
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg, export_only = parse_args(argv)
-    if cfg.frames > cfg.motion_max_frames:
-        raise SystemExit(f"--frames {cfg.frames} exceeds --motion-max-frames {cfg.motion_max_frames}")
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from sc_app.api import as_model
+from sc_app.checks import writable_file
 from sc_app.sampling import (added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler,
                              sample_ddim)
 from sc_app.upsampler import (DEFAULT_WIDTH, Adapter, load_adapter, pivot_features, save_adapter, unet_caller,
@@ -45,6 +47,7 @@ LOG_EVERY = 50
 log = logging.getLogger(__name__)
 
 PIVOTS = ("downsampled", "generated")
+LR_SCHEDULES = ("constant", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -69,14 +72,25 @@ def clip_frames(model, frames: int | None) -> int | None:
     return frames
 
 
+def pivot_side(model, size: int, scale: float) -> int:
+    """The pivot's side for a stage of `size` pixels that grew by `scale`, on the model's size grid."""
+    return max(model.size_multiple, round(size / scale / model.size_multiple) * model.size_multiple)
+
+
 def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_steps, caption_dropout,
-                 checkpoint_every) -> int:
-    """Validate the request before anything is loaded or written; return the crop size. Errors name the
-    argument and its value."""
+                 checkpoint_every, size=None, crop=None, lr_schedule="constant") -> tuple[int, int, int]:
+    """Validate the request before anything is loaded or written; return the sides in pixels of the stage,
+    of its training crops and of their pivots. Errors name the argument and its value."""
     if not isinstance(scale, (int, float)) or not 1 < scale <= 8:
         raise ValueError(f"scale must be a number in (1, 8] (growth per side), got {scale!r}")
     if stage_size(model, scale) <= model.base_size:
         raise ValueError(f"scale {scale} does not grow a {model.base_size}px base on a {model.size_multiple}px grid")
+    if size is not None:
+        if not isinstance(size, int) or size % model.size_multiple or size <= model.base_size:
+            raise ValueError(f"size must be a multiple of {model.size_multiple} above the {model.base_size}px base, "
+                             f"got {size!r}")
+        if pivot_side(model, size, scale) >= size:
+            raise ValueError(f"scale {scale} does not grow a pivot to size {size} on a {model.size_multiple}px grid")
     if k is not None and not (isinstance(k, int) and 0 < k < model.num_train_timesteps):
         raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {k!r}")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("pivot_steps", pivot_steps),
@@ -89,12 +103,26 @@ def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_st
         raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout!r}")
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"out must be a .safetensors file, got {str(out)!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if pivot not in PIVOTS:
         raise ValueError(f"pivot must be one of {', '.join(PIVOTS)}, got {pivot!r}")
     prediction = model.pipe.scheduler.config.prediction_type
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"the model's scheduler predicts {prediction!r}; the tuner knows {', '.join(PREDICTION_TYPES)}")
-    return stage_size(model, scale)
+    size = stage_size(model, scale) if size is None else size
+    crop = size if crop is None else crop
+    if not isinstance(crop, int) or crop % model.size_multiple or not model.base_size < crop <= size:
+        raise ValueError(f"crop must be a multiple of {model.size_multiple} in {model.base_size + 1}..{size}, "
+                         f"got {crop!r}")
+    return size, crop, pivot_side(model, crop, scale)
+
+
+def lr_at(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step `step` (0-based) of `steps`: constant, or cosine from lr to lr / 10."""
+    if schedule == "constant":
+        return lr
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, steps - 1))))
 
 
 # ---- checkpoints: complete and atomic ------------------------------------------------------------
@@ -110,9 +138,17 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path, adapter: Adapter) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # our own file, still no pickle code
+    """This tuner's own checkpoint, read as tensors and plain values only: a file that holds any other pickled
+    object (or is not a checkpoint at all) is refused in one line of our own, never by torch's advice to load
+    it with weights_only=False, which would run whatever code it carries."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = state["config"]
+        theirs = {key: config.get(key) for key in ("fingerprint", "scale", "width")}
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"resume: {path} is not a checkpoint written by this tuner ({type(error).__name__}), so it "
+                         "is not loaded; move it away to start from step 0") from None
     mine = {"fingerprint": adapter.fingerprint, "scale": adapter.scale, "width": adapter.width}
-    theirs = {key: state["config"].get(key) for key in mine}
     if theirs != mine:
         raise ValueError(f"resume: checkpoint {path} is for {theirs}, not {mine}")
     return state
@@ -178,8 +214,14 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
                   pivot: str = "downsampled", width: int | None = DEFAULT_WIDTH, pivot_steps: int = 20,
                   caption_dropout: float = 0.1, checkpoint_every: int = 250, shapes_pool: int = 0,
                   frames: int | None = None, progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> Path:
+                  should_stop: Callable[[], bool] | None = None, size: int | None = None,
+                  crop: int | None = None, lr_schedule: str = "constant") -> Path:
     """Train the feature upsamplers of `model` for one `scale` (per side) and write them to `out`.
+
+    `size`: the stage's side in pixels (default the base size x `scale`: the first stage); a later stage's
+    adapter trains on images of `size` (shapes: rendered at `size`) in `crop` crops (default: whole) with
+    pivots of `crop / scale`, so its objects have that stage's scale at the cost of the crop.
+    `lr_schedule`: 'constant', or 'cosine' (from `lr` down to a tenth of it at the last step).
 
     `data`: 'shapes' or a folder of images for an image model; 'moving-shapes' or a folder of clips for
     a video model (a `VideoModel`, clips of `frames` frames, default the model's); or a dataset object
@@ -191,17 +233,20 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     # 0. Inputs, before anything is written
     model = as_model(model)
     precision = _mixed_precision(model)
-    crop = check_inputs(model, scale=scale, k=k, steps=steps, batch_size=batch_size, lr=lr, out=out, pivot=pivot,
-                        pivot_steps=pivot_steps, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every)
+    size, crop, pivot_size = check_inputs(
+        model, scale=scale, k=k, steps=steps, batch_size=batch_size, lr=lr, out=out, pivot=pivot,
+        pivot_steps=pivot_steps, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, size=size,
+        crop=crop, lr_schedule=lr_schedule)
+    writable_file("out", out)  # a probe file now: never train every step and then fail to save
     frames = clip_frames(model, frames)
-    dataset = make_dataset(data, crop, shapes_pool, seed, frames) if isinstance(data, (str, Path)) else data
+    dataset = make_dataset(data, crop, shapes_pool, seed, frames, size) if isinstance(data, (str, Path)) else data
     k = k or model.default_k
     out, ckpt_path = Path(out), checkpoint_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)  # now, not at the first checkpoint minutes later
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
         adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name,
-                          unet_class=type(model.unet).__name__, signature=weights_signature(model.unet))
+                          unet_class=type(model.unet).__name__, signature=weights_signature(model.unet), size=size)
 
     # 1. Where to start: a checkpoint of this run, another adapter, or zero-initialised upsamplers
     state, start = None, 0
@@ -250,10 +295,11 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
             "optimizer": optimizer.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else {},
             "step": step, "config": {"fingerprint": unet_fingerprint(model.unet.config), "scale": float(scale),
                                      "width": width, "k": k, "seed": seed, "pivot": pivot, "lr": lr,
-                                     "batch_size": batch_size, "frames": frames, "base_model": model.name}})
+                                     "batch_size": batch_size, "frames": frames, "base_model": model.name,
+                                     "size": size, "crop": crop, "lr_schedule": lr_schedule}})
         save_adapter(unwrapped, out)
 
-    pivot_size, sites = model.base_size, acc.unwrap_model(adapter).sites
+    sites = acc.unwrap_model(adapter).sites
 
     @torch.no_grad()
     def make_batch(step: int):
@@ -297,6 +343,8 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
             loss = F.mse_loss(pred.float(), target.float())
             acc.backward(loss)
             acc.clip_grad_norm_(adapter.parameters(), 1.0)
+            for group in optimizer.param_groups:  # set from the step alone, so a resumed run follows it exactly
+                group["lr"] = lr_at(lr, lr_schedule, step, steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -326,3 +374,40 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     log.info("wrote %s: %d steps (%d this run) in %.1f s, %.2f steps/s, loss %s", out, step, done, seconds,
              done / seconds if seconds > 0 else 0.0, "n/a" if running is None else f"{running:.4f}")
     return out
+
+
+# ---- every stage of a plan -----------------------------------------------------------------------
+
+def stage_targets(model, height: int, width: int) -> list[tuple[int, float]]:
+    """(stage side in pixels, growth per side) of every stage after the pivot of a height x width plan:
+    what one adapter per stage trains for. The side is the stage's pixel count's square root, on the grid."""
+    from sc_app.cascade import check_inputs as check_request
+
+    sizes = check_request(model, height, width, 1, 0.0)
+    if len(sizes) < 2:
+        raise ValueError(f"target {height}x{width} needs no stage above the {model.base_size}px pivot")
+    m = model.size_multiple
+    return [(max(m, round(math.sqrt(h * w) / m) * m), math.sqrt(h * w / (ph * pw)))
+            for (ph, pw), (h, w) in zip(sizes, sizes[1:])]
+
+
+def train_stages(model, data, *, target: tuple[int, int], out_dir: str | Path, crop: int | None = None,
+                 resume: bool = False, **options) -> list[Path]:
+    """One adapter per stage of the plan for `target` (height, width), written to `out_dir` as
+    `x{scale}-{side}.safetensors`: a folder that `generate(..., upsampler=out_dir)` takes whole, each
+    stage then using its own. `crop` caps every stage's training crop; `options` go to `train_adapter`.
+    With `resume`, a stage whose adapter has all its steps is kept and the others continue."""
+    model = as_model(model)
+    out_dir = Path(out_dir)
+    paths = []
+    for side, scale in stage_targets(model, *target):
+        out = out_dir / f"x{scale:.3g}-{side}.safetensors"
+        stage_crop = None if crop is None else min(crop, side)
+        if resume and out.is_file() and load_adapter(out, model).steps >= options["steps"]:
+            log.info("stage %d px: %s is complete", side, out)
+        else:
+            log.info("stage %d px (x%.3g per side)", side, scale)
+            train_adapter(model, data, scale=round(scale, 3), out=out, size=side, crop=stage_crop, resume=resume,
+                          **options)
+        paths.append(out)
+    return paths

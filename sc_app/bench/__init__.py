@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m sc_app.bench speed|quality ...`, tables printed and written into docs/benchmarks.md.
+"""Benchmarks: `python -m sc_app.bench speed|quality|gpu ...`, tables printed and written into docs/benchmarks.md.
 
 speed    Self-cascade against direct sampling (and, on request, the baselines and the tuned self-cascade) at
          the same output size, steps and seed, side by side in one process: one warm-up run of each, then
@@ -11,6 +11,10 @@ quality  The paper's comparison table (Tables 1-2) on the embedded model: per me
          `accelerate launch --multi_gpu --num_processes N -m sc_app.bench quality ...` splits the prompts
          across processes: one per GPU, or on a machine without one, N CPU processes (with OMP_NUM_THREADS
          set to cores / N).
+ablation Settings of the self-cascade (K per stage, upsampling, per-stage adapters) side by side on development
+         prompts: composition, shape fidelity, FID_r with 95% intervals, parameters, time vs direct.
+gpu      Every method on the SD 1.5, SD 2.1 and SD XL UNet and VAE architectures with random fp16 weights on one
+         CUDA GPU, per stage, with peak memory, inside one time budget (`sc_app.bench.gpu`); `--tiny` on a CPU.
 
 A section of the markdown file lies between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and is replaced
 on every write, so reruns never duplicate it. Bad input: one line on stderr, exit code 2.
@@ -26,9 +30,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time not
 
 from ..api import METHODS  # noqa: E402
 from ..cli import Parser, quiet_loaders, run  # noqa: E402
+from .ablation import add_parser as add_ablation_parser  # noqa: E402
 from .archs import ARCHS  # noqa: E402
-from .quality import DEFAULT_WORK, run_quality  # noqa: E402
-from .speed import DEFAULT_PROMPT, run_speed  # noqa: E402
+from .gpu import add_parser as add_gpu_parser  # noqa: E402
+from .quality import DEFAULT_WORK  # noqa: E402
+
+DEFAULT_PROMPT = "a red circle and a blue square"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--report-only", action="store_true",
                    help="generate nothing: the table from the samples already in --work (e.g. made on a GPU "
                         "machine without the Inception file); every sample must be there")
+    add_gpu_parser(sub)
+    add_ablation_parser(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(args, argv: list[str]) -> None:
+    """The subcommand, imported once the flags are parsed: --help answers before torch loads."""
+    import importlib
+
     quiet_loaders()
+    module = importlib.import_module(f".{args.command}", __name__)
+    getattr(module, f"run_{args.command}")(args, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser(), lambda args: (run_speed if args.command == "speed" else run_quality)(args, argv), argv)
+    return run(build_parser(), lambda args: _run(args, argv), argv)

@@ -1,10 +1,18 @@
-"""The real SD 2.1 and SD XL UNet architectures with random weights: timing on a GPU needs no trained weights."""
+"""The real SD 1.5, SD 2.1 and SD XL UNet (and VAE) architectures with random weights: timing on a GPU needs no
+trained weights."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+# stable-diffusion-v1-5 unet/config.json (512 base): SD 2.1's layout with 8 heads, CLIP ViT-L's 768-wide text and
+# no linear projections in its transformers.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+    act_fn="silu",
+)
 # stabilityai/stable-diffusion-2-1-base unet/config.json: the 512-pixel base model (epsilon prediction),
 # the one whose 1024^2 and 2048^2 are the paper's 4x and 16x. The 768-v model differs only in
 # sample_size 96 and upcast_attention, so its speed per pixel is the same.
@@ -24,7 +32,15 @@ SDXL_UNET = dict(
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
 )
-# Both ship DDIM-compatible scaled-linear schedules of 1000 steps.
+# The VAE all three ship (vae/config.json; SD XL's differs in sample_size and scaling factor only). Its
+# sample_size is also the tile size of a tiled decode. force_upcast keeps diffusers' default (True): the library
+# decodes an fp16 VAE in float32, as for the released weights.
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, act_fn="silu",
+)
+# All three ship DDIM-compatible scaled-linear schedules of 1000 steps.
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 TEXT_TOKENS = 77
@@ -36,14 +52,19 @@ class Arch:
     unet: dict
     vae_scaling: float
     vae_sample_size: int  # also the VAE's tile size: SD's own, so decode at 2048^2 is a few tiles
+    text_encoder_parameters: int = 0  # of the released text encoder(s): what stays on the GPU unless offloaded
 
 
-ARCHS = {"sd21": Arch("SD 2.1-base (512)", SD21_UNET, 0.18215, 768),
-         "sdxl": Arch("SD XL 1.0-base (1024)", SDXL_UNET, 0.13025, 1024)}
+ARCHS = {"sd15": Arch("SD 1.5 (512)", SD15_UNET, 0.18215, 512, 123_060_480),  # CLIP ViT-L/14 text
+         "sd21": Arch("SD 2.1-base (512)", SD21_UNET, 0.18215, 768, 340_387_840),  # OpenCLIP ViT-H/14 text, 23 layers
+         "sdxl": Arch("SD XL 1.0-base (1024)", SDXL_UNET, 0.13025, 1024,
+                      123_060_480 + 694_659_840)}  # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text
 
 
 def _fixed_text(unet, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random text embeddings of the shapes the UNet expects (and SD XL's pooled embedding)."""
+    import torch
+
     g = torch.Generator("cpu").manual_seed(seed)
     config = unet.config
     embeds = torch.randn(count, TEXT_TOKENS, config.cross_attention_dim, generator=g)
@@ -68,17 +89,20 @@ class _FixedTextMixin:
         return cond, uncond
 
 
-def random_model(arch: str, device: torch.device | str, dtype: torch.dtype = torch.float16,
-                 unet_config: dict | None = None):
+def random_model(arch: str, device: torch.device | str, dtype: torch.dtype | None = None,
+                 unet_config: dict | None = None, real_vae: bool = False, vae_sample_size: int | None = None):
     """A `Model` for timing: the real UNet architecture (or `unet_config`) with random weights, built directly
-    on `device`; a tiny random VAE with the real 8x factor; fixed random text embeddings."""
+    on `device`; a tiny random VAE with the real 8x factor, or with `real_vae` SD's own VAE architecture (random
+    weights too); fixed random text embeddings. `vae_sample_size` (the tile size) defaults to the model's;
+    `dtype` to float16."""
+    import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
 
     from ..models import Model
 
     spec = ARCHS[arch]
-    device = torch.device(device)
+    device, dtype = torch.device(device), dtype or torch.float16
     torch.manual_seed(0)
     # Built directly on the device in the target dtype: an SD XL UNet takes minutes to initialise on a CPU,
     # and an fp32 copy first would double the memory.
@@ -87,10 +111,14 @@ def random_model(arch: str, device: torch.device | str, dtype: torch.dtype = tor
     try:
         with torch.device(device):
             unet = UNet2DConditionModel(**(unet_config or spec.unet)).eval()
-            vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
-                                layers_per_block=1, sample_size=spec.vae_sample_size,
-                                scaling_factor=spec.vae_scaling, force_upcast=False).eval()
+            tile = vae_sample_size or spec.vae_sample_size
+            if real_vae:
+                vae = AutoencoderKL(**SD_VAE, sample_size=tile, scaling_factor=spec.vae_scaling).eval()
+            else:
+                vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                                    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                                    layers_per_block=1, sample_size=tile, scaling_factor=spec.vae_scaling,
+                                    force_upcast=False).eval()
     finally:
         torch.set_default_dtype(default_dtype)
     scheduler = DDIMScheduler(**SD_SCHEDULER)

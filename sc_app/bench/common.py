@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..api import METHODS, generate
 from ..cli import BadInput
 
@@ -84,6 +82,15 @@ def parse_common(args) -> tuple[list[tuple[int, int]] | None, list[int] | None, 
             raise BadInput(f"--upsampler {args.upsampler}: no such file")
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be >= 1, got {args.batch_size}")
+    from ..checks import MAX_GUIDANCE, finite, writable_file
+
+    try:  # NaN and infinity never reach a run; the table's file can be written before hours of sampling
+        if args.guidance is not None:
+            finite("--guidance", args.guidance, 0, MAX_GUIDANCE)
+        if args.out is not None:
+            writable_file("--out", args.out)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
     return sizes, ks, methods
 
 
@@ -101,6 +108,8 @@ def make_variants(methods: list[str], ks: list[int], tuned: bool, adapter_tag: s
 
 
 def _sync(model) -> None:
+    import torch
+
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
 
@@ -112,6 +121,10 @@ def run_variant(model, variant: Variant, prompts: list[str], size: tuple[int, in
     options = {}
     if variant.method == "self-cascade" and not variant.base:
         options = dict(k=variant.k, decode_stages=False, upsampler=adapter if variant.tuned else None)
+    elif variant.method in ("demofusion", "freescale") and not variant.base:
+        options = dict(decode_stages=False)
+    import torch
+
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     _sync(model)
     started = time.perf_counter()
@@ -134,6 +147,7 @@ def _cpu_name() -> str:
 def machine_description(device: torch.device) -> str:
     """Machine, date and versions: what a reader needs to compare a table with their own."""
     import diffusers
+    import torch
 
     parts = [f"CPU {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"]
     if hasattr(os, "getloadavg"):
@@ -155,6 +169,7 @@ def process_state(args):
     """accelerate's PartialState for a bench run: prompts split over `accelerate launch`'s processes, one GPU
     each, or on a machine without one (or with `--device cpu`) CPU processes over gloo. Sets `args.device`
     to the process's GPU when none was asked for."""
+    import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
@@ -194,6 +209,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _load(args, dtype_name: str | None):
+    import torch
+
     from ..models import load_model
 
     dtype = getattr(torch, dtype_name) if dtype_name else None
@@ -234,6 +251,8 @@ def ratios_to(times: dict[str, list[float]], reference: str = "direct") -> dict[
 
 def model_fingerprint(model) -> str:
     """A hash of every weight (UNet, VAE, text encoders), so a retrained model never reuses old samples."""
+    import torch
+
     h = hashlib.sha256()
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(model.pipe, name, None)

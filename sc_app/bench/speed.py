@@ -10,7 +10,6 @@ from .archs import ARCHS, random_model
 from .common import (Variant, _check_sizes, _load, _load_adapter, command_line, log, machine_description,
                      make_variants, markdown_table, parse_common, ratios_to, run_variant, size_name, write_section)
 
-DEFAULT_PROMPT = "a red circle and a blue square"
 ARCH_SIZES = [(1024, 1024), (2048, 2048)]
 
 

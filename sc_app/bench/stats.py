@@ -1,0 +1,30 @@
+"""Uncertainty for the benchmark tables: a 95% interval for every figure."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (well behaved at 0% and 100%, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap(values: Sequence, statistic: Callable = np.mean, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of `statistic` over `values` (resampled with replacement, seeded)."""
+    values = np.asarray(values)
+    if len(values) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(draws)]
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
