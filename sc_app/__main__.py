@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers (.safetensors)")
+    g.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers: a .safetensors file, or "
+                   "a folder of them (one per stage: each stage takes the one trained nearest its resolution)")
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     g.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
@@ -109,8 +110,8 @@ def check_run(args, prompts: list[str], frames: int | None = None) -> Callable[[
         if args.guidance is not None:
             checks.finite("--guidance", args.guidance, 0, checks.MAX_GUIDANCE)
         checks.seed("--seed", args.seed, len(prompts))
-        if args.upsampler is not None and not args.upsampler.is_file():
-            raise ValueError(f"--upsampler {args.upsampler}: no such file")
+        if args.upsampler is not None and not args.upsampler.exists():
+            raise ValueError(f"--upsampler {args.upsampler}: no such file or folder")
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out}: exists and is not a folder")
         checks.writable_folder("--out", args.out)
@@ -162,8 +163,8 @@ def generate(args) -> None:
         check_inputs(model, args.height, args.width, args.steps, args.guidance or 0.0,
                      options.get("k"), options.get("stages"), options.get("upsample", "bilinear"))
         if args.upsampler is not None:
-            from .upsampler import load_adapter
-            options["upsampler"] = load_adapter(args.upsampler, model)
+            from .upsampler import load_adapters
+            options["upsampler"] = load_adapters(args.upsampler, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     for i in mine:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .stats import Z95, wilson
+
 CHOICES = ("left", "right", "same")
 REASONS = ("layout", "detail", "artefacts")
 ENV_WORK_DIR = "SC_WORK_DIR"
@@ -40,7 +42,6 @@ OPEN_SECONDS = 1800  # a pair shown but not voted on counts toward its method pa
 REVIEWER = re.compile(r"[A-Za-z0-9_-]{8,64}")
 MAX_PROMPT, MAX_METHOD = 1000, 80
 ELO_SCALE = 400 / math.log(10)  # Bradley-Terry log-strength -> Elo points
-Z95 = 1.959964
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id TEXT PRIMARY KEY,        -- hash of group and method
@@ -661,16 +662,6 @@ def bradley_terry(outcomes: list[tuple[str, str, float]], prior_sd: float = 2.0)
         for i, m in enumerate(methods)
     ]
     return sorted(ratings, key=lambda r: -r.score)
-
-
-def wilson(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson's 95% interval for a share `rate` of `n` votes."""
-    if n == 0:
-        return 0.0, 1.0
-    denom = 1 + z**2 / n
-    centre = (rate + z**2 / (2 * n)) / denom
-    half = z * math.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def pair_rates(outcomes: list[tuple[str, str, float]], order: list[str]) -> list[PairRate]:

@@ -22,6 +22,8 @@ import math
 import os
 import queue
 import random
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -38,6 +40,7 @@ except ImportError:  # pragma: no cover - `spaces` is in requirements.txt
     spaces = None
 
 import gradio as gr
+from PIL import Image
 
 from . import checks
 from .api import generate as run_method
@@ -64,6 +67,7 @@ MAX_UPLOAD_SIZE = "200mb"  # per file, enforced by gradio on upload
 MAX_TUNE_STEPS = 20_000
 QUEUE_SIZE = 32
 KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
+PROGRESS_EVERY = 0.25  # seconds between progress lines in a status area (and at every new stage)
 
 # ZeroGPU durations: seconds per denoising step at the model's base size (an estimate on the slow side
 # for SD-class UNets on a shared A100/H200), growing a little faster than the pixel count (attention).
@@ -77,6 +81,13 @@ EMBEDDED_EXAMPLES = ["a red circle and a blue square", "a yellow triangle",
                      "a green square and a red triangle and a blue circle"]
 SD_EXAMPLES = ["a photo of a cat sitting on a windowsill", "an astronaut riding a horse on the moon",
                "a cozy cabin in a snowy forest at dusk"]
+
+
+RANDOM_SEED = -1  # the seed box's default: a new seed for every run, shown with the result
+
+
+def random_seed() -> int:
+    return random.randrange(2**31)
 
 
 def _number(value):
@@ -164,6 +175,102 @@ def gpu_seconds(model, requests: list[dict]) -> int:
     return int(min(MAX_GPU_SECONDS, math.ceil(seconds)))
 
 
+def stages_text(stages: int) -> str:
+    """The one way the page says how many stages a run has: "pivot + 2 stages"."""
+    return f"pivot + {stages} stage{'' if stages == 1 else 's'}"
+
+
+def stage_plan(model, request: dict) -> list[tuple[int, int, int]]:
+    """(steps, height, width) of each stage a request runs: the pivot and the cascade's stages, the peers' own
+    stages, or one pass at the target size."""
+    h, w = request["height"], request["width"]
+    method = request["method"]
+    if method == "self-cascade":
+        sizes = plan_stages(h, w, model.base_size, model.size_multiple, request.get("stages"))
+    elif method in PEER_METHODS:
+        sizes = plan_stages(h, w, model.base_size, model.size_multiple)
+    else:
+        sizes = [(h, w)]
+    return [(stage_steps(model, request, r), sh, sw) for r, (sh, sw) in enumerate(sizes)]
+
+
+class ProgressLine:
+    """The status area's one progress line for a run of `requests`: which job (`unit` i of n) and stage, the step,
+    the overall percentage and the time left. Time left comes from the measured time per unit of work so far,
+    where a step's work is its latent pixel count, so the later, larger stages count more."""
+
+    def __init__(self, model, requests: list[dict], unit: str = "method"):
+        self.requests, self.unit = requests, unit
+        self.plans = [stage_plan(model, request) for request in requests]
+        self.work = [[steps * h * w for steps, h, w in plan] for plan in self.plans]
+        self.total = sum(map(sum, self.work))
+        self.first: tuple[float, float] | None = None  # (time, work done) at the first step seen
+
+    def done(self, job: int, stage: int, i: int) -> float:
+        """Work done once step `i` (from 0) of `stage` of `job` has run."""
+        before = sum(map(sum, self.work[:job])) + sum(self.work[job][:stage])
+        steps, h, w = self.plans[job][min(stage, len(self.plans[job]) - 1)]
+        return before + min(i + 1, steps) * h * w
+
+    def line(self, job: int, stage: int, i: int, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        done = min(self.done(job, stage, i), self.total)
+        if self.first is None:
+            self.first = (now, done)
+        parts = []
+        if len(self.requests) > 1:
+            parts.append(f"{self.unit} {job + 1} of {len(self.requests)} ({self.requests[job]['method']})")
+        plan = self.plans[job]
+        stage = min(stage, len(plan) - 1)
+        steps, h, w = plan[stage]
+        if len(plan) > 1:
+            parts.append(f"pivot ({w} x {h})" if stage == 0 else f"stage {stage} of {len(plan) - 1} ({w} x {h})")
+        parts.append(f"step {min(i + 1, steps)} of {steps}")
+        text = ", ".join(parts)
+        text = text[0].upper() + text[1:] + f" · {100 * done / self.total:.0f}%"
+        t0, done0 = self.first
+        measured = done - done0
+        if measured > 0:
+            text += f" · about {(now - t0) / measured * (self.total - done):.1f} s left"
+        return text
+
+
+def prompt_slug(prompt: str) -> str:
+    """A prompt as part of a file name: lower-case words joined by '-', at most 40 characters."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
+
+
+def result_name(request: dict, suffix: str = ".png") -> str:
+    """A result's file name: prompt slug, method, size and seed."""
+    return (f"{prompt_slug(request['prompt'])}-{request['method']}-{request['width']}x{request['height']}"
+            f"-seed{request['seed']}{suffix}")
+
+
+def settings_line(model_name: str, request: dict, k: list[int] | None = None) -> str:
+    """The `python -m sc_app generate ...` command line that makes a request's image again. `k`: the K each
+    stage ran with (the run's summary), else the request's."""
+    args = ["python", "-m", "sc_app", "generate", "--model", model_name, "--prompt", request["prompt"]]
+    if request.get("negative_prompt"):
+        args += ["--negative-prompt", request["negative_prompt"]]
+    args += ["--height", str(request["height"]), "--width", str(request["width"]), "--method", request["method"]]
+    if request["method"] == "self-cascade":
+        ks = list(k) if k is not None else ([] if request.get("k") is None else [request["k"]])
+        if request.get("stages") is not None or k is not None:
+            args += ["--stages", str(len(ks) if k is not None else request["stages"])]
+        if ks:
+            args += ["--k", *map(str, ks)]
+    args += ["--steps", str(request["num_inference_steps"]), "--guidance", repr(float(request["guidance_scale"])),
+             "--seed", str(request["seed"])]
+    if request.get("upsampler"):
+        args += ["--upsampler", str(request["upsampler"])]
+    return shlex.join(args + ["--out", "out"])
+
+
+def _ks(k) -> str:
+    """K as the page shows it: "300, 300", not a Python list."""
+    return ", ".join(map(str, k)) if isinstance(k, (list, tuple)) else str(k)
+
+
 # ---- the studio ------------------------------------------------------------------------------------
 
 class _Stopped(Exception):
@@ -202,6 +309,7 @@ class Studio:
         self._tune_job: _TuneJob | None = None
         self._workers: dict[threading.Thread, Path] = {}  # running jobs' threads and their stop files
         self._workers_lock = threading.Lock()
+        self._stops: dict[str, Path] = {}  # a page's running Generate or Compare run: its stop file, for Stop
         atexit.register(self.stop_workers)
         self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
         self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
@@ -235,20 +343,24 @@ class Studio:
         """Adapter choices by label: none, the ones shipped with the model, the ones made or loaded here."""
         choices: dict[str, Path | None] = {NO_ADAPTER: None}
         for path in self._shipped_adapters():
-            choices[f"shipped: {path.stem}"] = path
+            label = path.stem if path.is_file() else "per stage (" + ", ".join(
+                f.stem for f in sorted(path.glob("*.safetensors"))) + ")"
+            choices[f"shipped: {label}"] = path
         for path in sorted(self.adapter_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
             choices[path.stem] = path
         return choices
 
     def _shipped_adapters(self) -> list[Path]:
-        """assets/upsampler*.safetensors for the embedded model; a model folder's upsamplers/*.safetensors."""
+        """assets/upsampler*.safetensors for the embedded model; a model folder's upsamplers/: the set of them
+        (one per stage, each stage taking its own) first, then each file alone."""
         from .models import ASSETS
         if self.model.name == "embedded":
             found = sorted(ASSETS.glob("upsampler*.safetensors"))
             folder = ASSETS / "shapes-ldm" / "upsamplers"
         else:
             found, folder = [], Path(self.model.name) / "upsamplers"
-        return found + (sorted(folder.glob("*.safetensors")) if folder.is_dir() else [])
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        return ([folder] if len(files) > 1 else []) + found + files
 
     def adapter_path(self, label: str | None) -> str | None:
         return chosen_adapter(self.adapters(), label)
@@ -321,7 +433,7 @@ class Studio:
             steps = checks.whole("steps", steps, 1, self.model.num_train_timesteps)
             guidance = self.model.default_guidance if guidance is None else checks.finite(
                 "guidance", guidance, 0, checks.MAX_GUIDANCE)
-            seed = 0 if seed is None else checks.seed("seed", seed)
+            seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
         except ValueError as error:
             raise user_error(str(error)) from None
         cascade = method == "self-cascade"
@@ -453,74 +565,124 @@ class Studio:
             shutil.rmtree(path, ignore_errors=True)
         return folder
 
-    def _stream(self, requests: list[dict], progress, gpu=None, model=None) -> Iterator[tuple]:
-        """The events of `gpu` (default: the image model's) for `requests`, with steps shown on the progress bar
-        and errors raised as gr.Error. If the page goes away mid-run, the stop file ends the run at its next step."""
+    def _stream(self, requests: list[dict], gpu=None, model=None, unit: str = "method",
+                page: gr.Request | None = None) -> Iterator[tuple]:
+        """The events of `gpu` (default: the image model's) for `requests`, as (run folder, event); steps come as
+        ("progress", line), the status area's one progress line (`ProgressLine`, at most a few a second), and
+        errors are raised as gr.Error; a run that Stop (`stop_run`) ended comes as ("stopped",). If the page goes
+        away or Stop is pressed mid-run, the stop file ends the run at its next step."""
         gpu = self.gpu_generate if gpu is None else gpu
         model = self.model if model is None else model
         run = self._new_folder(self.runs_dir)
         stop = run / "stop"
         finished = False
+        line, shown, where = ProgressLine(model, requests, unit), 0.0, None
+        session = getattr(page, "session_hash", None)
+        if session:
+            self._stops[session] = stop
         try:
             for event in gpu(requests, str(stop)):
                 kind = event[0]
                 if kind == "step":
                     _, job, stage, i = event
-                    request = requests[job]
-                    what = request["method"] + ("" if stage == 0 else f", stage {stage}")
-                    progress((i + 1, max(i + 1, stage_steps(model, request, stage))), desc=what, unit="steps")
+                    if (job, stage) != where or time.monotonic() - shown > PROGRESS_EVERY:
+                        where, shown = (job, stage), time.monotonic()
+                        yield run, ("progress", line.line(job, stage, i))
                 elif kind == "waiting":
-                    progress(0.0, desc="waiting for the tuning job to finish")
+                    yield run, ("progress", "Waiting for the running job (tuning or another page's) to finish...")
                 elif kind == "error":
                     finished = True
                     raise user_error(event[1])
                 elif kind in ("end", "stopped"):
                     finished = True
+                    if kind == "stopped":
+                        yield run, event
                 else:
                     yield run, event
         finally:
+            if session and self._stops.get(session) == stop:
+                del self._stops[session]
             if not finished:
                 _touch(stop)
 
     def generate(self, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter,
-                 progress=gr.Progress()):
-        """Generate tab: the pivot and every stage side by side as they finish, then the final image."""
+                 page: gr.Request = None):
+        """Generate tab: the pivot and every stage side by side as they finish, a progress line in the status area,
+        then the final image; the last output (a State) is what `show_result` shows: the pivot upscaled beside
+        the final image, the settings line and the seed used."""
         request = self.request("self-cascade", prompt, negative_prompt, aspect, scale, stages, k, steps,
                                guidance, seed, adapter)
-        gallery, total = [], 0.0
-        for run, event in self._stream([request], progress):
-            if event[0] == "stage":
+        gallery: list[tuple[str, str]] = []
+        yield [], None, "Starting...", None
+        for run, event in self._stream([request], unit="stage", page=page):
+            if event[0] == "progress":
+                yield gr.skip(), gr.skip(), event[1], gr.skip()
+            elif event[0] == "stopped":
+                yield gallery, None, "Stopped.", None
+            elif event[0] == "stage":
                 _, _, index, image, h, w, seconds = event
                 path = run / f"stage{index}.png"
                 image.save(path)
-                total += seconds
-                gallery.append((str(path), f"{'pivot' if index == 0 else f'stage {index}'}: {w} x {h}, {seconds:.1f} s"))
-                yield gallery, None, f"Stage {index} done ({w} x {h}, {seconds:.1f} s)..."
+                name = "pivot" if index == 0 else f"stage {index}"
+                gallery.append((str(path), f"{name}: {w} x {h}, {seconds:.1f} s"))
+                yield gallery, None, f"{name.capitalize()} done ({w} x {h}, {seconds:.1f} s)...", gr.skip()
             elif event[0] == "done":
                 summary = event[2]
-                final = run / f"self-cascade-{request['width']}x{request['height']}-seed{request['seed']}.png"
+                w, h = request["width"], request["height"]
+                final = run / result_name(request)
                 shutil.copyfile(run / f"stage{len(gallery) - 1}.png", final)
+                pivot = run / f"pivot-upscaled-{w}x{h}.png"
+                with Image.open(run / "stage0.png") as image:
+                    image.convert("RGB").resize((w, h), Image.BICUBIC).save(pivot)
                 tuned = f", adapter {adapter}" if request.get("upsampler") else ""
-                yield gallery, str(final), (f"Done: {request['width']} x {request['height']} in "
-                                            f"{summary['total_seconds']:.1f} s, {len(gallery)} stages, "
-                                            f"K {summary['k']}, seed {request['seed']}{tuned}.")
+                result = {"pivot": str(pivot), "final": str(final), "seed": request["seed"],
+                          "settings": settings_line(self.model.name, request, summary["k"])}
+                yield gallery, str(final), (f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, "
+                                            f"{stages_text(len(summary['stages']) - 1)}, K {_ks(summary['k'])}, "
+                                            f"seed {request['seed']}{tuned}."), result
             elif event[0] == "unavailable":
                 raise user_error(event[2])
 
+    @staticmethod
+    def show_result(result: dict | None):
+        """Generate tab, after a run: the pivot (upscaled to the final size) | final slider and the settings line."""
+        if not result:
+            return gr.skip(), gr.skip()
+        return (gr.update(value=(result["pivot"], result["final"]), label="pivot (upscaled) | final"),
+                result["settings"])
+
+    @staticmethod
+    def reuse_seed(result: dict | None, seed):
+        """The seed the last run used, back into the seed box (unchanged before any run)."""
+        return result["seed"] if result else seed
+
     def compare(self, prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf,
-                side_a, side_b, progress=gr.Progress()):
-        """Compare tab: one prompt and seed through each method; a gallery, a table and an A/B slider."""
+                side_a, side_b, page: gr.Request = None):
+        """Compare tab: one prompt and seed through each method; a gallery, a table, an A/B slider, a progress line
+        in the status area, and (a State for `show_settings`) a settings line per method."""
         methods = [m for m in COMPARE_METHODS if m != "attn-sf" or attn_sf]
+        if seed is None or seed == RANDOM_SEED:
+            seed = random_seed()  # one seed for every method
         requests = [self.request(m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter)
                     for m in methods]
         finals: dict[int, str] = {}
         results: dict[str, str] = {}
+        lines: dict[str, str] = {}
         gallery, table = [], []
-        for run, event in self._stream(requests, progress):
-            kind, job = event[0], event[1]
+        skip = gr.skip()
+        yield [], [], skip, skip, "Starting...", skip
+        for run, event in self._stream(requests, unit="method", page=page):
+            kind = event[0]
+            if kind == "progress":
+                yield skip, skip, skip, skip, event[1], skip
+                continue
+            if kind == "stopped":
+                yield gallery, table, self.slider(results, side_a, side_b), results, "Stopped.", lines
+                return
+            job = event[1]
             method = methods[job]
             if kind == "stage":
-                path = run / f"{method}.png"
+                path = run / result_name(requests[job])
                 event[3].save(path)  # the last stage to arrive is the final image
                 finals[job] = str(path)
             elif kind == "done":
@@ -528,13 +690,32 @@ class Studio:
                 label = method + (" (tuned)" if requests[job].get("upsampler") else "")
                 h, w = requests[job]["height"], requests[job]["width"]
                 results[method] = finals[job]
-                gallery.append((finals[job], f"{label}: {w} x {h}, {summary['total_seconds']:.1f} s"))
-                table.append([label, f"{w} x {h}", round(summary["total_seconds"], 2), len(summary["stages"])])
-                yield gallery, table, self.slider(results, side_a, side_b), results
+                stages = len(summary["stages"]) - 1
+                seconds = f"{summary['total_seconds']:.1f}"
+                gallery.append((finals[job], f"{label}: {w} x {h}, {seconds} s"))
+                table.append([label, f"{w} x {h}", float(seconds), stages_text(stages) if stages else "one pass"])
+                lines[method] = settings_line(self.model.name, requests[job], summary.get("k"))
+                yield (gallery, table, self.slider(results, side_a, side_b), results,
+                       f"{label.capitalize()} done ({w} x {h}, {seconds} s)...", lines)
             elif kind == "unavailable":
                 gr.Warning(event[2])
+        yield (gallery, table, self.slider(results, side_a, side_b), results,
+               f"Done: {len(results)} methods at {requests[0]['width']} x {requests[0]['height']}, seed {seed}.", lines)
         if getattr(self, "review", None) is not None:  # the run's images join the Review tab's pool
             self.review.add_compare(requests, methods, results)
+
+    @staticmethod
+    def show_settings(lines: dict | None):
+        """Compare tab, after a run: one settings line per method."""
+        return "\n".join(lines.values()) if lines else gr.skip()
+
+    def stop_run(self, page: gr.Request):
+        """A Stop button: the page's running Generate or Compare run ends at its next step (its stop file, as when
+        the page goes away); the button goes grey until the next run."""
+        stop = self._stops.get(getattr(page, "session_hash", None) or "")
+        if stop is not None:
+            _touch(stop)  # the run's handler says "Stopped." once it has
+        return gr.update(interactive=False)
 
     @staticmethod
     def slider(results: dict, side_a: str, side_b: str):
@@ -671,29 +852,58 @@ def _loss_frame(losses: list[tuple[int, float]]):
 
 # ---- the page --------------------------------------------------------------------------------------
 
-def _size_controls(studio: Studio) -> tuple:
-    aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio")
-    scale = gr.Radio(studio.size_choices("1:1")["choices"], value="4x", label="Size (times the model's pixels)")
+def _size_controls(studio: Studio, prefix: str = "") -> tuple:
+    aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id=f"{prefix}aspect")
+    scale = gr.Radio(studio.size_choices("1:1")["choices"], value="4x", label="Size (times the model's pixels)",
+                     elem_id=f"{prefix}scale")
     aspect.change(studio.size_choices, aspect, scale, api_visibility="private", queue=False)
     return aspect, scale
 
 
-def _sampling_controls(studio: Studio, with_stages: bool) -> tuple:
+def stage_choices() -> list[tuple[str, str]]:
+    """The Stages dropdown: "auto", "pivot + 0 stages", ..., with the number of stages after the pivot as value."""
+    return [(choice if choice == "auto" else stages_text(int(choice)), choice) for choice in STAGE_CHOICES]
+
+
+def _sampling_controls(studio: Studio, with_stages: bool, prefix: str = "") -> tuple:
     model = studio.model
     stages = None
     with gr.Accordion("Settings", open=False):
         if with_stages:
-            stages = gr.Dropdown(list(STAGE_CHOICES), value="auto", label="Stages after the pivot",
+            stages = gr.Dropdown(stage_choices(), value="auto", label="Stages", elem_id="stages-choice",
                                  info="auto: about 4x more pixels per stage")
         k = gr.Slider(1, model.num_train_timesteps - 1, value=model.default_k, step=1, label="K (re-noise level)",
                       info="higher: more new detail per stage, less of the pivot's layout")
         steps = gr.Slider(1, 150, value=50, step=1, label="Steps")
         guidance = gr.Slider(0, 20, value=model.default_guidance, step=0.5, label="Guidance scale")
         with gr.Row(equal_height=True):
-            seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
-            dice = gr.Button("Random seed", scale=1, size="sm")
-        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private", queue=False)
-    return stages, k, steps, guidance, seed
+            seed = gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label="Seed (-1: random)", scale=3,
+                             elem_id=f"{prefix}seed")
+            reuse = gr.Button("Reuse seed", scale=1, size="sm", elem_id=f"{prefix}reuse-seed")
+    return stages, k, steps, guidance, seed, reuse
+
+
+PRIVATE = dict(api_visibility="private", queue=False)  # the page's own small events: not in the API
+
+
+def _enable():
+    return gr.update(interactive=True)
+
+
+def _disable():
+    return gr.update(interactive=False)
+
+
+def _my_images():
+    return MY_IMAGES
+
+
+def _reuse_compare_seed(lines: dict | None, seed):
+    """The seed of the last Compare run (its settings lines carry it), back into the seed box."""
+    for line in (lines or {}).values():
+        args = shlex.split(line)
+        return int(args[args.index("--seed") + 1])
+    return seed
 
 
 def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None = None, video_model="embedded",
@@ -726,31 +936,44 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                         prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="prompt")
                         negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
                         aspect, scale = _size_controls(studio)
-                        stages, k, steps, guidance, seed = _sampling_controls(studio, with_stages=True)
+                        stages, k, steps, guidance, seed, reuse = _sampling_controls(studio, with_stages=True)
                         with gr.Row(equal_height=True):
                             adapter = gr.Dropdown(adapters, value=NO_ADAPTER, label="Feature upsamplers (adapter)",
                                                   allow_custom_value=True, scale=3)
                             adapter_upload = gr.UploadButton("Load .safetensors", file_types=[".safetensors"],
                                                              scale=1, size="sm")
-                        run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                        with gr.Row():
+                            run = gr.Button("Generate", variant="primary", elem_id="generate-button", scale=3)
+                            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="generate-stop",
+                                             scale=1)
                         gr.Examples([[e] for e in examples], [prompt])
                     with gr.Column(scale=3):
+                        status = gr.Markdown("Ready.", label="Status", elem_id="generate-status")
                         stage_gallery = gr.Gallery(label="Pivot and stages", columns=4, object_fit="contain",
                                                    height="auto", format="png", elem_id="stages")
-                        status = gr.Markdown(label="Status", elem_id="generate-status")
+                        final_slider = gr.ImageSlider(label="pivot (upscaled) | final", type="filepath",
+                                                      elem_id="final-slider", height=512)
+                        settings = gr.Textbox(label="Settings (python -m sc_app generate ...)", lines=2,
+                                              interactive=False, buttons=["copy"], elem_id="settings-line")
                         final = gr.File(label="Final image", elem_id="final")
+                        result = gr.State(None)
             with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row():
                     with gr.Column(scale=2):
                         c_prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="compare-prompt")
                         c_negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
-                        c_aspect, c_scale = _size_controls(studio)
-                        _, c_k, c_steps, c_guidance, c_seed = _sampling_controls(studio, with_stages=False)
+                        c_aspect, c_scale = _size_controls(studio, prefix="compare-")
+                        _, c_k, c_steps, c_guidance, c_seed, c_reuse = _sampling_controls(studio, with_stages=False,
+                                                                                          prefix="compare-")
                         c_adapter = gr.Dropdown(adapters, value=NO_ADAPTER, label="Adapter for the self-cascade",
                                                 allow_custom_value=True)
                         c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
-                        c_run = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                        with gr.Row():
+                            c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
+                            c_stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="compare-stop",
+                                               scale=1)
                     with gr.Column(scale=3):
+                        c_status = gr.Markdown("Ready.", label="Status", elem_id="compare-status")
                         c_gallery = gr.Gallery(label="One image per method", columns=4, object_fit="contain",
                                                height="auto", format="png", elem_id="compare-gallery")
                         with gr.Row():
@@ -758,9 +981,13 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                             side_b = gr.Dropdown(list(COMPARE_METHODS), value="self-cascade", label="B (right)")
                         ab = gr.ImageSlider(label="A/B", type="filepath", elem_id="ab-slider")
                         c_table = gr.Dataframe(headers=["method", "size", "seconds", "stages"],
-                                               datatype=["str", "str", "number", "number"], interactive=False,
+                                               datatype=["str", "str", "number", "str"], interactive=False,
                                                label="Time and size per method")
+                        c_settings = gr.Textbox(label="Settings per method (python -m sc_app generate ...)",
+                                                lines=3, interactive=False, buttons=["copy"],
+                                                elem_id="compare-settings")
                         results = gr.State({})
+                        c_lines = gr.State({})
             with gr.Tab("Tune", id="tune"):
                 gr.Markdown("Fine-tune the time-aware feature upsamplers (the base model stays frozen) on your "
                             "high-resolution images, or on the shapes world with no data. The adapter is saved "
@@ -778,7 +1005,7 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                             t_scale = gr.Radio(list(TUNE_SCALES), value=2, label="Scale (per side)")
                         with gr.Row():
                             t_run = gr.Button("Start tuning", variant="primary")
-                            t_cancel = gr.Button("Cancel", variant="stop")
+                            t_cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="tune-cancel")
                     with gr.Column(scale=3):
                         t_status = gr.Markdown(label="Status", elem_id="tune-status")
                         t_plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=300, label="Loss",
@@ -789,20 +1016,31 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
 
         # Generate
         adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")
-        gr.on([run.click, prompt.submit], studio.generate,
-              [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter],
-              [stage_gallery, final, status], api_name="generate", **gpu)
+        # the runs' progress is the status area's line: nothing covers the stages already shown
+        generating = gr.on([run.click, prompt.submit], _enable, None, stop, **PRIVATE).then(
+            studio.generate, [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter],
+            [stage_gallery, final, status, result], api_name="generate", show_progress="hidden", **gpu)
+        generating.then(studio.show_result, result, [final_slider, settings], **PRIVATE).then(
+            _disable, None, stop, **PRIVATE)
+        stop.click(studio.stop_run, None, stop, **PRIVATE)
+        reuse.click(studio.reuse_seed, [result, seed], seed, **PRIVATE)
         # Compare
         c_inputs = [c_prompt, c_negative, c_aspect, c_scale, c_k, c_steps, c_guidance, c_seed, c_adapter, c_attn_sf,
                     side_a, side_b]
-        gr.on([c_run.click, c_prompt.submit], studio.compare, c_inputs, [c_gallery, c_table, ab, results],
-              api_name="compare", **gpu)
+        comparing = gr.on([c_run.click, c_prompt.submit], _enable, None, c_stop, **PRIVATE).then(
+            studio.compare, c_inputs, [c_gallery, c_table, ab, results, c_status, c_lines], api_name="compare",
+            show_progress="hidden", **gpu)
+        comparing.then(studio.show_settings, c_lines, c_settings, **PRIVATE).then(_disable, None, c_stop, **PRIVATE)
+        c_stop.click(studio.stop_run, None, c_stop, **PRIVATE)
+        c_reuse.click(_reuse_compare_seed, [c_lines, c_seed], c_seed, **PRIVATE)
         gr.on([side_a.change, side_b.change], studio.slider, [results, side_a, side_b], ab,
               api_visibility="private", queue=False)
         # Tune
-        t_run.click(studio.tune, [source, files, t_steps, t_batch, t_lr, t_scale],
-                    [t_status, t_plot, t_adapter, adapter, c_adapter], api_name="tune", concurrency_limit=2)
-        files.upload(lambda: MY_IMAGES, None, source, api_visibility="private", queue=False)
+        t_run.click(_enable, None, t_cancel, **PRIVATE).then(
+            studio.tune, [source, files, t_steps, t_batch, t_lr, t_scale],
+            [t_status, t_plot, t_adapter, adapter, c_adapter], api_name="tune", concurrency_limit=2).then(
+            _disable, None, t_cancel, **PRIVATE)
+        files.upload(_my_images, None, source, **PRIVATE)
         t_cancel.click(studio.cancel_tune, None, t_status, api_name="cancel_tune", queue=False)
         # adapters made by other pages appear when a tab is opened
         for tab, dropdown in ((generate_tab, adapter), (compare_tab, c_adapter)):
@@ -825,8 +1063,14 @@ def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None,
     studio: Studio = demo.studio
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     wait = not kwargs.pop("prevent_thread_lock", False)
+    quiet = kwargs.pop("quiet", False)
+    # gradio's own lines say "set share=True in launch()"; ours name the --share flag
     served = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_SIZE,
-                         allowed_paths=[str(studio.work_dir)], prevent_thread_lock=True, **kwargs)
+                         allowed_paths=[str(studio.work_dir)], prevent_thread_lock=True, quiet=True, **kwargs)
+    if not quiet:
+        print(f"* Running on local URL: {demo.local_url}")
+        print(f"* Running on public URL: {demo.share_url}" if demo.share_url else
+              "* For a public link, start the app with --share.", flush=True)
     demo.server_app.iterators = _RunningIterators(demo.server_app.iterators)
     if wait and not bool(getattr(sys, "ps1", sys.flags.interactive)):  # as Blocks.launch itself would
         demo.block_thread()

@@ -6,7 +6,6 @@ page builds, and the image tabs work, when it is missing.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,8 +14,27 @@ import gradio as gr
 from . import checks
 from . import video as video_lib
 from .models import ASSETS, _folder_settings
-from .ui import (ASPECTS, EMBEDDED_EXAMPLES, ENV_MAX_PIXELS, NO_ADAPTER, SCALES, STAGE_CHOICES, _megapixels,
-                 _model_label, _number, chosen_adapter, gpu_seconds, on_gpu, target_size, user_error)
+from .ui import (
+    ASPECTS,
+    EMBEDDED_EXAMPLES,
+    ENV_MAX_PIXELS,
+    NO_ADAPTER,
+    RANDOM_SEED,
+    SCALES,
+    STAGE_CHOICES,
+    _ks,
+    _megapixels,
+    _model_label,
+    _number,
+    chosen_adapter,
+    gpu_seconds,
+    on_gpu,
+    random_seed,
+    stage_choices,
+    stages_text,
+    target_size,
+    user_error,
+)
 from .video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
 
 MAX_FRAMES = 64  # a bound for the page; a motion model's own table may be shorter (checked per request)
@@ -102,7 +120,7 @@ class VideoTab:
             steps = checks.whole("steps", steps, 1, model.num_train_timesteps)
             guidance = model.default_guidance if guidance is None else checks.finite(
                 "guidance", guidance, 0, checks.MAX_GUIDANCE)
-            seed = 0 if seed is None else checks.seed("seed", seed)
+            seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
         except ValueError as error:
             raise user_error(str(error)) from None
         # the UNet takes a clip's frames as one batch: the whole clip counts against the limit
@@ -145,11 +163,13 @@ class VideoTab:
     # ---- the page event --------------------------------------------------------------------------
 
     def generate(self, prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed,
-                 with_direct, adapter=NO_ADAPTER, progress=gr.Progress()):
+                 with_direct, adapter=NO_ADAPTER):
         """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
         direct sampling at the target size beside the cascade's final clip. `adapter`: one of `adapters()`,
         the tuned self-cascade."""
         methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
+        if seed is None or seed == RANDOM_SEED:
+            seed = random_seed()  # one seed for both methods
         requests = [self.request(method, prompt, negative_prompt, frames, aspect, scale, stages, k, steps,
                                  guidance, seed, adapter) for method in methods]
         fps = self.fps(fps)
@@ -168,7 +188,14 @@ class VideoTab:
             return *slots, *sides, times, " ".join(filter(None, status))
 
         yield outputs()  # the last run's clips go
-        for run, event in self.studio._stream(requests, progress, self.gpu_generate, self.loaded):
+        for run, event in self.studio._stream(requests, self.gpu_generate, self.loaded, unit="clip"):
+            if event[0] == "progress":  # the status area's line; the clips shown stay as they are
+                yield *[gr.skip()] * (STAGE_SLOTS + 3), event[1]
+                continue
+            if event[0] == "stopped":
+                status = ["Stopped."]
+                yield outputs()
+                return
             kind, job = event[0], event[1]
             request = requests[job]
             if kind == "stage":
@@ -177,11 +204,11 @@ class VideoTab:
                 if request["method"] == "direct":
                     path = export_mp4(clip, run / f"direct-{w}x{h}.mp4", fps)
                     ab["direct"] = (str(path), f"direct: {w} x {h}, {seconds:.1f} s")
-                    times.append(["direct", f"{w} x {h}", round(seconds, 2)])
+                    times.append(["direct", f"{w} x {h}", round(seconds, 1)])
                 else:
                     path = export_mp4(clip, run / f"stage{index}-{w}x{h}.mp4", fps)
                     stage_clips.append((str(path), f"{name}: {w} x {h}, {seconds:.1f} s"))
-                    times.append([name, f"{w} x {h}", round(seconds, 2)])
+                    times.append([name, f"{w} x {h}", round(seconds, 1)])
                     status = [f"{name.capitalize()} done ({w} x {h}, {seconds:.1f} s)..."]
                     yield outputs()
             elif kind == "done":
@@ -193,7 +220,7 @@ class VideoTab:
                     ab["self-cascade"] = (stage_clips[-1][0], f"self-cascade: {size}, {seconds:.1f} s")
                     tuned = " (tuned)" if request.get("upsampler") else ""
                     done = (f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade{tuned} in "
-                            f"{seconds:.1f} s ({len(stage_clips)} clips, K {', '.join(map(str, event[2]['k']))}), "
+                            f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {_ks(event[2]['k'])}), "
                             f"seed {request['seed']}.")
                     status = [done, "Direct sampling at the same size..." if with_direct else ""]
                 yield outputs()
@@ -213,9 +240,13 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
     examples = EMBEDDED_EXAMPLES if tab.source == "embedded" else VIDEO_EXAMPLES
 
     def default(key: str):
-        """A widget's initial value, read on every page load: a model trained or loaded since the server
-        started shows its own."""
-        return lambda: tab.defaults()[key]
+        return tab.defaults()[key]
+
+    def page_defaults():
+        """The widgets' values on every page load: a model trained or loaded since the server started shows its
+        own (a private load event, not callable values, which gradio would list in the API as /lambda_N)."""
+        values = tab.defaults()
+        return tuple(values[key] for key in ("default_frames", "default_fps", "default_k", "default_guidance"))
 
     with gr.Tab("Video", id="video") as video:
         gr.Markdown(f"The same cascade for a text-to-video model (**{_model_label(tab.source)}**, loaded on first "
@@ -234,14 +265,15 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                 scale = gr.Radio(tab.size_choices("1:1")["choices"], value="4x",
                                  label="Size (times the video model's pixels)", elem_id="video-scale")
                 with gr.Accordion("Settings", open=False):
-                    stages = gr.Dropdown(list(STAGE_CHOICES), value="auto", label="Stages after the pivot",
+                    stages = gr.Dropdown(stage_choices(), value="auto", label="Stages",
                                          info="auto: about 4x more pixels per stage")
                     k = gr.Slider(1, MAX_K, value=default("default_k"), step=1, label="K (re-noise level)",
                                   info="higher: more new detail per stage, less of the pivot's layout")
                     steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps")
                     guidance = gr.Slider(0, 20, value=default("default_guidance"), step=0.5, label="Guidance scale")
                     with gr.Row(equal_height=True):
-                        seed = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
+                        seed = gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label="Seed (-1: random)",
+                                         scale=3, elem_id="video-seed")
                         dice = gr.Button("Random seed", scale=1, size="sm")
                     adapter = gr.Dropdown(list(tab.adapters()), value=NO_ADAPTER, label="Feature upsamplers",
                                           info="trained on this video model (its upsamplers/ folder): the tuned "
@@ -262,10 +294,12 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                 times = gr.Dataframe(headers=TIME_HEADERS, datatype=["str", "str", "number"], interactive=False,
                                      label="Denoising time per clip")
                 status = gr.Markdown(label="Status", elem_id="video-status")
-        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private", queue=False)
+        gr.context.Context.root_block.load(page_defaults, None, [frames, fps, k, guidance], api_visibility="private",
+                                           queue=False, show_progress="hidden")
+        dice.click(random_seed, None, seed, api_visibility="private", queue=False)
         aspect.change(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         gr.on([run.click, prompt.submit], tab.generate,
               [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct, adapter],
-              [*slots, *ab, times, status], api_name="generate_video", **gpu)
+              [*slots, *ab, times, status], api_name="generate_video", show_progress="hidden", **gpu)
     return video

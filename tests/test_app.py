@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -76,8 +78,9 @@ def test_generate_with_only_a_prompt_streams_pivot_and_stages(client, app):
     assert gallery[1]["caption"].endswith(" s")  # the stage's seconds
     with Image.open(final) as image:
         assert image.size == (32, 32)
-    assert Path(final).name == "self-cascade-32x32-seed0.png"
-    assert status.startswith("Done: 32 x 32")
+    seed = int(re.search(r"seed (\d+)\.$", status).group(1))  # -1 by default: a random seed, said in the Done line
+    assert Path(final).name == f"a-red-circle-self-cascade-32x32-seed{seed}.png"
+    assert re.fullmatch(r"Done: 32 x 32 in \d+\.\d s, pivot \+ 1 stage, K \d+, seed \d+\.", status)
 
 
 def test_generate_sizes_follow_aspect_and_scale(client, app):
@@ -97,7 +100,7 @@ def test_generate_sizes_follow_aspect_and_scale(client, app):
 def test_generate_streams_one_update_per_stage(client):
     job = client.submit("a red circle", scale="16x", steps=5, api_name="/generate")
     job.result(timeout=120)
-    updates = [o for o in job.outputs() if o[0]]
+    updates = [o for o in job.outputs() if isinstance(o[0], list) and o[0]]  # not the progress lines' skips
     assert [len(o[0]) for o in updates][:3] == [1, 2, 3]  # the pivot first, then each stage as it finishes
 
 
@@ -110,14 +113,15 @@ def test_same_seed_same_image(client):
 # ---- Compare -------------------------------------------------------------------------------------
 
 def test_compare_returns_one_image_per_method(client):
-    gallery, table, slider = client.predict("a red circle and a blue square", steps=10, attn_sf=True,
+    gallery, table, slider, status = client.predict("a red circle and a blue square", steps=10, attn_sf=True,
                                             api_name="/compare")
     methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale"]
     assert [item["caption"].split(":")[0] for item in gallery] == methods
     assert sizes(gallery) == [(32, 32)] * 6
     assert [row[0] for row in table["data"]] == methods
     assert [row[1] for row in table["data"]] == ["32 x 32"] * 6
-    assert [row[3] for row in table["data"]] == [2, 1, 1, 1, 2, 2]  # stages: pivot and final for the cascades
+    assert [row[3] for row in table["data"]] == ["pivot + 1 stage"] + ["one pass"] * 3 + ["pivot + 1 stage"] * 2
+    assert status.startswith("Done: 6 methods at 32 x 32, seed ")
     assert all(row[2] > 0 for row in table["data"])
     a, b = slider["value"]  # A: direct, B: self-cascade
     assert Image.open(a).tobytes() == Image.open(gallery[1]["image"]).tobytes()
@@ -125,7 +129,7 @@ def test_compare_returns_one_image_per_method(client):
 
 
 def test_compare_without_attn_sf_runs_five_methods(client):
-    gallery, table, _ = client.predict("a red circle", steps=5, side_a="scalecrafter", api_name="/compare")
+    gallery, table, *_ = client.predict("a red circle", steps=5, side_a="scalecrafter", api_name="/compare")
     assert len(gallery) == 5 and len(table["data"]) == 5
 
 
@@ -188,8 +192,8 @@ def test_loaded_adapter_is_offered_and_used(client, app, tmp_path):
     label = generate_choice["value"]
     assert label.startswith("uploaded-mine") and [label, label] in generate_choice["choices"]
     assert (app.studio.adapter_dir / f"{label}.safetensors").is_file()
-    tuned = client.predict("a red circle", steps=5, adapter=label, api_name="/generate")
-    plain = client.predict("a red circle", steps=5, api_name="/generate")
+    tuned = client.predict("a red circle", steps=5, seed=0, adapter=label, api_name="/generate")
+    plain = client.predict("a red circle", steps=5, seed=0, api_name="/generate")
     assert sizes(tuned[0]) == [(16, 16), (32, 32)]
     assert "adapter" in tuned[2]
     # an untrained adapter adds exact zeros: the tuned cascade equals the tuning-free one
@@ -367,7 +371,7 @@ def test_tune_makes_an_adapter_that_generate_accepts(client, app, tmp_path):
     assert load_adapter(adapter_file, app.model).steps == 3
     gallery, final, status = client.predict("a red circle", steps=5, adapter=label, api_name="/generate")
     assert sizes(gallery) == [(16, 16), (32, 32)] and f"adapter {label}" in status
-    gallery, table, _ = client.predict("a red circle", steps=5, adapter=label, api_name="/compare")
+    gallery, table, *_ = client.predict("a red circle", steps=5, adapter=label, api_name="/compare")
     assert table["data"][0][0] == "self-cascade (tuned)"
     # the uploads were copied into a job folder of the app's own, and removed when the job ended
     assert not list((app.work / "jobs").glob("*/data/*"))
@@ -457,7 +461,7 @@ def test_leaving_mid_run_stops_the_work(app, tmp_path, monkeypatch):
                     httpx_kwargs={"timeout": 900})
     before = set(app.studio.runs_dir.iterdir())
     job = client.submit("a red circle", scale="16x", steps=150, api_name="/generate")
-    _wait_for(job.outputs, "the pivot streamed")
+    _wait_for(lambda: any(isinstance(o[0], list) and o[0] for o in job.outputs()), "the pivot streamed")
     job.cancel()
     _wait_for(lambda: any((run / "stop").exists() for run in set(app.studio.runs_dir.iterdir()) - before),
               "the run was asked to stop")
@@ -500,3 +504,49 @@ def test_a_repeated_cancel_is_a_no_op_not_a_server_error(app):
     assert "repeated-cancel" not in iterators
     unknown = httpx.post(f"{app.url}gradio_api/cancel", json={**body, "event_id": "never-ran"}, timeout=900)
     assert unknown.status_code == 200
+
+
+# ---- progress, settings line, API ------------------------------------------------------------------
+
+def test_progress_says_stage_i_of_n_and_the_done_line_agrees(client):
+    job = client.submit("a red circle", "", "1:1", "16x", "2", 500, 6, 5.0, 11, "none", api_name="/generate")
+    gallery, final, status = job.result(timeout=300)
+    lines = [o[2] for o in job.outputs()]
+    # every new stage shows a line; from the second stage on, the time left is measured
+    assert any(re.fullmatch(r"Stage 2 of 2 \(64 x 64\), step \d+ of \d+ · \d+% · about \d+\.\d s left", line)
+               for line in lines), lines
+    assert any(line.startswith("Pivot (16 x 16), step ") for line in lines)
+    assert len(gallery) == 3 and ", pivot + 2 stages, K 500, 500, seed 11." in status
+
+
+def test_progress_line_weights_steps_by_pixels():
+    from sc_app.ui import ProgressLine
+
+    model = SimpleNamespace(base_size=16, size_multiple=4, num_train_timesteps=1000, default_k=500)
+    request = {"method": "self-cascade", "height": 32, "width": 32, "num_inference_steps": 10, "k": 500, "stages": 1}
+    line = ProgressLine(model, [request])  # pivot: 10 steps of 16 x 16, stage 1: 5 steps of 32 x 32 (twice the work)
+    line.line(0, 0, 0, now=0.0)
+    # 9 more pivot steps in 9 s: 1 s per 256 pixel-steps, so the 5 steps at 4 x the pixels take 20 s
+    assert line.line(0, 0, 9, now=9.0) == "Pivot (16 x 16), step 10 of 10 · 33% · about 20.0 s left"
+
+
+def test_settings_line_is_the_command_line_of_the_request(app):
+    from sc_app.__main__ import build_parser
+
+    widgets = ("a 'red' circle; rm -rf", "blurry, dark", "16:9", "4x", "1", 500, 3, 4.5, 11, "none")
+    *_, result = list(app.studio.generate(*widgets))[-1]
+    request = app.studio.request("self-cascade", *widgets)
+    argv = shlex.split(result["settings"])
+    assert argv[:4] == ["python", "-m", "sc_app", "generate"]
+    args = build_parser().parse_args(argv[3:])
+    parsed = (args.model, args.prompt, args.negative_prompt, args.height, args.width, args.method, args.stages, args.k,
+              args.steps, args.guidance, args.seed, args.upsampler)
+    assert parsed == (app.model.name, request["prompt"], request["negative_prompt"], request["height"],
+                      request["width"], "self-cascade", 1, [500], 3, 4.5, 11, None)
+
+
+def test_the_api_lists_no_internal_handlers(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert {"/generate", "/compare", "/tune"} <= set(api["named_endpoints"])
+    assert not [name for name in api["named_endpoints"] if "lambda" in name]
+    assert not api["unnamed_endpoints"]

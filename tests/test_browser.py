@@ -117,6 +117,57 @@ def test_generate_renders_every_stage(page, tmp_path):
     _keep(shot)
 
 
+PIVOT_ON_TOP = """() => {
+    const img = document.querySelector('#stages img');
+    const box = img.getBoundingClientRect();
+    return document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2) === img;
+}"""
+
+
+def test_finished_stages_stay_in_view_and_stop_ends_the_run(page, tmp_path, monkeypatch):
+    """While stage 2 of 2 runs (held at its first step until Stop), the pivot is on top at its centre (no
+    progress overlay), the status area says where the run is, Stop ends it, and the next request is served."""
+    import re
+    import threading
+
+    from sc_app import ui
+
+    real, released = ui.run_method, threading.Event()
+
+    def held(model, callback, **request):  # stage 2 repeats its first step until the run is stopped
+        def hold(info):
+            callback(info)
+            while int(info["stage"]) == 2 and not released.is_set():
+                released.wait(0.05)
+                callback(info)  # raises once Stop's stop file is there
+        return real(model, callback=hold, **request)
+
+    monkeypatch.setattr(ui, "run_method", held)
+    try:
+        page.goto(page.app_url)
+        page.locator("#scale").get_by_text(re.compile("^16x:")).click()  # 64 x 64: pivot + 2 stages
+        page.locator("#prompt textarea").fill("a red circle and a blue square")
+        page.locator("#generate-button").click()
+        status = page.locator("#generate-status")
+        status.get_by_text(re.compile(r"^Stage 2 of 2 \(64 x 64\), step 1 of \d+ · \d+% · about")).wait_for(
+            timeout=120_000)
+        page.wait_for_function(RENDERED, arg=["#stages img", 2], timeout=60_000)
+        page.locator("#stages img").first.scroll_into_view_if_needed()
+        assert page.evaluate(PIVOT_ON_TOP)
+        shot = tmp_path / "generate.png"
+        page.screenshot(path=str(shot), full_page=True)
+        page.locator("#generate-stop").click()
+        status.get_by_text("Stopped.").wait_for(timeout=60_000)
+    finally:
+        released.set()
+        monkeypatch.undo()
+    page.locator("#scale").get_by_text(re.compile("^4x:")).click()
+    page.locator("#generate-button").click()
+    status.get_by_text("Done:").wait_for(timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#generate-stop').disabled", timeout=60_000)  # idle again
+    _keep(shot)
+
+
 def test_compare_renders_each_method_and_the_slider(page, tmp_path):
     shot = tmp_path / "compare.png"
     widths = run_compare(page, page.app_url, "a red circle", 3, shot, timeout_ms=120_000)

@@ -22,8 +22,8 @@ MAX_WEIGHT_BYTES = 25 * 1024 * 1024
 
 
 def test_embedded_is_a_small_sd_folder_of_safetensors():
-    weights = list(EMBEDDED.rglob("*.safetensors"))
-    assert len(weights) == 3  # unet, vae, text encoder
+    weights = [p for p in EMBEDDED.rglob("*.safetensors") if "upsamplers" not in p.parts]
+    assert len(weights) == 3  # unet, vae, text encoder (its feature upsamplers are tested below)
     assert not [p for p in EMBEDDED.rglob("*") if p.suffix in {".bin", ".pt", ".ckpt", ".pkl"}]
     assert sum(p.stat().st_size for p in weights) <= MAX_WEIGHT_BYTES
     assert (EMBEDDED / "model_index.json").is_file()
@@ -74,3 +74,15 @@ def test_generate_video_on_the_embedded_model_writes_an_mp4_per_stage(tmp_path, 
     meta = next(reader)
     frames = [np.frombuffer(f, np.uint8) for f in reader]
     assert meta["size"] == (128, 128) and len(frames) == 4
+
+
+def test_shipped_per_stage_upsamplers_serve_their_own_stages(embedded_model):
+    from sc_app.upsampler import adapter_for_stage, load_adapters
+
+    adapters = load_adapters(EMBEDDED / "upsamplers", embedded_model)
+    by_side = {a.trained_side(embedded_model.base_size): a for a in adapters}
+    assert sorted(by_side) == [128, 256]
+    latent = [s // embedded_model.vae_scale for s in (64, 128, 256, 512)]
+    for (pivot, stage), side in zip(zip(latent, latent[1:]), (128, 256, 256)):
+        assert adapter_for_stage(adapters, embedded_model, (pivot, pivot), (stage, stage)) is by_side[side]
+    assert all(a.k == embedded_model.default_k for a in adapters)  # trained on the timesteps the cascade uses

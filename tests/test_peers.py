@@ -1,5 +1,6 @@
 """DemoFusion and FreeScale: their pieces compute what the papers and releases do, the patches restore exactly, and
 both run every stage of the plan on the tiny SD and SD XL models through the one door, the CLI and the bench."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -9,20 +10,37 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from test_baselines import SD21_UNET, SDXL_UNET, _conv_state, _unet_out
 from torch import nn
 
 from sc_app.api import generate
 from sc_app.baselines import progressive
 from sc_app.baselines.demofusion import demofusion, demofusion_denoiser, dilated_output, patch_output
-from sc_app.baselines.freescale import (RELEASED_FREEU, Fusion, ScaleFusionProcessor, apply_freeu,
-                                        apply_scale_fusion, dilated_blocks, freescale, freeu_applied,
-                                        pixel_upsample, remove_freeu, remove_scale_fusion, scale_fusion_applied,
-                                        stage_dilation)
-from sc_app.baselines.progressive import (cosine_decay, gaussian_blur, jittered_views, skip_residual,
-                                          tile_conditioning, window_starts)
+from sc_app.baselines.freescale import (
+    RELEASED_FREEU,
+    Fusion,
+    ScaleFusionProcessor,
+    apply_freeu,
+    apply_scale_fusion,
+    dilated_blocks,
+    freescale,
+    freeu_applied,
+    pixel_upsample,
+    remove_freeu,
+    remove_scale_fusion,
+    scale_fusion_applied,
+    stage_dilation,
+)
+from sc_app.baselines.progressive import (
+    cosine_decay,
+    gaussian_blur,
+    jittered_views,
+    skip_residual,
+    tile_conditioning,
+    window_starts,
+)
 from sc_app.baselines.scalecrafter import conv_targets
 from sc_app.sampling import Conditioning, guided_denoiser, make_scheduler, sample_ddim
-from test_baselines import SD21_UNET, SDXL_UNET, _conv_state, _unet_out
 
 
 def _gens(*seeds):
@@ -34,8 +52,10 @@ def _processors(unet) -> dict:
 
 
 def _freeu_state(unet) -> list:
-    return [{k: block.__dict__.get(k, "absent") for k in ("s1", "s2", "b1", "b2", "_freescale_freeu_saved")}
-            for block in unet.up_blocks]
+    return [
+        {k: block.__dict__.get(k, "absent") for k in ("s1", "s2", "b1", "b2", "_freescale_freeu_saved")}
+        for block in unet.up_blocks
+    ]
 
 
 def _out(unet) -> torch.Tensor:
@@ -60,6 +80,7 @@ def _assert_restored(unet, processors, convs, freeu, out):
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
+
 
 def test_cosine_decay_runs_from_one_to_zero():
     assert cosine_decay(1000, 1000) == pytest.approx(1.0)
@@ -110,7 +131,7 @@ def test_windows_cover_every_position_and_jitter_stays_in_its_range():
     assert window_starts(20, 16, 8) == [0, 4]
     assert window_starts(16, 16, 8) == window_starts(10, 16, 8) == [0]
     size, window, stride, jitter = (24, 40), (16, 16), (8, 8), (2, 2)
-    plain = [(t, l) for t in window_starts(24, 16, 8) for l in window_starts(40, 16, 8)]
+    plain = [(top, left) for top in window_starts(24, 16, 8) for left in window_starts(40, 16, 8)]
     for seed in range(5):
         views = jittered_views(size, window, stride, jitter, torch.Generator().manual_seed(seed))
         assert len(views) == len(plain)
@@ -121,11 +142,11 @@ def test_windows_cover_every_position_and_jitter_stays_in_its_range():
                 assert -j <= offset <= j
                 assert offset <= 0 or start != 0  # an edge window moves only outwards
                 assert offset >= 0 or start + 16 != n
-            covered[top:top + 16, left:left + 16] += 1
+            covered[top : top + 16, left : left + 16] += 1
         assert (covered[2:-2, 2:-2] > 0).all()
     again = jittered_views(size, window, stride, jitter, torch.Generator().manual_seed(3))
     assert again == jittered_views(size, window, stride, jitter, torch.Generator().manual_seed(3))
-    assert jittered_views(size, window, stride, (0, 0), torch.Generator()) == [(t, l) for t, l in plain]
+    assert jittered_views(size, window, stride, (0, 0), torch.Generator()) == plain
 
 
 def test_tiled_conditioning_is_copy_major_in_both_halves():
@@ -146,11 +167,15 @@ def test_model_folder_settings_win_over_the_paper_and_lose_to_the_call(tmp_path)
     model = SimpleNamespace(pipe=SimpleNamespace(config={"_name_or_path": str(tmp_path)}))
     paper = {"stride": None, "sigma": 1.0, "cosine_scale_1": 3.0}
     assert progressive.model_settings(model, "demofusion", paper, {"stride": 4}) == {
-        "stride": 4, "sigma": 0.5, "cosine_scale_1": 3.0}
+        "stride": 4,
+        "sigma": 0.5,
+        "cosine_scale_1": 3.0,
+    }
     assert progressive.model_settings(model, "freescale", paper, {}) == paper
 
 
 # ---- DemoFusion: windows and dilated sampling ----------------------------------------------------
+
 
 class PointwiseUNet(nn.Module):
     """out = 2 x + the mean of each item's text embedding: position-independent, so a right window average or
@@ -214,18 +239,30 @@ def test_demofusion_step_mixes_windows_and_dilated_path_by_the_cosine_decay():
 
 # ---- DemoFusion: runs ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture, height, width, sizes", [
-    ("sd_model", 32, 32, [(16, 16), (32, 32)]),
-    ("sdxl_model", 20, 40, [(12, 24), (20, 40)]),
-    ("sd_model", 64, 64, [(16, 16), (32, 32), (64, 64)]),
-])
+
+@pytest.mark.parametrize(
+    "fixture, height, width, sizes",
+    [
+        ("sd_model", 32, 32, [(16, 16), (32, 32)]),
+        ("sdxl_model", 20, 40, [(12, 24), (20, 40)]),
+        ("sd_model", 64, 64, [(16, 16), (32, 32), (64, 64)]),
+    ],
+)
 def test_demofusion_runs_every_stage_of_the_plan_and_restores_the_unet(request, fixture, height, width, sizes):
     model = request.getfixturevalue(fixture)
     unet = model.unet
     state = _state(unet)
     seen = []
-    result = generate(model, "a red circle", height, width, method="demofusion", num_inference_steps=3, seed=2,
-                      on_stage=lambda i, stage: seen.append(i))
+    result = generate(
+        model,
+        "a red circle",
+        height,
+        width,
+        method="demofusion",
+        num_inference_steps=3,
+        seed=2,
+        on_stage=lambda i, stage: seen.append(i),
+    )
     timesteps = make_scheduler(model, 3).timesteps
     assert result.method == "demofusion" and seen == list(range(len(sizes)))
     assert [(s.height, s.width) for s in result.stages] == sizes
@@ -264,8 +301,7 @@ def test_demofusion_skip_residual_ties_the_stage_to_the_upsampled_pivot(sd_model
 
 def test_demofusion_noise_comes_from_each_prompts_generator(sd_model):
     torch.manual_seed(0)
-    both = demofusion(sd_model, ["a red circle", "a blue square"], 32, 32, num_inference_steps=3,
-                      generator=_gens(7, 8))
+    both = demofusion(sd_model, ["a red circle", "a blue square"], 32, 32, num_inference_steps=3, generator=_gens(7, 8))
     torch.manual_seed(123)  # the global RNG plays no part
     alone = demofusion(sd_model, ["a blue square"], 32, 32, num_inference_steps=3, generator=_gens(8))
     assert torch.allclose(both.stages[-1].latents[1], alone.stages[-1].latents[0], atol=1e-4)
@@ -273,13 +309,16 @@ def test_demofusion_noise_comes_from_each_prompts_generator(sd_model):
     assert not torch.allclose(other.stages[-1].latents, alone.stages[-1].latents, atol=1e-2)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"stride": 0}, "stride must be an integer in 1..8"),
-    ({"stride": 9}, "stride must be an integer in 1..8"),
-    ({"sigma": 0.0}, "sigma must be positive"),
-    ({"cosine_scale_2": -1.0}, "cosine_scale_2 must be >= 0"),
-    ({"view_batch_size": 0}, "view_batch_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stride": 0}, "stride must be an integer in 1..8"),
+        ({"stride": 9}, "stride must be an integer in 1..8"),
+        ({"sigma": 0.0}, "sigma must be positive"),
+        ({"cosine_scale_2": -1.0}, "cosine_scale_2 must be >= 0"),
+        ({"view_batch_size": 0}, "view_batch_size must be a positive integer"),
+    ],
+)
 def test_demofusion_bad_settings_name_the_argument(sd_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(sd_model, "a red circle", 32, 32, method="demofusion", num_inference_steps=2, **kwargs)
@@ -287,17 +326,22 @@ def test_demofusion_bad_settings_name_the_argument(sd_model, kwargs, message):
 
 # ---- FreeScale: restrained dilation --------------------------------------------------------------
 
+
 def test_restrained_dilation_is_the_released_layer_list_on_sd_xl():
     with torch.device("meta"):
         sdxl, sd21 = UNet2DConditionModel(**SDXL_UNET), UNet2DConditionModel(**SD21_UNET)
-    released = (["down_blocks.1.downsamplers.0.conv"]
-                + [f"down_blocks.2.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)]
-                + [f"mid_block.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)])
+    released = (
+        ["down_blocks.1.downsamplers.0.conv"]
+        + [f"down_blocks.2.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)]
+        + [f"mid_block.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)]
+    )
     assert sorted(conv_targets(sdxl, dilated_blocks(sdxl, 2))) == sorted(released)
     sd_targets = conv_targets(sd21, dilated_blocks(sd21, 4))
-    assert sorted(sd_targets) == sorted(["down_blocks.2.downsamplers.0.conv"]
-                                        + [f"down_blocks.3.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)]
-                                        + [f"mid_block.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)])
+    assert sorted(sd_targets) == sorted(
+        ["down_blocks.2.downsamplers.0.conv"]
+        + [f"down_blocks.3.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)]
+        + [f"mid_block.resnets.{r}.conv{c}" for r in (0, 1) for c in (1, 2)]
+    )
     assert set(sd_targets.values()) == {4} and not any(name.startswith("up_blocks") for name in sd_targets)
 
 
@@ -307,6 +351,7 @@ def test_stage_dilation_is_the_side_ratio_to_the_pivot():
 
 
 # ---- FreeScale: scale fusion ---------------------------------------------------------------------
+
 
 def _attention():
     torch.manual_seed(0)
@@ -325,9 +370,11 @@ def test_scale_fusion_takes_low_frequencies_from_windows_and_high_from_global_at
         value, count = torch.zeros_like(maps), torch.zeros(1, 1, 8, 8)
         for top in (0, 2, 4):
             for left in (0, 2, 4):
-                window = maps[:, :, top:top + 4, left:left + 4].flatten(2).transpose(1, 2)
-                value[:, :, top:top + 4, left:left + 4] += original(attn, window).transpose(1, 2).reshape(2, 8, 4, 4)
-                count[:, :, top:top + 4, left:left + 4] += 1
+                window = maps[:, :, top : top + 4, left : left + 4].flatten(2).transpose(1, 2)
+                value[:, :, top : top + 4, left : left + 4] += (
+                    original(attn, window).transpose(1, 2).reshape(2, 8, 4, 4)
+                )
+                count[:, :, top : top + 4, left : left + 4] += 1
         local = value / count
         global_ = original(attn, h).transpose(1, 2).reshape(2, 8, 8, 8)
     blur = lambda m: gaussian_blur(m, (3, 3), 1.0)  # noqa: E731
@@ -342,7 +389,9 @@ def test_scale_fusion_leaves_pivot_size_grids_and_cross_attention_alone():
     processor = ScaleFusionProcessor(fusion, original)
     h, text = torch.randn(1, 64, 8), torch.randn(1, 5, 8)
     with torch.no_grad():
-        assert torch.equal(processor(attn, h, encoder_hidden_states=text), original(attn, h, encoder_hidden_states=text))
+        assert torch.equal(
+            processor(attn, h, encoder_hidden_states=text), original(attn, h, encoder_hidden_states=text)
+        )
         base = Fusion(latent=(8, 8), pivot=(8, 8), kernel=3, sigma=1.0, generators=_gens(0))
         assert torch.equal(ScaleFusionProcessor(base, original)(attn, h), original(attn, h))
     assert fusion.grid(64) == (8, 8) and fusion.grid(16) == (4, 4) and fusion.grid(63) is None
@@ -360,14 +409,17 @@ def test_scale_fusion_and_freeu_restore_exactly(sd_model):
     assert all(unet.attn_processors[n] is p for n, p in processors.items())
     apply_scale_fusion(unet, fusion)
     apply_scale_fusion(unet, fusion)  # replaces the first: one layer of wrapping
-    assert all(not isinstance(p.original, ScaleFusionProcessor) for p in unet.attn_processors.values()
-               if isinstance(p, ScaleFusionProcessor))
+    assert all(
+        not isinstance(p.original, ScaleFusionProcessor)
+        for p in unet.attn_processors.values()
+        if isinstance(p, ScaleFusionProcessor)
+    )
     remove_scale_fusion(unet)
     assert all(unet.attn_processors[n] is p for n, p in processors.items())
 
     unet.up_blocks[0].b1 = 1.7  # a FreeU value the user set before
     with freeu_applied(unet, RELEASED_FREEU):
-        assert [getattr(b, "s2") for b in unet.up_blocks] == [0.4] * len(unet.up_blocks)
+        assert [b.s2 for b in unet.up_blocks] == [0.4] * len(unet.up_blocks)
         assert not torch.equal(_unet_out(unet, 16), out)
     assert unet.up_blocks[0].b1 == 1.7 and "s1" not in unet.up_blocks[0].__dict__
     del unet.up_blocks[0].b1
@@ -388,11 +440,15 @@ def test_pixel_upsample_decodes_resizes_and_encodes_with_the_prompts_generators(
 
 # ---- FreeScale: runs -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture, height, width, sizes", [
-    ("sd_model", 32, 32, [(16, 16), (32, 32)]),
-    ("sdxl_model", 40, 20, [(24, 12), (40, 20)]),
-    ("sdxl_model", 64, 64, [(16, 16), (32, 32), (64, 64)]),
-])
+
+@pytest.mark.parametrize(
+    "fixture, height, width, sizes",
+    [
+        ("sd_model", 32, 32, [(16, 16), (32, 32)]),
+        ("sdxl_model", 40, 20, [(24, 12), (40, 20)]),
+        ("sdxl_model", 64, 64, [(16, 16), (32, 32), (64, 64)]),
+    ],
+)
 def test_freescale_runs_every_stage_of_the_plan_and_restores_the_unet(request, fixture, height, width, sizes):
     model = request.getfixturevalue(fixture)
     unet = model.unet
@@ -406,7 +462,7 @@ def test_freescale_runs_every_stage_of_the_plan_and_restores_the_unet(request, f
     assert [s.images[0].size for s in result.stages] == [(w, h) for h, w in sizes]
     summary = json.loads(json.dumps(result.summary()))
     assert summary["freeu"] == (RELEASED_FREEU if model.is_xl else None)
-    assert summary["dilations"] == [2, 4][:len(sizes) - 1] and summary["restart_fraction"] == 0.3  # side / pivot's
+    assert summary["dilations"] == [2, 4][: len(sizes) - 1] and summary["restart_fraction"] == 0.3  # side / pivot's
     _assert_restored(unet, *state)
 
 
@@ -415,16 +471,20 @@ def test_freescale_dilates_down_and_mid_blocks_before_tau_and_fuses_attention_af
     mid, up = unet.mid_block.resnets[0].conv1, unet.up_blocks[0].resnets[0].conv1
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     seen = []
-    hooks = [mid.register_forward_pre_hook(lambda m, a: seen.append(("mid", m.dilation))),
-             up.register_forward_pre_hook(lambda m, a: seen.append(("up", m.dilation))),
-             attn.register_forward_pre_hook(lambda m, a: seen.append(("attn", type(m.processor).__name__)))]
+    hooks = [
+        mid.register_forward_pre_hook(lambda m, a: seen.append(("mid", m.dilation))),
+        up.register_forward_pre_hook(lambda m, a: seen.append(("up", m.dilation))),
+        attn.register_forward_pre_hook(lambda m, a: seen.append(("attn", type(m.processor).__name__))),
+    ]
     try:  # 10 steps: the stage runs steps 3..9 of the schedule; tau 35 of 50 dilates steps 3..6
         freescale(sd_model, "a red circle", 32, 32, num_inference_steps=10, seed=0)
     finally:
         for handle in hooks:
             handle.remove()
     pivot, stage = seen[:30], seen[30:]
-    assert {v for k, v in pivot if k == "mid"} == {(1, 1)} and {v for k, v in pivot if k == "attn"} == {"AttnProcessor2_0"}
+    assert {v for k, v in pivot if k == "mid"} == {(1, 1)} and {v for k, v in pivot if k == "attn"} == {
+        "AttnProcessor2_0"
+    }
     assert [v for k, v in stage if k == "mid"] == [(2, 2)] * 4 + [(1, 1)] * 3
     assert {v for k, v in stage if k == "up"} == {(1, 1)}  # restrained: never the up blocks
     assert {v for k, v in stage if k == "attn"} == {"ScaleFusionProcessor"}
@@ -450,12 +510,15 @@ def test_freescale_restores_the_unet_when_the_run_raises(sdxl_model):
     _assert_restored(unet, *state)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"restart_fraction": 1.0}, r"restart_fraction must be in \[0, 1\)"),
-    ({"dilate_tau": 51}, "dilate_tau counts steps of 50"),
-    ({"fusion_sigma": 0}, "fusion_sigma must be positive"),
-    ({"freeu": {"b1": 1.1}}, "freeu must be a dict of s1, s2, b1, b2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"restart_fraction": 1.0}, r"restart_fraction must be in \[0, 1\)"),
+        ({"dilate_tau": 51}, "dilate_tau counts steps of 50"),
+        ({"fusion_sigma": 0}, "fusion_sigma must be positive"),
+        ({"freeu": {"b1": 1.1}}, "freeu must be a dict of s1, s2, b1, b2"),
+    ],
+)
 def test_freescale_bad_settings_name_the_argument(sd_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(sd_model, "a red circle", 32, 32, method="freescale", num_inference_steps=2, **kwargs)
@@ -468,6 +531,7 @@ def test_freescale_can_run_without_freeu_on_sd_xl(sdxl_model):
 
 # ---- through the CLI, the bench and the app's estimates ------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["demofusion", "freescale"])
 def test_cli_writes_every_stage_and_result_json(sd_folder, tmp_path, capsys, method):
     from PIL import Image
@@ -475,22 +539,49 @@ def test_cli_writes_every_stage_and_result_json(sd_folder, tmp_path, capsys, met
     from sc_app.__main__ import main
 
     out = tmp_path / "o"
-    code = main(["generate", "--model", str(sd_folder), "--prompt", "a cat", "--height", "32", "--width", "64",
-                 "--steps", "3", "--method", method, "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(sd_folder),
+            "--prompt",
+            "a cat",
+            "--height",
+            "32",
+            "--width",
+            "64",
+            "--steps",
+            "3",
+            "--method",
+            method,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["final.png", "result.json", "stage0.png", "stage1.png",
-                                                     "stage2.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "final.png",
+        "result.json",
+        "stage0.png",
+        "stage1.png",
+        "stage2.png",
+    ]
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == method and [(s["height"], s["width"]) for s in result["stages"]] == [
-        (12, 24), (20, 40), (32, 64)]
+        (12, 24),
+        (20, 40),
+        (32, 64),
+    ]
     assert Image.open(out / "stage0.png").size == (24, 12) and Image.open(out / "final.png").size == (64, 32)
 
 
 def test_bench_accepts_both_methods_and_decodes_only_the_final_stage(sd_model):
+    from sc_app.bench import build_parser
     from sc_app.bench.common import make_variants, parse_common, run_variant
 
-    args = SimpleNamespace(sizes="32x32", k=None, methods="self-cascade,demofusion,freescale", upsampler=None,
-                           batch_size=1)
+    args = build_parser().parse_args(["quality", "--sizes", "32x32", "--methods", "self-cascade,demofusion,freescale"])
     _, _, methods = parse_common(args)
     variants = make_variants(methods, [700], False)
     assert [v.label for v in variants] == ["direct", "self-cascade K=700", "demofusion", "freescale"]

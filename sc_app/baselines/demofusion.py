@@ -15,6 +15,7 @@ clean latent (bicubic), noises it to the first timestep and denoises over the wh
 SD XL windows carry their offsets as crop time ids, and every stage is conditioned on the target size, as in the
 release. The cost: per step, one base-size UNet pass per window plus one per sub-latent.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,15 @@ import torch.nn.functional as F
 
 from ..cascade import Result, Stage, _finish, _prepare, check_inputs
 from ..sampling import added_conditions, guided_denoiser, initial_noise, make_scheduler
-from .progressive import (cosine_decay, gaussian_blur, jittered_views, model_settings, skip_residual,
-                          tile_conditioning, timed_stage)
+from .progressive import (
+    cosine_decay,
+    gaussian_blur,
+    jittered_views,
+    model_settings,
+    skip_residual,
+    tile_conditioning,
+    timed_stage,
+)
 
 # The release's defaults (PRIS-CV/DemoFusion, pipeline_demofusion_sdxl.py); stride None: half the window.
 PAPER = {"stride": None, "sigma": 1.0, "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0}
@@ -47,8 +55,9 @@ def _views_denoiser(model, cond, added, t, i):
     return run
 
 
-def patch_output(model, cond, added, x, t, i, window: tuple[int, int], stride: int, generators,
-                 view_batch: int = VIEW_BATCH) -> torch.Tensor:
+def patch_output(
+    model, cond, added, x, t, i, window: tuple[int, int], stride: int, generators, view_batch: int = VIEW_BATCH
+) -> torch.Tensor:
     """The average model output over overlapping windows (MultiDiffusion as DemoFusion runs it): jitter up to
     (window - stride) / 4, drawn per prompt from that prompt's generator; zero padding where windows leave x."""
     batch, size = len(x), tuple(x.shape[-2:])
@@ -60,21 +69,32 @@ def patch_output(model, cond, added, x, t, i, window: tuple[int, int], stride: i
     value, count = torch.zeros_like(padded), torch.zeros_like(padded[:, :1])
     run = _views_denoiser(model, cond, added, t, i)
     for start in range(0, len(views), view_batch):
-        chunk = views[start:start + view_batch]
-        crops = torch.stack([padded[b, :, top:top + win[0], left:left + win[1]]
-                             for view in chunk for b, (top, left) in enumerate(view)])
-        offsets = torch.tensor([(max(0, top - jit[0]) * model.vae_scale, max(0, left - jit[1]) * model.vae_scale)
-                                for view in chunk for top, left in view])
+        chunk = views[start : start + view_batch]
+        crops = torch.stack(
+            [
+                padded[b, :, top : top + win[0], left : left + win[1]]
+                for view in chunk
+                for b, (top, left) in enumerate(view)
+            ]
+        )
+        offsets = torch.tensor(
+            [
+                (max(0, top - jit[0]) * model.vae_scale, max(0, left - jit[1]) * model.vae_scale)
+                for view in chunk
+                for top, left in view
+            ]
+        )
         out = run(crops, len(chunk), offsets)
         for k, (top, left) in enumerate(pos for view in chunk for pos in view):
             b = k % batch
-            value[b, :, top:top + win[0], left:left + win[1]] += out[k]
-            count[b, :, top:top + win[0], left:left + win[1]] += 1
-    return (value / count)[:, :, jit[0]:jit[0] + size[0], jit[1]:jit[1] + size[1]]
+            value[b, :, top : top + win[0], left : left + win[1]] += out[k]
+            count[b, :, top : top + win[0], left : left + win[1]] += 1
+    return (value / count)[:, :, jit[0] : jit[0] + size[0], jit[1] : jit[1] + size[1]]
 
 
-def dilated_output(model, cond, added, x, t, i, factors: tuple[int, int], sigma: float,
-                   view_batch: int = VIEW_BATCH) -> torch.Tensor:
+def dilated_output(
+    model, cond, added, x, t, i, factors: tuple[int, int], sigma: float, view_batch: int = VIEW_BATCH
+) -> torch.Tensor:
     """The dilated path: x (zero-padded at the top and left to multiples of s) split into s_h x s_w interleaved
     sub-latents; each is denoised from its smoothed version (blur over 2s - 1 taps at `sigma`, then x's own
     per-sample mean and std), and the outputs are interleaved back."""
@@ -83,21 +103,31 @@ def dilated_output(model, cond, added, x, t, i, factors: tuple[int, int], sigma:
     padded = F.pad(x, (pad_w, 0, pad_h, 0))
     dims = (1, 2, 3)
     smooth = gaussian_blur(padded, (2 * sh - 1, 2 * sw - 1), sigma)
-    smooth = ((smooth - smooth.mean(dims, keepdim=True)) / smooth.std(dims, keepdim=True)
-              * padded.std(dims, keepdim=True) + padded.mean(dims, keepdim=True))
+    smooth = (smooth - smooth.mean(dims, keepdim=True)) / smooth.std(dims, keepdim=True) * padded.std(
+        dims, keepdim=True
+    ) + padded.mean(dims, keepdim=True)
     offsets = [(a, b) for a in range(sh) for b in range(sw)]
     out = torch.zeros_like(padded)
     run = _views_denoiser(model, cond, added, t, i)
     for start in range(0, len(offsets), view_batch):
-        chunk = offsets[start:start + view_batch]
+        chunk = offsets[start : start + view_batch]
         result = run(torch.cat([smooth[:, :, a::sh, b::sw] for a, b in chunk]), len(chunk))
         for (a, b), part in zip(chunk, result.chunk(len(chunk))):
             out[:, :, a::sh, b::sw] = part
     return out[:, :, pad_h:, pad_w:]
 
 
-def demofusion_denoiser(model, cond, added, window: tuple[int, int], stride: int, factors: tuple[int, int],
-                        settings: dict, generators, view_batch: int = VIEW_BATCH):
+def demofusion_denoiser(
+    model,
+    cond,
+    added,
+    window: tuple[int, int],
+    stride: int,
+    factors: tuple[int, int],
+    settings: dict,
+    generators,
+    view_batch: int = VIEW_BATCH,
+):
     """(x, t, i) -> (1 - c^alpha2) patch output + c^alpha2 dilated output, c the cosine decay at t."""
     T = model.num_train_timesteps
 
@@ -115,7 +145,9 @@ def demofusion_denoiser(model, cond, added, window: tuple[int, int], stride: int
 def _check(settings: dict, window: int, view_batch: int) -> None:
     stride = settings["stride"]
     if not (isinstance(stride, int) and 1 <= stride <= window):
-        raise ValueError(f"stride must be an integer in 1..{window} (latent pixels; the window is {window}), got {stride!r}")
+        raise ValueError(
+            f"stride must be an integer in 1..{window} (latent pixels; the window is {window}), got {stride!r}"
+        )
     if not settings["sigma"] > 0:
         raise ValueError(f"sigma must be positive, got {settings['sigma']!r}")
     for name in ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3"):
@@ -125,12 +157,28 @@ def _check(settings: dict, window: int, view_batch: int) -> None:
         raise ValueError(f"view_batch_size must be a positive integer, got {view_batch!r}")
 
 
-def demofusion(model, prompt: str | list[str], height: int, width: int, *, negative_prompt: str | None = None,
-               num_inference_steps: int = 50, guidance_scale: float | None = None, generator=None,
-               seed: int | None = None, callback=None, on_stage=None, decode_stages: bool = True,
-               progress: bool = False, stride: int | None = None, sigma: float | None = None,
-               cosine_scale_1: float | None = None, cosine_scale_2: float | None = None,
-               cosine_scale_3: float | None = None, view_batch_size: int = VIEW_BATCH) -> Result:
+def demofusion(
+    model,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage=None,
+    decode_stages: bool = True,
+    progress: bool = False,
+    stride: int | None = None,
+    sigma: float | None = None,
+    cosine_scale_1: float | None = None,
+    cosine_scale_2: float | None = None,
+    cosine_scale_3: float | None = None,
+    view_batch_size: int = VIEW_BATCH,
+) -> Result:
     """DemoFusion over the scale plan: the pivot, then every stage as the module docstring says.
 
     `stride`: of the windows, in latent pixels (default half the window, the base latent size); `sigma`,
@@ -139,18 +187,38 @@ def demofusion(model, prompt: str | list[str], height: int, width: int, *, negat
     # 1. Inputs, plan and settings
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0)
     base = model.base_size // model.vae_scale
-    settings = model_settings(model, "demofusion", PAPER, dict(
-        stride=stride, sigma=sigma, cosine_scale_1=cosine_scale_1, cosine_scale_2=cosine_scale_2,
-        cosine_scale_3=cosine_scale_3))
+    settings = model_settings(
+        model,
+        "demofusion",
+        PAPER,
+        dict(
+            stride=stride,
+            sigma=sigma,
+            cosine_scale_1=cosine_scale_1,
+            cosine_scale_2=cosine_scale_2,
+            cosine_scale_3=cosine_scale_3,
+        ),
+    )
     settings["stride"] = base // 2 if settings["stride"] is None else settings["stride"]
     _check(settings, base, view_batch_size)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     scheduler = make_scheduler(model, num_inference_steps)
     added = added_conditions(model, cond, height, width)  # the target size for every stage, as released
-    result = Result("demofusion", prompts, [], {
-        "prompt": prompts[0] if len(prompts) == 1 else prompts, "negative_prompt": negative_prompt,
-        "seed": seed, "steps": num_inference_steps, "guidance_scale": cond.guidance_scale, "model": model.name,
-        "window": base, **settings})
+    result = Result(
+        "demofusion",
+        prompts,
+        [],
+        {
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": num_inference_steps,
+            "guidance_scale": cond.guidance_scale,
+            "model": model.name,
+            "window": base,
+            **settings,
+        },
+    )
     pivot = tuple(s // model.vae_scale for s in sizes[0])
     latents = anchor = None
     for r, (h, w) in enumerate(sizes):
@@ -163,18 +231,23 @@ def demofusion(model, prompt: str | list[str], height: int, width: int, *, negat
         else:  # 3. A stage: noised to the first timestep, with skip residuals, windows and dilated sampling
             upsampled = F.interpolate(latents.float(), size=shape[-2:], mode="bicubic", align_corners=False)
             x = scheduler.add_noise(upsampled.to(noise.dtype), noise, scheduler.timesteps[:1])
-            before_step = skip_residual(scheduler, upsampled, noise, settings["cosine_scale_1"],
-                                        model.num_train_timesteps)
+            before_step = skip_residual(
+                scheduler, upsampled, noise, settings["cosine_scale_1"], model.num_train_timesteps
+            )
             factors = dilation_factors(shape[-2:], pivot)
-            denoiser = demofusion_denoiser(model, cond, added, (base, base), settings["stride"], factors, settings,
-                                           gens, view_batch_size)
-        latents, seconds = timed_stage(denoiser, x, scheduler, scheduler.timesteps, callback, r, progress,
-                                       before_step, started)
+            denoiser = demofusion_denoiser(
+                model, cond, added, (base, base), settings["stride"], factors, settings, gens, view_batch_size
+            )
+        latents, seconds = timed_stage(
+            denoiser, x, scheduler, scheduler.timesteps, callback, r, progress, before_step, started
+        )
         dims = (1, 2, 3)
         if r == 0:
             anchor = latents.mean(dims, keepdim=True), latents.std(dims, keepdim=True)
         else:  # 4. Back to the pivot's statistics
-            latents = (latents - latents.mean(dims, keepdim=True)) / latents.std(dims, keepdim=True) * anchor[1] + anchor[0]
+            latents = (latents - latents.mean(dims, keepdim=True)) / latents.std(dims, keepdim=True) * anchor[
+                1
+            ] + anchor[0]
         stage = Stage(h, w, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
         result.stages.append(stage)
         result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)

@@ -17,6 +17,7 @@ The stages are the scale plan's. After the pivot, each stage
 FreeU (diffusers' `enable_freeu`) runs in every stage as in the release's script, by default on SD XL only,
 with the release's values. Every stage is conditioned on the pivot's size, as released.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ VIEW_BATCH = 16  # attention windows per call, each for every item of the batch
 
 # ---- restrained dilation -------------------------------------------------------------------------
 
+
 def dilated_blocks(unet, d: float) -> dict[str, float]:
     """The deepest down block's ResNets, the downsampler that feeds it and the mid block, at dilation d."""
     levels = len(unet.config.down_block_types)
@@ -59,6 +61,7 @@ def stage_dilation(size: tuple[int, int], pivot: tuple[int, int]) -> int:
 
 
 # ---- scale fusion --------------------------------------------------------------------------------
+
 
 @dataclass
 class Fusion:
@@ -97,14 +100,15 @@ class Fusion:
         value, count = torch.zeros_like(padded), torch.zeros_like(padded[:, :1])
         wh, ww = window
         for start in range(0, len(views), self.view_batch):
-            places = [view[k % prompts] for view in views[start:start + self.view_batch] for k in range(items)]
-            crops = torch.stack([padded[n % items, :, top:top + wh, left:left + ww]
-                                 for n, (top, left) in enumerate(places)])
+            places = [view[k % prompts] for view in views[start : start + self.view_batch] for k in range(items)]
+            crops = torch.stack(
+                [padded[n % items, :, top : top + wh, left : left + ww] for n, (top, left) in enumerate(places)]
+            )
             out = attend(crops.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(crops.shape)
             for n, (top, left) in enumerate(places):
-                value[n % items, :, top:top + wh, left:left + ww] += out[n]
-                count[n % items, :, top:top + wh, left:left + ww] += 1
-        return (value / count)[:, :, jit[0]:jit[0] + grid[0], jit[1]:jit[1] + grid[1]]
+                value[n % items, :, top : top + wh, left : left + ww] += out[n]
+                count[n % items, :, top : top + wh, left : left + ww] += 1
+        return (value / count)[:, :, jit[0] : jit[0] + grid[0], jit[1] : jit[1] + grid[1]]
 
     def fuse(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
         """Low frequencies of the local path, high frequencies of the global one."""
@@ -120,11 +124,13 @@ class ScaleFusionProcessor:
         self.fusion = fusion
         self.original = original
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, **kwargs) -> torch.Tensor:
+    def __call__(
+        self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs
+    ) -> torch.Tensor:
         def attend(states):
-            return self.original(attn, states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **kwargs)
+            return self.original(
+                attn, states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+            )
 
         grid = self.fusion.grid(hidden_states.shape[1]) if hidden_states.ndim == 3 else None
         if grid is None or encoder_hidden_states is not None or attention_mask is not None:
@@ -208,6 +214,7 @@ def freeu_applied(unet: nn.Module, values: dict | None):
 
 # ---- sampling ------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def pixel_upsample(model, latents: torch.Tensor, height: int, width: int, generators) -> torch.Tensor:
     """Decode, resize the images (bicubic) to height x width, encode again; the encoder's sample drawn from the
@@ -225,8 +232,9 @@ def pixel_upsample(model, latents: torch.Tensor, height: int, width: int, genera
         images = vae.decode(latents.to(dtype) / vae.config.scaling_factor + shift).sample
         images = F.interpolate(images.float(), size=(height, width), mode="bicubic", align_corners=False)
         posterior = vae.encode(images.to(dtype)).latent_dist
-        noise = randn_tensor(posterior.mean.shape, generator=generators, device=posterior.mean.device,
-                             dtype=posterior.mean.dtype)
+        noise = randn_tensor(
+            posterior.mean.shape, generator=generators, device=posterior.mean.device, dtype=posterior.mean.dtype
+        )
         z = posterior.mean + posterior.std * noise
     finally:
         if tiled:
@@ -246,8 +254,9 @@ def _settings(model, given: dict) -> dict:
     if not settings["cosine_scale"] >= 0:
         raise ValueError(f"cosine_scale must be >= 0, got {settings['cosine_scale']!r}")
     if not (isinstance(settings["dilate_tau"], int) and 0 <= settings["dilate_tau"] <= BASE_STEPS):
-        raise ValueError(f"dilate_tau counts steps of {BASE_STEPS} and must be in 0..{BASE_STEPS}, "
-                         f"got {settings['dilate_tau']!r}")
+        raise ValueError(
+            f"dilate_tau counts steps of {BASE_STEPS} and must be in 0..{BASE_STEPS}, got {settings['dilate_tau']!r}"
+        )
     if not settings["fusion_sigma"] > 0:
         raise ValueError(f"fusion_sigma must be positive, got {settings['fusion_sigma']!r}")
     freeu = settings["freeu"]
@@ -256,11 +265,27 @@ def _settings(model, given: dict) -> dict:
     return settings
 
 
-def freescale(model, prompt: str | list[str], height: int, width: int, *, negative_prompt: str | None = None,
-              num_inference_steps: int = 50, guidance_scale: float | None = None, generator=None,
-              seed: int | None = None, callback=None, on_stage=None, decode_stages: bool = True,
-              progress: bool = False, restart_fraction: float | None = None, cosine_scale: float | None = None,
-              dilate_tau: int | None = None, fusion_sigma: float | None = None, freeu: dict | bool | None = None) -> Result:
+def freescale(
+    model,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage=None,
+    decode_stages: bool = True,
+    progress: bool = False,
+    restart_fraction: float | None = None,
+    cosine_scale: float | None = None,
+    dilate_tau: int | None = None,
+    fusion_sigma: float | None = None,
+    freeu: dict | bool | None = None,
+) -> Result:
     """FreeScale over the scale plan: the pivot, then every stage as the module docstring says.
 
     `restart_fraction` (0.3: a stage starts 30% into the schedule), `cosine_scale` (2), `dilate_tau` (35 of 50),
@@ -269,17 +294,36 @@ def freescale(model, prompt: str | list[str], height: int, width: int, *, negati
     """
     # 1. Inputs, plan and settings
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0)
-    settings = _settings(model, dict(restart_fraction=restart_fraction, cosine_scale=cosine_scale,
-                                     dilate_tau=dilate_tau, fusion_sigma=fusion_sigma, freeu=freeu))
+    settings = _settings(
+        model,
+        dict(
+            restart_fraction=restart_fraction,
+            cosine_scale=cosine_scale,
+            dilate_tau=dilate_tau,
+            fusion_sigma=fusion_sigma,
+            freeu=freeu,
+        ),
+    )
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     scheduler = make_scheduler(model, num_inference_steps)
     added = added_conditions(model, cond, *sizes[0])  # the pivot's size for every stage, as released
     restart = min(int(num_inference_steps * settings["restart_fraction"]), num_inference_steps - 1)
     dilations = [stage_dilation(size, sizes[0]) for size in sizes[1:]]
-    result = Result("freescale", prompts, [], {
-        "prompt": prompts[0] if len(prompts) == 1 else prompts, "negative_prompt": negative_prompt,
-        "seed": seed, "steps": num_inference_steps, "guidance_scale": cond.guidance_scale, "model": model.name,
-        **settings, "dilations": dilations})
+    result = Result(
+        "freescale",
+        prompts,
+        [],
+        {
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": num_inference_steps,
+            "guidance_scale": cond.guidance_scale,
+            "model": model.name,
+            **settings,
+            "dilations": dilations,
+        },
+    )
     unet, pivot = model.unet, tuple(s // model.vae_scale for s in sizes[0])
     latents = None
     with freeu_applied(unet, settings["freeu"]):
@@ -295,14 +339,23 @@ def freescale(model, prompt: str | list[str], height: int, width: int, *, negati
                 noise = initial_noise(shape, gens, model)
                 timesteps = scheduler.timesteps[restart:]
                 x = scheduler.add_noise(clean, noise, timesteps[:1])
-                before_step = skip_residual(scheduler, clean, noise, settings["cosine_scale"], model.num_train_timesteps)
+                before_step = skip_residual(
+                    scheduler, clean, noise, settings["cosine_scale"], model.num_train_timesteps
+                )
                 d = dilations[r - 1]
-                denoiser = _dilated(unet, denoiser, conv_targets(unet, dilated_blocks(unet, d)) if d > 1 else {},
-                                    settings["dilate_tau"], restart, num_inference_steps)
+                denoiser = _dilated(
+                    unet,
+                    denoiser,
+                    conv_targets(unet, dilated_blocks(unet, d)) if d > 1 else {},
+                    settings["dilate_tau"],
+                    restart,
+                    num_inference_steps,
+                )
                 patch = scale_fusion_applied(unet, Fusion(shape[-2:], pivot, 2 * d - 1, settings["fusion_sigma"], gens))
             with patch:
-                latents, seconds = timed_stage(denoiser, x, scheduler, timesteps, callback, r, progress,
-                                               before_step, started)
+                latents, seconds = timed_stage(
+                    denoiser, x, scheduler, timesteps, callback, r, progress, before_step, started
+                )
             stage = Stage(h, w, len(timesteps), seconds, int(timesteps[0]), latents)
             result.stages.append(stage)
             result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)

@@ -5,6 +5,7 @@ settings, and one timed stage.
 Both papers write the decay as c(t) = 0.5 (1 + cos(pi (T - t) / T)) over the training timestep t: 1 where
 denoising starts (t = T), 0 where it ends.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def gaussian_blur(x: torch.Tensor, kernel: tuple[int, int], sigma: float) -> tor
     weights = []
     for size in kernel:
         offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-        g = torch.exp(-offsets**2 / (2 * sigma**2))
+        g = torch.exp(-(offsets**2) / (2 * sigma**2))
         weights.append(g / g.sum())
     k = (weights[0][:, None] * weights[1][None, :]).to(x.device, x.dtype)
     channels = x.shape[1]
@@ -53,8 +54,13 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, size - window) for i in range(math.ceil((size - window) / stride) + 1)]
 
 
-def jittered_views(size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int], jitter: tuple[int, int],
-                   generator: torch.Generator) -> list[tuple[int, int]]:
+def jittered_views(
+    size: tuple[int, int],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    jitter: tuple[int, int],
+    generator: torch.Generator,
+) -> list[tuple[int, int]]:
     """(top, left) of every window, in coordinates padded by `jitter` on each side, each moved by a random offset
     drawn from `generator`: inner windows by up to +-jitter, edge windows only outwards (into the padding), a
     window that spans the axis not at all (DemoFusion's and FreeScale's rule)."""
@@ -71,8 +77,9 @@ def jittered_views(size: tuple[int, int], window: tuple[int, int], stride: tuple
     return views
 
 
-def tile_conditioning(cond: Conditioning, added: dict | None, count: int,
-                      crops: torch.Tensor | None = None) -> tuple[Conditioning, dict | None]:
+def tile_conditioning(
+    cond: Conditioning, added: dict | None, count: int, crops: torch.Tensor | None = None
+) -> tuple[Conditioning, dict | None]:
     """The conditioning of `count` copies of a batch laid out copy-major (copy v of item b at v * B + b), both
     halves of a guided batch alike. `crops`: (count * B, 2) pixel offsets written into SD XL's crop time ids."""
 
@@ -97,12 +104,22 @@ def model_settings(model, method: str, paper: dict, given: dict) -> dict:
     from ..models import _folder_settings
 
     folder = _folder_settings(model.pipe.config.get("_name_or_path") or "").get(method, {})
-    return {key: given[key] if given.get(key) is not None else folder.get(key, default)
-            for key, default in paper.items()}
+    return {
+        key: given[key] if given.get(key) is not None else folder.get(key, default) for key, default in paper.items()
+    }
 
 
-def timed_stage(denoiser: Denoiser, x: torch.Tensor, scheduler, timesteps: torch.Tensor, callback, stage_index: int,
-                progress: bool, before_step=None, started: float | None = None) -> tuple[torch.Tensor, float]:
+def timed_stage(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    scheduler,
+    timesteps: torch.Tensor,
+    callback,
+    stage_index: int,
+    progress: bool,
+    before_step=None,
+    started: float | None = None,
+) -> tuple[torch.Tensor, float]:
     """sample_ddim for one stage -> (latents, seconds since `started`, default now)."""
     started = time.perf_counter() if started is None else started
     cb = (lambda info: callback({**info, "stage": stage_index})) if callback else None
@@ -113,6 +130,7 @@ def timed_stage(denoiser: Denoiser, x: torch.Tensor, scheduler, timesteps: torch
 
 
 # ---- work estimates (ZeroGPU durations, progress bars) --------------------------------------------
+
 
 def stage_steps(model, method: str, steps: int, stage: int) -> int:
     """Denoising steps a DemoFusion or FreeScale stage runs: all of them for the pivot and every DemoFusion

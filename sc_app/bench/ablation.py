@@ -23,7 +23,7 @@ from ..cli import BadInput
 from .common import (_file_hash, _load, command_line, log, machine_description, markdown_table, parse_sizes,
                      process_state, size_name, write_section)
 from .quality import Cell, cached_features, eval_scenes
-from .stats import bootstrap, wilson
+from ..stats import bootstrap, wilson
 
 DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
@@ -134,13 +134,14 @@ def _row(cell: Cell, setting: Setting, model, n: int, direct: dict, reals, use_f
     records = cell.records(n)
     idx = sorted(records)
     hits = sum(records[i]["match"] for i in idx)
-    low, high = wilson(hits, len(idx))
+    low, high = wilson(hits / len(idx), len(idx))
     scores = [s for i in idx for s in records[i]["fidelity"]]
     f_low, f_high = bootstrap(scores)
     params, steps = _parameters(model, setting)
     shared = [i for i in idx if i in direct]
     ratio = (statistics.median(records[i]["seconds"] for i in shared)
              / statistics.median(direct[i]["seconds"] for i in shared)) if shared else None
+    apart = any(records[i]["session"] != direct[i]["session"] for i in shared)  # timed in other runs: other loads
     fid = "-"
     if use_fid:
         own = cached_features(cell.folder / "features-r.npz", idx, lambda ix: [cell.image(i) for i in ix])
@@ -151,7 +152,7 @@ def _row(cell: Cell, setting: Setting, model, n: int, direct: dict, reals, use_f
     return [setting.label, dict(setting.options).get("k", "model's"), f"{params:,}" if params else "-",
             str(steps) if steps else "-", f"{100 * hits / len(idx):.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
             f"{np.mean(scores):.3f} [{f_low:.3f}, {f_high:.3f}]" if scores else "-", fid,
-            "-" if ratio is None else f"{ratio:.2f}x", str(len(idx))]
+            "-" if ratio is None else f"{ratio:.2f}x{'*' if apart else ''}", str(len(idx))]
 
 
 HEADER = ["setting", "K", "trainable parameters", "training steps", "composition [95%]", "shape fidelity [95%]",
@@ -211,7 +212,9 @@ def run_ablation(args, argv: list[str]) -> None:
         f"(`shapes.shape_fidelity`), bootstrap 95% interval; real renders at this size: {np.mean(ceiling):.3f}. "
         "**FID_r**: against one real render per prompt, bootstrap interval over prompts (50 draws); with this "
         "few samples FID is biased upwards, so compare within the column. **time vs direct**: median s / image "
-        f"over the first {args.direct_n} prompts against direct sampling's on the same prompts.",
+        f"over the first {args.direct_n} prompts against direct sampling's on the same prompts; * where the two "
+        "were sampled in different runs of a resumed ablation, under other loads: then only `bench speed` (both "
+        "timed side by side) gives the ratio.",
         table,
     ])
     write_section(args.out, args.section or f"ablation-{size_name(size)}", body)

@@ -1,4 +1,4 @@
-"""Uncertainty for the benchmark tables: a 95% interval for every figure."""
+"""95% intervals: for the benchmark tables' figures and the Review tab's win rates."""
 from __future__ import annotations
 
 import math
@@ -9,11 +9,10 @@ import numpy as np
 Z95 = 1.959963984540054
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (well behaved at 0% and 100%, unlike the normal one)."""
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a share `p` of `n` trials (well behaved at 0% and 100%, unlike the normal one)."""
     if n == 0:
         return 0.0, 1.0
-    p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
