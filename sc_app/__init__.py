@@ -1,4 +1,5 @@
 """Self-Cascade Studio: higher resolutions from a pre-trained diffusion model (`sc_app.api.generate`)."""
+
 import logging as _logging
 
 

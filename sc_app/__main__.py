@@ -1,10 +1,12 @@
-"""Command line: `python -m sc_app generate --model embedded --prompt "a red circle" --height 256 --width 256 --out DIR`.
+"""Command line: `python -m sc_app generate --model embedded --prompt "a red circle" --height 256 --width 256
+--out DIR`.
 
 Bad input gets one line on stderr and exit code 2, before any file is written: flags are parsed and checked
 (numbers finite and in range, the size within the limit, `--out` writable) before torch loads, the rest
 before any sampling. Under `accelerate launch --num_processes N` a `--prompts-file` is split between the
 processes (one GPU each, or CPU processes without one); prompt i keeps its folder and seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +25,17 @@ from .api import METHODS  # noqa: E402
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 
 VIDEO_METHODS = ("self-cascade", "direct")  # sc_app.video.VIDEO_METHODS, named here so that --help needs no torch
-MAX_PIXELS_HELP = (f"largest width x height (times frames for a video) to run (default: ${checks.ENV_MAX_PIXELS}, "
-                   "else 2048x2048 on a GPU, 1024x1024 on a CPU)")
+MAX_PIXELS_HELP = (
+    f"largest width x height (times frames for a video) to run (default: ${checks.ENV_MAX_PIXELS}, "
+    "else 2048x2048 on a GPU, 1024x1024 on a CPU)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m sc_app", description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.")
+    parser = Parser(
+        prog="python -m sc_app",
+        description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="generate an image with self-cascade or a baseline")
     g.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
@@ -37,17 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, required=True)
     g.add_argument("--width", type=int, required=True)
     g.add_argument("--method", default="self-cascade", choices=METHODS)
-    g.add_argument("--k", type=int, nargs="+", default=None,
-                   help="re-noise level of each stage (one value, or one per stage); default: the model's")
-    g.add_argument("--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))")
-    g.add_argument("--upsample", default="bilinear", choices=("bilinear", "bicubic", "lanczos"),
-                   help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, "
-                   "encode)")
+    g.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="re-noise level of each stage (one value, or one per stage); default: the model's",
+    )
+    g.add_argument(
+        "--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))"
+    )
+    g.add_argument(
+        "--upsample",
+        default="bilinear",
+        choices=("bilinear", "bicubic", "lanczos"),
+        help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, encode)",
+    )
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers: a .safetensors file, or "
-                   "a folder of them (one per stage: each stage takes the one trained nearest its resolution)")
+    g.add_argument(
+        "--upsampler",
+        type=Path,
+        default=None,
+        help="trained feature upsamplers: a .safetensors file, or "
+        "a folder of them (one per stage: each stage takes the one trained nearest its resolution)",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     g.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
@@ -77,8 +100,11 @@ def read_prompts(args) -> list[str]:
 def _method_options(args) -> dict:
     k = None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
     if args.method != "self-cascade":
-        given = [flag for flag, value in (("--k", args.k), ("--stages", args.stages), ("--upsampler", args.upsampler))
-                 if value is not None]
+        given = [
+            flag
+            for flag, value in (("--k", args.k), ("--stages", args.stages), ("--upsampler", args.upsampler))
+            if value is not None
+        ]
         if given:
             raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
         return {}
@@ -160,17 +186,36 @@ def generate(args) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = load_model(args.model, device=args.device, dtype=dtype)
-        check_inputs(model, args.height, args.width, args.steps, args.guidance or 0.0,
-                     options.get("k"), options.get("stages"), options.get("upsample", "bilinear"))
+        check_inputs(
+            model,
+            args.height,
+            args.width,
+            args.steps,
+            args.guidance or 0.0,
+            options.get("k"),
+            options.get("stages"),
+            options.get("upsample", "bilinear"),
+        )
         if args.upsampler is not None:
             from .upsampler import load_adapters
+
             options["upsampler"] = load_adapters(args.upsampler, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     for i in mine:
-        result = generate_image(model, prompts[i], args.height, args.width, args.method,
-                                negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                                guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
+        result = generate_image(
+            model,
+            prompts[i],
+            args.height,
+            args.width,
+            args.method,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed + i,
+            progress=True,
+            **options,
+        )
         folder = args.out / f"{i:04d}" if args.prompts_file else args.out
         _write_run(result, folder)
         _done(prefix, folder, result.total_seconds)
@@ -178,28 +223,48 @@ def generate(args) -> None:
 
 # ---- generate-video: the image contract for text-to-video models ----------------------------------------
 
+
 def _add_video_parser(sub) -> None:
     v = sub.add_parser("generate-video", help="generate a video with self-cascade or direct sampling")
-    v.add_argument("--model", default="embedded", help="'embedded' (the moving-shapes video model), a ModelScope or "
-                   "AnimateDiff folder, an SD 1.5 folder with --motion-adapter, or a hub id")
-    v.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder: runs an SD 1.5 --model as AnimateDiff")
+    v.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (the moving-shapes video model), a ModelScope or "
+        "AnimateDiff folder, an SD 1.5 folder with --motion-adapter, or a hub id",
+    )
+    v.add_argument(
+        "--motion-adapter", default=None, help="a MotionAdapter folder: runs an SD 1.5 --model as AnimateDiff"
+    )
     v.add_argument("--prompt", help="the prompt (or use --prompts-file)")
     v.add_argument("--prompts-file", type=Path, help="one prompt per line; prompt i goes to DIR/NNNN with seed + i")
     v.add_argument("--negative-prompt", default=None)
     v.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
-    v.add_argument("--fps", type=float, default=None, help="frames per second of the mp4 and gif (default: the model's)")
+    v.add_argument(
+        "--fps", type=float, default=None, help="frames per second of the mp4 and gif (default: the model's)"
+    )
     v.add_argument("--height", type=int, required=True)
     v.add_argument("--width", type=int, required=True)
     v.add_argument("--method", default="self-cascade", choices=VIDEO_METHODS)
-    v.add_argument("--k", type=int, nargs="+", default=None,
-                   help="re-noise level of each stage (one value, or one per stage); default: the model's")
-    v.add_argument("--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))")
+    v.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="re-noise level of each stage (one value, or one per stage); default: the model's",
+    )
+    v.add_argument(
+        "--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))"
+    )
     v.add_argument("--upsample", default="bilinear", choices=("bilinear", "bicubic"))
     v.add_argument("--steps", type=int, default=50)
     v.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--upsampler", type=Path, default=None,
-                   help="feature upsamplers trained on this video model (.safetensors, python -m tuner train)")
+    v.add_argument(
+        "--upsampler",
+        type=Path,
+        default=None,
+        help="feature upsamplers trained on this video model (.safetensors, python -m tuner train)",
+    )
     v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     v.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
@@ -208,8 +273,11 @@ def _add_video_parser(sub) -> None:
 
 def _video_options(args) -> dict:
     if args.method != "self-cascade":
-        given = [flag for flag, value in (("--k", args.k), ("--stages", args.stages), ("--upsampler", args.upsampler))
-                 if value is not None]
+        given = [
+            flag
+            for flag, value in (("--k", args.k), ("--stages", args.stages), ("--upsampler", args.upsampler))
+            if value is not None
+        ]
         if given:
             raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
         return {}
@@ -250,7 +318,8 @@ def generate_video(args) -> None:
     fits = check_run(args, prompts, args.frames)
     import torch
 
-    from .video import check_video_inputs, generate_video as generate_clip, load_video_model
+    from .video import check_video_inputs, load_video_model
+    from .video import generate_video as generate_clip
 
     quiet_loaders()
     mine, prefix = my_prompts(args, len(prompts))
@@ -261,19 +330,43 @@ def generate_video(args) -> None:
         model = load_video_model(args.model, motion_adapter=args.motion_adapter, device=args.device, dtype=dtype)
         frames = model.default_frames if args.frames is None else args.frames
         fits(frames)  # the model's own clip length, when --frames is not given
-        check_video_inputs(model, args.height, args.width, frames, args.steps, args.guidance or 0.0,
-                           options.get("k"), options.get("stages"), options.get("upsample", "bilinear"))
-        fps = checks.finite("the model's default fps", model.default_fps, 0, checks.MAX_FPS, low_open=True) \
-            if args.fps is None else args.fps
+        check_video_inputs(
+            model,
+            args.height,
+            args.width,
+            frames,
+            args.steps,
+            args.guidance or 0.0,
+            options.get("k"),
+            options.get("stages"),
+            options.get("upsample", "bilinear"),
+        )
+        fps = (
+            checks.finite("the model's default fps", model.default_fps, 0, checks.MAX_FPS, low_open=True)
+            if args.fps is None
+            else args.fps
+        )
         if args.upsampler is not None:
             from .upsampler import load_adapter
+
             options["upsampler"] = load_adapter(args.upsampler, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     for i in mine:
-        result = generate_clip(model, prompts[i], args.height, args.width, args.method, num_frames=frames,
-                               negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                               guidance_scale=args.guidance, seed=args.seed + i, progress=True, **options)
+        result = generate_clip(
+            model,
+            prompts[i],
+            args.height,
+            args.width,
+            args.method,
+            num_frames=frames,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed + i,
+            progress=True,
+            **options,
+        )
         folder = args.out / f"{i:04d}" if args.prompts_file else args.out
         _write_video_run(result, folder, fps)
         _done(prefix, folder, result.total_seconds)
@@ -281,17 +374,23 @@ def generate_video(args) -> None:
 
 # ---- review: the Review tab's pool and results ----------------------------------------------------------
 
+
 def _add_review_parser(sub) -> None:
     r = sub.add_parser("review", help="the Review tab's pool of images, and the results of its votes")
     actions = r.add_subparsers(dest="action", required=True, parser_class=Parser)
-    add = actions.add_parser("add", help="add the benches' sample folders (<method>/NNNN.png with NNNN.json) "
-                                         "to the pool")
+    add = actions.add_parser(
+        "add", help="add the benches' sample folders (<method>/NNNN.png with NNNN.json) to the pool"
+    )
     add.add_argument("folders", nargs="+", type=Path, metavar="DIR")
     results = actions.add_parser("results", help="print the ranking and the win rates of the votes so far")
     results.add_argument("--csv", type=Path, default=None, help="also write the raw votes to this CSV file")
     for p in (add, results):
-        p.add_argument("--work-dir", default=None, help="the app's work folder (default: $SC_WORK_DIR, else "
-                       "/data/self-cascade-studio on a Space with persistent storage, else the temp folder's)")
+        p.add_argument(
+            "--work-dir",
+            default=None,
+            help="the app's work folder (default: $SC_WORK_DIR, else "
+            "/data/self-cascade-studio on a Space with persistent storage, else the temp folder's)",
+        )
 
 
 def review(args) -> None:

@@ -1,4 +1,5 @@
 """All methods through one door: `generate(model_or_pipe, prompt, height, width, method=...)`."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -17,9 +18,19 @@ def as_model(model) -> Model:
     return model if isinstance(model, Model) else Model.from_pipeline(model)
 
 
-def generate(model, prompt: str | list[str], height: int, width: int, method: str = "self-cascade", *,
-             k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear",
-             upsampler=None, **common) -> Result:
+def generate(
+    model,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    method: str = "self-cascade",
+    *,
+    k: int | list[int] | None = None,
+    stages: int | None = None,
+    upsample: str = "bilinear",
+    upsampler=None,
+    **common,
+) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
     generator, callback, on_stage, progress. `upsampler` (an Adapter, a .safetensors path, a folder of
     them or a list) turns the self-cascade into its tuned version: each stage takes the adapter that fits
@@ -35,21 +46,27 @@ def generate(model, prompt: str | list[str], height: int, width: int, method: st
         stage_denoiser = None
         if upsampler is not None:
             from .upsampler import common_k, load_adapters, stage_denoiser_for
+
             adapters = load_adapters(upsampler, model)
             k = common_k(adapters) if k is None else k  # the adapters only saw timesteps 1..their K in training
             stage_denoiser = stage_denoiser_for(model, adapters)
-        return self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample,
-                            stage_denoiser=stage_denoiser, **common)
+        return self_cascade(
+            model, prompt, height, width, k=k, stages=stages, upsample=upsample, stage_denoiser=stage_denoiser, **common
+        )
     if method == "direct":
         return direct(model, prompt, height, width, **common)
     if method == "scalecrafter":
         from .baselines.scalecrafter import scalecrafter
+
         return scalecrafter(model, prompt, height, width, **common)
     if method == "demofusion":  # common may also take stride, sigma, cosine_scale_1..3, view_batch_size
         from .baselines.demofusion import demofusion
+
         return demofusion(model, prompt, height, width, **common)
     if method == "freescale":  # common may also take restart_fraction, cosine_scale, dilate_tau, fusion_sigma, freeu
         from .baselines.freescale import freescale
+
         return freescale(model, prompt, height, width, **common)
     from .baselines.attn_sf import attn_sf
+
     return attn_sf(model, prompt, height, width, **common)

@@ -25,6 +25,7 @@ Clips and their records go to `--work`, so an interrupted run resumes where it s
 `accelerate launch --num_processes N` (N GPUs, or N CPU processes with `--multi_gpu`) the prompts are split
 between the processes and the first one writes the table. Bad input: one line on stderr, exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,23 @@ DEFAULT_MD = Path("docs/benchmarks.md")
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m sc_app.bench_video", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded", help="'embedded' (the moving-shapes video model), a ModelScope or "
-                   "AnimateDiff folder, or an SD 1.5 folder with --motion-adapter")
+    p.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (the moving-shapes video model), a ModelScope or "
+        "AnimateDiff folder, or an SD 1.5 folder with --motion-adapter",
+    )
     p.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder, for an SD 1.5 --model")
     p.add_argument("--size", default=None, help="target HEIGHTxWIDTH (default: 4x the base pixels, square)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
     p.add_argument("--k", default=None, help="comma-separated K values for the self-cascade (default: the model's)")
-    p.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers (.safetensors): adds "
-                   "the tuned self-cascade, per --k or at the adapter's own K")
+    p.add_argument(
+        "--upsampler",
+        type=Path,
+        default=None,
+        help="trained feature upsamplers (.safetensors): adds "
+        "the tuned self-cascade, per --k or at the adapter's own K",
+    )
     p.add_argument("--n", type=int, default=32, help="prompts (clips per method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
@@ -77,9 +87,25 @@ import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
-from .bench.common import (Variant, _file_hash, _load_adapter, _sync, check_work_settings, command_line,  # noqa: E402
-                           log, machine_description, make_variants, markdown_table, model_fingerprint,
-                           parse_ints, parse_sizes, process_state, ratios_to, size_name, write_section)
+from .bench.common import (  # noqa: E402
+    Variant,
+    _file_hash,
+    _load_adapter,
+    _sync,
+    check_work_settings,
+    command_line,  # noqa: E402
+    log,
+    machine_description,
+    make_variants,
+    markdown_table,
+    model_fingerprint,
+    parse_ints,
+    parse_sizes,
+    process_state,
+    ratios_to,
+    size_name,
+    write_section,
+)
 from .moving_shapes import random_clip, render_clip  # noqa: E402
 from .plan import plan_stages  # noqa: E402
 from .shapes import EIGHT_CONNECTED, blobs, detect, matches, random_prompts  # noqa: E402
@@ -91,10 +117,12 @@ FVD_NOTE = (
     "ships them (the PyPI package `cd-fvd` is code only and downloads I3D or VideoMAE weights at run time; "
     "this machine reaches package registries only). A Fréchet distance over per-frame Inception features "
     "would be a frame FID, blind to motion, so it is not offered as a stand-in; the temporal columns above "
-    "measure the motion directly.")
+    "measure the motion directly."
+)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
+
 
 def locate(frame: np.ndarray) -> list[tuple[str, float, float]]:
     """(colour, x, y) of every object `shapes.detect` counts, in its order: the centroid of the object's
@@ -156,8 +184,12 @@ class ClipScore:
 def score_clip(clip: np.ndarray, prompt: str) -> ClipScore:
     """A (frames, H, W, 3) uint8 clip against its prompt."""
     counts = {len(detect(frame)) for frame in clip}
-    return ClipScore(sum(matches(frame, prompt) for frame in clip), len(clip), len(counts) == 1,
-                     position_jitter([locate(frame) for frame in clip]))
+    return ClipScore(
+        sum(matches(frame, prompt) for frame in clip),
+        len(clip),
+        len(counts) == 1,
+        position_jitter([locate(frame) for frame in clip]),
+    )
 
 
 @dataclass
@@ -175,18 +207,34 @@ class Row:
         jitter = "-" if not jitters else f"{np.mean(jitters):.4f}"
         if jitters and len(jitters) < len(scores):
             jitter += f" ({len(jitters)} clips)"
-        return [self.label, size_name(self.size), str(len(scores)), f"{100 * frames:.1f}%",
-                f"{100 * np.mean([s.all_matched for s in scores]):.1f}%",
-                f"{100 * np.mean([s.counts_stable for s in scores]):.1f}%", jitter,
-                "-" if self.seconds is None else f"{self.seconds:.2f}",
-                "-" if self.time_ratio is None else f"{self.time_ratio:.2f}x"]
+        return [
+            self.label,
+            size_name(self.size),
+            str(len(scores)),
+            f"{100 * frames:.1f}%",
+            f"{100 * np.mean([s.all_matched for s in scores]):.1f}%",
+            f"{100 * np.mean([s.counts_stable for s in scores]):.1f}%",
+            jitter,
+            "-" if self.seconds is None else f"{self.seconds:.2f}",
+            "-" if self.time_ratio is None else f"{self.time_ratio:.2f}x",
+        ]
 
 
-HEADER = ["method", "size", "n", "frame composition", "clip composition", "count stable", "position jitter",
-          "s / clip", "time vs direct"]
+HEADER = [
+    "method",
+    "size",
+    "n",
+    "frame composition",
+    "clip composition",
+    "count stable",
+    "position jitter",
+    "s / clip",
+    "time vs direct",
+]
 
 
 # ---- clips on disk -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ClipCell:
@@ -223,8 +271,9 @@ class ClipCell:
         os.replace(rec.with_suffix(".json.tmp"), rec)
 
 
-def generate_clip(model, cell: ClipCell, prompt: str, seed: int, *, steps: int, guidance: float,
-                  adapter) -> tuple[np.ndarray, float]:
+def generate_clip(
+    model, cell: ClipCell, prompt: str, seed: int, *, steps: int, guidance: float, adapter
+) -> tuple[np.ndarray, float]:
     """One clip of the cell's variant -> (frames, wall seconds)."""
     variant, options = cell.variant, {}
     if variant.method == "self-cascade":
@@ -233,14 +282,24 @@ def generate_clip(model, cell: ClipCell, prompt: str, seed: int, *, steps: int, 
             options["upsampler"] = adapter
     _sync(model)
     started = time.perf_counter()
-    result = generate_video(model, prompt, *cell.size, variant.method, num_frames=cell.num_frames,
-                            num_inference_steps=steps, guidance_scale=guidance, seed=seed, **options)
+    result = generate_video(
+        model,
+        prompt,
+        *cell.size,
+        variant.method,
+        num_frames=cell.num_frames,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        **options,
+    )
     _sync(model)
     return result.clips[0], time.perf_counter() - started
 
 
-def generate_cells(model, cells: list[ClipCell], prompts: list[str], *, seed: int, steps: int, guidance: float,
-                   adapter, state, log) -> None:
+def generate_cells(
+    model, cells: list[ClipCell], prompts: list[str], *, seed: int, steps: int, guidance: float, adapter, state, log
+) -> None:
     """Every missing clip, prompt by prompt through every cell, the order reversed every other prompt so
     that drift in the machine's speed favours no method. Prompts are split across processes."""
     pending = [i for i in range(len(prompts)) if not all(c.done(i) for c in cells)]
@@ -251,8 +310,9 @@ def generate_cells(model, cells: list[ClipCell], prompts: list[str], *, seed: in
             for cell in cells if n % 2 == 0 else cells[::-1]:
                 if cell.done(i):
                     continue
-                clip, seconds = generate_clip(model, cell, prompts[i], seed + i, steps=steps, guidance=guidance,
-                                              adapter=adapter)
+                clip, seconds = generate_clip(
+                    model, cell, prompts[i], seed + i, steps=steps, guidance=guidance, adapter=adapter
+                )
                 cell.save(i, clip, {"index": i, "prompt": prompts[i], "seed": seed + i, "seconds": seconds})
                 timing.append(f"{cell.variant.label} {seconds:.1f}s")
             log(f"  [process {state.process_index}] clip {i + 1}/{len(prompts)}: {', '.join(timing)}")
@@ -266,6 +326,7 @@ def real_clips(count: int, seed: int):
 
 
 # ---- the figure --------------------------------------------------------------------------------------
+
 
 def video_grid(path: Path, cells: list[ClipCell], base: ClipCell, prompts: list[str], count: int) -> bool:
     """Per prompt (the first `count` done everywhere) a block: one row per method, GRID_FRAMES frames from
@@ -300,14 +361,19 @@ def video_grid(path: Path, cells: list[ClipCell], base: ClipCell, prompts: list[
 
 # ---- the command -------------------------------------------------------------------------------------
 
+
 def check_args(args) -> tuple[tuple[int, int] | None, list[int] | None]:
     """Flags that need no model: (target size or None, K values or None)."""
     sizes = parse_sizes(args.size) if args.size else None
     if sizes is not None and len(sizes) != 1:
         raise BadInput(f"--size takes one HEIGHTxWIDTH, got {args.size!r}")
     ks = parse_ints(args.k, "--k") if args.k else None
-    for name, value, least in (("--n", args.n, 1), ("--steps", args.steps, 1), ("--frames", args.frames, 1),
-                               ("--grid-prompts", args.grid_prompts, 0)):
+    for name, value, least in (
+        ("--n", args.n, 1),
+        ("--steps", args.steps, 1),
+        ("--frames", args.frames, 1),
+        ("--grid-prompts", args.grid_prompts, 0),
+    ):
         if value is not None and value < least:
             raise BadInput(f"{name} must be >= {least}, got {value}")
     if args.upsampler is not None and not args.upsampler.is_file():
@@ -352,8 +418,15 @@ def run_bench(args, argv: list[str]) -> None:
             check_video_inputs(model, *size, frames, args.steps, guidance, variant.k)
     except ValueError as error:
         raise BadInput(str(error)) from None
-    settings = {"model": model.name, "fingerprint": model_fingerprint(model), "device": model.device.type,
-                "dtype": str(model.unet.dtype), "steps": args.steps, "guidance": guidance, "seed": args.seed}
+    settings = {
+        "model": model.name,
+        "fingerprint": model_fingerprint(model),
+        "device": model.device.type,
+        "dtype": str(model.unet.dtype),
+        "steps": args.steps,
+        "guidance": guidance,
+        "seed": args.seed,
+    }
     check_work_settings(args.work, settings, state.is_main_process)
     state.wait_for_everyone()
 
@@ -365,59 +438,87 @@ def run_bench(args, argv: list[str]) -> None:
     base = ClipCell(Variant("direct", base=True), pivot, frames, args.work)
     cells = [ClipCell(v, size, frames, args.work) for v in variants]
     log(f"{size_name(size)}, {frames} frames: {', '.join(v.label for v in variants)}; base {size_name(pivot)}")
-    generate_cells(model, [base] + cells, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
-                   adapter=adapter, state=state, log=log)
+    generate_cells(
+        model,
+        [base] + cells,
+        prompts,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=guidance,
+        adapter=adapter,
+        state=state,
+        log=log,
+    )
     if not state.is_main_process:
         return
 
     reals = real_clips(args.n, args.seed)
-    rows = [Row(f"real clips ({size_name(s)})", s, [score_clip(render_clip(c, frames, *s), c.prompt) for c in reals])
-            for s in dict.fromkeys([size, pivot])]
+    rows = [
+        Row(f"real clips ({size_name(s)})", s, [score_clip(render_clip(c, frames, *s), c.prompt) for c in reals])
+        for s in dict.fromkeys([size, pivot])
+    ]
     times = {c.variant.label: [c.record(i)["seconds"] for i in range(args.n)] for c in [base] + cells}
     medians = ratios_to({label: t for label, t in times.items() if label != "base"})
-    rows.append(Row(f"base (pivot {size_name(pivot)}, direct)", pivot,
-                    [score_clip(base.clip(i), prompts[i]) for i in range(args.n)], statistics.median(times["base"])))
+    rows.append(
+        Row(
+            f"base (pivot {size_name(pivot)}, direct)",
+            pivot,
+            [score_clip(base.clip(i), prompts[i]) for i in range(args.n)],
+            statistics.median(times["base"]),
+        )
+    )
     for cell in cells:
         seconds, ratio = medians[cell.variant.label]
-        rows.append(Row(cell.variant.label, size, [score_clip(cell.clip(i), prompts[i]) for i in range(args.n)],
-                        seconds, ratio))
+        rows.append(
+            Row(cell.variant.label, size, [score_clip(cell.clip(i), prompts[i]) for i in range(args.n)], seconds, ratio)
+        )
     table = markdown_table(HEADER, [r.cells() for r in rows])
     print(table)
 
     figure = args.figure or args.md.parent / "video_grid.png"
     drawn = video_grid(figure, cells, base, prompts, args.grid_prompts) if args.grid_prompts else False
     command = command_line(argv, module="sc_app.bench_video", processes=state.num_processes)
-    tuned = (f"; tuned: `{args.upsampler}` (sha256 {_file_hash(args.upsampler)}, trained at K={adapter.k}), passed "
-             "as `upsampler=` for the tuned rows only" if adapter is not None else "")
-    body = "\n\n".join([
-        f"### Video: composition and temporal consistency ({model.name})",
-        f"{machine}\n\nCommand: `{command}` (clips in `{args.work}`)",
-        f"Model `{model.name}` ({model.kind}, weights {settings['fingerprint']}), {settings['dtype']} on "
-        f"{settings['device']}; {args.n} fresh prompts `shapes.random_prompts({args.n}, {args.seed})`, prompt i "
-        f"with seed {args.seed} + i for every method; {frames} frames at {size_name(size)} "
-        f"({size[0] * size[1] / model.base_size ** 2:g}x the pixels of the model's {model.base_size}x{model.base_size}), "
-        f"pivot {size_name(pivot)}; DDIM {args.steps} steps, "
-        f"guidance {guidance}; tuning-free self-cascade K={', '.join(map(str, ks))} (the same K at every stage)"
-        f"{tuned}. The "
-        f"real rows are {args.n} clips of `sc_app.moving_shapes` (their own prompts, drawn as the training "
-        "clips are), rendered at each size: the detector's ceiling.",
-        "**frame composition**: share of all frames in which `sc_app.shapes.matches(frame, prompt)` finds exactly "
-        "the prompted objects. **clip composition**: share of clips in which every frame does. **count stable**: "
-        "share of clips in which `shapes.detect` finds the same number of objects in every frame. **position "
-        "jitter**: per clip, the mean over every object tracked through three consecutive frames of "
-        "|c(t+1) - 2 c(t) + c(t-1)|, c its centroid as (x / width, y / height), so in fractions of the image "
-        "side (sub-pixel: the detected blob and its anti-aliased rim, each pixel weighted by how much of the "
-        "colour it holds; constant-speed straight motion scores 0, an orbit of radius R turning by angle a per "
-        "frame 2R(1 - cos a), a few thousandths at 16 frames); objects of "
-        "consecutive frames are paired within a colour by minimum total centroid distance; mean over the clips "
-        "with any tracked triple (how many, where not all). **s / clip**: median wall time of one "
-        "`generate_video` call (text encoding, denoising, decoding; the self-cascade's earlier stages not "
-        "decoded), one clip per call, methods in alternating order per prompt. **time vs direct**: that median "
-        "over direct's at the target size.",
-        table,
-        FVD_NOTE,
-    ] + ([f"![video grid: frames of base, direct and self-cascade]({os.path.relpath(figure, args.md.parent)})"]
-         if drawn else []))
+    tuned = (
+        f"; tuned: `{args.upsampler}` (sha256 {_file_hash(args.upsampler)}, trained at K={adapter.k}), passed "
+        "as `upsampler=` for the tuned rows only"
+        if adapter is not None
+        else ""
+    )
+    body = "\n\n".join(
+        [
+            f"### Video: composition and temporal consistency ({model.name})",
+            f"{machine}\n\nCommand: `{command}` (clips in `{args.work}`)",
+            f"Model `{model.name}` ({model.kind}, weights {settings['fingerprint']}), {settings['dtype']} on "
+            f"{settings['device']}; {args.n} fresh prompts `shapes.random_prompts({args.n}, {args.seed})`, prompt i "
+            f"with seed {args.seed} + i for every method; {frames} frames at {size_name(size)} "
+            f"({size[0] * size[1] / model.base_size**2:g}x the pixels of the model's {model.base_size}x{model.base_size}), "  # noqa: E501
+            f"pivot {size_name(pivot)}; DDIM {args.steps} steps, "
+            f"guidance {guidance}; tuning-free self-cascade K={', '.join(map(str, ks))} (the same K at every stage)"
+            f"{tuned}. The "
+            f"real rows are {args.n} clips of `sc_app.moving_shapes` (their own prompts, drawn as the training "
+            "clips are), rendered at each size: the detector's ceiling.",
+            "**frame composition**: share of all frames in which `sc_app.shapes.matches(frame, prompt)` finds exactly "
+            "the prompted objects. **clip composition**: share of clips in which every frame does. **count stable**: "
+            "share of clips in which `shapes.detect` finds the same number of objects in every frame. **position "
+            "jitter**: per clip, the mean over every object tracked through three consecutive frames of "
+            "|c(t+1) - 2 c(t) + c(t-1)|, c its centroid as (x / width, y / height), so in fractions of the image "
+            "side (sub-pixel: the detected blob and its anti-aliased rim, each pixel weighted by how much of the "
+            "colour it holds; constant-speed straight motion scores 0, an orbit of radius R turning by angle a per "
+            "frame 2R(1 - cos a), a few thousandths at 16 frames); objects of "
+            "consecutive frames are paired within a colour by minimum total centroid distance; mean over the clips "
+            "with any tracked triple (how many, where not all). **s / clip**: median wall time of one "
+            "`generate_video` call (text encoding, denoising, decoding; the self-cascade's earlier stages not "
+            "decoded), one clip per call, methods in alternating order per prompt. **time vs direct**: that median "
+            "over direct's at the target size.",
+            table,
+            FVD_NOTE,
+        ]
+        + (
+            [f"![video grid: frames of base, direct and self-cascade]({os.path.relpath(figure, args.md.parent)})"]
+            if drawn
+            else []
+        )
+    )
     write_section(args.md, args.section, body)
     log(f"wrote section {args.section!r} to {args.md}" + (f" and {figure}" if drawn else ""))
 

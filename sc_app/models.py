@@ -1,4 +1,5 @@
 """Load a model: the embedded default, a local diffusers folder, or a hub id; SD 1.x/2.x or SD XL."""
+
 from __future__ import annotations
 
 import json
@@ -68,14 +69,19 @@ class Model:
     def from_pipeline(cls, pipe: DiffusionPipeline, name: str | None = None) -> "Model":
         """Wrap a pipeline the user already has; the cascade samples with DDIM on its scheduler config."""
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise ValueError(f"pipe must be a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}")
+            raise ValueError(
+                f"pipe must be a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
+            )
         if not isinstance(pipe.scheduler, DDIMScheduler):
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         source = pipe.config.get("_name_or_path") or ""
         settings = _folder_settings(source)
-        return cls(pipe=pipe, name=str(name or source or type(pipe).__name__),
-                   default_k=settings.get("default_k", PAPER_K),
-                   default_guidance=settings.get("default_guidance", SD_GUIDANCE))
+        return cls(
+            pipe=pipe,
+            name=str(name or source or type(pipe).__name__),
+            default_k=settings.get("default_k", PAPER_K),
+            default_guidance=settings.get("default_guidance", SD_GUIDANCE),
+        )
 
 
 def default_device() -> torch.device:
@@ -96,8 +102,10 @@ def refuse_pickle_weights(name: str, source: str, parts: tuple[str, ...] = WEIGH
         pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pattern))
         if pickled:
             where = f"{part}/ holds" if part else "it holds"
-            raise ValueError(f"model {name!r}: {where} only pickle weights ({', '.join(pickled[:2])}); this program "
-                             "reads safetensors only")
+            raise ValueError(
+                f"model {name!r}: {where} only pickle weights ({', '.join(pickled[:2])}); this program "
+                "reads safetensors only"
+            )
 
 
 def _folder_settings(folder: str) -> dict:
@@ -111,8 +119,12 @@ def _index(source: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_model(name: str = "embedded", device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None, offload_text_encoders: bool = False) -> Model:
+def load_model(
+    name: str = "embedded",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offload_text_encoders: bool = False,
+) -> Model:
     """`embedded`, a local diffusers folder, or a hub id -> Model, on `device` (auto: cuda, mps, cpu).
 
     Weights are read as safetensors only, and no remote code is run. fp16 on cuda unless `dtype` says.
@@ -135,6 +147,7 @@ def load_model(name: str = "embedded", device: str | torch.device | None = None,
         is_xl = "text_encoder_2" in index
     else:  # a hub id: the index says which pipeline it is
         from huggingface_hub import hf_hub_download
+
         is_xl = "text_encoder_2" in json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
     kwargs = dict(dtype=dtype, use_safetensors=True)
     if is_xl:

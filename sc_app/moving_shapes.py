@@ -5,6 +5,7 @@ function of s in [0, 1] from the first frame to the last. The same seed therefor
 every size, aspect ratio and frame count, which is what lets a clip be rendered as the high-resolution
 ground truth of its own low-resolution version.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shapes import MAX_OBJECTS, PALETTE, RADIUS_RANGE, SHAPES, Scene, ShapeObject, render
 # The still world's placement rules, so a frame of a clip is always a valid still scene.
-from .shapes import _MARGIN, _background_colour
+from .shapes import _MARGIN, MAX_OBJECTS, PALETTE, RADIUS_RANGE, SHAPES, Scene, ShapeObject, _background_colour, render
 
 LINE_LENGTH = (0.15, 0.40)  # distance travelled over the clip, in units of the frame
 ORBIT_RADIUS = (0.06, 0.14)

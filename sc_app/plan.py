@@ -1,4 +1,5 @@
 """The scale plan: a pivot at about the model's own pixel count, then stages of about 4x pixels each."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ def _round(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def plan_stages(height: int, width: int, base_size: int, multiple: int, stages: int | None = None) -> list[tuple[int, int]]:
+def plan_stages(
+    height: int, width: int, base_size: int, multiple: int, stages: int | None = None
+) -> list[tuple[int, int]]:
     """Sizes (height, width) of the pivot and every stage; the last is exactly height x width.
 
     The pivot keeps the target's aspect ratio at about base_size**2 pixels; the sizes between grow by
@@ -28,16 +31,21 @@ def plan_stages(height: int, width: int, base_size: int, multiple: int, stages: 
     if count < 0:
         raise ValueError(f"stages must be >= 0, got {stages}")
     if count > MAX_STAGES:
-        planned = "" if stages is not None else (f" ({height}x{width} needs {count} stages of 4x pixels above a "
-                                                 f"{base_size}px base)")
+        planned = (
+            ""
+            if stages is not None
+            else (f" ({height}x{width} needs {count} stages of 4x pixels above a {base_size}px base)")
+        )
         raise ValueError(f"stages must be at most {MAX_STAGES}, got {count}{planned}")
     sizes = _sizes(height, width, base_size, multiple, count)
     if not _grows(sizes):  # every stage must be larger than the one before: no repeated or shrinking sizes
         most = next(n for n in range(count - 1, -1, -1) if _grows(_sizes(height, width, base_size, multiple, n)))
         if stages is None:  # the default count is ours to choose: as many as grow (12x24 over a 16px base: none)
             return _sizes(height, width, base_size, multiple, most)
-        raise ValueError(f"stages must be at most {most} for {height}x{width} (each stage must grow the size; "
-                         f"sizes are multiples of {multiple} above a {base_size}px pivot), got {count}")
+        raise ValueError(
+            f"stages must be at most {most} for {height}x{width} (each stage must grow the size; "
+            f"sizes are multiples of {multiple} above a {base_size}px pivot), got {count}"
+        )
     return sizes
 
 

@@ -1,4 +1,5 @@
 """One denoising loop over a denoiser, plus the conditioning it needs (prompts, CFG, SD XL added conditions)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -33,8 +34,11 @@ def encode_prompt(model, prompts: list[str], negative_prompt: str | None, guidan
     with torch.no_grad(), text_encoders_on_device(model):
         if model.is_xl:
             cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-                prompts, device=model.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=guided, negative_prompt=negative,
+                prompts,
+                device=model.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=negative,
             )
         else:
             cond, uncond = pipe.encode_prompt(prompts, model.device, 1, guided, negative_prompt=negative)
@@ -67,14 +71,18 @@ def added_conditions(model, cond: Conditioning, height: int, width: int) -> dict
     if not model.is_xl:
         return None
     pipe = model.pipe
-    projection = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
-                  else int(cond.pooled.shape[-1]))
-    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.embeds.dtype,
-                                      text_encoder_projection_dim=projection)
+    projection = (
+        pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(cond.pooled.shape[-1])
+    )
+    time_ids = pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=cond.embeds.dtype, text_encoder_projection_dim=projection
+    )
     return {"text_embeds": cond.pooled, "time_ids": time_ids.to(model.device).repeat(len(cond.embeds), 1)}
 
 
-def guided_denoiser(unet, cond: Conditioning, added: dict | None, unet_kwargs: Callable[[torch.Tensor, int], dict] | None = None) -> Denoiser:
+def guided_denoiser(
+    unet, cond: Conditioning, added: dict | None, unet_kwargs: Callable[[torch.Tensor, int], dict] | None = None
+) -> Denoiser:
     """Classifier-free guidance over `unet`; `unet_kwargs(t, i)` adds per-step arguments (e.g. residuals)."""
 
     def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
@@ -104,7 +112,9 @@ def start_timestep(scheduler: DDIMScheduler, k: int) -> torch.Tensor:
     return below[0]
 
 
-def renoise(scheduler: DDIMScheduler, upsampled: torch.Tensor, noise: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def renoise(
+    scheduler: DDIMScheduler, upsampled: torch.Tensor, noise: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 6: diffuse the upsampled previous stage to K's timestep; returns the timesteps left (K -> 0) and z_K."""
     start = start_timestep(scheduler, k)
     x = scheduler.add_noise(upsampled.to(noise.dtype), noise, start.reshape(1))
@@ -117,9 +127,15 @@ def initial_noise(shape, generator, model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, scheduler: DDIMScheduler, timesteps: torch.Tensor,
-                callback: Callable[[dict], None] | None = None, disable: bool | None = None,
-                before_step: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    scheduler: DDIMScheduler,
+    timesteps: torch.Tensor,
+    callback: Callable[[dict], None] | None = None,
+    disable: bool | None = None,
+    before_step: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) over `timesteps` (Song et al. 2021); callback gets x, i, t, steps, denoised.
 
     `before_step(x, i, t) -> x` replaces x before step i (DemoFusion's and FreeScale's skip residuals)."""

@@ -8,6 +8,7 @@ aspect ratio, which is what makes real high-resolution data exist for every scal
 `detect`, `matches` and `describe` read an image (a render or a model's sample) back into the objects
 it shows, so that composition can be judged at any size.
 """
+
 from __future__ import annotations
 
 import re
@@ -65,9 +66,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
             for _ in range(50):
                 r = float(rng.uniform(*RADIUS_RANGE))
                 cx, cy = rng.uniform(r + _MARGIN, 1 - r - _MARGIN, size=2)
-                apart = all(
-                    max(abs(cx - o.cx), abs(cy - o.cy)) >= r + o.r + _MARGIN for o in placed
-                )
+                apart = all(max(abs(cx - o.cx), abs(cy - o.cy)) >= r + o.r + _MARGIN for o in placed)
                 if apart:
                     placed.append(ShapeObject(str(colour), str(rng.choice(SHAPES)), float(cx), float(cy), r))
                     break

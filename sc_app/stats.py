@@ -1,4 +1,5 @@
 """95% intervals: for the benchmark tables' figures and the Review tab's win rates."""
+
 from __future__ import annotations
 
 import math

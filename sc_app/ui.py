@@ -13,6 +13,7 @@ A stop request crosses as a file. Nothing here touches CUDA at import.
 Files the app writes (stage images, uploads, adapters) live under its own work folder, with names the app
 makes; a name from an upload is never part of a path.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,10 +45,10 @@ from PIL import Image
 
 from . import checks
 from .api import generate as run_method
-from .cascade import check_inputs
-from .checks import ENV_MAX_PIXELS, MAX_PIXELS_CPU, MAX_PIXELS_GPU  # noqa: F401 (the app's limits, named here too)
 from .baselines.progressive import base_steps
 from .baselines.progressive import stage_steps as peer_stage_steps
+from .cascade import check_inputs
+from .checks import ENV_MAX_PIXELS, MAX_PIXELS_CPU, MAX_PIXELS_GPU  # noqa: F401 (the app's limits, named here too)
 from .plan import plan_stages
 from .ui_uploads import _display_name, prepare_images, safe_stem, user_error
 
@@ -77,10 +78,16 @@ TUNE_SECONDS_PER_SAMPLE = 0.05
 GPU_OVERHEAD_SECONDS = 15
 MAX_GPU_SECONDS = 600
 
-EMBEDDED_EXAMPLES = ["a red circle and a blue square", "a yellow triangle",
-                     "a green square and a red triangle and a blue circle"]
-SD_EXAMPLES = ["a photo of a cat sitting on a windowsill", "an astronaut riding a horse on the moon",
-               "a cozy cabin in a snowy forest at dusk"]
+EMBEDDED_EXAMPLES = [
+    "a red circle and a blue square",
+    "a yellow triangle",
+    "a green square and a red triangle and a blue circle",
+]
+SD_EXAMPLES = [
+    "a photo of a cat sitting on a windowsill",
+    "an astronaut riding a horse on the moon",
+    "a cozy cabin in a snowy forest at dusk",
+]
 
 
 RANDOM_SEED = -1  # the seed box's default: a new seed for every run, shown with the result
@@ -166,8 +173,7 @@ def gpu_seconds(model, requests: list[dict]) -> int:
             steps = request["num_inference_steps"]
             seconds += STEP_SECONDS_AT_BASE * base_steps(model, request["method"], h, w, steps, PIXEL_EXPONENT)
             continue
-        sizes = (plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade"
-                 else [(h, w)])
+        sizes = plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade" else [(h, w)]
         frames = request.get("num_frames", 1)
         for r, (sh, sw) in enumerate(sizes):
             steps = stage_steps(model, request, r)
@@ -242,8 +248,10 @@ def prompt_slug(prompt: str) -> str:
 
 def result_name(request: dict, suffix: str = ".png") -> str:
     """A result's file name: prompt slug, method, size and seed."""
-    return (f"{prompt_slug(request['prompt'])}-{request['method']}-{request['width']}x{request['height']}"
-            f"-seed{request['seed']}{suffix}")
+    return (
+        f"{prompt_slug(request['prompt'])}-{request['method']}-{request['width']}x{request['height']}"
+        f"-seed{request['seed']}{suffix}"
+    )
 
 
 def settings_line(model_name: str, request: dict, k: list[int] | None = None) -> str:
@@ -259,8 +267,14 @@ def settings_line(model_name: str, request: dict, k: list[int] | None = None) ->
             args += ["--stages", str(len(ks) if k is not None else request["stages"])]
         if ks:
             args += ["--k", *map(str, ks)]
-    args += ["--steps", str(request["num_inference_steps"]), "--guidance", repr(float(request["guidance_scale"])),
-             "--seed", str(request["seed"])]
+    args += [
+        "--steps",
+        str(request["num_inference_steps"]),
+        "--guidance",
+        repr(float(request["guidance_scale"])),
+        "--seed",
+        str(request["seed"]),
+    ]
     if request.get("upsampler"):
         args += ["--upsampler", str(request["upsampler"])]
     return shlex.join(args + ["--out", "out"])
@@ -272,6 +286,7 @@ def _ks(k) -> str:
 
 
 # ---- the studio ------------------------------------------------------------------------------------
+
 
 class _Stopped(Exception):
     """Raised from the step callback when the request's stop file appears."""
@@ -291,8 +306,15 @@ class Studio:
     """The model, the limits and the work folder behind the page; handlers for its events. The Video tab's
     model and handlers are `self.video` (`sc_app.ui_video.VideoTab`)."""
 
-    def __init__(self, model, *, max_pixels: int | None = None, work_dir: str | Path | None = None,
-                 video_model="embedded", motion_adapter: str | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_pixels: int | None = None,
+        work_dir: str | Path | None = None,
+        video_model="embedded",
+        motion_adapter: str | None = None,
+    ):
         from .ui_video import VideoTab  # it builds on this module
 
         self.model = model
@@ -343,8 +365,11 @@ class Studio:
         """Adapter choices by label: none, the ones shipped with the model, the ones made or loaded here."""
         choices: dict[str, Path | None] = {NO_ADAPTER: None}
         for path in self._shipped_adapters():
-            label = path.stem if path.is_file() else "per stage (" + ", ".join(
-                f.stem for f in sorted(path.glob("*.safetensors"))) + ")"
+            label = (
+                path.stem
+                if path.is_file()
+                else "per stage (" + ", ".join(f.stem for f in sorted(path.glob("*.safetensors"))) + ")"
+            )
             choices[f"shipped: {label}"] = path
         for path in sorted(self.adapter_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
             choices[path.stem] = path
@@ -354,6 +379,7 @@ class Studio:
         """assets/upsampler*.safetensors for the embedded model; a model folder's upsamplers/: the set of them
         (one per stage, each stage taking its own) first, then each file alone."""
         from .models import ASSETS
+
         if self.model.name == "embedded":
             found = sorted(ASSETS.glob("upsampler*.safetensors"))
             folder = ASSETS / "shapes-ldm" / "upsamplers"
@@ -381,6 +407,7 @@ class Studio:
         tmp = self.adapter_dir / f".{uuid.uuid4().hex}.tmp"
         tmp.write_bytes(data)
         from .upsampler import load_adapter, weights_mismatch
+
         try:
             adapter = load_adapter(tmp, self.model)
         except ValueError as error:
@@ -399,8 +426,9 @@ class Studio:
             raise user_error("no adapter file uploaded")
         if not str(file).lower().endswith(".safetensors"):
             raise user_error(f"{_display_name(file)}: an adapter is a .safetensors file")
-        label = self._store_adapter(Path(file).read_bytes(), "uploaded-" + safe_stem(Path(file).name, "adapter"),
-                                    shown=_display_name(file))
+        label = self._store_adapter(
+            Path(file).read_bytes(), "uploaded-" + safe_stem(Path(file).name, "adapter"), shown=_display_name(file)
+        )
         gr.Info(f"Adapter {label} added.")
         return self.adapter_choices(label), self.adapter_choices()
 
@@ -416,35 +444,49 @@ class Studio:
             labels.append((f"{scale}: {w} x {h}{over}", scale))
         return gr.update(choices=labels)
 
-    def request(self, method: str, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed,
-                adapter) -> dict:
+    def request(
+        self, method: str, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter
+    ) -> dict:
         """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise user_error("the prompt is empty: describe the image you want")
         height, width = target_size(self.model.base_size, self.model.size_multiple, aspect, scale)
         if height * width > self.max_pixels:
-            raise user_error(f"{width}x{height} is {_megapixels(height * width)}, over this server's limit of "
-                             f"{_megapixels(self.max_pixels)} (set by --max-pixels or {ENV_MAX_PIXELS}): "
-                             f"pick a smaller scale")
+            raise user_error(
+                f"{width}x{height} is {_megapixels(height * width)}, over this server's limit of "
+                f"{_megapixels(self.max_pixels)} (set by --max-pixels or {ENV_MAX_PIXELS}): "
+                f"pick a smaller scale"
+            )
         try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
             stages = None if stages in (None, "", "auto") else checks.whole("stages", _number(stages), 0)
             k = None if k is None else checks.whole("K", k, 1, self.model.num_train_timesteps - 1)
             steps = checks.whole("steps", steps, 1, self.model.num_train_timesteps)
-            guidance = self.model.default_guidance if guidance is None else checks.finite(
-                "guidance", guidance, 0, checks.MAX_GUIDANCE)
+            guidance = (
+                self.model.default_guidance
+                if guidance is None
+                else checks.finite("guidance", guidance, 0, checks.MAX_GUIDANCE)
+            )
             seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
         except ValueError as error:
             raise user_error(str(error)) from None
         cascade = method == "self-cascade"
         try:
-            check_inputs(self.model, height, width, steps, guidance, k if cascade else None,
-                         stages if cascade else None)
+            check_inputs(
+                self.model, height, width, steps, guidance, k if cascade else None, stages if cascade else None
+            )
         except ValueError as error:
             raise user_error(str(error)) from None
-        request = {"method": method, "prompt": prompt, "negative_prompt": (negative_prompt or "").strip() or None,
-                   "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance,
-                   "seed": seed}
+        request = {
+            "method": method,
+            "prompt": prompt,
+            "negative_prompt": (negative_prompt or "").strip() or None,
+            "height": height,
+            "width": width,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "seed": seed,
+        }
         if cascade:
             request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
         return request
@@ -457,8 +499,12 @@ class Studio:
     def _generate_events(self, requests: list[dict], stop: str) -> Iterator[tuple]:
         """Run each request through `sc_app.api.generate`; the events of `_job_events`, each stage's
         image as a PIL image."""
-        yield from self._job_events(requests, stop, lambda request, **hooks: run_method(self.model, **hooks, **request),
-                                    lambda stage: stage.images[0])
+        yield from self._job_events(
+            requests,
+            stop,
+            lambda request, **hooks: run_method(self.model, **hooks, **request),
+            lambda stage: stage.images[0],
+        )
 
     def _job_events(self, requests: list[dict], stop: str, run, output) -> Iterator[tuple]:
         """Run each request through `run(request, callback=, on_stage=)` in a thread holding the model lock,
@@ -475,6 +521,7 @@ class Studio:
                 self._model_lock.acquire()
             try:
                 for job, request in enumerate(requests):
+
                     def callback(info, job=job):
                         if stop_file.exists():
                             raise _Stopped
@@ -529,12 +576,22 @@ class Studio:
 
             try:
                 from tuner.upsampler_training import train_adapter
+
                 if not self._model_lock.acquire(blocking=False):
                     events.put(("waiting",))
                     self._model_lock.acquire()
                 try:
-                    path = train_adapter(self.model, data, scale=scale, steps=steps, batch_size=batch_size, lr=lr,
-                                         out=out, progress=progress, should_stop=stop_file.exists)
+                    path = train_adapter(
+                        self.model,
+                        data,
+                        scale=scale,
+                        steps=steps,
+                        batch_size=batch_size,
+                        lr=lr,
+                        out=out,
+                        progress=progress,
+                        should_stop=stop_file.exists,
+                    )
                 finally:
                     self._model_lock.release()
                 events.put(("done", Path(path).read_bytes(), last[0]))
@@ -565,8 +622,9 @@ class Studio:
             shutil.rmtree(path, ignore_errors=True)
         return folder
 
-    def _stream(self, requests: list[dict], gpu=None, model=None, unit: str = "method",
-                page: gr.Request | None = None) -> Iterator[tuple]:
+    def _stream(
+        self, requests: list[dict], gpu=None, model=None, unit: str = "method", page: gr.Request | None = None
+    ) -> Iterator[tuple]:
         """The events of `gpu` (default: the image model's) for `requests`, as (run folder, event); steps come as
         ("progress", line), the status area's one progress line (`ProgressLine`, at most a few a second), and
         errors are raised as gr.Error; a run that Stop (`stop_run`) ended comes as ("stopped",). If the page goes
@@ -605,13 +663,15 @@ class Studio:
             if not finished:
                 _touch(stop)
 
-    def generate(self, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter,
-                 page: gr.Request = None):
+    def generate(
+        self, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, page: gr.Request = None
+    ):
         """Generate tab: the pivot and every stage side by side as they finish, a progress line in the status area,
         then the final image; the last output (a State) is what `show_result` shows: the pivot upscaled beside
         the final image, the settings line and the seed used."""
-        request = self.request("self-cascade", prompt, negative_prompt, aspect, scale, stages, k, steps,
-                               guidance, seed, adapter)
+        request = self.request(
+            "self-cascade", prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter
+        )
         gallery: list[tuple[str, str]] = []
         yield [], None, "Starting...", None
         for run, event in self._stream([request], unit="stage", page=page):
@@ -635,11 +695,22 @@ class Studio:
                 with Image.open(run / "stage0.png") as image:
                     image.convert("RGB").resize((w, h), Image.BICUBIC).save(pivot)
                 tuned = f", adapter {adapter}" if request.get("upsampler") else ""
-                result = {"pivot": str(pivot), "final": str(final), "seed": request["seed"],
-                          "settings": settings_line(self.model.name, request, summary["k"])}
-                yield gallery, str(final), (f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, "
-                                            f"{stages_text(len(summary['stages']) - 1)}, K {_ks(summary['k'])}, "
-                                            f"seed {request['seed']}{tuned}."), result
+                result = {
+                    "pivot": str(pivot),
+                    "final": str(final),
+                    "seed": request["seed"],
+                    "settings": settings_line(self.model.name, request, summary["k"]),
+                }
+                yield (
+                    gallery,
+                    str(final),
+                    (
+                        f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, "
+                        f"{stages_text(len(summary['stages']) - 1)}, K {_ks(summary['k'])}, "
+                        f"seed {request['seed']}{tuned}."
+                    ),
+                    result,
+                )
             elif event[0] == "unavailable":
                 raise user_error(event[2])
 
@@ -648,23 +719,41 @@ class Studio:
         """Generate tab, after a run: the pivot (upscaled to the final size) | final slider and the settings line."""
         if not result:
             return gr.skip(), gr.skip()
-        return (gr.update(value=(result["pivot"], result["final"]), label="pivot (upscaled) | final"),
-                result["settings"])
+        return (
+            gr.update(value=(result["pivot"], result["final"]), label="pivot (upscaled) | final"),
+            result["settings"],
+        )
 
     @staticmethod
     def reuse_seed(result: dict | None, seed):
         """The seed the last run used, back into the seed box (unchanged before any run)."""
         return result["seed"] if result else seed
 
-    def compare(self, prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf,
-                side_a, side_b, page: gr.Request = None):
+    def compare(
+        self,
+        prompt,
+        negative_prompt,
+        aspect,
+        scale,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter,
+        attn_sf,
+        side_a,
+        side_b,
+        page: gr.Request = None,
+    ):
         """Compare tab: one prompt and seed through each method; a gallery, a table, an A/B slider, a progress line
         in the status area, and (a State for `show_settings`) a settings line per method."""
         methods = [m for m in COMPARE_METHODS if m != "attn-sf" or attn_sf]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for every method
-        requests = [self.request(m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter)
-                    for m in methods]
+        requests = [
+            self.request(m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter)
+            for m in methods
+        ]
         finals: dict[int, str] = {}
         results: dict[str, str] = {}
         lines: dict[str, str] = {}
@@ -695,12 +784,24 @@ class Studio:
                 gallery.append((finals[job], f"{label}: {w} x {h}, {seconds} s"))
                 table.append([label, f"{w} x {h}", float(seconds), stages_text(stages) if stages else "one pass"])
                 lines[method] = settings_line(self.model.name, requests[job], summary.get("k"))
-                yield (gallery, table, self.slider(results, side_a, side_b), results,
-                       f"{label.capitalize()} done ({w} x {h}, {seconds} s)...", lines)
+                yield (
+                    gallery,
+                    table,
+                    self.slider(results, side_a, side_b),
+                    results,
+                    f"{label.capitalize()} done ({w} x {h}, {seconds} s)...",
+                    lines,
+                )
             elif kind == "unavailable":
                 gr.Warning(event[2])
-        yield (gallery, table, self.slider(results, side_a, side_b), results,
-               f"Done: {len(results)} methods at {requests[0]['width']} x {requests[0]['height']}, seed {seed}.", lines)
+        yield (
+            gallery,
+            table,
+            self.slider(results, side_a, side_b),
+            results,
+            f"Done: {len(results)} methods at {requests[0]['width']} x {requests[0]['height']}, seed {seed}.",
+            lines,
+        )
         if getattr(self, "review", None) is not None:  # the run's images join the Review tab's pool
             self.review.add_compare(requests, methods, results)
 
@@ -738,14 +839,17 @@ class Studio:
         if source not in (SHAPES_WORLD, MY_IMAGES):
             raise user_error(f"data must be {SHAPES_WORLD!r} or {MY_IMAGES!r}, got {source!r}")
         if not self._tune_lock.acquire(blocking=False):
-            raise user_error("a tuning job is already running on this server, and only one runs at a time: "
-                             "try again when it has finished")
+            raise user_error(
+                "a tuning job is already running on this server, and only one runs at a time: "
+                "try again when it has finished"
+            )
         job, folder = None, self._new_folder(self.jobs_dir)
         try:
             if source == SHAPES_WORLD:
                 data = "shapes"
             else:
                 from tuner.upsampler_training import stage_size
+
                 files = [f for f in (files or []) if f]
                 count = prepare_images(files, folder / "data", stage_size(self.model, scale))
                 data = str(folder / "data")
@@ -796,7 +900,13 @@ class Studio:
                     progress((step, total), desc="tuning", unit="steps")
                     if time.monotonic() - shown > 0.5 or step == total:
                         shown = time.monotonic()
-                        yield f"Step {step} of {total}, loss {loss:.4f}", _loss_frame(losses), None, gr.skip(), gr.skip()
+                        yield (
+                            f"Step {step} of {total}, loss {loss:.4f}",
+                            _loss_frame(losses),
+                            None,
+                            gr.skip(),
+                            gr.skip(),
+                        )
                 elif event[0] == "error":
                     finished = True
                     raise user_error(event[1])
@@ -806,8 +916,13 @@ class Studio:
                     path = str(self.adapters()[label])
                     how = f"cancelled at step {step}" if cancelled else f"{step} steps"
                     loss = f", final loss {losses[-1][1]:.4f}" if losses else ""
-                    yield (f"Saved adapter **{label}** ({how}{loss}). It is selected in Generate and Compare.",
-                           _loss_frame(losses), path, self.adapter_choices(label), self.adapter_choices(label))
+                    yield (
+                        f"Saved adapter **{label}** ({how}{loss}). It is selected in Generate and Compare.",
+                        _loss_frame(losses),
+                        path,
+                        self.adapter_choices(label),
+                        self.adapter_choices(label),
+                    )
             finished = True
         finally:
             if not finished:  # the page went away: stop the job at its next step
@@ -846,16 +961,22 @@ def _model_label(name: str) -> str:
 
 def _loss_frame(losses: list[tuple[int, float]]):
     import pandas as pd
+
     frame = pd.DataFrame([(step, round(loss, 5)) for step, loss in losses], columns=["step", "loss"])
     return frame.astype({"step": "int64", "loss": "float64"})
 
 
 # ---- the page --------------------------------------------------------------------------------------
 
+
 def _size_controls(studio: Studio, prefix: str = "") -> tuple:
     aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id=f"{prefix}aspect")
-    scale = gr.Radio(studio.size_choices("1:1")["choices"], value="4x", label="Size (times the model's pixels)",
-                     elem_id=f"{prefix}scale")
+    scale = gr.Radio(
+        studio.size_choices("1:1")["choices"],
+        value="4x",
+        label="Size (times the model's pixels)",
+        elem_id=f"{prefix}scale",
+    )
     aspect.change(studio.size_choices, aspect, scale, api_visibility="private", queue=False)
     return aspect, scale
 
@@ -870,15 +991,32 @@ def _sampling_controls(studio: Studio, with_stages: bool, prefix: str = "") -> t
     stages = None
     with gr.Accordion("Settings", open=False):
         if with_stages:
-            stages = gr.Dropdown(stage_choices(), value="auto", label="Stages", elem_id="stages-choice",
-                                 info="auto: about 4x more pixels per stage")
-        k = gr.Slider(1, model.num_train_timesteps - 1, value=model.default_k, step=1, label="K (re-noise level)",
-                      info="higher: more new detail per stage, less of the pivot's layout")
+            stages = gr.Dropdown(
+                stage_choices(),
+                value="auto",
+                label="Stages",
+                elem_id="stages-choice",
+                info="auto: about 4x more pixels per stage",
+            )
+        k = gr.Slider(
+            1,
+            model.num_train_timesteps - 1,
+            value=model.default_k,
+            step=1,
+            label="K (re-noise level)",
+            info="higher: more new detail per stage, less of the pivot's layout",
+        )
         steps = gr.Slider(1, 150, value=50, step=1, label="Steps")
         guidance = gr.Slider(0, 20, value=model.default_guidance, step=0.5, label="Guidance scale")
         with gr.Row(equal_height=True):
-            seed = gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label="Seed (-1: random)", scale=3,
-                             elem_id=f"{prefix}seed")
+            seed = gr.Number(
+                RANDOM_SEED,
+                precision=0,
+                minimum=RANDOM_SEED,
+                label="Seed (-1: random)",
+                scale=3,
+                elem_id=f"{prefix}seed",
+            )
             reuse = gr.Button("Reuse seed", scale=1, size="sm", elem_id=f"{prefix}reuse-seed")
     return stages, k, steps, guidance, seed, reuse
 
@@ -906,8 +1044,15 @@ def _reuse_compare_seed(lines: dict | None, seed):
     return seed
 
 
-def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None = None, video_model="embedded",
-          motion_adapter: str | None = None, review_token: str | None = None) -> gr.Blocks:
+def build(
+    model,
+    *,
+    max_pixels: int | None = None,
+    work_dir: str | Path | None = None,
+    video_model="embedded",
+    motion_adapter: str | None = None,
+    review_token: str | None = None,
+) -> gr.Blocks:
     """The Blocks for a loaded model. `max_pixels`: the size limit (else $SC_MAX_PIXELS, else a default
     for the device); `work_dir`: the app's own folder (else $SC_WORK_DIR, else one in the temp folder);
     `video_model`: the Video tab's model, a loaded VideoModel or a name for `load_video_model` (loaded on
@@ -916,8 +1061,9 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
     from .ui_review import review_tab
     from .ui_video import video_tab
 
-    studio = Studio(model, max_pixels=max_pixels, work_dir=work_dir, video_model=video_model,
-                    motion_adapter=motion_adapter)
+    studio = Studio(
+        model, max_pixels=max_pixels, work_dir=work_dir, video_model=video_model, motion_adapter=motion_adapter
+    )
     base, m = model.base_size, model.size_multiple
     examples = EMBEDDED_EXAMPLES if model.name == "embedded" else SD_EXAMPLES
     gpu = dict(concurrency_id="gpu", concurrency_limit=1)
@@ -925,10 +1071,12 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
 
     with gr.Blocks(title="Self-Cascade Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         demo.studio = studio
-        gr.Markdown(f"# Self-Cascade Studio\nHigher resolutions from a pre-trained diffusion model: a pivot at the "
-                    f"model's own size, then stages of about 4x the pixels, each re-noised to K and denoised again. "
-                    f"Model **{_model_label(model.name)}**, trained at {base} x {base}; sizes are multiples of {m}; limit "
-                    f"{_megapixels(studio.max_pixels)}.")
+        gr.Markdown(
+            f"# Self-Cascade Studio\nHigher resolutions from a pre-trained diffusion model: a pivot at the "
+            f"model's own size, then stages of about 4x the pixels, each re-noised to K and denoised again. "
+            f"Model **{_model_label(model.name)}**, trained at {base} x {base}; sizes are multiples of {m}; limit "
+            f"{_megapixels(studio.max_pixels)}."
+        )
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
                 with gr.Row():
@@ -938,65 +1086,105 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                         aspect, scale = _size_controls(studio)
                         stages, k, steps, guidance, seed, reuse = _sampling_controls(studio, with_stages=True)
                         with gr.Row(equal_height=True):
-                            adapter = gr.Dropdown(adapters, value=NO_ADAPTER, label="Feature upsamplers (adapter)",
-                                                  allow_custom_value=True, scale=3)
-                            adapter_upload = gr.UploadButton("Load .safetensors", file_types=[".safetensors"],
-                                                             scale=1, size="sm")
+                            adapter = gr.Dropdown(
+                                adapters,
+                                value=NO_ADAPTER,
+                                label="Feature upsamplers (adapter)",
+                                allow_custom_value=True,
+                                scale=3,
+                            )
+                            adapter_upload = gr.UploadButton(
+                                "Load .safetensors", file_types=[".safetensors"], scale=1, size="sm"
+                            )
                         with gr.Row():
                             run = gr.Button("Generate", variant="primary", elem_id="generate-button", scale=3)
-                            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="generate-stop",
-                                             scale=1)
+                            stop = gr.Button(
+                                "Stop", variant="stop", interactive=False, elem_id="generate-stop", scale=1
+                            )
                         gr.Examples([[e] for e in examples], [prompt])
                     with gr.Column(scale=3):
                         status = gr.Markdown("Ready.", label="Status", elem_id="generate-status")
-                        stage_gallery = gr.Gallery(label="Pivot and stages", columns=4, object_fit="contain",
-                                                   height="auto", format="png", elem_id="stages")
-                        final_slider = gr.ImageSlider(label="pivot (upscaled) | final", type="filepath",
-                                                      elem_id="final-slider", height=512)
-                        settings = gr.Textbox(label="Settings (python -m sc_app generate ...)", lines=2,
-                                              interactive=False, buttons=["copy"], elem_id="settings-line")
+                        stage_gallery = gr.Gallery(
+                            label="Pivot and stages",
+                            columns=4,
+                            object_fit="contain",
+                            height="auto",
+                            format="png",
+                            elem_id="stages",
+                        )
+                        final_slider = gr.ImageSlider(
+                            label="pivot (upscaled) | final", type="filepath", elem_id="final-slider", height=512
+                        )
+                        settings = gr.Textbox(
+                            label="Settings (python -m sc_app generate ...)",
+                            lines=2,
+                            interactive=False,
+                            buttons=["copy"],
+                            elem_id="settings-line",
+                        )
                         final = gr.File(label="Final image", elem_id="final")
                         result = gr.State(None)
             with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row():
                     with gr.Column(scale=2):
-                        c_prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="compare-prompt")
+                        c_prompt = gr.Textbox(
+                            "", label="Prompt", placeholder=examples[0], lines=2, elem_id="compare-prompt"
+                        )
                         c_negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
                         c_aspect, c_scale = _size_controls(studio, prefix="compare-")
-                        _, c_k, c_steps, c_guidance, c_seed, c_reuse = _sampling_controls(studio, with_stages=False,
-                                                                                          prefix="compare-")
-                        c_adapter = gr.Dropdown(adapters, value=NO_ADAPTER, label="Adapter for the self-cascade",
-                                                allow_custom_value=True)
+                        _, c_k, c_steps, c_guidance, c_seed, c_reuse = _sampling_controls(
+                            studio, with_stages=False, prefix="compare-"
+                        )
+                        c_adapter = gr.Dropdown(
+                            adapters, value=NO_ADAPTER, label="Adapter for the self-cascade", allow_custom_value=True
+                        )
                         c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
                         with gr.Row():
                             c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
-                            c_stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="compare-stop",
-                                               scale=1)
+                            c_stop = gr.Button(
+                                "Stop", variant="stop", interactive=False, elem_id="compare-stop", scale=1
+                            )
                     with gr.Column(scale=3):
                         c_status = gr.Markdown("Ready.", label="Status", elem_id="compare-status")
-                        c_gallery = gr.Gallery(label="One image per method", columns=4, object_fit="contain",
-                                               height="auto", format="png", elem_id="compare-gallery")
+                        c_gallery = gr.Gallery(
+                            label="One image per method",
+                            columns=4,
+                            object_fit="contain",
+                            height="auto",
+                            format="png",
+                            elem_id="compare-gallery",
+                        )
                         with gr.Row():
                             side_a = gr.Dropdown(list(COMPARE_METHODS), value="direct", label="A (left)")
                             side_b = gr.Dropdown(list(COMPARE_METHODS), value="self-cascade", label="B (right)")
                         ab = gr.ImageSlider(label="A/B", type="filepath", elem_id="ab-slider")
-                        c_table = gr.Dataframe(headers=["method", "size", "seconds", "stages"],
-                                               datatype=["str", "str", "number", "str"], interactive=False,
-                                               label="Time and size per method")
-                        c_settings = gr.Textbox(label="Settings per method (python -m sc_app generate ...)",
-                                                lines=3, interactive=False, buttons=["copy"],
-                                                elem_id="compare-settings")
+                        c_table = gr.Dataframe(
+                            headers=["method", "size", "seconds", "stages"],
+                            datatype=["str", "str", "number", "str"],
+                            interactive=False,
+                            label="Time and size per method",
+                        )
+                        c_settings = gr.Textbox(
+                            label="Settings per method (python -m sc_app generate ...)",
+                            lines=3,
+                            interactive=False,
+                            buttons=["copy"],
+                            elem_id="compare-settings",
+                        )
                         results = gr.State({})
                         c_lines = gr.State({})
             with gr.Tab("Tune", id="tune"):
-                gr.Markdown("Fine-tune the time-aware feature upsamplers (the base model stays frozen) on your "
-                            "high-resolution images, or on the shapes world with no data. The adapter is saved "
-                            "on this server and appears in Generate and Compare.")
+                gr.Markdown(
+                    "Fine-tune the time-aware feature upsamplers (the base model stays frozen) on your "
+                    "high-resolution images, or on the shapes world with no data. The adapter is saved "
+                    "on this server and appears in Generate and Compare."
+                )
                 with gr.Row():
                     with gr.Column(scale=2):
                         source = gr.Radio([SHAPES_WORLD, MY_IMAGES], value=SHAPES_WORLD, label="Data")
-                        files = gr.File(label="Images or a zip of images", file_count="multiple",
-                                        file_types=["image", ".zip"])
+                        files = gr.File(
+                            label="Images or a zip of images", file_count="multiple", file_types=["image", ".zip"]
+                        )
                         with gr.Row():
                             t_steps = gr.Number(200, precision=0, minimum=1, maximum=MAX_TUNE_STEPS, label="Steps")
                             t_batch = gr.Number(8, precision=0, minimum=1, maximum=256, label="Batch size")
@@ -1008,8 +1196,17 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
                             t_cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="tune-cancel")
                     with gr.Column(scale=3):
                         t_status = gr.Markdown(label="Status", elem_id="tune-status")
-                        t_plot = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=300, label="Loss",
-                                            x_title="step", y_title="loss", y_axis_format=".3~r")
+                        t_plot = gr.LinePlot(
+                            _loss_frame([]),
+                            x="step",
+                            y="loss",
+                            title="Training loss",
+                            height=300,
+                            label="Loss",
+                            x_title="step",
+                            y_title="loss",
+                            y_axis_format=".3~r",
+                        )
                         t_adapter = gr.File(label="Adapter (download)")
             video_tab(studio, gpu)
             review_tab(studio, work_dir, review_token)
@@ -1018,28 +1215,60 @@ def build(model, *, max_pixels: int | None = None, work_dir: str | Path | None =
         adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")
         # the runs' progress is the status area's line: nothing covers the stages already shown
         generating = gr.on([run.click, prompt.submit], _enable, None, stop, **PRIVATE).then(
-            studio.generate, [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter],
-            [stage_gallery, final, status, result], api_name="generate", show_progress="hidden", **gpu)
+            studio.generate,
+            [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter],
+            [stage_gallery, final, status, result],
+            api_name="generate",
+            show_progress="hidden",
+            **gpu,
+        )
         generating.then(studio.show_result, result, [final_slider, settings], **PRIVATE).then(
-            _disable, None, stop, **PRIVATE)
+            _disable, None, stop, **PRIVATE
+        )
         stop.click(studio.stop_run, None, stop, **PRIVATE)
         reuse.click(studio.reuse_seed, [result, seed], seed, **PRIVATE)
         # Compare
-        c_inputs = [c_prompt, c_negative, c_aspect, c_scale, c_k, c_steps, c_guidance, c_seed, c_adapter, c_attn_sf,
-                    side_a, side_b]
+        c_inputs = [
+            c_prompt,
+            c_negative,
+            c_aspect,
+            c_scale,
+            c_k,
+            c_steps,
+            c_guidance,
+            c_seed,
+            c_adapter,
+            c_attn_sf,
+            side_a,
+            side_b,
+        ]
         comparing = gr.on([c_run.click, c_prompt.submit], _enable, None, c_stop, **PRIVATE).then(
-            studio.compare, c_inputs, [c_gallery, c_table, ab, results, c_status, c_lines], api_name="compare",
-            show_progress="hidden", **gpu)
+            studio.compare,
+            c_inputs,
+            [c_gallery, c_table, ab, results, c_status, c_lines],
+            api_name="compare",
+            show_progress="hidden",
+            **gpu,
+        )
         comparing.then(studio.show_settings, c_lines, c_settings, **PRIVATE).then(_disable, None, c_stop, **PRIVATE)
         c_stop.click(studio.stop_run, None, c_stop, **PRIVATE)
         c_reuse.click(_reuse_compare_seed, [c_lines, c_seed], c_seed, **PRIVATE)
-        gr.on([side_a.change, side_b.change], studio.slider, [results, side_a, side_b], ab,
-              api_visibility="private", queue=False)
+        gr.on(
+            [side_a.change, side_b.change],
+            studio.slider,
+            [results, side_a, side_b],
+            ab,
+            api_visibility="private",
+            queue=False,
+        )
         # Tune
         t_run.click(_enable, None, t_cancel, **PRIVATE).then(
-            studio.tune, [source, files, t_steps, t_batch, t_lr, t_scale],
-            [t_status, t_plot, t_adapter, adapter, c_adapter], api_name="tune", concurrency_limit=2).then(
-            _disable, None, t_cancel, **PRIVATE)
+            studio.tune,
+            [source, files, t_steps, t_batch, t_lr, t_scale],
+            [t_status, t_plot, t_adapter, adapter, c_adapter],
+            api_name="tune",
+            concurrency_limit=2,
+        ).then(_disable, None, t_cancel, **PRIVATE)
         files.upload(_my_images, None, source, **PRIVATE)
         t_cancel.click(studio.cancel_tune, None, t_status, api_name="cancel_tune", queue=False)
         # adapters made by other pages appear when a tab is opened
@@ -1065,12 +1294,24 @@ def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None,
     wait = not kwargs.pop("prevent_thread_lock", False)
     quiet = kwargs.pop("quiet", False)
     # gradio's own lines say "set share=True in launch()"; ours name the --share flag
-    served = demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_SIZE,
-                         allowed_paths=[str(studio.work_dir)], prevent_thread_lock=True, quiet=True, **kwargs)
+    served = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=MAX_UPLOAD_SIZE,
+        allowed_paths=[str(studio.work_dir)],
+        prevent_thread_lock=True,
+        quiet=True,
+        **kwargs,
+    )
     if not quiet:
         print(f"* Running on local URL: {demo.local_url}")
-        print(f"* Running on public URL: {demo.share_url}" if demo.share_url else
-              "* For a public link, start the app with --share.", flush=True)
+        print(
+            f"* Running on public URL: {demo.share_url}"
+            if demo.share_url
+            else "* For a public link, start the app with --share.",
+            flush=True,
+        )
     demo.server_app.iterators = _RunningIterators(demo.server_app.iterators)
     if wait and not bool(getattr(sys, "ps1", sys.flags.interactive)):  # as Blocks.launch itself would
         demo.block_thread()

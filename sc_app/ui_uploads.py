@@ -5,6 +5,7 @@ stored under names the app makes. Zips are judged from their directory first (me
 all and per member), then each member is streamed to disk, never held in memory whole, and only once its first
 bytes show an image: a small zip that unpacks to gigabytes is refused before it is read.
 """
+
 from __future__ import annotations
 
 import re
@@ -68,8 +69,9 @@ def _check_image(path: Path, name: str, min_side: int) -> str:
         with Image.open(path) as image:
             kind, (width, height) = image.format, image.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise user_error(f"{label} is {width}x{height}, more than the {megapixels(MAX_IMAGE_PIXELS)} an "
-                                 "upload may have")
+                raise user_error(
+                    f"{label} is {width}x{height}, more than the {megapixels(MAX_IMAGE_PIXELS)} an upload may have"
+                )
             image.load()  # decodes every pixel: catches truncated and corrupt files
     except Image.DecompressionBombError:
         raise user_error(f"{label}: the image is too large to read safely") from None
@@ -80,8 +82,9 @@ def _check_image(path: Path, name: str, min_side: int) -> str:
     if kind not in IMAGE_FORMATS:
         raise user_error(f"{label}: {kind} images are not supported (upload PNG, JPEG or WebP)")
     if min(width, height) < min_side:
-        raise user_error(f"{label} is {width}x{height}, smaller than the {min_side}x{min_side} crop that "
-                         f"tuning at this scale needs")
+        raise user_error(
+            f"{label} is {width}x{height}, smaller than the {min_side}x{min_side} crop that tuning at this scale needs"
+        )
     return IMAGE_FORMATS[kind]
 
 
@@ -89,8 +92,13 @@ def _members(archive: zipfile.ZipFile, shown: str) -> list[zipfile.ZipInfo]:
     """The zip's files (no folders, no hidden or __MACOSX files), within the limits on count and unpacked size,
     judged from its directory before any member is read."""
     members = [m for m in archive.infolist() if not m.is_dir()]
-    members = [m for m in members if not any(part == "__MACOSX" or (part.startswith(".") and part.strip("."))
-                                             for part in re.split(r"[\\/]", m.filename))]  # no hidden files
+    members = [
+        m
+        for m in members
+        if not any(
+            part == "__MACOSX" or (part.startswith(".") and part.strip(".")) for part in re.split(r"[\\/]", m.filename)
+        )
+    ]  # no hidden files
     if len(members) > MAX_ZIP_MEMBERS:
         raise user_error(f"{shown} holds {len(members)} files, more than {MAX_ZIP_MEMBERS}")
     if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
@@ -98,9 +106,11 @@ def _members(archive: zipfile.ZipFile, shown: str) -> list[zipfile.ZipInfo]:
     for m in members:
         limit = MAX_CAPTION_BYTES if m.filename.lower().endswith(".txt") else MAX_MEMBER_BYTES
         if m.file_size > limit:
-            raise user_error(f"{_display_name(m.filename)} in {shown} unpacks to {m.file_size / 2**20:.1f} MB, more "
-                             f"than the {limit / 2**20:g} MB a {'caption' if limit == MAX_CAPTION_BYTES else 'file'} "
-                             "may have")
+            raise user_error(
+                f"{_display_name(m.filename)} in {shown} unpacks to {m.file_size / 2**20:.1f} MB, more "
+                f"than the {limit / 2**20:g} MB a {'caption' if limit == MAX_CAPTION_BYTES else 'file'} "
+                "may have"
+            )
     return members
 
 
@@ -110,8 +120,9 @@ def _unpack(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> No
     with archive.open(member) as source:
         header = source.read(HEADER_BYTES)
         if _kind(header) is None:
-            raise user_error(f"{_display_name(member.filename)} is not an image (upload PNG, JPEG or WebP files, or "
-                             "a zip of them)")
+            raise user_error(
+                f"{_display_name(member.filename)} is not an image (upload PNG, JPEG or WebP files, or a zip of them)"
+            )
         with open(path, "wb") as out:
             out.write(header)
             shutil.copyfileobj(source, out, CHUNK_BYTES)
@@ -149,8 +160,11 @@ def prepare_images(files: list[str], dest: Path, min_side: int) -> int:
         try:
             with zipfile.ZipFile(file) as archive:
                 members = _members(archive, shown)
-                captions = {m.filename.rsplit(".", 1)[0]: archive.read(m).decode("utf-8", "replace").strip()
-                            for m in members if m.filename.lower().endswith(".txt")}
+                captions = {
+                    m.filename.rsplit(".", 1)[0]: archive.read(m).decode("utf-8", "replace").strip()
+                    for m in members
+                    if m.filename.lower().endswith(".txt")
+                }
                 for member in members:
                     if not member.filename.lower().endswith(".txt"):
                         _unpack(archive, member, incoming)

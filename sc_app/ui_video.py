@@ -4,6 +4,7 @@ A thin shell over `sc_app.video.generate_video`, built on the image tabs' machin
 event stream, the run folders, the size controls' arithmetic). The video model is loaded on first use, so the
 page builds, and the image tabs work, when it is missing.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -44,8 +45,11 @@ MAX_K = 999  # for the usual 1000 training timesteps; the request is checked aga
 DEFAULT_KEYS = ("default_frames", "default_fps", "default_k", "default_guidance")
 STAGE_SLOTS = 1 + int(STAGE_CHOICES[-1])  # the pivot and the most stages the dropdown offers
 EMBEDDED_VIDEO = f"{ASSETS.name}/{VIDEO_EMBEDDED.name}"
-VIDEO_EXAMPLES = ["a corgi running on a beach at sunset", "waves crashing on rocks, aerial view",
-                  "a paper boat drifting down a rainy street"]
+VIDEO_EXAMPLES = [
+    "a corgi running on a beach at sunset",
+    "waves crashing on rocks, aerial view",
+    "a paper boat drifting down a rainy street",
+]
 TIME_HEADERS = ["clip", "size", "seconds"]
 
 
@@ -70,11 +74,14 @@ class VideoTab:
             self.loaded = load_video_model(self.source, self.motion_adapter, device=self.studio.model.device)
         except (ValueError, OSError, RuntimeError) as error:
             if self.source == "embedded" and isinstance(error, FileNotFoundError):
-                raise user_error(f"the embedded video model is missing ({EMBEDDED_VIDEO} is not there).{hint} "
-                                 "Or start the app with `--video-model FOLDER` (a ModelScope or AnimateDiff "
-                                 "folder).") from None
-            raise user_error(f"the video model {_model_label(self.source)} could not be loaded: "
-                             f"{_first_line(error)}.{hint}") from None
+                raise user_error(
+                    f"the embedded video model is missing ({EMBEDDED_VIDEO} is not there).{hint} "
+                    "Or start the app with `--video-model FOLDER` (a ModelScope or AnimateDiff "
+                    "folder)."
+                ) from None
+            raise user_error(
+                f"the video model {_model_label(self.source)} could not be loaded: {_first_line(error)}.{hint}"
+            ) from None
         return self.loaded
 
     def defaults(self) -> dict:
@@ -101,11 +108,27 @@ class VideoTab:
         if self.loaded is None:
             return gr.update(choices=[(scale, scale) for scale in SCALES])
         base, m = self.loaded.base_size, self.loaded.size_multiple
-        return gr.update(choices=[(f"{scale}: {w} x {h}", scale)
-                                  for scale in SCALES for h, w in [target_size(base, m, aspect, scale)]])
+        return gr.update(
+            choices=[
+                (f"{scale}: {w} x {h}", scale) for scale in SCALES for h, w in [target_size(base, m, aspect, scale)]
+            ]
+        )
 
-    def request(self, method: str, prompt, negative_prompt, frames, aspect, scale, stages, k, steps, guidance,
-                seed, adapter=None) -> dict:
+    def request(
+        self,
+        method: str,
+        prompt,
+        negative_prompt,
+        frames,
+        aspect,
+        scale,
+        stages,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter=None,
+    ) -> dict:
         """Widget values -> keyword arguments of `generate_video`, checked; gr.Error if not valid. Frames, K
         or guidance None mean the model's own default."""
         prompt = (prompt or "").strip()
@@ -118,26 +141,40 @@ class VideoTab:
             stages = None if stages in (None, "", "auto") else checks.whole("stages", _number(stages), 0)
             k = None if k is None else checks.whole("K", k, 1, model.num_train_timesteps - 1)
             steps = checks.whole("steps", steps, 1, model.num_train_timesteps)
-            guidance = model.default_guidance if guidance is None else checks.finite(
-                "guidance", guidance, 0, checks.MAX_GUIDANCE)
+            guidance = (
+                model.default_guidance
+                if guidance is None
+                else checks.finite("guidance", guidance, 0, checks.MAX_GUIDANCE)
+            )
             seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
         except ValueError as error:
             raise user_error(str(error)) from None
         # the UNet takes a clip's frames as one batch: the whole clip counts against the limit
         pixels = frames * height * width
         if pixels > self.studio.max_pixels:
-            raise user_error(f"{frames} frames of {width}x{height} are {_megapixels(pixels)} in all, over this "
-                             f"server's limit of {_megapixels(self.studio.max_pixels)} (set by --max-pixels or "
-                             f"{ENV_MAX_PIXELS}): pick a smaller scale or fewer frames")
+            raise user_error(
+                f"{frames} frames of {width}x{height} are {_megapixels(pixels)} in all, over this "
+                f"server's limit of {_megapixels(self.studio.max_pixels)} (set by --max-pixels or "
+                f"{ENV_MAX_PIXELS}): pick a smaller scale or fewer frames"
+            )
         cascade = method == "self-cascade"
         try:
-            check_video_inputs(model, height, width, frames, steps, guidance, k if cascade else None,
-                               stages if cascade else None)
+            check_video_inputs(
+                model, height, width, frames, steps, guidance, k if cascade else None, stages if cascade else None
+            )
         except ValueError as error:
             raise user_error(str(error)) from None
-        request = {"method": method, "prompt": prompt, "negative_prompt": (negative_prompt or "").strip() or None,
-                   "height": height, "width": width, "num_frames": frames, "num_inference_steps": steps,
-                   "guidance_scale": guidance, "seed": seed}
+        request = {
+            "method": method,
+            "prompt": prompt,
+            "negative_prompt": (negative_prompt or "").strip() or None,
+            "height": height,
+            "width": width,
+            "num_frames": frames,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "seed": seed,
+        }
         if cascade:
             request.update(k=k, stages=stages, upsampler=chosen_adapter(self.adapters(), adapter))
         return request
@@ -157,21 +194,42 @@ class VideoTab:
         """Each request through `generate_video`; the events of `Studio._job_events`, each stage's clip
         as a (frames, H, W, 3) uint8 array."""
         yield from self.studio._job_events(
-            requests, stop, lambda request, **hooks: generate_video(self.loaded, **hooks, **request),
-            lambda stage: stage.clips[0])
+            requests,
+            stop,
+            lambda request, **hooks: generate_video(self.loaded, **hooks, **request),
+            lambda stage: stage.clips[0],
+        )
 
     # ---- the page event --------------------------------------------------------------------------
 
-    def generate(self, prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed,
-                 with_direct, adapter=NO_ADAPTER):
+    def generate(
+        self,
+        prompt,
+        negative_prompt,
+        frames,
+        fps,
+        aspect,
+        scale,
+        stages,
+        k,
+        steps,
+        guidance,
+        seed,
+        with_direct,
+        adapter=NO_ADAPTER,
+    ):
         """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
         direct sampling at the target size beside the cascade's final clip. `adapter`: one of `adapters()`,
         the tuned self-cascade."""
         methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for both methods
-        requests = [self.request(method, prompt, negative_prompt, frames, aspect, scale, stages, k, steps,
-                                 guidance, seed, adapter) for method in methods]
+        requests = [
+            self.request(
+                method, prompt, negative_prompt, frames, aspect, scale, stages, k, steps, guidance, seed, adapter
+            )
+            for method in methods
+        ]
         fps = self.fps(fps)
         stage_clips: list[tuple[str, str]] = []  # (path, label) of the pivot and each stage
         ab: dict[str, tuple[str, str]] = {}  # method -> (path, label) of its final clip
@@ -179,12 +237,16 @@ class VideoTab:
         status = ["Starting..."]
 
         def outputs():
-            slots = [gr.update(value=None, label="pivot" if i == 0 else f"stage {i}", visible=i == 0)
-                     for i in range(STAGE_SLOTS)]
+            slots = [
+                gr.update(value=None, label="pivot" if i == 0 else f"stage {i}", visible=i == 0)
+                for i in range(STAGE_SLOTS)
+            ]
             for i, (path, label) in enumerate(stage_clips):
                 slots[i] = gr.update(value=path, label=label, visible=True)
-            sides = [gr.update(value=ab[m][0], label=ab[m][1]) if m in ab else gr.update(value=None)
-                     for m in ("self-cascade", "direct")]
+            sides = [
+                gr.update(value=ab[m][0], label=ab[m][1]) if m in ab else gr.update(value=None)
+                for m in ("self-cascade", "direct")
+            ]
             return *slots, *sides, times, " ".join(filter(None, status))
 
         yield outputs()  # the last run's clips go
@@ -219,9 +281,11 @@ class VideoTab:
                     size = f"{request['width']} x {request['height']}"
                     ab["self-cascade"] = (stage_clips[-1][0], f"self-cascade: {size}, {seconds:.1f} s")
                     tuned = " (tuned)" if request.get("upsampler") else ""
-                    done = (f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade{tuned} in "
-                            f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {_ks(event[2]['k'])}), "
-                            f"seed {request['seed']}.")
+                    done = (
+                        f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade{tuned} in "
+                        f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {_ks(event[2]['k'])}), "
+                        f"seed {request['seed']}."
+                    )
                     status = [done, "Direct sampling at the same size..." if with_direct else ""]
                 yield outputs()
             elif kind == "unavailable":
@@ -233,6 +297,7 @@ def _first_line(error: Exception) -> str:
 
 
 # ---- the page --------------------------------------------------------------------------------------
+
 
 def video_tab(studio, gpu: dict) -> gr.Tab:
     """The Video tab inside the page's Tabs, with its events; `gpu`: the GPU events' concurrency settings."""
@@ -249,57 +314,115 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
         return tuple(values[key] for key in ("default_frames", "default_fps", "default_k", "default_guidance"))
 
     with gr.Tab("Video", id="video") as video:
-        gr.Markdown(f"The same cascade for a text-to-video model (**{_model_label(tab.source)}**, loaded on first "
-                    f"use): a pivot clip at the model's own size, then every frame upsampled, re-noised to K and "
-                    f"denoised again at each stage. The frame count stays; the limit counts every frame's pixels.")
+        gr.Markdown(
+            f"The same cascade for a text-to-video model (**{_model_label(tab.source)}**, loaded on first "
+            f"use): a pivot clip at the model's own size, then every frame upsampled, re-noised to K and "
+            f"denoised again at each stage. The frame count stays; the limit counts every frame's pixels."
+        )
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="video-prompt")
                 negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
                 with gr.Row():
-                    frames = gr.Slider(1, MAX_FRAMES, value=default("default_frames"), step=1, label="Frames",
-                                       elem_id="video-frames", scale=3)
-                    fps = gr.Number(default("default_fps"), minimum=1, maximum=MAX_FPS, label="Frames per second",
-                                    scale=1)
+                    frames = gr.Slider(
+                        1,
+                        MAX_FRAMES,
+                        value=default("default_frames"),
+                        step=1,
+                        label="Frames",
+                        elem_id="video-frames",
+                        scale=3,
+                    )
+                    fps = gr.Number(
+                        default("default_fps"), minimum=1, maximum=MAX_FPS, label="Frames per second", scale=1
+                    )
                 aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio")
-                scale = gr.Radio(tab.size_choices("1:1")["choices"], value="4x",
-                                 label="Size (times the video model's pixels)", elem_id="video-scale")
+                scale = gr.Radio(
+                    tab.size_choices("1:1")["choices"],
+                    value="4x",
+                    label="Size (times the video model's pixels)",
+                    elem_id="video-scale",
+                )
                 with gr.Accordion("Settings", open=False):
-                    stages = gr.Dropdown(stage_choices(), value="auto", label="Stages",
-                                         info="auto: about 4x more pixels per stage")
-                    k = gr.Slider(1, MAX_K, value=default("default_k"), step=1, label="K (re-noise level)",
-                                  info="higher: more new detail per stage, less of the pivot's layout")
+                    stages = gr.Dropdown(
+                        stage_choices(), value="auto", label="Stages", info="auto: about 4x more pixels per stage"
+                    )
+                    k = gr.Slider(
+                        1,
+                        MAX_K,
+                        value=default("default_k"),
+                        step=1,
+                        label="K (re-noise level)",
+                        info="higher: more new detail per stage, less of the pivot's layout",
+                    )
                     steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps")
                     guidance = gr.Slider(0, 20, value=default("default_guidance"), step=0.5, label="Guidance scale")
                     with gr.Row(equal_height=True):
-                        seed = gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, label="Seed (-1: random)",
-                                         scale=3, elem_id="video-seed")
+                        seed = gr.Number(
+                            RANDOM_SEED,
+                            precision=0,
+                            minimum=RANDOM_SEED,
+                            label="Seed (-1: random)",
+                            scale=3,
+                            elem_id="video-seed",
+                        )
                         dice = gr.Button("Random seed", scale=1, size="sm")
-                    adapter = gr.Dropdown(list(tab.adapters()), value=NO_ADAPTER, label="Feature upsamplers",
-                                          info="trained on this video model (its upsamplers/ folder): the tuned "
-                                               "self-cascade", elem_id="video-adapter")
+                    adapter = gr.Dropdown(
+                        list(tab.adapters()),
+                        value=NO_ADAPTER,
+                        label="Feature upsamplers",
+                        info="trained on this video model (its upsamplers/ folder): the tuned self-cascade",
+                        elem_id="video-adapter",
+                    )
                 with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
                 run = gr.Button("Generate video", variant="primary", elem_id="video-button")
                 gr.Examples([[e] for e in examples], [prompt])
             with gr.Column(scale=3):
                 with gr.Row():
-                    slots = [gr.Video(label="pivot" if i == 0 else f"stage {i}", visible=i == 0, autoplay=True,
-                                      loop=True, min_width=160, elem_id=f"video-stage{i}")
-                             for i in range(STAGE_SLOTS)]
-                gr.Markdown("**A/B**: the self-cascade's final clip beside direct sampling at the same size, "
-                            "seed and steps.")
+                    slots = [
+                        gr.Video(
+                            label="pivot" if i == 0 else f"stage {i}",
+                            visible=i == 0,
+                            autoplay=True,
+                            loop=True,
+                            min_width=160,
+                            elem_id=f"video-stage{i}",
+                        )
+                        for i in range(STAGE_SLOTS)
+                    ]
+                gr.Markdown(
+                    "**A/B**: the self-cascade's final clip beside direct sampling at the same size, seed and steps."
+                )
                 with gr.Row():
-                    ab = [gr.Video(label=label, autoplay=True, loop=True, elem_id=f"video-{label}")
-                          for label in ("self-cascade", "direct")]
-                times = gr.Dataframe(headers=TIME_HEADERS, datatype=["str", "str", "number"], interactive=False,
-                                     label="Denoising time per clip")
+                    ab = [
+                        gr.Video(label=label, autoplay=True, loop=True, elem_id=f"video-{label}")
+                        for label in ("self-cascade", "direct")
+                    ]
+                times = gr.Dataframe(
+                    headers=TIME_HEADERS,
+                    datatype=["str", "str", "number"],
+                    interactive=False,
+                    label="Denoising time per clip",
+                )
                 status = gr.Markdown(label="Status", elem_id="video-status")
-        gr.context.Context.root_block.load(page_defaults, None, [frames, fps, k, guidance], api_visibility="private",
-                                           queue=False, show_progress="hidden")
+        gr.context.Context.root_block.load(
+            page_defaults,
+            None,
+            [frames, fps, k, guidance],
+            api_visibility="private",
+            queue=False,
+            show_progress="hidden",
+        )
         dice.click(random_seed, None, seed, api_visibility="private", queue=False)
         aspect.change(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
-        gr.on([run.click, prompt.submit], tab.generate,
-              [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct, adapter],
-              [*slots, *ab, times, status], api_name="generate_video", show_progress="hidden", **gpu)
+        gr.on(
+            [run.click, prompt.submit],
+            tab.generate,
+            [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct, adapter],
+            [*slots, *ab, times, status],
+            api_name="generate_video",
+            show_progress="hidden",
+            **gpu,
+        )
     return video

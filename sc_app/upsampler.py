@@ -19,6 +19,7 @@ their first layer and take the same two residual arguments, so the upsamplers wo
 frame: a pivot clip's features are per frame, their upsampling is spatial only, and a clip's timestep
 reaches each of its frames.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,6 +55,7 @@ SIGNATURE_TOLERANCE = 0.01  # above bf16's rounding (0.4%), below what further t
 
 
 # ---- where the upsamplers read and write -----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Site:
@@ -129,6 +131,7 @@ def _level_size(size: tuple[int, int], level: int) -> tuple[int, int]:
 
 # ---- the modules -----------------------------------------------------------------------------------
 
+
 def _groups(width: int) -> int:
     groups = max(1, min(32, width // 4))  # at least four channels a group, at most 32 groups (as SD)
     while width % groups:
@@ -176,9 +179,19 @@ class TimeAwareUpsampler(nn.Module):
 class Adapter(nn.Module):
     """The N upsamplers of one base model and one scale, with what the file's metadata records."""
 
-    def __init__(self, unet_config, *, width: int | None = DEFAULT_WIDTH, scale: float = 2.0, k: int = 700,
-                 base_model: str = "", steps: int = 0, unet_class: str = IMAGE_UNET,
-                 signature: list[float] | None = None, size: int | None = None):
+    def __init__(
+        self,
+        unet_config,
+        *,
+        width: int | None = DEFAULT_WIDTH,
+        scale: float = 2.0,
+        k: int = 700,
+        base_model: str = "",
+        steps: int = 0,
+        unet_class: str = IMAGE_UNET,
+        signature: list[float] | None = None,
+        size: int | None = None,
+    ):
         super().__init__()
         if width is not None and (not isinstance(width, int) or width < 1):
             raise ValueError(f"width must be a positive integer or None (full width), got {width!r}")
@@ -198,10 +211,12 @@ class Adapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def describe(self) -> str:
-        sites = ", ".join(f"{s.name} ({s.channels} ch, 1/{2 ** s.level})" for s in self.sites)
+        sites = ", ".join(f"{s.name} ({s.channels} ch, 1/{2**s.level})" for s in self.sites)
         width = "full width" if self.width is None else f"width {self.width}"
-        return (f"{len(self.sites)} time-aware upsamplers x{self.scale:g} at {sites}; {width}; "
-                f"{self.num_parameters:,} trainable parameters")
+        return (
+            f"{len(self.sites)} time-aware upsamplers x{self.scale:g} at {sites}; {width}; "
+            f"{self.num_parameters:,} trainable parameters"
+        )
 
     def fits(self, pivot_size: tuple[int, int], stage_size: tuple[int, int]) -> bool:
         """Whether a stage that grows pivot_size -> stage_size (per side) is this adapter's scale."""
@@ -231,10 +246,18 @@ class Adapter(nn.Module):
 
     def metadata(self) -> dict[str, str]:
         return {
-            "format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": self.base_model,
-            "unet_fingerprint": self.fingerprint, "scale": repr(self.scale), "k": str(self.k),
-            "n": str(len(self.sites)), "width": json.dumps(self.width), "widths": json.dumps(self.widths),
-            "sites": json.dumps([s.name for s in self.sites]), "steps": str(self.steps), "unet_class": self.unet_class,
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "base_model": self.base_model,
+            "unet_fingerprint": self.fingerprint,
+            "scale": repr(self.scale),
+            "k": str(self.k),
+            "n": str(len(self.sites)),
+            "width": json.dumps(self.width),
+            "widths": json.dumps(self.widths),
+            "sites": json.dumps([s.name for s in self.sites]),
+            "steps": str(self.steps),
+            "unet_class": self.unet_class,
             **({"unet_signature": json.dumps(self.signature)} if self.signature is not None else {}),
             **({"size": str(self.size)} if self.size is not None else {}),
         }
@@ -246,6 +269,7 @@ def parameter_count(unet_config, width: int | None = DEFAULT_WIDTH) -> int:
 
 
 # ---- files -----------------------------------------------------------------------------------------
+
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     """Write the adapter as safetensors with its metadata, atomically, with the usual file permissions."""
@@ -262,12 +286,16 @@ def _refuse_other_model(source: str, base_model, unet_class: str, fingerprint, m
     first (an image adapter in a video model, ModelScope in AnimateDiff), then the architecture."""
     theirs = type(model.unet).__name__
     if unet_class != theirs:
-        raise ValueError(f"{source} was trained for base model {base_model!r}, {_describe_unet(unet_class)}, "
-                         f"not for {model.name!r}, {_describe_unet(theirs)}")
+        raise ValueError(
+            f"{source} was trained for base model {base_model!r}, {_describe_unet(unet_class)}, "
+            f"not for {model.name!r}, {_describe_unet(theirs)}"
+        )
     own = unet_fingerprint(model.unet.config)
     if fingerprint != own:
-        raise ValueError(f"{source} was trained for base model {base_model!r} (UNet {fingerprint}), "
-                         f"not for {model.name!r} (UNet {own})")
+        raise ValueError(
+            f"{source} was trained for base model {base_model!r} (UNet {fingerprint}), "
+            f"not for {model.name!r} (UNet {own})"
+        )
 
 
 def weights_mismatch(adapter: Adapter, model) -> str | None:
@@ -278,8 +306,10 @@ def weights_mismatch(adapter: Adapter, model) -> str | None:
     distance = signature_distance(weights_signature(model.unet), adapter.signature)
     if distance <= SIGNATURE_TOLERANCE:
         return None
-    return (f"the upsamplers were trained on other weights than {model.name!r} has now ({distance:.0%} apart at "
-            "sampled places): they may help less, or hurt; retrain them on this model (python -m tuner train)")
+    return (
+        f"the upsamplers were trained on other weights than {model.name!r} has now ({distance:.0%} apart at "
+        "sampled places): they may help less, or hurt; retrain them on this model (python -m tuner train)"
+    )
 
 
 def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapter:
@@ -298,32 +328,49 @@ def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapte
     if meta.get("format") != FORMAT:
         raise ValueError(f"upsampler {path}: not a self-cascade upsampler file (no {FORMAT!r} metadata)")
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise ValueError(f"upsampler {path}: format version {meta['format_version']} is newer than this "
-                         f"program's ({FORMAT_VERSION})")
+        raise ValueError(
+            f"upsampler {path}: format version {meta['format_version']} is newer than this program's ({FORMAT_VERSION})"
+        )
     if not other_unet:
-        _refuse_other_model(f"upsampler {path}", meta.get("base_model"), meta.get("unet_class", IMAGE_UNET),
-                            meta.get("unet_fingerprint"), model)
+        _refuse_other_model(
+            f"upsampler {path}",
+            meta.get("base_model"),
+            meta.get("unet_class", IMAGE_UNET),
+            meta.get("unet_fingerprint"),
+            model,
+        )
     elif json.loads(meta.get("sites", "[]")) != [s.name for s in feature_sites(model.unet.config)]:
         raise ValueError(f"upsampler {path}: its feature sites {meta.get('sites')} are not {model.name!r}'s")
     try:
-        adapter = Adapter(model.unet.config, width=json.loads(meta["width"]), scale=float(meta["scale"]),
-                          k=int(meta["k"]), base_model=meta["base_model"], steps=int(meta["steps"]),
-                          unet_class=meta.get("unet_class", IMAGE_UNET),
-                          signature=json.loads(meta["unet_signature"]) if "unet_signature" in meta else None,
-                          size=int(meta["size"]) if "size" in meta else None)
+        adapter = Adapter(
+            model.unet.config,
+            width=json.loads(meta["width"]),
+            scale=float(meta["scale"]),
+            k=int(meta["k"]),
+            base_model=meta["base_model"],
+            steps=int(meta["steps"]),
+            unet_class=meta.get("unet_class", IMAGE_UNET),
+            signature=json.loads(meta["unet_signature"]) if "unet_signature" in meta else None,
+            size=int(meta["size"]) if "size" in meta else None,
+        )
         adapter.load_state_dict(tensors)
     except (KeyError, ValueError, RuntimeError) as error:
         raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
     if not other_unet:  # a starting point for training need not match by name or weights
         if meta["base_model"] != model.name:  # same architecture under another name: a path or a fine-tune
-            log.warning("upsampler %s was trained on %r; using it with %r (same UNet architecture)",
-                        path, meta["base_model"], model.name)
+            log.warning(
+                "upsampler %s was trained on %r; using it with %r (same UNet architecture)",
+                path,
+                meta["base_model"],
+                model.name,
+            )
         if (mismatch := weights_mismatch(adapter, model)) is not None:
             log.warning("upsampler %s: %s", path, mismatch)
     return adapter.to(model.device, model.unet.dtype).eval()
 
 
 # ---- pivot features and the tuned denoiser ---------------------------------------------------------
+
 
 class _Stop(Exception):
     """Ends the pivot pass after the mid block: the up blocks are not needed for its features."""
@@ -334,13 +381,15 @@ def unet_caller(unet):
     layout its text embeddings (AnimateDiff's per frame) and drops the image-only added conditions."""
     if isinstance(unet, (UNet3DConditionModel, UNetMotionModel)):
         from .video import _sampling_unet  # video imports this module: resolve the cycle at call time
+
         return _sampling_unet(unet)
     return unet
 
 
 @torch.no_grad()
-def skip_features(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                  added_cond_kwargs: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def skip_features(
+    unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(skip features in diffusers' order, mid-block output) of one UNet pass, read with forward hooks.
     A video UNet's features have its frames folded into the batch, as it computes them."""
     skips, mids = [], []
@@ -360,8 +409,9 @@ def skip_features(unet, sample: torch.Tensor, timestep, encoder_hidden_states: t
     handles = [first.register_forward_hook(on_first), unet.mid_block.register_forward_hook(on_mid)]
     handles += [block.register_forward_hook(on_down) for block in unet.down_blocks]
     try:
-        unet_caller(unet)(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                          added_cond_kwargs=added_cond_kwargs)
+        unet_caller(unet)(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        )
     except _Stop:
         pass
     finally:
@@ -389,8 +439,9 @@ def _as_adapter(adapter, model) -> Adapter:
     if isinstance(adapter, (str, Path)):
         return load_adapter(adapter, model)
     if not isinstance(adapter, Adapter):
-        raise ValueError(f"upsampler must be an Adapter, a .safetensors path or a folder of them, got "
-                         f"{type(adapter).__name__}")
+        raise ValueError(
+            f"upsampler must be an Adapter, a .safetensors path or a folder of them, got {type(adapter).__name__}"
+        )
     _refuse_other_model("upsampler", adapter.base_model, adapter.unet_class, adapter.fingerprint, model)
     return adapter.to(model.device, model.unet.dtype).eval()
 
@@ -413,8 +464,9 @@ def load_adapters(upsampler, model) -> list[Adapter]:
     return adapters
 
 
-def adapter_for_stage(adapters: list[Adapter], model, pivot_latents: tuple[int, int],
-                      stage_latents: tuple[int, int]) -> Adapter | None:
+def adapter_for_stage(
+    adapters: list[Adapter], model, pivot_latents: tuple[int, int], stage_latents: tuple[int, int]
+) -> Adapter | None:
     """The adapter for a stage that grows latents of pivot_latents -> stage_latents (height, width): of
     those whose scale fits, the one trained for the resolution nearest the stage's own (by pixel count);
     None when none fits."""
@@ -452,8 +504,11 @@ def stage_denoiser_for(model, upsampler):
                 if state["adapter"] is not None:
                     state["features"] = pivot_features(model, state["adapter"].sites, pivot_latents, cond)
                 else:
-                    log.info("stage %d: no upsampler for x%.2f, tuning-free", stage_index,
-                             x.shape[-1] / pivot_latents.shape[-1])
+                    log.info(
+                        "stage %d: no upsampler for x%.2f, tuning-free",
+                        stage_index,
+                        x.shape[-1] / pivot_latents.shape[-1],
+                    )
             if state["adapter"] is None:
                 return denoiser(x, t, i)
             down, mid = state["adapter"](state["features"], t, x.shape[-2:])

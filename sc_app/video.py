@@ -4,6 +4,7 @@ Video latents are (batch, channels, frames, height, width), the layout both `UNe
 (ModelScope text-to-video) and `UNetMotionModel` (AnimateDiff) take. Upsampling between stages is
 spatial only: each frame's latent is resized on its own and the frame count stays.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNet3DConditionModel,
-                       UNetMotionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    MotionAdapter,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+    UNetMotionModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -36,6 +43,7 @@ DECODE_FRAMES = 8  # frames per VAE call: decoding a whole high-resolution clip 
 
 
 # ---- the model ------------------------------------------------------------------------------------
+
 
 @dataclass
 class VideoPipe:
@@ -62,13 +70,26 @@ class VideoPipe:
         return self
 
     def _embed(self, texts: list[str], device) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = (
+            tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        )
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].to(self.text_encoder.dtype)
 
-    def encode_prompt(self, prompt: list[str], device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
-                      negative_prompt: list[str] | None = None):
+    def encode_prompt(
+        self,
+        prompt: list[str],
+        device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: list[str] | None = None,
+    ):
         """(prompt embeddings, negative embeddings or None): the signature of diffusers' SD pipelines."""
         cond = self._embed(prompt, device).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_classifier_free_guidance:
@@ -103,6 +124,7 @@ def _read_index(source: str) -> dict:
             raise ValueError(f"model {source!r}: not a diffusers folder (no model_index.json)")
         return index
     from huggingface_hub import hf_hub_download
+
     return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
 
 
@@ -119,8 +141,9 @@ def _load_unet(source: str, index: dict, motion_adapter: str | None, common: dic
     adapter = MotionAdapter.from_pretrained(motion_adapter, **common) if motion_adapter else None
     if unet_class == "UNet3DConditionModel":
         if adapter is not None:
-            raise ValueError(f"motion_adapter: {source!r} is a ModelScope (UNet3DConditionModel) model; "
-                             "it takes no motion adapter")
+            raise ValueError(
+                f"motion_adapter: {source!r} is a ModelScope (UNet3DConditionModel) model; it takes no motion adapter"
+            )
         return UNet3DConditionModel.from_pretrained(source, subfolder="unet", **common)
     if unet_class == "UNetMotionModel":
         unet = UNetMotionModel.from_pretrained(source, subfolder="unet", **common)
@@ -133,20 +156,29 @@ def _load_unet(source: str, index: dict, motion_adapter: str | None, common: dic
         if adapter is None and (index.get("motion_adapter") or [None])[0]:
             adapter = MotionAdapter.from_pretrained(source, subfolder="motion_adapter", **common)
         if adapter is None:
-            raise ValueError(f"model {source!r} is an image model: give a motion adapter folder to run it as AnimateDiff")
+            raise ValueError(
+                f"model {source!r} is an image model: give a motion adapter folder to run it as AnimateDiff"
+            )
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
         return UNetMotionModel.from_unet2d(unet, adapter)
-    raise ValueError(f"model {source!r}: unet {unet_class!r} is not a UNet3DConditionModel, UNetMotionModel "
-                     "or SD 1.5 UNet2DConditionModel")
+    raise ValueError(
+        f"model {source!r}: unet {unet_class!r} is not a UNet3DConditionModel, UNetMotionModel "
+        "or SD 1.5 UNet2DConditionModel"
+    )
 
 
-def load_video_model(name: str = "embedded", motion_adapter: str | None = None,
-                     device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> VideoModel:
+def load_video_model(
+    name: str = "embedded",
+    motion_adapter: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> VideoModel:
     """`embedded` (the moving-shapes model), a ModelScope or AnimateDiff folder, an SD 1.5 folder plus a
     `motion_adapter` folder, or a hub id -> VideoModel. Safetensors only; no remote code is run."""
     if name == "embedded" and not VIDEO_EMBEDDED.is_dir():
-        raise FileNotFoundError(f"the embedded video model is missing: {VIDEO_EMBEDDED} "
-                                "(train it: python -m tuner.train_video)")
+        raise FileNotFoundError(
+            f"the embedded video model is missing: {VIDEO_EMBEDDED} (train it: python -m tuner.train_video)"
+        )
     source = str(VIDEO_EMBEDDED) if name == "embedded" else str(name)
     index = _read_index(source)
     if Path(source).exists():
@@ -175,6 +207,7 @@ def load_video_model(name: str = "embedded", motion_adapter: str | None = None,
 
 # ---- inputs ---------------------------------------------------------------------------------------
 
+
 def _frames(model, num_frames: int | None) -> int:
     if not isinstance(model, VideoModel):
         raise ValueError(f"model must be a VideoModel (load_video_model), got {type(model).__name__}")
@@ -184,8 +217,17 @@ def _frames(model, num_frames: int | None) -> int:
 VIDEO_UPSAMPLE_MODES = ("bilinear", "bicubic")
 
 
-def check_video_inputs(model, height: int, width: int, num_frames: int, num_inference_steps: int,
-                       guidance_scale: float, k=None, stages: int | None = None, upsample: str = "bilinear"):
+def check_video_inputs(
+    model,
+    height: int,
+    width: int,
+    num_frames: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    k=None,
+    stages: int | None = None,
+    upsample: str = "bilinear",
+):
     """The image checks plus the frame count; returns the stage sizes. Errors name the argument and value."""
     _frames(model, num_frames)
     if upsample not in VIDEO_UPSAMPLE_MODES:  # frames are upsampled in latent space, one by one
@@ -199,6 +241,7 @@ def check_video_inputs(model, height: int, width: int, num_frames: int, num_infe
 
 
 # ---- results --------------------------------------------------------------------------------------
+
 
 @dataclass
 class VideoStage(Stage):
@@ -215,6 +258,7 @@ class VideoResult(Result):
 
 # ---- latents <-> frames ---------------------------------------------------------------------------
 
+
 def upsample_frames(latents: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """(B, C, F, h, w) -> (B, C, F, *size), every frame resized on its own (no mixing across time)."""
     b, c, f, h, w = latents.shape
@@ -227,8 +271,11 @@ def decode_video(model: VideoModel, latents: torch.Tensor) -> list[np.ndarray]:
     """(B, C, F, h, w) latents -> per prompt a (F, H, W, 3) uint8 clip, decoded a few frames at a time."""
     b, c, f, h, w = latents.shape
     flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-    frames = [np.asarray(image) for i in range(0, b * f, DECODE_FRAMES)
-              for image in decode(model, flat[i:i + DECODE_FRAMES])]
+    frames = [
+        np.asarray(image)
+        for i in range(0, b * f, DECODE_FRAMES)
+        for image in decode(model, flat[i : i + DECODE_FRAMES])
+    ]
     return list(np.stack(frames).reshape(b, f, *frames[0].shape))
 
 
@@ -243,16 +290,21 @@ def _sampling_unet(unet):
     UNet3DConditionModel repeats them inside and has no `added_cond_kwargs`.
     """
     if isinstance(unet, UNetMotionModel):
+
         def call(sample, timestep, encoder_hidden_states, **kwargs):
             per_frame = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
             return unet(sample, timestep, encoder_hidden_states=per_frame, **kwargs)
     else:
+
         def call(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, **kwargs):
             return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
     return call
 
 
-def _finish(model: VideoModel, stage: VideoStage, decode_stage: bool, on_stage: StageCallback | None, index: int) -> float:
+def _finish(
+    model: VideoModel, stage: VideoStage, decode_stage: bool, on_stage: StageCallback | None, index: int
+) -> float:
     started = time.perf_counter()
     if decode_stage:
         stage.clips = decode_video(model, stage.latents)
@@ -262,19 +314,42 @@ def _finish(model: VideoModel, stage: VideoStage, decode_stage: bool, on_stage: 
 
 
 def _settings(model: VideoModel, prompts: list[str], negative_prompt, seed, steps: int, cond, num_frames: int) -> dict:
-    return {"prompt": prompts[0] if len(prompts) == 1 else prompts, "negative_prompt": negative_prompt, "seed": seed,
-            "steps": steps, "guidance_scale": cond.guidance_scale, "num_frames": num_frames, "model": model.name}
+    return {
+        "prompt": prompts[0] if len(prompts) == 1 else prompts,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": cond.guidance_scale,
+        "num_frames": num_frames,
+        "model": model.name,
+    }
 
 
 # ---- the methods ----------------------------------------------------------------------------------
 
-def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, width: int, *,
-                       num_frames: int | None = None, negative_prompt: str | None = None,
-                       num_inference_steps: int = 50, guidance_scale: float | None = None,
-                       k: int | list[int] | None = None, stages: int | None = None, upsample: str = "bilinear",
-                       generator=None, seed: int | None = None, callback=None, on_stage: StageCallback | None = None,
-                       decode_stages: bool = True, progress: bool = False, stage_denoiser=None,
-                       upsampler: Adapter | str | Path | None = None) -> VideoResult:
+
+def video_self_cascade(
+    model: VideoModel,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    num_frames: int | None = None,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    k: int | list[int] | None = None,
+    stages: int | None = None,
+    upsample: str = "bilinear",
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage: StageCallback | None = None,
+    decode_stages: bool = True,
+    progress: bool = False,
+    stage_denoiser=None,
+    upsampler: Adapter | str | Path | None = None,
+) -> VideoResult:
     """Pivot clip at the base size, then per stage: upsample every frame's clean latent, diffuse to K,
     denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade`; frames default to the model's.
 
@@ -288,16 +363,21 @@ def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, 
         adapter = upsampler if isinstance(upsampler, Adapter) else load_adapter(upsampler, model)
         k = adapter.k if k is None else k
         stage_denoiser = stage_denoiser_for(model, adapter)
-    sizes = check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0,
-                               k, stages, upsample)
+    sizes = check_video_inputs(
+        model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0, k, stages, upsample
+    )
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
     scheduler = make_scheduler(model, num_inference_steps)
     denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
     if adapter is not None:  # result.json says which adapter tuned the clip
-        settings["upsampler"] = {"scale": adapter.scale, "k": adapter.k, "steps": adapter.steps,
-                                 "base_model": adapter.base_model}
+        settings["upsampler"] = {
+            "scale": adapter.scale,
+            "k": adapter.k,
+            "steps": adapter.steps,
+            "base_model": adapter.base_model,
+        }
     result = VideoResult("self-cascade", prompts, [], {**settings, "k": ks, "upsample": upsample})
     latents = None
     for r, (h, w) in enumerate(sizes):
@@ -318,10 +398,22 @@ def video_self_cascade(model: VideoModel, prompt: str | list[str], height: int, 
     return result
 
 
-def video_direct(model: VideoModel, prompt: str | list[str], height: int, width: int, *,
-                 num_frames: int | None = None, negative_prompt: str | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float | None = None, generator=None, seed: int | None = None, callback=None,
-                 on_stage: StageCallback | None = None, progress: bool = False) -> VideoResult:
+def video_direct(
+    model: VideoModel,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    num_frames: int | None = None,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage: StageCallback | None = None,
+    progress: bool = False,
+) -> VideoResult:
     """Plain sampling at the target size, same scheduler, steps, frames and seed as the cascade's pivot."""
     num_frames = _frames(model, num_frames)
     check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0)
@@ -339,9 +431,19 @@ def video_direct(model: VideoModel, prompt: str | list[str], height: int, width:
     return result
 
 
-def generate_video(model: VideoModel, prompt: str | list[str], height: int, width: int,
-                   method: str = "self-cascade", *, k=None, stages: int | None = None, upsample: str = "bilinear",
-                   upsampler: Adapter | str | Path | None = None, **common) -> VideoResult:
+def generate_video(
+    model: VideoModel,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    method: str = "self-cascade",
+    *,
+    k=None,
+    stages: int | None = None,
+    upsample: str = "bilinear",
+    upsampler: Adapter | str | Path | None = None,
+    **common,
+) -> VideoResult:
     """One door for both methods; `common` takes num_frames, negative_prompt, num_inference_steps,
     guidance_scale, seed or generator, callback, on_stage, progress. `upsampler` (an Adapter or a
     .safetensors path) turns the self-cascade into its tuned version, as `sc_app.api.generate`."""
@@ -353,11 +455,13 @@ def generate_video(model: VideoModel, prompt: str | list[str], height: int, widt
         if upsampler is not None:
             raise ValueError("upsampler applies to the self-cascade only, not to method 'direct'")
         return video_direct(model, prompt, height, width, **common)
-    return video_self_cascade(model, prompt, height, width, k=k, stages=stages, upsample=upsample,
-                              upsampler=upsampler, **common)
+    return video_self_cascade(
+        model, prompt, height, width, k=k, stages=stages, upsample=upsample, upsampler=upsampler, **common
+    )
 
 
 # ---- export ---------------------------------------------------------------------------------------
+
 
 def _as_frames(frames) -> np.ndarray:
     array = np.asarray(frames)
@@ -384,8 +488,13 @@ def export_mp4(frames, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
     fps = finite("fps", fps, 0, MAX_FPS, low_open=True)
     tmp = _temporary(path)
     try:
-        with FFMPEG_VideoWriter(str(tmp), size=(array.shape[2], array.shape[1]), fps=fps, codec="libx264",
-                                ffmpeg_params=["-pix_fmt", "yuv420p", "-movflags", "+faststart"]) as writer:
+        with FFMPEG_VideoWriter(
+            str(tmp),
+            size=(array.shape[2], array.shape[1]),
+            fps=fps,
+            codec="libx264",
+            ffmpeg_params=["-pix_fmt", "yuv420p", "-movflags", "+faststart"],
+        ) as writer:
             for frame in array:
                 writer.write_frame(np.ascontiguousarray(frame))
         os.replace(tmp, path)

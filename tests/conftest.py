@@ -26,6 +26,7 @@ def sdxl_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sd_model(sd_folder):
     from sc_app.models import load_model
+
     return load_model(str(sd_folder), device="cpu")
 
 
@@ -33,16 +34,19 @@ def sd_model(sd_folder):
 def embedded_model():
     """The shipped image model, loaded once for every test that samples with it."""
     from sc_app.models import load_model
+
     return load_model("embedded", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def sdxl_model(sdxl_folder):
     from sc_app.models import load_model
+
     return load_model(str(sdxl_folder), device="cpu")
 
 
 # Tiny video models: module-scoped, as each test module samples with them on its own.
+
 
 @pytest.fixture(scope="module")
 def modelscope_folder(sd_folder, tmp_path_factory):
@@ -57,12 +61,14 @@ def motion_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def modelscope_model(modelscope_folder):
     from sc_app.video import load_video_model
+
     return load_video_model(str(modelscope_folder), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def animatediff_model(sd_folder, motion_folder):
     from sc_app.video import load_video_model
+
     return load_video_model(str(sd_folder), motion_adapter=str(motion_folder), device="cpu")
 
 

@@ -1,4 +1,5 @@
 """`python -m sc_app.bench ablation`: settings side by side on development prompts, resumable."""
+
 import json
 
 from sc_app.bench import main
@@ -6,8 +7,28 @@ from sc_app.bench.ablation import parse_setting
 
 
 def run(sd_folder, work, out, *settings, n=2):
-    args = ["ablation", "--model", str(sd_folder), "--size", "64x64", "--n", str(n), "--direct-n", "1",
-            "--steps", "2", "--batch-size", "2", "--no-fid", "--device", "cpu", "--work", str(work), "--out", str(out)]
+    args = [
+        "ablation",
+        "--model",
+        str(sd_folder),
+        "--size",
+        "64x64",
+        "--n",
+        str(n),
+        "--direct-n",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-fid",
+        "--device",
+        "cpu",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+    ]
     for setting in settings:
         args += ["--setting", setting]
     return main(args)
@@ -15,7 +36,12 @@ def run(sd_folder, work, out, *settings, n=2):
 
 def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
     work, out = tmp_path / "work", tmp_path / "bench.md"
-    assert run(sd_folder, work, out, "tuning-free: k=600", "lower last stage: k=600,300", "pixels: k=600; upsample=lanczos") == 0
+    assert (
+        run(
+            sd_folder, work, out, "tuning-free: k=600", "lower last stage: k=600,300", "pixels: k=600; upsample=lanczos"
+        )
+        == 0
+    )
     text = out.read_text()
     assert "<!-- bench:ablation-64x64 -->" in text and "Development prompts" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "setting" not in line]
@@ -28,7 +54,12 @@ def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
     record = json.loads(next(p for n, p in folders.items() if n.startswith("pixels")).joinpath("0001.json").read_text())
     assert {"match", "fidelity", "seconds", "prompt", "seed"} <= set(record)
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*.png")}
-    assert run(sd_folder, work, out, "tuning-free: k=600", "lower last stage: k=600,300", "pixels: k=600; upsample=lanczos") == 0
+    assert (
+        run(
+            sd_folder, work, out, "tuning-free: k=600", "lower last stage: k=600,300", "pixels: k=600; upsample=lanczos"
+        )
+        == 0
+    )
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.png")} == stamps  # resumed: nothing sampled again
 
 
@@ -40,4 +71,7 @@ def test_bad_settings_are_one_line(sd_folder, tmp_path, capsys):
     assert run(sd_folder, tmp_path / "w", tmp_path / "o.md", "x: upsampler=missing.safetensors") == 2
     assert "no such file" in capsys.readouterr().err
     assert run(sd_folder, tmp_path / "w", tmp_path / "o.md", "x: k=600,300,100") == 2
-    assert parse_setting("a: k=300, 150 ;upsample=bicubic").generate_options() == {"k": [300, 150], "upsample": "bicubic"}
+    assert parse_setting("a: k=300, 150 ;upsample=bicubic").generate_options() == {
+        "k": [300, 150],
+        "upsample": "bicubic",
+    }

@@ -1,4 +1,5 @@
 """The app through its HTTP API (gradio_client), launched in-process on a tiny model folder."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,10 +17,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from PIL import Image
-
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError  # noqa: E402
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 64 * 64  # the tiny model's base is 16 x 16: 4x and 16x fit, 64x does not
@@ -71,6 +71,7 @@ def _png_bytes(size: int) -> bytes:
 
 # ---- Generate ------------------------------------------------------------------------------------
 
+
 def test_generate_with_only_a_prompt_streams_pivot_and_stages(client, app):
     gallery, final, status = client.predict("a red circle", api_name="/generate")
     assert sizes(gallery) == [(16, 16), (32, 32)]  # default 4x: the 16px pivot, then one stage
@@ -89,8 +90,9 @@ def test_generate_sizes_follow_aspect_and_scale(client, app):
 
     height, width = target_size(16, 4, "16:9", "16x")
     assert (height, width) == (48, 84)
-    gallery, final, _ = client.predict("a blue square", "", "16:9", "16x", "auto", 500, 10, 5.0, 3,
-                                       api_name="/generate")
+    gallery, final, _ = client.predict(
+        "a blue square", "", "16:9", "16x", "auto", 500, 10, 5.0, 3, api_name="/generate"
+    )
     assert sizes(gallery) == plan_stages(height, width, 16, 4)  # pivot + 2 stages
     assert len(gallery) == 3
     with Image.open(final) as image:
@@ -112,9 +114,11 @@ def test_same_seed_same_image(client):
 
 # ---- Compare -------------------------------------------------------------------------------------
 
+
 def test_compare_returns_one_image_per_method(client):
-    gallery, table, slider, status = client.predict("a red circle and a blue square", steps=10, attn_sf=True,
-                                            api_name="/compare")
+    gallery, table, slider, status = client.predict(
+        "a red circle and a blue square", steps=10, attn_sf=True, api_name="/compare"
+    )
     methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale"]
     assert [item["caption"].split(":")[0] for item in gallery] == methods
     assert sizes(gallery) == [(32, 32)] * 6
@@ -135,19 +139,23 @@ def test_compare_without_attn_sf_runs_five_methods(client):
 
 # ---- bad input -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prompt": "  "}, "prompt is empty"),
-    ({"scale": "64x"}, "over this server's limit"),  # 128 x 128 > MAX_PIXELS
-    ({"k": 0}, "less than minimum"),
-    ({"k": 1000}, "greater than maximum"),
-    ({"steps": 0}, "less than minimum"),
-    ({"aspect": "5:4"}, "not in the list of choices"),
-    ({"stages": "many"}, "not in the list of choices"),
-    ({"adapter": "../../etc/passwd"}, "not one this server has"),
-    ({"k": 1.5}, "K must be a whole number, got 1.5"),  # not taken as 1 without a word
-    ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
-    ({"seed": 2**70}, "seed must be in 0..9223372036854775807"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": "  "}, "prompt is empty"),
+        ({"scale": "64x"}, "over this server's limit"),  # 128 x 128 > MAX_PIXELS
+        ({"k": 0}, "less than minimum"),
+        ({"k": 1000}, "greater than maximum"),
+        ({"steps": 0}, "less than minimum"),
+        ({"aspect": "5:4"}, "not in the list of choices"),
+        ({"stages": "many"}, "not in the list of choices"),
+        ({"adapter": "../../etc/passwd"}, "not one this server has"),
+        ({"k": 1.5}, "K must be a whole number, got 1.5"),  # not taken as 1 without a word
+        ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+        ({"seed": 2**70}, "seed must be in 0..9223372036854775807"),
+    ],
+)
 def test_generate_bad_input_is_an_error_message(client, kwargs, message):
     with pytest.raises(AppError, match=message):
         client.predict(**{"prompt": "a red circle", **kwargs}, api_name="/generate")
@@ -179,8 +187,9 @@ def test_adapter_for_another_model_is_refused(client, sdxl_folder, tmp_path):
 
     config = json.loads((sdxl_folder / "unet" / "config.json").read_text())
     path = save_adapter(Adapter(config, base_model="tiny-sdxl"), tmp_path / "other.safetensors")
-    with pytest.raises(AppError, match="other.safetensors cannot be used as an adapter here: it was trained for base "
-                                       "model 'tiny-sdxl'"):
+    with pytest.raises(
+        AppError, match="other.safetensors cannot be used as an adapter here: it was trained for base model 'tiny-sdxl'"
+    ):
         client.predict(handle_file(str(path)), api_name="/load_adapter")
 
 
@@ -227,14 +236,16 @@ def test_adapter_of_other_weights_is_offered_with_a_warning(app, tmp_path, monke
     warnings = []
     monkeypatch.setattr(gr, "Warning", warnings.append)
     stale = [1.5 * v for v in weights_signature(app.model.unet)]  # as if the model was trained on since
-    path = save_adapter(Adapter(app.model.unet.config, base_model=app.model.name, signature=stale),
-                        tmp_path / "stale.safetensors")
+    path = save_adapter(
+        Adapter(app.model.unet.config, base_model=app.model.name, signature=stale), tmp_path / "stale.safetensors"
+    )
     choice, _ = app.studio.upload_adapter(str(path))
     assert choice["value"].startswith("uploaded-stale")
     assert len(warnings) == 1 and "trained on other weights" in warnings[0]
 
 
 # ---- Tune: uploads -------------------------------------------------------------------------------
+
 
 def tune_args(source="my images", files=None, steps=2, batch_size=1, lr=1e-3, scale=2):
     return dict(source=source, files=files, steps=steps, batch_size=batch_size, lr=lr, scale=scale)
@@ -245,12 +256,15 @@ def test_tune_without_uploads_is_an_error(client):
         client.predict(**tune_args(files=[]), api_name="/tune")
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("notes.txt", b"hello", "Invalid file type"),  # gradio's own check of file_types
-    ("fake.png", b"this is not an image", "fake.png is not an image"),
-    ("cut.png", None, "cut.png could not be read"),
-    ("small.png", "small", "small.png is 8x8, smaller than the 32x32 crop"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("notes.txt", b"hello", "Invalid file type"),  # gradio's own check of file_types
+        ("fake.png", b"this is not an image", "fake.png is not an image"),
+        ("cut.png", None, "cut.png could not be read"),
+        ("small.png", "small", "small.png is 8x8, smaller than the 32x32 crop"),
+    ],
+)
 def test_tune_bad_upload_is_an_error(client, tmp_path, name, content, message):
     path = tmp_path / name
     if content is None:  # a PNG cut in half
@@ -358,16 +372,19 @@ def test_zip_names_never_become_paths(tmp_path):
 
 # ---- Tune: training ------------------------------------------------------------------------------
 
+
 def test_tune_makes_an_adapter_that_generate_accepts(client, app, tmp_path):
     images = [handle_file(str(png(tmp_path / f"{i}.png", 48, (40 * i, 180, 60)))) for i in range(3)]
     status, plot, adapter_file, generate_choice, compare_choice = client.predict(
-        **tune_args(files=images, steps=3, batch_size=2), api_name="/tune")
+        **tune_args(files=images, steps=3, batch_size=2), api_name="/tune"
+    )
     label = generate_choice["value"]
     assert status.startswith(f"Saved adapter **{label}** (3 steps")
     assert compare_choice["value"] == label
     assert [row[0] for row in plot["data"]] == [1, 2, 3]
     assert Path(adapter_file).name == f"{label}.safetensors"
     from sc_app.upsampler import load_adapter
+
     assert load_adapter(adapter_file, app.model).steps == 3
     gallery, final, status = client.predict("a red circle", steps=5, adapter=label, api_name="/generate")
     assert sizes(gallery) == [(16, 16), (32, 32)] and f"adapter {label}" in status
@@ -397,6 +414,7 @@ def test_one_tuning_job_per_server_and_cancel(app, tmp_path):
 
 # ---- launch --------------------------------------------------------------------------------------
 
+
 def load_app_module():
     spec = importlib.util.spec_from_file_location("sc_studio_app", ROOT / "app.py")
     module = importlib.util.module_from_spec(spec)
@@ -407,12 +425,25 @@ def load_app_module():
 def test_flags_and_share_off_by_default():
     app_module = load_app_module()
     args = app_module.parse_args([])
-    assert (args.model, args.share, args.host, args.port, args.device, args.max_pixels) == \
-           ("embedded", False, None, None, None, None)
-    args = app_module.parse_args(["--model", "x", "--share", "--host", "0.0.0.0", "--port", "8000",
-                                  "--device", "cpu", "--max-pixels", "65536"])
-    assert (args.model, args.share, args.host, args.port, args.device, args.max_pixels) == \
-           ("x", True, "0.0.0.0", 8000, "cpu", 65536)
+    assert (args.model, args.share, args.host, args.port, args.device, args.max_pixels) == (
+        "embedded",
+        False,
+        None,
+        None,
+        None,
+        None,
+    )
+    args = app_module.parse_args(
+        ["--model", "x", "--share", "--host", "0.0.0.0", "--port", "8000", "--device", "cpu", "--max-pixels", "65536"]
+    )
+    assert (args.model, args.share, args.host, args.port, args.device, args.max_pixels) == (
+        "x",
+        True,
+        "0.0.0.0",
+        8000,
+        "cpu",
+        65536,
+    )
 
 
 def test_a_folder_that_is_not_a_model_is_one_line(tmp_path, capsys):
@@ -429,9 +460,11 @@ def test_gpu_duration_grows_with_size_and_steps(app):
 
 
 def test_nothing_touches_cuda_at_import():
-    code = ("import runpy, sys; sys.argv = ['x']; import sc_app.ui; "
-            "runpy.run_path('app.py', run_name='not_main'); import torch; "
-            "assert not torch.cuda.is_initialized(); print('ok')")
+    code = (
+        "import runpy, sys; sys.argv = ['x']; import sc_app.ui; "
+        "runpy.run_path('app.py', run_name='not_main'); import torch; "
+        "assert not torch.cuda.is_initialized(); print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
@@ -457,14 +490,17 @@ def test_leaving_mid_run_stops_the_work(app, tmp_path, monkeypatch):
     monkeypatch.setattr(ui, "run_method", counted)
     # one cancel request, waited for as long as the server needs: a client that gives up and retries is not the
     # page leaving, and its repeated cancel is what used to fail in gradio's route
-    client = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path),
-                    httpx_kwargs={"timeout": 900})
+    client = Client(
+        app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path), httpx_kwargs={"timeout": 900}
+    )
     before = set(app.studio.runs_dir.iterdir())
     job = client.submit("a red circle", scale="16x", steps=150, api_name="/generate")
     _wait_for(lambda: any(isinstance(o[0], list) and o[0] for o in job.outputs()), "the pivot streamed")
     job.cancel()
-    _wait_for(lambda: any((run / "stop").exists() for run in set(app.studio.runs_dir.iterdir()) - before),
-              "the run was asked to stop")
+    _wait_for(
+        lambda: any((run / "stop").exists() for run in set(app.studio.runs_dir.iterdir()) - before),
+        "the run was asked to stop",
+    )
     _wait_for(lambda: app.studio._model_lock.acquire(blocking=False), "the run let go of the model")
     app.studio._model_lock.release()
     stage = ui.stage_steps(app.model, {"method": "self-cascade", "num_inference_steps": 150, "k": None}, 1)
@@ -508,13 +544,15 @@ def test_a_repeated_cancel_is_a_no_op_not_a_server_error(app):
 
 # ---- progress, settings line, API ------------------------------------------------------------------
 
+
 def test_progress_says_stage_i_of_n_and_the_done_line_agrees(client):
     job = client.submit("a red circle", "", "1:1", "16x", "2", 500, 6, 5.0, 11, "none", api_name="/generate")
     gallery, final, status = job.result(timeout=300)
     lines = [o[2] for o in job.outputs()]
     # every new stage shows a line; from the second stage on, the time left is measured
-    assert any(re.fullmatch(r"Stage 2 of 2 \(64 x 64\), step \d+ of \d+ · \d+% · about \d+\.\d s left", line)
-               for line in lines), lines
+    assert any(
+        re.fullmatch(r"Stage 2 of 2 \(64 x 64\), step \d+ of \d+ · \d+% · about \d+\.\d s left", line) for line in lines
+    ), lines
     assert any(line.startswith("Pivot (16 x 16), step ") for line in lines)
     assert len(gallery) == 3 and ", pivot + 2 stages, K 500, 500, seed 11." in status
 
@@ -539,10 +577,34 @@ def test_settings_line_is_the_command_line_of_the_request(app):
     argv = shlex.split(result["settings"])
     assert argv[:4] == ["python", "-m", "sc_app", "generate"]
     args = build_parser().parse_args(argv[3:])
-    parsed = (args.model, args.prompt, args.negative_prompt, args.height, args.width, args.method, args.stages, args.k,
-              args.steps, args.guidance, args.seed, args.upsampler)
-    assert parsed == (app.model.name, request["prompt"], request["negative_prompt"], request["height"],
-                      request["width"], "self-cascade", 1, [500], 3, 4.5, 11, None)
+    parsed = (
+        args.model,
+        args.prompt,
+        args.negative_prompt,
+        args.height,
+        args.width,
+        args.method,
+        args.stages,
+        args.k,
+        args.steps,
+        args.guidance,
+        args.seed,
+        args.upsampler,
+    )
+    assert parsed == (
+        app.model.name,
+        request["prompt"],
+        request["negative_prompt"],
+        request["height"],
+        request["width"],
+        "self-cascade",
+        1,
+        [500],
+        3,
+        4.5,
+        11,
+        None,
+    )
 
 
 def test_the_api_lists_no_internal_handlers(client):

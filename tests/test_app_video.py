@@ -1,5 +1,6 @@
 """The app's Video tab through its HTTP API (gradio_client) and in a real browser, on tiny video models built
 in code: clips per stage as mp4 files, the A/B against direct sampling, bad input, a missing video model."""
+
 from __future__ import annotations
 
 import socket
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-
 from test_app import load_app_module
 from test_browser import VIEWPORT, browser_or_skip, open_browser
+
 from tiny_models import make_modelscope, make_motion_adapter
 
 FRAMES = 3  # odd, and unlike the 4 latent channels
@@ -31,6 +32,7 @@ def free_port() -> int:
 
 def serve(model, work: Path, **video) -> tuple[str, gr.Blocks]:
     from sc_app import ui
+
     demo = ui.build(model, max_pixels=MAX_PIXELS, work_dir=work, **video)
     port = free_port()
     ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
@@ -51,9 +53,21 @@ def client(app, tmp_path):
 
 
 def video_args(**kwargs) -> dict:
-    return {"prompt": "a red circle", "negative_prompt": "", "frames": FRAMES, "fps": 4, "aspect": "1:1",
-            "scale": "4x", "stages": "auto", "k": 700, "steps": STEPS, "guidance": 5.0, "seed": 0,
-            "with_direct": False, **kwargs}
+    return {
+        "prompt": "a red circle",
+        "negative_prompt": "",
+        "frames": FRAMES,
+        "fps": 4,
+        "aspect": "1:1",
+        "scale": "4x",
+        "stages": "auto",
+        "k": 700,
+        "steps": STEPS,
+        "guidance": 5.0,
+        "seed": 0,
+        "with_direct": False,
+        **kwargs,
+    }
 
 
 def read_mp4(path) -> tuple[dict, np.ndarray]:
@@ -69,6 +83,7 @@ def clips(outputs) -> list[dict]:
 
 
 # ---- generate --------------------------------------------------------------------------------------
+
 
 def test_one_clip_per_stage_streamed_as_mp4(client, app):
     from sc_app.plan import plan_stages
@@ -87,15 +102,17 @@ def test_one_clip_per_stage_streamed_as_mp4(client, app):
         meta, frames = read_mp4(slot["value"])
         assert frames.shape == (FRAMES, h, w, 3) and meta["codec"] == "h264" and meta["fps"] == 4
         assert slot["label"].startswith(f"{name}: {w} x {h}, ") and slot["label"].endswith(" s")
-    assert [row[:2] for row in times["data"]] == [["pivot", "16 x 16"], ["stage 1", "32 x 32"],
-                                                  ["stage 2", "64 x 64"]]
+    assert [row[:2] for row in times["data"]] == [["pivot", "16 x 16"], ["stage 1", "32 x 32"], ["stage 2", "64 x 64"]]
     assert all(row[2] > 0 for row in times["data"])
     assert status.startswith(f"Done: 64 x 64, {FRAMES} frames at 4 fps")
     assert Path(cascade["value"]).read_bytes() == Path(final[-1]["value"]).read_bytes()
     assert direct["value"] is None
     # the mp4s were written into the app's own work folder
-    assert sorted(p.name for p in app.studio.runs_dir.glob("*/stage*.mp4"))[-3:] == \
-           ["stage0-16x16.mp4", "stage1-32x32.mp4", "stage2-64x64.mp4"]
+    assert sorted(p.name for p in app.studio.runs_dir.glob("*/stage*.mp4"))[-3:] == [
+        "stage0-16x16.mp4",
+        "stage1-32x32.mp4",
+        "stage2-64x64.mp4",
+    ]
 
 
 def test_ab_against_direct_at_the_target_size(client):
@@ -123,18 +140,22 @@ def test_same_seed_same_clip(client):
 
 # ---- bad input -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prompt": "  "}, "prompt is empty"),
-    ({"frames": 0}, "less than minimum"),
-    ({"frames": 65}, "greater than maximum"),
-    ({"frames": 5, "scale": "16x"}, "5 frames of 64x64 .* over this server's limit"),
-    ({"k": 0}, "less than minimum"),
-    ({"k": 1000}, "greater than maximum"),
-    ({"steps": 0}, "less than minimum"),
-    ({"fps": 0}, "less than minimum"),
-    ({"stages": "many"}, "not in the list of choices"),
-    ({"aspect": "5:4"}, "not in the list of choices"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": "  "}, "prompt is empty"),
+        ({"frames": 0}, "less than minimum"),
+        ({"frames": 65}, "greater than maximum"),
+        ({"frames": 5, "scale": "16x"}, "5 frames of 64x64 .* over this server's limit"),
+        ({"k": 0}, "less than minimum"),
+        ({"k": 1000}, "greater than maximum"),
+        ({"steps": 0}, "less than minimum"),
+        ({"fps": 0}, "less than minimum"),
+        ({"stages": "many"}, "not in the list of choices"),
+        ({"aspect": "5:4"}, "not in the list of choices"),
+    ],
+)
 def test_bad_input_is_an_error_and_writes_nothing(client, app, kwargs, message):
     before = sorted(app.studio.runs_dir.iterdir())
     with pytest.raises(AppError, match=message):
@@ -146,8 +167,9 @@ def test_frames_beyond_a_motion_models_table_are_refused(sd_model, sd_folder, tm
     from sc_app.ui import Studio
     from sc_app.video import load_video_model
 
-    animatediff = load_video_model(str(sd_folder), motion_adapter=str(make_motion_adapter(tmp_path / "adapter")),
-                                   device="cpu")
+    animatediff = load_video_model(
+        str(sd_folder), motion_adapter=str(make_motion_adapter(tmp_path / "adapter")), device="cpu"
+    )
     studio = Studio(sd_model, max_pixels=MAX_PIXELS, work_dir=tmp_path / "work", video_model=animatediff)
     with pytest.raises(gr.Error, match="num_frames must be at most 8 for this motion model, got 9"):
         next(studio.video.generate(**video_args(frames=9)))
@@ -183,6 +205,7 @@ def test_upsamplers_shipped_with_the_video_model_tune_the_cascade(sd_model, sd_f
 
 # ---- a missing video model -------------------------------------------------------------------------
 
+
 def test_missing_embedded_video_model_is_one_clear_error(sd_model, tmp_path, monkeypatch):
     from sc_app import video
 
@@ -193,8 +216,11 @@ def test_missing_embedded_video_model_is_one_clear_error(sd_model, tmp_path, mon
         assert any(c.get("props", {}).get("elem_id") == "video-button" for c in page["components"])
         client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
         for _ in range(2):  # not remembered as loaded: each click says the same
-            with pytest.raises(AppError, match=r"embedded video model is missing \(assets/shapes-video.*"
-                                               r"python -m tuner\.train_video"):
+            with pytest.raises(
+                AppError,
+                match=r"embedded video model is missing \(assets/shapes-video.*"
+                r"python -m tuner\.train_video",
+            ):
                 client.predict(**video_args(), api_name="/generate_video")
         assert demo.studio.video.loaded is None and not list(demo.studio.runs_dir.iterdir())
         gallery, _, status = client.predict("a red circle", steps=3, api_name="/generate")  # the image tabs work
@@ -209,11 +235,19 @@ def test_widgets_show_the_models_defaults_before_it_is_loaded(sd_model, sd_folde
 
     folder = make_modelscope(tmp_path / "modelscope", sd_folder)
     studio = Studio(sd_model, work_dir=tmp_path / "work", video_model=str(folder))
-    assert studio.video.defaults() == {"default_frames": DEFAULT_FRAMES, "default_fps": DEFAULT_FPS,
-                                       "default_k": sd_model.default_k, "default_guidance": 7.5}
+    assert studio.video.defaults() == {
+        "default_frames": DEFAULT_FRAMES,
+        "default_fps": DEFAULT_FPS,
+        "default_k": sd_model.default_k,
+        "default_guidance": 7.5,
+    }
     (folder / "self_cascade.json").write_text('{"default_frames": 5, "default_k": 400}')
-    assert studio.video.defaults() == {"default_frames": 5, "default_fps": DEFAULT_FPS, "default_k": 400,
-                                       "default_guidance": 7.5}
+    assert studio.video.defaults() == {
+        "default_frames": 5,
+        "default_fps": DEFAULT_FPS,
+        "default_k": 400,
+        "default_guidance": 7.5,
+    }
     assert studio.video.loaded is None  # read from the folder, not by loading the model
     loaded = studio.video.model()
     assert (loaded.default_frames, loaded.default_k) == (5, 400)
@@ -229,6 +263,7 @@ def test_a_video_model_folder_that_is_not_there_names_itself(sd_model, tmp_path)
 
 # ---- launch --------------------------------------------------------------------------------------
 
+
 def test_video_flags():
     app_module = load_app_module()
     args = app_module.parse_args([])
@@ -239,14 +274,24 @@ def test_video_flags():
 
 def test_gpu_duration_grows_with_frames(app):
     tab = app.studio.video
-    request = {"prompt": "a red circle", "negative_prompt": "", "aspect": "1:1", "scale": "4x", "stages": "auto",
-               "k": None, "steps": STEPS, "guidance": None, "seed": 0}
+    request = {
+        "prompt": "a red circle",
+        "negative_prompt": "",
+        "aspect": "1:1",
+        "scale": "4x",
+        "stages": "auto",
+        "k": None,
+        "steps": STEPS,
+        "guidance": None,
+        "seed": 0,
+    }
     short = tab.request("self-cascade", frames=2, **request)
     long = tab.request("self-cascade", frames=4, **request)
     assert tab.seconds([short], "") < tab.seconds([long], "")
 
 
 # ---- in a browser ----------------------------------------------------------------------------------
+
 
 def test_video_tab_in_a_browser(app):
     with browser_or_skip()() as playwright:
@@ -260,8 +305,11 @@ def test_video_tab_in_a_browser(app):
             page.locator("#video-button").click()
             page.locator("#video-status").get_by_text("Done:").wait_for(timeout=120_000)
             for slot in ("#video-stage0", "#video-stage1"):
-                page.wait_for_function("s => { const v = document.querySelector(s + ' video');"
-                                       " return v && v.videoWidth > 0; }", arg=slot, timeout=30_000)
+                page.wait_for_function(
+                    "s => { const v = document.querySelector(s + ' video'); return v && v.videoWidth > 0; }",
+                    arg=slot,
+                    timeout=30_000,
+                )
             assert page.get_by_text("Traceback").count() == 0
         finally:
             browser.close()

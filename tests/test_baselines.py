@@ -1,5 +1,6 @@
 """ScaleCrafter and Attn-SF: the patches restore exactly, the schedules and presets are as released, and both
 methods run end to end on the tiny SD and SD XL models."""
+
 import json
 import math
 
@@ -9,26 +10,58 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from sc_app.baselines.attn_sf import (AttnSFProcessor, apply_attn_sf, attn_sf, attn_sf_applied, entropy_scale,
-                                      remove_attn_sf, scaled_attention)
-from sc_app.baselines.scalecrafter import (Plan, apply_redilation, conv_targets, plan_for, redilated,
-                                           remove_redilation, scalecrafter, scalecrafter_denoiser, step_dilation)
+from sc_app.baselines.attn_sf import (
+    AttnSFProcessor,
+    apply_attn_sf,
+    attn_sf,
+    attn_sf_applied,
+    entropy_scale,
+    remove_attn_sf,
+    scaled_attention,
+)
+from sc_app.baselines.scalecrafter import (
+    Plan,
+    apply_redilation,
+    conv_targets,
+    plan_for,
+    redilated,
+    remove_redilation,
+    scalecrafter,
+    scalecrafter_denoiser,
+    step_dilation,
+)
 from sc_app.sampling import encode_prompt, guided_denoiser
 
 # The released UNet configs (stabilityai/stable-diffusion-2-1-base, stable-diffusion-xl-base-1.0), written
 # out so the full-size layouts can be built on the meta device without a download.
 SD21_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+)
 SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True)
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +86,11 @@ def _unet_out(unet, size: int = 8) -> torch.Tensor:
 
 
 def _conv_state(unet) -> dict:
-    return {n: (m.dilation, m.padding, len(m._forward_pre_hooks), len(m._forward_hooks))
-            for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)}
+    return {
+        n: (m.dilation, m.padding, len(m._forward_pre_hooks), len(m._forward_hooks))
+        for n, m in unet.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
 
 
 # ---- ScaleCrafter: the patch ---------------------------------------------------------------------
@@ -104,14 +140,19 @@ def test_integer_and_fractional_dilation_compute_the_released_convolution(size):
         same, down = holder["same"](x), holder["down"](x)
     conv = holder["down"]
     resized = F.interpolate(x, size=(round(size * 3 / 2.5),) * 2, mode="bilinear", align_corners=False)
-    expected = F.interpolate(F.conv2d(resized, conv.weight, conv.bias, stride=2, padding=3, dilation=3),
-                             size=plain["down"].shape[-2:], mode="bilinear", align_corners=False)
+    expected = F.interpolate(
+        F.conv2d(resized, conv.weight, conv.bias, stride=2, padding=3, dilation=3),
+        size=plain["down"].shape[-2:],
+        mode="bilinear",
+        align_corners=False,
+    )
     w, b = holder["same"].weight, holder["same"].bias
     assert torch.allclose(same, F.conv2d(x, w, b, padding=2, dilation=2), atol=1e-6)
     assert down.shape == plain["down"].shape and torch.allclose(down, expected, atol=1e-6)
 
 
 # ---- ScaleCrafter: schedule and presets ----------------------------------------------------------
+
 
 def test_progressive_schedule_values():
     assert [step_dilation(4, 37, i, 50, True) for i in range(50)] == [4] * 10 + [3] * 9 + [2] * 18 + [None] * 13
@@ -131,7 +172,7 @@ def _expected(layout: dict, blocks: dict) -> dict:
     out = {}
     for key, d in blocks.items():
         block = "mid_block" if key.startswith("mid_block") else ".".join(key.split(".")[:2])
-        part = key[len(block) + 1:]  # "", "resnets", "downsamplers" or "upsamplers"
+        part = key[len(block) + 1 :]  # "", "resnets", "downsamplers" or "upsamplers"
         resnets, sampler = layout[block]
         if part in ("", "resnets"):
             out.update({f"{block}.resnets.{r}.conv{c}": d for r in range(resnets) for c in (1, 2)})
@@ -140,37 +181,85 @@ def _expected(layout: dict, blocks: dict) -> dict:
     return out
 
 
-SD21_LAYOUT = {**{f"down_blocks.{i}": (2, i < 3) for i in range(4)}, "mid_block": (2, False),
-               **{f"up_blocks.{i}": (3, i < 3) for i in range(4)}}
-SDXL_LAYOUT = {**{f"down_blocks.{i}": (2, i < 2) for i in range(3)}, "mid_block": (2, False),
-               **{f"up_blocks.{i}": (3, i < 2) for i in range(3)}}
-SD21_DEEP = ["down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1",
-             "up_blocks.2"]
+SD21_LAYOUT = {
+    **{f"down_blocks.{i}": (2, i < 3) for i in range(4)},
+    "mid_block": (2, False),
+    **{f"up_blocks.{i}": (3, i < 3) for i in range(4)},
+}
+SDXL_LAYOUT = {
+    **{f"down_blocks.{i}": (2, i < 2) for i in range(3)},
+    "mid_block": (2, False),
+    **{f"up_blocks.{i}": (3, i < 2) for i in range(3)},
+}
+SD21_DEEP = [
+    "down_blocks.1",
+    "down_blocks.2",
+    "down_blocks.3",
+    "mid_block",
+    "up_blocks.0",
+    "up_blocks.1",
+    "up_blocks.2",
+]
 
 # The issue's table, transcribed: (height, width) -> (blocks, tau, progressive, noise-damped blocks)
 SD21_PRESETS = {
     (1024, 1024): (dict.fromkeys(SD21_DEEP, 2), 20, False, None),
     (1280, 1280): (dict.fromkeys(SD21_DEEP, 2.5), 30, False, None),
-    (1024, 2048): ({"down_blocks.1": 2, "down_blocks.2": 3, "down_blocks.3": 4, "mid_block": 4, "up_blocks.0": 4,
-                    "up_blocks.1": 3, "up_blocks.2": 2}, 37, True, None),
-    (2048, 2048): ({"down_blocks.2.resnets": 3, "down_blocks.2.downsamplers": 4, "down_blocks.3": 4,
-                    "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 4, "up_blocks.2": 3, "up_blocks.3": 2},
-                   37, True, "minus up_blocks.3"),
+    (1024, 2048): (
+        {
+            "down_blocks.1": 2,
+            "down_blocks.2": 3,
+            "down_blocks.3": 4,
+            "mid_block": 4,
+            "up_blocks.0": 4,
+            "up_blocks.1": 3,
+            "up_blocks.2": 2,
+        },
+        37,
+        True,
+        None,
+    ),
+    (2048, 2048): (
+        {
+            "down_blocks.2.resnets": 3,
+            "down_blocks.2.downsamplers": 4,
+            "down_blocks.3": 4,
+            "mid_block": 4,
+            "up_blocks.0": 4,
+            "up_blocks.1": 4,
+            "up_blocks.2": 3,
+            "up_blocks.3": 2,
+        },
+        37,
+        True,
+        "minus up_blocks.3",
+    ),
 }
 SDXL_PRESETS = {
     (2048, 2048): ({"mid_block": 2, "up_blocks.0": 2}, 30, False, None),
     (2560, 2560): ({"mid_block": 2.5, "up_blocks.0": 2.5}, 30, False, None),
-    (2048, 4096): ({"down_blocks.2": 3, "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2},
-                   35, True, {"mid_block": 2, "up_blocks.0": 2}),
-    (4096, 4096): ({"down_blocks.2": 4, "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2},
-                   35, True, {"mid_block": 2, "up_blocks.0": 2}),
+    (2048, 4096): (
+        {"down_blocks.2": 3, "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2},
+        35,
+        True,
+        {"mid_block": 2, "up_blocks.0": 2},
+    ),
+    (4096, 4096): (
+        {"down_blocks.2": 4, "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2},
+        35,
+        True,
+        {"mid_block": 2, "up_blocks.0": 2},
+    ),
 }
 
 
 @pytest.mark.parametrize("family", ["sd2.1", "sdxl"])
 def test_presets_select_exactly_the_listed_layers(family, sd21_unet, sdxl_unet):
-    unet, base, layout, presets = ((sd21_unet, 512, SD21_LAYOUT, SD21_PRESETS) if family == "sd2.1"
-                                   else (sdxl_unet, 1024, SDXL_LAYOUT, SDXL_PRESETS))
+    unet, base, layout, presets = (
+        (sd21_unet, 512, SD21_LAYOUT, SD21_PRESETS)
+        if family == "sd2.1"
+        else (sdxl_unet, 1024, SDXL_LAYOUT, SDXL_PRESETS)
+    )
     for (h, w), (blocks, tau, progressive, ndcfg) in presets.items():
         if ndcfg == "minus up_blocks.3":
             ndcfg = {k: v for k, v in blocks.items() if k != "up_blocks.3"}
@@ -180,7 +269,8 @@ def test_presets_select_exactly_the_listed_layers(family, sd21_unet, sdxl_unet):
             assert (plan.tau, plan.progressive) == (tau, progressive)
             assert conv_targets(unet, plan.dilations) == _expected(layout, blocks)
             assert (conv_targets(unet, plan.ndcfg) if plan.ndcfg else None) == (
-                _expected(layout, ndcfg) if ndcfg else None)
+                _expected(layout, ndcfg) if ndcfg else None
+            )
     assert plan_for(unet, base, 3 * base, 3 * base).preset == "general rule"
     assert plan_for(unet, base + 256, 2 * base, 2 * base).preset == "general rule"  # another base: not the preset
 
@@ -213,6 +303,7 @@ def test_general_rule_for_other_models(sd_model):
 
 
 # ---- ScaleCrafter: noise-damped guidance and runs ------------------------------------------------
+
 
 def test_noise_damped_guidance_follows_the_formula(sd_model):
     unet, w = sd_model.unet, 7.5
@@ -270,6 +361,7 @@ def test_scalecrafter_with_noise_damped_guidance_on_sdxl(sdxl_model):
 
 # ---- Attn-SF -------------------------------------------------------------------------------------
 
+
 def test_entropy_scale_values():
     assert entropy_scale(256, 4.0) == pytest.approx(math.sqrt(math.log(256) / math.log(64)))
     assert entropy_scale(64, 1.0) == 1.0
@@ -321,6 +413,7 @@ def test_attn_sf_runs_end_to_end(request, fixture):
 @pytest.mark.parametrize("method", ["scalecrafter", "attn-sf"])
 def test_both_methods_through_generate_and_into_result_json(sd_model, method):
     from sc_app.api import generate
+
     result = generate(sd_model, "a red circle", 32, 32, method=method, num_inference_steps=2, seed=0)
     summary = json.loads(json.dumps(result.summary()))
     assert summary["method"] == method and summary["stages"][0]["height"] == 32

@@ -1,4 +1,5 @@
 """The benchmarks: markdown sections, speed ratios, FID/KID, and both benches end to end on a tiny model."""
+
 import importlib.util
 import json
 import re
@@ -23,6 +24,7 @@ def section_rows(text: str, name: str) -> list[list[str]]:
 
 # ---- markdown sections ---------------------------------------------------------------------------
 
+
 def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
     path = tmp_path / "docs" / "benchmarks.md"
     common.write_section(path, "speed", "first")
@@ -37,6 +39,7 @@ def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
 
 
 # ---- speed ratios and timing pairs ---------------------------------------------------------------
+
 
 def test_a_log_line_is_one_write(monkeypatch):
     """Processes of a split run share stderr, unbuffered under PYTHONUNBUFFERED: a line written in two parts
@@ -57,16 +60,23 @@ def test_ratios_are_medians_over_the_reference_median():
 
 
 def test_time_vs_direct_pairs_prompts_timed_back_to_back():
-    direct = {0: {"seconds": 2.0, "session": "a"}, 1: {"seconds": 4.0, "session": "a"},
-              2: {"seconds": 1.0, "session": "b"}}
-    method = {0: {"seconds": 1.0, "session": "a"}, 1: {"seconds": 4.0, "session": "a"},
-              2: {"seconds": 9.0, "session": "c"}}  # prompt 2 ran in another session: left out
+    direct = {
+        0: {"seconds": 2.0, "session": "a"},
+        1: {"seconds": 4.0, "session": "a"},
+        2: {"seconds": 1.0, "session": "b"},
+    }
+    method = {
+        0: {"seconds": 1.0, "session": "a"},
+        1: {"seconds": 4.0, "session": "a"},
+        2: {"seconds": 9.0, "session": "c"},
+    }  # prompt 2 ran in another session: left out
     assert quality.time_vs_direct(method, direct) == (0.75, False)
     assert quality.time_vs_direct({2: method[2]}, direct) == (9.0, True)  # only cross-session pairs: flagged
     assert quality.time_vs_direct(method, {}) == (None, False)
 
 
 # ---- FID and KID ---------------------------------------------------------------------------------
+
 
 def reference_fid(a, b):
     """FID the textbook way, with scipy.linalg.sqrtm."""
@@ -113,10 +123,24 @@ def test_inception_features_come_from_the_package_file():
 
 # ---- speed end to end ----------------------------------------------------------------------------
 
+
 def test_speed_bench_writes_one_row_per_method_and_replaces_its_section(sd_folder, tmp_path, capsys):
     out = tmp_path / "benchmarks.md"
-    args = ["speed", "--model", str(sd_folder), "--sizes", "32x32", "--steps", "3", "--repeats", "2",
-            "--device", "cpu", "--out", str(out)]
+    args = [
+        "speed",
+        "--model",
+        str(sd_folder),
+        "--sizes",
+        "32x32",
+        "--steps",
+        "3",
+        "--repeats",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert bench.main(args) == 0
     rows = section_rows(out.read_text(), "speed")
     assert [r[1] for r in rows] == ["direct", "self-cascade K=700"]
@@ -154,48 +178,92 @@ def test_arch_configs_are_the_released_unets():
     assert counts == {"sd21": 865_910_724, "sdxl": 2_567_463_684}
 
 
-TINY_XL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-               norm_num_groups=4, addition_embed_type="text_time", addition_time_embed_dim=4,
-               projection_class_embeddings_input_dim=4 * 6 + 16, use_linear_projection=True)
-TINY_SD = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
-               norm_num_groups=4)
+TINY_XL = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=4,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=4 * 6 + 16,
+    use_linear_projection=True,
+)
+TINY_SD = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    norm_num_groups=4,
+)
 
 
 @pytest.mark.parametrize("arch, config", [("sd21", TINY_SD), ("sdxl", TINY_XL)])
 def test_random_model_runs_the_cascade_without_text_encoders(arch, config):
     model = archs.random_model(arch, "cpu", torch.float32, unet_config=config)
     assert model.is_xl == (arch == "sdxl") and model.base_size == 64 and model.pipe.text_encoder is None
-    result, seconds = common.run_variant(model, common.Variant("self-cascade", 700), ["p"], (128, 128), seeds=[0],
-                                        steps=2, guidance=None)
+    result, seconds = common.run_variant(
+        model, common.Variant("self-cascade", 700), ["p"], (128, 128), seeds=[0], steps=2, guidance=None
+    )
     assert [(s.height, s.width) for s in result.stages] == [(64, 64), (128, 128)]
     assert result.images[0].size == (128, 128) and seconds > 0
 
 
 # ---- quality end to end --------------------------------------------------------------------------
 
+
 def cheap_features(images, device="cpu", batch_size=16):
     """A stand-in for Inception (the real one is tested above): 4x4 thumbnails, enough to tell images apart."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(np.asarray(im)).resize((4, 4)), np.float64).ravel() / 255
-                     for im in images])
+    return np.stack(
+        [np.asarray(Image.fromarray(np.asarray(im)).resize((4, 4)), np.float64).ravel() / 255 for im in images]
+    )
 
 
 def test_quality_bench_end_to_end_resumes_and_replaces_its_section(sd_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "inception_features", cheap_features)
     out, work = tmp_path / "docs" / "benchmarks.md", tmp_path / "work"
-    args = ["quality", "--model", str(sd_folder), "--sizes", "32x32,24x48", "--n", "3", "--steps", "3",
-            "--batch-size", "2", "--k", "300,700", "--device", "cpu", "--work", str(work), "--out", str(out)]
+    args = [
+        "quality",
+        "--model",
+        str(sd_folder),
+        "--sizes",
+        "32x32,24x48",
+        "--n",
+        "3",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--k",
+        "300,700",
+        "--device",
+        "cpu",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+    ]
     assert bench.main(args) == 0
     rows = section_rows(out.read_text(), "quality")
     methods = ["direct", "self-cascade K=300", "self-cascade K=700", "scalecrafter", "attn-sf"]
     assert [(r[0], r[1]) for r in rows] == (
-        [("16x16", "base (16x16, the model's own size)")] + [("32x32", m) for m in methods]
-        + [("12x24", "base (12x24, the model's own size)")] + [("24x48", m) for m in methods])
+        [("16x16", "base (16x16, the model's own size)")]
+        + [("32x32", m) for m in methods]
+        + [("12x24", "base (12x24, the model's own size)")]
+        + [("24x48", m) for m in methods]
+    )
     for row in rows:
         assert row[2] == "3" and row[3].endswith("%")
         assert row[4] != "-" and row[5] != "-"  # FID_r, KID_r everywhere
@@ -223,8 +291,23 @@ def test_quality_bench_end_to_end_resumes_and_replaces_its_section(sd_folder, tm
 def test_report_only_tables_samples_made_on_another_device(sd_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(metrics, "inception_features", cheap_features)
     out, work = tmp_path / "benchmarks.md", tmp_path / "work"
-    args = ["quality", "--model", str(sd_folder), "--sizes", "32x32", "--n", "2", "--steps", "2",
-            "--methods", "direct,self-cascade", "--device", "cpu", "--work", str(work)]
+    args = [
+        "quality",
+        "--model",
+        str(sd_folder),
+        "--sizes",
+        "32x32",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--methods",
+        "direct,self-cascade",
+        "--device",
+        "cpu",
+        "--work",
+        str(work),
+    ]
     assert bench.main(args + ["--no-fid"]) == 0
     # as if a GPU machine had made them: its device and machine are on record
     settings = json.loads((work / "settings.json").read_text())
@@ -241,8 +324,11 @@ def test_report_only_tables_samples_made_on_another_device(sd_folder, tmp_path, 
     assert bench.main(args + ["--report-only", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Samples and times: Machine: a GPU box." in text and "on cuda" in text
-    assert [r[1] for r in section_rows(text, "quality")] == ["base (16x16, the model's own size)", "direct",
-                                                             "self-cascade K=700"]  # the tiny model's default K
+    assert [r[1] for r in section_rows(text, "quality")] == [
+        "base (16x16, the model's own size)",
+        "direct",
+        "self-cascade K=700",
+    ]  # the tiny model's default K
     assert all(r[4] != "-" for r in section_rows(text, "quality"))  # FID computed here
 
     (work / "32x32" / "direct" / "0001.json").unlink()
@@ -259,15 +345,53 @@ def test_quality_bench_splits_prompts_across_cpu_processes(sd_folder, tmp_path):
 
     work = tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run = subprocess.run([*launch, "-m", "sc_app.bench",
-                          "quality", "--model", str(sd_folder), "--sizes", "32x32", "--n", "4", "--steps", "2",
-                          "--methods", "direct", "--batch-size", "1", "--no-fid", "--work", str(work)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    run = subprocess.run(
+        [
+            *launch,
+            "-m",
+            "sc_app.bench",
+            "quality",
+            "--model",
+            str(sd_folder),
+            "--sizes",
+            "32x32",
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--methods",
+            "direct",
+            "--batch-size",
+            "1",
+            "--no-fid",
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    made_by = {int(line.split("samples ")[1].split("..")[0]): line.split("]")[0].split()[-1]
-               for line in run.stderr.splitlines() if line.startswith("  [process") and "direct" in line}
+    made_by = {
+        int(line.split("samples ")[1].split("..")[0]): line.split("]")[0].split()[-1]
+        for line in run.stderr.splitlines()
+        if line.startswith("  [process") and "direct" in line
+    }
     assert made_by == {0: "0", 1: "0", 2: "1", 3: "1"}  # each process its half, none twice
     assert sorted(p.name for p in (work / "32x32" / "direct").glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
 

@@ -1,5 +1,6 @@
 """The video benchmark: its metrics on hand-made moving-shapes clips, and the command end to end on a tiny
 ModelScope-layout model."""
+
 import math
 import re
 from dataclasses import replace
@@ -26,10 +27,13 @@ def one_object_clip(path: Line, colour: str = "red", shape: str = "square", r: f
 
 # ---- metrics on hand-made clips -------------------------------------------------------------------
 
+
 def smooth_floor(clip: Clip, frames: int) -> float:
     """The largest |second difference| of a clip's exact paths: 0 on a line, 2R(1 - cos(step angle)) on an orbit."""
-    return max(2 * o.path.radius * (1 - math.cos(o.path.sweep / (frames - 1))) if isinstance(o.path, Orbit) else 0.0
-               for o in clip.objects)
+    return max(
+        2 * o.path.radius * (1 - math.cos(o.path.sweep / (frames - 1))) if isinstance(o.path, Orbit) else 0.0
+        for o in clip.objects
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -48,7 +52,7 @@ def test_locate_finds_the_objects_detect_counts_at_their_centres():
         found = locate(frame)
         assert [c for c, _, _ in found] == [c for c, _ in detect(frame)]
         for obj in clip.scene_at(float(s)).objects:
-            (x, y), = [(x, y) for c, x, y in found if c == obj.colour]
+            ((x, y),) = [(x, y) for c, x, y in found if c == obj.colour]
             # a triangle's centroid lies r/3 (shorter-side units) below its centre
             drop = obj.r / 3 if obj.shape == "triangle" else 0.0
             assert abs(x - obj.cx) < 0.5 / (2 * SIDE) and abs(y - obj.cy - drop) < 0.5 / SIDE
@@ -82,8 +86,14 @@ def test_a_vanishing_object_breaks_count_and_composition():
 def test_objects_of_one_colour_are_paired_by_distance_not_by_order():
     # Two red squares passing each other vertically: detect's top-to-bottom order swaps halfway, so pairing
     # by list position would make both jump across the frame every time.
-    clip = Clip((MovingObject("red", "square", 0.1, Line(0.25, 0.2, 0.25, 0.8)),
-                 MovingObject("red", "square", 0.1, Line(0.75, 0.8, 0.75, 0.2))), TOP, BOTTOM)
+    clip = Clip(
+        (
+            MovingObject("red", "square", 0.1, Line(0.25, 0.2, 0.25, 0.8)),
+            MovingObject("red", "square", 0.1, Line(0.75, 0.8, 0.75, 0.2)),
+        ),
+        TOP,
+        BOTTOM,
+    )
     objects = [locate(frame) for frame in render_clip(clip, FRAMES, SIDE, SIDE)]
     assert [x < 0.5 for _, x, _ in objects[0]] != [x < 0.5 for _, x, _ in objects[-1]]  # the order did swap
     assert position_jitter(objects) < 0.005
@@ -101,10 +111,12 @@ def test_real_clips_are_fixed_by_the_seed():
 
 # ---- the command end to end -----------------------------------------------------------------------
 
+
 def section_rows(text: str, name: str) -> dict[str, list[str]]:
     body = re.search(rf"<!-- bench:{name} -->(.*?)<!-- /bench:{name} -->", text, re.S)[1]
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines()
-            if line.startswith("| ")]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines() if line.startswith("| ")
+    ]
     return {row[0]: row[1:] for row in rows[1:]}
 
 
@@ -112,14 +124,36 @@ def test_the_command_writes_its_section_and_resumes(modelscope_folder, tmp_path,
     md, work = tmp_path / "docs" / "bench.md", tmp_path / "work"
     md.parent.mkdir()
     md.write_text("# Benchmarks\n\nkept by hand\n")
-    argv = ["--model", str(modelscope_folder), "--device", "cpu", "--n", "2", "--frames", "3", "--steps", "2",
-            "--k", "500,700", "--md", str(md), "--work", str(work)]
+    argv = [
+        "--model",
+        str(modelscope_folder),
+        "--device",
+        "cpu",
+        "--n",
+        "2",
+        "--frames",
+        "3",
+        "--steps",
+        "2",
+        "--k",
+        "500,700",
+        "--md",
+        str(md),
+        "--work",
+        str(work),
+    ]
     assert main(argv) == 0
     text = md.read_text()
     rows = section_rows(text, "video")
     # the tiny model's base is 16x16, so the default target is 32x32 (4x pixels) over a 16x16 pivot
-    assert list(rows) == ["real clips (32x32)", "real clips (16x16)", "base (pivot 16x16, direct)", "direct",
-                          "self-cascade K=500", "self-cascade K=700"]
+    assert list(rows) == [
+        "real clips (32x32)",
+        "real clips (16x16)",
+        "base (pivot 16x16, direct)",
+        "direct",
+        "self-cascade K=500",
+        "self-cascade K=700",
+    ]
     assert all(row[1] == "2" for row in rows.values())
     assert rows["direct"][-1] == "1.00x" and rows["self-cascade K=700"][-1].endswith("x")
     assert rows["real clips (32x32)"][-2:] == ["-", "-"]
@@ -127,8 +161,13 @@ def test_the_command_writes_its_section_and_resumes(modelscope_folder, tmp_path,
     assert (md.parent / "video_grid.png").is_file() and "video_grid.png" in text
 
     prompts = random_prompts(2, 0)
-    cells = {c.variant.label: c for c in (bench_video.ClipCell(v, (32, 32), 3, work) for v in
-             bench_video.make_variants(["self-cascade"], [500, 700], False))}
+    cells = {
+        c.variant.label: c
+        for c in (
+            bench_video.ClipCell(v, (32, 32), 3, work)
+            for v in bench_video.make_variants(["self-cascade"], [500, 700], False)
+        )
+    }
     records = [cells["direct"].record(i) for i in range(2)]
     assert [(r["prompt"], r["seed"]) for r in records] == [(prompts[0], 0), (prompts[1], 1)]
     # the table is the metrics of the stored clips, and a stored clip is what generate_video makes
@@ -136,8 +175,9 @@ def test_the_command_writes_its_section_and_resumes(modelscope_folder, tmp_path,
     frames = sum(s.frames_matched for s in scores) / 6
     assert rows["self-cascade K=500"][2] == f"{100 * frames:.1f}%"
     model = load_video_model(str(modelscope_folder), device="cpu")
-    again = generate_video(model, prompts[1], 32, 32, "self-cascade", k=700, num_frames=3, num_inference_steps=2,
-                           seed=1)
+    again = generate_video(
+        model, prompts[1], 32, 32, "self-cascade", k=700, num_frames=3, num_inference_steps=2, seed=1
+    )
     np.testing.assert_array_equal(again.clips[0], cells["self-cascade K=700"].clip(1))
 
     def no_sampling(*args, **kwargs):
@@ -150,17 +190,20 @@ def test_the_command_writes_its_section_and_resumes(modelscope_folder, tmp_path,
     assert md.read_text().count("<!-- bench:video -->") == 1
 
 
-@pytest.mark.parametrize("flags", [
-    ["--n", "0"],
-    ["--k", "7x"],
-    ["--size", "32"],
-    ["--frames", "0"],
-    ["--upsampler", "no-such-file.safetensors"],
-    ["--bogus"],
-    ["--model", "./no-such-folder"],
-    ["--size", "30x30"],  # the tiny UNet takes multiples of 4
-    ["--k", "0"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--n", "0"],
+        ["--k", "7x"],
+        ["--size", "32"],
+        ["--frames", "0"],
+        ["--upsampler", "no-such-file.safetensors"],
+        ["--bogus"],
+        ["--model", "./no-such-folder"],
+        ["--size", "30x30"],  # the tiny UNet takes multiples of 4
+        ["--k", "0"],
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_2(flags, modelscope_folder, tmp_path, capsys):
     md = tmp_path / "bench.md"
     model = [] if "--model" in flags else ["--model", str(modelscope_folder)]
@@ -172,15 +215,32 @@ def test_bad_flags_are_one_line_and_exit_2(flags, modelscope_folder, tmp_path, c
 
 def test_the_tuned_rows_run_the_upsampler_at_its_own_k(modelscope_folder, tmp_path):
     model = load_video_model(str(modelscope_folder), device="cpu")
-    adapter = Adapter(model.unet.config, scale=2.0, k=500, base_model=model.name,
-                      unet_class=type(model.unet).__name__)
+    adapter = Adapter(model.unet.config, scale=2.0, k=500, base_model=model.name, unet_class=type(model.unet).__name__)
     torch.manual_seed(0)
     for parameter in adapter.parameters():  # trained-looking weights: its residuals must change the clips
         parameter.data.normal_(0.0, 0.3)
     path = save_adapter(adapter, tmp_path / "adapter.safetensors")
     md, work = tmp_path / "bench.md", tmp_path / "work"
-    common = ["--model", str(modelscope_folder), "--device", "cpu", "--n", "2", "--frames", "3", "--steps", "2",
-              "--upsampler", str(path), "--md", str(md), "--work", str(work), "--grid-prompts", "0"]
+    common = [
+        "--model",
+        str(modelscope_folder),
+        "--device",
+        "cpu",
+        "--n",
+        "2",
+        "--frames",
+        "3",
+        "--steps",
+        "2",
+        "--upsampler",
+        str(path),
+        "--md",
+        str(md),
+        "--work",
+        str(work),
+        "--grid-prompts",
+        "0",
+    ]
     assert main(common + ["--k", "500"]) == 0
     rows = section_rows(md.read_text(), "video")
     assert list(rows)[-2:] == ["self-cascade K=500", "self-cascade tuned K=500"]
@@ -192,8 +252,18 @@ def test_the_tuned_rows_run_the_upsampler_at_its_own_k(modelscope_folder, tmp_pa
     for i in range(2):
         clip = np.load(tuned[0] / f"{i:04d}.npz")["clip"]
         assert not np.array_equal(clip, np.load(free / f"{i:04d}.npz")["clip"])
-        again = generate_video(model, prompts[i], 32, 32, "self-cascade", k=500, num_frames=3, num_inference_steps=2,
-                               seed=i, upsampler=path)
+        again = generate_video(
+            model,
+            prompts[i],
+            32,
+            32,
+            "self-cascade",
+            k=500,
+            num_frames=3,
+            num_inference_steps=2,
+            seed=i,
+            upsampler=path,
+        )
         np.testing.assert_array_equal(clip, again.clips[0])
 
     # without --k: the tuning-free row at the model's K, the tuned one at the adapter's
@@ -210,14 +280,51 @@ def test_prompts_are_split_across_cpu_processes(modelscope_folder, tmp_path):
 
     md, work = tmp_path / "bench.md", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run = subprocess.run([*launch, "-m", "sc_app.bench_video", "--model", str(modelscope_folder), "--n", "4",
-                          "--frames", "3", "--steps", "2", "--grid-prompts", "0", "--md", str(md), "--work", str(work)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    run = subprocess.run(
+        [
+            *launch,
+            "-m",
+            "sc_app.bench_video",
+            "--model",
+            str(modelscope_folder),
+            "--n",
+            "4",
+            "--frames",
+            "3",
+            "--steps",
+            "2",
+            "--grid-prompts",
+            "0",
+            "--md",
+            str(md),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    made_by = {int(line.split("clip ")[1].split("/")[0]): line.split("]")[0].split()[-1]
-               for line in run.stderr.splitlines() if line.startswith("  [process")}
+    made_by = {
+        int(line.split("clip ")[1].split("/")[0]): line.split("]")[0].split()[-1]
+        for line in run.stderr.splitlines()
+        if line.startswith("  [process")
+    }
     assert made_by == {1: "0", 2: "0", 3: "1", 4: "1"}  # each process its half, none twice
     assert sorted(p.name for p in (work / "32x32-3f" / "direct").glob("*.json")) == [f"{i:04d}.json" for i in range(4)]
     rows = section_rows(md.read_text(), "video")

@@ -6,6 +6,7 @@ As a script it takes the README's screenshots from the real page:
 
 Under pytest, SC_SCREENSHOTS=DIR also copies the test's screenshots there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,13 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1400, "height": 1000}
 RENDERED = """([selector, count]) => {
     const images = [...document.querySelectorAll(selector)];
@@ -35,6 +41,7 @@ def free_port() -> int:
 
 def serve(model, work_dir, max_pixels=None) -> tuple[str, object]:
     from sc_app import ui
+
     demo = ui.build(model, max_pixels=max_pixels, work_dir=work_dir)
     port = free_port()
     ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
@@ -73,6 +80,7 @@ def run_compare(page, url: str, prompt: str, methods: int, shot: Path, timeout_m
 
 
 # ---- under pytest --------------------------------------------------------------------------------
+
 
 def browser_or_skip():
     """sync_playwright, with Debian's chromium checked. Playwright is a dev requirement, so it must import;
@@ -140,6 +148,7 @@ def test_finished_stages_stay_in_view_and_stop_ends_the_run(page, tmp_path, monk
             while int(info["stage"]) == 2 and not released.is_set():
                 released.wait(0.05)
                 callback(info)  # raises once Stop's stop file is there
+
         return real(model, callback=hold, **request)
 
     monkeypatch.setattr(ui, "run_method", held)
@@ -150,7 +159,8 @@ def test_finished_stages_stay_in_view_and_stop_ends_the_run(page, tmp_path, monk
         page.locator("#generate-button").click()
         status = page.locator("#generate-status")
         status.get_by_text(re.compile(r"^Stage 2 of 2 \(64 x 64\), step 1 of \d+ · \d+% · about")).wait_for(
-            timeout=120_000)
+            timeout=120_000
+        )
         page.wait_for_function(RENDERED, arg=["#stages img", 2], timeout=60_000)
         page.locator("#stages img").first.scroll_into_view_if_needed()
         assert page.evaluate(PIVOT_ON_TOP)
@@ -202,6 +212,7 @@ def test_bad_input_shows_a_message_not_a_trace(page):
 
 # ---- as a script: the README's screenshots -------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Screenshots of the Generate and Compare tabs from the real page.")
     parser.add_argument("--model", default="embedded")
@@ -215,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
     from sc_app.models import load_model
+
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         model = load_model(args.model, device=args.device)

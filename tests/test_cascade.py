@@ -20,9 +20,12 @@ def _first_inputs(model, **kwargs):
             if i == 0:
                 seen[r] = (x.clone(), pivot.clone(), t)
             return denoiser(x, t, i)
+
         return wrapped
 
-    result = self_cascade(model, "a red circle", 64, 64, num_inference_steps=STEPS, stage_denoiser=stage_denoiser, **kwargs)
+    result = self_cascade(
+        model, "a red circle", 64, 64, num_inference_steps=STEPS, stage_denoiser=stage_denoiser, **kwargs
+    )
     return result, seen
 
 
@@ -88,7 +91,8 @@ def test_v_prediction_model(sd2_folder):
 def test_sdxl_time_ids_follow_each_stage(sdxl_model):
     seen = []
     hook = sdxl_model.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True
+    )
     try:
         result = self_cascade(sdxl_model, "a cat", 64, 32, num_inference_steps=4, seed=0)
     finally:
@@ -100,8 +104,15 @@ def test_sdxl_time_ids_follow_each_stage(sdxl_model):
 
 def test_each_stage_is_reported_with_images_and_timing(sd_model):
     reported = []
-    result = self_cascade(sd_model, "a cat", 64, 64, num_inference_steps=STEPS, seed=0,
-                          on_stage=lambda r, stage: reported.append((r, stage.images[0].size)))
+    result = self_cascade(
+        sd_model,
+        "a cat",
+        64,
+        64,
+        num_inference_steps=STEPS,
+        seed=0,
+        on_stage=lambda r, stage: reported.append((r, stage.images[0].size)),
+    )
     assert reported == [(0, (16, 16)), (1, (32, 32)), (2, (64, 64))]
     summary = result.summary()
     assert summary["method"] == "self-cascade" and summary["k"] == [700, 700]
@@ -118,16 +129,19 @@ def test_large_outputs_decode_tiled_and_restore(sd_model, monkeypatch):
     assert not sd_model.pipe.vae.use_tiling
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(height=30, width=32), "height must be a multiple of 4"),
-    (dict(height=32, width=-4), "width must be a positive integer"),
-    (dict(k=1000), "k must be an integer in 1..999"),
-    (dict(k=0), "k must be an integer"),
-    (dict(k=[500]), "one value per stage"),
-    (dict(stages=-1), "stages must be a non-negative"),
-    (dict(upsample="nearest"), "upsample must be one of"),
-    (dict(num_inference_steps=0), "num_inference_steps must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=30, width=32), "height must be a multiple of 4"),
+        (dict(height=32, width=-4), "width must be a positive integer"),
+        (dict(k=1000), "k must be an integer in 1..999"),
+        (dict(k=0), "k must be an integer"),
+        (dict(k=[500]), "one value per stage"),
+        (dict(stages=-1), "stages must be a non-negative"),
+        (dict(upsample="nearest"), "upsample must be one of"),
+        (dict(num_inference_steps=0), "num_inference_steps must be in"),
+    ],
+)
 def test_bad_input_is_named(sd_model, kwargs, message):
     args = dict(height=64, width=64) | kwargs
     with pytest.raises(ValueError, match=message):
@@ -148,9 +162,12 @@ def test_generate_takes_a_users_pipeline(sd_model):
 
 def test_lanczos_upsampling_goes_through_pixels(sd_model, monkeypatch):
     import sc_app.cascade as cascade_module
+
     calls = []
     real_encode = cascade_module.encode
-    monkeypatch.setattr(cascade_module, "encode", lambda model, images: calls.append(images[0].size) or real_encode(model, images))
+    monkeypatch.setattr(
+        cascade_module, "encode", lambda model, images: calls.append(images[0].size) or real_encode(model, images)
+    )
     run = dict(num_inference_steps=4, guidance_scale=5.0, seed=3, decode_stages=False, k=600)
     bilinear = self_cascade(sd_model, "a red circle", 64, 64, **run)
     lanczos = self_cascade(sd_model, "a red circle", 64, 64, upsample="lanczos", **run)

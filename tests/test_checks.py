@@ -5,6 +5,7 @@ what a generator takes, sizes past the device's limit, stages that do not grow t
 cannot be written, a CUDA device on a CPU build, pickle weights, a pickled checkpoint; and `--help` answers
 before torch, diffusers, transformers or gradio load.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- the shared checks ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, message", [
-    (float("nan"), "guidance_scale must be a finite number, got nan"),
-    (float("inf"), "guidance_scale must be a finite number, got inf"),
-    (-1.0, r"guidance_scale must be in \[0, 100\], got -1"),
-    ("7", "guidance_scale must be a number, got '7'"),
-    (True, "guidance_scale must be a number, got True"),
-])
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (float("nan"), "guidance_scale must be a finite number, got nan"),
+        (float("inf"), "guidance_scale must be a finite number, got inf"),
+        (-1.0, r"guidance_scale must be in \[0, 100\], got -1"),
+        ("7", "guidance_scale must be a number, got '7'"),
+        (True, "guidance_scale must be a number, got True"),
+    ],
+)
 def test_finite_refuses_nan_infinity_and_out_of_range(value, message):
     with pytest.raises(ValueError, match=message):
         checks.finite("guidance_scale", value, 0, checks.MAX_GUIDANCE)
@@ -105,13 +110,17 @@ def test_a_missing_device_is_one_clear_line():
 
 # ---- the library ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
-    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
-    (dict(seed=2**70), "seed must be in 0..9223372036854775807"),
-    (dict(stages=50), "stages must be at most 8, got 50"),
-    (dict(stages=8), "stages must be at most 4 for 32x32 .each stage must grow the size"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(seed=2**70), "seed must be in 0..9223372036854775807"),
+        (dict(stages=50), "stages must be at most 8, got 50"),
+        (dict(stages=8), "stages must be at most 4 for 32x32 .each stage must grow the size"),
+    ],
+)
 def test_the_library_refuses_before_sampling(sd_model, kwargs, message):
     from sc_app.api import generate
 
@@ -149,6 +158,7 @@ def test_video_export_refuses_a_bad_fps_before_writing(tmp_path, fps):
 
 # ---- the command lines ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def no_model(monkeypatch):
     """Inputs refused before any model loads: loading one fails the test."""
@@ -174,8 +184,11 @@ BEFORE_LOADING = [  # (command, flags, message): refused before any model loads
     ("generate", ["--guidance", "inf"], "--guidance must be a finite number, got inf"),
     ("generate", ["--guidance", "-2"], r"--guidance must be in \[0, 100\], got -2"),
     ("generate", ["--seed", str(2**70)], "--seed must be in 0..9223372036854775807, got 1180591620717411303424"),
-    ("generate", ["--height", "100000", "--width", "100000"],
-     r"100000x100000 is 10000.00 MP, over the size limit of .* --max-pixels"),
+    (
+        "generate",
+        ["--height", "100000", "--width", "100000"],
+        r"100000x100000 is 10000.00 MP, over the size limit of .* --max-pixels",
+    ),
     ("generate", ["--height", "16", "--width", "100000"], "100000x16 is 1.60 MP, over the size limit of"),
     ("generate", ["--max-pixels", "1000"], "32x32 is 1,024 pixels, over the size limit of 1,000 pixels"),
     ("generate", ["--out", "/proc/nope/x"], "--out /proc/nope/x: cannot write in /proc"),
@@ -186,13 +199,20 @@ BEFORE_LOADING = [  # (command, flags, message): refused before any model loads
     ("generate-video", ["--fps", "inf"], "--fps must be a finite number, got inf"),
     ("generate-video", ["--guidance", "nan"], "--guidance must be a finite number, got nan"),
     ("generate-video", ["--seed", str(2**70)], "--seed must be in 0..9223372036854775807"),
-    ("generate-video", ["--frames", "200", "--height", "256", "--width", "256"],
-     "200 frames of 256x256 are 13.11 MP in all, over the size limit"),
+    (
+        "generate-video",
+        ["--frames", "200", "--height", "256", "--width", "256"],
+        "200 frames of 256x256 are 13.11 MP in all, over the size limit",
+    ),
     ("generate-video", ["--out", "/proc/nope/x"], "--out /proc/nope/x: cannot write in /proc"),
-] + ([] if torch.cuda.is_available() else [
-    ("generate", ["--device", "cuda"], "device 'cuda': this torch .* is built without CUDA|no CUDA GPU"),
-    ("generate-video", ["--device", "cuda"], "device 'cuda': this torch .* is built without CUDA|no CUDA GPU"),
-])
+] + (
+    []
+    if torch.cuda.is_available()
+    else [
+        ("generate", ["--device", "cuda"], "device 'cuda': this torch .* is built without CUDA|no CUDA GPU"),
+        ("generate-video", ["--device", "cuda"], "device 'cuda': this torch .* is built without CUDA|no CUDA GPU"),
+    ]
+)
 
 
 @pytest.mark.parametrize("command, flags, message", BEFORE_LOADING)
@@ -203,9 +223,16 @@ def test_cli_refuses_before_loading_the_model(command, flags, message, no_model,
     _read_only(tmp_path / "READ_ONLY", monkeypatch)
     before = sorted(tmp_path.rglob("*"))
     names = {"FILE": str(tmp_path / "FILE"), "READ_ONLY": str(tmp_path / "READ_ONLY")}
-    flags = [names.get(f.split("/")[0], f.split("/")[0]) + f[len(f.split("/")[0]):] for f in flags]
-    defaults = {"--model": "embedded", "--prompt": "a red circle", "--height": "32", "--width": "32", "--steps": "2",
-                "--out": str(tmp_path / "out"), "--device": "cpu"}
+    flags = [names.get(f.split("/")[0], f.split("/")[0]) + f[len(f.split("/")[0]) :] for f in flags]
+    defaults = {
+        "--model": "embedded",
+        "--prompt": "a red circle",
+        "--height": "32",
+        "--width": "32",
+        "--steps": "2",
+        "--out": str(tmp_path / "out"),
+        "--device": "cpu",
+    }
     given = dict(zip(flags[::2], flags[1::2]))
     argv = [command] + [x for flag, value in {**defaults, **given}.items() for x in (flag, value)]
     assert main(argv) == 2
@@ -225,13 +252,19 @@ def _pickle_only(sd_folder: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--stages", "50"], "stages must be at most 8, got 50"),
-    (["--stages", "8"], "stages must be at most 4 for 32x32 .each stage must grow the size"),
-    (["--height", "30"], "height must be a multiple of 4"),
-    (["--model", "PICKLE"], "model '.*': unet/ holds only pickle weights .diffusion_pytorch_model.bin.; this "
-                            "program reads safetensors only"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--stages", "50"], "stages must be at most 8, got 50"),
+        (["--stages", "8"], "stages must be at most 4 for 32x32 .each stage must grow the size"),
+        (["--height", "30"], "height must be a multiple of 4"),
+        (
+            ["--model", "PICKLE"],
+            "model '.*': unet/ holds only pickle weights .diffusion_pytorch_model.bin.; this "
+            "program reads safetensors only",
+        ),
+    ],
+)
 def test_cli_refuses_before_sampling(flags, message, sd_folder, tmp_path, capfd, monkeypatch):
     from sc_app import api
 
@@ -240,8 +273,15 @@ def test_cli_refuses_before_sampling(flags, message, sd_folder, tmp_path, capfd,
 
     monkeypatch.setattr(api, "generate", refuse)
     flags = [str(_pickle_only(sd_folder, tmp_path / "pickle")) if f == "PICKLE" else f for f in flags]
-    defaults = {"--model": str(sd_folder), "--prompt": "a cat", "--height": "32", "--width": "32", "--steps": "2",
-                "--out": str(tmp_path / "out"), "--device": "cpu"}
+    defaults = {
+        "--model": str(sd_folder),
+        "--prompt": "a cat",
+        "--height": "32",
+        "--width": "32",
+        "--steps": "2",
+        "--out": str(tmp_path / "out"),
+        "--device": "cpu",
+    }
     given = dict(zip(flags[::2], flags[1::2]))
     assert main(["generate"] + [x for kv in {**defaults, **given}.items() for x in kv]) == 2
     assert re.search(message, _one_error_line(capfd))
@@ -250,8 +290,25 @@ def test_cli_refuses_before_sampling(flags, message, sd_folder, tmp_path, capfd,
 
 def test_max_pixels_raises_the_limit(sd_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(checks.ENV_MAX_PIXELS, "500")
-    argv = ["generate", "--model", str(sd_folder), "--prompt", "a cat", "--height", "32", "--width", "32", "--steps",
-            "2", "--method", "direct", "--device", "cpu", "--out", str(tmp_path / "o")]
+    argv = [
+        "generate",
+        "--model",
+        str(sd_folder),
+        "--prompt",
+        "a cat",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--method",
+        "direct",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 2 and "1,024 pixels, over the size limit of 500 pixels" in capsys.readouterr().err
     assert main(argv + ["--max-pixels", "1024"]) == 0
     assert (tmp_path / "o" / "final.png").is_file()
@@ -259,22 +316,33 @@ def test_max_pixels_raises_the_limit(sd_folder, tmp_path, capsys, monkeypatch):
 
 # ---- the tuner -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "nan"], "--lr must be a finite number, got nan"),
-    (["--lr", "inf"], "--lr must be a finite number, got inf"),
-    (["--scale", "nan"], "--scale must be a finite number, got nan"),
-    (["--seed", str(2**70)], "--seed must be in 0..9223372036854775807"),
-    (["--out", "/proc/nope/adapter.safetensors"], "--out /proc/nope/adapter.safetensors: cannot write in /proc"),
-    (["--out", "READ_ONLY/adapter.safetensors"], "cannot write in .*READ_ONLY"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--scale", "nan"], "--scale must be a finite number, got nan"),
+        (["--seed", str(2**70)], "--seed must be in 0..9223372036854775807"),
+        (["--out", "/proc/nope/adapter.safetensors"], "--out /proc/nope/adapter.safetensors: cannot write in /proc"),
+        (["--out", "READ_ONLY/adapter.safetensors"], "cannot write in .*READ_ONLY"),
+    ],
+)
 def test_tuner_refuses_before_loading_the_model(flags, message, no_model, tmp_path, capfd, monkeypatch):
     from tuner.__main__ import main as tuner_main
 
     (tmp_path / "READ_ONLY").mkdir()
     _read_only(tmp_path / "READ_ONLY", monkeypatch)
     flags = [f.replace("READ_ONLY", str(tmp_path / "READ_ONLY")) for f in flags]
-    defaults = {"--model": "embedded", "--data": "shapes", "--steps": "2", "--batch-size": "1", "--lr": "1e-3",
-                "--out": str(tmp_path / "a.safetensors"), "--device": "cpu"}
+    defaults = {
+        "--model": "embedded",
+        "--data": "shapes",
+        "--steps": "2",
+        "--batch-size": "1",
+        "--lr": "1e-3",
+        "--out": str(tmp_path / "a.safetensors"),
+        "--device": "cpu",
+    }
     given = dict(zip(flags[::2], flags[1::2]))
     assert tuner_main(["train"] + [x for kv in {**defaults, **given}.items() for x in kv]) == 2
     assert re.search(message, _one_error_line(capfd))
@@ -288,8 +356,15 @@ def test_tuning_into_a_folder_it_cannot_write_stops_before_the_first_step(sd_mod
     _read_only(tmp_path / "ro", monkeypatch)
     steps = []
     with pytest.raises(ValueError, match="out .*/ro/x2.safetensors: cannot write in"):
-        train_adapter(sd_model, "shapes", steps=2, batch_size=1, lr=1e-3, out=tmp_path / "ro" / "x2.safetensors",
-                      progress=lambda *p: steps.append(p))
+        train_adapter(
+            sd_model,
+            "shapes",
+            steps=2,
+            batch_size=1,
+            lr=1e-3,
+            out=tmp_path / "ro" / "x2.safetensors",
+            progress=lambda *p: steps.append(p),
+        )
     assert steps == []
 
 
@@ -298,19 +373,43 @@ def test_resume_from_a_pickled_checkpoint_is_refused_in_our_own_words(sd_folder,
 
     out = tmp_path / "x2.safetensors"
     torch.save({"config": {}, "step": 1, "trap": math.gcd}, out.with_suffix(".ckpt"))  # a callable: pickle code
-    assert tuner_main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "2", "--batch-size", "1",
-                       "--lr", "1e-3", "--out", str(out), "--device", "cpu", "--resume"]) == 2
+    assert (
+        tuner_main(
+            [
+                "train",
+                "--model",
+                str(sd_folder),
+                "--data",
+                "shapes",
+                "--steps",
+                "2",
+                "--batch-size",
+                "1",
+                "--lr",
+                "1e-3",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--resume",
+            ]
+        )
+        == 2
+    )
     line = _one_error_line(capfd)
     assert "is not a checkpoint written by this tuner" in line and "not loaded" in line
     assert "weights_only" not in line and not out.exists()
 
 
-@pytest.mark.parametrize("module, flags, message", [
-    ("tuner.train_base", ["--unet-lr", "nan"], "--unet-lr must be a finite number, got nan"),
-    ("tuner.train_base", ["--ema-decay", "1.5"], r"--ema-decay must be in \[0, 1\), got 1.5"),
-    ("tuner.train_video", ["--lr", "inf"], "--lr must be a finite number, got inf"),
-    ("tuner.train_video", ["--out", "/proc/nope/video"], "--out /proc/nope/video: cannot write in /proc"),
-])
+@pytest.mark.parametrize(
+    "module, flags, message",
+    [
+        ("tuner.train_base", ["--unet-lr", "nan"], "--unet-lr must be a finite number, got nan"),
+        ("tuner.train_base", ["--ema-decay", "1.5"], r"--ema-decay must be in \[0, 1\), got 1.5"),
+        ("tuner.train_video", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+        ("tuner.train_video", ["--out", "/proc/nope/video"], "--out /proc/nope/video: cannot write in /proc"),
+    ],
+)
 def test_training_scripts_check_their_flags_first(module, flags, message, tmp_path, capsys):
     import importlib
 
@@ -336,25 +435,42 @@ print("loaded:", sorted(m for m in ("torch", "diffusers", "transformers", "gradi
 """
 
 
-@pytest.mark.parametrize("name, args", [
-    ("sc_app", ["--help"]), ("sc_app", ["generate", "--help"]), ("sc_app", ["generate-video", "--help"]),
-    ("tuner", ["--help"]), ("tuner", ["train", "--help"]),
-    ("sc_app.bench", ["--help"]),
-    ("sc_app.bench_video", ["--help"]), ("tuner.train_video", ["--help"]), ("tuner.train_base", ["--help"]),
-    ("app.py", ["--help"]),
-])
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("sc_app", ["--help"]),
+        ("sc_app", ["generate", "--help"]),
+        ("sc_app", ["generate-video", "--help"]),
+        ("tuner", ["--help"]),
+        ("tuner", ["train", "--help"]),
+        ("sc_app.bench", ["--help"]),
+        ("sc_app.bench_video", ["--help"]),
+        ("tuner.train_video", ["--help"]),
+        ("tuner.train_base", ["--help"]),
+        ("app.py", ["--help"]),
+    ],
+)
 def test_help_answers_before_the_heavy_imports(name, args):
     runner = "run_path" if name.endswith(".py") else "run_module"
-    done = subprocess.run([sys.executable, "-c", HELP.format(name=name, args=args, runner=runner)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP.format(name=name, args=args, runner=runner)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and done.stdout.strip().endswith("loaded: []"), done.stdout[-500:]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["speed", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
-    (["quality", "--out", "/proc/nope/bench.md"], "--out /proc/nope/bench.md: cannot write in /proc"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["speed", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+        (["quality", "--out", "/proc/nope/bench.md"], "--out /proc/nope/bench.md: cannot write in /proc"),
+    ],
+)
 def test_the_benches_refuse_before_loading_the_model(argv, message, no_model, tmp_path, capfd):
     from sc_app import bench
 
@@ -362,10 +478,13 @@ def test_the_benches_refuse_before_loading_the_model(argv, message, no_model, tm
     assert re.search(message, _one_error_line(capfd))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
-    (["--md", "/proc/nope/bench.md"], "--md /proc/nope/bench.md: cannot write in /proc"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+        (["--md", "/proc/nope/bench.md"], "--md /proc/nope/bench.md: cannot write in /proc"),
+    ],
+)
 def test_the_video_bench_refuses_before_loading_the_model(flags, message, no_model, tmp_path, capfd):
     from sc_app import bench_video
 

@@ -19,11 +19,41 @@ def _run(capsys, *argv):
 def test_end_to_end_in_a_fresh_process(sd_folder, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "sc_app", "generate", "--model", str(sd_folder), "--prompt", "a red circle",
-         "--height", "64", "--width", "32", "--steps", "4", "--seed", "7", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "sc_app",
+            "generate",
+            "--model",
+            str(sd_folder),
+            "--prompt",
+            "a red circle",
+            "--height",
+            "64",
+            "--width",
+            "32",
+            "--steps",
+            "4",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["final.png", "result.json", "stage0.png", "stage1.png", "stage2.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "final.png",
+        "result.json",
+        "stage0.png",
+        "stage1.png",
+        "stage2.png",
+    ]
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == "self-cascade" and result["seed"] == 7 and result["steps"] == 4
     assert result["prompt"] == "a red circle" and result["k"] == [700, 700]
@@ -37,8 +67,25 @@ def test_end_to_end_in_a_fresh_process(sd_folder, tmp_path):
 def test_prompts_file_writes_one_folder_per_prompt(sd_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
-    code, err = _run(capsys, "--model", str(sd_folder), "--prompts-file", str(prompts), "--height", "32",
-                     "--width", "32", "--steps", "3", "--seed", "10", "--method", "direct", "--out", str(tmp_path / "o"))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(sd_folder),
+        "--prompts-file",
+        str(prompts),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "3",
+        "--seed",
+        "10",
+        "--method",
+        "direct",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000", "0001"]
     second = json.loads((tmp_path / "o" / "0001" / "result.json").read_text())
@@ -47,26 +94,46 @@ def test_prompts_file_writes_one_folder_per_prompt(sd_folder, tmp_path, capsys):
 
 
 def test_k_and_stages_reach_the_cascade(sd_folder, tmp_path, capsys):
-    code, err = _run(capsys, "--model", str(sd_folder), "--prompt", "a cat", "--height", "64", "--width", "64",
-                     "--steps", "10", "--k", "400", "--stages", "1", "--out", str(tmp_path / "o"))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(sd_folder),
+        "--prompt",
+        "a cat",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "10",
+        "--k",
+        "400",
+        "--stages",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "o" / "result.json").read_text())
     assert result["k"] == [400] and len(result["stages"]) == 2
     assert result["stages"][1]["start_t"] <= 400
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"--height": "30"}, "multiple of 4"),
-    ({"--k": "1200"}, "k must be an integer in 1..999"),
-    ({"--k": ["500", "600", "700"]}, "one value per stage"),
-    ({"--method": "magic"}, "invalid choice: 'magic'"),
-    ({"--method": "direct", "--k": "500"}, "--k apply to --method self-cascade only"),
-    ({"--steps": "0"}, "num_inference_steps must be in"),
-    ({"--prompt": None, "--prompts-file": "/nonexistent/prompts.txt"}, "cannot read it"),
-    ({"--prompt": "  "}, "--prompt is empty"),
-    ({"--upsampler": "/nonexistent/a.safetensors"}, "no such file"),
-    ({"--height": "abc"}, "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"--height": "30"}, "multiple of 4"),
+        ({"--k": "1200"}, "k must be an integer in 1..999"),
+        ({"--k": ["500", "600", "700"]}, "one value per stage"),
+        ({"--method": "magic"}, "invalid choice: 'magic'"),
+        ({"--method": "direct", "--k": "500"}, "--k apply to --method self-cascade only"),
+        ({"--steps": "0"}, "num_inference_steps must be in"),
+        ({"--prompt": None, "--prompts-file": "/nonexistent/prompts.txt"}, "cannot read it"),
+        ({"--prompt": "  "}, "--prompt is empty"),
+        ({"--upsampler": "/nonexistent/a.safetensors"}, "no such file"),
+        ({"--height": "abc"}, "invalid int value"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(sd_folder, tmp_path, capsys, overrides, message):
     flags = {"--model": str(sd_folder), "--prompt": "a cat", "--height": "32", "--width": "32", "--steps": "2"}
     flags.update(overrides)
@@ -84,14 +151,27 @@ def test_bad_input_one_line_exit_2_nothing_written(sd_folder, tmp_path, capsys, 
 
 def test_unknown_model_folder_is_bad_input(tmp_path, capsys):
     (tmp_path / "notamodel").mkdir()
-    code, err = _run(capsys, "--model", str(tmp_path / "notamodel"), "--prompt", "a cat", "--height", "32",
-                     "--width", "32", "--out", str(tmp_path / "o"))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(tmp_path / "notamodel"),
+        "--prompt",
+        "a cat",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 2 and "not a diffusers folder" in err and not (tmp_path / "o").exists()
 
 
 def _without_times(result: dict) -> dict:
-    return {**{k: v for k, v in result.items() if k != "total_seconds"},
-            "stages": [{k: v for k, v in s.items() if k != "seconds"} for s in result["stages"]]}
+    return {
+        **{k: v for k, v in result.items() if k != "total_seconds"},
+        "stages": [{k: v for k, v in s.items() if k != "seconds"} for s in result["stages"]],
+    }
 
 
 def test_prompts_file_splits_over_processes_with_the_files_and_seeds_of_one(sd_folder, tmp_path):
@@ -104,13 +184,46 @@ def test_prompts_file_splits_over_processes_with_the_files_and_seeds_of_one(sd_f
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\n")
-    flags = ["generate", "--model", str(sd_folder), "--prompts-file", str(prompts), "--height", "32", "--width", "32",
-             "--steps", "2", "--seed", "5", "--device", "cpu"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    flags = [
+        "generate",
+        "--model",
+        str(sd_folder),
+        "--prompts-file",
+        str(prompts),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     split = tmp_path / "split"
-    run = subprocess.run([*launch, "-m", "sc_app", *flags, "--out", str(split)], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    run = subprocess.run(
+        [*launch, "-m", "sc_app", *flags, "--out", str(split)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     made_by = {Path(folder).name: process for process, folder in re.findall(r"\[process (\d)\] (\S+): ", run.stderr)}
     assert made_by == {"0000": "0", "0001": "0", "0002": "1"}  # each process its share, none twice

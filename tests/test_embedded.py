@@ -1,5 +1,6 @@
 """The shipped models: the image model, a Stable Diffusion folder like any other, small, and loaded by the
 one loader; its trained x2 feature upsamplers; and the moving-shapes video model."""
+
 import json
 
 import imageio_ffmpeg
@@ -65,8 +66,27 @@ def test_embedded_video_model_is_animatediff_on_the_embedded_image_model():
 
 def test_generate_video_on_the_embedded_model_writes_an_mp4_per_stage(tmp_path, capsys):
     out = tmp_path / "clip"
-    code = main(["generate-video", "--model", "embedded", "--prompt", PROMPT, "--frames", "4", "--height", "128",
-                 "--width", "128", "--steps", "6", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "generate-video",
+            "--model",
+            "embedded",
+            "--prompt",
+            PROMPT,
+            "--frames",
+            "4",
+            "--height",
+            "128",
+            "--width",
+            "128",
+            "--steps",
+            "6",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "result.json").read_text())
     assert [(s["height"], s["width"]) for s in result["stages"]] == [(64, 64), (128, 128)]

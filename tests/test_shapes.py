@@ -1,4 +1,5 @@
 """The shapes world: renderer facts (design.md "Shapes world"), prompt parsing, and the detector."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,22 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from sc_app.shapes import (MAX_OBJECTS, PALETTE, RADIUS_RANGE, SHAPES, Scene, ShapeObject, describe, detect,
-                           matches, parse_prompt, random_prompts, render, render_batch, scene_from_seed)
+from sc_app.shapes import (
+    MAX_OBJECTS,
+    PALETTE,
+    RADIUS_RANGE,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    describe,
+    detect,
+    matches,
+    parse_prompt,
+    random_prompts,
+    render,
+    render_batch,
+    scene_from_seed,
+)
 
 SIZES = [(64, 64), (128, 128), (256, 256), (64, 128), (128, 64)]  # (height, width), 2:1 and 1:2 included
 
@@ -28,8 +43,9 @@ def _footprints(scene: Scene, height: int, width: int) -> list[np.ndarray]:
 
 def _detector_accuracy(seeds, height: int, width: int, transform=lambda image, rng: image) -> float:
     rng = np.random.default_rng(0)
-    right = [matches(transform(render(scene_from_seed(s), height, width), rng), scene_from_seed(s).prompt)
-             for s in seeds]
+    right = [
+        matches(transform(render(scene_from_seed(s), height, width), rng), scene_from_seed(s).prompt) for s in seeds
+    ]
     return float(np.mean(right))
 
 
@@ -40,6 +56,7 @@ def _blur_and_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # --- scenes and prompts ---
+
 
 def test_palette_and_shapes_are_the_designed_ones():
     assert PALETTE == {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
@@ -57,7 +74,7 @@ def test_scenes_have_distinct_colours_radii_in_range_no_overlap_and_stay_inside(
             assert RADIUS_RANGE[0] <= o.r <= RADIUS_RANGE[1]
             assert o.r < o.cx < 1 - o.r and o.r < o.cy < 1 - o.r
         for i, a in enumerate(objects):
-            for b in objects[i + 1:]:  # bounding squares apart, in the unit square and so at every aspect
+            for b in objects[i + 1 :]:  # bounding squares apart, in the unit square and so at every aspect
                 assert max(abs(a.cx - b.cx), abs(a.cy - b.cy)) > a.r + b.r
     assert counts == set(range(1, MAX_OBJECTS + 1))
 
@@ -68,8 +85,11 @@ def test_same_seed_gives_the_same_scene():
 
 
 def test_prompt_format_follows_the_scene():
-    scene = Scene((ShapeObject("red", "circle", 0.3, 0.3, 0.15), ShapeObject("blue", "square", 0.7, 0.7, 0.15)),
-                  (220, 220, 220), (210, 210, 210))
+    scene = Scene(
+        (ShapeObject("red", "circle", 0.3, 0.3, 0.15), ShapeObject("blue", "square", 0.7, 0.7, 0.15)),
+        (220, 220, 220),
+        (210, 210, 210),
+    )
     assert scene.prompt == "a red circle and a blue square"
     one = r"a (red|green|blue|yellow) (circle|square|triangle)"
     pattern = re.compile(rf"^{one}( and {one}){{0,2}}$")
@@ -88,17 +108,32 @@ def test_random_prompts_are_deterministic_and_parse():
 def test_parse_prompt_accepts_case_spacing_and_an():
     assert parse_prompt("a red circle") == [("red", "circle")]
     assert parse_prompt("  A Red Circle  and a blue square and an yellow triangle ") == [
-        ("red", "circle"), ("blue", "square"), ("yellow", "triangle")]
+        ("red", "circle"),
+        ("blue", "square"),
+        ("yellow", "triangle"),
+    ]
 
 
-@pytest.mark.parametrize("prompt", ["", "a purple circle", "a red hexagon", "red circle", "a red circle and",
-                                    "a red circle, a blue square", "a photo of a cat", "a big red circle"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "",
+        "a purple circle",
+        "a red hexagon",
+        "red circle",
+        "a red circle and",
+        "a red circle, a blue square",
+        "a photo of a cat",
+        "a big red circle",
+    ],
+)
 def test_parse_prompt_rejects_other_text(prompt):
     with pytest.raises(ValueError, match="not a shapes-world prompt"):
         parse_prompt(prompt)
 
 
 # --- rendering ---
+
 
 @pytest.mark.parametrize("height,width", SIZES)
 def test_objects_sit_at_their_relative_place_and_size_in_exact_palette_colour(height, width):
@@ -118,8 +153,11 @@ def test_objects_sit_at_their_relative_place_and_size_in_exact_palette_colour(he
             exact = _exact_mask(image, o.colour)
             assert not (exact & ~footprint).any()
             r = o.r * short
-            area, perimeter = {"circle": (np.pi * r * r, 2 * np.pi * r), "square": (4 * r * r, 8 * r),
-                               "triangle": (2 * r * r, (2 + 2 * np.sqrt(5)) * r)}[o.shape]
+            area, perimeter = {
+                "circle": (np.pi * r * r, 2 * np.pi * r),
+                "square": (4 * r * r, 8 * r),
+                "triangle": (2 * r * r, (2 + 2 * np.sqrt(5)) * r),
+            }[o.shape]
             assert area - perimeter <= exact.sum() <= area
 
 
@@ -166,8 +204,20 @@ def test_render_batch_stacks_renders():
 
 # --- the detector ---
 
-@pytest.mark.parametrize("height,width,count", [(64, 64, 200), (128, 128, 120), (256, 256, 50), (64, 128, 80),
-                                                (128, 64, 80), (512, 512, 12), (512, 1024, 3), (1024, 512, 3)])
+
+@pytest.mark.parametrize(
+    "height,width,count",
+    [
+        (64, 64, 200),
+        (128, 128, 120),
+        (256, 256, 50),
+        (64, 128, 80),
+        (128, 64, 80),
+        (512, 512, 12),
+        (512, 1024, 3),
+        (1024, 512, 3),
+    ],
+)
 def test_detector_reads_renders_at_every_size_and_aspect(height, width, count):
     assert _detector_accuracy(range(1000, 1000 + count), height, width) >= 0.99
 
@@ -222,7 +272,8 @@ def test_an_extra_small_object_makes_a_mismatch_but_a_speck_does_not():
         for height, width in [(128, 128), (256, 128)]:
             assert not matches(render(repeated, height, width), scene.prompt)
             assert sorted(detect(render(repeated, height, width))) == sorted(
-                [(o.colour, o.shape) for o in repeated.objects])
+                [(o.colour, o.shape) for o in repeated.objects]
+            )
             speck = _with_extra(scene, r=0.01)
             assert matches(render(speck, height, width), scene.prompt)
     assert tried >= 20
@@ -274,13 +325,18 @@ def test_shape_fidelity_is_near_one_on_renders_and_drops_on_distorted_ones():
     yy, xx = np.mgrid[0:256, 0:256]
     for scene in scenes[:4]:
         image = render(scene, 256, 256)
-        wavy = np.stack([ndimage.map_coordinates(image[..., c], [yy + 6 * np.sin(xx / 7), xx + 6 * np.sin(yy / 7)],
-                                                 order=1) for c in range(3)], -1)
+        wavy = np.stack(
+            [
+                ndimage.map_coordinates(image[..., c], [yy + 6 * np.sin(xx / 7), xx + 6 * np.sin(yy / 7)], order=1)
+                for c in range(3)
+            ],
+            -1,
+        )
         assert max(shape_fidelity(wavy)) < 0.92
     # a square with rounded corners (a soft 16x sample's square) is still a square, but a worse one
     yy, xx = np.mgrid[0:256, 0:256]
     rounded = np.full((256, 256, 3), 225, np.uint8)
-    corner = np.maximum(np.abs(yy - 128) - 40, 0) ** 2 + np.maximum(np.abs(xx - 128) - 40, 0) ** 2 <= 30 ** 2
+    corner = np.maximum(np.abs(yy - 128) - 40, 0) ** 2 + np.maximum(np.abs(xx - 128) - 40, 0) ** 2 <= 30**2
     rounded[corner] = PALETTE["blue"]
     assert detect(rounded) == [("blue", "square")]
     assert 0.8 < shape_fidelity(rounded)[0] < 0.97

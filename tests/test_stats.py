@@ -1,4 +1,5 @@
 """95% intervals of the tables: Wilson for shares, percentile bootstrap for means and FID."""
+
 import numpy as np
 import pytest
 

@@ -9,9 +9,34 @@ from tuner import train_base
 
 
 def _train(monkeypatch, work, out, unet_steps, *extra):
-    argv = ["train_base", "--work", str(work), "--out", str(out), "--vae-steps", "2", "--vae-batch", "2",
-            "--cache-scenes", "24", "--decoder-steps", "2", "--decoder-batch", "2", "--unet-steps", str(unet_steps),
-            "--unet-batch", "4", "--checkpoint-every", "1", "--log-every", "1", "--warmup", "1", *extra]
+    argv = [
+        "train_base",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "2",
+        "--cache-scenes",
+        "24",
+        "--decoder-steps",
+        "2",
+        "--decoder-batch",
+        "2",
+        "--unet-steps",
+        str(unet_steps),
+        "--unet-batch",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--warmup",
+        "1",
+        *extra,
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     train_base.main()
 
@@ -19,8 +44,14 @@ def _train(monkeypatch, work, out, unet_steps, *extra):
 def test_trains_exports_an_sd_folder_and_resumes(tmp_path, monkeypatch):
     work, out = tmp_path / "work", tmp_path / "model"
     _train(monkeypatch, work, out, unet_steps=2)
-    for part in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                 "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
+    for part in (
+        "model_index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert (out / part).is_file(), part
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -59,10 +90,11 @@ def test_init_from_continues_a_shipped_model(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(old.vae.state_dict().values(), new.vae.state_dict().values()))
     # the UNet starts from the folder's weights: one small step away from them, far from a fresh init
     fresh = train_base.unet_model(16).state_dict()
-    drift = max((a.float() - b.float()).abs().max() for a, b in zip(old.unet.state_dict().values(),
-                                                                     new.unet.state_dict().values()))
-    distance = max((a.float() - b.float()).abs().max() for a, b in zip(old.unet.state_dict().values(),
-                                                                        fresh.values()))
+    drift = max(
+        (a.float() - b.float()).abs().max()
+        for a, b in zip(old.unet.state_dict().values(), new.unet.state_dict().values())
+    )
+    distance = max((a.float() - b.float()).abs().max() for a, b in zip(old.unet.state_dict().values(), fresh.values()))
     assert drift < 0.01 < distance
     # the cache spans three render chunks (rendered in parallel), kept in chunk order
     prompts = json.loads((tmp_path / "work2" / "prompts.json").read_text())
@@ -73,6 +105,7 @@ def test_init_from_continues_a_shipped_model(tmp_path, monkeypatch):
 
 def test_word_tokenizer_keeps_words_whole(tmp_path):
     from tuner.text import write_word_tokenizer
+
     tokenizer = write_word_tokenizer(train_base.WORDS, tmp_path)
     tokens = tokenizer.tokenize("a green triangle and a yellow square")
     assert tokens == ["a</w>", "green</w>", "triangle</w>", "and</w>", "a</w>", "yellow</w>", "square</w>"]

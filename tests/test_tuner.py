@@ -1,4 +1,5 @@
 """The upsampler tuner: command line on shapes and on a folder, bad input, resume, stop, SD XL, v-pred."""
+
 import logging
 
 import numpy as np
@@ -17,16 +18,38 @@ FAST = dict(batch_size=2, lr=1e-2, checkpoint_every=2)
 
 
 def cli(sd_folder, out, *extra):
-    return main(["train", "--model", str(sd_folder), "--steps", "2", "--batch-size", "2", "--lr", "1e-3",
-                 "--out", str(out), "--device", "cpu", *extra])
+    return main(
+        [
+            "train",
+            "--model",
+            str(sd_folder),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(sd_model, tmp_path_factory):
     """Four steps straight through: the reference for resume, and an adapter that moved."""
     progress = []
-    out = train_adapter(sd_model, "shapes", steps=4, out=tmp_path_factory.mktemp("a") / "x2.safetensors",
-                        progress=lambda *p: progress.append(p), **FAST)
+    out = train_adapter(
+        sd_model,
+        "shapes",
+        steps=4,
+        out=tmp_path_factory.mktemp("a") / "x2.safetensors",
+        progress=lambda *p: progress.append(p),
+        **FAST,
+    )
     return out, progress
 
 
@@ -86,19 +109,38 @@ def test_folder_drops_an_image_that_breaks_after_the_scan(tmp_path, caplog):
         data.sample(np.random.default_rng(1), 1)
 
 
-@pytest.mark.parametrize("make, args, message", [
-    (lambda d: d.mkdir(), [], "no images in the folder"),
-    (lambda d: (d.mkdir(), Image.new("RGB", (8, 8)).save(d / "s.png")), [], "no usable image (1 smaller"),
-    (lambda d: d.mkdir(), ["--steps", "0"], "steps must be a positive integer"),
-    (lambda d: d.mkdir(), ["--out-is-bin"], "must be a .safetensors file"),
-    (lambda d: d.mkdir(), ["--init-from", "missing.safetensors"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda d: d.mkdir(), [], "no images in the folder"),
+        (lambda d: (d.mkdir(), Image.new("RGB", (8, 8)).save(d / "s.png")), [], "no usable image (1 smaller"),
+        (lambda d: d.mkdir(), ["--steps", "0"], "steps must be a positive integer"),
+        (lambda d: d.mkdir(), ["--out-is-bin"], "must be a .safetensors file"),
+        (lambda d: d.mkdir(), ["--init-from", "missing.safetensors"], "no such file"),
+    ],
+)
 def test_cli_bad_input_exits_2_and_writes_nothing(sd_folder, tmp_path, capsys, make, args, message):
     make(tmp_path / "data")
     out = tmp_path / ("x.bin" if "--out-is-bin" in args else "x.safetensors")
     args = [a for a in args if a != "--out-is-bin"]
-    argv = ["train", "--model", str(sd_folder), "--data", str(tmp_path / "data"), "--steps", "2",
-            "--batch-size", "2", "--lr", "1e-3", "--out", str(out), "--device", "cpu", *args]
+    argv = [
+        "train",
+        "--model",
+        str(sd_folder),
+        "--data",
+        str(tmp_path / "data"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *args,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and message in err.splitlines()[-1]
@@ -126,21 +168,31 @@ def test_trained_adapter_changes_the_output(sd_model, trained):
     assert any(p.abs().sum() > 0 for p in (u.proj_out.weight for u in adapter.upsamplers))
     run = dict(num_inference_steps=4, guidance_scale=5.0, seed=2, decode_stages=False)
     plain = self_cascade(sd_model, "a green square", 32, 32, **run)
-    tuned = self_cascade(sd_model, "a green square", 32, 32, stage_denoiser=stage_denoiser_for(sd_model, adapter), **run)
+    tuned = self_cascade(
+        sd_model, "a green square", 32, 32, stage_denoiser=stage_denoiser_for(sd_model, adapter), **run
+    )
     assert not torch.equal(plain.stages[-1].latents, tuned.stages[-1].latents)
 
 
 def test_should_stop_saves_what_was_trained(sd_model, tmp_path):
     seen = []
-    out = train_adapter(sd_model, "shapes", steps=10, out=tmp_path / "s.safetensors", **FAST,
-                        progress=lambda *p: seen.append(p), should_stop=lambda: len(seen) >= 2)
+    out = train_adapter(
+        sd_model,
+        "shapes",
+        steps=10,
+        out=tmp_path / "s.safetensors",
+        **FAST,
+        progress=lambda *p: seen.append(p),
+        should_stop=lambda: len(seen) >= 2,
+    )
     assert load_adapter(out, sd_model).steps == 2
 
 
 def test_init_from_another_scale(sd_model, trained, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    out = train_adapter(sd_model, "shapes", scale=3, steps=1, out=tmp_path / "x3.safetensors",
-                        init_from=trained[0], **FAST)
+    out = train_adapter(
+        sd_model, "shapes", scale=3, steps=1, out=tmp_path / "x3.safetensors", init_from=trained[0], **FAST
+    )
     adapter = load_adapter(out, sd_model)
     assert (adapter.scale, adapter.steps) == (3.0, 1)
     assert "initialised from" in caplog.text
@@ -151,7 +203,9 @@ def test_sdxl_trains(sdxl_model, tmp_path):
     adapter = load_adapter(out, sdxl_model)
     run = dict(num_inference_steps=3, guidance_scale=5.0, seed=0, decode_stages=False)
     plain = self_cascade(sdxl_model, "a red circle", 32, 32, **run)
-    tuned = self_cascade(sdxl_model, "a red circle", 32, 32, stage_denoiser=stage_denoiser_for(sdxl_model, adapter), **run)
+    tuned = self_cascade(
+        sdxl_model, "a red circle", 32, 32, stage_denoiser=stage_denoiser_for(sdxl_model, adapter), **run
+    )
     assert not torch.equal(plain.stages[-1].latents, tuned.stages[-1].latents)
 
 
@@ -159,8 +213,16 @@ def test_v_prediction_with_generated_pivots(sd2_folder, tmp_path):
     model = load_model(str(sd2_folder), device="cpu")
     assert model.pipe.scheduler.config.prediction_type == "v_prediction"
     losses = []
-    out = train_adapter(model, "shapes", steps=2, out=tmp_path / "v.safetensors", pivot="generated", pivot_steps=2,
-                        progress=lambda step, total, loss: losses.append(loss), **FAST)
+    out = train_adapter(
+        model,
+        "shapes",
+        steps=2,
+        out=tmp_path / "v.safetensors",
+        pivot="generated",
+        pivot_steps=2,
+        progress=lambda step, total, loss: losses.append(loss),
+        **FAST,
+    )
     assert load_adapter(out, model).steps == 2 and all(np.isfinite(losses))
 
 
@@ -179,8 +241,9 @@ def test_per_stage_training_writes_an_adapter_per_stage(sd_model, tmp_path):
 
     base = sd_model.base_size
     assert [side for side, _ in stage_targets(sd_model, 4 * base, 4 * base)] == [2 * base, 4 * base]
-    paths = train_stages(sd_model, "shapes", target=(4 * base, 4 * base), out_dir=tmp_path / "stages", steps=1,
-                         crop=2 * base, **FAST)
+    paths = train_stages(
+        sd_model, "shapes", target=(4 * base, 4 * base), out_dir=tmp_path / "stages", steps=1, crop=2 * base, **FAST
+    )
     adapters = [load_adapter(p, sd_model) for p in paths]
     assert [(a.size, a.scale, a.steps) for a in adapters] == [(2 * base, 2.0, 1), (4 * base, 2.0, 1)]
     run = dict(num_inference_steps=3, guidance_scale=5.0, seed=0, decode_stages=False)
@@ -189,8 +252,16 @@ def test_per_stage_training_writes_an_adapter_per_stage(sd_model, tmp_path):
     assert torch.equal(by_folder.stages[1].latents, first_only.stages[1].latents)
     assert not torch.equal(by_folder.stages[2].latents, first_only.stages[2].latents)
     mtime = paths[0].stat().st_mtime_ns
-    train_stages(sd_model, "shapes", target=(4 * base, 4 * base), out_dir=tmp_path / "stages", steps=1,
-                 crop=2 * base, resume=True, **FAST)
+    train_stages(
+        sd_model,
+        "shapes",
+        target=(4 * base, 4 * base),
+        out_dir=tmp_path / "stages",
+        steps=1,
+        crop=2 * base,
+        resume=True,
+        **FAST,
+    )
     assert paths[0].stat().st_mtime_ns == mtime  # complete stages are kept on resume
 
 
@@ -202,11 +273,21 @@ def test_later_stage_trains_on_crops_of_its_own_scale(sd_model, tmp_path):
     assert images.shape == (3, 64, 64, 3) and len(captions) == 3
     assert "128x128" in repr(data) and "64x64 crops" in repr(data)
     base = sd_model.base_size
-    out = train_adapter(sd_model, "shapes", steps=1, out=tmp_path / "late.safetensors", size=4 * base,
-                        crop=2 * base, lr_schedule="cosine", **FAST)
+    out = train_adapter(
+        sd_model,
+        "shapes",
+        steps=1,
+        out=tmp_path / "late.safetensors",
+        size=4 * base,
+        crop=2 * base,
+        lr_schedule="cosine",
+        **FAST,
+    )
     assert load_adapter(out, sd_model).size == 4 * base
     with pytest.raises(ValueError, match="crop must be"):
-        train_adapter(sd_model, "shapes", steps=1, out=tmp_path / "bad.safetensors", size=2 * base, crop=4 * base, **FAST)
+        train_adapter(
+            sd_model, "shapes", steps=1, out=tmp_path / "bad.safetensors", size=2 * base, crop=4 * base, **FAST
+        )
 
 
 def test_cosine_schedule_falls_from_lr_to_a_tenth():
@@ -221,11 +302,75 @@ def test_cosine_schedule_falls_from_lr_to_a_tenth():
 def test_cli_tunes_every_stage_of_a_target(sd_folder, sd_model, tmp_path):
     base = sd_model.base_size
     out = tmp_path / "per-stage"
-    assert main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "1", "--batch-size", "2",
-                 "--lr", "1e-3", "--device", "cpu", "--target", f"{4 * base}x{4 * base}", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"x2-{2 * base}.safetensors",
-                                                                 f"x2-{4 * base}.safetensors"]
-    assert main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "1", "--batch-size", "2",
-                 "--lr", "1e-3", "--target", "64", "--out", str(out)]) == 2
-    assert main(["train", "--model", str(sd_folder), "--data", "shapes", "--steps", "1", "--batch-size", "2",
-                 "--lr", "1e-3", "--target", "64x64", "--out", str(out / "a.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(sd_folder),
+                "--data",
+                "shapes",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--device",
+                "cpu",
+                "--target",
+                f"{4 * base}x{4 * base}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        f"x2-{2 * base}.safetensors",
+        f"x2-{4 * base}.safetensors",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(sd_folder),
+                "--data",
+                "shapes",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--target",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(sd_folder),
+                "--data",
+                "shapes",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--target",
+                "64x64",
+                "--out",
+                str(out / "a.safetensors"),
+            ]
+        )
+        == 2
+    )

@@ -1,4 +1,5 @@
 """Time-aware feature upsamplers: identity when untrained, injection, fallback, files, SD XL."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -104,6 +105,7 @@ def test_wrong_or_broken_files_are_refused(sd_model, sdxl_model, tmp_path):
 def test_adapter_of_other_weights_of_the_same_unet_is_flagged(sd_folder, tmp_path, caplog):
     from sc_app.models import load_model
     from sc_app.upsampler import weights_mismatch, weights_signature
+
     model = load_model(str(sd_folder), device="cpu")
     adapter = trained_like(model)
     adapter.signature = weights_signature(model.unet)
@@ -128,6 +130,7 @@ def test_adapter_of_other_weights_of_the_same_unet_is_flagged(sd_folder, tmp_pat
 
 def test_per_stage_adapters_each_tune_only_their_own_stage(sd_model, tmp_path):
     from sc_app.cascade import check_inputs
+
     sizes = check_inputs(sd_model, 64, 64, 4, 5.0)
     assert len(sizes) == 3  # pivot and two x2 stages
     first, second = (trained_like(sd_model, seed=s) for s in (1, 2))
@@ -152,7 +155,9 @@ def test_per_stage_adapters_each_tune_only_their_own_stage(sd_model, tmp_path):
 
 def test_adapter_choice_by_stage_resolution():
     from types import SimpleNamespace
+
     from sc_app.upsampler import adapter_for_stage
+
     model = SimpleNamespace(vae_scale=4, base_size=64)
     old = Adapter(SD15)  # a file without a size: trained for the first stage (base x scale = 128)
     late = Adapter(SD15)

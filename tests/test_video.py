@@ -1,5 +1,6 @@
 """Video self-cascade on tiny ModelScope (UNet3DConditionModel) and AnimateDiff (UNetMotionModel) models,
 mp4/gif export, the generate-video command line, the moving-shapes renderer and the video trainer."""
+
 import json
 import math
 from pathlib import Path
@@ -18,8 +19,15 @@ from sc_app.moving_shapes import Line, Orbit, clip_from_seed, render_clip
 from sc_app.plan import plan_stages
 from sc_app.sampling import make_scheduler, start_timestep
 from sc_app.shapes import _MARGIN, matches
-from sc_app.video import (export_gif, export_mp4, generate_video, load_video_model, upsample_frames, video_direct,
-                          video_self_cascade)
+from sc_app.video import (
+    export_gif,
+    export_mp4,
+    generate_video,
+    load_video_model,
+    upsample_frames,
+    video_direct,
+    video_self_cascade,
+)
 
 PROMPT = "a red circle"
 FRAMES = 3  # odd, and unlike the 4 latent channels, so a frames/channels mix-up cannot pass
@@ -34,6 +42,7 @@ def test_loaders_pick_the_video_unet(modelscope_model, animatediff_model):
 
 
 # ---- the cascade ------------------------------------------------------------------------------------
+
 
 def test_every_stage_has_all_frames_at_its_size(video_model):
     result = video_self_cascade(video_model, PROMPT, 16, 32, num_frames=FRAMES, num_inference_steps=STEPS, seed=0)
@@ -56,10 +65,20 @@ def test_stage_starts_from_the_upsampled_pivot_diffused_to_k(video_model):
             if i == 0:
                 seen[r] = (x.clone(), pivot.clone(), t)
             return denoiser(x, t, i)
+
         return first_input
 
-    result = video_self_cascade(video_model, PROMPT, 32, 32, num_frames=FRAMES, num_inference_steps=10, k=k, seed=3,
-                                stage_denoiser=stage_denoiser)
+    result = video_self_cascade(
+        video_model,
+        PROMPT,
+        32,
+        32,
+        num_frames=FRAMES,
+        num_inference_steps=10,
+        k=k,
+        seed=3,
+        stage_denoiser=stage_denoiser,
+    )
     gen = torch.Generator("cpu").manual_seed(3)  # replay the caller's generator: pivot noise, then stage 1's
     torch.randn((1, 4, FRAMES, 8, 8), generator=gen)
     noise = torch.randn((1, 4, FRAMES, 16, 16), generator=gen)
@@ -81,8 +100,18 @@ def test_upsampling_is_spatial_only():
 
 
 def test_same_seed_same_clip_other_seed_other_clip(modelscope_model):
-    run = lambda seed: video_self_cascade(modelscope_model, PROMPT, 32, 32, num_frames=FRAMES,  # noqa: E731
-                                          num_inference_steps=STEPS, seed=seed, decode_stages=False)
+    def run(seed):
+        return video_self_cascade(
+            modelscope_model,
+            PROMPT,
+            32,
+            32,
+            num_frames=FRAMES,
+            num_inference_steps=STEPS,
+            seed=seed,
+            decode_stages=False,
+        )
+
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a.stages[-1].latents, b.stages[-1].latents)
     assert np.array_equal(a.clips[0], b.clips[0])
@@ -91,10 +120,19 @@ def test_same_seed_same_clip_other_seed_other_clip(modelscope_model):
 
 def test_a_prompt_in_a_batch_gets_its_own_clip(video_model):
     # Text embeddings reach each prompt's frames (AnimateDiff needs them repeated per frame, in order).
-    alone = video_self_cascade(video_model, PROMPT, 32, 32, num_frames=FRAMES, num_inference_steps=STEPS, seed=0,
-                               decode_stages=False)
-    batch = video_self_cascade(video_model, [PROMPT, "a blue square"], 32, 32, num_frames=FRAMES,
-                               num_inference_steps=STEPS, seed=0, decode_stages=False)
+    alone = video_self_cascade(
+        video_model, PROMPT, 32, 32, num_frames=FRAMES, num_inference_steps=STEPS, seed=0, decode_stages=False
+    )
+    batch = video_self_cascade(
+        video_model,
+        [PROMPT, "a blue square"],
+        32,
+        32,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        seed=0,
+        decode_stages=False,
+    )
     assert len(batch.clips) == 2
     torch.testing.assert_close(batch.stages[-1].latents[:1], alone.stages[-1].latents, atol=1e-4, rtol=1e-4)
 
@@ -106,13 +144,16 @@ def test_direct_samples_once_at_the_target_size(video_model):
     assert result.method == "direct" and result.clips[0].shape == (FRAMES, 32, 32, 3)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"num_frames": 0}, "num_frames must be a positive integer"),
-    ({"height": 30}, "height must be a multiple of 4"),
-    ({"k": 1000}, "k must be an integer in 1..999"),
-    ({"method": "scalecrafter"}, "method must be one of self-cascade, direct"),
-    ({"method": "direct", "k": 500}, "k and stages apply to the self-cascade only"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_frames": 0}, "num_frames must be a positive integer"),
+        ({"height": 30}, "height must be a multiple of 4"),
+        ({"k": 1000}, "k must be an integer in 1..999"),
+        ({"method": "scalecrafter"}, "method must be one of self-cascade, direct"),
+        ({"method": "direct", "k": 500}, "k and stages apply to the self-cascade only"),
+    ],
+)
 def test_bad_input_is_named(modelscope_model, kwargs, message):
     args = {"height": 32, "width": 32, "num_frames": FRAMES, "num_inference_steps": STEPS, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -134,6 +175,7 @@ def test_image_models_are_not_video_models(sd_model, sd_folder, modelscope_folde
 
 
 # ---- export ------------------------------------------------------------------------------------------
+
 
 def _read_mp4(path: Path) -> tuple[dict, np.ndarray]:
     reader = imageio_ffmpeg.read_frames(str(path))
@@ -165,6 +207,7 @@ def test_export_refuses_what_h264_cannot_hold(tmp_path):
 
 # ---- command line -------------------------------------------------------------------------------------
 
+
 def _run(capsys, *argv):
     code = main(["generate-video", *argv])
     return code, capsys.readouterr().err
@@ -172,11 +215,39 @@ def _run(capsys, *argv):
 
 def test_cli_writes_a_clip_per_stage(modelscope_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = _run(capsys, "--model", str(modelscope_folder), "--prompt", PROMPT, "--frames", str(FRAMES),
-                     "--fps", "6", "--height", "32", "--width", "32", "--k", "600", "--steps", str(STEPS),
-                     "--seed", "5", "--device", "cpu", "--out", str(out))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(modelscope_folder),
+        "--prompt",
+        PROMPT,
+        "--frames",
+        str(FRAMES),
+        "--fps",
+        "6",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--k",
+        "600",
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["final.mp4", "preview.gif", "result.json", "stage0.mp4", "stage1.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "final.mp4",
+        "preview.gif",
+        "result.json",
+        "stage0.mp4",
+        "stage1.mp4",
+    ]
     result = json.loads((out / "result.json").read_text())
     assert result["method"] == "self-cascade" and result["seed"] == 5 and result["k"] == [600]
     assert result["fps"] == 6 and result["num_frames"] == FRAMES
@@ -188,9 +259,29 @@ def test_cli_writes_a_clip_per_stage(modelscope_folder, tmp_path, capsys):
 
 def test_cli_direct_on_sd_plus_motion_adapter(sd_folder, motion_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = _run(capsys, "--model", str(sd_folder), "--motion-adapter", str(motion_folder), "--prompt", PROMPT,
-                     "--frames", str(FRAMES), "--height", "32", "--width", "32", "--steps", "2", "--method", "direct",
-                     "--device", "cpu", "--out", str(out))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(sd_folder),
+        "--motion-adapter",
+        str(motion_folder),
+        "--prompt",
+        PROMPT,
+        "--frames",
+        str(FRAMES),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--method",
+        "direct",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["final.mp4", "preview.gif", "result.json"]
     assert json.loads((out / "result.json").read_text())["fps"] == video.DEFAULT_FPS
@@ -199,30 +290,58 @@ def test_cli_direct_on_sd_plus_motion_adapter(sd_folder, motion_folder, tmp_path
 def test_cli_prompts_file_writes_one_folder_per_prompt(modelscope_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
-    code, err = _run(capsys, "--model", str(modelscope_folder), "--prompts-file", str(prompts), "--frames", "2",
-                     "--height", "32", "--width", "32", "--steps", "1", "--seed", "10", "--method", "direct",
-                     "--out", str(tmp_path / "o"))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(modelscope_folder),
+        "--prompts-file",
+        str(prompts),
+        "--frames",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "1",
+        "--seed",
+        "10",
+        "--method",
+        "direct",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0000", "0001"]
     second = json.loads((tmp_path / "o" / "0001" / "result.json").read_text())
     assert second["prompt"] == "a blue square" and second["seed"] == 11 and second["num_frames"] == 2
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"--frames": "0"}, "--frames must be >= 1, got 0"),
-    ({"--k": "5000"}, "k must be an integer in 1..999"),
-    ({"--height": "30"}, "multiple of 4"),
-    ({"--method": "attn-sf"}, "invalid choice: 'attn-sf'"),
-    ({"--method": "direct", "--stages": "1"}, "--stages apply to --method self-cascade only"),
-    ({"--fps": "0"}, "--fps must be in (0, 60], got 0"),
-    ({"--motion-adapter": "ADAPTER"}, "takes no motion adapter"),
-    ({"--model": "/nonexistent/video-model"}, "no such folder"),
-    ({"--model": "SD"}, "is an image model"),
-])
-def test_cli_bad_input_one_line_exit_2_nothing_written(modelscope_folder, sd_folder, motion_folder, tmp_path,
-                                                       capsys, overrides, message):
-    flags = {"--model": str(modelscope_folder), "--prompt": PROMPT, "--height": "32", "--width": "32",
-             "--frames": str(FRAMES), "--steps": "2"}
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"--frames": "0"}, "--frames must be >= 1, got 0"),
+        ({"--k": "5000"}, "k must be an integer in 1..999"),
+        ({"--height": "30"}, "multiple of 4"),
+        ({"--method": "attn-sf"}, "invalid choice: 'attn-sf'"),
+        ({"--method": "direct", "--stages": "1"}, "--stages apply to --method self-cascade only"),
+        ({"--fps": "0"}, "--fps must be in (0, 60], got 0"),
+        ({"--motion-adapter": "ADAPTER"}, "takes no motion adapter"),
+        ({"--model": "/nonexistent/video-model"}, "no such folder"),
+        ({"--model": "SD"}, "is an image model"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2_nothing_written(
+    modelscope_folder, sd_folder, motion_folder, tmp_path, capsys, overrides, message
+):
+    flags = {
+        "--model": str(modelscope_folder),
+        "--prompt": PROMPT,
+        "--height": "32",
+        "--width": "32",
+        "--frames": str(FRAMES),
+        "--steps": "2",
+    }
     for flag, value in overrides.items():
         flags[flag] = {"ADAPTER": str(motion_folder), "SD": str(sd_folder)}.get(value, value)
     argv = [item for pair in flags.items() for item in pair]
@@ -236,10 +355,12 @@ def test_cli_embedded_missing_is_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(video, "VIDEO_EMBEDDED", tmp_path / "shapes-video")
     code, err = _run(capsys, "--prompt", PROMPT, "--height", "128", "--width", "128", "--out", str(tmp_path / "o"))
     assert code == 2 and err.strip().splitlines() == [
-        f"error: the embedded video model is missing: {tmp_path / 'shapes-video'} (train it: python -m tuner.train_video)"]
+        f"error: the embedded video model is missing: {tmp_path / 'shapes-video'} (train it: python -m tuner.train_video)"  # noqa: E501
+    ]
 
 
 # ---- moving shapes ----------------------------------------------------------------------------------
+
 
 def test_same_seed_same_clip_at_any_size_and_frame_count():
     clip = clip_from_seed(5)
@@ -263,7 +384,7 @@ def test_paths_stay_inside_and_objects_stay_apart():
                 assert o.r + _MARGIN - 1e-9 <= o.cx <= 1 - o.r - _MARGIN + 1e-9
                 assert o.r + _MARGIN - 1e-9 <= o.cy <= 1 - o.r - _MARGIN + 1e-9
             for i, a in enumerate(objects):
-                for b in objects[i + 1:]:  # sampled more finely than the generator checks: paths are smooth
+                for b in objects[i + 1 :]:  # sampled more finely than the generator checks: paths are smooth
                     assert max(abs(a.cx - b.cx), abs(a.cy - b.cy)) >= a.r + b.r + _MARGIN - 0.01
         kinds |= {type(o.path) for o in clip.objects}
         speeds = [math.dist(o.path.at(0), o.path.at(1)) for o in clip.objects if isinstance(o.path, Line)]
@@ -279,6 +400,7 @@ def test_every_frame_is_a_still_scene_of_the_prompt():
 
 
 # ---- training ----------------------------------------------------------------------------------------
+
 
 def test_zero_initialised_motion_layers_keep_the_image_unet(sd_folder):
     from tuner.train_video import Config, motion_adapter, motion_modules, zero_init
@@ -298,9 +420,30 @@ def test_train_video_resumes_exactly_and_exports_a_loadable_model(sd_folder, tmp
     from tuner.train_video import main as train
 
     def run(work: str, steps: int) -> dict:
-        train(["--base", str(sd_folder), "--out", str(tmp_path / "video"), "--work", str(tmp_path / work),
-               "--frames", str(FRAMES), "--motion-heads", "2", "--motion-max-frames", "8", "--cache-clips", "4",
-               "--batch", "2", "--checkpoint-every", "1", "--steps", str(steps)])
+        train(
+            [
+                "--base",
+                str(sd_folder),
+                "--out",
+                str(tmp_path / "video"),
+                "--work",
+                str(tmp_path / work),
+                "--frames",
+                str(FRAMES),
+                "--motion-heads",
+                "2",
+                "--motion-max-frames",
+                "8",
+                "--cache-clips",
+                "4",
+                "--batch",
+                "2",
+                "--checkpoint-every",
+                "1",
+                "--steps",
+                str(steps),
+            ]
+        )
         return torch.load(tmp_path / work / "motion.ckpt", weights_only=True)
 
     run("resumed", 1)
@@ -316,6 +459,7 @@ def test_train_video_resumes_exactly_and_exports_a_loadable_model(sd_folder, tmp
     assert model.kind == "animatediff" and model.default_frames == FRAMES and model.max_frames == 8
     assert not (tmp_path / "video" / "motion_adapter").exists()  # the motion layers are stored once, in unet/
     from diffusers import AnimateDiffPipeline
+
     assert isinstance(AnimateDiffPipeline.from_pretrained(tmp_path / "video").unet, UNetMotionModel)
     result = video_self_cascade(model, PROMPT, 32, 32, num_inference_steps=2, seed=0)
     assert result.clips[0].shape == (FRAMES, 32, 32, 3)

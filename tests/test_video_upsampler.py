@@ -1,5 +1,6 @@
 """Feature upsamplers on video UNets (ModelScope's UNet3DConditionModel, AnimateDiff's UNetMotionModel): identity
 when untrained, per-frame features, files and wrong models, the tuner on clips, and generate-video --upsampler."""
+
 import json
 import logging
 
@@ -40,11 +41,14 @@ def trained_like(model, scale=2.0, seed=0) -> Adapter:
 
 # ---- the modules on video UNets ----------------------------------------------------------------------
 
+
 def test_hooks_read_the_skips_the_unet_hands_its_up_blocks(video_model):
     # Frames are folded into the batch; on ModelScope the first skip is transformer_in's output, not conv_in's.
     unet, handed = video_model.unet, []
-    hooks = [block.register_forward_pre_hook(lambda m, a, kw: handed.append(kw["res_hidden_states_tuple"]),
-                                             with_kwargs=True) for block in unet.up_blocks]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a, kw: handed.append(kw["res_hidden_states_tuple"]), with_kwargs=True)
+        for block in unet.up_blocks
+    ]
     x = torch.randn(2, 4, FRAMES, 8, 8, generator=torch.Generator().manual_seed(0))
     text = encode_prompt(video_model, [PROMPT, "a blue square"], None, 0.0).embeds
     try:
@@ -104,13 +108,18 @@ def test_wrong_models_are_refused_in_one_line(modelscope_model, animatediff_mode
     ms = save_adapter(untrained(modelscope_model), tmp_path / "ms.safetensors")
     image = save_adapter(untrained(sd_model), tmp_path / "image.safetensors")
     cases = [
-        (lambda: load_adapter(ms, animatediff_model),
-         "a ModelScope video UNet (UNet3DConditionModel), not for '{}', an AnimateDiff video UNet (UNetMotionModel)"
-         .format(animatediff_model.name)),
+        (
+            lambda: load_adapter(ms, animatediff_model),
+            "a ModelScope video UNet (UNet3DConditionModel), not for '{}', an AnimateDiff video UNet (UNetMotionModel)".format(  # noqa: E501
+                animatediff_model.name
+            ),
+        ),
         (lambda: load_adapter(image, modelscope_model), "an image UNet (UNet2DConditionModel), not for"),
         (lambda: generate(sd_model, PROMPT, 32, 32, upsampler=ms), "not for '{}', an image UNet".format(sd_model.name)),
-        (lambda: video_self_cascade(animatediff_model, PROMPT, 32, 32, upsampler=untrained(modelscope_model), **RUN),
-         "trained for base model"),
+        (
+            lambda: video_self_cascade(animatediff_model, PROMPT, 32, 32, upsampler=untrained(modelscope_model), **RUN),
+            "trained for base model",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as error:
@@ -126,8 +135,9 @@ def test_upsampler_needs_the_self_cascade(modelscope_model):
     with pytest.raises(ValueError, match="upsampler applies to the self-cascade only, not to method 'direct'"):
         generate_video(modelscope_model, PROMPT, 32, 32, "direct", upsampler=untrained(modelscope_model))
     with pytest.raises(ValueError, match="give upsampler or stage_denoiser, not both"):
-        video_self_cascade(modelscope_model, PROMPT, 32, 32, upsampler=untrained(modelscope_model),
-                           stage_denoiser=lambda *a: None)
+        video_self_cascade(
+            modelscope_model, PROMPT, 32, 32, upsampler=untrained(modelscope_model), stage_denoiser=lambda *a: None
+        )
 
 
 def test_is_video_model(modelscope_folder, sd_folder):
@@ -135,6 +145,7 @@ def test_is_video_model(modelscope_folder, sd_folder):
 
 
 # ---- the tuner on clips -------------------------------------------------------------------------------
+
 
 def write_clips(folder):
     """Usable: an mp4 (5 frames, 40x48), a captioned gif (4 frames) and a captioned folder of 4 frames.
@@ -157,8 +168,22 @@ def write_clips(folder):
 
 
 def tune(*extra):
-    return tuner_main(["train", "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--frames", str(FRAMES),
-                       "--device", "cpu", *extra])
+    return tuner_main(
+        [
+            "train",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--frames",
+            str(FRAMES),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_cli_trains_on_a_folder_of_clips_and_skips_bad_files(modelscope_folder, modelscope_model, tmp_path, caplog):
@@ -170,8 +195,9 @@ def test_cli_trains_on_a_folder_of_clips_and_skips_bad_files(modelscope_folder, 
     assert (adapter.steps, adapter.scale, adapter.k, adapter.unet_class) == (2, 2.0, 600, "UNet3DConditionModel")
     for name in ("broken.mp4", "broken.gif", "notes.md", "still.png"):
         assert f"skipped {name}" in caplog.text
-    assert ("3 usable clips, 1 skipped as smaller than the 32x32 crop, 1 shorter than 3 frames, 4 unreadable"
-            in caplog.text)
+    assert (
+        "3 usable clips, 1 skipped as smaller than the 32x32 crop, 1 shorter than 3 frames, 4 unreadable" in caplog.text
+    )
     run = dict(num_frames=FRAMES, num_inference_steps=4, seed=2, decode_stages=False, k=600)
     plain = video_self_cascade(modelscope_model, PROMPT, 32, 32, **run)
     tuned = video_self_cascade(modelscope_model, PROMPT, 32, 32, upsampler=adapter, **run)
@@ -215,8 +241,21 @@ def test_cli_trains_embedded_video_on_moving_shapes(modelscope_folder, modelscop
 
 def test_cli_trains_sd_plus_motion_adapter(sd_folder, motion_folder, animatediff_model, tmp_path):
     out = tmp_path / "ad.safetensors"
-    assert tune("--model", str(sd_folder), "--motion-adapter", str(motion_folder), "--data", "moving-shapes",
-                "--shapes-pool", "3", "--out", str(out)) == 0
+    assert (
+        tune(
+            "--model",
+            str(sd_folder),
+            "--motion-adapter",
+            str(motion_folder),
+            "--data",
+            "moving-shapes",
+            "--shapes-pool",
+            "3",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert load_adapter(out, animatediff_model).unet_class == "UNetMotionModel"
 
 
@@ -235,19 +274,30 @@ def test_animatediff_resumes_exactly(animatediff_model, tmp_path, caplog):
 
 def test_generated_pivot_clips(modelscope_model, tmp_path):
     losses = []
-    out = train_adapter(modelscope_model, "moving-shapes", steps=1, out=tmp_path / "g.safetensors", pivot="generated",
-                        pivot_steps=2, progress=lambda step, total, loss: losses.append(loss), **FAST)
+    out = train_adapter(
+        modelscope_model,
+        "moving-shapes",
+        steps=1,
+        out=tmp_path / "g.safetensors",
+        pivot="generated",
+        pivot_steps=2,
+        progress=lambda step, total, loss: losses.append(loss),
+        **FAST,
+    )
     assert load_adapter(out, modelscope_model).steps == 1 and all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "shapes"], "data 'shapes' is for image models"),
-    (["--data", "moving-shapes", "--model", "SD"], "data 'moving-shapes' is for video models"),
-    (["--data", "shapes", "--model", "SD", "--frames", "3"], "frames applies to video models only"),
-    (["--data", "moving-shapes", "--frames", "0"], "frames must be a positive integer"),
-    (["--data", "EMPTY"], "no clips in the folder"),
-    (["--data", "/nonexistent/clips"], "no such folder (give a folder of images or clips"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "shapes"], "data 'shapes' is for image models"),
+        (["--data", "moving-shapes", "--model", "SD"], "data 'moving-shapes' is for video models"),
+        (["--data", "shapes", "--model", "SD", "--frames", "3"], "frames applies to video models only"),
+        (["--data", "moving-shapes", "--frames", "0"], "frames must be a positive integer"),
+        (["--data", "EMPTY"], "no clips in the folder"),
+        (["--data", "/nonexistent/clips"], "no such folder (give a folder of images or clips"),
+    ],
+)
 def test_cli_bad_input_exits_2_and_writes_nothing(modelscope_folder, sd_folder, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     swap = {"SD": str(sd_folder), "EMPTY": str(tmp_path / "empty")}
@@ -264,6 +314,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(modelscope_folder, sd_folder, 
 
 # ---- generate-video --upsampler -----------------------------------------------------------------------
 
+
 def _run(capsys, *argv):
     code = sc_main(["generate-video", *argv])
     return code, capsys.readouterr().err
@@ -273,32 +324,85 @@ def test_cli_generate_video_with_upsampler(modelscope_folder, modelscope_model, 
     adapter = trained_like(modelscope_model)
     adapter.k = 500
     path = save_adapter(adapter, tmp_path / "x2.safetensors")
-    common = ["--model", str(modelscope_folder), "--prompt", PROMPT, "--frames", str(FRAMES), "--height", "32",
-              "--width", "32", "--steps", "4", "--seed", "5", "--device", "cpu"]
+    common = [
+        "--model",
+        str(modelscope_folder),
+        "--prompt",
+        PROMPT,
+        "--frames",
+        str(FRAMES),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+    ]
     code, err = _run(capsys, *common, "--upsampler", str(path), "--out", str(tmp_path / "tuned"))
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == [
-        "final.mp4", "preview.gif", "result.json", "stage0.mp4", "stage1.mp4"]
+        "final.mp4",
+        "preview.gif",
+        "result.json",
+        "stage0.mp4",
+        "stage1.mp4",
+    ]
     result = json.loads((tmp_path / "tuned" / "result.json").read_text())
     assert result["k"] == [500] and result["upsampler"]["scale"] == 2.0
-    expected = video_self_cascade(modelscope_model, PROMPT, 32, 32, num_frames=FRAMES, num_inference_steps=4, seed=5,
-                                  upsampler=adapter, decode_stages=False)
+    expected = video_self_cascade(
+        modelscope_model,
+        PROMPT,
+        32,
+        32,
+        num_frames=FRAMES,
+        num_inference_steps=4,
+        seed=5,
+        upsampler=adapter,
+        decode_stages=False,
+    )
     assert result["stages"][1]["start_t"] == expected.stages[1].start_t
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--method", "direct", "--upsampler", "ADAPTER"], "--upsampler apply to --method self-cascade only"),
-    (["--upsampler", "missing.safetensors"], "--upsampler missing.safetensors: no such file"),
-    (["--upsampler", "IMAGE"], "an image UNet (UNet2DConditionModel), not for"),
-])
-def test_cli_upsampler_bad_input_one_line(modelscope_folder, modelscope_model, sd_model, tmp_path, capsys, extra,
-                                          message):
-    files = {"ADAPTER": save_adapter(untrained(modelscope_model), tmp_path / "ms.safetensors"),
-             "IMAGE": save_adapter(untrained(sd_model), tmp_path / "image.safetensors")}
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "direct", "--upsampler", "ADAPTER"], "--upsampler apply to --method self-cascade only"),
+        (["--upsampler", "missing.safetensors"], "--upsampler missing.safetensors: no such file"),
+        (["--upsampler", "IMAGE"], "an image UNet (UNet2DConditionModel), not for"),
+    ],
+)
+def test_cli_upsampler_bad_input_one_line(
+    modelscope_folder, modelscope_model, sd_model, tmp_path, capsys, extra, message
+):
+    files = {
+        "ADAPTER": save_adapter(untrained(modelscope_model), tmp_path / "ms.safetensors"),
+        "IMAGE": save_adapter(untrained(sd_model), tmp_path / "image.safetensors"),
+    }
     extra = [str(files.get(e, e)) for e in extra]
-    code, err = _run(capsys, "--model", str(modelscope_folder), "--prompt", PROMPT, "--frames", str(FRAMES),
-                     "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu", *extra,
-                     "--out", str(tmp_path / "o"))
+    code, err = _run(
+        capsys,
+        "--model",
+        str(modelscope_folder),
+        "--prompt",
+        PROMPT,
+        "--frames",
+        str(FRAMES),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+        "--out",
+        str(tmp_path / "o"),
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "o").exists()
@@ -310,8 +414,14 @@ def test_an_image_models_upsamplers_start_its_animatediff_models(sd_model, anima
     image = train_adapter(sd_model, "shapes", steps=2, out=tmp_path / "image.safetensors", **still)
     with pytest.raises(ValueError, match="not for"):  # to sample with, an image adapter stays refused
         load_adapter(image, animatediff_model)
-    video_out = train_adapter(animatediff_model, "moving-shapes", steps=1, out=tmp_path / "video.safetensors",
-                              init_from=image, **{**FAST, "lr": 1e-12})
+    video_out = train_adapter(
+        animatediff_model,
+        "moving-shapes",
+        steps=1,
+        out=tmp_path / "video.safetensors",
+        init_from=image,
+        **{**FAST, "lr": 1e-12},
+    )
     assert "initialised from" in caplog.text and "UNet2DConditionModel" in caplog.text
     started, source = load_adapter(video_out, animatediff_model), load_adapter(image, sd_model)
     for key, value in source.state_dict().items():  # one step at lr 1e-12: still the image adapter's weights
@@ -319,5 +429,6 @@ def test_an_image_models_upsamplers_start_its_animatediff_models(sd_model, anima
     wider = dict(sd_model.unet.config, block_out_channels=[2 * c for c in sd_model.unet.config.block_out_channels])
     other = save_adapter(Adapter(wider), tmp_path / "wider.safetensors")
     with pytest.raises(ValueError, match="do not match"):  # features of other shapes: refused
-        train_adapter(animatediff_model, "moving-shapes", steps=1, out=tmp_path / "bad.safetensors", init_from=other,
-                      **FAST)
+        train_adapter(
+            animatediff_model, "moving-shapes", steps=1, out=tmp_path / "bad.safetensors", init_from=other, **FAST
+        )

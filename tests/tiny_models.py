@@ -1,5 +1,6 @@
 """Tiny SD 1.x/2.x and SD XL pipelines, a ModelScope-layout video folder and a MotionAdapter, built in code and
 saved as diffusers folders (no download)."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, MotionAdapter, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel, UNet3DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    MotionAdapter,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tuner.text import write_word_tokenizer
@@ -17,20 +25,42 @@ WORDS = ["a", "and", "red", "green", "blue", "yellow", "circle", "square", "tria
 
 
 def _text_config(vocab: int, hidden: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                          num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden,
-                          bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=hidden,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                         layers_per_block=1, sample_size=32)
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
 
 
 def _scheduler(prediction_type: str) -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
 
 
 def make_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
@@ -38,13 +68,27 @@ def make_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     torch.manual_seed(0)
     tokenizer = write_word_tokenizer(WORDS, folder / "_tok")
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(_text_config(len(tokenizer), 16)), tokenizer=tokenizer, unet=unet,
-        scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), 16)),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -54,15 +98,31 @@ def make_sdxl(folder: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = write_word_tokenizer(WORDS, folder / "_tok")
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 16,
-        transformer_layers_per_block=1, use_linear_projection=True)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=4 * 6 + 16,
+        transformer_layers_per_block=1,
+        use_linear_projection=True,
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(_text_config(len(tokenizer), 16)),
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), 16)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), 16)),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler("epsilon"))
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_scheduler("epsilon"),
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -73,13 +133,24 @@ def make_modelscope(folder: Path, sd_folder: Path) -> Path:
         shutil.copytree(sd_folder / sub, folder / sub)
     torch.manual_seed(0)
     UNet3DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
     ).save_pretrained(folder / "unet", safe_serialization=True)
-    components = {"unet": ["diffusers", "UNet3DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                  "scheduler": ["diffusers", "DDIMScheduler"]}
+    components = {
+        "unet": ["diffusers", "UNet3DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline", **components}))
     return folder
 
@@ -87,6 +158,11 @@ def make_modelscope(folder: Path, sd_folder: Path) -> Path:
 def make_motion_adapter(folder: Path) -> Path:
     """A MotionAdapter for the tiny SD UNet (random, so its temporal layers do change the output)."""
     torch.manual_seed(0)
-    MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_num_attention_heads=2,
-                  motion_norm_num_groups=4, motion_max_seq_length=8).save_pretrained(folder, safe_serialization=True)
+    MotionAdapter(
+        block_out_channels=(8, 16),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=4,
+        motion_max_seq_length=8,
+    ).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -7,6 +7,7 @@ A video model (`--model embedded-video`, a ModelScope or AnimateDiff folder, or 
 
 Bad input gets one line on stderr and exit code 2, before any file is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,37 +32,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m tuner", description="Training for Self-Cascade Studio.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="tune the time-aware feature upsamplers of a model (paper 4.3)")
-    t.add_argument("--model", default="embedded", help="'embedded' (the image model), 'embedded-video' (the "
-                   "moving-shapes video model), a diffusers image or video folder, or a hub id")
-    t.add_argument("--motion-adapter", default=None, help="a MotionAdapter folder: trains on an SD 1.5 --model run "
-                   "as AnimateDiff")
-    t.add_argument("--data", required=True, help="'shapes' (rendered shapes world) or a folder of images; for a "
-                   "video model 'moving-shapes' or a folder of clips (mp4, webm, gif, or sub-folders of frames)")
-    t.add_argument("--frames", type=int, default=None, help="frames per training clip (video models; default: "
-                   "the model's)")
+    t.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (the image model), 'embedded-video' (the "
+        "moving-shapes video model), a diffusers image or video folder, or a hub id",
+    )
+    t.add_argument(
+        "--motion-adapter", default=None, help="a MotionAdapter folder: trains on an SD 1.5 --model run as AnimateDiff"
+    )
+    t.add_argument(
+        "--data",
+        required=True,
+        help="'shapes' (rendered shapes world) or a folder of images; for a "
+        "video model 'moving-shapes' or a folder of clips (mp4, webm, gif, or sub-folders of frames)",
+    )
+    t.add_argument(
+        "--frames", type=int, default=None, help="frames per training clip (video models; default: the model's)"
+    )
     t.add_argument("--scale", type=float, default=2.0, help="growth per side of the stage to tune for")
     t.add_argument("--steps", type=int, required=True, help="total training steps (a resumed run counts its past)")
     t.add_argument("--batch-size", type=int, required=True)
     t.add_argument("--lr", type=float, required=True)
-    t.add_argument("--out", type=Path, required=True, help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt); "
-                   "with --target a folder, one x{scale}-{side}.safetensors per stage")
-    t.add_argument("--target", default=None, help="HEIGHTxWIDTH: tune one adapter for every stage of this size's plan "
-                   "(each on its own resolution), in the --out folder; --scale and --size then come from the plan")
+    t.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt); "
+        "with --target a folder, one x{scale}-{side}.safetensors per stage",
+    )
+    t.add_argument(
+        "--target",
+        default=None,
+        help="HEIGHTxWIDTH: tune one adapter for every stage of this size's plan "
+        "(each on its own resolution), in the --out folder; --scale and --size then come from the plan",
+    )
     t.add_argument("--k", type=int, default=None, help="train on t in 1..K (default: the model's K)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    t.add_argument("--init-from", type=Path, default=None, help="start from a trained adapter (another scale, or the "
-                   "image model's for its AnimateDiff model)")
+    t.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a trained adapter (another scale, or the image model's for its AnimateDiff model)",
+    )
     t.add_argument("--pivot", default="downsampled", choices=("downsampled", "generated"))
-    t.add_argument("--width", type=_width, default=None, help="bottleneck channels, or 'full' (default: "
-                   "sc_app.upsampler.DEFAULT_WIDTH)")
-    t.add_argument("--size", type=int, default=None, help="the stage's side in pixels (default: base size x "
-                   "--scale, the first stage); e.g. 256 with --scale 2 tunes the 128 -> 256 stage")
-    t.add_argument("--crop", type=int, default=None, help="train on crops of this side (default: --size); a "
-                   "128 crop of a 256 stage costs a quarter")
+    t.add_argument(
+        "--width",
+        type=_width,
+        default=None,
+        help="bottleneck channels, or 'full' (default: sc_app.upsampler.DEFAULT_WIDTH)",
+    )
+    t.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="the stage's side in pixels (default: base size x "
+        "--scale, the first stage); e.g. 256 with --scale 2 tunes the 128 -> 256 stage",
+    )
+    t.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="train on crops of this side (default: --size); a 128 crop of a 256 stage costs a quarter",
+    )
     t.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     t.add_argument("--checkpoint-every", type=int, default=250)
-    t.add_argument("--shapes-pool", type=int, default=0, help="render this many scenes or clips once "
-                   "(0: fresh every step)")
+    t.add_argument(
+        "--shapes-pool", type=int, default=0, help="render this many scenes or clips once (0: fresh every step)"
+    )
     t.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     t.add_argument("--seed", type=int, default=0)
     return parser
@@ -107,27 +145,55 @@ def train(args) -> None:
     if args.init_from is not None and not args.init_from.is_file():
         raise BadInput(f"--init-from {args.init_from}: no such file")
     if args.data not in ("shapes", "moving-shapes") and not Path(args.data).is_dir():
-        raise BadInput(f"--data {args.data}: no such folder (give a folder of images or clips, 'shapes' or "
-                       "'moving-shapes')")
+        raise BadInput(
+            f"--data {args.data}: no such folder (give a folder of images or clips, 'shapes' or 'moving-shapes')"
+        )
     quiet_loaders()
     try:
         # fp32 weights: autocast picks bf16 or fp16 per op on a GPU, and the optimizer sees fp32
-        video = args.model == "embedded-video" or args.motion_adapter is not None or (
-            args.model != "embedded" and is_video_model(args.model))
+        video = (
+            args.model == "embedded-video"
+            or args.motion_adapter is not None
+            or (args.model != "embedded" and is_video_model(args.model))
+        )
         if video:
-            model = load_video_model("embedded" if args.model == "embedded-video" else args.model,
-                                     motion_adapter=args.motion_adapter, device=args.device, dtype=torch.float32)
+            model = load_video_model(
+                "embedded" if args.model == "embedded-video" else args.model,
+                motion_adapter=args.motion_adapter,
+                device=args.device,
+                dtype=torch.float32,
+            )
         else:
             model = load_model(args.model, device=args.device, dtype=torch.float32)
-        options = dict(k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       init_from=args.init_from, pivot=args.pivot, width=width, checkpoint_every=args.checkpoint_every,
-                       shapes_pool=args.shapes_pool, frames=args.frames, lr_schedule=args.lr_schedule)
+        options = dict(
+            k=args.k,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            init_from=args.init_from,
+            pivot=args.pivot,
+            width=width,
+            checkpoint_every=args.checkpoint_every,
+            shapes_pool=args.shapes_pool,
+            frames=args.frames,
+            lr_schedule=args.lr_schedule,
+        )
         if args.target is not None:
-            train_stages(model, args.data, target=args.target, out_dir=args.out, crop=args.crop, resume=args.resume,
-                         **options)
+            train_stages(
+                model, args.data, target=args.target, out_dir=args.out, crop=args.crop, resume=args.resume, **options
+            )
         else:
-            train_adapter(model, args.data, scale=args.scale, out=args.out, resume=args.resume, size=args.size,
-                          crop=args.crop, **options)
+            train_adapter(
+                model,
+                args.data,
+                scale=args.scale,
+                out=args.out,
+                resume=args.resume,
+                size=args.size,
+                crop=args.crop,
+                **options,
+            )
     except (ValueError, FileNotFoundError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
 

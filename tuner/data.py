@@ -4,6 +4,7 @@ image models, clips (the shapes world in motion, or a folder of captioned clips)
 All hand out batches from a caller's numpy generator, so a step's batch depends only on its seed:
 `sample(rng, count)` -> captions and uint8 (N, S, S, 3) images, or (N, F, S, S, 3) clips.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,9 @@ class ShapesData(_Rendered):
         if self.render == self.size:
             return images, captions
         corners = rng.integers(0, self.render - self.size + 1, (count, 2))
-        return np.stack([image[y:y + self.size, x:x + self.size] for image, (y, x) in zip(images, corners)]), captions
+        return np.stack(
+            [image[y : y + self.size, x : x + self.size] for image, (y, x) in zip(images, corners)]
+        ), captions
 
     def __repr__(self) -> str:
         crops = f", {self.size}x{self.size} crops" if self.render != self.size else ""
@@ -87,6 +90,7 @@ class MovingShapesData(_Rendered):
 
 
 # ---- folders of the user's images and clips ---------------------------------------------------------
+
 
 def _open_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as image:
@@ -144,11 +148,21 @@ class _Folder:
                 self.items.append((path, _caption(path), length))
         crop = f"{self.size}x{self.size} crop"
         short = f", {len(self.too_short)} shorter than {self.frames} frames" if self.frames > 1 else ""
-        log.info("data %s: %d usable %ss, %d skipped as smaller than the %s%s, %d unreadable", self.folder,
-                 len(self.items), self.noun, len(self.too_small), crop, short, len(self.unreadable))
+        log.info(
+            "data %s: %d usable %ss, %d skipped as smaller than the %s%s, %d unreadable",
+            self.folder,
+            len(self.items),
+            self.noun,
+            len(self.too_small),
+            crop,
+            short,
+            len(self.unreadable),
+        )
         if not self.items:
-            raise ValueError(f"data {self.folder}: no usable {self.noun} ({len(self.too_small)} smaller than the "
-                             f"{crop}{short}, {len(self.unreadable)} unreadable)")
+            raise ValueError(
+                f"data {self.folder}: no usable {self.noun} ({len(self.too_small)} smaller than the "
+                f"{crop}{short}, {len(self.unreadable)} unreadable)"
+            )
 
     def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, list[str]]:
         crops, captions = [], []
@@ -165,7 +179,7 @@ class _Folder:
                 continue
             y = rng.integers(0, media.shape[-3] - self.size + 1)  # one crop for all frames of a clip
             x = rng.integers(0, media.shape[-2] - self.size + 1)
-            crops.append(media[..., y:y + self.size, x:x + self.size, :])
+            crops.append(media[..., y : y + self.size, x : x + self.size, :])
             captions.append(caption)
         return np.stack(crops), captions
 
@@ -201,8 +215,9 @@ class ImageFolder(_Folder):
 
 
 def _frame_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def _iter_frames(source: Path, stop: int | None = None):
@@ -244,8 +259,13 @@ class ClipFolder(_Folder):
             raise ValueError(f"data {folder}: no such folder (give a folder of clips, or 'moving-shapes')")
         visible = _visible(self.folder)
         frame_folders = {p for p in visible if p.is_dir() and _frame_files(p)}
-        others = {p for p in visible if p.is_file() and p.suffix.lower() != ".txt"
-                  and not (p.suffix.lower() in IMAGE_SUFFIXES and p.parent in frame_folders)}
+        others = {
+            p
+            for p in visible
+            if p.is_file()
+            and p.suffix.lower() != ".txt"
+            and not (p.suffix.lower() in IMAGE_SUFFIXES and p.parent in frame_folders)
+        }
         if not frame_folders and not others:
             raise ValueError(f"data {folder}: no clips in the folder")
         self._scan(sorted(frame_folders | others))
@@ -265,7 +285,9 @@ class ClipFolder(_Folder):
             if size is None:
                 raise ValueError("no frames")
         except Exception as error:  # ffmpeg, PIL and numpy raise many types on malformed clips
-            raise _Unusable(f"unreadable ({type(error).__name__}: {(str(error) or 'no detail').splitlines()[0]})") from None
+            raise _Unusable(
+                f"unreadable ({type(error).__name__}: {(str(error) or 'no detail').splitlines()[0]})"
+            ) from None
         return count, *size
 
     def _load(self, path: Path, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -279,19 +301,27 @@ class ClipFolder(_Folder):
         return f"{len(self.items)} clips from {self.folder}, {self.frames} frames, {self.size}x{self.size} crops"
 
 
-def make_dataset(data: str | Path, size: int, shapes_pool: int = 0, seed: int = 0, frames: int | None = None,
-                 render: int | None = None):
+def make_dataset(
+    data: str | Path,
+    size: int,
+    shapes_pool: int = 0,
+    seed: int = 0,
+    frames: int | None = None,
+    render: int | None = None,
+):
     """Images of `size` x `size` ('shapes' or a folder of images) for an image model, or, given `frames`,
     clips ('moving-shapes' or a folder of clips) for a video model; ValueError for unusable data. Shapes
     are rendered at `render` pixels (default `size`) and cropped; a folder's images are cropped as they are."""
     if frames is None:
         if str(data) == "moving-shapes":
-            raise ValueError("data 'moving-shapes' is for video models; an image model trains on 'shapes' or a "
-                             "folder of images")
+            raise ValueError(
+                "data 'moving-shapes' is for video models; an image model trains on 'shapes' or a folder of images"
+            )
         return ShapesData(size, shapes_pool, seed, render) if str(data) == "shapes" else ImageFolder(data, size)
     if str(data) == "shapes":
-        raise ValueError("data 'shapes' is for image models; a video model trains on 'moving-shapes' or a "
-                         "folder of clips")
+        raise ValueError(
+            "data 'shapes' is for image models; a video model trains on 'moving-shapes' or a folder of clips"
+        )
     if str(data) == "moving-shapes":
         return MovingShapesData(size, frames, shapes_pool, seed)
     return ClipFolder(data, size, frames)

@@ -2,6 +2,7 @@
 
 Each known word becomes exactly one token; text outside the vocabulary falls back to letters.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ def write_word_tokenizer(words: list[str], folder: str | Path, max_length: int =
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, indent=0))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
     tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"),
-        bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=max_length,
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_max_length=max_length,
     )
     tokenizer.save_pretrained(folder)
     return tokenizer

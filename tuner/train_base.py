@@ -7,6 +7,7 @@
 Runs under `accelerate`, resumes from `--work` after an interruption (checkpoints are complete and
 written atomically), and is reproducible from `--seed`: the scenes of step s come from (seed, s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,36 +102,62 @@ def vae_model() -> AutoencoderKL:
     # No mid-block attention: the VAE stays fully convolutional, so decoding 16x the base pixels costs
     # 16x, not 256x, and sees nothing it did not see in training.
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
         block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=32, mid_block_add_attention=False, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32,
+        mid_block_add_attention=False,
+        sample_size=64,
     )
 
 
 def text_model(vocab_size: int) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, projection_dim=64,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    ))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            projection_dim=64,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
 
 
 def unet_model(sample_size: int) -> UNet2DConditionModel:
     # Attention only at 8x8 and 4x4: composition is global, and the top level stays cheap at high resolution.
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(48, 96, 160),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=32, norm_num_groups=16,
+        cross_attention_dim=64,
+        attention_head_dim=32,
+        norm_num_groups=16,
     )
 
 
 def scheduler() -> DDIMScheduler:
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
         timestep_spacing="leading",
     )
 
@@ -146,6 +173,7 @@ def scenes_for(seed: int, stream: int, step: int, count: int):
 
 
 # ---- checkpoints: complete (model, optimizer, EMA, step) and atomic (write, then rename) -------------
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
@@ -184,10 +212,12 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
 # ---- phase 1: the VAE, on small crops of renders at several scales ------------------------------------
+
 
 def train_vae(cfg: Config, acc: Accelerator, work: Path) -> AutoencoderKL:
     vae = vae_model()
@@ -195,7 +225,9 @@ def train_vae(cfg: Config, acc: Accelerator, work: Path) -> AutoencoderKL:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, cfg.vae_steps))
     ckpt_path, start = work / "vae.ckpt", 0
     if (state := load_checkpoint(ckpt_path)) is not None:
-        vae.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
         start = state["step"]
         log.info("vae: resumed at step %d", start)
     vae, opt = acc.prepare(vae, opt)
@@ -205,20 +237,34 @@ def train_vae(cfg: Config, acc: Accelerator, work: Path) -> AutoencoderKL:
         size = int(rng.choice([64, 96, 128]))  # several scales, so high-resolution edges decode cleanly
         images = render_batch(scenes, size, size)
         y, x = rng.integers(0, size - cfg.vae_crop + 1, size=2)
-        batch = to_tensor(images[:, y:y + cfg.vae_crop, x:x + cfg.vae_crop]).to(acc.device)
+        batch = to_tensor(images[:, y : y + cfg.vae_crop, x : x + cfg.vae_crop]).to(acc.device)
         posterior = acc.unwrap_model(vae).encode(batch).latent_dist
         recon = acc.unwrap_model(vae).decode(posterior.sample()).sample
         l1 = (recon - batch).abs().mean()
         loss = l1 + F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
         acc.backward(loss)
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         running = 0.98 * running + 0.02 * l1.item() if step > start else l1.item()
         if (step + 1) % cfg.log_every == 0:
-            log.info("vae step %d/%d  L1 %.4f  %.2f s/step", step + 1, cfg.vae_steps, running,
-                     (time.time() - started) / (step + 1 - start))
+            log.info(
+                "vae step %d/%d  L1 %.4f  %.2f s/step",
+                step + 1,
+                cfg.vae_steps,
+                running,
+                (time.time() - started) / (step + 1 - start),
+            )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            save_checkpoint(ckpt_path, {"model": acc.unwrap_model(vae).state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "step": step + 1})
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": acc.unwrap_model(vae).state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step + 1,
+                },
+            )
     return acc.unwrap_model(vae).eval().requires_grad_(False)
 
 
@@ -234,8 +280,9 @@ def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str
 
 
 @torch.no_grad()
-def latent_cache(cfg: Config, vae: AutoencoderKL, work: Path, device, measure_scale: bool
-                 ) -> tuple[torch.Tensor, list[str]]:
+def latent_cache(
+    cfg: Config, vae: AutoencoderKL, work: Path, device, measure_scale: bool
+) -> tuple[torch.Tensor, list[str]]:
     """Render `cache_scenes` scenes (chunk c drawn from (seed, 2, c), in as many processes as there are
     cores) and encode them. `measure_scale`: set the VAE's scaling factor to 1 / std of the latents; a VAE
     from --init-from keeps its own, which its UNet was trained with."""
@@ -258,12 +305,12 @@ def latent_cache(cfg: Config, vae: AutoencoderKL, work: Path, device, measure_sc
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * vae.config.scaling_factor
     (work / "prompts.json").write_text(json.dumps(prompts))
-    save_file({"latents": latents.contiguous(),
-               "scaling_factor": torch.tensor(vae.config.scaling_factor)}, str(path))
+    save_file({"latents": latents.contiguous(), "scaling_factor": torch.tensor(vae.config.scaling_factor)}, str(path))
     return latents, prompts
 
 
 # ---- phase 1b: the decoder, on whole scenes at the base size and above -----------------------------
+
 
 def finetune_decoder(cfg: Config, acc: Accelerator, work: Path, vae: AutoencoderKL) -> None:
     ckpt_path, start = work / "decoder.ckpt", 0
@@ -285,7 +332,8 @@ def finetune_decoder(cfg: Config, acc: Accelerator, work: Path, vae: Autoencoder
         recon = vae.decode(z).sample
         l1 = (recon - batch).abs().mean()
         (l1 + F.mse_loss(recon, batch)).backward()
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
         if (step + 1) % cfg.log_every == 0:
             log.info("decoder step %d/%d  L1 %.4f", step + 1, cfg.decoder_steps, l1.item())
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.decoder_steps:
@@ -308,6 +356,7 @@ def load_vae(cfg: Config, work: Path) -> AutoencoderKL:
 
 # ---- phase 2: text encoder + UNet, v-prediction with min-SNR weighting, caption dropout, EMA -----------
 
+
 def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer):
     unet, text = unet_model(cfg.base_size // 4), text_model(len(tokenizer))
     if cfg.init_from:  # a checkpoint in --work, loaded below, takes precedence
@@ -321,8 +370,10 @@ def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor,
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text, cfg.ema_decay)
     ckpt_path, start = work / "unet.ckpt", 0
     if (state := load_checkpoint(ckpt_path)) is not None:
-        unet.load_state_dict(state["unet"]); text.load_state_dict(state["text"])
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
         ema_unet.shadow, ema_text.shadow = state["ema_unet"], state["ema_text"]
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
@@ -331,8 +382,13 @@ def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor,
         torch.manual_seed(cfg.seed)
     unet, text, opt = acc.prepare(unet, text, opt)
     ema_unet.to(acc.device), ema_text.to(acc.device)
-    ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     empty_ids, ids = ids[-1], ids[:-1]
     alphas = noise_sched.alphas_cumprod.to(acc.device)
     latents = latents.to(acc.device)
@@ -355,19 +411,36 @@ def train_unet(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor,
         loss = (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step(); opt.zero_grad()
-        ema_unet.update(acc.unwrap_model(unet), step); ema_text.update(acc.unwrap_model(text), step)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        ema_unet.update(acc.unwrap_model(unet), step)
+        ema_text.update(acc.unwrap_model(text), step)
         running = 0.98 * running + 0.02 * loss.item() if step > start else loss.item()
         if (step + 1) % cfg.log_every == 0:
-            log.info("unet step %d/%d  loss %.4f  lr %.2e  %.2f s/step", step + 1, cfg.unet_steps, running,
-                     sched.get_last_lr()[0], (time.time() - started) / (step + 1 - start))
+            log.info(
+                "unet step %d/%d  loss %.4f  lr %.2e  %.2f s/step",
+                step + 1,
+                cfg.unet_steps,
+                running,
+                sched.get_last_lr()[0],
+                (time.time() - started) / (step + 1 - start),
+            )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            save_checkpoint(ckpt_path, {
-                "unet": acc.unwrap_model(unet).state_dict(), "text": acc.unwrap_model(text).state_dict(),
-                "opt": opt.state_dict(), "sched": sched.state_dict(), "ema_unet": ema_unet.shadow,
-                "ema_text": ema_text.shadow, "step": step + 1, "torch_rng": torch.get_rng_state(),
-                "config": dataclasses.asdict(cfg),
-            })
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "unet": acc.unwrap_model(unet).state_dict(),
+                    "text": acc.unwrap_model(text).state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "ema_unet": ema_unet.shadow,
+                    "ema_text": ema_text.shadow,
+                    "step": step + 1,
+                    "torch_rng": torch.get_rng_state(),
+                    "config": dataclasses.asdict(cfg),
+                },
+            )
     return ema_unet, ema_text
 
 
@@ -375,16 +448,25 @@ def export(cfg: Config, work: Path, vae: AutoencoderKL, tokenizer) -> Path:
     """Write the EMA weights of the latest checkpoint as a Stable Diffusion folder (safetensors)."""
     state = load_checkpoint(work / "unet.ckpt")
     unet, text = unet_model(cfg.base_size // 4), text_model(len(tokenizer))
-    unet.load_state_dict(state["ema_unet"]); text.load_state_dict(state["ema_text"])
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet.load_state_dict(state["ema_unet"])
+    text.load_state_dict(state["ema_text"])
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_folder(pipe, tmp)  # UNet and VAE float16, the text encoder float32 (see sc_app.files)
-    (tmp / "training.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "unet_steps": state["step"]},
-                                                  indent=2))
+    (tmp / "training.json").write_text(
+        json.dumps({"config": dataclasses.asdict(cfg), "unet_steps": state["step"]}, indent=2)
+    )
     for name in KEPT_ON_EXPORT:  # written by hand after measuring the model; a re-export keeps them
         if (out / name).exists():
             shutil.copy(out / name, tmp / name)

@@ -9,6 +9,7 @@ The result is an AnimateDiff folder that sc_app.video loads. Runs under `acceler
 `--work` (checkpoints are complete and written atomically) and is reproducible from `--seed`: the clips
 of step s, the noise and the timesteps all come from (seed, s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,20 +90,28 @@ from tuner.train_base import EMA, load_checkpoint, lr_lambda, save_checkpoint, t
 
 # ---- the model: frozen image UNet + trainable temporal layers ------------------------------------------
 
+
 def motion_adapter(cfg: Config, unet2d) -> MotionAdapter:
     """An adapter shaped to the image UNet: one motion layer per resnet, groups as the UNet's own norms."""
     return MotionAdapter(
         block_out_channels=tuple(unet2d.config.block_out_channels),
-        motion_layers_per_block=unet2d.config.layers_per_block, motion_num_attention_heads=cfg.motion_heads,
-        motion_norm_num_groups=unet2d.config.norm_num_groups, motion_max_seq_length=cfg.motion_max_frames,
+        motion_layers_per_block=unet2d.config.layers_per_block,
+        motion_num_attention_heads=cfg.motion_heads,
+        motion_norm_num_groups=unet2d.config.norm_num_groups,
+        motion_max_seq_length=cfg.motion_max_frames,
         use_motion_mid_block=True,
     )
 
 
 def motion_modules(model) -> torch.nn.ModuleList:
     """The temporal layers of a UNetMotionModel or a MotionAdapter, in the same order for both."""
-    return torch.nn.ModuleList([*(b.motion_modules for b in model.down_blocks),
-                                *(b.motion_modules for b in model.up_blocks), model.mid_block.motion_modules])
+    return torch.nn.ModuleList(
+        [
+            *(b.motion_modules for b in model.down_blocks),
+            *(b.motion_modules for b in model.up_blocks),
+            model.mid_block.motion_modules,
+        ]
+    )
 
 
 def zero_init(motion: torch.nn.ModuleList) -> None:
@@ -115,6 +124,7 @@ def zero_init(motion: torch.nn.ModuleList) -> None:
 
 
 # ---- the latent cache: every training clip rendered and encoded once -----------------------------------
+
 
 @torch.no_grad()
 def latent_cache(cfg: Config, base, work: Path, device) -> tuple[torch.Tensor, list[str]]:
@@ -130,7 +140,7 @@ def latent_cache(cfg: Config, base, work: Path, device) -> tuple[torch.Tensor, l
     clips = [random_clip(rng) for _ in range(cfg.cache_clips)]
     vae, latents = base.pipe.vae.to(device), []
     for i in range(0, len(clips), 64):
-        pixels = render_clips(clips[i:i + 64], cfg.frames, base.base_size, base.base_size)  # (n, F, H, W, 3)
+        pixels = render_clips(clips[i : i + 64], cfg.frames, base.base_size, base.base_size)  # (n, F, H, W, 3)
         flat = to_tensor(pixels.reshape(-1, *pixels.shape[2:])).to(device)
         z = vae.encode(flat).latent_dist.mean * vae.config.scaling_factor
         latents.append(z.reshape(len(pixels), cfg.frames, *z.shape[1:]).half().cpu())
@@ -143,6 +153,7 @@ def latent_cache(cfg: Config, base, work: Path, device) -> tuple[torch.Tensor, l
 
 
 # ---- training ---------------------------------------------------------------------------------------
+
 
 def batch_for(cfg: Config, step: int, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor):
     """Clips, tokens, timesteps and noise of one step, all from (seed, step): resuming changes nothing."""
@@ -169,8 +180,10 @@ def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     ckpt_path, start = work / "motion.ckpt", 0
     if (state := load_checkpoint(ckpt_path)) is not None:
-        motion.load_state_dict(state["motion"]); opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"]); start = state["step"]
+        motion.load_state_dict(state["motion"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["step"]
         log.info("motion: resumed at step %d", start)
     else:
         zero_init(motion)
@@ -179,8 +192,13 @@ def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor
     if state is not None:
         ema.shadow = {k: v.to(acc.device) for k, v in state["ema"].items()}
     tokenizer = base.pipe.tokenizer
-    ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts + [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     empty_ids, ids = ids[-1], ids[:-1]
     alphas = noise_sched.alphas_cumprod.to(acc.device)
     v_prediction = noise_sched.config.prediction_type == "v_prediction"
@@ -198,16 +216,32 @@ def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor
         loss = (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3, 4))).mean()
         acc.backward(loss)
         acc.clip_grad_norm_(motion.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         ema.update(motion, step)
         running = 0.98 * running + 0.02 * loss.item() if step > start else loss.item()
         if (step + 1) % cfg.log_every == 0:
-            log.info("motion step %d/%d  loss %.4f  lr %.2e  %.2f s/step", step + 1, cfg.steps, running,
-                     sched.get_last_lr()[0], (time.time() - started) / (step + 1 - start))
+            log.info(
+                "motion step %d/%d  loss %.4f  lr %.2e  %.2f s/step",
+                step + 1,
+                cfg.steps,
+                running,
+                sched.get_last_lr()[0],
+                (time.time() - started) / (step + 1 - start),
+            )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt_path, {"motion": motion.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "ema": ema.shadow, "step": step + 1,
-                                        "config": dataclasses.asdict(cfg)})
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "motion": motion.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "ema": ema.shadow,
+                    "step": step + 1,
+                    "config": dataclasses.asdict(cfg),
+                },
+            )
 
 
 def export(cfg: Config, work: Path, base) -> Path:
@@ -218,9 +252,14 @@ def export(cfg: Config, work: Path, base) -> Path:
     pipe = base.pipe
     # The UNet carries the motion layers, so the folder leaves out the separate motion_adapter (null in
     # model_index.json) rather than store them twice.
-    video = AnimateDiffPipeline(vae=pipe.vae.cpu(), text_encoder=pipe.text_encoder.cpu(), tokenizer=pipe.tokenizer,
-                                unet=UNetMotionModel.from_unet2d(base.unet.cpu(), adapter), motion_adapter=None,
-                                scheduler=pipe.scheduler)
+    video = AnimateDiffPipeline(
+        vae=pipe.vae.cpu(),
+        text_encoder=pipe.text_encoder.cpu(),
+        tokenizer=pipe.tokenizer,
+        unet=UNetMotionModel.from_unet2d(base.unet.cpu(), adapter),
+        motion_adapter=None,
+        scheduler=pipe.scheduler,
+    )
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,8 +274,12 @@ def export(cfg: Config, work: Path, base) -> Path:
         shutil.copy(card, tmp / "README.md")
     if upsamplers.is_dir():  # kept, not deleted: loaded on weights they were not trained on, they warn
         shutil.copytree(upsamplers, tmp / "upsamplers")
-        log.warning("kept %s: if the motion weights changed since its feature upsamplers were trained, retrain "
-                    "them (python -m tuner train --model %s ...)", upsamplers, out)
+        log.warning(
+            "kept %s: if the motion weights changed since its feature upsamplers were trained, retrain "
+            "them (python -m tuner train --model %s ...)",
+            upsamplers,
+            out,
+        )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported %s (step %d)", out, state["step"])

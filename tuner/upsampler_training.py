@@ -17,6 +17,7 @@ upsamplers (as the video UNet folds them), and a clip shares one timestep and on
 All randomness of step s comes from (seed, s), and checkpoints carry the adapter, the optimizer and the
 loss scaler, so a resumed run continues exactly where the interrupted one stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +36,17 @@ from tqdm.auto import tqdm
 
 from sc_app.api import as_model
 from sc_app.checks import writable_file
-from sc_app.sampling import (added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler,
-                             sample_ddim)
-from sc_app.upsampler import (DEFAULT_WIDTH, Adapter, load_adapter, pivot_features, save_adapter, unet_caller,
-                               unet_fingerprint, weights_signature)
+from sc_app.sampling import added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler, sample_ddim
+from sc_app.upsampler import (
+    DEFAULT_WIDTH,
+    Adapter,
+    load_adapter,
+    pivot_features,
+    save_adapter,
+    unet_caller,
+    unet_fingerprint,
+    weights_signature,
+)
 from sc_app.video import VideoModel
 from tuner.data import make_dataset
 
@@ -52,6 +60,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # ---- inputs --------------------------------------------------------------------------------------
+
 
 def stage_size(model, scale: float) -> int:
     """The crop side in pixels: the base size grown by `scale`, on the model's size grid."""
@@ -77,8 +86,23 @@ def pivot_side(model, size: int, scale: float) -> int:
     return max(model.size_multiple, round(size / scale / model.size_multiple) * model.size_multiple)
 
 
-def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_steps, caption_dropout,
-                 checkpoint_every, size=None, crop=None, lr_schedule="constant") -> tuple[int, int, int]:
+def check_inputs(
+    model,
+    *,
+    scale,
+    k,
+    steps,
+    batch_size,
+    lr,
+    out,
+    pivot,
+    pivot_steps,
+    caption_dropout,
+    checkpoint_every,
+    size=None,
+    crop=None,
+    lr_schedule="constant",
+) -> tuple[int, int, int]:
     """Validate the request before anything is loaded or written; return the sides in pixels of the stage,
     of its training crops and of their pivots. Errors name the argument and its value."""
     if not isinstance(scale, (int, float)) or not 1 < scale <= 8:
@@ -87,14 +111,19 @@ def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_st
         raise ValueError(f"scale {scale} does not grow a {model.base_size}px base on a {model.size_multiple}px grid")
     if size is not None:
         if not isinstance(size, int) or size % model.size_multiple or size <= model.base_size:
-            raise ValueError(f"size must be a multiple of {model.size_multiple} above the {model.base_size}px base, "
-                             f"got {size!r}")
+            raise ValueError(
+                f"size must be a multiple of {model.size_multiple} above the {model.base_size}px base, got {size!r}"
+            )
         if pivot_side(model, size, scale) >= size:
             raise ValueError(f"scale {scale} does not grow a pivot to size {size} on a {model.size_multiple}px grid")
     if k is not None and not (isinstance(k, int) and 0 < k < model.num_train_timesteps):
         raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {k!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("pivot_steps", pivot_steps),
-                        ("checkpoint_every", checkpoint_every)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("pivot_steps", pivot_steps),
+        ("checkpoint_every", checkpoint_every),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not (isinstance(lr, (int, float)) and 0 < lr < 1):
@@ -109,12 +138,15 @@ def check_inputs(model, *, scale, k, steps, batch_size, lr, out, pivot, pivot_st
         raise ValueError(f"pivot must be one of {', '.join(PIVOTS)}, got {pivot!r}")
     prediction = model.pipe.scheduler.config.prediction_type
     if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"the model's scheduler predicts {prediction!r}; the tuner knows {', '.join(PREDICTION_TYPES)}")
+        raise ValueError(
+            f"the model's scheduler predicts {prediction!r}; the tuner knows {', '.join(PREDICTION_TYPES)}"
+        )
     size = stage_size(model, scale) if size is None else size
     crop = size if crop is None else crop
     if not isinstance(crop, int) or crop % model.size_multiple or not model.base_size < crop <= size:
-        raise ValueError(f"crop must be a multiple of {model.size_multiple} in {model.base_size + 1}..{size}, "
-                         f"got {crop!r}")
+        raise ValueError(
+            f"crop must be a multiple of {model.size_multiple} in {model.base_size + 1}..{size}, got {crop!r}"
+        )
     return size, crop, pivot_side(model, crop, scale)
 
 
@@ -126,6 +158,7 @@ def lr_at(lr: float, schedule: str, step: int, steps: int) -> float:
 
 
 # ---- checkpoints: complete and atomic ------------------------------------------------------------
+
 
 def checkpoint_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".ckpt")
@@ -146,8 +179,10 @@ def _load_checkpoint(path: Path, adapter: Adapter) -> dict:
         config = state["config"]
         theirs = {key: config.get(key) for key in ("fingerprint", "scale", "width")}
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"resume: {path} is not a checkpoint written by this tuner ({type(error).__name__}), so it "
-                         "is not loaded; move it away to start from step 0") from None
+        raise ValueError(
+            f"resume: {path} is not a checkpoint written by this tuner ({type(error).__name__}), so it "
+            "is not loaded; move it away to start from step 0"
+        ) from None
     mine = {"fingerprint": adapter.fingerprint, "scale": adapter.scale, "width": adapter.width}
     if theirs != mine:
         raise ValueError(f"resume: checkpoint {path} is for {theirs}, not {mine}")
@@ -155,6 +190,7 @@ def _load_checkpoint(path: Path, adapter: Adapter) -> dict:
 
 
 # ---- one batch -----------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -166,8 +202,9 @@ def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_pivots(model, captions: list[str], size: int, generator: torch.Generator, steps: int,
-                    frames: int | None = None) -> torch.Tensor:
+def generate_pivots(
+    model, captions: list[str], size: int, generator: torch.Generator, steps: int, frames: int | None = None
+) -> torch.Tensor:
     """Pivots sampled by the base model from the captions at its own size (DDIM, the model's guidance):
     images, or clips of `frames` frames from a video model."""
     cond = encode_prompt(model, captions, None, model.default_guidance)
@@ -199,8 +236,9 @@ def _mixed_precision(model) -> str:
     dtype = model.unet.dtype
     if model.device.type != "cuda":
         if dtype != torch.float32:
-            raise ValueError(f"training on {model.device.type} needs a float32 model, got {dtype} (load it with "
-                             f"dtype=torch.float32)")
+            raise ValueError(
+                f"training on {model.device.type} needs a float32 model, got {dtype} (load it with dtype=torch.float32)"
+            )
         return "no"
     if dtype in (torch.float16, torch.bfloat16):
         return "fp16" if dtype == torch.float16 else "bf16"
@@ -209,13 +247,33 @@ def _mixed_precision(model) -> str:
 
 # ---- the loop ------------------------------------------------------------------------------------
 
-def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps: int, batch_size: int, lr: float,
-                  out: str | Path, seed: int = 0, resume: bool = False, init_from: str | Path | None = None,
-                  pivot: str = "downsampled", width: int | None = DEFAULT_WIDTH, pivot_steps: int = 20,
-                  caption_dropout: float = 0.1, checkpoint_every: int = 250, shapes_pool: int = 0,
-                  frames: int | None = None, progress: Callable[[int, int, float], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None, size: int | None = None,
-                  crop: int | None = None, lr_schedule: str = "constant") -> Path:
+
+def train_adapter(
+    model,
+    data,
+    *,
+    scale: float = 2,
+    k: int | None = None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    out: str | Path,
+    seed: int = 0,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    pivot: str = "downsampled",
+    width: int | None = DEFAULT_WIDTH,
+    pivot_steps: int = 20,
+    caption_dropout: float = 0.1,
+    checkpoint_every: int = 250,
+    shapes_pool: int = 0,
+    frames: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    size: int | None = None,
+    crop: int | None = None,
+    lr_schedule: str = "constant",
+) -> Path:
     """Train the feature upsamplers of `model` for one `scale` (per side) and write them to `out`.
 
     `size`: the stage's side in pixels (default the base size x `scale`: the first stage); a later stage's
@@ -234,9 +292,21 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     model = as_model(model)
     precision = _mixed_precision(model)
     size, crop, pivot_size = check_inputs(
-        model, scale=scale, k=k, steps=steps, batch_size=batch_size, lr=lr, out=out, pivot=pivot,
-        pivot_steps=pivot_steps, caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, size=size,
-        crop=crop, lr_schedule=lr_schedule)
+        model,
+        scale=scale,
+        k=k,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        out=out,
+        pivot=pivot,
+        pivot_steps=pivot_steps,
+        caption_dropout=caption_dropout,
+        checkpoint_every=checkpoint_every,
+        size=size,
+        crop=crop,
+        lr_schedule=lr_schedule,
+    )
     writable_file("out", out)  # a probe file now: never train every step and then fail to save
     frames = clip_frames(model, frames)
     dataset = make_dataset(data, crop, shapes_pool, seed, frames, size) if isinstance(data, (str, Path)) else data
@@ -245,8 +315,16 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     out.parent.mkdir(parents=True, exist_ok=True)  # now, not at the first checkpoint minutes later
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(seed)
-        adapter = Adapter(model.unet.config, width=width, scale=scale, k=k, base_model=model.name,
-                          unet_class=type(model.unet).__name__, signature=weights_signature(model.unet), size=size)
+        adapter = Adapter(
+            model.unet.config,
+            width=width,
+            scale=scale,
+            k=k,
+            base_model=model.name,
+            unet_class=type(model.unet).__name__,
+            signature=weights_signature(model.unet),
+            size=size,
+        )
 
     # 1. Where to start: a checkpoint of this run, another adapter, or zero-initialised upsamplers
     state, start = None, 0
@@ -290,13 +368,30 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     def save(step: int) -> None:
         unwrapped = acc.unwrap_model(adapter)
         unwrapped.steps = step
-        _save_checkpoint(ckpt_path, {
-            "adapter": {name: v.detach().cpu() for name, v in unwrapped.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else {},
-            "step": step, "config": {"fingerprint": unet_fingerprint(model.unet.config), "scale": float(scale),
-                                     "width": width, "k": k, "seed": seed, "pivot": pivot, "lr": lr,
-                                     "batch_size": batch_size, "frames": frames, "base_model": model.name,
-                                     "size": size, "crop": crop, "lr_schedule": lr_schedule}})
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "adapter": {name: v.detach().cpu() for name, v in unwrapped.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler else {},
+                "step": step,
+                "config": {
+                    "fingerprint": unet_fingerprint(model.unet.config),
+                    "scale": float(scale),
+                    "width": width,
+                    "k": k,
+                    "seed": seed,
+                    "pivot": pivot,
+                    "lr": lr,
+                    "batch_size": batch_size,
+                    "frames": frames,
+                    "base_model": model.name,
+                    "size": size,
+                    "crop": crop,
+                    "lr_schedule": lr_schedule,
+                },
+            },
+        )
         save_adapter(unwrapped, out)
 
     sites = acc.unwrap_model(adapter).sites
@@ -337,9 +432,14 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
             zt, t, target, cond, features = make_batch(step)
             with acc.autocast():
                 down, mid = adapter(features, t, zt.shape[-2:])
-                pred = unet(zt, t, encoder_hidden_states=cond.embeds,
-                            added_cond_kwargs=added_conditions(model, cond, crop, crop),
-                            down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                pred = unet(
+                    zt,
+                    t,
+                    encoder_hidden_states=cond.embeds,
+                    added_cond_kwargs=added_conditions(model, cond, crop, crop),
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                ).sample
             loss = F.mse_loss(pred.float(), target.float())
             acc.backward(loss)
             acc.clip_grad_norm_(adapter.parameters(), 1.0)
@@ -354,8 +454,13 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.set_postfix(loss=f"{running:.4f}")
             if bar.disable and (step + 1) % LOG_EVERY == 0:  # no terminal (a log file): the bar writes nothing
-                log.info("step %d/%d  loss %.4f  %.2f steps/s", step + 1, steps, running,
-                         (step + 1 - start) / (time.perf_counter() - started))
+                log.info(
+                    "step %d/%d  loss %.4f  %.2f steps/s",
+                    step + 1,
+                    steps,
+                    running,
+                    (step + 1 - start) / (time.perf_counter() - started),
+                )
             if progress is not None:
                 progress(step + 1, steps, value)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
@@ -371,12 +476,20 @@ def train_adapter(model, data, *, scale: float = 2, k: int | None = None, steps:
     save(step)
     seconds = time.perf_counter() - started
     done = step - start
-    log.info("wrote %s: %d steps (%d this run) in %.1f s, %.2f steps/s, loss %s", out, step, done, seconds,
-             done / seconds if seconds > 0 else 0.0, "n/a" if running is None else f"{running:.4f}")
+    log.info(
+        "wrote %s: %d steps (%d this run) in %.1f s, %.2f steps/s, loss %s",
+        out,
+        step,
+        done,
+        seconds,
+        done / seconds if seconds > 0 else 0.0,
+        "n/a" if running is None else f"{running:.4f}",
+    )
     return out
 
 
 # ---- every stage of a plan -----------------------------------------------------------------------
+
 
 def stage_targets(model, height: int, width: int) -> list[tuple[int, float]]:
     """(stage side in pixels, growth per side) of every stage after the pivot of a height x width plan:
@@ -387,12 +500,22 @@ def stage_targets(model, height: int, width: int) -> list[tuple[int, float]]:
     if len(sizes) < 2:
         raise ValueError(f"target {height}x{width} needs no stage above the {model.base_size}px pivot")
     m = model.size_multiple
-    return [(max(m, round(math.sqrt(h * w) / m) * m), math.sqrt(h * w / (ph * pw)))
-            for (ph, pw), (h, w) in zip(sizes, sizes[1:])]
+    return [
+        (max(m, round(math.sqrt(h * w) / m) * m), math.sqrt(h * w / (ph * pw)))
+        for (ph, pw), (h, w) in zip(sizes, sizes[1:])
+    ]
 
 
-def train_stages(model, data, *, target: tuple[int, int], out_dir: str | Path, crop: int | None = None,
-                 resume: bool = False, **options) -> list[Path]:
+def train_stages(
+    model,
+    data,
+    *,
+    target: tuple[int, int],
+    out_dir: str | Path,
+    crop: int | None = None,
+    resume: bool = False,
+    **options,
+) -> list[Path]:
     """One adapter per stage of the plan for `target` (height, width), written to `out_dir` as
     `x{scale}-{side}.safetensors`: a folder that `generate(..., upsampler=out_dir)` takes whole, each
     stage then using its own. `crop` caps every stage's training crop; `options` go to `train_adapter`.
@@ -407,7 +530,8 @@ def train_stages(model, data, *, target: tuple[int, int], out_dir: str | Path, c
             log.info("stage %d px: %s is complete", side, out)
         else:
             log.info("stage %d px (x%.3g per side)", side, scale)
-            train_adapter(model, data, scale=round(scale, 3), out=out, size=side, crop=stage_crop, resume=resume,
-                          **options)
+            train_adapter(
+                model, data, scale=round(scale, 3), out=out, size=side, crop=stage_crop, resume=resume, **options
+            )
         paths.append(out)
     return paths

@@ -4,6 +4,7 @@ N is a layer's token count now, N_train its token count at the model's base size
 scales its tokens by the same pixel ratio (sizes are multiples of the UNet's total downsampling), so
 N_train = N / (target pixels / base pixels). Cross-attention is left as it is.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ def entropy_scale(tokens: int, token_ratio: float) -> float:
     return math.sqrt(math.log(tokens) / math.log(trained))
 
 
-def scaled_attention(attn: Attention, hidden_states: torch.Tensor, scale: float,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_attention(
+    attn: Attention, hidden_states: torch.Tensor, scale: float, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Self-attention over (batch, tokens, channels) as diffusers' AttnProcessor2_0 computes it, except that
     the logits scale is passed to scaled-dot-product attention (that processor ignores attn.scale)."""
     batch, tokens, _ = hidden_states.shape
@@ -40,8 +42,9 @@ def scaled_attention(attn: Attention, hidden_states: torch.Tensor, scale: float,
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                         is_causal=False, scale=scale)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
+    )
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     if attn.residual_connection:
@@ -56,20 +59,30 @@ class AttnSFProcessor:
         self.token_ratio = token_ratio
         self.original = original
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, **kwargs) -> torch.Tensor:
+    def __call__(
+        self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs
+    ) -> torch.Tensor:
         factor = entropy_scale(hidden_states.shape[1], self.token_ratio)
         if factor == 1.0:  # the base size: exactly the model's own attention
-            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **kwargs)
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
         return scaled_attention(attn, hidden_states, attn.scale * factor, attention_mask)
 
 
 def _scalable(module: nn.Module) -> bool:
     # Token self-attention only: cross-attention keeps its scale, and layers that take 4-D feature maps
     # (group or spatial norm, as in VAE blocks) are not the transformer self-attention Attn-SF is for.
-    return (isinstance(module, Attention) and not module.is_cross_attention and module.group_norm is None
-            and module.spatial_norm is None)
+    return (
+        isinstance(module, Attention)
+        and not module.is_cross_attention
+        and module.group_norm is None
+        and module.spatial_norm is None
+    )
 
 
 def remove_attn_sf(unet: nn.Module) -> None:
@@ -110,6 +123,7 @@ def attn_sf(model, prompt: str | list[str], height: int, width: int, **common) -
 
     `common` takes the other arguments of `sc_app.cascade.direct`.
     """
+
     def factory(denoiser, cond, added, h, w):
         ratio = token_ratio(model, h, w)
 

@@ -5,6 +5,7 @@ the down/upsampler convs of those blocks run with dilation ceil(d) and matching 
 shortcuts and attention never change. tau counts steps of a 50-step schedule, as in ScaleCrafter's
 configs: with another step count, step i is re-dilated while i / steps < tau / 50.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,10 @@ from ..sampling import Conditioning, Denoiser, guided_denoiser
 
 BASE_STEPS = 50
 # A conv that re-dilation may touch: a ResNet conv1/conv2 or a sampler conv, inside a down, mid or up block.
-_CONV = re.compile(r"(?P<block>(?:down|up)_blocks\.\d+|mid_block)\.(?P<part>resnets|downsamplers|upsamplers)"
-                   r"\.\d+\.(?:conv1|conv2|conv)")
+_CONV = re.compile(
+    r"(?P<block>(?:down|up)_blocks\.\d+|mid_block)\.(?P<part>resnets|downsamplers|upsamplers)"
+    r"\.\d+\.(?:conv1|conv2|conv)"
+)
 _SAVED = "_scalecrafter_saved"  # on a patched conv: (dilation, padding, hook handles) that apply replaced
 
 
@@ -52,21 +55,41 @@ class Plan:
 
     def settings(self, steps: int) -> dict:
         """What result.json records about the run."""
-        return {"preset": self.preset, "dilations": dict(self.dilations), "tau": self.tau,
-                "redilated_steps": -(-self.tau * steps // BASE_STEPS), "progressive": self.progressive,
-                "ndcfg": dict(self.ndcfg) if self.ndcfg else None}
+        return {
+            "preset": self.preset,
+            "dilations": dict(self.dilations),
+            "tau": self.tau,
+            "redilated_steps": -(-self.tau * steps // BASE_STEPS),
+            "progressive": self.progressive,
+            "ndcfg": dict(self.ndcfg) if self.ndcfg else None,
+        }
 
 
 # ---- presets: ScaleCrafter's released settings, by UNet family and (long side, short side) ------------
+
 
 def _same(blocks: list[str], d: float) -> dict[str, float]:
     return dict.fromkeys(blocks, d)
 
 
-_SD21_DEEP = ["down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1",
-              "up_blocks.2"]
-_SD21_2048 = {"down_blocks.2.resnets": 3, "down_blocks.2.downsamplers": 4, "down_blocks.3": 4, "mid_block": 4,
-              "up_blocks.0": 4, "up_blocks.1": 4, "up_blocks.2": 3}
+_SD21_DEEP = [
+    "down_blocks.1",
+    "down_blocks.2",
+    "down_blocks.3",
+    "mid_block",
+    "up_blocks.0",
+    "up_blocks.1",
+    "up_blocks.2",
+]
+_SD21_2048 = {
+    "down_blocks.2.resnets": 3,
+    "down_blocks.2.downsamplers": 4,
+    "down_blocks.3": 4,
+    "mid_block": 4,
+    "up_blocks.0": 4,
+    "up_blocks.1": 4,
+    "up_blocks.2": 3,
+}
 _XL_DEEP = ["mid_block", "up_blocks.0"]
 _XL_PROGRESSIVE = {"mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2}
 
@@ -74,19 +97,41 @@ PRESETS: dict[str, dict[tuple[int, int], Plan]] = {
     "sd2.1": {  # 512 base
         (1024, 1024): Plan(_same(_SD21_DEEP, 2), 20, preset="sd2.1 1024x1024"),
         (1280, 1280): Plan(_same(_SD21_DEEP, 2.5), 30, preset="sd2.1 1280x1280"),
-        (2048, 1024): Plan({"down_blocks.1": 2, "down_blocks.2": 3, "down_blocks.3": 4, "mid_block": 4,
-                            "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2}, 37, progressive=True,
-                           preset="sd2.1 2048x1024"),
-        (2048, 2048): Plan({**_SD21_2048, "up_blocks.3": 2}, 37, progressive=True, ndcfg=_SD21_2048,
-                           preset="sd2.1 2048x2048"),
+        (2048, 1024): Plan(
+            {
+                "down_blocks.1": 2,
+                "down_blocks.2": 3,
+                "down_blocks.3": 4,
+                "mid_block": 4,
+                "up_blocks.0": 4,
+                "up_blocks.1": 3,
+                "up_blocks.2": 2,
+            },
+            37,
+            progressive=True,
+            preset="sd2.1 2048x1024",
+        ),
+        (2048, 2048): Plan(
+            {**_SD21_2048, "up_blocks.3": 2}, 37, progressive=True, ndcfg=_SD21_2048, preset="sd2.1 2048x2048"
+        ),
     },
     "sdxl": {  # 1024 base
         (2048, 2048): Plan(_same(_XL_DEEP, 2), 30, preset="sdxl 2048x2048"),
         (2560, 2560): Plan(_same(_XL_DEEP, 2.5), 30, preset="sdxl 2560x2560"),
-        (4096, 2048): Plan({"down_blocks.2": 3, **_XL_PROGRESSIVE}, 35, progressive=True,
-                           ndcfg=_same(_XL_DEEP, 2), preset="sdxl 4096x2048"),
-        (4096, 4096): Plan({"down_blocks.2": 4, **_XL_PROGRESSIVE}, 35, progressive=True,
-                           ndcfg=_same(_XL_DEEP, 2), preset="sdxl 4096x4096"),
+        (4096, 2048): Plan(
+            {"down_blocks.2": 3, **_XL_PROGRESSIVE},
+            35,
+            progressive=True,
+            ndcfg=_same(_XL_DEEP, 2),
+            preset="sdxl 4096x2048",
+        ),
+        (4096, 4096): Plan(
+            {"down_blocks.2": 4, **_XL_PROGRESSIVE},
+            35,
+            progressive=True,
+            ndcfg=_same(_XL_DEEP, 2),
+            preset="sdxl 4096x4096",
+        ),
     },
 }
 
@@ -113,8 +158,9 @@ def general_plan(unet, base_size: int, height: int, width: int) -> Plan:
     if d <= 1:
         return Plan({}, 0, preset="general rule")
     levels = len(unet.config.down_block_types)
-    blocks = ([f"down_blocks.{n}" for n in range(1, levels)] + ["mid_block"]
-              + [f"up_blocks.{n}" for n in range(levels - 1)])
+    blocks = (
+        [f"down_blocks.{n}" for n in range(1, levels)] + ["mid_block"] + [f"up_blocks.{n}" for n in range(levels - 1)]
+    )
     return Plan(_same(blocks, d), min(37, round(20 * (d - 1))), progressive=d > 2.5, preset="general rule")
 
 
@@ -126,6 +172,7 @@ def plan_for(unet, base_size: int, height: int, width: int) -> Plan:
 
 
 # ---- schedule ------------------------------------------------------------------------------------
+
 
 def step_dilation(d: float, tau: int, i: int, steps: int, progressive: bool) -> float | None:
     """The dilation at step i of `steps`, None once the schedule has passed tau (of 50)."""
@@ -156,6 +203,7 @@ def _at_step(targets: dict[str, float], plan: Plan, i: int, steps: int) -> dict[
 
 
 # ---- the patch -----------------------------------------------------------------------------------
+
 
 def _out_size(size: int, conv: nn.Conv2d, axis: int, dilation: tuple, padding: tuple) -> int:
     k, s = conv.kernel_size[axis], conv.stride[axis]
@@ -223,6 +271,7 @@ def redilated(unet: nn.Module, convs: dict[str, float]):
 
 # ---- sampling ------------------------------------------------------------------------------------
 
+
 def _unconditional(cond: Conditioning, added: dict | None) -> tuple[Conditioning, dict | None]:
     """The unconditional half of a guided batch (cond.embeds is [uncond, cond])."""
     n = len(cond.embeds) // 2
@@ -230,8 +279,9 @@ def _unconditional(cond: Conditioning, added: dict | None) -> tuple[Conditioning
     return Conditioning(cond.embeds[:n], pooled, 0.0), ({k: v[:n] for k, v in added.items()} if added else None)
 
 
-def scalecrafter_denoiser(unet, plan: Plan, steps: int, denoiser: Denoiser, cond: Conditioning,
-                          added: dict | None) -> Denoiser:
+def scalecrafter_denoiser(
+    unet, plan: Plan, steps: int, denoiser: Denoiser, cond: Conditioning, added: dict | None
+) -> Denoiser:
     """`denoiser` with re-dilation for i < tau; with a guided `cond` and plan.ndcfg, noise-damped guidance:
     eps = eps_uncond(mild) + w (eps_cond(full) - eps_uncond(full))."""
     full = conv_targets(unet, plan.dilations)
@@ -257,8 +307,16 @@ def scalecrafter_denoiser(unet, plan: Plan, steps: int, denoiser: Denoiser, cond
     return denoise
 
 
-def scalecrafter(model, prompt: str | list[str], height: int, width: int, *, num_inference_steps: int = 50,
-                 plan: Plan | None = None, **common) -> Result:
+def scalecrafter(
+    model,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    num_inference_steps: int = 50,
+    plan: Plan | None = None,
+    **common,
+) -> Result:
     """Direct sampling at the target size with ScaleCrafter's re-dilation (He et al. 2023).
 
     `plan`: None picks the released preset for the model and size, else the general rule (see plan_for).
@@ -270,7 +328,15 @@ def scalecrafter(model, prompt: str | list[str], height: int, width: int, *, num
     def factory(denoiser, cond, added, h, w):
         return scalecrafter_denoiser(model.unet, plan, num_inference_steps, denoiser, cond, added)
 
-    result = direct(model, prompt, height, width, num_inference_steps=num_inference_steps,
-                    denoiser_factory=factory, method="scalecrafter", **common)
+    result = direct(
+        model,
+        prompt,
+        height,
+        width,
+        num_inference_steps=num_inference_steps,
+        denoiser_factory=factory,
+        method="scalecrafter",
+        **common,
+    )
     result.settings.update(plan.settings(num_inference_steps))
     return result

@@ -19,6 +19,7 @@ gpu      Every method on the SD 1.5, SD 2.1 and SD XL UNet and VAE architectures
 A section of the markdown file lies between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and is replaced
 on every write, so reruns never duplicate it. Bad input: one line on stderr, exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,37 +48,56 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sizes", default=None, help=f"HEIGHTxWIDTH,... (default: {sizes})")
         p.add_argument("--steps", type=int, default=50)
         p.add_argument("--guidance", type=float, default=None, help="default: the model's")
-        p.add_argument("--methods", default=methods, help=f"comma-separated, from {', '.join(METHODS)} "
-                       "(direct is always included: times are relative to it)")
-        p.add_argument("--upsampler", type=Path, default=None, help="trained feature upsamplers: adds the tuned "
-                       "self-cascade")
+        p.add_argument(
+            "--methods",
+            default=methods,
+            help=f"comma-separated, from {', '.join(METHODS)} (direct is always included: times are relative to it)",
+        )
+        p.add_argument(
+            "--upsampler", type=Path, default=None, help="trained feature upsamplers: adds the tuned self-cascade"
+        )
         p.add_argument("--batch-size", type=int, default=batch)
         p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
         p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
-        p.add_argument("--out", type=Path, default=None, help="markdown file to write the section into, e.g. "
-                       "docs/benchmarks.md (default: print only)")
-        p.add_argument("--section", default=None, help="the section's marker name (default: speed, speed-ARCH, quality)")
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=None,
+            help="markdown file to write the section into, e.g. docs/benchmarks.md (default: print only)",
+        )
+        p.add_argument(
+            "--section", default=None, help="the section's marker name (default: speed, speed-ARCH, quality)"
+        )
 
     s = sub.add_parser("speed", help="self-cascade vs direct, side by side")
     common(s, "direct,self-cascade", 1, "2x and 4x the base side; with --arch 1024x1024,2048x2048")
     s.add_argument("--k", default=None, help="the self-cascade's K (default: the model's)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--prompt", default=DEFAULT_PROMPT)
-    s.add_argument("--arch", choices=sorted(ARCHS), default=None,
-                   help="time the real SD 2.1 / SD XL UNet with random fp16 weights on cuda (default sizes 1024x1024,2048x2048)")
+    s.add_argument(
+        "--arch",
+        choices=sorted(ARCHS),
+        default=None,
+        help="time the real SD 2.1 / SD XL UNet with random fp16 weights on cuda (default sizes 1024x1024,2048x2048)",
+    )
 
     q = sub.add_parser("quality", help="the comparison table: composition, FID/KID, time")
     common(q, "direct,self-cascade,scalecrafter,attn-sf", 8, "4x and 16x the base pixels, and 2:1 at about 4x")
-    q.add_argument("--k", default=None, help="comma-separated K values to sweep for the self-cascade (default: the model's)")
+    q.add_argument(
+        "--k", default=None, help="comma-separated K values to sweep for the self-cascade (default: the model's)"
+    )
     q.add_argument("--n", type=int, default=200, help="prompts per size")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", type=Path, default=DEFAULT_WORK, help="samples and records, for resuming")
     q.add_argument("--figure", type=Path, default=None, help="default: quality_grid.png beside --out")
     q.add_argument("--grid-rows", type=int, default=3)
     q.add_argument("--no-fid", action="store_true", help="composition and time only")
-    q.add_argument("--report-only", action="store_true",
-                   help="generate nothing: the table from the samples already in --work (e.g. made on a GPU "
-                        "machine without the Inception file); every sample must be there")
+    q.add_argument(
+        "--report-only",
+        action="store_true",
+        help="generate nothing: the table from the samples already in --work (e.g. made on a GPU "
+        "machine without the Inception file); every sample must be there",
+    )
     add_gpu_parser(sub)
     add_ablation_parser(sub)
     return parser

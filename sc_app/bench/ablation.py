@@ -7,6 +7,7 @@ real renders give the ceiling) and FID_r with 95% intervals, trainable parameter
 sampling. Samples go to `--work`, so an interrupted run resumes, and `accelerate launch` splits prompts
 over processes as the quality bench does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +21,20 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import BadInput
-from .common import (_file_hash, _load, command_line, log, machine_description, markdown_table, parse_sizes,
-                     process_state, size_name, write_section)
-from .quality import Cell, cached_features, eval_scenes
 from ..stats import bootstrap, wilson
+from .common import (
+    _file_hash,
+    _load,
+    command_line,
+    log,
+    machine_description,
+    markdown_table,
+    parse_sizes,
+    process_state,
+    size_name,
+    write_section,
+)
+from .quality import Cell, cached_features, eval_scenes
 
 DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
@@ -87,8 +98,9 @@ def _parameters(model, setting: Setting) -> tuple[int, int]:
     return sum(a.num_parameters for a in adapters), sum(a.steps for a in adapters)
 
 
-def _sample(model, cells: list[Cell], settings: dict[str, Setting], prompts, *, seed, steps, batch_size, state,
-            session) -> None:
+def _sample(
+    model, cells: list[Cell], settings: dict[str, Setting], prompts, *, seed, steps, batch_size, state, session
+) -> None:
     """Every missing sample, batch by batch through every cell (alternating order), prompts split over
     processes; each record holds the detector's verdict, the shape fidelity of each object and the time."""
     import time
@@ -96,11 +108,14 @@ def _sample(model, cells: list[Cell], settings: dict[str, Setting], prompts, *, 
     from ..api import generate
     from ..shapes import detect, matches, shape_fidelity
 
-    pending = [i for i in range(len(prompts))
-               if not all(c.done(i) or i >= (settings[c.variant.key].limit or len(prompts)) for c in cells)]
+    pending = [
+        i
+        for i in range(len(prompts))
+        if not all(c.done(i) or i >= (settings[c.variant.key].limit or len(prompts)) for c in cells)
+    ]
     state.wait_for_everyone()
     with state.split_between_processes(pending) as mine:
-        batches = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+        batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
         for b, batch in enumerate(batches):
             for cell in cells if b % 2 == 0 else cells[::-1]:
                 setting = settings[cell.variant.key]
@@ -108,16 +123,33 @@ def _sample(model, cells: list[Cell], settings: dict[str, Setting], prompts, *, 
                 if not todo:
                     continue
                 started = time.perf_counter()
-                result = generate(model, [prompts[i] for i in todo], *cell.size, setting.method,
-                                  seed=None, generator=_generators(seed, todo), num_inference_steps=steps,
-                                  **({"decode_stages": False} if setting.method == "self-cascade" else {}),
-                                  **setting.generate_options())
+                result = generate(
+                    model,
+                    [prompts[i] for i in todo],
+                    *cell.size,
+                    setting.method,
+                    seed=None,
+                    generator=_generators(seed, todo),
+                    num_inference_steps=steps,
+                    **({"decode_stages": False} if setting.method == "self-cascade" else {}),
+                    **setting.generate_options(),
+                )
                 seconds = (time.perf_counter() - started) / len(todo)
                 for i, image in zip(todo, result.images):
-                    cell.save(i, image, {"index": i, "prompt": prompts[i], "seed": seed + i,
-                                         "match": matches(image, prompts[i]), "fidelity": shape_fidelity(image),
-                                         "detected": [" ".join(o) for o in detect(image)], "seconds": seconds,
-                                         "session": session})
+                    cell.save(
+                        i,
+                        image,
+                        {
+                            "index": i,
+                            "prompt": prompts[i],
+                            "seed": seed + i,
+                            "match": matches(image, prompts[i]),
+                            "fidelity": shape_fidelity(image),
+                            "detected": [" ".join(o) for o in detect(image)],
+                            "seconds": seconds,
+                            "session": session,
+                        },
+                    )
             log(f"  [process {state.process_index}] batch {b + 1}/{len(batches)} done")
     state.wait_for_everyone()
 
@@ -139,8 +171,14 @@ def _row(cell: Cell, setting: Setting, model, n: int, direct: dict, reals, use_f
     f_low, f_high = bootstrap(scores)
     params, steps = _parameters(model, setting)
     shared = [i for i in idx if i in direct]
-    ratio = (statistics.median(records[i]["seconds"] for i in shared)
-             / statistics.median(direct[i]["seconds"] for i in shared)) if shared else None
+    ratio = (
+        (
+            statistics.median(records[i]["seconds"] for i in shared)
+            / statistics.median(direct[i]["seconds"] for i in shared)
+        )
+        if shared
+        else None
+    )
     apart = any(records[i]["session"] != direct[i]["session"] for i in shared)  # timed in other runs: other loads
     fid = "-"
     if use_fid:
@@ -149,14 +187,30 @@ def _row(cell: Cell, setting: Setting, model, n: int, direct: dict, reals, use_f
         value = metrics.fid(own, real)
         b_low, b_high = bootstrap(np.arange(len(idx)), lambda s: metrics.fid(own[s], real[s]), draws=50)
         fid = f"{value:.1f} [{b_low:.1f}, {b_high:.1f}]"
-    return [setting.label, dict(setting.options).get("k", "model's"), f"{params:,}" if params else "-",
-            str(steps) if steps else "-", f"{100 * hits / len(idx):.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
-            f"{np.mean(scores):.3f} [{f_low:.3f}, {f_high:.3f}]" if scores else "-", fid,
-            "-" if ratio is None else f"{ratio:.2f}x{'*' if apart else ''}", str(len(idx))]
+    return [
+        setting.label,
+        dict(setting.options).get("k", "model's"),
+        f"{params:,}" if params else "-",
+        str(steps) if steps else "-",
+        f"{100 * hits / len(idx):.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
+        f"{np.mean(scores):.3f} [{f_low:.3f}, {f_high:.3f}]" if scores else "-",
+        fid,
+        "-" if ratio is None else f"{ratio:.2f}x{'*' if apart else ''}",
+        str(len(idx)),
+    ]
 
 
-HEADER = ["setting", "K", "trainable parameters", "training steps", "composition [95%]", "shape fidelity [95%]",
-          "FID_r [95%]", "time vs direct", "n"]
+HEADER = [
+    "setting",
+    "K",
+    "trainable parameters",
+    "training steps",
+    "composition [95%]",
+    "shape fidelity [95%]",
+    "FID_r [95%]",
+    "time vs direct",
+    "n",
+]
 
 
 def run_ablation(args, argv: list[str]) -> None:
@@ -182,8 +236,17 @@ def run_ablation(args, argv: list[str]) -> None:
     prompts = random_prompts(args.n, args.seed)
     if state.is_main_process:
         log(machine_description(model.device))
-    _sample(model, cells, by_key, prompts, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-            state=state, session=uuid.uuid4().hex[:12])
+    _sample(
+        model,
+        cells,
+        by_key,
+        prompts,
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        state=state,
+        session=uuid.uuid4().hex[:12],
+    )
     if not state.is_main_process:
         return
 
@@ -192,8 +255,9 @@ def run_ablation(args, argv: list[str]) -> None:
     use_fid = not args.no_fid
 
     def reals(idx):
-        return cached_features(args.work / size_name(size) / "reals" / "features.npz", idx,
-                               lambda ix: [real_images[i] for i in ix])
+        return cached_features(
+            args.work / size_name(size) / "reals" / "features.npz", idx, lambda ix: [real_images[i] for i in ix]
+        )
 
     direct = cells[0].records(args.n)
     rows = [_row(cell, by_key[cell.variant.key], model, args.n, direct, reals, use_fid) for cell in cells[1:]]
@@ -202,21 +266,23 @@ def run_ablation(args, argv: list[str]) -> None:
     print(table)
     if args.out is None:
         return
-    body = "\n\n".join([
-        f"### Ablation at {size_name(size)} ({model.name})",
-        machine_description(model.device) + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}`",
-        f"Development prompts `shapes.random_prompts({args.n}, {args.seed})` (seed {args.seed} + i; the test "
-        f"tables use seeds 0..199), DDIM {args.steps} steps, the model's guidance. **composition**: share with "
-        "exactly the prompted objects, Wilson 95% interval. **shape fidelity**: mean over detected objects of the "
-        "IoU between the object's mask and the ideal shape of its class with the same area and centroid "
-        f"(`shapes.shape_fidelity`), bootstrap 95% interval; real renders at this size: {np.mean(ceiling):.3f}. "
-        "**FID_r**: against one real render per prompt, bootstrap interval over prompts (50 draws); with this "
-        "few samples FID is biased upwards, so compare within the column. **time vs direct**: median s / image "
-        f"over the first {args.direct_n} prompts against direct sampling's on the same prompts; * where the two "
-        "were sampled in different runs of a resumed ablation, under other loads: then only `bench speed` (both "
-        "timed side by side) gives the ratio.",
-        table,
-    ])
+    body = "\n\n".join(
+        [
+            f"### Ablation at {size_name(size)} ({model.name})",
+            machine_description(model.device) + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}`",
+            f"Development prompts `shapes.random_prompts({args.n}, {args.seed})` (seed {args.seed} + i; the test "
+            f"tables use seeds 0..199), DDIM {args.steps} steps, the model's guidance. **composition**: share with "
+            "exactly the prompted objects, Wilson 95% interval. **shape fidelity**: mean over detected objects of the "
+            "IoU between the object's mask and the ideal shape of its class with the same area and centroid "
+            f"(`shapes.shape_fidelity`), bootstrap 95% interval; real renders at this size: {np.mean(ceiling):.3f}. "
+            "**FID_r**: against one real render per prompt, bootstrap interval over prompts (50 draws); with this "
+            "few samples FID is biased upwards, so compare within the column. **time vs direct**: median s / image "
+            f"over the first {args.direct_n} prompts against direct sampling's on the same prompts; * where the two "
+            "were sampled in different runs of a resumed ablation, under other loads: then only `bench speed` (both "
+            "timed side by side) gives the ratio.",
+            table,
+        ]
+    )
     write_section(args.out, args.section or f"ablation-{size_name(size)}", body)
     log(f"wrote section to {args.out}")
 
@@ -225,8 +291,12 @@ def add_parser(sub) -> None:
     a = sub.add_parser("ablation", help="self-cascade settings side by side on development prompts")
     a.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
     a.add_argument("--size", default="256x256", help="HEIGHTxWIDTH of the samples")
-    a.add_argument("--setting", action="append", default=[],
-                   help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE' (repeat for each row)")
+    a.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE' (repeat for each row)",
+    )
     a.add_argument("--steps", type=int, default=25)
     a.add_argument("--n", type=int, default=48, help="development prompts")
     a.add_argument("--direct-n", type=int, default=8, help="prompts that direct sampling runs, for the time ratio")

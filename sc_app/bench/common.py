@@ -1,5 +1,6 @@
 """What the benches share: sizes and variants from flags, one timed `generate` call, the machine line, the
 work folder's settings check, and markdown sections."""
+
 from __future__ import annotations
 
 import datetime
@@ -14,9 +15,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..api import METHODS, generate
 from ..cli import BadInput
+
+if TYPE_CHECKING:  # torch loads where it is used: `python -m sc_app.bench --help` answers before it
+    import torch
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -114,8 +119,17 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def run_variant(model, variant: Variant, prompts: list[str], size: tuple[int, int], *, seeds: list[int],
-                steps: int, guidance: float | None, adapter=None):
+def run_variant(
+    model,
+    variant: Variant,
+    prompts: list[str],
+    size: tuple[int, int],
+    *,
+    seeds: list[int],
+    steps: int,
+    guidance: float | None,
+    adapter=None,
+):
     """One `generate` call -> (result, wall seconds). Self-cascade stages before the last are not decoded:
     direct decodes only its final image, and the comparison should time the same work."""
     options = {}
@@ -128,8 +142,16 @@ def run_variant(model, variant: Variant, prompts: list[str], size: tuple[int, in
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     _sync(model)
     started = time.perf_counter()
-    result = generate(model, prompts, *size, "direct" if variant.base else variant.method, generator=generators,
-                      num_inference_steps=steps, guidance_scale=guidance, **options)
+    result = generate(
+        model,
+        prompts,
+        *size,
+        "direct" if variant.base else variant.method,
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        **options,
+    )
     _sync(model)
     return result, time.perf_counter() - started
 
@@ -276,11 +298,14 @@ def check_work_settings(work: Path, settings: dict, is_main: bool, report_only: 
     ignored = {"machine", "device"} if report_only else {"machine"}
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
-                   if k not in ignored and old.get(k) != v]
+        changed = [
+            f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if k not in ignored and old.get(k) != v
+        ]
         if changed:
-            raise BadInput(f"--work {work} holds samples made with other settings ({'; '.join(changed)}): "
-                           "use another --work, or delete it to start over")
+            raise BadInput(
+                f"--work {work} holds samples made with other settings ({'; '.join(changed)}): "
+                "use another --work, or delete it to start over"
+            )
         return old
     if report_only:
         raise BadInput(f"--report-only: {work} holds no samples (no settings.json)")

@@ -1,4 +1,5 @@
 """`python -m sc_app.bench quality`: the paper's comparison table on the embedded model."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,25 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import BadInput
-from .common import (Variant, _check_sizes, _file_hash, _load, _load_adapter, check_work_settings, command_line,
-                     machine_description, log, make_variants, markdown_table, model_fingerprint, parse_common,
-                     process_state, run_variant, size_name, write_section)
+from .common import (
+    Variant,
+    _check_sizes,
+    _file_hash,
+    _load,
+    _load_adapter,
+    check_work_settings,
+    command_line,
+    log,
+    machine_description,
+    make_variants,
+    markdown_table,
+    model_fingerprint,
+    parse_common,
+    process_state,
+    run_variant,
+    size_name,
+    write_section,
+)
 
 DEFAULT_WORK = Path("runs/bench-quality")  # runs/ is git-ignored
 
@@ -74,8 +91,20 @@ class Cell:
         os.replace(rec.with_suffix(".json.tmp"), rec)
 
 
-def generate_cells(model, cells: list[Cell], prompts: list[str], *, seed: int, steps: int, guidance,
-                   batch_size: int, adapter, state, session: str, log) -> None:
+def generate_cells(
+    model,
+    cells: list[Cell],
+    prompts: list[str],
+    *,
+    seed: int,
+    steps: int,
+    guidance,
+    batch_size: int,
+    adapter,
+    state,
+    session: str,
+    log,
+) -> None:
     """Make every missing sample of `cells`, batch by batch: each batch of prompts goes through every cell
     before the next batch (the order reversed every other batch), so that the times of one batch are
     measured back to back, as the time-vs-direct column needs. Prompts are split across processes."""
@@ -84,28 +113,48 @@ def generate_cells(model, cells: list[Cell], prompts: list[str], *, seed: int, s
     pending = [i for i in range(len(prompts)) if not all(c.done(i) for c in cells)]
     state.wait_for_everyone()  # every process lists the same pending work before any writes a sample
     with state.split_between_processes(pending) as mine:
-        batches = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+        batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
         for b, batch in enumerate(batches):
             timing = []
             for cell in cells if b % 2 == 0 else cells[::-1]:
                 todo = [i for i in batch if not cell.done(i)]
                 if not todo:
                     continue
-                result, seconds = run_variant(model, cell.variant, [prompts[i] for i in todo], cell.size,
-                                              seeds=[seed + i for i in todo], steps=steps, guidance=guidance,
-                                              adapter=adapter)
+                result, seconds = run_variant(
+                    model,
+                    cell.variant,
+                    [prompts[i] for i in todo],
+                    cell.size,
+                    seeds=[seed + i for i in todo],
+                    steps=steps,
+                    guidance=guidance,
+                    adapter=adapter,
+                )
                 for i, image in zip(todo, result.images):
-                    cell.save(i, image, {
-                        "index": i, "prompt": prompts[i], "seed": seed + i, "match": matches(image, prompts[i]),
-                        "detected": [" ".join(o) for o in detect(image)], "seconds": seconds / len(todo),
-                        "batch": len(todo), "session": session})
+                    cell.save(
+                        i,
+                        image,
+                        {
+                            "index": i,
+                            "prompt": prompts[i],
+                            "seed": seed + i,
+                            "match": matches(image, prompts[i]),
+                            "detected": [" ".join(o) for o in detect(image)],
+                            "seconds": seconds / len(todo),
+                            "batch": len(todo),
+                            "session": session,
+                        },
+                    )
                 timing.append(f"{cell.variant.label} {seconds:.1f}s")
-            log(f"  [process {state.process_index}] batch {b + 1}/{len(batches)} (samples {batch[0]}..{batch[-1]}): "
-                f"{', '.join(timing)}")
+            log(
+                f"  [process {state.process_index}] batch {b + 1}/{len(batches)} (samples {batch[0]}..{batch[-1]}): "
+                f"{', '.join(timing)}"
+            )
     state.wait_for_everyone()
 
 
 # ---- quality: metrics ------------------------------------------------------------------------------
+
 
 def cached_features(path: Path, indices: list[int], images_for) -> np.ndarray:
     """Inception features of the images at `indices`, computed once and kept in `path` (.npz) with their
@@ -159,13 +208,32 @@ class Row:
 
     def cells(self) -> list[str]:
         ratio = "-" if self.time_ratio is None else f"{self.time_ratio:.2f}x{'*' if self.time_flag else ''}"
-        return [size_name(self.size), self.label, str(self.n), f"{100 * self.accuracy:.1f}%",
-                _fmt(self.fid_r, 2), _fmt(self.kid_r, 4), _fmt(self.fid_b, 2), _fmt(self.kid_b, 4), ratio,
-                _fmt(self.seconds, 2)]
+        return [
+            size_name(self.size),
+            self.label,
+            str(self.n),
+            f"{100 * self.accuracy:.1f}%",
+            _fmt(self.fid_r, 2),
+            _fmt(self.kid_r, 4),
+            _fmt(self.fid_b, 2),
+            _fmt(self.kid_b, 4),
+            ratio,
+            _fmt(self.seconds, 2),
+        ]
 
 
-QUALITY_HEADER = ["size", "method", "n", "composition", "FID_r", "KID_r", "FID_b", "KID_b", "time vs direct",
-                  "s / image"]
+QUALITY_HEADER = [
+    "size",
+    "method",
+    "n",
+    "composition",
+    "FID_r",
+    "KID_r",
+    "FID_b",
+    "KID_b",
+    "time vs direct",
+    "s / image",
+]
 
 
 def quality_rows(cells_by_size: dict, base_cells: dict, scenes, *, use_fid: bool, work: Path, log) -> list[Row]:
@@ -179,11 +247,15 @@ def quality_rows(cells_by_size: dict, base_cells: dict, scenes, *, use_fid: bool
         def images_for(idx):
             ims = [cell.image(i) for i in idx]
             return ims if size is None else [im.resize(size[::-1], resample=3) for im in ims]  # 3: PIL BICUBIC
+
         return cached_features(cell.folder / f"features-{kind}.npz", indices, images_for)
 
     def real_features(size, indices):
-        return cached_features(work / size_name(size) / "reals" / "features.npz", indices,
-                               lambda idx: [render(scenes[i], *size) for i in idx])
+        return cached_features(
+            work / size_name(size) / "reals" / "features.npz",
+            indices,
+            lambda idx: [render(scenes[i], *size) for i in idx],
+        )
 
     rows, seen = [], set()
     for size, cells in cells_by_size.items():
@@ -192,8 +264,12 @@ def quality_rows(cells_by_size: dict, base_cells: dict, scenes, *, use_fid: bool
         base_idx = sorted(base_records)
         if base.size not in seen:
             seen.add(base.size)
-            row = Row(base.size, f"base ({size_name(base.size)}, the model's own size)", len(base_idx),
-                      float(np.mean([base_records[i]["match"] for i in base_idx])))
+            row = Row(
+                base.size,
+                f"base ({size_name(base.size)}, the model's own size)",
+                len(base_idx),
+                float(np.mean([base_records[i]["match"] for i in base_idx])),
+            )
             row.seconds = statistics.median(r["seconds"] for r in base_records.values())
             if use_fid:
                 log(f"  features: base {size_name(base.size)}")
@@ -206,8 +282,13 @@ def quality_rows(cells_by_size: dict, base_cells: dict, scenes, *, use_fid: bool
             idx = sorted(records)
             if not idx:
                 continue
-            row = Row(size, cell.variant.label, len(idx), float(np.mean([records[i]["match"] for i in idx])),
-                      seconds=statistics.median(r["seconds"] for r in records.values()))
+            row = Row(
+                size,
+                cell.variant.label,
+                len(idx),
+                float(np.mean([records[i]["match"] for i in idx])),
+                seconds=statistics.median(r["seconds"] for r in records.values()),
+            )
             row.time_ratio, row.time_flag = time_vs_direct(records, direct)
             if use_fid:
                 log(f"  features: {size_name(size)} {cell.variant.label}")
@@ -286,12 +367,20 @@ def run_quality(args, argv: list[str]) -> None:
     sizes = sizes or default_quality_sizes(model)
     _check_sizes(model, sizes, args.steps, ks)
     adapter = _load_adapter(args.upsampler, model)
-    variants = make_variants(methods, ks, adapter is not None,
-                             _file_hash(args.upsampler) if adapter is not None else "")
+    variants = make_variants(
+        methods, ks, adapter is not None, _file_hash(args.upsampler) if adapter is not None else ""
+    )
     guidance = model.default_guidance if args.guidance is None else args.guidance
-    settings = {"model": model.name, "fingerprint": model_fingerprint(model), "device": model.device.type,
-                "dtype": str(model.unet.dtype), "steps": args.steps, "guidance": guidance, "seed": args.seed,
-                "machine": machine_description(model.device)}
+    settings = {
+        "model": model.name,
+        "fingerprint": model_fingerprint(model),
+        "device": model.device.type,
+        "dtype": str(model.unet.dtype),
+        "steps": args.steps,
+        "guidance": guidance,
+        "seed": args.seed,
+        "machine": machine_description(model.device),
+    }
     recorded = check_work_settings(args.work, settings, state.is_main_process, args.report_only)
     state.wait_for_everyone()
 
@@ -306,20 +395,42 @@ def run_quality(args, argv: list[str]) -> None:
         cells = unique_bases + [c for size_cells in cells_by_size.values() for c in size_cells]
         missing = sum(not c.done(i) for c in cells for i in range(args.n))
         if missing:
-            raise BadInput(f"--report-only: {missing} samples are missing in {args.work}: run without "
-                           "--report-only to make them")
+            raise BadInput(
+                f"--report-only: {missing} samples are missing in {args.work}: run without --report-only to make them"
+            )
     if state.is_main_process:
         log(settings["machine"])
     if not args.report_only:
         started = time.perf_counter()
         log(f"base samples at {', '.join(size_name(c.size) for c in unique_bases)}")
-        generate_cells(model, unique_bases, prompts, seed=args.seed, steps=args.steps, guidance=guidance,
-                       batch_size=args.batch_size, adapter=adapter, state=state, session=session, log=log)
+        generate_cells(
+            model,
+            unique_bases,
+            prompts,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=guidance,
+            batch_size=args.batch_size,
+            adapter=adapter,
+            state=state,
+            session=session,
+            log=log,
+        )
         for size in sizes:
             log(f"{size_name(size)}: {', '.join(v.label for v in variants)}")
-            generate_cells(model, cells_by_size[size], prompts, seed=args.seed, steps=args.steps,
-                           guidance=guidance, batch_size=args.batch_size, adapter=adapter, state=state,
-                           session=session, log=log)
+            generate_cells(
+                model,
+                cells_by_size[size],
+                prompts,
+                seed=args.seed,
+                steps=args.steps,
+                guidance=guidance,
+                batch_size=args.batch_size,
+                adapter=adapter,
+                state=state,
+                session=session,
+                log=log,
+            )
         log(f"sampling took {time.perf_counter() - started:.0f} s in this run")
     if not state.is_main_process:
         return
@@ -327,6 +438,7 @@ def run_quality(args, argv: list[str]) -> None:
     use_fid, extractor = not args.no_fid, None
     if use_fid:
         from .. import metrics
+
         try:
             metrics.inception_path()
             extractor = metrics.extractor_name()
@@ -342,33 +454,43 @@ def run_quality(args, argv: list[str]) -> None:
         return
     figure = args.figure or args.out.parent / "quality_grid.png"
     quality_grid(figure, cells_by_size, base_cells, scenes, args.grid_rows)
-    body = "\n\n".join([
-        f"### Quality: the comparison table ({model.name})",
-        (f"Samples and times: {recorded.get('machine', 'machine not recorded')}\n\nMetrics: "
-         f"{machine_description(model.device)}" if args.report_only else machine_description(model.device))
-        + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}` (samples in `{args.work}`)",
-        f"Model `{model.name}` (weights {settings['fingerprint']}), {recorded['dtype']} on {recorded['device']}; "
-        f"{args.n} fresh prompts `shapes.random_prompts({args.n}, {args.seed})`, prompt i with seed {args.seed} + i "
-        f"for every method; DDIM {args.steps} steps, guidance {guidance}. K sweeps the self-cascade's re-noise "
-        "level (the same K at every stage).",
-        "**composition**: share of samples in which `sc_app.shapes.matches` finds exactly the prompted objects. "
-        "**FID_r / KID_r**: against as many real shapes-world renders at the target size, one per prompt (the "
-        "scene the prompt was drawn from). **FID_b / KID_b**: as the paper (following ScaleCrafter) defines them, "
-        "\"evaluated on the original low-resolution by down-sampling\": each sample down-sampled (PIL bicubic) to "
-        "the base-resolution size (the pivot: the target's aspect ratio at about the base pixel count) against "
-        "the model's own samples at that size for the same prompts and seeds; the base row's FID_r is against "
-        "renders at its size. "
-        + (f"Features: {extractor}; FID and KID computed in `sc_app.metrics`. FID from a few hundred samples is "
-           "biased upwards; compare within a column." if use_fid else "FID/KID: not computed in this run.")
-        + " **time vs direct**: median over prompts of (the sample's batch time / direct's on the same batch, run "
-          "back to back in alternating order; * where they ran in different sessions of a resumed run). "
-          "**s / image**: median wall time per sample in batches of "
-          f"{args.batch_size} (text encoding, sampling, decoding).",
-        table,
-        "Detector on the real renders (its ceiling): "
-        + ", ".join(f"{size_name(s)} {100 * a:.1f}%" for s, a in real_accuracy.items()) + ".",
-        f"![quality grid]({os.path.relpath(figure, args.out.parent)})",
-    ])
+    body = "\n\n".join(
+        [
+            f"### Quality: the comparison table ({model.name})",
+            (
+                f"Samples and times: {recorded.get('machine', 'machine not recorded')}\n\nMetrics: "
+                f"{machine_description(model.device)}"
+                if args.report_only
+                else machine_description(model.device)
+            )
+            + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}` (samples in `{args.work}`)",
+            f"Model `{model.name}` (weights {settings['fingerprint']}), {recorded['dtype']} on {recorded['device']}; "
+            f"{args.n} fresh prompts `shapes.random_prompts({args.n}, {args.seed})`, prompt i with seed {args.seed} + i "  # noqa: E501
+            f"for every method; DDIM {args.steps} steps, guidance {guidance}. K sweeps the self-cascade's re-noise "
+            "level (the same K at every stage).",
+            "**composition**: share of samples in which `sc_app.shapes.matches` finds exactly the prompted objects. "
+            "**FID_r / KID_r**: against as many real shapes-world renders at the target size, one per prompt (the "
+            "scene the prompt was drawn from). **FID_b / KID_b**: as the paper (following ScaleCrafter) defines them, "
+            '"evaluated on the original low-resolution by down-sampling": each sample down-sampled (PIL bicubic) to '
+            "the base-resolution size (the pivot: the target's aspect ratio at about the base pixel count) against "
+            "the model's own samples at that size for the same prompts and seeds; the base row's FID_r is against "
+            "renders at its size. "
+            + (
+                f"Features: {extractor}; FID and KID computed in `sc_app.metrics`. FID from a few hundred samples is "
+                "biased upwards; compare within a column."
+                if use_fid
+                else "FID/KID: not computed in this run."
+            )
+            + " **time vs direct**: median over prompts of (the sample's batch time / direct's on the same batch, run "
+            "back to back in alternating order; * where they ran in different sessions of a resumed run). "
+            "**s / image**: median wall time per sample in batches of "
+            f"{args.batch_size} (text encoding, sampling, decoding).",
+            table,
+            "Detector on the real renders (its ceiling): "
+            + ", ".join(f"{size_name(s)} {100 * a:.1f}%" for s, a in real_accuracy.items())
+            + ".",
+            f"![quality grid]({os.path.relpath(figure, args.out.parent)})",
+        ]
+    )
     write_section(args.out, args.section or "quality", body)
     log(f"wrote section to {args.out} and {figure}")
-

@@ -1,4 +1,5 @@
 """`python -m sc_app.bench speed`: self-cascade against direct at the same output size, side by side."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,22 @@ import torch
 
 from ..cli import BadInput
 from .archs import ARCHS, random_model
-from .common import (Variant, _check_sizes, _load, _load_adapter, command_line, log, machine_description,
-                     make_variants, markdown_table, parse_common, ratios_to, run_variant, size_name, write_section)
+from .common import (
+    Variant,
+    _check_sizes,
+    _load,
+    _load_adapter,
+    command_line,
+    log,
+    machine_description,
+    make_variants,
+    markdown_table,
+    parse_common,
+    ratios_to,
+    run_variant,
+    size_name,
+    write_section,
+)
 
 ARCH_SIZES = [(1024, 1024), (2048, 2048)]
 
@@ -20,8 +35,18 @@ class Timing:
     peak_gib: float | None = None  # cuda only: torch.cuda.max_memory_allocated during the call
 
 
-def time_variants(model, variants: list[Variant], size: tuple[int, int], *, repeats: int, prompts: list[str],
-                  steps: int, guidance: float | None, adapter=None, log=print) -> dict[str, list[Timing]]:
+def time_variants(
+    model,
+    variants: list[Variant],
+    size: tuple[int, int],
+    *,
+    repeats: int,
+    prompts: list[str],
+    steps: int,
+    guidance: float | None,
+    adapter=None,
+    log=print,
+) -> dict[str, list[Timing]]:
     """A warm-up run of each variant (not counted: first calls pay for allocation and kernel selection),
     then `repeats` rounds, the order reversed every other round so that drift in the machine's speed
     (a shared CPU, GPU clocks) does not favour whichever runs first."""
@@ -31,8 +56,9 @@ def time_variants(model, variants: list[Variant], size: tuple[int, int], *, repe
     def once(variant: Variant) -> Timing:
         if cuda:
             torch.cuda.reset_peak_memory_stats(model.device)
-        result, seconds = run_variant(model, variant, prompts, size, seeds=seeds, steps=steps, guidance=guidance,
-                                      adapter=adapter)
+        result, seconds = run_variant(
+            model, variant, prompts, size, seeds=seeds, steps=steps, guidance=guidance, adapter=adapter
+        )
         peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if cuda else None
         return Timing(seconds, sum(s.seconds for s in result.stages), peak)
 
@@ -42,8 +68,10 @@ def time_variants(model, variants: list[Variant], size: tuple[int, int], *, repe
     for round_ in range(repeats):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
             timings[variant.label].append(once(variant))
-            log(f"  {size_name(size)} round {round_ + 1}/{repeats} {variant.label}: "
-                f"{timings[variant.label][-1].seconds:.2f} s")
+            log(
+                f"  {size_name(size)} round {round_ + 1}/{repeats} {variant.label}: "
+                f"{timings[variant.label][-1].seconds:.2f} s"
+            )
     return timings
 
 
@@ -54,9 +82,18 @@ def speed_rows(size: tuple[int, int], timings: dict[str, list[Timing]]) -> list[
     for label, ts in timings.items():
         peaks = [t.peak_gib for t in ts if t.peak_gib is not None]
         ratio, dratio = total[label][1], denoise[label][1]
-        rows.append([size_name(size), label, f"{total[label][0]:.2f}", f"{denoise[label][0]:.2f}",
-                     f"{ratio:.2f}x" if ratio else "-", f"{dratio:.2f}x" if dratio else "-",
-                     f"{max(peaks):.1f}" if peaks else "-", str(len(ts))])
+        rows.append(
+            [
+                size_name(size),
+                label,
+                f"{total[label][0]:.2f}",
+                f"{denoise[label][0]:.2f}",
+                f"{ratio:.2f}x" if ratio else "-",
+                f"{dratio:.2f}x" if dratio else "-",
+                f"{max(peaks):.1f}" if peaks else "-",
+                str(len(ts)),
+            ]
+        )
     return rows
 
 
@@ -75,8 +112,10 @@ def run_speed(args, argv: list[str]) -> None:
         if args.upsampler is not None:
             raise BadInput("--upsampler needs a trained model, not --arch's random weights")
         if not torch.cuda.is_available():
-            raise BadInput(f"--arch {args.arch} times SD-size UNets in fp16 and needs a CUDA GPU; "
-                           "torch.cuda.is_available() is False on this machine")
+            raise BadInput(
+                f"--arch {args.arch} times SD-size UNets in fp16 and needs a CUDA GPU; "
+                "torch.cuda.is_available() is False on this machine"
+            )
         device = torch.device(args.device or "cuda")
         if device.type != "cuda":
             raise BadInput(f"--arch needs --device cuda, got {args.device}")
@@ -94,29 +133,41 @@ def run_speed(args, argv: list[str]) -> None:
     log(header)
     rows = []
     for size in sizes:
-        timings = time_variants(model, variants, size, repeats=args.repeats, prompts=prompts, steps=args.steps,
-                                guidance=args.guidance, adapter=adapter, log=log)
+        timings = time_variants(
+            model,
+            variants,
+            size,
+            repeats=args.repeats,
+            prompts=prompts,
+            steps=args.steps,
+            guidance=args.guidance,
+            adapter=adapter,
+            log=log,
+        )
         rows += speed_rows(size, timings)
     table = markdown_table(SPEED_HEADER, rows)
     print(table)
     if args.out:
         guidance = model.default_guidance if args.guidance is None else args.guidance
         if args.arch:
-            what = (f"{ARCHS[args.arch].title} UNet architecture with random {model.unet.dtype} weights (no trained weights "
-                    "needed for timing); fixed random text embeddings and a tiny random VAE stand in for the "
-                    "text encoders and the VAE, so **denoise s** and **denoise vs direct** are the numbers "
-                    "that count; peak GiB is torch.cuda.max_memory_allocated over a whole call, weights included")
+            what = (
+                f"{ARCHS[args.arch].title} UNet architecture with random {model.unet.dtype} weights (no trained weights "  # noqa: E501
+                "needed for timing); fixed random text embeddings and a tiny random VAE stand in for the "
+                "text encoders and the VAE, so **denoise s** and **denoise vs direct** are the numbers "
+                "that count; peak GiB is torch.cuda.max_memory_allocated over a whole call, weights included"
+            )
         else:
             what = f"model `{model.name}`, {model.pipe.unet.dtype} on {device.type}"
-        body = "\n\n".join([
-            f"### Speed: self-cascade vs direct ({args.arch or model.name}, {device.type})",
-            f"{header}\n\nCommand: `{command_line(argv)}`",
-            f"{what}. DDIM {args.steps} steps, guidance {guidance}, batch {args.batch_size}, seed 0 for every "
-            f"method, self-cascade K={ks[0]} (stages before the last are not decoded). One warm-up run per method "
-            f"and size, then {args.repeats} rounds in alternating order; medians of the wall time of one "
-            "`generate` call (text encoding, denoising, decoding) and of its denoising loops alone.",
-            table,
-        ])
+        body = "\n\n".join(
+            [
+                f"### Speed: self-cascade vs direct ({args.arch or model.name}, {device.type})",
+                f"{header}\n\nCommand: `{command_line(argv)}`",
+                f"{what}. DDIM {args.steps} steps, guidance {guidance}, batch {args.batch_size}, seed 0 for every "
+                f"method, self-cascade K={ks[0]} (stages before the last are not decoded). One warm-up run per method "
+                f"and size, then {args.repeats} rounds in alternating order; medians of the wall time of one "
+                "`generate` call (text encoding, denoising, decoding) and of its denoising loops alone.",
+                table,
+            ]
+        )
         write_section(args.out, args.section or (f"speed-{args.arch}" if args.arch else "speed"), body)
         log(f"wrote section to {args.out}")
-
