@@ -327,7 +327,7 @@ def client_for(url: str, folder: Path) -> Client:
 
 def test_a_compare_run_adds_its_images_to_the_pool(app, tmp_path):
     before = {i["id"] for i in app.tab.store.items()}
-    gallery, _, _ = client_for(app.url, tmp_path).predict("a green triangle", steps=3, seed=5, api_name="/compare")
+    gallery, *_ = client_for(app.url, tmp_path).predict("a green triangle", steps=3, seed=5, api_name="/compare")
     new = {i["method"]: i for i in app.tab.store.items() if i["id"] not in before}
     ran = {item["caption"].split(":")[0]: item["image"] for item in gallery}  # one image per method that ran
     label = {"self-cascade": f"self-cascade K={app.model.default_k}"}  # as the benches name it

@@ -127,8 +127,8 @@ def studio(zerogpu, sd_model, tmp_path):
 
 
 def test_generate_runs_in_another_process_with_pickled_arguments_and_results(studio, zerogpu):
-    *_, (gallery, final, status) = studio.generate(
-        "a red circle", "", "1:1", "4x", "auto", 700, STEPS, 5.0, 0, "none", progress=no_progress
+    *_, (gallery, final, status, _) = studio.generate(
+        "a red circle", "", "1:1", "4x", "auto", 700, STEPS, 5.0, 0, "none"
     )
     assert [name for name, _ in zerogpu.gpu.calls] == ["_generate_events"]
     assert zerogpu.gpu.calls[0][1] > 0  # the duration, computed in the main process from the request
@@ -141,7 +141,7 @@ def test_generate_runs_in_another_process_with_pickled_arguments_and_results(stu
 
 
 def test_compare_runs_every_method_in_one_gpu_call(studio, zerogpu):
-    *_, (gallery, table, _, results) = studio.compare(
+    *_, (gallery, table, _, results, _, _) = studio.compare(
         "a red circle",
         "",
         "1:1",
@@ -154,7 +154,6 @@ def test_compare_runs_every_method_in_one_gpu_call(studio, zerogpu):
         True,
         "self-cascade",
         "direct",
-        progress=no_progress,
     )
     assert len(zerogpu.gpu.calls) == 1
     done = [e for e in zerogpu.gpu.results if e[0] == "done"]
@@ -176,9 +175,7 @@ def test_a_trained_adapter_comes_back_as_a_return_value(studio, zerogpu):
     assert Path(path).parent == studio.adapter_dir
     # ...and it works in the next GPU call, whose worker reads it from the file the main process wrote
     label = Path(path).stem
-    *_, (_, _, status) = studio.generate(
-        "a red circle", "", "1:1", "4x", "auto", 700, STEPS, 5.0, 0, label, progress=no_progress
-    )
+    *_, (_, _, status, _) = studio.generate("a red circle", "", "1:1", "4x", "auto", 700, STEPS, 5.0, 0, label)
     assert "adapter" in status
 
 
@@ -187,9 +184,7 @@ def test_video_runs_in_another_process_and_its_clips_come_back(zerogpu, sd_model
 
     studio = Studio(sd_model, max_pixels=4 * MAX_PIXELS, work_dir=tmp_path / "work", video_model=modelscope_model)
     try:
-        *_, outputs = studio.video.generate(
-            "a red circle", "", 4, 4, "1:1", "4x", "auto", 700, STEPS, 5.0, 0, True, progress=no_progress
-        )
+        *_, outputs = studio.video.generate("a red circle", "", 4, 4, "1:1", "4x", "auto", 700, STEPS, 5.0, 0, True)
     finally:
         studio.stop_workers()
     assert [name for name, _ in zerogpu.gpu.calls] == ["_events"]
