@@ -160,13 +160,18 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
+def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (the posterior mean), in the VAE's own dtype."""
+    vae = model.pipe.vae
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 def encode(model, images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> scaled latents (the posterior mean), in the UNet's dtype."""
-    vae = model.pipe.vae
-    pixels = model.pipe.image_processor.preprocess(images).to(model.device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).to(model.unet.dtype)
+    pixels = model.pipe.image_processor.preprocess(images).to(model.device)
+    return encode_pixels(model, pixels).to(model.unet.dtype)
 
 
 def upsample_latents(model, latents: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

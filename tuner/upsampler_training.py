@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from sc_app.api import as_model
+from sc_app.cascade import encode_pixels
 from sc_app.checks import writable_file
 from sc_app.sampling import added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler, sample_ddim
 from sc_app.upsampler import (
@@ -190,15 +191,6 @@ def _load_checkpoint(path: Path, adapter: Adapter) -> dict:
 
 
 # ---- one batch -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (the posterior mean), in the VAE's own dtype."""
-    vae = model.pipe.vae
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -403,10 +395,10 @@ def train_adapter(
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         images, captions = dataset.sample(rng, batch_size)
         pixels = _to_pixels(images, device)
-        z0 = _unfold(encode_images(model, pixels), frames)
+        z0 = _unfold(encode_pixels(model, pixels), frames)
         if pivot == "downsampled":  # the same image at the base size: aligned with the target
             small = F.interpolate(pixels, size=(pivot_size, pivot_size), mode="bilinear", antialias=True)
-            pivots = _unfold(encode_images(model, small), frames)
+            pivots = _unfold(encode_pixels(model, small), frames)
         else:
             with acc.autocast():
                 pivots = generate_pivots(model, captions, pivot_size, generator, pivot_steps, frames)

@@ -16,6 +16,7 @@ import re
 import statistics
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,10 @@ class Setting:
     method: str = "self-cascade"
     limit: int | None = None  # sample only the first `limit` prompts (the direct reference for time)
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """A folder name that changes with the options and with the adapter files' contents."""
+        """A folder name that changes with the options and with the adapter files' contents (hashed once:
+        every `Cell.done` check reads it)."""
         files = [_file_hash(Path(p)) for p in dict(self.options).get("upsampler", "").split("+") if p]
         digest = hashlib.sha256(json.dumps([self.method, self.options, files]).encode()).hexdigest()[:8]
         return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-") + "-" + digest
