@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -135,35 +136,44 @@ def _generators(generator, seed: int | None, count: int) -> list[torch.Generator
 # ---- decoding ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def decode(model, latents: torch.Tensor) -> list[Image.Image]:
+@contextmanager
+def vae_at(model, height: int, width: int):
+    """The VAE, ready for images of height x width pixels; yields the dtype to feed it. SD XL's fp16 VAE runs in
+    float32 (it overflows in fp16), and above TILE_ABOVE_PIXELS it works tile by tile; both are undone after."""
     vae = model.pipe.vae
-    height, width = (s * model.vae_scale for s in latents.shape[-2:])
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
+    tiled = height * width > TILE_ABOVE_PIXELS
     if upcast:
         vae.to(torch.float32)
-    tiled = height * width > TILE_ABOVE_PIXELS
     if tiled:
         vae.enable_tiling()
     try:
-        z = latents.to(dtype) / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            z = z + vae.config.shift_factor
-        images = vae.decode(z).sample
+        yield vae.dtype
     finally:
         if tiled:
             vae.disable_tiling()
         if upcast:
             vae.to(torch.float16)
+
+
+@torch.no_grad()
+def decode(model, latents: torch.Tensor) -> list[Image.Image]:
+    vae = model.pipe.vae
+    height, width = (s * model.vae_scale for s in latents.shape[-2:])
+    with vae_at(model, height, width) as dtype:
+        z = latents.to(dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            z = z + vae.config.shift_factor
+        images = vae.decode(z).sample
     return model.pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
 @torch.no_grad()
 def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (the posterior mean), in the VAE's own dtype."""
+    """Pixels in [-1, 1] -> scaled latents (the posterior mean), in the dtype the VAE ran in."""
     vae = model.pipe.vae
-    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+    with vae_at(model, *pixels.shape[-2:]) as dtype:
+        latents = vae.encode(pixels.to(dtype)).latent_dist.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..cascade import TILE_ABOVE_PIXELS, Result, Stage, _finish, _prepare, check_inputs
+from ..cascade import Result, Stage, _finish, _prepare, check_inputs, vae_at
 from ..sampling import added_conditions, guided_denoiser, initial_noise, make_scheduler
 from .attn_sf import _scalable
 from .progressive import gaussian_blur, jittered_views, model_settings, skip_residual, timed_stage
@@ -220,15 +220,8 @@ def pixel_upsample(model, latents: torch.Tensor, height: int, width: int, genera
     """Decode, resize the images (bicubic) to height x width, encode again; the encoder's sample drawn from the
     prompts' generators."""
     vae = model.pipe.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    tiled = height * width > TILE_ABOVE_PIXELS
-    if upcast:
-        vae.to(torch.float32)
-    if tiled:
-        vae.enable_tiling()
-    try:
+    with vae_at(model, height, width) as dtype:
         images = vae.decode(latents.to(dtype) / vae.config.scaling_factor + shift).sample
         images = F.interpolate(images.float(), size=(height, width), mode="bicubic", align_corners=False)
         posterior = vae.encode(images.to(dtype)).latent_dist
@@ -236,11 +229,6 @@ def pixel_upsample(model, latents: torch.Tensor, height: int, width: int, genera
             posterior.mean.shape, generator=generators, device=posterior.mean.device, dtype=posterior.mean.dtype
         )
         z = posterior.mean + posterior.std * noise
-    finally:
-        if tiled:
-            vae.disable_tiling()
-        if upcast:
-            vae.to(torch.float16)
     return ((z - shift) * vae.config.scaling_factor).to(model.unet.dtype)
 
 
