@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time not
 from . import checks  # noqa: E402
 from .api import METHODS  # noqa: E402
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
+from .lora import parse_lora  # noqa: E402
 
 VIDEO_METHODS = ("self-cascade", "direct")  # sc_app.video.VIDEO_METHODS, named here so that --help needs no torch
 MAX_PIXELS_HELP = (
@@ -71,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="trained feature upsamplers: a .safetensors file, or "
         "a folder of them (one per stage: each stage takes the one trained nearest its resolution)",
     )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA (.safetensors) applied in every stage of every method, at SCALE (default 1); repeatable",
+    )
+    g.add_argument(
+        "--sr-model",
+        default=None,
+        help="--method sr: a StableDiffusionUpscalePipeline folder or hub id (default: the embedded model's own)",
+    )
+    g.add_argument(
+        "--noise-level",
+        type=int,
+        default=None,
+        help="--method sr: noise added to the upscaler's input (default 20)",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     g.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
@@ -99,6 +118,12 @@ def read_prompts(args) -> list[str]:
 
 def _method_options(args) -> dict:
     k = None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
+    sr = {"sr_model": args.sr_model, "noise_level": args.noise_level}
+    if args.method == "sr":
+        return {name: value for name, value in sr.items() if value is not None}
+    given = [f"--{name.replace('_', '-')}" for name, value in sr.items() if value is not None]
+    if given:
+        raise BadInput(f"{', '.join(given)} apply to --method sr only, not {args.method}")
     if args.method != "self-cascade":
         given = [
             flag
@@ -138,6 +163,10 @@ def check_run(args, prompts: list[str], frames: int | None = None) -> Callable[[
         checks.seed("--seed", args.seed, len(prompts))
         if args.upsampler is not None and not args.upsampler.exists():
             raise ValueError(f"--upsampler {args.upsampler}: no such file or folder")
+        args.lora = [parse_lora(text) for text in getattr(args, "lora", [])]
+        for lora in args.lora:
+            if lora.path.suffix != ".safetensors" or not lora.path.is_file():
+                raise ValueError(f"--lora {lora.path}: give an existing .safetensors file (no pickles)")
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out}: exists and is not a folder")
         checks.writable_folder("--out", args.out)
@@ -177,6 +206,7 @@ def generate(args) -> None:
 
     from .api import generate as generate_image
     from .cascade import check_inputs
+    from .lora import check_loras
     from .models import load_model
 
     quiet_loaders()
@@ -200,6 +230,11 @@ def generate(args) -> None:
             from .upsampler import load_adapters
 
             options["upsampler"] = load_adapters(args.upsampler, model)
+        if args.method == "sr":
+            from .baselines.upscale import load_upscaler
+
+            options["sr_model"] = load_upscaler(options.get("sr_model"), model)
+        args.lora = check_loras(args.lora, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     for i in mine:
@@ -214,6 +249,7 @@ def generate(args) -> None:
             guidance_scale=args.guidance,
             seed=args.seed + i,
             progress=True,
+            loras=args.lora,
             **options,
         )
         folder = args.out / f"{i:04d}" if args.prompts_file else args.out
@@ -365,6 +401,7 @@ def generate_video(args) -> None:
             guidance_scale=args.guidance,
             seed=args.seed + i,
             progress=True,
+            loras=args.lora,
             **options,
         )
         folder = args.out / f"{i:04d}" if args.prompts_file else args.out

@@ -8,7 +8,7 @@ if TYPE_CHECKING:  # torch and diffusers load where they are used: the command l
     from .cascade import Result
     from .models import Model
 
-METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale")
+METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
 
 
 def as_model(model) -> Model:
@@ -29,27 +29,42 @@ def generate(
     stages: int | None = None,
     upsample: str = "bilinear",
     upsampler=None,
+    loras=None,
     **common,
 ) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
     generator, callback, on_stage, progress. `upsampler` (an Adapter, a .safetensors path, a folder of
     them or a list) turns the self-cascade into its tuned version: each stage takes the adapter that fits
-    its growth and was trained nearest its resolution."""
-    from .cascade import direct, self_cascade
+    its growth and was trained nearest its resolution. `loras` [(path, scale), ...] apply to every method
+    (in every stage) for this call only. `sr` takes sr_model, noise_level, sr_steps, sr_guidance."""
+    from .lora import applied_loras, check_loras
 
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method != "self-cascade" and (k is not None or stages is not None or upsampler is not None):
         raise ValueError(f"k, stages and upsampler apply to the self-cascade only, not to method {method!r}")
-    if method == "self-cascade":
-        stage_denoiser = None
-        if upsampler is not None:
-            from .upsampler import common_k, load_adapters, stage_denoiser_for
+    checked = check_loras(loras, model)
+    stage_denoiser, adapters = None, []
+    if upsampler is not None:  # loaded before the LoRAs change the UNet the adapters were trained on
+        from .upsampler import common_k, load_adapters, stage_denoiser_for
 
-            adapters = load_adapters(upsampler, model)
-            k = common_k(adapters) if k is None else k  # the adapters only saw timesteps 1..their K in training
-            stage_denoiser = stage_denoiser_for(model, adapters)
+        adapters = load_adapters(upsampler, model)
+        k = common_k(adapters) if k is None else k  # the adapters only saw timesteps 1..their K in training
+        stage_denoiser = stage_denoiser_for(model, adapters)
+    with applied_loras(model, checked):
+        result = _run(model, prompt, height, width, method, k, stages, upsample, stage_denoiser, common)
+    if checked:
+        result.settings["loras"] = [lora.summary() for lora in checked]
+    if adapters:
+        result.settings["upsampler"] = [adapter.describe() for adapter in adapters]
+    return result
+
+
+def _run(model, prompt, height, width, method, k, stages, upsample, stage_denoiser, common) -> Result:
+    from .cascade import direct, self_cascade
+
+    if method == "self-cascade":
         return self_cascade(
             model, prompt, height, width, k=k, stages=stages, upsample=upsample, stage_denoiser=stage_denoiser, **common
         )
@@ -67,6 +82,14 @@ def generate(
         from .baselines.freescale import freescale
 
         return freescale(model, prompt, height, width, **common)
+    if method == "sr":
+        from .baselines.upscale import super_resolution
+
+        return super_resolution(model, prompt, height, width, **common)
+    if method == "lanczos":
+        from .baselines.upscale import lanczos
+
+        return lanczos(model, prompt, height, width, **common)
     from .baselines.attn_sf import attn_sf
 
     return attn_sf(model, prompt, height, width, **common)

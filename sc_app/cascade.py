@@ -36,7 +36,7 @@ class Stage:
     steps: int  # denoising steps run
     seconds: float  # denoising time
     start_t: int  # the timestep denoising started from (the re-noise level for r >= 1)
-    latents: torch.Tensor = field(repr=False)
+    latents: torch.Tensor | None = field(repr=False)  # None for stages made in pixel space (SR, Lanczos)
     images: list[Image.Image] = field(default_factory=list, repr=False)
 
 

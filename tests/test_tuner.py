@@ -114,7 +114,7 @@ def test_folder_drops_an_image_that_breaks_after_the_scan(tmp_path, caplog):
     [
         (lambda d: d.mkdir(), [], "no images in the folder"),
         (lambda d: (d.mkdir(), Image.new("RGB", (8, 8)).save(d / "s.png")), [], "no usable image (1 smaller"),
-        (lambda d: d.mkdir(), ["--steps", "0"], "steps must be a positive integer"),
+        (lambda d: d.mkdir(), ["--steps", "0"], "--steps must be >= 1"),
         (lambda d: d.mkdir(), ["--out-is-bin"], "must be a .safetensors file"),
         (lambda d: d.mkdir(), ["--init-from", "missing.safetensors"], "no such file"),
     ],

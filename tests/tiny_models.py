@@ -166,3 +166,46 @@ def make_motion_adapter(folder: Path) -> Path:
         motion_max_seq_length=8,
     ).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_upscaler(folder: Path, sd_folder: Path) -> Path:
+    """A StableDiffusionUpscalePipeline folder (x4: a three-level VAE) with the tiny SD model's text encoder and
+    tokenizer: the layout of stabilityai's x4 upscaler, tiny."""
+    from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+        scaling_factor=0.08333,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        num_class_embeds=1000,
+    )
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(sd_folder / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(sd_folder / "tokenizer"),
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=1e-4, beta_end=0.02),
+        scheduler=_scheduler("v_prediction"),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,6 +1,9 @@
-"""Command line: `python -m tuner train --model embedded --data shapes|DIR --scale 2 --steps N
---batch-size B --lr LR --out FILE.safetensors [--k K] [--resume] [--init-from FILE] [--pivot ...]`, or with
+"""Command line: `python -m tuner train --model embedded --data shapes|DIR --scale 2 [--steps N] [--batch-size B]
+[--lr LR] --out FILE.safetensors [--k K] [--resume] [--init-from FILE] [--pivot ...]`, or with
 `--target 256x256 --out DIR` one adapter per stage of that size's plan.
+
+`--method lora --rank R` (a LoRA file) and `--method full` (a model folder) fine-tune the UNet itself to sample
+directly at `--size` (default: the base size x --scale): the paper's Table-1 baselines.
 
 A video model (`--model embedded-video`, a ModelScope or AnimateDiff folder, or an SD 1.5 folder with
 `--motion-adapter`) trains on `--data moving-shapes|DIR` (a folder of clips) with `--frames F`.
@@ -22,6 +25,8 @@ from sc_app import checks  # noqa: E402
 from sc_app.cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 
 FULL = "full"
+METHODS = ("upsampler", "lora", "full")
+DEFAULT_LR = {"upsampler": 1e-3, "lora": 1e-3, "full": 1e-4}
 
 
 def _width(value: str) -> int | str:
@@ -31,7 +36,19 @@ def _width(value: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m tuner", description="Training for Self-Cascade Studio.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    t = sub.add_parser("train", help="tune the time-aware feature upsamplers of a model (paper 4.3)")
+    t = sub.add_parser(
+        "train",
+        help="tune the time-aware feature upsamplers of a model (paper 4.3), or fine-tune it (LoRA, full)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument(
+        "--method",
+        default="upsampler",
+        choices=METHODS,
+        help="upsampler: the feature upsamplers (a .safetensors adapter); lora: LoRA on the UNet's attention "
+        "(a .safetensors LoRA); full: every UNet weight (a model folder)",
+    )
+    t.add_argument("--rank", type=int, default=4, help="LoRA rank (--method lora; the paper's are 4 and 32)")
     t.add_argument(
         "--model",
         default="embedded",
@@ -51,15 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", type=int, default=None, help="frames per training clip (video models; default: the model's)"
     )
     t.add_argument("--scale", type=float, default=2.0, help="growth per side of the stage to tune for")
-    t.add_argument("--steps", type=int, required=True, help="total training steps (a resumed run counts its past)")
-    t.add_argument("--batch-size", type=int, required=True)
-    t.add_argument("--lr", type=float, required=True)
+    t.add_argument("--steps", type=int, default=1000, help="total training steps (a resumed run counts its past)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: 1e-3 for upsampler and lora, 1e-4 for full)"
+    )
     t.add_argument(
         "--out",
         type=Path,
         required=True,
-        help="the adapter, FILE.safetensors (checkpoint: FILE.ckpt); "
-        "with --target a folder, one x{scale}-{side}.safetensors per stage",
+        help="the adapter or LoRA, FILE.safetensors (checkpoint beside it); with --target a folder, one "
+        "x{scale}-{side}.safetensors per stage; with --method full the model folder",
     )
     t.add_argument(
         "--target",
@@ -116,9 +135,22 @@ def check_flags(args) -> None:
     """What needs no model, checked before torch loads: numbers finite and in range, the seed, and that --out
     (the adapter and its checkpoint beside it) can be written, so a run never trains and then loses its result."""
     try:
+        args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
         checks.finite("--lr", args.lr, 0, 1, low_open=True, high_open=True)
         checks.finite("--scale", args.scale, 1, 8, low_open=True)
         checks.seed("--seed", args.seed)
+        checks.whole("--steps", args.steps, 1)
+        checks.whole("--batch-size", args.batch_size, 1)
+        if args.method != "upsampler":
+            if args.method == "lora":
+                checks.whole("--rank", args.rank, 1, 1024)
+            if args.target is not None or args.init_from is not None:
+                raise ValueError(f"--target and --init-from are for --method upsampler, not {args.method}")
+            if args.method == "full":
+                if args.out.suffix:
+                    raise ValueError(f"--out {args.out}: --method full writes a model folder (no suffix)")
+                checks.writable_folder("--out", args.out)
+                return
         if args.target is not None:
             if args.size is not None or args.out.suffix == ".safetensors":
                 raise ValueError("--target plans every stage's size: give --out a folder and no --size")
@@ -165,6 +197,29 @@ def train(args) -> None:
             )
         else:
             model = load_model(args.model, device=args.device, dtype=torch.float32)
+        if args.method != "upsampler":
+            from tuner.finetune import train_finetune
+            from tuner.upsampler_training import stage_size
+
+            if video:
+                raise ValueError(f"--method {args.method} trains image models; a video model tunes its upsamplers")
+            train_finetune(
+                model,
+                args.data,
+                method=args.method,
+                rank=args.rank,
+                size=args.size or stage_size(model, args.scale),
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                out=args.out,
+                seed=args.seed,
+                resume=args.resume,
+                checkpoint_every=args.checkpoint_every,
+                shapes_pool=args.shapes_pool,
+                lr_schedule=args.lr_schedule,
+            )
+            return
         options = dict(
             k=args.k,
             steps=args.steps,

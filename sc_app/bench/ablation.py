@@ -1,7 +1,9 @@
-"""`python -m sc_app.bench ablation`: settings of the self-cascade side by side on a development split.
+"""`python -m sc_app.bench ablation`: settings side by side on a development split.
 
 Each `--setting "LABEL: key=value; ..."` is one row: `k=300,150` (K per stage), `upsample=bicubic`,
-`upsampler=FILE+FILE` (adapters; each stage takes the one trained nearest its resolution). Every row
+`upsampler=FILE+FILE` (adapters; each stage takes the one trained nearest its resolution), `method=direct`
+(any method; default the self-cascade), `lora=FILE` (a LoRA in every stage), `model=DIR` (another model
+folder, e.g. a fine-tuned one; default --model). Every row
 samples the same prompts and seeds; the table gives composition, local structure (`shapes.shape_fidelity`,
 real renders give the ceiling) and FID_r with 95% intervals, trainable parameters and time vs direct
 sampling. Samples go to `--work`, so an interrupted run resumes, and `accelerate launch` splits prompts
@@ -39,7 +41,8 @@ from .quality import Cell, cached_features, eval_scenes
 
 DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
-KEYS = ("k", "upsample", "upsampler")
+KEYS = ("k", "upsample", "upsampler", "method", "lora", "model")
+FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Setting:
     def key(self) -> str:
         """A folder name that changes with the options and with the adapter files' contents (hashed once:
         every `Cell.done` check reads it)."""
-        files = [_file_hash(Path(p)) for p in dict(self.options).get("upsampler", "").split("+") if p]
+        options = dict(self.options)
+        files = [_content_hash(Path(p)) for key in FILE_KEYS for p in options.get(key, "").split("+") if p]
         digest = hashlib.sha256(json.dumps([self.method, self.options, files]).encode()).hexdigest()[:8]
         return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-") + "-" + digest
 
@@ -69,7 +73,21 @@ class Setting:
             out["upsample"] = options["upsample"]
         if "upsampler" in options:
             out["upsampler"] = [Path(p) for p in options["upsampler"].split("+")]
+        if "lora" in options:
+            out["loras"] = [Path(p) for p in options["lora"].split("+")]
         return out
+
+    @property
+    def model_source(self) -> str | None:
+        return dict(self.options).get("model")
+
+
+def _content_hash(path: Path) -> str:
+    """A file's hash, or for a model folder the hash of its UNet's weights (what fine-tuning changes)."""
+    if path.is_dir():
+        (weights,) = sorted((path / "unet").glob("*.safetensors"))[:1] or [path / "model_index.json"]
+        return _file_hash(weights)
+    return _file_hash(path)
 
 
 def parse_setting(text: str) -> Setting:
@@ -83,25 +101,58 @@ def parse_setting(text: str) -> Setting:
         if not eq or key.strip() not in KEYS:
             raise BadInput(f"--setting {text!r}: {part!r} is not one of {', '.join(k + '=...' for k in KEYS)}")
         options[key.strip()] = value.strip()
-    for path in options.get("upsampler", "").split("+"):
-        if path and not Path(path).exists():
-            raise BadInput(f"--setting {text!r}: upsampler {path}: no such file")
-    return Setting(label.strip(), tuple(sorted(options.items())))
+    for key in FILE_KEYS:
+        for path in options.get(key, "").split("+"):
+            if path and not Path(path).exists():
+                raise BadInput(f"--setting {text!r}: {key} {path}: no such file or folder")
+    method = options.pop("method", "self-cascade")
+    from ..api import METHODS
+
+    if method not in METHODS:
+        raise BadInput(f"--setting {text!r}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    return Setting(label.strip(), tuple(sorted(options.items())), method=method)
 
 
 def _parameters(model, setting: Setting) -> tuple[int, int]:
-    """(trainable parameters, training steps) of a setting's adapters; (0, 0) when tuning-free."""
+    """(trainable parameters, training steps) of what a setting trained: its adapters, LoRAs, fine-tuned UNet
+    (from its training.json) or SR model; (0, 0) when tuning-free."""
+    import json
+
+    from safetensors import safe_open
+
     from ..upsampler import load_adapters
 
-    paths = setting.generate_options().get("upsampler")
-    if not paths:
-        return 0, 0
-    adapters = load_adapters(paths, model)
-    return sum(a.num_parameters for a in adapters), sum(a.steps for a in adapters)
+    options = setting.generate_options()
+    params = steps = 0
+    if options.get("upsampler"):
+        adapters = load_adapters(options["upsampler"], model)
+        params += sum(a.num_parameters for a in adapters)
+        steps += sum(a.steps for a in adapters)
+    for path in options.get("loras", []):
+        with safe_open(str(path), framework="pt") as f:
+            params += sum(_numel(f, name) for name in f.keys())
+            steps += int((f.metadata() or {}).get("steps", 0))
+    if setting.model_source:
+        info = Path(setting.model_source) / "training.json"
+        if info.is_file():
+            params += sum(p.numel() for p in model.unet.parameters())
+            steps += int(json.loads(info.read_text()).get("steps", 0))
+    if setting.method == "sr":
+        from ..baselines.upscale import load_upscaler
+
+        params += sum(p.numel() for p in load_upscaler(None, model).unet.parameters())
+    return params, steps
+
+
+def _numel(f, name: str) -> int:
+    count = 1
+    for n in f.get_slice(name).get_shape():
+        count *= n
+    return count
 
 
 def _sample(
-    model, cells: list[Cell], settings: dict[str, Setting], prompts, *, seed, steps, batch_size, state, session
+    models, cells: list[Cell], settings: dict[str, Setting], prompts, *, seed, steps, batch_size, state, session
 ) -> None:
     """Every missing sample, batch by batch through every cell (alternating order), prompts split over
     processes; each record holds the detector's verdict, the shape fidelity of each object and the time."""
@@ -126,7 +177,7 @@ def _sample(
                     continue
                 started = time.perf_counter()
                 result = generate(
-                    model,
+                    models(setting.model_source),
                     [prompts[i] for i in todo],
                     *cell.size,
                     setting.method,
@@ -238,8 +289,17 @@ def run_ablation(args, argv: list[str]) -> None:
     prompts = random_prompts(args.n, args.seed)
     if state.is_main_process:
         log(machine_description(model.device))
+    loaded = {None: model}
+
+    def models(source: str | None):
+        if source not in loaded:
+            from ..models import load_model
+
+            loaded[source] = load_model(source, device=model.device)
+        return loaded[source]
+
     _sample(
-        model,
+        models,
         cells,
         by_key,
         prompts,

@@ -1,0 +1,162 @@
+"""Upscaling the pivot in pixel space: the paper's SD+SR baseline (a diffusion x4 super-resolution model after
+the base model) and the no-model reference, Lanczos resizing.
+
+Both sample the pivot as the self-cascade does (the target's aspect ratio at about the base size's pixels).
+SR then runs a `StableDiffusionUpscalePipeline` (stabilityai's x4 upscaler layout; the embedded shapes model has
+its own in assets/shapes-sr) until both sides reach the target, once per x4 per side, and resizes the last
+output with Lanczos to the exact target; every upscale is a stage of the result, as the cascade's are.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..cascade import Result, Stage, _as_list, _generators, check_inputs, direct
+from ..models import ASSETS, EMBEDDED, refuse_pickle_weights
+
+SR_EMBEDDED = ASSETS / "shapes-sr"
+SR_NOISE_LEVEL = 20  # the x4 upscaler's default augmentation of its input
+_loaded: dict[tuple, object] = {}  # the last upscaler, kept for the next call (a server's next request)
+
+
+def _is_embedded(model) -> bool:
+    return model.name == "embedded" or Path(str(model.name)).resolve() == EMBEDDED.resolve()
+
+
+def load_upscaler(source, model):
+    """'embedded' (the shapes world's, for the embedded model only), a StableDiffusionUpscalePipeline folder or
+    a hub id, on the model's device and dtype; safetensors only, no remote code. A loaded pipeline is taken
+    as it is."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    if isinstance(source, StableDiffusionUpscalePipeline):
+        return source
+    if source is None or source == "embedded":
+        if not _is_embedded(model):
+            raise ValueError(
+                f"method sr needs an SR model for {model.name}: give sr_model (--sr-model) a "
+                "StableDiffusionUpscalePipeline folder or hub id, e.g. stabilityai/stable-diffusion-x4-upscaler"
+            )
+        source = str(SR_EMBEDDED)
+        if not SR_EMBEDDED.is_dir():
+            raise FileNotFoundError(f"the embedded SR model is missing: {SR_EMBEDDED} (python -m tuner.train_upscaler)")
+    source = str(source)
+    key = (source, str(model.device), model.unet.dtype)
+    if key not in _loaded:
+        folder = Path(source).expanduser()
+        if folder.is_dir():
+            if not (folder / "model_index.json").is_file():
+                raise ValueError(f"sr_model {source!r}: not a diffusers folder (no model_index.json)")
+            refuse_pickle_weights(source, source, ("unet", "vae", "text_encoder"))
+        elif source.startswith(("/", ".", "~")):
+            raise ValueError(f"sr_model {source!r}: no such folder")
+        pipe = StableDiffusionUpscalePipeline.from_pretrained(source, dtype=model.unet.dtype, use_safetensors=True)
+        pipe.set_progress_bar_config(disable=True)
+        _loaded.clear()
+        _loaded[key] = pipe.to(model.device)
+    return _loaded[key]
+
+
+def _pivot(model, prompt, height, width, gens, common) -> tuple[Result, list[str]]:
+    from ..plan import plan_stages
+
+    check_inputs(model, height, width, common.get("num_inference_steps", 50), common.get("guidance_scale") or 0.0)
+    ph, pw = plan_stages(height, width, model.base_size, model.size_multiple)[0]
+    return direct(model, prompt, ph, pw, generator=gens, **common), _as_list(prompt)
+
+
+def _resized(stage: Stage, height: int, width: int) -> Stage:
+    started = time.perf_counter()
+    images = [im.resize((width, height), Image.LANCZOS) for im in stage.images]
+    seconds = stage.seconds + time.perf_counter() - started
+    return Stage(height, width, stage.steps, seconds, stage.start_t, None, images)
+
+
+def lanczos(model, prompt, height: int, width: int, *, seed=None, generator=None, on_stage=None, **common) -> Result:
+    """The pivot, resized to height x width with Lanczos: the answer to "is it better than just resizing?"."""
+    gens = _generators(generator, seed, len(_as_list(prompt)))
+    result, _ = _pivot(model, prompt, height, width, gens, common)
+    result.method, result.settings["seed"] = "lanczos", seed
+    if on_stage is not None:
+        on_stage(0, result.stages[0])
+    result.stages.append(_resized(result.stages[0], height, width))
+    if on_stage is not None:
+        on_stage(1, result.stages[1])
+    return result
+
+
+def super_resolution(
+    model,
+    prompt,
+    height: int,
+    width: int,
+    *,
+    sr_model=None,
+    noise_level: int = SR_NOISE_LEVEL,
+    sr_steps: int | None = None,
+    sr_guidance: float | None = None,
+    negative_prompt: str | None = None,
+    seed=None,
+    generator=None,
+    callback=None,
+    on_stage=None,
+    **common,
+) -> Result:
+    """SD+SR: the pivot, then the x4 upscaler (`sr_model`) until both sides reach the target, then Lanczos to
+    exactly height x width. `sr_steps` and `sr_guidance` default to the base sampling's steps and guidance;
+    `noise_level` (0..the upscaler's max) is how much noise the upscaler's input gets."""
+    upscaler = load_upscaler(sr_model, model)
+    top = upscaler.config.max_noise_level
+    if not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        raise ValueError(f"noise_level must be an integer in 0..{top}, got {noise_level!r}")
+    prompts = _as_list(prompt)
+    gens = _generators(generator, seed, len(prompts))
+    common = {**common, "negative_prompt": negative_prompt}
+    result, _ = _pivot(model, prompt, height, width, gens, {**common, "callback": callback})
+    steps = sr_steps or common.get("num_inference_steps", 50)
+    guidance = result.settings["guidance_scale"] if sr_guidance is None else sr_guidance
+    result.method = "sr"
+    result.settings |= {
+        "seed": seed,
+        "sr_model": str(getattr(upscaler, "name_or_path", "") or sr_model),
+        "noise_level": noise_level,
+        "sr_steps": steps,
+        "sr_guidance": guidance,
+    }
+    if on_stage is not None:
+        on_stage(0, result.stages[0])
+    stage = result.stages[0]
+    while stage.height < height or stage.width < width:
+        index = len(result.stages)
+
+        def report(i, t, latents, index=index):
+            if callback is not None:
+                callback({"x": latents, "i": i, "t": t, "steps": steps, "stage": index})
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            images = upscaler(
+                prompt=prompts,
+                image=stage.images,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                noise_level=noise_level,
+                negative_prompt=[negative_prompt or ""] * len(prompts),
+                generator=gens,
+                callback=report,
+            ).images
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        seconds = time.perf_counter() - started
+        factor = upscaler.vae_scale_factor  # per side: the upscaler's latent is the size of its input
+        stage = Stage(stage.height * factor, stage.width * factor, steps, seconds, noise_level, None, images)
+        if stage.height >= height and stage.width >= width:
+            stage = _resized(stage, height, width)
+        result.stages.append(stage)
+        if on_stage is not None:
+            on_stage(index, stage)
+    return result
