@@ -75,3 +75,29 @@ def test_bad_settings_are_one_line(sd_folder, tmp_path, capsys):
         "k": [300, 150],
         "upsample": "bicubic",
     }
+
+
+def test_other_methods_loras_and_fine_tuned_models_are_rows(sd_folder, tmp_path):
+    from safetensors import safe_open
+
+    from sc_app.models import load_model
+    from tuner.finetune import train_finetune
+
+    lora, full = tmp_path / "r2.safetensors", tmp_path / "full"
+    options = dict(size=64, steps=2, batch_size=2)
+    train_finetune(load_model(str(sd_folder), device="cpu"), "shapes", method="lora", rank=2, out=lora, **options)
+    train_finetune(load_model(str(sd_folder), device="cpu"), "shapes", method="full", out=full, **options)
+    out = tmp_path / "bench.md"
+    settings = ["resized: method=lanczos", f"lora: method=direct; lora={lora}", f"tuned: method=direct; model={full}"]
+    assert run(sd_folder, tmp_path / "work", out, *settings) == 0
+    rows = {
+        r.split(" | ")[0].strip("| "): r.split(" | ")
+        for r in out.read_text().splitlines()
+        if r.startswith("| ") and "setting" not in r
+    }
+    with safe_open(str(lora), framework="pt") as f:
+        lora_params = sum(f.get_tensor(k).numel() for k in f.keys())
+    assert rows["lora"][2] == f"{lora_params:,}" and rows["lora"][3] == "2"
+    assert rows["tuned"][3] == "2" and int(rows["tuned"][2].replace(",", "")) > lora_params
+    assert rows["resized"][2] == "-"  # nothing trained
+    assert run(sd_folder, tmp_path / "w2", out, "x: method=nope") == 2
