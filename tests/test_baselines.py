@@ -3,6 +3,7 @@ methods run end to end on the tiny SD and SD XL models."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,11 +30,24 @@ from sc_app.baselines.scalecrafter import (
     scalecrafter,
     scalecrafter_denoiser,
     step_dilation,
+    unet_family,
 )
 from sc_app.sampling import encode_prompt, guided_denoiser
 
-# The released UNet configs (stabilityai/stable-diffusion-2-1-base, stable-diffusion-xl-base-1.0), written
-# out so the full-size layouts can be built on the meta device without a download.
+# The released UNet configs (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1-base,
+# stable-diffusion-xl-base-1.0), written out so the full-size layouts can be built on the meta device without a
+# download.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+)
 SD21_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -62,6 +76,12 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
     use_linear_projection=True,
 )
+
+
+@pytest.fixture(scope="module")
+def sd15_unet():
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +255,26 @@ SD21_PRESETS = {
         "minus up_blocks.3",
     ),
 }
+# ScaleCrafter's official SD 1.5 settings (github.com/YingqingHe/ScaleCrafter): tau, progressive and the
+# settings files from configs/sd1.5_{1024x1024,1280x1280,2048x1024,2048x2048}.yaml, the tables from
+# assets/dilate_settings/sd1.5_*.txt (39 convs each) and assets/ndcfg_dilate_settings/sd1.5_2048x*.txt (27 convs;
+# ndcfg_tau 35 = dilate_tau in both 2048 configs). 2048x1024 and 2048x2048 ship the same two tables.
+SD15_2048 = {
+    "down_blocks.1": 2,
+    "down_blocks.2": 3,
+    "down_blocks.3": 4,
+    "mid_block": 4,
+    "up_blocks.0": 4,
+    "up_blocks.1": 3,
+    "up_blocks.2": 2,
+}
+SD15_2048_NDCFG = {"down_blocks.2": 3, "down_blocks.3": 4, "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3}
+SD15_PRESETS = {  # (long side, short side) as the files name them -> (blocks, tau, progressive, ndcfg, conv counts)
+    (1024, 1024): (dict.fromkeys(SD21_DEEP, 2), 30, False, None, (39, 0)),
+    (1280, 1280): (dict.fromkeys(SD21_DEEP, 2.5), 35, False, None, (39, 0)),
+    (2048, 1024): (SD15_2048, 35, True, SD15_2048_NDCFG, (39, 27)),
+    (2048, 2048): (SD15_2048, 35, True, SD15_2048_NDCFG, (39, 27)),
+}
 SDXL_PRESETS = {
     (2048, 2048): ({"mid_block": 2, "up_blocks.0": 2}, 30, False, None),
     (2560, 2560): ({"mid_block": 2.5, "up_blocks.0": 2.5}, 30, False, None),
@@ -253,13 +293,54 @@ SDXL_PRESETS = {
 }
 
 
-@pytest.mark.parametrize("family", ["sd2.1", "sdxl"])
-def test_presets_select_exactly_the_listed_layers(family, sd21_unet, sdxl_unet):
-    unet, base, layout, presets = (
-        (sd21_unet, 512, SD21_LAYOUT, SD21_PRESETS)
-        if family == "sd2.1"
-        else (sdxl_unet, 1024, SDXL_LAYOUT, SDXL_PRESETS)
-    )
+@pytest.mark.parametrize("long, short", list(SD15_PRESETS))
+def test_sd15_presets_are_the_official_sd15_configs(long, short, sd15_unet):
+    blocks, tau, progressive, ndcfg, (n_convs, n_ndcfg) = SD15_PRESETS[long, short]
+    for height, width in ((short, long), (long, short)):  # either orientation
+        plan = plan_for(sd15_unet, 512, height, width)
+        assert plan.preset == f"sd1.5 {long}x{short}"
+        assert (plan.dilations, plan.tau, plan.progressive, plan.ndcfg) == (blocks, tau, progressive, ndcfg)
+        convs = conv_targets(sd15_unet, plan.dilations)
+        assert convs == _expected(SD21_LAYOUT, blocks) and len(convs) == n_convs
+        assert len(conv_targets(sd15_unet, plan.ndcfg or {})) == n_ndcfg
+        settings = plan.settings(50)
+        assert (settings["tau"], settings["redilated_steps"], settings["progressive"]) == (tau, tau, progressive)
+
+
+def test_sd15_and_sd21_get_their_own_presets(sd15_unet, sd21_unet):
+    for size in SD21_PRESETS:
+        assert plan_for(sd21_unet, 512, *size).preset == "sd2.1 {}x{}".format(*sorted(size, reverse=True))
+        assert plan_for(sd15_unet, 512, *size).preset == "sd1.5 {}x{}".format(*sorted(size, reverse=True))
+    assert (plan_for(sd21_unet, 512, 1024, 1024).tau, plan_for(sd15_unet, 512, 1024, 1024).tau) == (20, 30)
+    sd21, sd15 = plan_for(sd21_unet, 512, 2048, 2048), plan_for(sd15_unet, 512, 2048, 2048)
+    assert "up_blocks.3" in sd21.dilations and "up_blocks.3" not in sd15.dilations
+    assert (sd21.tau, sd15.tau) == (37, 35)
+
+
+def _config(**overrides) -> SimpleNamespace:
+    """A UNet stand-in with only the config fields unet_family reads; SD 1.5's unless overridden."""
+    config = dict(block_out_channels=[320, 640, 1280, 1280], addition_embed_type=None, cross_attention_dim=768)
+    return SimpleNamespace(config=SimpleNamespace(**{**config, **overrides}))
+
+
+def test_unet_family_tells_sd1_from_sd2_by_the_text_width(sd15_unet, sd21_unet, sdxl_unet):
+    assert unet_family(sd15_unet, 512) == unet_family(_config(), 512) == "sd1.5"
+    assert unet_family(sd21_unet, 512) == unet_family(_config(cross_attention_dim=1024), 512) == "sd2.1"
+    assert unet_family(sdxl_unet, 1024) == "sdxl"
+    assert unet_family(sd15_unet, 768) is None and unet_family(sd21_unet, 768) is None  # another base
+    assert unet_family(_config(cross_attention_dim=512), 512) is None  # the layout with another text encoder
+    assert unet_family(_config(cross_attention_dim=[768] * 4), 512) is None  # per-block widths: not released
+    plan = plan_for(_config(cross_attention_dim=1024), 512, 1280, 1280)
+    assert (plan.preset, plan.tau) == ("sd2.1 1280x1280", 30)
+
+
+@pytest.mark.parametrize("family", ["sd1.5", "sd2.1", "sdxl"])
+def test_presets_select_exactly_the_listed_layers(family, sd15_unet, sd21_unet, sdxl_unet):
+    unet, base, layout, presets = {
+        "sd1.5": (sd15_unet, 512, SD21_LAYOUT, {size: p[:4] for size, p in SD15_PRESETS.items()}),
+        "sd2.1": (sd21_unet, 512, SD21_LAYOUT, SD21_PRESETS),
+        "sdxl": (sdxl_unet, 1024, SDXL_LAYOUT, SDXL_PRESETS),
+    }[family]
     for (h, w), (blocks, tau, progressive, ndcfg) in presets.items():
         if ndcfg == "minus up_blocks.3":
             ndcfg = {k: v for k, v in blocks.items() if k != "up_blocks.3"}
@@ -275,8 +356,12 @@ def test_presets_select_exactly_the_listed_layers(family, sd21_unet, sdxl_unet):
     assert plan_for(unet, base + 256, 2 * base, 2 * base).preset == "general rule"  # another base: not the preset
 
 
-def test_presets_never_touch_conv_in_out_shortcuts_or_attention(sd21_unet, sdxl_unet):
-    for unet, presets, base in ((sd21_unet, SD21_PRESETS, 512), (sdxl_unet, SDXL_PRESETS, 1024)):
+def test_presets_never_touch_conv_in_out_shortcuts_or_attention(sd15_unet, sd21_unet, sdxl_unet):
+    for unet, presets, base in (
+        (sd15_unet, SD15_PRESETS, 512),
+        (sd21_unet, SD21_PRESETS, 512),
+        (sdxl_unet, SDXL_PRESETS, 1024),
+    ):
         for h, w in presets:
             for name in conv_targets(unet, plan_for(unet, base, h, w).dilations):
                 assert name.rsplit(".", 1)[-1] in ("conv1", "conv2", "conv") and "attentions" not in name

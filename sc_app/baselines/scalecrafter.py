@@ -66,13 +66,18 @@ class Plan:
 
 
 # ---- presets: ScaleCrafter's released settings, by UNet family and (long side, short side) ------------
+# Transcribed from github.com/YingqingHe/ScaleCrafter: configs/<family>_<W>x<H>.yaml give tau (`dilate_tau`),
+# `progressive` and the settings files; assets/dilate_settings/<family>_<W>x<H>.txt list conv -> d, and
+# assets/ndcfg_dilate_settings/<family>_<W>x<H>.txt the noise-damped branch's, used only where the config's
+# `ndcfg_tau` > 0 (it then always equals `dilate_tau`, which is why a Plan has one tau). The files name the
+# convs of the SD layout; SD XL's files also list `down_blocks.3`, which SD XL's UNet does not have.
 
 
 def _same(blocks: list[str], d: float) -> dict[str, float]:
     return dict.fromkeys(blocks, d)
 
 
-_SD21_DEEP = [
+_SD_DEEP = [  # every level below the top, in SD 1.x / 2.x: the 1024x1024 and 1280x1280 tables
     "down_blocks.1",
     "down_blocks.2",
     "down_blocks.3",
@@ -81,6 +86,16 @@ _SD21_DEEP = [
     "up_blocks.1",
     "up_blocks.2",
 ]
+_SD_PROGRESSIVE = {  # SD 2.1's 2048x1024 table; SD 1.5's at both 2048x1024 and 2048x2048
+    "down_blocks.1": 2,
+    "down_blocks.2": 3,
+    "down_blocks.3": 4,
+    "mid_block": 4,
+    "up_blocks.0": 4,
+    "up_blocks.1": 3,
+    "up_blocks.2": 2,
+}
+_SD15_NDCFG = {k: d for k, d in _SD_PROGRESSIVE.items() if k not in ("down_blocks.1", "up_blocks.2")}
 _SD21_2048 = {
     "down_blocks.2.resnets": 3,
     "down_blocks.2.downsamplers": 4,
@@ -94,25 +109,23 @@ _XL_DEEP = ["mid_block", "up_blocks.0"]
 _XL_PROGRESSIVE = {"mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2}
 
 PRESETS: dict[str, dict[tuple[int, int], Plan]] = {
-    "sd2.1": {  # 512 base
-        (1024, 1024): Plan(_same(_SD21_DEEP, 2), 20, preset="sd2.1 1024x1024"),
-        (1280, 1280): Plan(_same(_SD21_DEEP, 2.5), 30, preset="sd2.1 1280x1280"),
+    "sd1.5": {  # 512 base
+        (1024, 1024): Plan(_same(_SD_DEEP, 2), 30, preset="sd1.5 1024x1024"),
+        (1280, 1280): Plan(_same(_SD_DEEP, 2.5), 35, preset="sd1.5 1280x1280"),
         (2048, 1024): Plan(
-            {
-                "down_blocks.1": 2,
-                "down_blocks.2": 3,
-                "down_blocks.3": 4,
-                "mid_block": 4,
-                "up_blocks.0": 4,
-                "up_blocks.1": 3,
-                "up_blocks.2": 2,
-            },
-            37,
-            progressive=True,
-            preset="sd2.1 2048x1024",
+            dict(_SD_PROGRESSIVE), 35, progressive=True, ndcfg=dict(_SD15_NDCFG), preset="sd1.5 2048x1024"
         ),
         (2048, 2048): Plan(
-            {**_SD21_2048, "up_blocks.3": 2}, 37, progressive=True, ndcfg=_SD21_2048, preset="sd2.1 2048x2048"
+            dict(_SD_PROGRESSIVE), 35, progressive=True, ndcfg=dict(_SD15_NDCFG), preset="sd1.5 2048x2048"
+        ),
+    },
+    "sd2.1": {  # 512 base
+        (1024, 1024): Plan(_same(_SD_DEEP, 2), 20, preset="sd2.1 1024x1024"),
+        (1280, 1280): Plan(_same(_SD_DEEP, 2.5), 30, preset="sd2.1 1280x1280"),
+        # The repo ships an ndcfg table for 2048x1024 too, but its config sets ndcfg_tau 0: not used.
+        (2048, 1024): Plan(dict(_SD_PROGRESSIVE), 37, progressive=True, preset="sd2.1 2048x1024"),
+        (2048, 2048): Plan(
+            {**_SD21_2048, "up_blocks.3": 2}, 37, progressive=True, ndcfg=dict(_SD21_2048), preset="sd2.1 2048x2048"
         ),
     },
     "sdxl": {  # 1024 base
@@ -135,18 +148,24 @@ PRESETS: dict[str, dict[tuple[int, int], Plan]] = {
     },
 }
 
+_SD_CHANNELS = (320, 640, 1280, 1280)
+_SD_TEXT_WIDTH = {768: "sd1.5", 1024: "sd2.1"}  # CLIP ViT-L/14 (SD 1.x), OpenCLIP ViT-H/14 (SD 2.x)
+
 
 def unet_family(unet, base_size: int) -> str | None:
-    """'sd2.1' or 'sdxl' when the UNet has that layout and base size, else None.
+    """'sd1.5', 'sd2.1' or 'sdxl' when the UNet has that layout and base size, else None.
 
-    SD 1.x shares SD 2.1's layout and 512 base, so it gets the same presets.
+    SD 1.x and SD 2.x share the four-level (320, 640, 1280, 1280) layout and the 512 base; the text width
+    (cross_attention_dim 768 or 1024) tells them apart, and each has its own released presets. The layout
+    with any other text width is neither: it gets the general rule.
     """
     config = unet.config
     channels, xl = tuple(config.block_out_channels), config.addition_embed_type == "text_time"
     if xl and channels == (320, 640, 1280) and base_size == 1024:
         return "sdxl"
-    if not xl and channels == (320, 640, 1280, 1280) and base_size == 512:
-        return "sd2.1"
+    if not xl and channels == _SD_CHANNELS and base_size == 512:
+        width = getattr(config, "cross_attention_dim", None)
+        return _SD_TEXT_WIDTH.get(width) if isinstance(width, int) else None
     return None
 
 
