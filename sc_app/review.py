@@ -7,7 +7,7 @@ images of one prompt, kept in SQLite, and the ranking the votes give.
     store.vote("reviewer-id", pair.token, "left", ["layout"])
     result = store.results()                          # win rates per method pair, Bradley-Terry ranking
 
-No gradio here: the Review tab (`sc_app.ui_review`) and `python -m sc_app review` are thin over it.
+No gradio here: the Review tab (`sc_app.ui.review`) and `python -m sc_app review` are thin over it.
 Pool images are re-encoded (no metadata can name a method) and stored under content-addressed names.
 """
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from .files import write_safetensors
 from .sampling import Conditioning, added_conditions, guided_denoiser
+from .unets import sampling_unet
 
 log = logging.getLogger(__name__)
 
@@ -377,12 +378,10 @@ class _Stop(Exception):
 
 
 def unet_caller(unet):
-    """The UNet as the samplers call it: a video UNet through sc_app.video's wrapper, which hands each
+    """The UNet as the samplers call it: a video UNet through `sc_app.unets.sampling_unet`, which hands each
     layout its text embeddings (AnimateDiff's per frame) and drops the image-only added conditions."""
     if isinstance(unet, (UNet3DConditionModel, UNetMotionModel)):
-        from .video import _sampling_unet  # video imports this module: resolve the cycle at call time
-
-        return _sampling_unet(unet)
+        return sampling_unet(unet)
     return unet
 
 

@@ -32,6 +32,7 @@ from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, chec
 from .checks import MAX_FPS, finite, torch_device
 from .models import ASSETS, Model, _folder_settings, _index, refuse_pickle_weights
 from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
+from .unets import sampling_unet
 from .upsampler import Adapter, load_adapter, stage_denoiser_for
 
 VIDEO_EMBEDDED = ASSETS / "shapes-video"
@@ -283,25 +284,6 @@ def _latent_shape(model: VideoModel, batch: int, num_frames: int, height: int, w
     return (batch, model.unet.config.in_channels, num_frames, height // model.vae_scale, width // model.vae_scale)
 
 
-def _sampling_unet(unet):
-    """The UNet as `guided_denoiser` calls it, whichever video layout it has.
-
-    UNetMotionModel takes one text embedding per frame (AnimateDiff's pipeline repeats them itself);
-    UNet3DConditionModel repeats them inside and has no `added_cond_kwargs`.
-    """
-    if isinstance(unet, UNetMotionModel):
-
-        def call(sample, timestep, encoder_hidden_states, **kwargs):
-            per_frame = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
-            return unet(sample, timestep, encoder_hidden_states=per_frame, **kwargs)
-    else:
-
-        def call(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, **kwargs):
-            return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
-
-    return call
-
-
 def _finish(
     model: VideoModel, stage: VideoStage, decode_stage: bool, on_stage: StageCallback | None, index: int
 ) -> float:
@@ -369,7 +351,7 @@ def video_self_cascade(
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
     scheduler = make_scheduler(model, num_inference_steps)
-    denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
+    denoiser = guided_denoiser(sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
     if adapter is not None:  # result.json says which adapter tuned the clip
         settings["upsampler"] = {
@@ -421,7 +403,7 @@ def video_direct(
     scheduler = make_scheduler(model, num_inference_steps)
     shape = _latent_shape(model, len(prompts), num_frames, height, width)
     x = initial_noise(shape, gens, model) * scheduler.init_noise_sigma
-    denoiser = guided_denoiser(_sampling_unet(model.unet), cond, None)
+    denoiser = guided_denoiser(sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
     result = VideoResult("direct", prompts, [], settings)
     latents, seconds = _timed_sample(denoiser, x, scheduler, scheduler.timesteps, callback, 0, progress)

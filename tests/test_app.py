@@ -145,9 +145,12 @@ def test_compare_without_attn_sf_runs_five_methods(client):
     [
         ({"prompt": "  "}, "prompt is empty"),
         ({"scale": "64x"}, "over this server's limit"),  # 128 x 128 > MAX_PIXELS
-        ({"k": 0}, "less than minimum"),
-        ({"k": 1000}, "greater than maximum"),
-        ({"steps": 0}, "less than minimum"),
+        ({"k": 0}, "K must be in 1..999, got 0"),  # the field named, not gradio's "Value 0 is less than minimum"
+        ({"k": 1000}, "K must be in 1..999, got 1000"),
+        ({"steps": 0}, "steps must be in 1..150, got 0"),
+        ({"steps": 151}, "steps must be in 1..150, got 151"),
+        ({"guidance": 21}, r"guidance must be in \[0, 20\], got 21"),
+        ({"seed": -5}, "seed must be in 0..9223372036854775807, got -5"),
         ({"aspect": "5:4"}, "not in the list of choices"),
         ({"stages": "many"}, "not in the list of choices"),
         ({"adapter": "../../etc/passwd"}, "not one this server has"),
@@ -159,6 +162,75 @@ def test_compare_without_attn_sf_runs_five_methods(client):
 def test_generate_bad_input_is_an_error_message(client, kwargs, message):
     with pytest.raises(AppError, match=message):
         client.predict(**{"prompt": "a red circle", **kwargs}, api_name="/generate")
+
+
+def test_no_number_field_has_a_range_of_gradios_own(app):
+    """Gradio refuses a value out of a field's range with "Value 0 is less than minimum value 1.", which does not
+    say which field, and a slider's box changes such a value without a word: the page's number fields have no
+    range of gradio's, and the handlers name the field (below)."""
+    components = app.demo.config["components"]
+    numbers = [c["props"] for c in components if c["type"] == "number"]
+    assert not [c for c in components if c["type"] == "slider"]
+    assert {n["label"] for n in numbers} >= {"K (re-noise level)", "Steps", "Guidance scale", "Seed (-1: random)"}
+    assert all(n.get("minimum") is None and n.get("maximum") is None for n in numbers), numbers
+
+
+def _settings(stages="auto", k=None, steps=5, guidance=5.0, seed=0, scale="4x") -> tuple:
+    """Generate's widget values for `Studio.request`, with the sampling settings given."""
+    return ("a red circle", "", "1:1", scale, stages, k, steps, guidance, seed, None)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"k": 0}, "K must be in 1..999, got 0"),
+        ({"k": 2.5}, "K must be a whole number, got 2.5"),
+        ({"steps": 500}, "steps must be in 1..150, got 500"),
+        ({"steps": None}, "steps must be a whole number, got None"),  # a field left empty
+        ({"guidance": -1}, r"guidance must be in \[0, 20\], got -1"),
+        ({"seed": -2}, "seed must be in 0..9223372036854775807, got -2"),
+        ({"stages": "5"}, r"stages must be at most 4 for 32x32"),  # no growth left for a fifth stage at 4x
+    ],
+)
+def test_an_out_of_range_setting_is_an_error_that_names_the_field(app, settings, message):
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match=message):
+        app.studio.request("self-cascade", *_settings(**settings))
+
+
+def test_more_stages_than_the_size_needs_is_a_warning_that_names_the_field(app, monkeypatch):
+    import gradio as gr
+
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    request = app.studio.request("self-cascade", *_settings(stages="4"))
+    assert request["stages"] == 4  # the run goes ahead as asked
+    assert warnings == [
+        "Stages: pivot + 4 stages at 32 x 32 is more than that size needs (pivot + 1 stage of about 4x the "
+        "pixels each); each stage grows the pixels only about 1.4x"
+    ]
+    for stages in ("auto", "0", "1"):
+        app.studio.request("self-cascade", *_settings(stages=stages))
+    app.studio.request("direct", *_settings(stages="4"))  # the stages are the cascade's
+    assert len(warnings) == 1
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"steps": 0}, "steps must be in 1..20000, got 0"),
+        ({"batch_size": 300}, "batch size must be in 1..256, got 300"),
+        ({"batch_size": 2.5}, "batch size must be a whole number, got 2.5"),
+        ({"lr": 1.0}, r"learning rate must be in \(0, 1\), got 1"),
+    ],
+)
+def test_an_out_of_range_tune_setting_names_the_field(app, settings, message):
+    import gradio as gr
+
+    args = tune_args(source="shapes world", **settings)
+    with pytest.raises(gr.Error, match=message):
+        next(app.studio.tune(**args, request=SimpleNamespace(session_hash="s")))
 
 
 def test_size_limit_comes_from_flag_then_environment(monkeypatch):
@@ -210,14 +282,14 @@ def test_loaded_adapter_is_offered_and_used(client, app, tmp_path):
 
 
 def test_stop_workers_ends_a_running_job_at_its_next_step(app, tmp_path, monkeypatch):
-    from sc_app import ui
+    from sc_app.ui import studio as ui_studio
 
     def endless(model, callback, on_stage, **request):  # a run that only the stop file ends
         for i in range(100_000):
             time.sleep(0.01)
             callback({"stage": 0, "i": i})
 
-    monkeypatch.setattr(ui, "run_method", endless)
+    monkeypatch.setattr(ui_studio, "run_method", endless)
     request = app.studio.request("direct", "a red circle", "", "1:1", "4x", "auto", None, 5, 5.0, 0, None)
     events = app.studio.gpu_generate([request], str(tmp_path / "stop"))
     assert next(events)[0] == "step"
@@ -226,6 +298,23 @@ def test_stop_workers_ends_a_running_job_at_its_next_step(app, tmp_path, monkeyp
     app.studio.stop_workers(timeout=30)  # what the server does at exit
     assert not running[0].is_alive()
     assert list(events)[-1] == ("stopped",)
+
+
+def test_a_tabs_stop_ends_only_that_tabs_run(app, tmp_path):
+    """A page's Generate run goes on while its Video run waits in the GPU queue: Video's Stop leaves it running."""
+    page = SimpleNamespace(session_hash="stop-page")
+    stops = {tab: tmp_path / tab / "stop" for tab in ("generate", "video")}
+    for tab, stop in stops.items():
+        stop.parent.mkdir()
+        app.studio._stops["stop-page", tab] = stop
+    try:
+        assert app.studio.stop_run("video")(page) == {"__type__": "update", "interactive": False}
+        assert stops["video"].exists() and not stops["generate"].exists()
+        app.studio.stop_run("compare")(page)  # no Compare run on this page: nothing to stop
+        assert not stops["generate"].exists()
+    finally:
+        for tab in stops:
+            del app.studio._stops["stop-page", tab]
 
 
 def test_adapter_of_other_weights_is_offered_with_a_warning(app, tmp_path, monkeypatch):
@@ -314,7 +403,7 @@ def test_a_zip_that_unpacks_to_zeros_is_refused_without_reading_it(tmp_path):
     """Not an image by its first bytes: refused having read only those, not the 64 MB behind them."""
     import tracemalloc
 
-    from sc_app.ui_uploads import prepare_images
+    from sc_app.ui.uploads import prepare_images
 
     archive = _zip_of_zeros(tmp_path / "zeros.zip", "zeros.png", 64 << 20)
     assert archive.stat().st_size < 1 << 20
@@ -330,30 +419,30 @@ def test_a_zip_that_unpacks_to_zeros_is_refused_without_reading_it(tmp_path):
 
 
 def test_zip_members_are_capped_by_their_declared_size(tmp_path, monkeypatch):
-    from sc_app import ui_uploads
+    from sc_app.ui import uploads
 
-    monkeypatch.setattr(ui_uploads, "MAX_MEMBER_BYTES", 2 << 20)
+    monkeypatch.setattr(uploads, "MAX_MEMBER_BYTES", 2 << 20)
     archive = _zip_of_zeros(tmp_path / "big.zip", "big.png", 3 << 20, header=_png_bytes(40))
     with pytest.raises(Exception, match=r"big.png in big.zip unpacks to 3.0 MB, more than the 2 MB a file may have"):
-        ui_uploads.prepare_images([str(archive)], tmp_path / "data", 32)
+        uploads.prepare_images([str(archive)], tmp_path / "data", 32)
     assert not list((tmp_path / "data").iterdir())
 
 
 def test_an_image_larger_than_the_pixel_cap_is_refused_from_its_header(tmp_path, monkeypatch):
     from PIL import ImageFile
 
-    from sc_app import ui_uploads
+    from sc_app.ui import uploads
 
-    monkeypatch.setattr(ui_uploads, "MAX_IMAGE_PIXELS", 64 * 64)
+    monkeypatch.setattr(uploads, "MAX_IMAGE_PIXELS", 64 * 64)
     decoded = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))  # no pixel is decoded
     with pytest.raises(Exception, match="big.png is 80x80, more than the 4,096 pixels an upload may have"):
-        ui_uploads.prepare_images([str(png(tmp_path / "big.png", 80))], tmp_path / "data", 32)
+        uploads.prepare_images([str(png(tmp_path / "big.png", 80))], tmp_path / "data", 32)
     assert decoded == []
 
 
 def test_zip_names_never_become_paths(tmp_path):
-    from sc_app.ui_uploads import prepare_images
+    from sc_app.ui.uploads import prepare_images
 
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -480,14 +569,15 @@ def _wait_for(state, what: str) -> None:
 
 def test_leaving_mid_run_stops_the_work(app, tmp_path, monkeypatch):
     from sc_app import ui
+    from sc_app.ui import studio as ui_studio
 
     steps = []
-    real = ui.run_method
+    real = ui_studio.run_method
 
     def counted(model, callback, **request):  # the library call, with every step counted
         return real(model, callback=lambda info: (steps.append(info), callback(info)), **request)
 
-    monkeypatch.setattr(ui, "run_method", counted)
+    monkeypatch.setattr(ui_studio, "run_method", counted)
     # one cancel request, waited for as long as the server needs: a client that gives up and retries is not the
     # page leaving, and its repeated cancel is what used to fail in gradio's route
     client = Client(

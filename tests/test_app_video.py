@@ -22,6 +22,7 @@ from tiny_models import make_modelscope, make_motion_adapter
 FRAMES = 3  # odd, and unlike the 4 latent channels
 STEPS = 4
 MAX_PIXELS = 4 * 64 * 64  # the tiny model's base is 16 x 16: 16x (64 x 64) fits with up to 4 frames
+BACKSTOP_MS = 900_000  # waits are for the page's state; a busy machine only makes them longer
 
 
 def free_port() -> int:
@@ -145,13 +146,16 @@ def test_same_seed_same_clip(client):
     "kwargs, message",
     [
         ({"prompt": "  "}, "prompt is empty"),
-        ({"frames": 0}, "less than minimum"),
-        ({"frames": 65}, "greater than maximum"),
+        ({"frames": 0}, "frames must be in 1..64, got 0"),  # the field named, not gradio's "less than minimum"
+        ({"frames": 65}, "frames must be in 1..64, got 65"),
+        ({"frames": 2.5}, "frames must be a whole number, got 2.5"),
         ({"frames": 5, "scale": "16x"}, "5 frames of 64x64 .* over this server's limit"),
-        ({"k": 0}, "less than minimum"),
-        ({"k": 1000}, "greater than maximum"),
-        ({"steps": 0}, "less than minimum"),
-        ({"fps": 0}, "less than minimum"),
+        ({"k": 0}, "K must be in 1..999, got 0"),
+        ({"k": 1000}, "K must be in 1..999, got 1000"),
+        ({"steps": 0}, "steps must be in 1..150, got 0"),
+        ({"steps": 151}, "steps must be in 1..150, got 151"),
+        ({"guidance": 21}, r"guidance must be in \[0, 20\], got 21"),
+        ({"fps": 0}, r"fps must be in \[1, 60\], got 0"),
         ({"stages": "many"}, "not in the list of choices"),
         ({"aspect": "5:4"}, "not in the list of choices"),
     ],
@@ -161,6 +165,17 @@ def test_bad_input_is_an_error_and_writes_nothing(client, app, kwargs, message):
     with pytest.raises(AppError, match=message):
         client.predict(**video_args(**kwargs), api_name="/generate_video")
     assert sorted(app.studio.runs_dir.iterdir()) == before
+
+
+def test_more_stages_than_the_size_needs_is_a_warning_that_names_the_field(app, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    args = {key: value for key, value in video_args(stages="3").items() if key not in ("fps", "with_direct")}
+    assert app.studio.video.request("self-cascade", **args)["stages"] == 3
+    assert warnings == [
+        "Stages: pivot + 3 stages at 32 x 32 is more than that size needs (pivot + 1 stage of about 4x the "
+        "pixels each); each stage grows the pixels only about 1.6x"
+    ]
 
 
 def test_frames_beyond_a_motion_models_table_are_refused(sd_model, sd_folder, tmp_path):
@@ -310,6 +325,56 @@ def test_video_tab_in_a_browser(app):
                     arg=slot,
                     timeout=30_000,
                 )
+            assert page.get_by_text("Traceback").count() == 0
+        finally:
+            browser.close()
+
+
+def test_video_stop_ends_the_run_and_the_next_is_served(app, monkeypatch):
+    """While stage 1 runs (held at its first step until Stop), Stop ends the run, the status says so, the button
+    goes grey, and the next click is served."""
+    import re
+    import threading
+
+    from sc_app.ui import video as ui_video
+
+    real, released = ui_video.generate_video, threading.Event()
+
+    def held(model, callback, **request):  # stage 1 repeats its first step until the run is stopped
+        def hold(info):
+            callback(info)
+            while int(info["stage"]) == 1 and not released.is_set():
+                released.wait(0.05)
+                callback(info)  # raises once Stop's stop file is there
+
+        return real(model, callback=hold, **request)
+
+    monkeypatch.setattr(ui_video, "generate_video", held)
+    with browser_or_skip()() as playwright:
+        browser = open_browser(playwright)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(app.url)
+            page.get_by_role("tab", name="Video").click()
+            page.locator("#video-prompt textarea").fill("a red circle")
+            page.locator("#video-frames input[type=number]").fill(str(FRAMES))
+            page.get_by_label("Compare with direct sampling at the target size").uncheck()
+            stop, status = page.locator("#video-stop"), page.locator("#video-status")
+            assert stop.is_disabled()  # nothing to stop before a run
+            try:
+                page.locator("#video-button").click()
+                status.get_by_text(re.compile(r"^Stage 1 of 1 \(32 x 32\), step 1 of \d+ · ")).wait_for(
+                    timeout=BACKSTOP_MS
+                )
+                stop.click()
+                status.get_by_text("Stopped.").wait_for(timeout=BACKSTOP_MS)
+            finally:
+                released.set()
+                monkeypatch.undo()
+            page.wait_for_function("() => document.querySelector('#video-stop').disabled", timeout=BACKSTOP_MS)
+            page.locator("#video-button").click()
+            status.get_by_text("Done:").wait_for(timeout=BACKSTOP_MS)
+            page.wait_for_function("() => document.querySelector('#video-stop').disabled", timeout=BACKSTOP_MS)
             assert page.get_by_text("Traceback").count() == 0
         finally:
             browser.close()

@@ -27,6 +27,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1400, "height": 1000}
+PHONE = {"width": 390, "height": 844}
+BACKSTOP_MS = 900_000  # waits are for the page's state; a busy machine only makes them longer
 RENDERED = """([selector, count]) => {
     const images = [...document.querySelectorAll(selector)];
     return images.length >= count && images.every(i => i.complete && i.naturalWidth > 0);
@@ -138,9 +140,9 @@ def test_finished_stages_stay_in_view_and_stop_ends_the_run(page, tmp_path, monk
     import re
     import threading
 
-    from sc_app import ui
+    from sc_app.ui import studio as ui_studio
 
-    real, released = ui.run_method, threading.Event()
+    real, released = ui_studio.run_method, threading.Event()
 
     def held(model, callback, **request):  # stage 2 repeats its first step until the run is stopped
         def hold(info):
@@ -151,7 +153,7 @@ def test_finished_stages_stay_in_view_and_stop_ends_the_run(page, tmp_path, monk
 
         return real(model, callback=hold, **request)
 
-    monkeypatch.setattr(ui, "run_method", held)
+    monkeypatch.setattr(ui_studio, "run_method", held)
     try:
         page.goto(page.app_url)
         page.locator("#scale").get_by_text(re.compile("^16x:")).click()  # 64 x 64: pivot + 2 stages
@@ -176,6 +178,65 @@ def test_finished_stages_stay_in_view_and_stop_ends_the_run(page, tmp_path, monk
     status.get_by_text("Done:").wait_for(timeout=120_000)
     page.wait_for_function("() => document.querySelector('#generate-stop').disabled", timeout=60_000)  # idle again
     _keep(shot)
+
+
+def test_a_phone_shows_the_prompt_and_generate_on_the_first_screen(page):
+    """At 390 x 844 the prompt and the Generate button are on the first screen, no scrolling: the run's buttons
+    sit under the prompt, above the settings."""
+    phone = page.context.browser.new_page(viewport=PHONE)
+    try:
+        phone.goto(page.app_url)
+        for selector in ("#prompt", "#generate-button"):
+            phone.locator(selector).wait_for(timeout=BACKSTOP_MS)
+        assert phone.evaluate("() => window.scrollY") == 0
+        for selector in ("#prompt", "#generate-button"):
+            box = phone.locator(selector).bounding_box()
+            assert box["y"] >= 0 and box["y"] + box["height"] <= PHONE["height"], (selector, box)
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (selector, box)
+    finally:
+        phone.close()
+
+
+def test_compare_stop_ends_the_run_and_the_next_is_served(page, monkeypatch):
+    """While the first method's stage 1 runs (held at its first step until Stop), Stop ends the Compare run, the
+    status says so, the button goes grey, and the next Compare is served."""
+    import re
+    import threading
+
+    from sc_app.ui import studio as ui_studio
+
+    real, released = ui_studio.run_method, threading.Event()
+
+    def held(model, callback, **request):  # stage 1 repeats its first step until the run is stopped
+        def hold(info):
+            callback(info)
+            while int(info["stage"]) == 1 and not released.is_set():
+                released.wait(0.05)
+                callback(info)  # raises once Stop's stop file is there
+
+        return real(model, callback=hold, **request)
+
+    monkeypatch.setattr(ui_studio, "run_method", held)
+    page.goto(page.app_url)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-prompt textarea").fill("a red circle")
+    stop, status = page.locator("#compare-stop"), page.locator("#compare-status")
+    assert stop.is_disabled()  # nothing to stop before a run
+    try:
+        page.locator("#compare-button").click()
+        status.get_by_text(
+            re.compile(r"^Method 1 of 5 \(self-cascade\), stage 1 of 1 \(32 x 32\), step 1 of \d+ · ")
+        ).wait_for(timeout=BACKSTOP_MS)
+        stop.click()
+        status.get_by_text("Stopped.").wait_for(timeout=BACKSTOP_MS)
+    finally:
+        released.set()
+        monkeypatch.undo()
+    page.wait_for_function("() => document.querySelector('#compare-stop').disabled", timeout=BACKSTOP_MS)
+    page.locator("#compare-button").click()
+    status.get_by_text(re.compile("^Done: 5 methods at 32 x 32")).wait_for(timeout=BACKSTOP_MS)
+    page.wait_for_function("() => document.querySelector('#compare-stop').disabled", timeout=BACKSTOP_MS)
+    assert page.get_by_text("Traceback").count() == 0
 
 
 def test_compare_renders_each_method_and_the_slider(page, tmp_path):

@@ -93,11 +93,11 @@ class FakeZeroGPU:
 @pytest.fixture
 def zerogpu(monkeypatch):
     """A Space with the fake `spaces`; the main process records any attempt to initialise CUDA."""
-    from sc_app import ui
+    from sc_app.ui import runner
 
     fake = FakeZeroGPU()
     monkeypatch.setenv("SPACE_ID", "someone/self-cascade-studio")
-    monkeypatch.setattr(ui, "spaces", fake)
+    monkeypatch.setattr(runner, "spaces", fake)
     touched = []
     main = os.getpid()
     real_lazy_init = torch.cuda._lazy_init

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .review import (
+from ..review import (
     CHOICES,
     REASONS,
     AlreadyVoted,
@@ -37,7 +37,7 @@ from .review import (
     new_reviewer,
     review_dir,
 )
-from .ui_uploads import user_error
+from .common import user_error
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import gradio as gr
 from PIL import Image
 
-from .checks import megapixels
+from ..checks import megapixels
+from .common import user_error
 
 MAX_ZIP_MEMBERS = 5000
 MAX_ZIP_BYTES = 1 << 30  # uncompressed, all members together
@@ -28,12 +28,7 @@ CHUNK_BYTES = 1 << 20
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # what the tuner reads
 
 
-def user_error(message: str) -> gr.Error:
-    """An error shown in the page, without a traceback in the server's log."""
-    return gr.Error(message, print_exception=False)
-
-
-def _display_name(name: str) -> str:
+def display_name(name: str) -> str:
     """A file name fit for a message: its last part, printable, not too long."""
     name = re.split(r"[\\/]", str(name))[-1]
     name = "".join(c if c.isprintable() else "?" for c in name)
@@ -60,7 +55,7 @@ def _kind(header: bytes) -> str | None:
 def _check_image(path: Path, name: str, min_side: int) -> str:
     """Check that the file at `path` is a whole image, at least `min_side` on its shorter side and at most
     MAX_IMAGE_PIXELS in all (read from its header before any pixel is decoded); return its extension."""
-    label = _display_name(name)
+    label = display_name(name)
     with open(path, "rb") as f:
         header = f.read(HEADER_BYTES)
     if _kind(header) is None:
@@ -107,7 +102,7 @@ def _members(archive: zipfile.ZipFile, shown: str) -> list[zipfile.ZipInfo]:
         limit = MAX_CAPTION_BYTES if m.filename.lower().endswith(".txt") else MAX_MEMBER_BYTES
         if m.file_size > limit:
             raise user_error(
-                f"{_display_name(m.filename)} in {shown} unpacks to {m.file_size / 2**20:.1f} MB, more "
+                f"{display_name(m.filename)} in {shown} unpacks to {m.file_size / 2**20:.1f} MB, more "
                 f"than the {limit / 2**20:g} MB a {'caption' if limit == MAX_CAPTION_BYTES else 'file'} "
                 "may have"
             )
@@ -121,7 +116,7 @@ def _unpack(archive: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path) -> No
         header = source.read(HEADER_BYTES)
         if _kind(header) is None:
             raise user_error(
-                f"{_display_name(member.filename)} is not an image (upload PNG, JPEG or WebP files, or a zip of them)"
+                f"{display_name(member.filename)} is not an image (upload PNG, JPEG or WebP files, or a zip of them)"
             )
         with open(path, "wb") as out:
             out.write(header)
@@ -156,7 +151,7 @@ def prepare_images(files: list[str], dest: Path, min_side: int) -> int:
             shutil.copyfile(file, incoming)
             keep(incoming, Path(file).name, None)
             continue
-        shown = _display_name(file)
+        shown = display_name(file)
         try:
             with zipfile.ZipFile(file) as archive:
                 members = _members(archive, shown)

@@ -1,8 +1,8 @@
 """The Video tab: the self-cascade on a text-to-video UNet, each stage's clip as an mp4 as soon as it is done.
 
-A thin shell over `sc_app.video.generate_video`, built on the image tabs' machinery in `sc_app.ui` (the GPU
-event stream, the run folders, the size controls' arithmetic). The video model is loaded on first use, so the
-page builds, and the image tabs work, when it is missing.
+A thin shell over `sc_app.video.generate_video`, built on the image tabs' machinery (`sc_app.ui.runner`'s GPU
+event stream, run folders and Stop, `sc_app.ui.common`'s size arithmetic). The video model is loaded on first
+use, so the page builds, and the image tabs work, when it is missing.
 """
 
 from __future__ import annotations
@@ -12,36 +12,37 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import checks
-from . import video as video_lib
-from .models import ASSETS, _folder_settings
-from .ui import (
+from .. import checks
+from .. import video as video_lib
+from ..checks import ENV_MAX_PIXELS, megapixels
+from ..models import ASSETS, _folder_settings
+from ..video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
+from .common import (
     ASPECTS,
     EMBEDDED_EXAMPLES,
-    ENV_MAX_PIXELS,
+    MAX_GUIDANCE,
+    MAX_STEPS,
     NO_ADAPTER,
     RANDOM_SEED,
     SCALES,
     STAGE_CHOICES,
-    _ks,
-    _megapixels,
-    _model_label,
-    _number,
+    as_number,
     chosen_adapter,
-    gpu_seconds,
-    on_gpu,
+    ks_text,
+    model_label,
     random_seed,
-    stage_choices,
+    stages_beyond_plan,
     stages_text,
     target_size,
     user_error,
 )
-from .video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
+from .controls import PRIVATE, disable, enable, number_field, stage_choices
+from .progress import gpu_seconds
+from .runner import on_gpu
 
 MAX_FRAMES = 64  # a bound for the page; a motion model's own table may be shorter (checked per request)
 MAX_FPS = checks.MAX_FPS
-MAX_STEPS = 150
-MAX_K = 999  # for the usual 1000 training timesteps; the request is checked against the model's own
+MAX_K = 999  # for the usual 1000 training timesteps; the request is checked against the model's own too
 DEFAULT_KEYS = ("default_frames", "default_fps", "default_k", "default_guidance")
 STAGE_SLOTS = 1 + int(STAGE_CHOICES[-1])  # the pivot and the most stages the dropdown offers
 EMBEDDED_VIDEO = f"{ASSETS.name}/{VIDEO_EMBEDDED.name}"
@@ -80,7 +81,7 @@ class VideoTab:
                     "folder)."
                 ) from None
             raise user_error(
-                f"the video model {_model_label(self.source)} could not be loaded: {_first_line(error)}.{hint}"
+                f"the video model {model_label(self.source)} could not be loaded: {_first_line(error)}.{hint}"
             ) from None
         return self.loaded
 
@@ -138,13 +139,11 @@ class VideoTab:
         height, width = target_size(model.base_size, model.size_multiple, aspect, scale)
         try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
             frames = model.default_frames if frames is None else checks.whole("frames", frames, 1, MAX_FRAMES)
-            stages = None if stages in (None, "", "auto") else checks.whole("stages", _number(stages), 0)
-            k = None if k is None else checks.whole("K", k, 1, model.num_train_timesteps - 1)
-            steps = checks.whole("steps", steps, 1, model.num_train_timesteps)
+            stages = None if stages in (None, "", "auto") else checks.whole("stages", as_number(stages), 0)
+            k = None if k is None else checks.whole("K", k, 1, min(MAX_K, model.num_train_timesteps - 1))
+            steps = checks.whole("steps", steps, 1, MAX_STEPS)
             guidance = (
-                model.default_guidance
-                if guidance is None
-                else checks.finite("guidance", guidance, 0, checks.MAX_GUIDANCE)
+                model.default_guidance if guidance is None else checks.finite("guidance", guidance, 0, MAX_GUIDANCE)
             )
             seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
         except ValueError as error:
@@ -153,8 +152,8 @@ class VideoTab:
         pixels = frames * height * width
         if pixels > self.studio.max_pixels:
             raise user_error(
-                f"{frames} frames of {width}x{height} are {_megapixels(pixels)} in all, over this "
-                f"server's limit of {_megapixels(self.studio.max_pixels)} (set by --max-pixels or "
+                f"{frames} frames of {width}x{height} are {megapixels(pixels)} in all, over this "
+                f"server's limit of {megapixels(self.studio.max_pixels)} (set by --max-pixels or "
                 f"{ENV_MAX_PIXELS}): pick a smaller scale or fewer frames"
             )
         cascade = method == "self-cascade"
@@ -164,6 +163,8 @@ class VideoTab:
             )
         except ValueError as error:
             raise user_error(str(error)) from None
+        if cascade and (warning := stages_beyond_plan(stages, height, width, model.base_size, model.size_multiple)):
+            gr.Warning(warning)
         request = {
             "method": method,
             "prompt": prompt,
@@ -217,10 +218,11 @@ class VideoTab:
         seed,
         with_direct,
         adapter=NO_ADAPTER,
+        page: gr.Request = None,
     ):
         """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
         direct sampling at the target size beside the cascade's final clip. `adapter`: one of `adapters()`,
-        the tuned self-cascade."""
+        the tuned self-cascade. The tab's Stop (`Studio.stop_run`) ends the run at its next step."""
         methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for both methods
@@ -250,7 +252,9 @@ class VideoTab:
             return *slots, *sides, times, " ".join(filter(None, status))
 
         yield outputs()  # the last run's clips go
-        for run, event in self.studio._stream(requests, self.gpu_generate, self.loaded, unit="clip"):
+        for run, event in self.studio._stream(
+            requests, self.gpu_generate, self.loaded, unit="clip", page=page, tab="video"
+        ):
             if event[0] == "progress":  # the status area's line; the clips shown stay as they are
                 yield *[gr.skip()] * (STAGE_SLOTS + 3), event[1]
                 continue
@@ -283,7 +287,7 @@ class VideoTab:
                     tuned = " (tuned)" if request.get("upsampler") else ""
                     done = (
                         f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade{tuned} in "
-                        f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {_ks(event[2]['k'])}), "
+                        f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {ks_text(event[2]['k'])}), "
                         f"seed {request['seed']}."
                     )
                     status = [done, "Direct sampling at the same size..." if with_direct else ""]
@@ -315,7 +319,7 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
 
     with gr.Tab("Video", id="video") as video:
         gr.Markdown(
-            f"The same cascade for a text-to-video model (**{_model_label(tab.source)}**, loaded on first "
+            f"The same cascade for a text-to-video model (**{model_label(tab.source)}**, loaded on first "
             f"use): a pivot clip at the model's own size, then every frame upsampled, re-noised to K and "
             f"denoised again at each stage. The frame count stays; the limit counts every frame's pixels."
         )
@@ -324,18 +328,10 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                 prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="video-prompt")
                 negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
                 with gr.Row():
-                    frames = gr.Slider(
-                        1,
-                        MAX_FRAMES,
-                        value=default("default_frames"),
-                        step=1,
-                        label="Frames",
-                        elem_id="video-frames",
-                        scale=3,
+                    frames = number_field(
+                        default("default_frames"), "Frames", f"1 to {MAX_FRAMES}", elem_id="video-frames", scale=3
                     )
-                    fps = gr.Number(
-                        default("default_fps"), minimum=1, maximum=MAX_FPS, label="Frames per second", scale=1
-                    )
+                    fps = number_field(default("default_fps"), "Frames per second (fps)", f"1 to {MAX_FPS:g}", scale=1)
                 aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio")
                 scale = gr.Radio(
                     tab.size_choices("1:1")["choices"],
@@ -347,25 +343,17 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                     stages = gr.Dropdown(
                         stage_choices(), value="auto", label="Stages", info="auto: about 4x more pixels per stage"
                     )
-                    k = gr.Slider(
-                        1,
-                        MAX_K,
-                        value=default("default_k"),
-                        step=1,
-                        label="K (re-noise level)",
-                        info="higher: more new detail per stage, less of the pivot's layout",
+                    k = number_field(
+                        default("default_k"),
+                        "K (re-noise level)",
+                        f"1 to {MAX_K}; higher: more new detail per stage, less of the pivot's layout",
                     )
-                    steps = gr.Slider(1, MAX_STEPS, value=50, step=1, label="Steps")
-                    guidance = gr.Slider(0, 20, value=default("default_guidance"), step=0.5, label="Guidance scale")
+                    steps = number_field(50, "Steps", f"1 to {MAX_STEPS}")
+                    guidance = number_field(
+                        default("default_guidance"), "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5
+                    )
                     with gr.Row(equal_height=True):
-                        seed = gr.Number(
-                            RANDOM_SEED,
-                            precision=0,
-                            minimum=RANDOM_SEED,
-                            label="Seed (-1: random)",
-                            scale=3,
-                            elem_id="video-seed",
-                        )
+                        seed = number_field(RANDOM_SEED, "Seed (-1: random)", scale=3, elem_id="video-seed")
                         dice = gr.Button("Random seed", scale=1, size="sm")
                     adapter = gr.Dropdown(
                         list(tab.adapters()),
@@ -375,7 +363,9 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                         elem_id="video-adapter",
                     )
                 with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
-                run = gr.Button("Generate video", variant="primary", elem_id="video-button")
+                with gr.Row():
+                    run = gr.Button("Generate video", variant="primary", elem_id="video-button", scale=3)
+                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="video-stop", scale=1)
                 gr.Examples([[e] for e in examples], [prompt])
             with gr.Column(scale=3):
                 with gr.Row():
@@ -416,13 +406,13 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
         dice.click(random_seed, None, seed, api_visibility="private", queue=False)
         aspect.change(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
-        gr.on(
-            [run.click, prompt.submit],
+        gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
             tab.generate,
             [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct, adapter],
             [*slots, *ab, times, status],
             api_name="generate_video",
             show_progress="hidden",
             **gpu,
-        )
+        ).then(disable, None, stop, **PRIVATE)
+        stop.click(studio.stop_run("video"), None, stop, **PRIVATE)
     return video

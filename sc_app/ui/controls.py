@@ -1,0 +1,69 @@
+"""Widgets the tabs share: the size controls (aspect ratio and scale), the sampling settings (stages, K, steps,
+guidance, seed), number fields whose limits the handlers say out loud, and the small private events that enable
+and disable a Stop button around a run.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .common import ASPECTS, MAX_GUIDANCE, MAX_STEPS, RANDOM_SEED, STAGE_CHOICES, stages_text
+
+PRIVATE = dict(api_visibility="private", queue=False)  # the page's own small events: not in the API
+
+
+def enable():
+    return gr.update(interactive=True)
+
+
+def disable():
+    return gr.update(interactive=False)
+
+
+def number_field(value, label: str, info: str | None = None, **kwargs) -> gr.Number:
+    """A number box without a range of gradio's own: gradio refuses a value out of its range with a message that
+    does not name the field, and a slider's box changes such a value without a word. The handlers check the value
+    and name the field (`checks.whole`, `checks.finite`); `info` says the range."""
+    return gr.Number(value, label=label, info=info, **kwargs)
+
+
+def size_controls(studio, prefix: str = "") -> tuple:
+    aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id=f"{prefix}aspect")
+    scale = gr.Radio(
+        studio.size_choices("1:1")["choices"],
+        value="4x",
+        label="Size (times the model's pixels)",
+        elem_id=f"{prefix}scale",
+    )
+    aspect.change(studio.size_choices, aspect, scale, api_visibility="private", queue=False)
+    return aspect, scale
+
+
+def stage_choices() -> list[tuple[str, str]]:
+    """The Stages dropdown: "auto", "pivot + 0 stages", ..., with the number of stages after the pivot as value."""
+    return [(choice if choice == "auto" else stages_text(int(choice)), choice) for choice in STAGE_CHOICES]
+
+
+def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
+    model = studio.model
+    stages = None
+    with gr.Accordion("Settings", open=False):
+        if with_stages:
+            stages = gr.Dropdown(
+                stage_choices(),
+                value="auto",
+                label="Stages",
+                elem_id="stages-choice",
+                info="auto: about 4x more pixels per stage",
+            )
+        k = number_field(
+            model.default_k,
+            "K (re-noise level)",
+            f"1 to {model.num_train_timesteps - 1}; higher: more new detail per stage, less of the pivot's layout",
+        )
+        steps = number_field(50, "Steps", f"1 to {MAX_STEPS}")
+        guidance = number_field(model.default_guidance, "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5)
+        with gr.Row(equal_height=True):
+            seed = number_field(RANDOM_SEED, "Seed (-1: random)", scale=3, elem_id=f"{prefix}seed")
+            reuse = gr.Button("Reuse seed", scale=1, size="sm", elem_id=f"{prefix}reuse-seed")
+    return stages, k, steps, guidance, seed, reuse

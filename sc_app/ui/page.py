@@ -1,0 +1,107 @@
+"""The page: `build()` puts the tabs together for a loaded model, `launch()` queues and serves it.
+
+Each tab is its own module (`sc_app.ui.generate`, `.compare`, `.tune`, `.video`, `.review`) that builds the tab
+and wires its events; what crosses tabs is wired here: an adapter loaded or tuned on one tab is offered on the
+others.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from ..checks import megapixels
+from .common import EMBEDDED_EXAMPLES, SD_EXAMPLES, model_label
+from .compare import compare_tab
+from .generate import generate_tab
+from .review import review_tab
+from .studio import Studio
+from .tune import tune_tab
+from .video import video_tab
+
+MAX_UPLOAD_SIZE = "200mb"  # per file, enforced by gradio on upload
+QUEUE_SIZE = 32
+
+
+def build(
+    model,
+    *,
+    max_pixels: int | None = None,
+    work_dir: str | Path | None = None,
+    video_model="embedded",
+    motion_adapter: str | None = None,
+    review_token: str | None = None,
+) -> gr.Blocks:
+    """The Blocks for a loaded model. `max_pixels`: the size limit (else $SC_MAX_PIXELS, else a default
+    for the device); `work_dir`: the app's own folder (else $SC_WORK_DIR, else one in the temp folder);
+    `video_model`: the Video tab's model, a loaded VideoModel or a name for `load_video_model` (loaded on
+    first use), with `motion_adapter` for an SD 1.5 folder; `review_token`: the owner's token for resetting the
+    Review tab's votes (else $SC_REVIEW_TOKEN; none: no reset)."""
+    studio = Studio(
+        model, max_pixels=max_pixels, work_dir=work_dir, video_model=video_model, motion_adapter=motion_adapter
+    )
+    base, m = model.base_size, model.size_multiple
+    examples = EMBEDDED_EXAMPLES if model.name == "embedded" else SD_EXAMPLES
+    gpu = dict(concurrency_id="gpu", concurrency_limit=1)
+    adapters = list(studio.adapters())
+
+    with gr.Blocks(title="Self-Cascade Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        demo.studio = studio
+        gr.Markdown(
+            f"# Self-Cascade Studio\nHigher resolutions from a pre-trained diffusion model: a pivot at the "
+            f"model's own size, then stages of about 4x the pixels, each re-noised to K and denoised again. "
+            f"Model **{model_label(model.name)}**, trained at {base} x {base}; sizes are multiples of {m}; limit "
+            f"{megapixels(studio.max_pixels)}."
+        )
+        with gr.Tabs():
+            adapter, adapter_upload = generate_tab(studio, examples, adapters, gpu)
+            c_adapter = compare_tab(studio, examples, adapters, gpu)
+            tune_tab(studio, [adapter, c_adapter])
+            video_tab(studio, gpu)
+            review_tab(studio, work_dir, review_token)
+        # an adapter loaded on Generate is offered on Compare too (a tuned one: `tune_tab`)
+        adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")
+    return demo
+
+
+class _RunningIterators(dict):
+    """gradio's table of running event iterators, where removing one that is gone is a no-op. Its /cancel route
+    checks for the event outside its lock and deletes it inside: a cancel sent twice (a client retrying on a
+    busy server) or for an event that has just finished raised KeyError, a traceback in the server's log."""
+
+    def __delitem__(self, key) -> None:
+        self.pop(key, None)
+
+
+def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
+    """Queue (GPU events one at a time, a bounded queue) and serve; `kwargs` go to `Blocks.launch`. A cancel of
+    a finished or unknown event is a no-op (`_RunningIterators`)."""
+    studio: Studio = demo.studio
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    wait = not kwargs.pop("prevent_thread_lock", False)
+    quiet = kwargs.pop("quiet", False)
+    # gradio's own lines say "set share=True in launch()"; ours name the --share flag
+    served = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=MAX_UPLOAD_SIZE,
+        allowed_paths=[str(studio.work_dir)],
+        prevent_thread_lock=True,
+        quiet=True,
+        **kwargs,
+    )
+    if not quiet:
+        print(f"* Running on local URL: {demo.local_url}")
+        print(
+            f"* Running on public URL: {demo.share_url}"
+            if demo.share_url
+            else "* For a public link, start the app with --share.",
+            flush=True,
+        )
+    demo.server_app.iterators = _RunningIterators(demo.server_app.iterators)
+    if wait and not bool(getattr(sys, "ps1", sys.flags.interactive)):  # as Blocks.launch itself would
+        demo.block_thread()
+    return served

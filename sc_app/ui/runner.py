@@ -1,0 +1,223 @@
+"""The job runner behind Generate, Compare and Video: a run in a worker thread that holds the model, its events
+streamed to the page, a stop file that ends it at its next step (Stop, the page going away, the server exiting).
+
+GPU work goes through `on_gpu`, which `spaces.GPU` wraps on a Hugging Face Space; on ZeroGPU it runs in another
+process, so everything crosses as plain values and a stop request crosses as a file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+try:  # on a Hugging Face Space; must come before anything initialises CUDA
+    import spaces
+except ImportError:  # pragma: no cover - `spaces` is in requirements.txt
+    spaces = None
+
+import gradio as gr
+
+from .common import user_error
+from .progress import ProgressLine
+
+log = logging.getLogger(__name__)
+
+ENV_WORK_DIR = "SC_WORK_DIR"
+KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
+PROGRESS_EVERY = 0.25  # seconds between progress lines in a status area (and at every new stage)
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def on_gpu(fn, duration):
+    """`spaces.GPU(fn, duration=duration)` on a Space, `fn` itself anywhere else."""
+    if spaces is None or not on_space():
+        return fn
+    return spaces.GPU(fn, duration=duration)
+
+
+class _Stopped(Exception):
+    """Raised from the step callback when the request's stop file appears."""
+
+
+class Runner:
+    """The model, the work folder and the jobs running on them: the base of `sc_app.ui.studio.Studio`. One library
+    call holds the model at a time; every job runs in a thread that `stop_workers` can end at its next step."""
+
+    def __init__(self, model, work_dir: str | Path | None = None):
+        self.model = model
+        root = work_dir or os.environ.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "self-cascade-studio"
+        self.work_dir = Path(root).resolve()
+        self.runs_dir = self.work_dir / "runs"
+        self.jobs_dir = self.work_dir / "jobs"
+        for folder in (self.runs_dir, self.jobs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._model_lock = threading.Lock()  # one library call on the model at a time (hooks, patches)
+        self._workers: dict[threading.Thread, Path] = {}  # running jobs' threads and their stop files
+        self._workers_lock = threading.Lock()
+        self._stops: dict[tuple[str, str], Path] = {}  # (page, tab) -> the stop file of its running run, for Stop
+        atexit.register(self.stop_workers)
+
+    def _start_worker(self, target, name: str, stop: Path, *args) -> None:
+        """Run a job in a thread that `stop_workers` can end at its next step."""
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._workers_lock:
+            self._workers = {t: f for t, f in self._workers.items() if t.is_alive()}
+            self._workers[thread] = stop
+        thread.start()
+
+    def stop_workers(self, timeout: float = 60.0) -> None:
+        """Ask every running job to stop at its next step and wait for it (at most `timeout` seconds in all).
+        Runs at interpreter exit: a thread still inside torch when Python finalises aborts the process."""
+        with self._workers_lock:
+            workers = list(self._workers.items())
+        for _, stop in workers:
+            ask_to_stop(stop)
+        deadline = time.monotonic() + timeout
+        for thread, _ in workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _job_events(self, requests: list[dict], stop: str, run, output) -> Iterator[tuple]:
+        """Run each request through `run(request, callback=, on_stage=)` in a thread holding the model lock,
+        yielding events as they happen: ("step", job, stage, i), ("stage", job, index, output(stage), height,
+        width, seconds), ("done", job, summary), ("unavailable", job, message), then ("end",) or
+        ("error", message) or ("stopped",)."""
+        events: queue.Queue = queue.Queue()
+        stop_file = Path(stop)
+
+        def work() -> None:
+            request, last = None, ("end",)
+            if not self._model_lock.acquire(blocking=False):
+                events.put(("waiting",))
+                self._model_lock.acquire()
+            try:
+                for job, request in enumerate(requests):
+
+                    def callback(info, job=job):
+                        if stop_file.exists():
+                            raise _Stopped
+                        events.put(("step", job, int(info["stage"]), int(info["i"])))
+
+                    def on_stage(index, stage, job=job):
+                        events.put(("stage", job, index, output(stage), stage.height, stage.width, stage.seconds))
+
+                    try:
+                        result = run(request, callback=callback, on_stage=on_stage)
+                    except ModuleNotFoundError as error:
+                        if not (error.name or "").startswith("sc_app."):
+                            raise
+                        events.put(("unavailable", job, f"{request['method']} is not available here ({error.name})"))
+                        continue
+                    events.put(("done", job, result.summary()))
+            except _Stopped:
+                last = ("stopped",)
+            except ValueError as error:
+                last = ("error", str(error))
+            except Exception as error:  # a message in the page, the traceback in the log
+                log.exception("generation failed")
+                last = ("error", failure_message(error, request))
+            finally:
+                self._model_lock.release()
+                events.put(last)
+
+        self._start_worker(work, "sc-generate", stop_file)
+        while True:
+            event = events.get()
+            yield event
+            if event[0] in ("end", "error", "stopped"):
+                return
+
+    def _new_folder(self, parent: Path) -> Path:
+        folder = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        old = sorted(parent.iterdir())[:-KEEP_RUNS]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return folder
+
+    def _stream(
+        self,
+        requests: list[dict],
+        gpu=None,
+        model=None,
+        unit: str = "method",
+        page: gr.Request | None = None,
+        tab: str = "",
+    ) -> Iterator[tuple]:
+        """The events of `gpu` (default: the image model's, `Studio.gpu_generate`) for `requests`, as (run folder,
+        event); steps come as ("progress", line), the status area's one progress line (`ProgressLine`, at most a few
+        a second), and errors are raised as gr.Error; a run that `tab`'s Stop (`stop_run`) ended comes as ("stopped",).
+        If the page goes away or Stop is pressed mid-run, the stop file ends the run at its next step."""
+        gpu = self.gpu_generate if gpu is None else gpu
+        model = self.model if model is None else model
+        run = self._new_folder(self.runs_dir)
+        stop = run / "stop"
+        finished = False
+        line, shown, where = ProgressLine(model, requests, unit), 0.0, None
+        session = getattr(page, "session_hash", None)
+        if session:
+            self._stops[session, tab] = stop
+        try:
+            for event in gpu(requests, str(stop)):
+                kind = event[0]
+                if kind == "step":
+                    _, job, stage, i = event
+                    if (job, stage) != where or time.monotonic() - shown > PROGRESS_EVERY:
+                        where, shown = (job, stage), time.monotonic()
+                        yield run, ("progress", line.line(job, stage, i))
+                elif kind == "waiting":
+                    yield run, ("progress", "Waiting for the running job (tuning or another page's) to finish...")
+                elif kind == "error":
+                    finished = True
+                    raise user_error(event[1])
+                elif kind in ("end", "stopped"):
+                    finished = True
+                    if kind == "stopped":
+                        yield run, event
+                else:
+                    yield run, event
+        finally:
+            if session and self._stops.get((session, tab)) == stop:
+                del self._stops[session, tab]
+            if not finished:
+                ask_to_stop(stop)
+
+    def stop_run(self, tab: str):
+        """The handler of `tab`'s Stop button ("generate", "compare", "video"): the page's running run of that tab
+        ends at its next step (its stop file, as when the page goes away); the button goes grey until the next run.
+        Only that tab's run: another tab's, running while this one waits in the GPU queue, goes on."""
+
+        def stop_run(page: gr.Request):
+            stop = self._stops.get((getattr(page, "session_hash", None) or "", tab))
+            if stop is not None:
+                ask_to_stop(stop)  # the run's handler says "Stopped." once it has
+            return gr.update(interactive=False)
+
+        return stop_run
+
+
+def ask_to_stop(path: Path) -> None:
+    """Ask a run to stop (its folder may be gone already, when it has just ended)."""
+    try:
+        path.touch()
+    except FileNotFoundError:
+        pass
+
+
+def failure_message(error: Exception, request: dict | None = None) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "out of memory" in text.lower():
+        size = f" at {request['width']} x {request['height']}" if request else ""
+        return f"the GPU ran out of memory{size}: pick a smaller scale or fewer steps"
+    return f"something went wrong: {type(error).__name__}: {text}"
