@@ -242,7 +242,7 @@ def _row(cell: Cell, setting: Setting, model, n: int, direct: dict, reals, use_f
         fid = f"{value:.1f} [{b_low:.1f}, {b_high:.1f}]"
     return [
         setting.label,
-        dict(setting.options).get("k", "model's"),
+        dict(setting.options).get("k", "model's") if setting.method == "self-cascade" else "-",
         f"{params:,}" if params else "-",
         str(steps) if steps else "-",
         f"{100 * hits / len(idx):.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
@@ -332,8 +332,9 @@ def run_ablation(args, argv: list[str]) -> None:
         [
             f"### Ablation at {size_name(size)} ({model.name})",
             machine_description(model.device) + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}`",
-            f"Development prompts `shapes.random_prompts({args.n}, {args.seed})` (seed {args.seed} + i; the test "
-            f"tables use seeds 0..199), DDIM {args.steps} steps, the model's guidance. **composition**: share with "
+            f"{'Development' if args.seed >= DEV_SEED else 'Test'} prompts `shapes.random_prompts({args.n}, "
+            f"{args.seed})` (seed {args.seed} + i; the test tables use seeds 0..199, development sets {DEV_SEED}..), "
+            f"DDIM {args.steps} steps, the model's guidance. **composition**: share with "
             "exactly the prompted objects, Wilson 95% interval. **shape fidelity**: mean over detected objects of the "
             "IoU between the object's mask and the ideal shape of its class with the same area and centroid "
             f"(`shapes.shape_fidelity`), bootstrap 95% interval; real renders at this size: {np.mean(ceiling):.3f}. "
