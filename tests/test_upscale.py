@@ -94,3 +94,14 @@ def test_cli_sr_flags_belong_to_sr(tmp_path, capsys):
         + ["--out", str(tmp_path / "run")]
     )
     assert code == 2 and "--noise-level apply to --method sr only" in capsys.readouterr().err
+
+
+def test_embedded_sr_keeps_the_pivots_objects(embedded_model):
+    from sc_app.shapes import detect, random_prompts
+
+    prompts = random_prompts(4, 0)
+    result = generate(embedded_model, prompts, 256, 256, "sr", num_inference_steps=10, seed=0)
+    pivots, finals = result.stages[0].images, result.images
+    assert [im.size for im in finals] == [(256, 256)] * 4
+    same = sum(sorted(detect(p)) == sorted(detect(f)) for p, f in zip(pivots, finals))
+    assert same >= 3  # the upscaler sharpens what the pivot has; it neither adds nor drops objects
