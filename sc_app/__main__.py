@@ -301,6 +301,14 @@ def _add_video_parser(sub) -> None:
         default=None,
         help="feature upsamplers trained on this video model (.safetensors, python -m tuner train)",
     )
+    v.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA (.safetensors) applied in every stage of every method, at SCALE (default 1); repeatable "
+        "(AnimateDiff models)",
+    )
     v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     v.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
@@ -354,7 +362,7 @@ def generate_video(args) -> None:
     fits = check_run(args, prompts, args.frames)
     import torch
 
-    from .video import check_video_inputs, load_video_model
+    from .video import check_video_inputs, check_video_loras, load_video_model
     from .video import generate_video as generate_clip
 
     quiet_loaders()
@@ -386,6 +394,7 @@ def generate_video(args) -> None:
             from .upsampler import load_adapter
 
             options["upsampler"] = load_adapter(args.upsampler, model)
+        args.lora = check_video_loras(args.lora, model)
     except (ValueError, OSError, RuntimeError) as error:
         raise BadInput(f"{error}".splitlines()[0]) from None
     for i in mine:

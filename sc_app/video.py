@@ -25,11 +25,13 @@ from diffusers import (
     UNetMotionModel,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
 from .checks import MAX_FPS, finite, torch_device
+from .lora import Lora, applied_loras, check_loras
 from .models import ASSETS, Model, _folder_settings, _index, refuse_pickle_weights
 from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
 from .unets import sampling_unet
@@ -47,12 +49,12 @@ DECODE_FRAMES = 8  # frames per VAE call: decoding a whole high-resolution clip 
 
 
 @dataclass
-class VideoPipe:
-    """A text-to-video folder's components, with Stable Diffusion's prompt encoding.
+class VideoPipe(StableDiffusionLoraLoaderMixin):
+    """A text-to-video folder's components, with Stable Diffusion's prompt encoding and LoRA loading.
 
     It stands where a diffusers pipeline stands in `Model`, so the image cascade's helpers
-    (encode_prompt, make_scheduler, decode) work on it unchanged; diffusers' own ModelScope pipeline is
-    deprecated, and AnimateDiff's would convert a UNet we already converted.
+    (encode_prompt, make_scheduler, decode) and `sc_app.lora.applied_loras` work on it unchanged; diffusers' own
+    ModelScope pipeline is deprecated, and AnimateDiff's would convert a UNet we already converted.
     """
 
     vae: AutoencoderKL
@@ -61,6 +63,11 @@ class VideoPipe:
     unet: UNet3DConditionModel | UNetMotionModel
     scheduler: DDIMScheduler
     image_processor: VaeImageProcessor = field(init=False, repr=False)
+    hf_device_map = None  # diffusers' LoRA loader asks a pipeline for these two (no accelerate offloading here)
+
+    @property
+    def components(self) -> dict:
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
 
     def __post_init__(self):
         self.image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1))
@@ -424,11 +431,13 @@ def generate_video(
     stages: int | None = None,
     upsample: str = "bilinear",
     upsampler: Adapter | str | Path | None = None,
+    loras=None,
     **common,
 ) -> VideoResult:
     """One door for both methods; `common` takes num_frames, negative_prompt, num_inference_steps,
     guidance_scale, seed or generator, callback, on_stage, progress. `upsampler` (an Adapter or a
-    .safetensors path) turns the self-cascade into its tuned version, as `sc_app.api.generate`."""
+    .safetensors path) turns the self-cascade into its tuned version, and `loras` [(path, scale), ...] apply
+    in every stage for this call only, as in `sc_app.api.generate`."""
     if method not in VIDEO_METHODS:
         raise ValueError(f"method must be one of {', '.join(VIDEO_METHODS)}, got {method!r}")
     if method == "direct":
@@ -436,10 +445,31 @@ def generate_video(
             raise ValueError("k and stages apply to the self-cascade only, not to method 'direct'")
         if upsampler is not None:
             raise ValueError("upsampler applies to the self-cascade only, not to method 'direct'")
-        return video_direct(model, prompt, height, width, **common)
-    return video_self_cascade(
-        model, prompt, height, width, k=k, stages=stages, upsample=upsample, upsampler=upsampler, **common
-    )
+    checked = check_video_loras(loras, model)
+    if upsampler is not None and not isinstance(upsampler, Adapter):  # before the LoRAs change the UNet
+        upsampler = load_adapter(upsampler, model)
+    with applied_loras(model, checked):
+        if method == "direct":
+            result = video_direct(model, prompt, height, width, **common)
+        else:
+            result = video_self_cascade(
+                model, prompt, height, width, k=k, stages=stages, upsample=upsample, upsampler=upsampler, **common
+            )
+    if checked:
+        result.settings["loras"] = [lora.summary() for lora in checked]
+    return result
+
+
+def check_video_loras(loras, model) -> list[Lora]:
+    """`sc_app.lora.check_loras`, and a UNet that diffusers loads LoRAs into: AnimateDiff's (UNetMotionModel),
+    not ModelScope's (UNet3DConditionModel). ValueError with one line."""
+    checked = check_loras(loras, model)
+    if checked and not hasattr(model.unet, "load_lora_adapter"):
+        raise ValueError(
+            f"LoRA {checked[0].path.name}: {type(model.unet).__name__} ({model.kind}) models take no LoRA "
+            "(diffusers loads LoRAs into AnimateDiff's UNetMotionModel, not this one)"
+        )
+    return checked
 
 
 # ---- export ---------------------------------------------------------------------------------------

@@ -119,22 +119,25 @@ def test_compare_returns_one_image_per_method(client):
     gallery, table, slider, status = client.predict(
         "a red circle and a blue square", steps=10, attn_sf=True, api_name="/compare"
     )
-    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale"]
+    # no sr: the tiny model has no SR model (tests/test_app_lora.py runs it with one)
+    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "lanczos"]
     assert [item["caption"].split(":")[0] for item in gallery] == methods
-    assert sizes(gallery) == [(32, 32)] * 6
+    assert sizes(gallery) == [(32, 32)] * 7
     assert [row[0] for row in table["data"]] == methods
-    assert [row[1] for row in table["data"]] == ["32 x 32"] * 6
-    assert [row[3] for row in table["data"]] == ["pivot + 1 stage"] + ["one pass"] * 3 + ["pivot + 1 stage"] * 2
-    assert status.startswith("Done: 6 methods at 32 x 32, seed ")
+    assert [row[1] for row in table["data"]] == ["32 x 32"] * 7
+    assert [row[3] for row in table["data"]] == (
+        ["pivot + 1 stage"] + ["one pass"] * 3 + ["pivot + 1 stage"] * 2 + ["pivot + Lanczos resize"]
+    )
+    assert status.startswith("Done: 7 methods at 32 x 32, seed ")
     assert all(row[2] > 0 for row in table["data"])
     a, b = slider["value"]  # A: direct, B: self-cascade
     assert Image.open(a).tobytes() == Image.open(gallery[1]["image"]).tobytes()
     assert Image.open(b).tobytes() == Image.open(gallery[0]["image"]).tobytes()
 
 
-def test_compare_without_attn_sf_runs_five_methods(client):
+def test_compare_without_attn_sf_runs_six_methods(client):
     gallery, table, *_ = client.predict("a red circle", steps=5, side_a="scalecrafter", api_name="/compare")
-    assert len(gallery) == 5 and len(table["data"]) == 5
+    assert len(gallery) == 6 and len(table["data"]) == 6
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -699,6 +702,6 @@ def test_settings_line_is_the_command_line_of_the_request(app):
 
 def test_the_api_lists_no_internal_handlers(client):
     api = client.view_api(print_info=False, return_format="dict")
-    assert {"/generate", "/compare", "/tune"} <= set(api["named_endpoints"])
+    assert {"/generate", "/compare", "/tune", "/load_lora", "/load_video_lora"} <= set(api["named_endpoints"])
     assert not [name for name in api["named_endpoints"] if "lambda" in name]
     assert not api["unnamed_endpoints"]

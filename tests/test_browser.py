@@ -225,7 +225,7 @@ def test_compare_stop_ends_the_run_and_the_next_is_served(page, monkeypatch):
     try:
         page.locator("#compare-button").click()
         status.get_by_text(
-            re.compile(r"^Method 1 of 5 \(self-cascade\), stage 1 of 1 \(32 x 32\), step 1 of \d+ · ")
+            re.compile(r"^Method 1 of 6 \(self-cascade\), stage 1 of 1 \(32 x 32\), step 1 of \d+ · ")
         ).wait_for(timeout=BACKSTOP_MS)
         stop.click()
         status.get_by_text("Stopped.").wait_for(timeout=BACKSTOP_MS)
@@ -234,7 +234,7 @@ def test_compare_stop_ends_the_run_and_the_next_is_served(page, monkeypatch):
         monkeypatch.undo()
     page.wait_for_function("() => document.querySelector('#compare-stop').disabled", timeout=BACKSTOP_MS)
     page.locator("#compare-button").click()
-    status.get_by_text(re.compile("^Done: 5 methods at 32 x 32")).wait_for(timeout=BACKSTOP_MS)
+    status.get_by_text(re.compile("^Done: 6 methods at 32 x 32")).wait_for(timeout=BACKSTOP_MS)
     page.wait_for_function("() => document.querySelector('#compare-stop').disabled", timeout=BACKSTOP_MS)
     assert page.get_by_text("Traceback").count() == 0
 
@@ -262,6 +262,29 @@ def test_tune_plots_the_loss_and_offers_the_adapter(page, tmp_path):
     page.get_by_role("tab", name="Generate").click()
     assert page.get_by_label("Feature upsamplers (adapter)").input_value() == label
     _keep(tmp_path / "tune.png")
+
+
+def test_a_lora_uploaded_in_the_page_is_chosen_and_used(page, sd_model, tmp_path):
+    from tiny_models import random_lora
+
+    lora = random_lora(sd_model, tmp_path / "page-style.safetensors")
+    page.goto(page.app_url)
+    page.locator("#lora-upload input[type=file]").set_input_files(str(lora))
+    page.wait_for_function(
+        "() => document.querySelector('#lora input').value === 'uploaded-page-style'", timeout=BACKSTOP_MS
+    )
+    page.locator("#lora-scale input[type=number]").fill("0.5")
+    page.locator("#prompt textarea").fill("a red circle")
+    page.locator("#generate-button").click()
+    page.locator("#generate-status").get_by_text("LoRA uploaded-page-style at 0.5.").wait_for(timeout=BACKSTOP_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#settings-line textarea').value.includes('--lora ')", timeout=BACKSTOP_MS
+    )
+    page.get_by_role("tab", name="Compare").click()  # offered on Compare too, not chosen there
+    page.locator("#compare-lora input").click()
+    page.get_by_role("option", name="uploaded-page-style").wait_for(timeout=BACKSTOP_MS)
+    assert page.locator("#compare-lora input").input_value() == "none"
+    assert page.get_by_text("Traceback").count() == 0
 
 
 def test_bad_input_shows_a_message_not_a_trace(page):

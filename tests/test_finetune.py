@@ -7,14 +7,12 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from sc_app.api import generate
-from sc_app.files import write_safetensors
-from sc_app.lora import LORA_TARGETS, applied_loras, lora_metadata, parse_lora
+from sc_app.lora import applied_loras, parse_lora
 from sc_app.models import load_model
+from tiny_models import random_lora
 from tuner.__main__ import main as tuner_main
 from tuner.checkpoints import load_checkpoint
 from tuner.finetune import checkpoint_path, train_finetune
@@ -22,18 +20,6 @@ from tuner.finetune import checkpoint_path, train_finetune
 
 def _fresh(folder):
     return load_model(str(folder), device="cpu")  # training changes the model it is given
-
-
-def _random_lora(model, path, seed=0):
-    """A LoRA for `model` with large random weights (peft's init_lora_weights=False), so its effect is plain."""
-    unet = DiffusionPipeline.from_pretrained(model.pipe.config._name_or_path).unet
-    torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(LORA_TARGETS)))
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    tensors = {f"unet.{k}": 3 * v.contiguous() for k, v in weights.items()}
-    return write_safetensors(tensors, path, metadata=lora_metadata(model, rank=2, steps=0, size=32))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +58,7 @@ def test_resumed_lora_run_continues_exactly(sd_folder, tmp_path):
 
 
 def test_lora_changes_every_stage_and_is_gone_after_the_call(sd_model, tmp_path):
-    lora = _random_lora(sd_model, tmp_path / "big.safetensors")
+    lora = random_lora(sd_model, tmp_path / "big.safetensors")
     run = dict(num_inference_steps=2, seed=0, k=600)
     plain = generate(sd_model, "a red circle", 64, 64, **run)
     styled = generate(sd_model, "a red circle", 64, 64, loras=[(lora, 1.0)], **run)
@@ -92,7 +78,7 @@ def test_lora_changes_every_stage_and_is_gone_after_the_call(sd_model, tmp_path)
 
 
 def test_lora_is_removed_even_when_the_run_fails(sd_model, tmp_path):
-    lora = _random_lora(sd_model, tmp_path / "big.safetensors")
+    lora = random_lora(sd_model, tmp_path / "big.safetensors")
     with pytest.raises(RuntimeError, match="inside"):
         with applied_loras(sd_model, [lora]):
             assert sd_model.pipe.get_list_adapters() == {"unet": ["studio_lora_0"]}
@@ -101,7 +87,7 @@ def test_lora_is_removed_even_when_the_run_fails(sd_model, tmp_path):
 
 
 def test_lora_bad_input_is_refused_in_one_line(sd_model, sdxl_model, tmp_path):
-    lora = _random_lora(sd_model, tmp_path / "sd.safetensors")
+    lora = random_lora(sd_model, tmp_path / "sd.safetensors")
     with pytest.raises(ValueError, match="trained for another base model"):
         generate(sdxl_model, "a red circle", 32, 32, loras=[lora], num_inference_steps=2)
     (tmp_path / "w.bin").write_bytes(b"not a pickle you should open")
@@ -160,7 +146,7 @@ def test_cli_fine_tunes_with_default_flags(sd_folder, tmp_path):
 def test_cli_generate_with_a_lora_records_it(sd_folder, sd_model, tmp_path, capsys):
     from sc_app.__main__ import main
 
-    lora = _random_lora(sd_model, tmp_path / "style.safetensors")
+    lora = random_lora(sd_model, tmp_path / "style.safetensors")
     run = ["generate", "--model", str(sd_folder), "--prompt", "a red circle", "--height", "32", "--width", "32"]
     run += ["--steps", "2", "--device", "cpu"]
     assert main([*run, "--lora", f"{lora}:0.7", "--out", str(tmp_path / "run")]) == 0

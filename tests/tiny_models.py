@@ -209,3 +209,23 @@ def make_upscaler(folder: Path, sd_folder: Path) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def random_lora(model, path: Path, seed: int = 0) -> Path:
+    """A LoRA for `model` (an image Model or an AnimateDiff VideoModel) with large random weights (peft's
+    init_lora_weights=False), so its effect is plain; its metadata names the model it was made for."""
+    import copy
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sc_app.files import write_safetensors
+    from sc_app.lora import LORA_TARGETS, lora_metadata
+
+    unet = copy.deepcopy(model.unet)  # the model's own UNet stays as it is
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(LORA_TARGETS)))
+    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    tensors = {f"unet.{k}": 3 * v.contiguous() for k, v in weights.items()}
+    return write_safetensors(tensors, path, metadata=lora_metadata(model, rank=2, steps=0, size=32))

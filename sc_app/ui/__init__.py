@@ -13,6 +13,7 @@ tab's model is loaded the first time that tab generates. Nothing here touches CU
     generate, compare, tune, video, review
                 one module per tab: its handlers and its layout
     uploads     image files and zips for tuning, checked whole before anything is kept
+    loras       the LoRAs on offer (shipped in the model's loras/, uploaded), their widgets and their checks
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ from ..plan import plan_stages
 ASPECTS = ("1:1", "4:3", "3:4", "16:9", "9:16", "2:1", "1:2")
 SCALES = {"4x": 4, "16x": 16, "64x": 64}  # times the model's base pixels
 STAGE_CHOICES = ("auto", "0", "1", "2", "3", "4")
-NO_ADAPTER = "none"
+NO_ADAPTER = "none"  # the adapter and LoRA dropdowns' first choice
 # the page's limits on a run's settings (the library's are wider): said in each field's info, checked by the handlers
 MAX_STEPS = 150
 MAX_GUIDANCE = 20.0
+MAX_LORA_SCALE = 4.0  # the library's range, -4..4
 
 EMBEDDED_EXAMPLES = [
     "a red circle and a blue square",
@@ -62,13 +63,14 @@ def user_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def chosen_adapter(choices: dict[str, Path | None], label: str | None) -> str | None:
-    """The file behind an adapter choice (None for none); labels are looked up, never used as paths."""
+def chosen_adapter(choices: dict[str, Path | None], label: str | None, what: str = "adapter") -> str | None:
+    """The file behind an adapter's or a LoRA's (`what`) choice (None for none); labels are looked up, never used
+    as paths."""
     if not label or label == NO_ADAPTER:
         return None
     path = choices.get(label)
     if path is None:
-        raise user_error(f"adapter {label!r} is not one this server has: pick one from the list")
+        raise user_error(f"{what} {label!r} is not one this server has: pick one from the list")
     return str(path)
 
 
@@ -145,7 +147,14 @@ def settings_line(model_name: str, request: dict, k: list[int] | None = None) ->
     ]
     if request.get("upsampler"):
         args += ["--upsampler", str(request["upsampler"])]
+    for path, scale in request.get("loras") or []:
+        args += ["--lora", f"{path}:{float(scale)!r}"]
     return shlex.join(args + ["--out", "out"])
+
+
+def loras_text(loras) -> str:
+    """The LoRAs of a request as the page says them: ", LoRA style at 0.8" (nothing without one)."""
+    return "".join(f", LoRA {Path(path).stem} at {float(scale):g}" for path, scale in loras or [])
 
 
 def ks_text(k) -> str:

@@ -11,10 +11,33 @@ import shlex
 
 import gradio as gr
 
-from .common import NO_ADAPTER, RANDOM_SEED, random_seed, result_name, settings_line, stages_text
+from .common import NO_ADAPTER, RANDOM_SEED, loras_text, random_seed, result_name, settings_line, stages_text
 from .controls import PRIVATE, disable, enable, sampling_controls, size_controls
+from .loras import lora_controls
 
-COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale")
+# attn-sf when its box is ticked, sr where the model has an SR model (`compare_methods`)
+COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
+
+
+def compare_methods(model) -> tuple[str, ...]:
+    """The methods Compare offers for `model`: all but sr where it has no SR model (only the embedded model has
+    one, assets/shapes-sr, once trained). Asked once, when the page is built; the upscaler stays loaded."""
+    from ..baselines.upscale import load_upscaler
+
+    try:
+        load_upscaler(None, model)
+    except (ValueError, OSError, RuntimeError):
+        return tuple(m for m in COMPARE_METHODS if m != "sr")
+    return COMPARE_METHODS
+
+
+def stages_column(method: str, stages: int) -> str:
+    """The table's stages column: how a method got to the target size."""
+    if method == "lanczos":
+        return "pivot + Lanczos resize"
+    if method == "sr":
+        return f"pivot + {stages} x4 upscale{'' if stages == 1 else 's'}"
+    return stages_text(stages) if stages else "one pass"
 
 
 class CompareHandlers:
@@ -34,15 +57,20 @@ class CompareHandlers:
         attn_sf,
         side_a,
         side_b,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
         page: gr.Request = None,
     ):
         """Compare tab: one prompt and seed through each method; a gallery, a table, an A/B slider, a progress line
-        in the status area, and (a State for `show_settings`) a settings line per method."""
-        methods = [m for m in COMPARE_METHODS if m != "attn-sf" or attn_sf]
+        in the status area, and (a State for `show_settings`) a settings line per method. `lora` (one of
+        `Studio.loras`, at `lora_scale`) applies to every method."""
+        methods = [m for m in self.compare_methods if m != "attn-sf" or attn_sf]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for every method
         requests = [
-            self.request(m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter)
+            self.request(
+                m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale
+            )
             for m in methods
         ]
         finals: dict[int, str] = {}
@@ -73,7 +101,7 @@ class CompareHandlers:
                 stages = len(summary["stages"]) - 1
                 seconds = f"{summary['total_seconds']:.1f}"
                 gallery.append((finals[job], f"{label}: {w} x {h}, {seconds} s"))
-                table.append([label, f"{w} x {h}", float(seconds), stages_text(stages) if stages else "one pass"])
+                table.append([label, f"{w} x {h}", float(seconds), stages_column(method, stages)])
                 lines[method] = settings_line(self.model.name, requests[job], summary.get("k"))
                 yield (
                     gallery,
@@ -90,7 +118,8 @@ class CompareHandlers:
             table,
             self.slider(results, side_a, side_b),
             results,
-            f"Done: {len(results)} methods at {requests[0]['width']} x {requests[0]['height']}, seed {seed}.",
+            f"Done: {len(results)} methods at {requests[0]['width']} x {requests[0]['height']}, seed {seed}"
+            f"{loras_text(requests[0].get('loras'))}.",
             lines,
         )
         if getattr(self, "review", None) is not None:  # the run's images join the Review tab's pool
@@ -117,9 +146,9 @@ def _reuse_compare_seed(lines: dict | None, seed):
     return seed
 
 
-def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> gr.Dropdown:
+def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> tuple:
     """The Compare tab inside the page's Tabs, with its events; `gpu`: the GPU events' concurrency settings.
-    Returns its adapter dropdown, which the page wires to the other tabs."""
+    Returns its adapter dropdown, its LoRA dropdown and its LoRA upload, which the page wires to the other tabs."""
     with gr.Tab("Compare", id="compare") as tab:
         with gr.Row():
             with gr.Column(scale=2):
@@ -132,6 +161,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                 c_adapter = gr.Dropdown(
                     adapters, value=NO_ADAPTER, label="Adapter for the self-cascade", allow_custom_value=True
                 )
+                c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
                 with gr.Row():
                     c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
@@ -147,8 +177,8 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                     elem_id="compare-gallery",
                 )
                 with gr.Row():
-                    side_a = gr.Dropdown(list(COMPARE_METHODS), value="direct", label="A (left)")
-                    side_b = gr.Dropdown(list(COMPARE_METHODS), value="self-cascade", label="B (right)")
+                    side_a = gr.Dropdown(list(studio.compare_methods), value="direct", label="A (left)")
+                    side_b = gr.Dropdown(list(studio.compare_methods), value="self-cascade", label="B (right)")
                 ab = gr.ImageSlider(label="A/B", type="filepath", elem_id="ab-slider")
                 c_table = gr.Dataframe(
                     headers=["method", "size", "seconds", "stages"],
@@ -179,6 +209,8 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
         c_attn_sf,
         side_a,
         side_b,
+        c_lora,
+        c_lora_scale,
     ]
     comparing = gr.on([c_run.click, c_prompt.submit], enable, None, c_stop, **PRIVATE).then(
         studio.compare,
@@ -201,4 +233,5 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
     )
     # adapters made by other pages appear when the tab is opened
     tab.select(studio.adapter_choices, None, c_adapter, api_visibility="private", queue=False)
-    return c_adapter
+    tab.select(studio.loras.update, None, c_lora, api_visibility="private", queue=False)
+    return c_adapter, c_lora, c_lora_upload

@@ -12,21 +12,47 @@ import shutil
 import gradio as gr
 from PIL import Image
 
-from .common import NO_ADAPTER, ks_text, result_name, settings_line, stages_text, user_error
+from .common import NO_ADAPTER, ks_text, loras_text, result_name, settings_line, stages_text, user_error
 from .controls import PRIVATE, disable, enable, sampling_controls, size_controls
+from .loras import lora_controls
 
 
 class GenerateHandlers:
     """The Generate tab's events (a part of `Studio`)."""
 
     def generate(
-        self, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, page: gr.Request = None
+        self,
+        prompt,
+        negative_prompt,
+        aspect,
+        scale,
+        stages,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
+        page: gr.Request = None,
     ):
         """Generate tab: the pivot and every stage side by side as they finish, a progress line in the status area,
         then the final image; the last output (a State) is what `show_result` shows: the pivot upscaled beside
-        the final image, the settings line and the seed used."""
+        the final image, the settings line and the seed used. `lora`: one of `Studio.loras`, at `lora_scale`."""
         request = self.request(
-            "self-cascade", prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter
+            "self-cascade",
+            prompt,
+            negative_prompt,
+            aspect,
+            scale,
+            stages,
+            k,
+            steps,
+            guidance,
+            seed,
+            adapter,
+            lora,
+            lora_scale,
         )
         gallery: list[tuple[str, str]] = []
         yield [], None, "Starting...", None
@@ -56,6 +82,7 @@ class GenerateHandlers:
                     "final": str(final),
                     "seed": request["seed"],
                     "settings": settings_line(self.model.name, request, summary["k"]),
+                    "loras": summary.get("loras", []),  # file, scale and sha256 of each LoRA the run used
                 }
                 yield (
                     gallery,
@@ -63,7 +90,7 @@ class GenerateHandlers:
                     (
                         f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, "
                         f"{stages_text(len(summary['stages']) - 1)}, K {ks_text(summary['k'])}, "
-                        f"seed {request['seed']}{tuned}."
+                        f"seed {request['seed']}{tuned}{loras_text(request.get('loras'))}."
                     ),
                     result,
                 )
@@ -86,9 +113,10 @@ class GenerateHandlers:
         return result["seed"] if result else seed
 
 
-def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> tuple[gr.Dropdown, gr.UploadButton]:
+def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> tuple:
     """The Generate tab inside the page's Tabs, with its events; `gpu`: the GPU events' concurrency settings.
-    Returns its adapter dropdown and its adapter upload button, which the page wires to the other tabs."""
+    Returns its adapter dropdown, its adapter upload button, its LoRA dropdown and its LoRA upload, which the page
+    wires to the other tabs."""
     with gr.Tab("Generate", id="generate") as tab:
         with gr.Row():
             with gr.Column(scale=2):
@@ -113,6 +141,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                     adapter_upload = gr.UploadButton(
                         "Load .safetensors", file_types=[".safetensors"], scale=1, size="sm"
                     )
+                lora, lora_scale, lora_upload = lora_controls(studio.loras)
                 gr.Examples([[e] for e in examples], [prompt])
             with gr.Column(scale=3):
                 status = gr.Markdown("Ready.", label="Status", elem_id="generate-status")
@@ -140,7 +169,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     # the runs' progress is the status area's line: nothing covers the stages already shown
     generating = gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
         studio.generate,
-        [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter],
+        [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale],
         [stage_gallery, final, status, result],
         api_name="generate",
         show_progress="hidden",
@@ -153,4 +182,5 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     reuse.click(studio.reuse_seed, [result, seed], seed, **PRIVATE)
     # adapters made by other pages appear when the tab is opened
     tab.select(studio.adapter_choices, None, adapter, api_visibility="private", queue=False)
-    return adapter, adapter_upload
+    tab.select(studio.loras.update, None, lora, api_visibility="private", queue=False)
+    return adapter, adapter_upload, lora, lora_upload

@@ -2,7 +2,7 @@
 
 Each tab is its own module (`sc_app.ui.generate`, `.compare`, `.tune`, `.video`, `.review`) that builds the tab
 and wires its events; what crosses tabs is wired here: an adapter loaded or tuned on one tab is offered on the
-others.
+others, and so is a LoRA uploaded on Generate or Compare.
 """
 
 from __future__ import annotations
@@ -56,13 +56,16 @@ def build(
             f"{megapixels(studio.max_pixels)}."
         )
         with gr.Tabs():
-            adapter, adapter_upload = generate_tab(studio, examples, adapters, gpu)
-            c_adapter = compare_tab(studio, examples, adapters, gpu)
+            adapter, adapter_upload, lora, lora_upload = generate_tab(studio, examples, adapters, gpu)
+            c_adapter, c_lora, c_lora_upload = compare_tab(studio, examples, adapters, gpu)
             tune_tab(studio, [adapter, c_adapter])
             video_tab(studio, gpu)
             review_tab(studio, work_dir, review_token)
         # an adapter loaded on Generate is offered on Compare too (a tuned one: `tune_tab`)
         adapter_upload.upload(studio.upload_adapter, adapter_upload, [adapter, c_adapter], api_name="load_adapter")
+        # a LoRA uploaded on Generate or Compare is selected there and offered on the other
+        lora_upload.upload(studio.upload_lora, lora_upload, [lora, c_lora, lora_upload], api_name="load_lora")
+        c_lora_upload.upload(studio.upload_lora, c_lora_upload, [c_lora, lora, c_lora_upload], api_visibility="private")
     return demo
 
 

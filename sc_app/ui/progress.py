@@ -12,6 +12,8 @@ from ..baselines.progressive import stage_steps as peer_stage_steps
 from ..plan import plan_stages
 
 PEER_METHODS = ("demofusion", "freescale")  # multi-stage peers: their own steps and work per stage
+PIVOT_METHODS = ("sr", "lanczos")  # the pivot, then upscaled in pixel space: sr's x4 model, or a Lanczos resize
+SR_FACTOR = 4  # per side, each pass of the x4 upscaler
 
 
 # ZeroGPU durations: seconds per denoising step at the model's base size (an estimate on the slow side
@@ -23,12 +25,15 @@ MAX_GPU_SECONDS = 600
 
 
 def stage_steps(model, request: dict, stage: int) -> int:
-    """How many steps a stage runs, for the progress bar: all for the pivot, about K/T of them after."""
+    """How many steps a stage runs, for the progress bar: all for the pivot, about K/T of them after; all of them
+    in each of sr's upscales (its steps default to the base's), none in lanczos's resize."""
     steps = request["num_inference_steps"]
     if request["method"] in PEER_METHODS:
         return peer_stage_steps(model, request["method"], steps, stage)
-    if stage == 0:
+    if stage == 0 or request["method"] == "sr":
         return steps
+    if request["method"] == "lanczos":
+        return 0
     k = request.get("k") or model.default_k
     return max(1, min(steps, round(steps * k / model.num_train_timesteps)))
 
@@ -36,7 +41,7 @@ def stage_steps(model, request: dict, stage: int) -> int:
 def gpu_seconds(model, requests: list[dict]) -> int:
     """A ZeroGPU duration for `requests`: steps x size per stage, from the scale plan, times the frames of a
     video (a clip's frames go through the UNet as one batch)."""
-    base, m = model.base_size, model.size_multiple
+    base = model.base_size
     seconds = GPU_OVERHEAD_SECONDS
     for request in requests:
         h, w = request["height"], request["width"]
@@ -44,23 +49,27 @@ def gpu_seconds(model, requests: list[dict]) -> int:
             steps = request["num_inference_steps"]
             seconds += STEP_SECONDS_AT_BASE * base_steps(model, request["method"], h, w, steps, PIXEL_EXPONENT)
             continue
-        sizes = plan_stages(h, w, base, m, request.get("stages")) if request["method"] == "self-cascade" else [(h, w)]
         frames = request.get("num_frames", 1)
-        for r, (sh, sw) in enumerate(sizes):
-            steps = stage_steps(model, request, r)
+        for steps, sh, sw in stage_plan(model, request):
             seconds += frames * steps * STEP_SECONDS_AT_BASE * (sh * sw / base**2) ** PIXEL_EXPONENT
     return int(min(MAX_GPU_SECONDS, math.ceil(seconds)))
 
 
 def stage_plan(model, request: dict) -> list[tuple[int, int, int]]:
-    """(steps, height, width) of each stage a request runs: the pivot and the cascade's stages, the peers' own
-    stages, or one pass at the target size."""
+    """(steps, height, width) of each stage a request runs that has steps: the pivot and the cascade's stages, the
+    peers' own stages, the pivot and sr's x4 upscales (the last one's output resized to the target), the pivot
+    alone for lanczos (its resize has no steps), or one pass at the target size."""
     h, w = request["height"], request["width"]
     method = request["method"]
     if method == "self-cascade":
         sizes = plan_stages(h, w, model.base_size, model.size_multiple, request.get("stages"))
     elif method in PEER_METHODS:
         sizes = plan_stages(h, w, model.base_size, model.size_multiple)
+    elif method in PIVOT_METHODS:
+        sizes = plan_stages(h, w, model.base_size, model.size_multiple)[:1]
+        while method == "sr" and (sizes[-1][0] < h or sizes[-1][1] < w):
+            sh, sw = sizes[-1][0] * SR_FACTOR, sizes[-1][1] * SR_FACTOR
+            sizes.append((h, w) if sh >= h and sw >= w else (sh, sw))
     else:
         sizes = [(h, w)]
     return [(stage_steps(model, request, r), sh, sw) for r, (sh, sw) in enumerate(sizes)]

@@ -116,6 +116,8 @@ class ReviewTab:
                 settings = {
                     key: request.get(key) for key in ("num_inference_steps", "guidance_scale", "negative_prompt")
                 }
+                if request.get("loras"):  # a run with a LoRA pairs only with the same LoRA's images
+                    settings["loras"] = request["loras"]
                 samples.append(
                     Sample(
                         results[method], request["prompt"], label, request["seed"], {**settings, "model": model.name}

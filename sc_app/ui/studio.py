@@ -1,8 +1,8 @@
 """`Studio`: the model, the limits and the work folder behind the page, and the handlers of its events.
 
 The handlers live with their tabs and are mixed in here (`sc_app.ui.generate`, `.compare`, `.tune`); what they
-share is here: the adapters on offer, a request checked from the widgets' values, and the GPU work of Generate
-and Compare. The Video tab's model and handlers are `studio.video` (`sc_app.ui.video.VideoTab`), the Review
+share is here: the adapters and LoRAs on offer, a request checked from the widgets' values, and the GPU work of
+Generate and Compare. The Video tab's model and handlers are `studio.video` (`sc_app.ui.video.VideoTab`), the Review
 tab's `studio.review` (`sc_app.ui.review.ReviewTab`).
 
 GPU work runs in `Studio.gpu_generate` / `Studio.gpu_tune` / `VideoTab.gpu_generate`, which `spaces.GPU` wraps on
@@ -14,7 +14,6 @@ from an upload is never part of a path.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import uuid
@@ -27,6 +26,7 @@ from .. import checks
 from ..api import generate as run_method
 from ..cascade import check_inputs
 from ..checks import ENV_MAX_PIXELS, megapixels
+from ..lora import check_loras
 from .common import (
     MAX_GUIDANCE,
     MAX_STEPS,
@@ -41,8 +41,9 @@ from .common import (
     target_size,
     user_error,
 )
-from .compare import CompareHandlers
+from .compare import CompareHandlers, compare_methods
 from .generate import GenerateHandlers
+from .loras import LoraShelf, folder_slug
 from .progress import gpu_seconds
 from .runner import Runner, on_gpu
 from .tune import TuneHandlers, TuneJob
@@ -68,6 +69,12 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         super().__init__(model, work_dir)
         self.adapter_dir = self.work_dir / "adapters" / self._model_slug()
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        self.loras = LoraShelf(
+            self._model_folder() / "loras",
+            self.work_dir / "loras" / self._model_slug(),
+            lambda loras: check_loras(loras, self.model),
+        )
+        self.compare_methods = compare_methods(model)  # sr only where the model has an SR model
         self._tune_lock = threading.Lock()  # the server's one tuning job (`TuneHandlers.tune`)
         self._tune_job: TuneJob | None = None
         self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
@@ -75,7 +82,13 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         self.video = VideoTab(self, video_model, motion_adapter)
 
     def _model_slug(self) -> str:
-        return f"{safe_stem(self.model.name, 'model')}-{hashlib.sha1(self.model.name.encode()).hexdigest()[:8]}"
+        return folder_slug(self.model.name)
+
+    def _model_folder(self) -> Path:
+        """The image model's folder (its LoRAs are in its loras/); a hub id's is not on disk."""
+        from ..models import EMBEDDED
+
+        return EMBEDDED if self.model.name == "embedded" else Path(self.model.name)
 
     # ---- adapters --------------------------------------------------------------------------------
 
@@ -150,6 +163,15 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         gr.Info(f"Adapter {label} added.")
         return self.adapter_choices(label), self.adapter_choices()
 
+    # ---- LoRAs ------------------------------------------------------------------------------------
+
+    def upload_lora(self, file: str | None):
+        """Keep an uploaded LoRA once it passes the library's check against the model: selected in the tab it came
+        from (the first output), offered in the other (Generate's and Compare's), the upload cleared."""
+        label = self.loras.upload(file)
+        gr.Info(f"LoRA {label} added.")
+        return self.loras.update(label), self.loras.update(), None
+
     # ---- requests --------------------------------------------------------------------------------
 
     def size_choices(self, aspect: str) -> dict:
@@ -163,9 +185,23 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         return gr.update(choices=labels)
 
     def request(
-        self, method: str, prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter
+        self,
+        method: str,
+        prompt,
+        negative_prompt,
+        aspect,
+        scale,
+        stages,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
     ) -> dict:
-        """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid."""
+        """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid. `lora`: one
+        of `self.loras`' choices, applied at `lora_scale` whatever the method."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise user_error("the prompt is empty: describe the image you want")
@@ -210,6 +246,8 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         }
         if cascade:
             request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
+        if loras := self.loras.chosen(lora, lora_scale):
+            request["loras"] = loras
         return request
 
     def generate_seconds(self, requests: list[dict], stop: str) -> int:

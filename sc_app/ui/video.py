@@ -16,7 +16,15 @@ from .. import checks
 from .. import video as video_lib
 from ..checks import ENV_MAX_PIXELS, megapixels
 from ..models import ASSETS, _folder_settings
-from ..video import VIDEO_EMBEDDED, VideoModel, check_video_inputs, export_mp4, generate_video, load_video_model
+from ..video import (
+    VIDEO_EMBEDDED,
+    VideoModel,
+    check_video_inputs,
+    check_video_loras,
+    export_mp4,
+    generate_video,
+    load_video_model,
+)
 from .common import (
     ASPECTS,
     EMBEDDED_EXAMPLES,
@@ -29,6 +37,7 @@ from .common import (
     as_number,
     chosen_adapter,
     ks_text,
+    loras_text,
     model_label,
     random_seed,
     stages_beyond_plan,
@@ -37,6 +46,7 @@ from .common import (
     user_error,
 )
 from .controls import PRIVATE, disable, enable, number_field, stage_choices
+from .loras import LoraShelf, folder_slug, lora_controls
 from .progress import gpu_seconds
 from .runner import on_gpu
 
@@ -63,6 +73,11 @@ class VideoTab:
         self.motion_adapter = motion_adapter
         self.loaded: VideoModel | None = model if isinstance(model, VideoModel) else None
         self.gpu_generate = on_gpu(self._events, duration=self.seconds)
+        self.loras = LoraShelf(  # checked against the video model, loaded for it if need be
+            self._folder() / "loras",
+            studio.work_dir / "video-loras" / folder_slug(self.source),
+            lambda loras: check_video_loras(loras, self.model()),
+        )
 
     def model(self) -> VideoModel:
         """The video model, loaded on the image model's device the first time it is needed; a gr.Error that
@@ -103,6 +118,13 @@ class VideoTab:
         shipped = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         return {NO_ADAPTER: None, **{path.stem: path for path in shipped}}
 
+    def upload_lora(self, file: str | None):
+        """Keep an uploaded LoRA once it passes the library's check against the video model (loaded for it);
+        selected in the LoRA dropdown, the upload cleared."""
+        label = self.loras.upload(file)
+        gr.Info(f"LoRA {label} added.")
+        return self.loras.update(label), None
+
     def size_choices(self, aspect: str) -> dict:
         """The scale radio's labels; with the sizes they give once the model is loaded (its base size is
         not known before)."""
@@ -129,9 +151,12 @@ class VideoTab:
         guidance,
         seed,
         adapter=None,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
     ) -> dict:
         """Widget values -> keyword arguments of `generate_video`, checked; gr.Error if not valid. Frames, K
-        or guidance None mean the model's own default."""
+        or guidance None mean the model's own default; `lora` (one of `self.loras`, at `lora_scale`) applies to
+        either method."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise user_error("the prompt is empty: describe the clip you want")
@@ -178,6 +203,8 @@ class VideoTab:
         }
         if cascade:
             request.update(k=k, stages=stages, upsampler=chosen_adapter(self.adapters(), adapter))
+        if loras := self.loras.chosen(lora, lora_scale):
+            request["loras"] = loras
         return request
 
     def fps(self, fps) -> float:
@@ -218,17 +245,33 @@ class VideoTab:
         seed,
         with_direct,
         adapter=NO_ADAPTER,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
         page: gr.Request = None,
     ):
         """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
         direct sampling at the target size beside the cascade's final clip. `adapter`: one of `adapters()`,
-        the tuned self-cascade. The tab's Stop (`Studio.stop_run`) ends the run at its next step."""
+        the tuned self-cascade; `lora`: one of `self.loras`, at `lora_scale`, for both. The tab's Stop
+        (`Studio.stop_run`) ends the run at its next step."""
         methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for both methods
         requests = [
             self.request(
-                method, prompt, negative_prompt, frames, aspect, scale, stages, k, steps, guidance, seed, adapter
+                method,
+                prompt,
+                negative_prompt,
+                frames,
+                aspect,
+                scale,
+                stages,
+                k,
+                steps,
+                guidance,
+                seed,
+                adapter,
+                lora,
+                lora_scale,
             )
             for method in methods
         ]
@@ -288,7 +331,7 @@ class VideoTab:
                     done = (
                         f"Done: {size}, {request['num_frames']} frames at {fps:g} fps, self-cascade{tuned} in "
                         f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {ks_text(event[2]['k'])}), "
-                        f"seed {request['seed']}."
+                        f"seed {request['seed']}{loras_text(request.get('loras'))}."
                     )
                     status = [done, "Direct sampling at the same size..." if with_direct else ""]
                 yield outputs()
@@ -362,6 +405,7 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                         info="trained on this video model (its upsamplers/ folder): the tuned self-cascade",
                         elem_id="video-adapter",
                     )
+                lora, lora_scale, lora_upload = lora_controls(tab.loras, prefix="video-")
                 with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
                 with gr.Row():
                     run = gr.Button("Generate video", variant="primary", elem_id="video-button", scale=3)
@@ -408,11 +452,29 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
         video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
             tab.generate,
-            [prompt, negative, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct, adapter],
+            [
+                prompt,
+                negative,
+                frames,
+                fps,
+                aspect,
+                scale,
+                stages,
+                k,
+                steps,
+                guidance,
+                seed,
+                with_direct,
+                adapter,
+                lora,
+                lora_scale,
+            ],
             [*slots, *ab, times, status],
             api_name="generate_video",
             show_progress="hidden",
             **gpu,
         ).then(disable, None, stop, **PRIVATE)
         stop.click(studio.stop_run("video"), None, stop, **PRIVATE)
+        lora_upload.upload(tab.upload_lora, lora_upload, [lora, lora_upload], api_name="load_video_lora")
+        video.select(tab.loras.update, None, lora, api_visibility="private", queue=False)
     return video
