@@ -171,7 +171,7 @@ def test_tiny_run_measures_every_model_size_and_method(tmp_path, monkeypatch):
         "direct",
         "self-cascade K=700 (default)",
         "self-cascade tuned (fresh upsamplers) K=700",
-        *[m for m in METHODS if m not in ("direct", "self-cascade")],
+        *[m for m in METHODS if m not in ("direct", "self-cascade", *gpu.PIXEL_METHODS)],
     ]
     assert [(r["arch"], r["size"], r["method"]) for r in measured] == [
         (arch, size, method)
@@ -226,7 +226,7 @@ def test_what_does_not_fit_the_budget_is_skipped_and_said(tmp_path):
     work = tmp_path / "work"
     assert bench.main(["gpu", "--tiny", "--archs", "sd15", "--budget", "0.01", "--work", str(work)]) == 0
     skipped = rows(work)
-    assert len(skipped) == 2 * len(gpu.variants_for(list(METHODS), [700], 700))
+    assert len(skipped) == 2 * len(gpu.variants_for([m for m in METHODS if m not in gpu.PIXEL_METHODS], [700], 700))
     assert all(r["status"] == "skipped" for r in skipped)
     assert skipped[0]["reason"] == "over the 0.01 s budget at 5 steps"
     table = (work / "table.md").read_text()

@@ -488,6 +488,9 @@ def _atomic_write(path: Path, text: str) -> None:
 # ---- the command -------------------------------------------------------------------------------------
 
 
+PIXEL_METHODS = ("sr", "lanczos")  # random-weight architectures have no SR model
+
+
 def add_parser(sub) -> None:
     from ..api import METHODS
 
@@ -499,8 +502,9 @@ def add_parser(sub) -> None:
     g.add_argument("--archs", default="sd15,sd21,sdxl", help="comma-separated, from sd15, sd21, sdxl")
     g.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (direct is always included)",
+        default=",".join(m for m in METHODS if m not in PIXEL_METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (direct is always included; the default leaves out sr, "
+        "which needs an SR model, and lanczos, which runs no UNet at the target size)",
     )
     g.add_argument("--k", default="700,default", help="the self-cascade's K values; 'default': the model's own")
     g.add_argument(
