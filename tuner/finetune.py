@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from sc_app.sampling import added_conditions, encode_prompt
 from sc_app.upsampler import unet_fingerprint
 from tuner.checkpoints import load_checkpoint, save_checkpoint
 from tuner.data import make_dataset
-from tuner.upsampler_training import LOG_EVERY, _mixed_precision, _to_pixels, lr_at
+from tuner.upsampler_training import _mixed_precision, _to_pixels, lr_at, record_step
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
@@ -276,23 +275,9 @@ def train_finetune(
                 group["lr"] = lr_at(lr, lr_schedule, step, steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise RuntimeError(f"loss is {value} at step {step + 1}; try a lower lr")
-            running = value if running is None else 0.95 * running + 0.05 * value
-            bar.set_postfix(loss=f"{running:.4f}")
-            if bar.disable and (step + 1) % LOG_EVERY == 0:
-                log.info(
-                    "step %d/%d  loss %.4f  %.2f steps/s",
-                    step + 1,
-                    steps,
-                    running,
-                    (step + 1 - start) / (time.perf_counter() - started),
-                )
-            if progress is not None:
-                progress(step + 1, steps, value)
-            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                save(step + 1)
+            running = record_step(
+                loss.item(), step, steps, start, started, running, bar, progress, checkpoint_every, save
+            )
         else:
             step = max(start, steps)
     finally:

@@ -237,6 +237,24 @@ def _mixed_precision(model) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def record_step(value, step, steps, start, started, running, bar, progress, checkpoint_every, save) -> float:
+    """What every training loop does after step `step` (0-based) of `steps`: refuse a non-finite loss, update the
+    running loss the bar and the log show, report `progress`, and `save` on the checkpoint cadence (the last
+    step's save is the caller's). Returns the running loss."""
+    if not math.isfinite(value):
+        raise RuntimeError(f"loss is {value} at step {step + 1}; try a lower lr")
+    running = value if running is None else 0.95 * running + 0.05 * value
+    bar.set_postfix(loss=f"{running:.4f}")
+    if bar.disable and (step + 1) % LOG_EVERY == 0:  # no terminal (a log file): the bar writes nothing
+        rate = (step + 1 - start) / (time.perf_counter() - started)
+        log.info("step %d/%d  loss %.4f  %.2f steps/s", step + 1, steps, running, rate)
+    if progress is not None:
+        progress(step + 1, steps, value)
+    if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+        save(step + 1)
+    return running
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -440,23 +458,9 @@ def train_adapter(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            value = loss.item()
-            if not math.isfinite(value):
-                raise RuntimeError(f"loss is {value} at step {step + 1}; try a lower lr")
-            running = value if running is None else 0.95 * running + 0.05 * value
-            bar.set_postfix(loss=f"{running:.4f}")
-            if bar.disable and (step + 1) % LOG_EVERY == 0:  # no terminal (a log file): the bar writes nothing
-                log.info(
-                    "step %d/%d  loss %.4f  %.2f steps/s",
-                    step + 1,
-                    steps,
-                    running,
-                    (step + 1 - start) / (time.perf_counter() - started),
-                )
-            if progress is not None:
-                progress(step + 1, steps, value)
-            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                save(step + 1)
+            running = record_step(
+                loss.item(), step, steps, start, started, running, bar, progress, checkpoint_every, save
+            )
         else:
             step = max(start, steps)
     finally:
