@@ -50,7 +50,9 @@ def generate(
         from .upsampler import common_k, load_adapters, stage_denoiser_for
 
         adapters = load_adapters(upsampler, model)
-        k = common_k(adapters) if k is None else k  # the adapters only saw timesteps 1..their K in training
+        trained_k = common_k(adapters)  # the adapters only saw timesteps 1..their K in training
+        if k is None and trained_k != model.default_k:  # at the model's own K: its per-stage Ks, all within it
+            k = trained_k
         stage_denoiser = stage_denoiser_for(model, adapters)
     with applied_loras(model, checked):
         result = _run(model, prompt, height, width, method, k, stages, upsample, stage_denoiser, common)

@@ -250,7 +250,10 @@ def self_cascade(
     """
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
+    if isinstance(k, (list, tuple)):
+        ks = list(k)
+    else:
+        ks = [k] * (len(sizes) - 1) if k else model.stage_ks(len(sizes) - 1)
     scheduler = make_scheduler(model, num_inference_steps)
     result = Result(
         "self-cascade",

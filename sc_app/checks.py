@@ -57,6 +57,23 @@ def finite(
     return value
 
 
+def stage_ks(name: str, value, high: int) -> int | list[int] | None:
+    """K as a page field gives it: "auto" or blank -> None (the model's per-stage defaults), "300" -> 300 (every
+    stage), "300, 150" -> [300, 150] (one per stage; their count is checked against the stages by the cascade)."""
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    if isinstance(value, numbers.Real):
+        return whole(name, value, 1, high)
+    try:
+        values = [float(part) for part in str(value).replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(
+            f"{name} must be 'auto', a whole number or one per stage (e.g. 300, 150), got {value!r}"
+        ) from None
+    ks = [whole(name, v, 1, high) for v in values]
+    return ks[0] if len(ks) == 1 else ks
+
+
 def whole(name: str, value, low: int | None = None, high: int | None = None) -> int:
     """`value` as an int: a whole number (700 or 700.0, not 1.5), in [low, high]; else a ValueError that names
     `name` and the value. Nothing is rounded or cut silently."""

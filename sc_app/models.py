@@ -32,8 +32,13 @@ class Model:
     pipe: DiffusionPipeline
     name: str
     default_k: int = PAPER_K  # the best K is model-dependent: a folder may set its own
+    later_k: int | None = None  # K of the stages after the first (lower keeps more of each stage's input)
     default_guidance: float = SD_GUIDANCE
     offload_text_encoders: bool = False  # on the CPU between prompts, on the model's device only to encode
+
+    def stage_ks(self, stages: int) -> list[int]:
+        """The default K of each of `stages` stages: default_k, then later_k (if the folder sets one)."""
+        return [self.default_k] + [self.later_k or self.default_k] * (stages - 1)
 
     @property
     def is_xl(self) -> bool:
@@ -80,6 +85,7 @@ class Model:
             pipe=pipe,
             name=str(name or source or type(pipe).__name__),
             default_k=settings.get("default_k", PAPER_K),
+            later_k=settings.get("later_stages_k"),
             default_guidance=settings.get("default_guidance", SD_GUIDANCE),
         )
 
@@ -109,7 +115,8 @@ def refuse_pickle_weights(name: str, source: str, parts: tuple[str, ...] = WEIGH
 
 
 def _folder_settings(folder: str) -> dict:
-    """A model folder may carry its own defaults (default_k, default_guidance) in self_cascade.json."""
+    """A model folder may carry its own defaults (default_k, later_stages_k, default_guidance) in
+    self_cascade.json."""
     path = Path(folder) / "self_cascade.json"
     return json.loads(path.read_text()) if folder and path.is_file() else {}
 

@@ -149,11 +149,13 @@ def label_from_key(key: str) -> str:
     return key
 
 
-def compare_label(method: str, k: int | None, tuned: bool) -> str:
-    """A Compare run's method as the benches name it: 'self-cascade K=700', 'self-cascade tuned K=700', 'direct'."""
+def compare_label(method: str, k: int | list[int] | None, tuned: bool) -> str:
+    """A Compare run's method as the benches name it: 'self-cascade K=700', 'self-cascade tuned K=300,150',
+    'direct'."""
     if method != "self-cascade":
         return method
-    return f"self-cascade{' tuned' if tuned else ''} K={k}"
+    ks = ",".join(map(str, k)) if isinstance(k, (list, tuple)) else k
+    return f"self-cascade{' tuned' if tuned else ''} K={ks}"
 
 
 def bench_samples(folder: str | Path) -> list[Sample]:

@@ -1,37 +1,71 @@
 """`python -m sc_app.bench ablation`: settings side by side on development prompts, resumable."""
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from sc_app import metrics
+from sc_app.baselines import upscale
+from sc_app.baselines.scalecrafter import plan_for, plan_with
 from sc_app.bench import main
-from sc_app.bench.ablation import parse_setting
+from sc_app.bench.ablation import HEADER, OTHER_SEEDS, parse_setting
+from sc_app.cli import BadInput
 
 
-def run(sd_folder, work, out, *settings, n=2):
+def run(sd_folder, work, out, *settings, n=2, size="64x64", direct_n=1, fid=False, extra=()):
     args = [
         "ablation",
         "--model",
         str(sd_folder),
         "--size",
-        "64x64",
+        size,
         "--n",
         str(n),
         "--direct-n",
-        "1",
+        str(direct_n),
         "--steps",
         "2",
         "--batch-size",
         "2",
-        "--no-fid",
         "--device",
         "cpu",
         "--work",
         str(work),
         "--out",
         str(out),
+        *([] if fid else ["--no-fid"]),
+        *extra,
     ]
     for setting in settings:
         args += ["--setting", setting]
     return main(args)
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """label -> cells of each table row in a section."""
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)}
+
+
+def folder(work, size: str, slug: str):
+    """The one row folder under work/size named `slug`-<its key's hash>."""
+    (found,) = [p for p in (work / size).iterdir() if p.name.rsplit("-", 1)[0] == slug]
+    return found
+
+
+def pixels(work, size: str, slug: str) -> list[np.ndarray]:
+    return [np.asarray(Image.open(png)) for png in sorted(folder(work, size, slug).glob("*.png"))]
+
+
+def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def records(work, size: str, slug: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder(work, size, slug).glob("*.json"))]
 
 
 def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
@@ -44,9 +78,9 @@ def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
     )
     text = out.read_text()
     assert "<!-- bench:ablation-64x64 -->" in text and "Development prompts" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "setting" not in line]
-    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["tuning-free", "lower last stage", "pixels"]
-    assert all("% [" in r for r in rows)  # every composition with its interval
+    rows = table_rows(text)
+    assert list(rows) == ["base (16x16, other seeds)", "tuning-free", "lower last stage", "pixels"]
+    assert all("% [" in r[4] for r in rows.values())  # every composition with its interval
     folders = {p.name: p for p in (work / "64x64").iterdir()}
     assert len(folders) == 4  # direct (the time reference) and the three settings, each in its own folder
     direct = next(p for name, p in folders.items() if name.startswith("direct"))
@@ -101,3 +135,131 @@ def test_other_methods_loras_and_fine_tuned_models_are_rows(sd_folder, tmp_path)
     assert rows["tuned"][3] == "2" and int(rows["tuned"][2].replace(",", "")) > lora_params
     assert rows["resized"][2] == "-"  # nothing trained
     assert run(sd_folder, tmp_path / "w2", out, "x: method=nope") == 2
+
+
+def test_bad_values_and_keys_of_another_method_are_one_line():
+    for spec, words in [
+        ("method=direct; guidance=abc", "guidance must be a number in 0..100"),
+        ("guidance=nan", "guidance must be a number"),
+        ("method=sr; noise_level=2.5", "noise_level must be an integer >= 0"),
+        ("method=scalecrafter; dilation=0.5", "dilation must be a number >= 1"),
+        ("method=scalecrafter; tau=51", "tau must be an integer in 0..50"),
+        ("method=direct; dilation=2", "dilation= applies to method=scalecrafter only"),
+        ("noise_level=20", "noise_level= applies to method=sr only"),
+        ("method=sr; k=300", "k= applies to method=self-cascade only"),
+    ]:
+        with pytest.raises(BadInput) as error:
+            parse_setting(f"x: {spec}")
+        assert words in str(error.value) and "\n" not in str(error.value)
+    setting = parse_setting("x: method=sr; noise_level=50; guidance=3")
+    assert setting.generate_options() == {"noise_level": 50, "guidance_scale": 3.0}
+    assert parse_setting(setting.text) == setting  # the text form is what search writes and ablation reads
+    assert parse_setting("x: method=direct").key == parse_setting("x: method=direct").key
+    assert parse_setting("x: method=direct; guidance=3").key != parse_setting("x: method=direct").key
+
+
+def test_plan_with_replaces_the_dilation_and_tau_on_the_plans_blocks(sd_model):
+    unet, base = sd_model.unet, sd_model.base_size
+    rule = plan_for(unet, base, 32, 32)  # the general rule at 4x pixels: d = 2 below the top level
+    assert plan_with(unet, base, 32, 32) == rule
+    wider = plan_with(unet, base, 32, 32, dilation=3)
+    assert wider.dilations == dict.fromkeys(rule.dilations, 3) and wider.tau == rule.tau and rule.dilations
+    assert plan_with(unet, base, 32, 32, tau=5).dilations == rule.dilations
+    assert plan_with(unet, base, 32, 32, tau=5).tau == 5
+    assert plan_with(unet, base, 16, 16, dilation=2).dilations == dict.fromkeys(rule.dilations, 2)  # rule: none here
+    with pytest.raises(ValueError, match="tau"):
+        plan_with(unet, base, 32, 32, tau=51)
+    # A released preset: its own blocks, one factor, no progressive schedule, the noise-damped branch capped.
+    sd21 = SimpleNamespace(
+        config=SimpleNamespace(
+            block_out_channels=(320, 640, 1280, 1280),
+            addition_embed_type=None,
+            cross_attention_dim=1024,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        )
+    )
+    preset = plan_for(sd21, 512, 2048, 2048)
+    changed = plan_with(sd21, 512, 2048, 2048, dilation=3, tau=30)
+    assert preset.progressive and max(preset.ndcfg.values()) == 4
+    assert changed.dilations == dict.fromkeys(preset.dilations, 3) and changed.tau == 30 and not changed.progressive
+    assert changed.ndcfg == {block: min(d, 3) for block, d in preset.ndcfg.items()}
+    assert changed.preset == "sd2.1 2048x2048, dilation 3, tau 30"
+
+
+def test_guidance_and_scalecrafter_overrides_reach_generate(sd_model, sd_folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    own = f"{sd_model.default_guidance:g}"
+    settings = [
+        "g3: method=direct; guidance=3",
+        f"g own: method=direct; guidance={own}",
+        "sc: method=scalecrafter",
+        "sc d3: method=scalecrafter; dilation=3",
+        "sc tau0: method=scalecrafter; tau=0",
+    ]
+    assert run(sd_folder, work, out, *settings, size="32x32", direct_n=2) == 0
+    direct = pixels(work, "32x32", "direct")
+    assert len(direct) == 2 and same(pixels(work, "32x32", "g-own"), direct)  # the model's guidance, said aloud
+    assert not same(pixels(work, "32x32", "g3"), direct)
+    assert not same(pixels(work, "32x32", "sc"), direct)  # the general rule re-dilates the first step
+    assert not same(pixels(work, "32x32", "sc-d3"), pixels(work, "32x32", "sc"))
+    assert same(pixels(work, "32x32", "sc-tau0"), direct)  # tau 0: no step re-dilated, direct sampling exactly
+
+
+def test_noise_level_reaches_sr_and_is_checked_against_the_sr_model(sd_folder, tmp_path, monkeypatch, capsys):
+    from tiny_models import make_upscaler
+
+    monkeypatch.setattr(upscale, "SR_EMBEDDED", make_upscaler(tmp_path / "sr", sd_folder))
+    monkeypatch.setattr(upscale, "_is_embedded", lambda model: True)  # the tiny model gets the tiny SR model
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    assert (
+        run(sd_folder, work, out, "sr0: method=sr; noise_level=0", "sr300: method=sr; noise_level=300", size="32x32")
+        == 0
+    )
+    assert not same(pixels(work, "32x32", "sr0"), pixels(work, "32x32", "sr300"))
+    assert table_rows(out.read_text())["sr0"][2] != "-"  # the SR model's parameters
+    assert run(sd_folder, work, out, "too much: method=sr; noise_level=351", size="32x32") == 2
+    assert "noise_level must be in 0..350" in capsys.readouterr().err
+
+
+def test_table_columns_and_an_unpaired_fid_b(sd_folder, tmp_path, monkeypatch):
+    def thumbnails(images, device="cpu", batch_size=16):  # a cheap stand-in for Inception
+        return np.stack(
+            [np.asarray(Image.fromarray(np.asarray(im)).resize((4, 4)), np.float64).ravel() / 255 for im in images]
+        )
+
+    monkeypatch.setattr(metrics, "inception_features", thumbnails)
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    assert run(sd_folder, work, out, "sc: k=600", "resized: method=lanczos", n=3, size="32x32", fid=True) == 0
+    text = out.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| setting"))
+    assert [c.strip() for c in header.strip("|").split(" | ")] == HEADER
+    rows = table_rows(text)
+    assert list(rows) == ["base (16x16, other seeds)", "sc", "resized"]
+    for label, cells in rows.items():
+        fid_r, kid_r, fid_b, kid_b = cells[6:10]
+        assert " [" in fid_r and float(kid_r) == float(kid_r)
+        assert (fid_b == kid_b == "-") == label.startswith("base")  # the base is FID_b's reference
+        assert label.startswith("base") or " [" in fid_b
+    assert "unpaired" in text and "bit-identical" in text
+
+    # FID_b's reference: the base model's samples at the pivot size for the same prompts, other seeds.
+    base = records(work, "16x16", "base-16x16-other-seeds")
+    evaluated = {json.loads(p.read_text())["seed"] for p in (work / "32x32").rglob("*.json")}
+    assert [r["seed"] for r in base] == [1000 + OTHER_SEEDS + i for i in range(3)]
+    assert evaluated == {1000, 1001, 1002} and not evaluated & {r["seed"] for r in base}
+    assert [r["prompt"] for r in base] == [r["prompt"] for r in records(work, "32x32", "sc")]
+
+    # Resumed: every sample and every feature (FID_r's and FID_b's) is read back, nothing computed again.
+    def fail(*args, **kwargs):
+        raise AssertionError("a resumed run should not redo finished work")
+
+    monkeypatch.setattr(metrics, "inception_features", fail)
+    assert run(sd_folder, work, out, "sc: k=600", "resized: method=lanczos", n=3, size="32x32", fid=True) == 0
+    assert table_rows(out.read_text()) == rows
+
+
+def test_a_work_folder_keeps_its_seeds(sd_folder, tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    assert run(sd_folder, work, out, "resized: method=lanczos", size="32x32") == 0
+    assert run(sd_folder, work, out, "resized: method=lanczos", size="32x32", extra=["--seed", "0"]) == 2
+    assert "seed: 1000 there, 0 now" in capsys.readouterr().err  # test samples never mix with development ones

@@ -193,6 +193,9 @@ def _settings(stages="auto", k=None, steps=5, guidance=5.0, seed=0, scale="4x") 
         ({"guidance": -1}, r"guidance must be in \[0, 20\], got -1"),
         ({"seed": -2}, "seed must be in 0..9223372036854775807, got -2"),
         ({"stages": "5"}, r"stages must be at most 4 for 32x32"),  # no growth left for a fifth stage at 4x
+        ({"k": "high"}, r"K must be 'auto', a whole number or one per stage \(e.g. 300, 150\), got 'high'"),
+        ({"k": "300, 0"}, "K must be in 1..999, got 0"),
+        ({"k": "300, 150"}, r"k lists one value per stage after the pivot \(1\), got 2"),  # 4x: one stage
     ],
 )
 def test_an_out_of_range_setting_is_an_error_that_names_the_field(app, settings, message):
@@ -200,6 +203,12 @@ def test_an_out_of_range_setting_is_an_error_that_names_the_field(app, settings,
 
     with pytest.raises(gr.Error, match=message):
         app.studio.request("self-cascade", *_settings(**settings))
+
+
+@pytest.mark.parametrize(("k", "expected"), [("auto", None), ("", None), ("400", 400), ("300, 150", [300, 150])])
+def test_k_is_the_models_per_stage_default_one_value_or_one_per_stage(app, k, expected):
+    request = app.studio.request("self-cascade", *_settings(k=k, scale="16x"))
+    assert request["k"] == expected
 
 
 def test_more_stages_than_the_size_needs_is_a_warning_that_names_the_field(app, monkeypatch):

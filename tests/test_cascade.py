@@ -176,3 +176,21 @@ def test_lanczos_upsampling_goes_through_pixels(sd_model, monkeypatch):
     assert lanczos.stages[-1].latents.shape == bilinear.stages[-1].latents.shape
     assert not torch.allclose(bilinear.stages[-1].latents, lanczos.stages[-1].latents, atol=1e-3)
     assert lanczos.settings["upsample"] == "lanczos"
+
+
+def test_a_folder_may_lower_k_after_the_first_stage(sd_model, sd_folder, tmp_path):
+    import dataclasses
+    import shutil
+
+    folder = shutil.copytree(sd_folder, tmp_path / "model")
+    (folder / "self_cascade.json").write_text('{"default_k": 500, "later_stages_k": 200}')
+    model = load_model(str(folder), device="cpu")
+    assert (model.default_k, model.later_k, model.stage_ks(3)) == (500, 200, [500, 200, 200])
+    run = dict(num_inference_steps=STEPS, seed=0, decode_stages=False)
+    assert self_cascade(model, "a cat", 64, 64, **run).settings["k"] == [500, 200]
+    assert self_cascade(model, "a cat", 64, 64, k=400, **run).settings["k"] == [400, 400]  # one K: every stage
+    same_weights = dataclasses.replace(sd_model, default_k=500, later_k=200)
+    assert torch.equal(
+        self_cascade(same_weights, "a cat", 64, 64, **run).stages[-1].latents,
+        self_cascade(sd_model, "a cat", 64, 64, k=[500, 200], **run).stages[-1].latents,
+    )

@@ -169,3 +169,15 @@ def test_adapter_choice_by_stage_resolution():
     assert adapter_for_stage(adapters, model, (64, 64), (128, 128)) is late  # 256 -> 512: the nearest there is
     assert adapter_for_stage(adapters, model, (16, 16), (48, 48)) is x3
     assert adapter_for_stage(adapters, model, (16, 16), (24, 24)) is None  # x1.5: none fits, tuning-free
+
+
+def test_adapters_at_the_models_k_keep_its_per_stage_ks(sd_model):
+    import dataclasses
+
+    model = dataclasses.replace(sd_model, default_k=500, later_k=200)
+    adapter = trained_like(model)
+    adapter.k = 500
+    run = dict(num_inference_steps=3, seed=1, upsampler=adapter)
+    assert generate(model, "a red circle", 64, 64, **run).settings["k"] == [500, 200]
+    adapter.k = 300  # trained on other timesteps: the cascade keeps to the ones it saw, in every stage
+    assert generate(model, "a red circle", 64, 64, **run).settings["k"] == [300, 300]

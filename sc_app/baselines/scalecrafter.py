@@ -176,11 +176,14 @@ def general_plan(unet, base_size: int, height: int, width: int) -> Plan:
     d = math.sqrt(height * width / base_size**2)
     if d <= 1:
         return Plan({}, 0, preset="general rule")
+    return Plan(_same(_below_top(unet), d), min(37, round(20 * (d - 1))), progressive=d > 2.5, preset="general rule")
+
+
+def _below_top(unet) -> list[str]:
+    """Every block below the UNet's top level: the general rule's blocks."""
     levels = len(unet.config.down_block_types)
-    blocks = (
-        [f"down_blocks.{n}" for n in range(1, levels)] + ["mid_block"] + [f"up_blocks.{n}" for n in range(levels - 1)]
-    )
-    return Plan(_same(blocks, d), min(37, round(20 * (d - 1))), progressive=d > 2.5, preset="general rule")
+    down, up = [f"down_blocks.{n}" for n in range(1, levels)], [f"up_blocks.{n}" for n in range(levels - 1)]
+    return down + ["mid_block"] + up
 
 
 def plan_for(unet, base_size: int, height: int, width: int) -> Plan:
@@ -188,6 +191,28 @@ def plan_for(unet, base_size: int, height: int, width: int) -> Plan:
     general rule."""
     presets = PRESETS.get(unet_family(unet, base_size), {})
     return presets.get((max(height, width), min(height, width))) or general_plan(unet, base_size, height, width)
+
+
+def plan_with(
+    unet, base_size: int, height: int, width: int, dilation: float | None = None, tau: int | None = None
+) -> Plan:
+    """plan_for's plan with its dilation factor and/or tau replaced: the points of a settings search around it.
+
+    `dilation` goes on the blocks the plan re-dilates (the general rule's blocks also where the rule itself
+    changes nothing) as one constant factor for the steps before tau: a preset's per-block table and its
+    progressive schedule (which never goes below 2) give way to it, and a noise-damped branch is capped at it,
+    so that it stays the milder one. ValueError for a tau or dilation that a Plan refuses.
+    """
+    plan = plan_for(unet, base_size, height, width)
+    changes = {} if tau is None else {"tau": tau}
+    if dilation is not None:
+        changes["dilations"] = _same(list(plan.dilations) or _below_top(unet), dilation)
+        changes["ndcfg"] = {block: min(d, dilation) for block, d in plan.ndcfg.items()} if plan.ndcfg else None
+        changes["progressive"] = False
+    if not changes:
+        return plan
+    given = ", ".join(f"{key} {value:g}" for key, value in (("dilation", dilation), ("tau", tau)) if value is not None)
+    return replace(plan, **changes, preset=f"{plan.preset}, {given}")
 
 
 # ---- schedule ------------------------------------------------------------------------------------

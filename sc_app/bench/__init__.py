@@ -11,8 +11,11 @@ quality  The paper's comparison table (Tables 1-2) on the embedded model: per me
          `accelerate launch --multi_gpu --num_processes N -m sc_app.bench quality ...` splits the prompts
          across processes: one per GPU, or on a machine without one, N CPU processes (with OMP_NUM_THREADS
          set to cores / N).
-ablation Settings of the self-cascade (K per stage, upsampling, per-stage adapters) side by side on development
-         prompts: composition, shape fidelity, FID_r with 95% intervals, parameters, time vs direct.
+ablation Settings side by side (any method; K per stage, upsampling, adapters, LoRAs, guidance, SR noise level,
+         ScaleCrafter's dilation and tau): composition, shape fidelity, FID_r/KID_r, unpaired FID_b/KID_b with 95%
+         intervals, parameters, training steps, time vs direct; `--chosen` adds the rows that `search` chose.
+search   Every method's settings searched alike on development prompts (built-in grids plus given rows) through
+         the ablation's engine; per method the best row by composition, written to a JSON for `ablation --chosen`.
 gpu      Every method on the SD 1.5, SD 2.1 and SD XL UNet and VAE architectures with random fp16 weights on one
          CUDA GPU, per stage, with peak memory, inside one time budget (`sc_app.bench.gpu`); `--tiny` on a CPU.
 
@@ -35,6 +38,7 @@ from .ablation import add_parser as add_ablation_parser  # noqa: E402
 from .archs import ARCHS  # noqa: E402
 from .gpu import add_parser as add_gpu_parser  # noqa: E402
 from .quality import DEFAULT_WORK  # noqa: E402
+from .search import add_parser as add_search_parser  # noqa: E402
 
 DEFAULT_PROMPT = "a red circle and a blue square"
 
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_gpu_parser(sub)
     add_ablation_parser(sub)
+    add_search_parser(sub)
     return parser
 
 

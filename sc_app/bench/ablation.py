@@ -1,19 +1,25 @@
-"""`python -m sc_app.bench ablation`: settings side by side on a development split.
+"""`python -m sc_app.bench ablation`: settings side by side, the fair comparison engine.
 
 Each `--setting "LABEL: key=value; ..."` is one row: `k=300,150` (K per stage), `upsample=bicubic`,
 `upsampler=FILE+FILE` (adapters; each stage takes the one trained nearest its resolution), `method=direct`
 (any method; default the self-cascade), `lora=FILE` (a LoRA in every stage), `model=DIR` (another model
-folder, e.g. a fine-tuned one; default --model). Every row
-samples the same prompts and seeds; the table gives composition, local structure (`shapes.shape_fidelity`,
-real renders give the ceiling) and FID_r with 95% intervals, trainable parameters and time vs direct
-sampling. Samples go to `--work`, so an interrupted run resumes, and `accelerate launch` splits prompts
-over processes as the quality bench does.
+folder, e.g. a fine-tuned one; default --model), `guidance=7.5` (any method; default the model's),
+`noise_level=50` (method=sr), `dilation=3` and `tau=20` (method=scalecrafter: they replace its plan's
+dilation factor and tau, see `baselines.scalecrafter.plan_with`). `--chosen FILE` adds the rows that
+`bench search` chose on development prompts, and the paper's K=700 beside them.
+
+Every row samples the same prompts and seeds; the table gives composition, local structure
+(`shapes.shape_fidelity`, real renders give the ceiling), FID_r / KID_r, FID_b / KID_b (unpaired: against the
+base model's samples for other seeds) with 95% intervals, trainable parameters, training steps and time vs
+direct sampling. Samples go to `--work`, so an interrupted run resumes, and `accelerate launch` splits
+prompts over processes as the quality bench does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import statistics
 import uuid
@@ -28,10 +34,12 @@ from ..stats import bootstrap, wilson
 from .common import (
     _file_hash,
     _load,
+    check_work_settings,
     command_line,
     log,
     machine_description,
     markdown_table,
+    model_fingerprint,
     parse_sizes,
     process_state,
     size_name,
@@ -41,18 +49,29 @@ from .quality import Cell, cached_features, eval_scenes
 
 DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
-KEYS = ("k", "upsample", "upsampler", "method", "lora", "model")
+OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS + i, never an evaluated seed
+FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
+KEYS = ("k", "upsample", "upsampler", "method", "lora", "model", "guidance", "noise_level", "dilation", "tau")
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
+ONLY_FOR = {  # keys that one method alone takes
+    "k": "self-cascade",
+    "upsample": "self-cascade",
+    "upsampler": "self-cascade",
+    "noise_level": "sr",
+    "dilation": "scalecrafter",
+    "tau": "scalecrafter",
+}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row: generate's keyword arguments for the self-cascade (or `direct`, the time reference)."""
+    """One row: generate's keyword arguments for a method (default the self-cascade)."""
 
     label: str
     options: tuple  # sorted (key, value) pairs, as given
     method: str = "self-cascade"
     limit: int | None = None  # sample only the first `limit` prompts (the direct reference for time)
+    seed_offset: int = 0  # prompt i samples with seed + seed_offset + i (FID_b's base: other seeds)
 
     @cached_property
     def key(self) -> str:
@@ -60,8 +79,15 @@ class Setting:
         every `Cell.done` check reads it)."""
         options = dict(self.options)
         files = [_content_hash(Path(p)) for key in FILE_KEYS for p in options.get(key, "").split("+") if p]
-        digest = hashlib.sha256(json.dumps([self.method, self.options, files]).encode()).hexdigest()[:8]
+        facts = [self.method, self.options, files] + ([self.seed_offset] if self.seed_offset else [])  # old keys stay
+        digest = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:8]
         return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-") + "-" + digest
+
+    @property
+    def text(self) -> str:
+        """The row as --setting takes it: parse_setting(s.text) gives s back."""
+        options = ([("method", self.method)] if self.method != "self-cascade" else []) + list(self.options)
+        return f"{self.label}: " + "; ".join(f"{key}={value}" for key, value in options)
 
     def generate_options(self) -> dict:
         options = dict(self.options)
@@ -75,7 +101,27 @@ class Setting:
             out["upsampler"] = [Path(p) for p in options["upsampler"].split("+")]
         if "lora" in options:
             out["loras"] = [Path(p) for p in options["lora"].split("+")]
+        if "guidance" in options:
+            out["guidance_scale"] = float(options["guidance"])
+        if "noise_level" in options:
+            out["noise_level"] = int(options["noise_level"])
         return out
+
+    def plan(self, model, size: tuple[int, int]):
+        """ScaleCrafter's plan with this row's dilation and tau; None where the row sets neither."""
+        options = dict(self.options)
+        if "dilation" not in options and "tau" not in options:
+            return None
+        from ..baselines.scalecrafter import plan_with
+
+        dilation, tau = options.get("dilation"), options.get("tau")
+        return plan_with(
+            model.unet,
+            model.base_size,
+            *size,
+            dilation=None if dilation is None else float(dilation),
+            tau=None if tau is None else int(tau),
+        )
 
     @property
     def model_source(self) -> str | None:
@@ -110,14 +156,58 @@ def parse_setting(text: str) -> Setting:
 
     if method not in METHODS:
         raise BadInput(f"--setting {text!r}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    for key, value in options.items():
+        if ONLY_FOR.get(key, method) != method:
+            raise BadInput(f"--setting {text!r}: {key}= applies to method={ONLY_FOR[key]} only, not to {method}")
+        _check_number(text, key, value)
     return Setting(label.strip(), tuple(sorted(options.items())), method=method)
+
+
+def _check_number(text: str, key: str, value: str) -> None:
+    """The numeric keys: a number of the right kind in range (the upscaler's own top noise level is checked
+    once the model is loaded)."""
+    from ..baselines.scalecrafter import BASE_STEPS
+    from ..checks import MAX_GUIDANCE
+
+    ranges = {
+        "guidance": (float, 0, MAX_GUIDANCE),
+        "noise_level": (int, 0, None),
+        "dilation": (float, 1, None),
+        "tau": (int, 0, BASE_STEPS),
+    }
+    if key not in ranges:
+        return
+    kind, low, high = ranges[key]
+    try:
+        number = kind(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number >= low and (high is None or number <= high)):
+        wanted = ("an integer" if kind is int else "a number") + (f" in {low}..{high:g}" if high else f" >= {low}")
+        raise BadInput(f"--setting {text!r}: {key} must be {wanted}, got {value!r}")
+
+
+def _check_setting(model, size: tuple[int, int], steps: int, setting: Setting) -> None:
+    """What only the loaded model can tell: stage count and K, the ScaleCrafter plan, the SR model's range."""
+    from ..cascade import check_inputs
+
+    options = setting.generate_options()
+    try:
+        check_inputs(model, *size, steps, options.get("guidance_scale", 0.0), options.get("k"))
+        setting.plan(model, size)
+        if setting.method == "sr":
+            from ..baselines.upscale import load_upscaler
+
+            top = load_upscaler(None, model).config.max_noise_level
+            if options.get("noise_level", 0) > top:
+                raise ValueError(f"noise_level must be in 0..{top} for this SR model, got {options['noise_level']}")
+    except (ValueError, FileNotFoundError) as error:
+        raise BadInput(f"--setting {setting.label!r}: {str(error).splitlines()[0]}") from None
 
 
 def _parameters(model, setting: Setting) -> tuple[int, int]:
     """(trainable parameters, training steps) of what a setting trained: its adapters, LoRAs, fine-tuned UNet
     (from its training.json) or SR model; (0, 0) when tuning-free."""
-    import json
-
     from safetensors import safe_open
 
     from ..upsampler import load_adapters
@@ -151,9 +241,37 @@ def _numel(f, name: str) -> int:
     return count
 
 
-def _sample(
-    models, cells: list[Cell], settings: dict[str, Setting], prompts, *, seed, steps, batch_size, state, session
-) -> None:
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What one run shares: its processes, the model of --model, the samples' size and the model's hash."""
+
+    state: object
+    model: object
+    size: tuple[int, int]
+    fingerprint: str
+
+
+def open_bench(args) -> Bench:
+    """Checks the flags, loads the model and ties --work to it: samples of another model, step count or seed
+    in the same folder would be mixed into the table (and a test table with development samples)."""
+    (size,) = parse_sizes(args.size)
+    if args.n < 2 or not 0 <= args.direct_n <= args.n:
+        raise BadInput(f"--n must be >= 2 and --direct-n in 0..--n, got {args.n} and {args.direct_n}")
+    state = process_state(args)
+    model = _load(args, None)
+    fingerprint = model_fingerprint(model)
+    settings = {"model": model.name, "fingerprint": fingerprint, "steps": args.steps, "seed": args.seed}
+    check_work_settings(args.work, settings, state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        log(machine_description(model.device))
+    return Bench(state, model, size, fingerprint)
+
+
+def _sample(models, cells: list[Cell], prompts, *, seed, steps, batch_size, state, session) -> None:
     """Every missing sample, batch by batch through every cell (alternating order), prompts split over
     processes; each record holds the detector's verdict, the shape fidelity of each object and the time."""
     import time
@@ -161,30 +279,31 @@ def _sample(
     from ..api import generate
     from ..shapes import detect, matches, shape_fidelity
 
-    pending = [
-        i
-        for i in range(len(prompts))
-        if not all(c.done(i) or i >= (settings[c.variant.key].limit or len(prompts)) for c in cells)
-    ]
+    def wanted(cell: Cell, i: int) -> bool:
+        return not cell.done(i) and i < (cell.variant.limit or len(prompts))
+
+    pending = [i for i in range(len(prompts)) if any(wanted(c, i) for c in cells)]
     state.wait_for_everyone()
     with state.split_between_processes(pending) as mine:
         batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
         for b, batch in enumerate(batches):
             for cell in cells if b % 2 == 0 else cells[::-1]:
-                setting = settings[cell.variant.key]
-                todo = [i for i in batch if not cell.done(i) and i < (setting.limit or len(prompts))]
+                setting, todo = cell.variant, [i for i in batch if wanted(cell, i)]
                 if not todo:
                     continue
+                model, first = models(setting.model_source), seed + setting.seed_offset
+                plan = setting.plan(model, cell.size)
                 started = time.perf_counter()
                 result = generate(
-                    models(setting.model_source),
+                    model,
                     [prompts[i] for i in todo],
                     *cell.size,
                     setting.method,
                     seed=None,
-                    generator=_generators(seed, todo),
+                    generator=_generators(first, todo),
                     num_inference_steps=steps,
                     **({"decode_stages": False} if setting.method == "self-cascade" else {}),
+                    **({"plan": plan} if plan is not None else {}),
                     **setting.generate_options(),
                 )
                 seconds = (time.perf_counter() - started) / len(todo)
@@ -195,7 +314,7 @@ def _sample(
                         {
                             "index": i,
                             "prompt": prompts[i],
-                            "seed": seed + i,
+                            "seed": first + i,
                             "match": matches(image, prompts[i]),
                             "fidelity": shape_fidelity(image),
                             "detected": [" ".join(o) for o in detect(image)],
@@ -213,44 +332,49 @@ def _generators(seed: int, indices: list[int]):
     return [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
 
 
-def _row(cell: Cell, setting: Setting, model, n: int, direct: dict, reals, use_fid: bool) -> list[str]:
-    from .. import metrics
+# ---- the table -----------------------------------------------------------------------------------
 
-    records = cell.records(n)
-    idx = sorted(records)
-    hits = sum(records[i]["match"] for i in idx)
-    low, high = wilson(hits / len(idx), len(idx))
-    scores = [s for i in idx for s in records[i]["fidelity"]]
-    f_low, f_high = bootstrap(scores)
-    params, steps = _parameters(model, setting)
-    shared = [i for i in idx if i in direct]
-    ratio = (
-        (
-            statistics.median(records[i]["seconds"] for i in shared)
-            / statistics.median(direct[i]["seconds"] for i in shared)
-        )
-        if shared
-        else None
-    )
-    apart = any(records[i]["session"] != direct[i]["session"] for i in shared)  # timed in other runs: other loads
-    fid = "-"
-    if use_fid:
-        own = cached_features(cell.folder / "features-r.npz", idx, lambda ix: [cell.image(i) for i in ix])
-        real = reals(idx)
-        value = metrics.fid(own, real)
-        b_low, b_high = bootstrap(np.arange(len(idx)), lambda s: metrics.fid(own[s], real[s]), draws=50)
-        fid = f"{value:.1f} [{b_low:.1f}, {b_high:.1f}]"
-    return [
-        setting.label,
-        dict(setting.options).get("k", "model's") if setting.method == "self-cascade" else "-",
-        f"{params:,}" if params else "-",
-        str(steps) if steps else "-",
-        f"{100 * hits / len(idx):.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
-        f"{np.mean(scores):.3f} [{f_low:.3f}, {f_high:.3f}]" if scores else "-",
-        fid,
-        "-" if ratio is None else f"{ratio:.2f}x{'*' if apart else ''}",
-        str(len(idx)),
-    ]
+
+@dataclass
+class Measured:
+    """One row's figures: what the table prints and what `bench search` chooses by. FIDs are (value, low,
+    high) with the bootstrap 95% interval; None where not computed."""
+
+    setting: Setting
+    hits: int
+    n: int
+    fidelity: list[float]
+    params: int = 0
+    steps: int = 0
+    ratio: float | None = None
+    apart: bool = False  # timed in another run than direct's
+    fid_r: tuple[float, float, float] | None = None
+    kid_r: float | None = None
+    fid_b: tuple[float, float, float] | None = None
+    kid_b: float | None = None
+
+    @property
+    def composition(self) -> float:
+        return self.hits / self.n
+
+    def cells(self, mark: str = "") -> list[str]:
+        low, high = wilson(self.composition, self.n)
+        f_low, f_high = bootstrap(self.fidelity)
+        setting = self.setting
+        return [
+            setting.label + mark,
+            dict(setting.options).get("k", "model's") if setting.method == "self-cascade" else "-",
+            f"{self.params:,}" if self.params else "-",
+            str(self.steps) if self.steps else "-",
+            f"{100 * self.composition:.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
+            f"{np.mean(self.fidelity):.3f} [{f_low:.3f}, {f_high:.3f}]" if self.fidelity else "-",
+            _interval(self.fid_r),
+            "-" if self.kid_r is None else f"{self.kid_r:.4f}",
+            _interval(self.fid_b),
+            "-" if self.kid_b is None else f"{self.kid_b:.4f}",
+            "-" if self.ratio is None else f"{self.ratio:.2f}x{'*' if self.apart else ''}",
+            str(self.n),
+        ]
 
 
 HEADER = [
@@ -261,34 +385,82 @@ HEADER = [
     "composition [95%]",
     "shape fidelity [95%]",
     "FID_r [95%]",
+    "KID_r",
+    "FID_b [95%]",
+    "KID_b",
     "time vs direct",
     "n",
 ]
 
 
-def run_ablation(args, argv: list[str]) -> None:
-    from ..cascade import check_inputs
-    from ..shapes import random_prompts, render, shape_fidelity
+def _interval(fid: tuple[float, float, float] | None) -> str:
+    return "-" if fid is None else f"{fid[0]:.1f} [{fid[1]:.1f}, {fid[2]:.1f}]"
 
-    if not args.setting:
-        raise BadInput("give at least one --setting 'LABEL: key=value; ...'")
-    settings = [parse_setting(s) for s in args.setting]
-    (size,) = parse_sizes(args.size)
-    if args.n < 2 or not 0 <= args.direct_n <= args.n:
-        raise BadInput(f"--n must be >= 2 and --direct-n in 0..--n, got {args.n} and {args.direct_n}")
-    state = process_state(args)
-    model = _load(args, None)
+
+def _fid(own: np.ndarray, other: np.ndarray) -> tuple[float, float, float]:
+    """FID and its bootstrap interval over prompts (row j of both sets belongs to the same prompt)."""
+    from .. import metrics
+
+    low, high = bootstrap(np.arange(len(own)), lambda s: metrics.fid(own[s], other[s]), draws=FID_DRAWS)
+    return metrics.fid(own, other), low, high
+
+
+def _measure(cell: Cell, model, n: int, direct: dict, figures) -> Measured:
+    records = cell.records(n)
+    idx = sorted(records)
+    hits, scores = sum(records[i]["match"] for i in idx), [s for i in idx for s in records[i]["fidelity"]]
+    row = Measured(cell.variant, hits, len(idx), scores, *_parameters(model, cell.variant))
+    shared = [i for i in idx if i in direct]
+    if shared:
+        row.ratio = statistics.median(records[i]["seconds"] for i in shared) / statistics.median(
+            direct[i]["seconds"] for i in shared
+        )
+        row.apart = any(records[i]["session"] != direct[i]["session"] for i in shared)  # timed under other loads
+    if figures is not None:
+        figures(row, cell, idx)
+    return row
+
+
+def _figures(reals, base: Cell):
+    """Fills a row's FID_r / KID_r (against renders at its size) and, for every row but the base's own,
+    FID_b / KID_b: its samples down-sampled (PIL bicubic) to the pivot size against `base`'s samples there."""
+    from PIL import Image
+
+    from .. import metrics
+
+    def features(cell: Cell, idx: list[int], kind: str, size=None):
+        def images(ix):
+            return [cell.image(i) if size is None else cell.image(i).resize(size[::-1], Image.BICUBIC) for i in ix]
+
+        return cached_features(cell.folder / f"features-{kind}.npz", idx, images)
+
+    def fill(row: Measured, cell: Cell, idx: list[int]) -> None:
+        own, real = features(cell, idx, "r"), reals(cell.size, idx)
+        row.fid_r, row.kid_r = _fid(own, real), metrics.kid(own, real)
+        if cell is not base:
+            both = [i for i in idx if base.done(i)]
+            down, theirs = features(cell, both, "b", base.size), features(base, both, "r")
+            row.fid_b, row.kid_b = _fid(down, theirs), metrics.kid(down, theirs)
+
+    return fill
+
+
+def measure(args, bench: Bench, settings: list[Setting]) -> tuple[Measured, list[Measured]] | None:
+    """Samples every setting (resuming from --work), with the direct reference for time and the base model's
+    samples at the pivot size for other seeds; then, on the main process, (the base row, a row per setting).
+    None on the other processes."""
+    from ..plan import plan_stages
+    from ..shapes import random_prompts, render
+
+    model, size, state = bench.model, bench.size, bench.state
     for setting in settings:
-        try:
-            check_inputs(model, *size, args.steps, 0.0, setting.generate_options().get("k"))
-        except ValueError as error:
-            raise BadInput(f"--setting {setting.label!r}: {error}") from None
+        _check_setting(model, size, args.steps, setting)
+    pivot = plan_stages(*size, model.base_size, model.size_multiple)[0]
+    base = Setting(f"base ({size_name(pivot)}, other seeds)", (), method="direct", seed_offset=OTHER_SEEDS)
     reference = Setting("direct", (), method="direct", limit=args.direct_n)
-    by_key = {s.key: s for s in [reference, *settings]}
-    cells = [Cell(s, size, args.work) for s in by_key.values()]  # Cell needs only `.key` of its variant
-    prompts = random_prompts(args.n, args.seed)
-    if state.is_main_process:
-        log(machine_description(model.device))
+    rows = list({s.key: s for s in settings}.values())
+    sampled = {base.key: base, reference.key: reference} | {s.key: s for s in rows}  # a plain direct row: all prompts
+    cells = {key: Cell(s, pivot if s is base else size, args.work) for key, s in sampled.items()}
     loaded = {None: model}
 
     def models(source: str | None):
@@ -298,75 +470,123 @@ def run_ablation(args, argv: list[str]) -> None:
             loaded[source] = load_model(source, device=model.device)
         return loaded[source]
 
-    _sample(
-        models,
-        cells,
-        by_key,
-        prompts,
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        state=state,
-        session=uuid.uuid4().hex[:12],
-    )
+    prompts = random_prompts(args.n, args.seed)
+    options = dict(seed=args.seed, steps=args.steps, batch_size=args.batch_size, state=state)
+    _sample(models, list(cells.values()), prompts, session=uuid.uuid4().hex[:12], **options)
     if not state.is_main_process:
-        return
-
+        return None
     scenes = eval_scenes(args.n, args.seed)
-    real_images = {i: render(scenes[i], *size) for i in range(args.n)}
-    use_fid = not args.no_fid
 
-    def reals(idx):
+    def reals(at: tuple[int, int], idx: list[int]) -> np.ndarray:
         return cached_features(
-            args.work / size_name(size) / "reals" / "features.npz", idx, lambda ix: [real_images[i] for i in ix]
+            args.work / size_name(at) / "reals" / "features.npz", idx, lambda ix: [render(scenes[i], *at) for i in ix]
         )
 
-    direct = cells[0].records(args.n)
-    rows = [_row(cell, by_key[cell.variant.key], model, args.n, direct, reals, use_fid) for cell in cells[1:]]
-    ceiling = [s for image in real_images.values() for s in shape_fidelity(image)]
-    table = markdown_table(HEADER, rows)
+    figures = None if args.no_fid else _figures(reals, cells[base.key])
+    direct = cells[reference.key].records(args.n)
+    return _measure(cells[base.key], model, args.n, {}, figures), [
+        _measure(cells[s.key], model, args.n, direct, figures) for s in rows
+    ]
+
+
+def describe(args, bench: Bench) -> str:
+    """The paragraph that says what the table's prompts, columns and intervals are."""
+    from ..plan import plan_stages
+    from ..shapes import render, shape_fidelity
+
+    model, size = bench.model, bench.size
+    pivot = size_name(plan_stages(*size, model.base_size, model.size_multiple)[0])
+    ceiling = [s for scene in eval_scenes(args.n, args.seed) for s in shape_fidelity(render(scene, *size))]
+    last = args.seed + args.n - 1
+    return (
+        f"{'Development' if args.seed >= DEV_SEED else 'Test'} prompts `shapes.random_prompts({args.n}, {args.seed})` "
+        f"(prompt i with seed {args.seed} + i, seeds {args.seed}..{last}; the test tables use seeds 0.., development "
+        f"sets {DEV_SEED}..), DDIM {args.steps} steps, the model's guidance ({model.default_guidance:g}) unless a "
+        "row sets its own. **composition**: share with exactly the prompted objects, Wilson 95% interval. **shape "
+        "fidelity**: mean over detected objects of the IoU between the object's mask and the ideal shape of its "
+        "class with the same area and centroid (`shapes.shape_fidelity`), bootstrap 95% interval; real renders at "
+        f"this size: {np.mean(ceiling):.3f}. **FID_r / KID_r**: against one real render per prompt at the row's "
+        f"size. **FID_b / KID_b**: each sample down-sampled (PIL bicubic) to the pivot size {pivot} against the "
+        f"base model's own direct samples there for the same prompts but other seeds (seed + {OTHER_SEEDS} + i: "
+        f"the row `base ({pivot}, other seeds)`, whose FID_r is against renders at {pivot}), so it measures how "
+        "far a method's images, seen at the base resolution, are from what the model makes at its own size. It is "
+        "unpaired on purpose: the self-cascade's pivot is bit-identical to a same-seed base sample, so a paired "
+        "FID_b would mostly measure how little the re-noise drifts from its own pivot, a pairing no baseline has. "
+        f"FID intervals: bootstrap over prompts ({FID_DRAWS} draws); with this few samples FID is biased upwards, "
+        "so compare within a column. **time vs direct**: median s / image over the first "
+        f"{args.direct_n} prompts against direct sampling's on the same prompts; * where the two were sampled in "
+        "different runs of a resumed run, under other loads: then only `bench speed` (both timed side by side) "
+        "gives the ratio." + (" FID and KID: not computed in this run (--no-fid)." if args.no_fid else "")
+    )
+
+
+def run_ablation(args, argv: list[str]) -> None:
+    settings = [parse_setting(s) for s in args.setting]
+    if not settings and args.chosen is None:
+        raise BadInput("give at least one --setting 'LABEL: key=value; ...' or --chosen FILE")
+    bench = open_bench(args)
+    chosen_text = ""
+    if args.chosen is not None:
+        from .search import read_chosen
+
+        rows, chosen_text = read_chosen(args.chosen, args, bench)
+        settings += rows
+    measured = measure(args, bench, settings)
+    if measured is None:
+        return
+    base, rows = measured
+    table = markdown_table(HEADER, [base.cells()] + [r.cells() for r in rows])
     print(table)
     if args.out is None:
         return
+    state = bench.state
     body = "\n\n".join(
-        [
-            f"### Ablation at {size_name(size)} ({model.name})",
-            machine_description(model.device) + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}`",
-            f"{'Development' if args.seed >= DEV_SEED else 'Test'} prompts `shapes.random_prompts({args.n}, "
-            f"{args.seed})` (seed {args.seed} + i; the test tables use seeds 0..199, development sets {DEV_SEED}..), "
-            f"DDIM {args.steps} steps, the model's guidance. **composition**: share with "
-            "exactly the prompted objects, Wilson 95% interval. **shape fidelity**: mean over detected objects of the "
-            "IoU between the object's mask and the ideal shape of its class with the same area and centroid "
-            f"(`shapes.shape_fidelity`), bootstrap 95% interval; real renders at this size: {np.mean(ceiling):.3f}. "
-            "**FID_r**: against one real render per prompt, bootstrap interval over prompts (50 draws); with this "
-            "few samples FID is biased upwards, so compare within the column. **time vs direct**: median s / image "
-            f"over the first {args.direct_n} prompts against direct sampling's on the same prompts; * where the two "
-            "were sampled in different runs of a resumed ablation, under other loads: then only `bench speed` (both "
-            "timed side by side) gives the ratio.",
-            table,
-        ]
+        filter(
+            None,
+            [
+                f"### Ablation at {size_name(bench.size)} ({bench.model.name})",
+                machine_description(bench.model.device)
+                + f"\n\nCommand: `{command_line(argv, processes=state.num_processes)}`",
+                describe(args, bench),
+                chosen_text,
+                table,
+            ],
+        )
     )
-    write_section(args.out, args.section or f"ablation-{size_name(size)}", body)
+    write_section(args.out, args.section or f"ablation-{size_name(bench.size)}", body)
     log(f"wrote section to {args.out}")
 
 
+def add_engine_arguments(p, *, n: int, work: Path, section: str) -> None:
+    """The flags that `ablation` and `search` share."""
+    p.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
+    p.add_argument("--size", default="256x256", help="HEIGHTxWIDTH of the samples")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--n", type=int, default=n, help="prompts")
+    p.add_argument("--direct-n", type=int, default=8, help="prompts that direct sampling runs, for the time ratio")
+    p.add_argument("--seed", type=int, default=DEV_SEED, help="first seed (the test tables use 0..)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--work", type=Path, default=work, help="samples and records, for resuming")
+    p.add_argument("--no-fid", action="store_true", help="no FID_r, KID_r, FID_b, KID_b")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--out", type=Path, default=None, help="markdown file for the section (default: print only)")
+    p.add_argument("--section", default=None, help=f"the section's marker name (default: {section}-HxW)")
+
+
 def add_parser(sub) -> None:
-    a = sub.add_parser("ablation", help="self-cascade settings side by side on development prompts")
-    a.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
-    a.add_argument("--size", default="256x256", help="HEIGHTxWIDTH of the samples")
+    a = sub.add_parser("ablation", help="settings side by side: composition, FID and KID (r, b), time, with intervals")
+    add_engine_arguments(a, n=48, work=DEFAULT_WORK, section="ablation")
     a.add_argument(
         "--setting",
         action="append",
         default=[],
-        help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE' (repeat for each row)",
+        help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE; method=...; lora=FILE; model=DIR; "
+        "guidance=5; noise_level=20 (sr); dilation=2; tau=20 (scalecrafter)' (repeat for each row)",
     )
-    a.add_argument("--steps", type=int, default=25)
-    a.add_argument("--n", type=int, default=48, help="development prompts")
-    a.add_argument("--direct-n", type=int, default=8, help="prompts that direct sampling runs, for the time ratio")
-    a.add_argument("--seed", type=int, default=DEV_SEED, help="first seed (the test tables use 0..)")
-    a.add_argument("--batch-size", type=int, default=8)
-    a.add_argument("--work", type=Path, default=DEFAULT_WORK, help="samples and records, for resuming")
-    a.add_argument("--no-fid", action="store_true")
-    a.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    a.add_argument("--out", type=Path, default=None, help="markdown file for the section (default: print only)")
-    a.add_argument("--section", default=None, help="the section's marker name (default: ablation-HxW)")
+    a.add_argument(
+        "--chosen",
+        type=Path,
+        default=None,
+        help="a row per setting that `bench search` chose (its --chosen JSON) and the paper's K=700; "
+        "refused when its development seeds overlap this table's",
+    )

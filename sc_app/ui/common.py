@@ -124,6 +124,22 @@ def result_name(request: dict, suffix: str = ".png") -> str:
     )
 
 
+def request_ks(request: dict) -> list[int] | None:
+    """The K of a request as a list (one value stands for every stage); None: the model's defaults."""
+    k = request.get("k")
+    return None if k is None else list(k) if isinstance(k, (list, tuple)) else [k]
+
+
+def run_ks(model, request: dict) -> list[int]:
+    """The K each stage of a self-cascade request runs with: the request's, else the model's per-stage ones."""
+    ks = request_ks(request)
+    if ks is not None and len(ks) > 1:
+        return ks
+    h, w = request["height"], request["width"]
+    stages = len(plan_stages(h, w, model.base_size, model.size_multiple, request.get("stages"))) - 1
+    return ks * stages if ks else model.stage_ks(stages)
+
+
 def settings_line(model_name: str, request: dict, k: list[int] | None = None) -> str:
     """The `python -m sc_app generate ...` command line that makes a request's image again. `k`: the K each
     stage ran with (the run's summary), else the request's."""
@@ -132,7 +148,7 @@ def settings_line(model_name: str, request: dict, k: list[int] | None = None) ->
         args += ["--negative-prompt", request["negative_prompt"]]
     args += ["--height", str(request["height"]), "--width", str(request["width"]), "--method", request["method"]]
     if request["method"] == "self-cascade":
-        ks = list(k) if k is not None else ([] if request.get("k") is None else [request["k"]])
+        ks = list(k) if k is not None else request_ks(request) or []
         if request.get("stages") is not None or k is not None:
             args += ["--stages", str(len(ks) if k is not None else request["stages"])]
         if ks:

@@ -39,6 +39,11 @@ def size_controls(studio, prefix: str = "") -> tuple:
     return aspect, scale
 
 
+def default_ks_text(model) -> str:
+    first, later = model.stage_ks(2)
+    return str(first) if first == later else f"{first}, then {later} in later stages"
+
+
 def stage_choices() -> list[tuple[str, str]]:
     """The Stages dropdown: "auto", "pivot + 0 stages", ..., with the number of stages after the pivot as value."""
     return [(choice if choice == "auto" else stages_text(int(choice)), choice) for choice in STAGE_CHOICES]
@@ -56,10 +61,11 @@ def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
                 elem_id="stages-choice",
                 info="auto: about 4x more pixels per stage",
             )
-        k = number_field(
-            model.default_k,
-            "K (re-noise level)",
-            f"1 to {model.num_train_timesteps - 1}; higher: more new detail per stage, less of the pivot's layout",
+        k = gr.Textbox(
+            "auto",
+            label="K (re-noise level)",
+            info=f"auto: the model's ({default_ks_text(model)}); one value for every stage or one per stage (300, 150)"
+            f", each 1 to {model.num_train_timesteps - 1}; higher: more new detail, less of the pivot's layout",
         )
         steps = number_field(50, "Steps", f"1 to {MAX_STEPS}")
         guidance = number_field(model.default_guidance, "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5)

@@ -10,6 +10,7 @@ import time
 from ..baselines.progressive import base_steps
 from ..baselines.progressive import stage_steps as peer_stage_steps
 from ..plan import plan_stages
+from .common import request_ks
 
 PEER_METHODS = ("demofusion", "freescale")  # multi-stage peers: their own steps and work per stage
 PIVOT_METHODS = ("sr", "lanczos")  # the pivot, then upscaled in pixel space: sr's x4 model, or a Lanczos resize
@@ -34,7 +35,8 @@ def stage_steps(model, request: dict, stage: int) -> int:
         return steps
     if request["method"] == "lanczos":
         return 0
-    k = request.get("k") or model.default_k
+    ks = request_ks(request) or model.stage_ks(stage)  # one value stands for every stage
+    k = ks[min(stage, len(ks)) - 1]
     return max(1, min(steps, round(steps * k / model.num_train_timesteps)))
 
 

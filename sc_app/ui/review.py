@@ -37,7 +37,7 @@ from ..review import (
     new_reviewer,
     review_dir,
 )
-from .common import user_error
+from .common import run_ks, user_error
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ReviewTab:
         samples = []
         for method, request in zip(methods, requests):
             if method in results:
-                label = compare_label(method, request.get("k") or model.default_k, bool(request.get("upsampler")))
+                label = compare_label(method, run_ks(model, request), bool(request.get("upsampler")))
                 settings = {
                     key: request.get(key) for key in ("num_inference_steps", "guidance_scale", "negative_prompt")
                 }

@@ -215,7 +215,7 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
             )
         try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
             stages = None if stages in (None, "", "auto") else checks.whole("stages", as_number(stages), 0)
-            k = None if k is None else checks.whole("K", k, 1, self.model.num_train_timesteps - 1)
+            k = checks.stage_ks("K", k, self.model.num_train_timesteps - 1)
             steps = checks.whole("steps", steps, 1, MAX_STEPS)
             guidance = (
                 self.model.default_guidance
