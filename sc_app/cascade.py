@@ -250,10 +250,7 @@ def self_cascade(
     """
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    if isinstance(k, (list, tuple)):
-        ks = list(k)
-    else:
-        ks = [k] * (len(sizes) - 1) if k else model.stage_ks(len(sizes) - 1)
+    ks = model.stage_ks(len(sizes) - 1, k)
     scheduler = make_scheduler(model, num_inference_steps)
     result = Result(
         "self-cascade",

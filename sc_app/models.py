@@ -36,8 +36,13 @@ class Model:
     default_guidance: float = SD_GUIDANCE
     offload_text_encoders: bool = False  # on the CPU between prompts, on the model's device only to encode
 
-    def stage_ks(self, stages: int) -> list[int]:
-        """The default K of each of `stages` stages: default_k, then later_k (if the folder sets one)."""
+    def stage_ks(self, stages: int, k: int | list[int] | None = None) -> list[int]:
+        """The K of each of `stages` stages: `k`'s (one value stands for every stage), else the defaults, default_k
+        then later_k (if the folder sets one)."""
+        if isinstance(k, (list, tuple)):
+            return list(k)
+        if k:
+            return [k] * stages
         return [self.default_k] + [self.later_k or self.default_k] * (stages - 1)
 
     @property

@@ -132,12 +132,9 @@ def request_ks(request: dict) -> list[int] | None:
 
 def run_ks(model, request: dict) -> list[int]:
     """The K each stage of a self-cascade request runs with: the request's, else the model's per-stage ones."""
-    ks = request_ks(request)
-    if ks is not None and len(ks) > 1:
-        return ks
     h, w = request["height"], request["width"]
     stages = len(plan_stages(h, w, model.base_size, model.size_multiple, request.get("stages"))) - 1
-    return ks * stages if ks else model.stage_ks(stages)
+    return model.stage_ks(stages, request.get("k"))
 
 
 def settings_line(model_name: str, request: dict, k: list[int] | None = None) -> str:
