@@ -19,12 +19,19 @@ def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap(values: Sequence, statistic: Callable = np.mean, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of `statistic` over `values` (resampled with replacement, seeded)."""
+def bootstrap(
+    values: Sequence, statistic: Callable = np.mean, draws: int = 1000, seed: int = 0, centred: bool = False
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of `statistic` over `values` (resampled with replacement, seeded).
+
+    `centred`: for a statistic that resampling itself biases (FID: repeated samples shrink the effective set and
+    raise it), the percentiles shifted by the draws' mean bias, so the interval is the spread around the
+    statistic of `values` and contains it, rather than an interval around the resamples' inflated values."""
     values = np.asarray(values)
     if len(values) == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(draws)]
+    stats = np.array([statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(draws)])
     low, high = np.percentile(stats, [2.5, 97.5])
-    return float(low), float(high)
+    shift = stats.mean() - statistic(values) if centred else 0.0
+    return float(low - shift), float(high - shift)

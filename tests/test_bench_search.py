@@ -87,7 +87,8 @@ def test_choose_takes_the_best_composition_then_the_lower_fid_r():
 
 
 def test_default_methods_search_sr_only_with_an_sr_model(sd_model, monkeypatch):
-    assert search.default_methods(sd_model) == ["direct", "self-cascade", "scalecrafter", "attn-sf", "lanczos"]
+    expected = ["direct", "self-cascade", "scalecrafter", "attn-sf", "demofusion", "freescale", "lanczos"]
+    assert search.default_methods(sd_model) == expected
     monkeypatch.setattr(upscale, "load_upscaler", lambda source, model: object())
     assert "sr" in search.default_methods(sd_model)
 

@@ -1,4 +1,4 @@
-"""95% intervals of the tables: Wilson for shares, percentile bootstrap for means and FID."""
+"""95% intervals of the tables: Wilson for shares, percentile bootstrap for means, centred for FID."""
 
 import numpy as np
 import pytest
@@ -24,3 +24,16 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_samples():
     assert np.subtract(*bootstrap(large)[::-1]) < np.subtract(*bootstrap(small)[::-1])
     assert bootstrap(small) == bootstrap(small)  # seeded: a table does not change on a rerun
     assert np.isnan(bootstrap([])[0])
+
+
+def test_centred_bootstrap_contains_a_statistic_that_resampling_inflates():
+    values = np.arange(50)
+
+    def repeats(v):  # like FID, larger on a resample: drawing with replacement repeats items
+        return len(v) - len(np.unique(v))
+
+    assert repeats(values) == 0
+    low, high = bootstrap(values, repeats, draws=200)
+    assert low > 0  # the plain percentiles miss the statistic's own value
+    low, high = bootstrap(values, repeats, draws=200, centred=True)
+    assert low <= 0 <= high and high - low > 0

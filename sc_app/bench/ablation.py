@@ -401,7 +401,7 @@ def _fid(own: np.ndarray, other: np.ndarray) -> tuple[float, float, float]:
     """FID and its bootstrap interval over prompts (row j of both sets belongs to the same prompt)."""
     from .. import metrics
 
-    low, high = bootstrap(np.arange(len(own)), lambda s: metrics.fid(own[s], other[s]), draws=FID_DRAWS)
+    low, high = bootstrap(np.arange(len(own)), lambda s: metrics.fid(own[s], other[s]), draws=FID_DRAWS, centred=True)
     return metrics.fid(own, other), low, high
 
 
@@ -512,8 +512,10 @@ def describe(args, bench: Bench) -> str:
         "far a method's images, seen at the base resolution, are from what the model makes at its own size. It is "
         "unpaired on purpose: the self-cascade's pivot is bit-identical to a same-seed base sample, so a paired "
         "FID_b would mostly measure how little the re-noise drifts from its own pivot, a pairing no baseline has. "
-        f"FID intervals: bootstrap over prompts ({FID_DRAWS} draws); with this few samples FID is biased upwards, "
-        "so compare within a column. **time vs direct**: median s / image over the first "
+        f"FID intervals: bootstrap over prompts ({FID_DRAWS} draws), centred: a resample repeats prompts, which "
+        "raises FID by itself, so the percentiles are shifted by the draws' mean excess and give the spread "
+        "around the table's value. With this few samples FID is biased upwards, so compare within a column. "
+        "**time vs direct**: median s / image over the first "
         f"{args.direct_n} prompts against direct sampling's on the same prompts; * where the two were sampled in "
         "different runs of a resumed run, under other loads: then only `bench speed` (both timed side by side) "
         "gives the ratio." + (" FID and KID: not computed in this run (--no-fid)." if args.no_fid else "")

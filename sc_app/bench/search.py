@@ -33,7 +33,7 @@ from .ablation import (
 from .common import command_line, log, machine_description, markdown_table, size_name, write_section
 
 DEFAULT_WORK = Path("runs/bench-search")
-SEARCHED = ("direct", "self-cascade", "scalecrafter", "attn-sf", "sr", "lanczos")
+SEARCHED = ("direct", "self-cascade", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
 GUIDANCES = (3, 5, 7.5)  # with the model's own guidance always among them
 KS = (100, 200, 300, 500, 700)
 DILATIONS = (1.5, 2, 3)
