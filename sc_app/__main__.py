@@ -25,6 +25,7 @@ from .api import METHODS  # noqa: E402
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
 from .lora import parse_lora  # noqa: E402
 
+NO_UPSAMPLER = Path("none")  # --upsampler none: the tuning-free self-cascade, even where the model has adapters
 VIDEO_METHODS = ("self-cascade", "direct")  # sc_app.video.VIDEO_METHODS, named here so that --help needs no torch
 MAX_PIXELS_HELP = (
     f"largest width x height (times frames for a video) to run (default: ${checks.ENV_MAX_PIXELS}, "
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="trained feature upsamplers: a .safetensors file, or "
-        "a folder of them (one per stage: each stage takes the one trained nearest its resolution)",
+        "a folder of them (one per stage: each stage takes the one trained nearest its resolution); default: the "
+        "model's own (the embedded model's per-stage adapters), 'none' for the tuning-free self-cascade",
     )
     g.add_argument(
         "--lora",
@@ -161,7 +163,7 @@ def check_run(args, prompts: list[str], frames: int | None = None) -> Callable[[
         if args.guidance is not None:
             checks.finite("--guidance", args.guidance, 0, checks.MAX_GUIDANCE)
         checks.seed("--seed", args.seed, len(prompts))
-        if args.upsampler is not None and not args.upsampler.exists():
+        if args.upsampler not in (None, NO_UPSAMPLER) and not args.upsampler.exists():
             raise ValueError(f"--upsampler {args.upsampler}: no such file or folder")
         args.lora = [parse_lora(text) for text in getattr(args, "lora", [])]
         for lora in args.lora:
@@ -226,10 +228,13 @@ def generate(args) -> None:
             options.get("stages"),
             options.get("upsample", "bilinear"),
         )
-        if args.upsampler is not None:
+        upsampler = model.default_upsampler if args.upsampler is None else args.upsampler
+        if args.method == "self-cascade" and upsampler not in (None, NO_UPSAMPLER):
             from .upsampler import load_adapters
 
-            options["upsampler"] = load_adapters(args.upsampler, model)
+            options["upsampler"] = load_adapters(upsampler, model)
+        else:
+            options.pop("upsampler", None)
         if args.method == "sr":
             from .baselines.upscale import load_upscaler
 

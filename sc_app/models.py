@@ -34,6 +34,7 @@ class Model:
     default_k: int = PAPER_K  # the best K is model-dependent: a folder may set its own
     later_k: int | None = None  # K of the stages after the first (lower keeps more of each stage's input)
     default_guidance: float = SD_GUIDANCE
+    default_upsampler: Path | None = None  # the folder's own trained adapters, which the app and CLI use by default
     offload_text_encoders: bool = False  # on the CPU between prompts, on the model's device only to encode
 
     def stage_ks(self, stages: int, k: int | list[int] | None = None) -> list[int]:
@@ -92,6 +93,7 @@ class Model:
             default_k=settings.get("default_k", PAPER_K),
             later_k=settings.get("later_stages_k"),
             default_guidance=settings.get("default_guidance", SD_GUIDANCE),
+            default_upsampler=_default_upsampler(source, settings),
         )
 
 
@@ -120,10 +122,21 @@ def refuse_pickle_weights(name: str, source: str, parts: tuple[str, ...] = WEIGH
 
 
 def _folder_settings(folder: str) -> dict:
-    """A model folder may carry its own defaults (default_k, later_stages_k, default_guidance) in
-    self_cascade.json."""
+    """A model folder may carry its own defaults (default_k, later_stages_k, default_guidance,
+    default_upsampler) in self_cascade.json."""
     path = Path(folder) / "self_cascade.json"
     return json.loads(path.read_text()) if folder and path.is_file() else {}
+
+
+def _default_upsampler(folder: str, settings: dict) -> Path | None:
+    """The adapters a folder names as its default (a file or a folder of them, inside the model folder)."""
+    name = settings.get("default_upsampler")
+    if not name:
+        return None
+    path = (Path(folder) / name).resolve()
+    if not path.is_relative_to(Path(folder).resolve()) or not path.exists():
+        raise ValueError(f"{folder}/self_cascade.json: default_upsampler {name!r} is not a file or folder inside it")
+    return path
 
 
 def _index(source: str) -> dict | None:

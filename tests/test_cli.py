@@ -243,3 +243,43 @@ def test_prompts_file_splits_over_processes_with_the_files_and_seeds_of_one(sd_f
         assert _without_times(result) == _without_times(json.loads((one / "result.json").read_text()))
         for name in ("stage0.png", "final.png"):
             assert Image.open(two / name).tobytes() == Image.open(one / name).tobytes()
+
+
+def test_a_folders_default_adapters_are_used_unless_none_is_asked_for(sd_folder, tmp_path, capsys):
+    import shutil
+
+    from sc_app.models import load_model
+    from sc_app.upsampler import Adapter, save_adapter
+
+    folder = shutil.copytree(sd_folder, tmp_path / "model")
+    model = load_model(str(folder), device="cpu")
+    save_adapter(Adapter(model.unet.config, base_model=str(folder)), folder / "upsamplers" / "x2.safetensors")
+    (folder / "self_cascade.json").write_text('{"default_upsampler": "upsamplers"}')
+
+    def run(name, *extra):
+        argv = ["--model", str(folder), "--prompt", "a cat", "--height", "64", "--width", "64", "--steps", "4"]
+        code, err = _run(capsys, *argv, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        return json.loads((tmp_path / name / "result.json").read_text())
+
+    assert load_model(str(folder), device="cpu").default_upsampler == (folder / "upsamplers").resolve()
+    assert len(run("default")["upsampler"]) == 1  # one stage, one adapter: the folder's own
+    assert "upsampler" not in run("none", "--upsampler", "none")  # tuning-free on request
+    assert "upsampler" not in run("direct", "--method", "direct")  # other methods take no adapters
+
+
+def test_a_default_adapter_outside_the_model_folder_is_refused(sd_folder, tmp_path):
+    import shutil
+
+    from sc_app.models import load_model
+
+    folder = shutil.copytree(sd_folder, tmp_path / "model")
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    (folder / "self_cascade.json").write_text('{"default_upsampler": "../elsewhere.safetensors"}')
+    with pytest.raises(ValueError, match="not a file or folder inside it"):
+        load_model(str(folder), device="cpu")
+
+
+def test_the_embedded_model_defaults_to_its_per_stage_adapters(embedded_model):
+    folder = embedded_model.default_upsampler
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["x2-128.safetensors", "x2-256.safetensors"]

@@ -158,8 +158,8 @@ def settings_line(model_name: str, request: dict, k: list[int] | None = None) ->
         "--seed",
         str(request["seed"]),
     ]
-    if request.get("upsampler"):
-        args += ["--upsampler", str(request["upsampler"])]
+    if request["method"] == "self-cascade":  # said even when none: the CLI would take the model's own adapters
+        args += ["--upsampler", str(request.get("upsampler") or "none")]
     for path, scale in request.get("loras") or []:
         args += ["--lora", f"{path}:{float(scale)!r}"]
     return shlex.join(args + ["--out", "out"])

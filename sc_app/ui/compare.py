@@ -159,7 +159,10 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                     studio, with_stages=False, prefix="compare-"
                 )
                 c_adapter = gr.Dropdown(
-                    adapters, value=NO_ADAPTER, label="Adapter for the self-cascade", allow_custom_value=True
+                    adapters,
+                    value=studio.default_adapter(),
+                    label="Adapter for the self-cascade",
+                    allow_custom_value=True,
                 )
                 c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")

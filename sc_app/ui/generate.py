@@ -133,7 +133,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                 with gr.Row(equal_height=True):
                     adapter = gr.Dropdown(
                         adapters,
-                        value=NO_ADAPTER,
+                        value=studio.default_adapter(),
                         label="Feature upsamplers (adapter)",
                         allow_custom_value=True,
                         scale=3,

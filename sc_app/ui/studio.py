@@ -119,6 +119,14 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         return ([folder] if len(files) > 1 else []) + found + files
 
+    def default_adapter(self) -> str:
+        """The label of the model's own default adapters (its folder's default_upsampler), else none."""
+        default = self.model.default_upsampler
+        files = sorted(default.glob("*.safetensors")) if default is not None and default.is_dir() else []
+        default = files[0] if len(files) == 1 else default  # a folder of one is offered as its file
+        found = [label for label, path in self.adapters().items() if path and Path(path).resolve() == default]
+        return found[0] if found else NO_ADAPTER
+
     def adapter_path(self, label: str | None) -> str | None:
         return chosen_adapter(self.adapters(), label)
 
