@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time not
 from . import checks  # noqa: E402
 from .api import METHODS  # noqa: E402
 from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
+from .files import staged_folder  # noqa: E402
 from .lora import parse_lora  # noqa: E402
 
 NO_UPSAMPLER = Path("none")  # --upsampler none: the tuning-free self-cascade, even where the model has adapters
@@ -139,20 +138,13 @@ def _method_options(args) -> dict:
 
 
 def _write_run(result, folder: Path) -> None:
-    """Write into a fresh temporary folder beside `folder`, then move the files in: never half-written."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    """stageR.png per stage, final.png, result.json: all or nothing (`files.staged_folder`)."""
+    with staged_folder(folder) as tmp:
         if len(result.stages) > 1:  # the self-cascade, DemoFusion, FreeScale: every stage, the pivot first
             for r, stage in enumerate(result.stages):
                 stage.images[0].save(tmp / f"stage{r}.png")
         result.images[0].save(tmp / "final.png")
         (tmp / "result.json").write_text(json.dumps(result.summary(), indent=2, default=str))
-        folder.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, folder / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_run(args, prompts: list[str], frames: int | None = None) -> Callable[[int], None]:
@@ -338,20 +330,13 @@ def _write_video_run(result, folder: Path, fps: float) -> None:
     """stageR.mp4 per stage (self-cascade), final.mp4, preview.gif, result.json: as `_write_run`, all or nothing."""
     from .video import export_gif, export_mp4
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as tmp:
         if result.method == "self-cascade":
             for r, stage in enumerate(result.stages):
                 export_mp4(stage.clips[0], tmp / f"stage{r}.mp4", fps)
         export_mp4(result.clips[0], tmp / "final.mp4", fps)
         export_gif(result.clips[0], tmp / "preview.gif", fps)
         (tmp / "result.json").write_text(json.dumps({**result.summary(), "fps": fps}, indent=2, default=str))
-        folder.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, folder / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def generate_video(args) -> None:

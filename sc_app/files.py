@@ -4,8 +4,12 @@ every other output gets (0666 less the umask). safetensors' own `save_file` crea
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -20,6 +24,22 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] 
     tmp.write_bytes(save(tensors, metadata=metadata))
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `folder` to write a run's files into; they move into `folder` only when
+    the block ends without an error, so a failed run leaves nothing half-written there."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        folder.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def new_file_mode(folder: str | Path) -> int:

@@ -356,7 +356,7 @@ def video_self_cascade(
         model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0, k, stages, upsample
     )
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    ks = list(k) if isinstance(k, (list, tuple)) else [k or model.default_k] * (len(sizes) - 1)
+    ks = model.stage_ks(len(sizes) - 1, k)
     scheduler = make_scheduler(model, num_inference_steps)
     denoiser = guided_denoiser(sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)

@@ -283,3 +283,19 @@ def test_a_default_adapter_outside_the_model_folder_is_refused(sd_folder, tmp_pa
 def test_the_embedded_model_defaults_to_its_per_stage_adapters(embedded_model):
     folder = embedded_model.default_upsampler
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["x2-128.safetensors", "x2-256.safetensors"]
+
+
+def test_a_run_folder_gets_every_file_or_none(tmp_path):
+    from sc_app.files import staged_folder
+
+    folder = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_folder(folder) as tmp:
+            (tmp / "stage0.png").write_bytes(b"png")
+            raise RuntimeError("the encoder failed after the first file")
+    assert list(tmp_path.iterdir()) == []  # no folder, no half of a run, no temporary folder left
+    with staged_folder(folder) as tmp:
+        (tmp / "final.png").write_bytes(b"png")
+        (tmp / "result.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in folder.iterdir()) == ["final.png", "result.json"]
