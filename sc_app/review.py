@@ -2,7 +2,7 @@
 images of one prompt, kept in SQLite, and the ranking the votes give.
 
     store = Store(review_dir())                       # the app's work folder (/data on a Space)
-    store.add(bench_samples(Path("runs/bench-quality/128x128")), source="bench")
+    store.add(bench_samples(Path("runs/bench-ablation/256x256")), source="bench")
     pair = store.pair("reviewer-id")                  # two images of one prompt, in random order, no names
     store.vote("reviewer-id", pair.token, "left", ["layout"])
     result = store.results()                          # win rates per method pair, Bradley-Terry ranking
@@ -141,12 +141,14 @@ class Sample:
 
 
 def label_from_key(key: str) -> str:
-    """A bench variant's folder name -> its label: self-cascade-k-300 -> 'self-cascade K=300',
-    self-cascade-tuned-k-300-<adapter hash> -> 'self-cascade tuned K=300 (<adapter hash>)'."""
+    """A bench row's folder name -> its label: an ablation row's folder is its label's slug and the hash of its
+    settings (self-cascade-k-200-g-3-de9f9a02 -> 'self-cascade-k-200-g-3'); the retired quality bench's
+    self-cascade-k-300 -> 'self-cascade K=300', self-cascade-tuned-k-300-<adapter hash> -> 'self-cascade tuned
+    K=300 (<adapter hash>)'."""
     match = re.fullmatch(r"self-cascade(-tuned)?-k-(\d+)(?:-([0-9a-f]+))?", key)
-    if match:
+    if match and (match[1] or not match[3]):
         return f"self-cascade{' tuned' if match[1] else ''} K={match[2]}" + (f" ({match[3]})" if match[3] else "")
-    return key
+    return re.sub(r"-[0-9a-f]{8}$", "", key)
 
 
 def compare_label(method: str, k: int | list[int] | None, tuned: bool) -> str:

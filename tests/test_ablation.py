@@ -1,18 +1,25 @@
-"""`python -m sc_app.bench ablation`: settings side by side on development prompts, resumable."""
+"""`python -m sc_app.bench ablation`: settings side by side on development prompts, resumable, split over
+processes, with a figure of the samples."""
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sc_app import metrics
+from sc_app import api, metrics
 from sc_app.baselines import upscale
 from sc_app.baselines.scalecrafter import plan_for, plan_with
 from sc_app.bench import main
 from sc_app.bench.ablation import HEADER, OTHER_SEEDS, parse_setting
+from sc_app.bench.figure import LABEL_H, PAD
+from sc_app.bench.samples import eval_scenes
 from sc_app.cli import BadInput
+from sc_app.shapes import render
 
 
 def run(sd_folder, work, out, *settings, n=2, size="64x64", direct_n=1, fid=False, extra=()):
@@ -88,6 +95,7 @@ def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
     record = json.loads(next(p for n, p in folders.items() if n.startswith("pixels")).joinpath("0001.json").read_text())
     assert {"match", "fidelity", "seconds", "prompt", "seed"} <= set(record)
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*.png")}
+    out.write_text(text + "\nhand-written notes\n")
     assert (
         run(
             sd_folder, work, out, "tuning-free: k=600", "lower last stage: k=600,300", "pixels: k=600; upsample=lanczos"
@@ -95,6 +103,9 @@ def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
         == 0
     )
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.png")} == stamps  # resumed: nothing sampled again
+    again = out.read_text()
+    assert again.count("<!-- bench:ablation-64x64 -->") == 1 and table_rows(again) == rows  # replaced, same table
+    assert again.index("<!-- /bench:ablation-64x64 -->") < again.index("hand-written notes")  # where it was
 
 
 def test_bad_settings_are_one_line(sd_folder, tmp_path, capsys):
@@ -263,3 +274,77 @@ def test_a_work_folder_keeps_its_seeds(sd_folder, tmp_path, capsys):
     assert run(sd_folder, work, out, "resized: method=lanczos", size="32x32") == 0
     assert run(sd_folder, work, out, "resized: method=lanczos", size="32x32", extra=["--seed", "0"]) == 2
     assert "seed: 1000 there, 0 now" in capsys.readouterr().err  # test samples never mix with development ones
+
+
+def test_figure_puts_each_rows_samples_beside_the_real_render_and_the_base(sd_folder, tmp_path, monkeypatch):
+    work, out, grid = tmp_path / "work", tmp_path / "docs" / "bench.md", tmp_path / "docs" / "figures" / "grid.png"
+    settings = ("sc: k=600", "resized: method=lanczos")
+    assert (
+        run(sd_folder, work, out, *settings, n=3, size="32x32", extra=["--figure", str(grid), "--figure-rows", "2"])
+        == 0
+    )
+    assert "![samples](figures/grid.png)" in out.read_text()  # relative to the section's file
+    h = w = 32
+    columns = 2 + len(settings)  # the real render, the base sample, then each setting's
+
+    def size(rows: int) -> tuple[int, int]:
+        return columns * (w + PAD) + PAD, 2 * LABEL_H + rows * (h + LABEL_H + PAD)
+
+    with Image.open(grid) as im:
+        assert im.size == size(2)  # --figure-rows 2 of the 3 prompts
+        figure = np.asarray(im.convert("RGB"))
+
+    def tile(row: int, column: int) -> np.ndarray:
+        top, left = 2 * LABEL_H + row * (h + LABEL_H + PAD) + LABEL_H, PAD + column * (w + PAD)
+        return figure[top : top + h, left : left + w]
+
+    base = Image.open(folder(work, "16x16", "base-16x16-other-seeds") / "0001.png").convert("RGB")
+    assert np.array_equal(tile(1, 0), render(eval_scenes(3, 1000)[1], h, w))
+    assert np.array_equal(tile(1, 1), np.asarray(base.resize((w, h), Image.NEAREST)))  # enlarged: 16x16 pixels show
+    assert np.array_equal(tile(1, 2), pixels(work, "32x32", "sc")[1])
+    assert np.array_equal(tile(1, 3), pixels(work, "32x32", "resized")[1])
+
+    # A rerun draws the figure from the samples in --work (by default 4 rows: here all 3 prompts), sampling nothing.
+    def fail(*args, **kwargs):
+        raise AssertionError("a resumed run should not sample again")
+
+    monkeypatch.setattr(api, "generate", fail)
+    assert run(sd_folder, work, out, *settings, n=3, size="32x32", extra=["--figure", str(grid)]) == 0
+    with Image.open(grid) as im:
+        assert im.size == size(3)
+    assert not list(grid.parent.glob(".*"))  # written through a temporary file, none left
+
+
+def test_accelerate_launch_splits_the_prompts_across_cpu_processes(sd_folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    flags = ["--size", "32x32", "--n", "4", "--direct-n", "2", "--steps", "2", "--batch-size", "1", "--no-fid"]
+    done = subprocess.run(
+        [*launch, "-m", "sc_app.bench", "ablation", "--model", str(sd_folder), "--device", "cpu", *flags]
+        + ["--work", str(work), "--out", str(out), "--setting", "resized: method=lanczos"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    made_by = {  # prompt -> the process (its run's session) that sampled it, per row
+        slug: {r["index"]: r["session"] for r in records(work, size, slug)}
+        for slug, size in [("resized", "32x32"), ("direct", "32x32"), ("base-16x16-other-seeds", "16x16")]
+    }
+    first, second = made_by["resized"][0], made_by["resized"][1]
+    # dealt in turn: a run stopped early has its finished prompts near a prefix, not two half-done halves
+    assert first != second and made_by["resized"] == {0: first, 1: second, 2: first, 3: second}
+    assert made_by["base-16x16-other-seeds"] == made_by["resized"]  # a prompt's samples all in one process
+    assert made_by["direct"] == {0: first, 1: second}  # --direct-n 2
+    text = out.read_text()
+    assert text.count("<!-- bench:ablation-32x32 -->") == 1 and table_rows(text)["resized"][-1] == "4"
+    assert "accelerate launch --multi_gpu --num_processes 2" in text
+
+
+def test_direct_n_0_samples_no_time_reference(sd_folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    assert run(sd_folder, work, out, "resized: method=lanczos", size="32x32", direct_n=0) == 0
+    assert [p.name.rsplit("-", 1)[0] for p in (work / "32x32").iterdir()] == ["resized"]  # no direct samples
+    assert table_rows(out.read_text())["resized"][10] == "-"  # so no time ratio

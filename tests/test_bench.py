@@ -1,7 +1,7 @@
-"""The benchmarks: markdown sections, speed ratios, FID/KID, and both benches end to end on a tiny model."""
+"""The benchmarks: markdown sections, speed ratios, FID/KID, the speed bench end to end on a tiny model and the
+sample store's real scenes (the ablation's own tests are in test_ablation.py)."""
 
 import importlib.util
-import json
 import re
 import sys
 from types import SimpleNamespace
@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from sc_app import bench, metrics
-from sc_app.bench import archs, common, quality
+from sc_app.bench import archs, common, samples
 
 
 def section_rows(text: str, name: str) -> list[list[str]]:
@@ -29,7 +29,7 @@ def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
     path = tmp_path / "docs" / "benchmarks.md"
     common.write_section(path, "speed", "first")
     path.write_text(path.read_text() + "\nhand-written notes\n")
-    common.write_section(path, "quality", "a table")
+    common.write_section(path, "ablation-64x64", "a table")
     common.write_section(path, "speed", "second")
     text = path.read_text()
     assert text.count("<!-- bench:speed -->") == 1 and text.count("<!-- /bench:speed -->") == 1
@@ -38,7 +38,7 @@ def test_write_section_replaces_in_place_and_keeps_the_rest(tmp_path):
     assert text.index("bench:speed") < text.index("hand-written notes")  # replaced where it was
 
 
-# ---- speed ratios and timing pairs ---------------------------------------------------------------
+# ---- speed ratios --------------------------------------------------------------------------------
 
 
 def test_a_log_line_is_one_write(monkeypatch):
@@ -57,22 +57,6 @@ def test_ratios_are_medians_over_the_reference_median():
     assert out["self-cascade K=700"] == (2.5, pytest.approx(2.5 / 4.0))
     assert "attn-sf" not in out
     assert common.ratios_to({"self-cascade K=700": [1.0]})["self-cascade K=700"] == (1.0, None)
-
-
-def test_time_vs_direct_pairs_prompts_timed_back_to_back():
-    direct = {
-        0: {"seconds": 2.0, "session": "a"},
-        1: {"seconds": 4.0, "session": "a"},
-        2: {"seconds": 1.0, "session": "b"},
-    }
-    method = {
-        0: {"seconds": 1.0, "session": "a"},
-        1: {"seconds": 4.0, "session": "a"},
-        2: {"seconds": 9.0, "session": "c"},
-    }  # prompt 2 ran in another session: left out
-    assert quality.time_vs_direct(method, direct) == (0.75, False)
-    assert quality.time_vs_direct({2: method[2]}, direct) == (9.0, True)  # only cross-session pairs: flagged
-    assert quality.time_vs_direct(method, {}) == (None, False)
 
 
 # ---- FID and KID ---------------------------------------------------------------------------------
@@ -219,184 +203,10 @@ def test_random_model_runs_the_cascade_without_text_encoders(arch, config):
     assert result.images[0].size == (128, 128) and seconds > 0
 
 
-# ---- quality end to end --------------------------------------------------------------------------
-
-
-def cheap_features(images, device="cpu", batch_size=16):
-    """A stand-in for Inception (the real one is tested above): 4x4 thumbnails, enough to tell images apart."""
-    from PIL import Image
-
-    return np.stack(
-        [np.asarray(Image.fromarray(np.asarray(im)).resize((4, 4)), np.float64).ravel() / 255 for im in images]
-    )
-
-
-def test_quality_bench_end_to_end_resumes_and_replaces_its_section(sd_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(metrics, "inception_features", cheap_features)
-    out, work = tmp_path / "docs" / "benchmarks.md", tmp_path / "work"
-    args = [
-        "quality",
-        "--model",
-        str(sd_folder),
-        "--sizes",
-        "32x32,24x48",
-        "--n",
-        "3",
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--k",
-        "300,700",
-        "--device",
-        "cpu",
-        "--work",
-        str(work),
-        "--out",
-        str(out),
-    ]
-    assert bench.main(args) == 0
-    rows = section_rows(out.read_text(), "quality")
-    methods = ["direct", "self-cascade K=300", "self-cascade K=700", "scalecrafter", "attn-sf"]
-    assert [(r[0], r[1]) for r in rows] == (
-        [("16x16", "base (16x16, the model's own size)")]
-        + [("32x32", m) for m in methods]
-        + [("12x24", "base (12x24, the model's own size)")]
-        + [("24x48", m) for m in methods]
-    )
-    for row in rows:
-        assert row[2] == "3" and row[3].endswith("%")
-        assert row[4] != "-" and row[5] != "-"  # FID_r, KID_r everywhere
-        assert (row[6] == "-") == row[1].startswith("base")  # FID_b: not for the base itself
-    assert [r[8] for r in rows if r[1] == "direct"] == ["1.00x", "1.00x"]
-    assert (out.parent / "quality_grid.png").is_file()
-    assert len(list((work / "24x48" / "self-cascade-k-300").glob("*.json"))) == 3
-
-    # A rerun finds every sample and feature in the work folder: nothing is generated or extracted again.
-    def fail(*a, **k):
-        raise AssertionError("a resumed run should not redo finished work")
-
-    monkeypatch.setattr(quality, "run_variant", fail)
-    monkeypatch.setattr(metrics, "inception_features", fail)
-    first = out.read_text()
-    assert bench.main(args) == 0
-    second = out.read_text()
-    assert second.count("<!-- bench:quality -->") == 1
-    assert section_rows(second, "quality") == section_rows(first, "quality")
-
-    # Other sampling settings in the same work folder would mix samples: refused.
-    assert bench.main(args[:-4] + ["--steps", "4", "--work", str(work)]) == 2
-
-
-def test_report_only_tables_samples_made_on_another_device(sd_folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(metrics, "inception_features", cheap_features)
-    out, work = tmp_path / "benchmarks.md", tmp_path / "work"
-    args = [
-        "quality",
-        "--model",
-        str(sd_folder),
-        "--sizes",
-        "32x32",
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--methods",
-        "direct,self-cascade",
-        "--device",
-        "cpu",
-        "--work",
-        str(work),
-    ]
-    assert bench.main(args + ["--no-fid"]) == 0
-    # as if a GPU machine had made them: its device and machine are on record
-    settings = json.loads((work / "settings.json").read_text())
-    assert "CPU" in settings["machine"]
-    settings.update(device="cuda", machine="Machine: a GPU box.")
-    (work / "settings.json").write_text(json.dumps(settings))
-    assert bench.main(args) == 2  # generating more here would mix devices: refused
-    capsys.readouterr()
-
-    def fail(*a, **k):
-        raise AssertionError("--report-only generates nothing")
-
-    monkeypatch.setattr(quality, "run_variant", fail)
-    assert bench.main(args + ["--report-only", "--out", str(out)]) == 0
-    text = out.read_text()
-    assert "Samples and times: Machine: a GPU box." in text and "on cuda" in text
-    assert [r[1] for r in section_rows(text, "quality")] == [
-        "base (16x16, the model's own size)",
-        "direct",
-        "self-cascade K=700",
-    ]  # the tiny model's default K
-    assert all(r[4] != "-" for r in section_rows(text, "quality"))  # FID computed here
-
-    (work / "32x32" / "direct" / "0001.json").unlink()
-    capsys.readouterr()
-    assert bench.main(args + ["--report-only"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --report-only: 1 samples are missing in {work}: run without --report-only to make them"]
-
-
-def test_quality_bench_splits_prompts_across_cpu_processes(sd_folder, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    work = tmp_path / "work"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    run = subprocess.run(
-        [
-            *launch,
-            "-m",
-            "sc_app.bench",
-            "quality",
-            "--model",
-            str(sd_folder),
-            "--sizes",
-            "32x32",
-            "--n",
-            "4",
-            "--steps",
-            "2",
-            "--methods",
-            "direct",
-            "--batch-size",
-            "1",
-            "--no-fid",
-            "--work",
-            str(work),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    made_by = {
-        int(line.split("samples ")[1].split("..")[0]): line.split("]")[0].split()[-1]
-        for line in run.stderr.splitlines()
-        if line.startswith("  [process") and "direct" in line
-    }
-    assert made_by == {0: "0", 1: "0", 2: "1", 3: "1"}  # each process its half, none twice
-    assert sorted(p.name for p in (work / "32x32" / "direct").glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
+# ---- the sample store ----------------------------------------------------------------------------
 
 
 def test_eval_scenes_are_the_prompts_scenes():
     from sc_app.shapes import random_prompts
 
-    assert [s.prompt for s in quality.eval_scenes(20, 3)] == random_prompts(20, 3)
+    assert [s.prompt for s in samples.eval_scenes(20, 3)] == random_prompts(20, 3)

@@ -468,7 +468,16 @@ def test_help_answers_before_the_heavy_imports(name, args):
     "argv, message",
     [
         (["speed", "--guidance", "nan"], "--guidance must be a finite number, got nan"),
-        (["quality", "--out", "/proc/nope/bench.md"], "--out /proc/nope/bench.md: cannot write in /proc"),
+        (
+            ["ablation", "--setting", "x: k=300", "--out", "/proc/nope/bench.md"],
+            "--out /proc/nope/bench.md: cannot write in /proc",
+        ),
+        (
+            ["ablation", "--setting", "x: k=300", "--figure", "/proc/nope/grid.png"],
+            "--figure /proc/nope/grid.png: cannot write in /proc",
+        ),
+        (["ablation", "--setting", "x: k=300", "--figure-rows", "0"], "--figure-rows must be >= 1, got 0"),
+        (["search", "--out", "/proc/nope/bench.md"], "--out /proc/nope/bench.md: cannot write in /proc"),
     ],
 )
 def test_the_benches_refuse_before_loading_the_model(argv, message, no_model, tmp_path, capfd):

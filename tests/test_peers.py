@@ -581,7 +581,7 @@ def test_bench_accepts_both_methods_and_decodes_only_the_final_stage(sd_model):
     from sc_app.bench import build_parser
     from sc_app.bench.common import make_variants, parse_common, run_variant
 
-    args = build_parser().parse_args(["quality", "--sizes", "32x32", "--methods", "self-cascade,demofusion,freescale"])
+    args = build_parser().parse_args(["speed", "--sizes", "32x32", "--methods", "self-cascade,demofusion,freescale"])
     _, _, methods = parse_common(args)
     variants = make_variants(methods, [700], False)
     assert [v.label for v in variants] == ["direct", "self-cascade K=700", "demofusion", "freescale"]

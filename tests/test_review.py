@@ -58,7 +58,7 @@ def vote_all(store: Store, reviewer: str, choose=lambda pair: "left") -> list[re
 def write_bench(
     root: Path, keys=("direct", "self-cascade-k-300", "self-cascade-tuned-k-300-ab12cd", "base"), prompts=3
 ) -> Path:
-    """The layout `python -m sc_app.bench quality` writes: work/HxW/<variant key>/NNNN.png + NNNN.json."""
+    """The benches' sample layout, work/HxW/<variant key>/NNNN.png + NNNN.json, with `bench.common.Variant` keys."""
     for k, key in enumerate(keys):
         folder = root / "128x128" / key
         folder.mkdir(parents=True)
@@ -93,6 +93,23 @@ def test_review_add_fills_the_pool_from_bench_folders(tmp_path, capsys):
     assert main(["review", "add", str(bench / "128x128"), str(bench), "--work-dir", str(work)]) == 0
     assert "added 0 images (12 already in the pool)" in capsys.readouterr().out
     assert len(store.items()) == 12
+
+
+@pytest.mark.parametrize(
+    "key, label",
+    [
+        ("self-cascade-k-200-g-3-chosen-de9f9a02", "self-cascade-k-200-g-3-chosen"),  # an ablation row: slug-hash
+        ("self-cascade-k-300-29e9dec8", "self-cascade-k-300"),
+        ("lanczos-aa8df7fd", "lanczos"),
+        ("self-cascade-k-300", "self-cascade K=300"),  # the retired quality bench's folders still read
+        ("self-cascade-tuned-k-300-ab12cd", "self-cascade tuned K=300 (ab12cd)"),
+        ("direct", "direct"),
+    ],
+)
+def test_bench_folders_are_named_by_their_rows_label(key, label):
+    from sc_app.review import label_from_key
+
+    assert label_from_key(key) == label
 
 
 @pytest.mark.parametrize(

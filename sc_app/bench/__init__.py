@@ -1,19 +1,16 @@
-"""Benchmarks: `python -m sc_app.bench speed|quality|gpu ...`, tables printed and written into docs/benchmarks.md.
+"""Benchmarks: `python -m sc_app.bench speed|ablation|search|gpu ...`, tables printed and put in docs/benchmarks.md.
 
 speed    Self-cascade against direct sampling (and, on request, the baselines and the tuned self-cascade) at
          the same output size, steps and seed, side by side in one process: one warm-up run of each, then
          `--repeats` rounds in alternating order, medians, ratio to direct. `--arch sd21|sdxl` times the real
          SD 2.1 / SD XL UNet architectures with random fp16 weights on cuda (timing needs no trained weights).
-quality  The paper's comparison table (Tables 1-2) on the embedded model: per method, composition accuracy
-         (the shapes detector), FID_r/KID_r against real shapes-world renders at the target size, FID_b/KID_b
-         against the model's own base-resolution samples, and time relative to direct; plus a figure. Samples
-         and their records go to `--work`, so an interrupted run resumes where it stopped, and
-         `accelerate launch --multi_gpu --num_processes N -m sc_app.bench quality ...` splits the prompts
-         across processes: one per GPU, or on a machine without one, N CPU processes (with OMP_NUM_THREADS
-         set to cores / N).
 ablation Settings side by side (any method; K per stage, upsampling, adapters, LoRAs, guidance, SR noise level,
          ScaleCrafter's dilation and tau): composition, shape fidelity, FID_r/KID_r, unpaired FID_b/KID_b with 95%
-         intervals, parameters, training steps, time vs direct; `--chosen` adds the rows that `search` chose.
+         intervals, parameters, training steps, time vs direct; `--chosen` adds the rows that `search` chose,
+         `--figure` draws the samples side by side. Samples and their records go to `--work`, so an interrupted
+         run resumes where it stopped, and `accelerate launch --multi_gpu --num_processes N -m sc_app.bench
+         ablation ...` splits the prompts across processes: one per GPU, or on a machine without one, N CPU
+         processes (with OMP_NUM_THREADS set to cores / N).
 search   Every method's settings searched alike on development prompts (built-in grids plus given rows) through
          the ablation's engine; per method the best row by composition, written to a JSON for `ablation --chosen`.
 gpu      Every method on the SD 1.5, SD 2.1 and SD XL UNet and VAE architectures with random fp16 weights on one
@@ -37,7 +34,6 @@ from ..cli import Parser, quiet_loaders, run  # noqa: E402
 from .ablation import add_parser as add_ablation_parser  # noqa: E402
 from .archs import ARCHS  # noqa: E402
 from .gpu import add_parser as add_gpu_parser  # noqa: E402
-from .quality import DEFAULT_WORK  # noqa: E402
 from .search import add_parser as add_search_parser  # noqa: E402
 
 DEFAULT_PROMPT = "a red circle and a blue square"
@@ -47,34 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m sc_app.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def common(p, methods: str, batch: int, sizes: str):
-        p.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
-        p.add_argument("--sizes", default=None, help=f"HEIGHTxWIDTH,... (default: {sizes})")
-        p.add_argument("--steps", type=int, default=50)
-        p.add_argument("--guidance", type=float, default=None, help="default: the model's")
-        p.add_argument(
-            "--methods",
-            default=methods,
-            help=f"comma-separated, from {', '.join(METHODS)} (direct is always included: times are relative to it)",
-        )
-        p.add_argument(
-            "--upsampler", type=Path, default=None, help="trained feature upsamplers: adds the tuned self-cascade"
-        )
-        p.add_argument("--batch-size", type=int, default=batch)
-        p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-        p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
-        p.add_argument(
-            "--out",
-            type=Path,
-            default=None,
-            help="markdown file to write the section into, e.g. docs/benchmarks.md (default: print only)",
-        )
-        p.add_argument(
-            "--section", default=None, help="the section's marker name (default: speed, speed-ARCH, quality)"
-        )
-
     s = sub.add_parser("speed", help="self-cascade vs direct, side by side")
-    common(s, "direct,self-cascade", 1, "2x and 4x the base side; with --arch 1024x1024,2048x2048")
+    s.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
+    s.add_argument(
+        "--sizes",
+        default=None,
+        help="HEIGHTxWIDTH,... (default: 2x and 4x the base side; with --arch 1024x1024,2048x2048)",
+    )
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    s.add_argument(
+        "--methods",
+        default="direct,self-cascade",
+        help=f"comma-separated, from {', '.join(METHODS)} (direct is always included: times are relative to it)",
+    )
+    s.add_argument(
+        "--upsampler", type=Path, default=None, help="trained feature upsamplers: adds the tuned self-cascade"
+    )
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    s.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    s.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown file to write the section into, e.g. docs/benchmarks.md (default: print only)",
+    )
+    s.add_argument("--section", default=None, help="the section's marker name (default: speed, speed-ARCH)")
     s.add_argument("--k", default=None, help="the self-cascade's K (default: the model's)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -83,24 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(ARCHS),
         default=None,
         help="time the real SD 2.1 / SD XL UNet with random fp16 weights on cuda (default sizes 1024x1024,2048x2048)",
-    )
-
-    q = sub.add_parser("quality", help="the comparison table: composition, FID/KID, time")
-    common(q, "direct,self-cascade,scalecrafter,attn-sf", 8, "4x and 16x the base pixels, and 2:1 at about 4x")
-    q.add_argument(
-        "--k", default=None, help="comma-separated K values to sweep for the self-cascade (default: the model's)"
-    )
-    q.add_argument("--n", type=int, default=200, help="prompts per size")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--work", type=Path, default=DEFAULT_WORK, help="samples and records, for resuming")
-    q.add_argument("--figure", type=Path, default=None, help="default: quality_grid.png beside --out")
-    q.add_argument("--grid-rows", type=int, default=3)
-    q.add_argument("--no-fid", action="store_true", help="composition and time only")
-    q.add_argument(
-        "--report-only",
-        action="store_true",
-        help="generate nothing: the table from the samples already in --work (e.g. made on a GPU "
-        "machine without the Inception file); every sample must be there",
     )
     add_gpu_parser(sub)
     add_ablation_parser(sub)

@@ -11,8 +11,10 @@ dilation factor and tau, see `baselines.scalecrafter.plan_with`). `--chosen FILE
 Every row samples the same prompts and seeds; the table gives composition, local structure
 (`shapes.shape_fidelity`, real renders give the ceiling), FID_r / KID_r, FID_b / KID_b (unpaired: against the
 base model's samples for other seeds) with 95% intervals, trainable parameters, training steps and time vs
-direct sampling. Samples go to `--work`, so an interrupted run resumes, and `accelerate launch` splits
-prompts over processes as the quality bench does.
+direct sampling. Samples go to `--work`, so an interrupted run resumes where it stopped, and
+`accelerate launch --multi_gpu --num_processes N -m sc_app.bench ablation ...` splits the prompts over
+processes: one per GPU, or on a machine without one, N CPU processes (with OMP_NUM_THREADS set to cores / N).
+`--figure PATH` draws the samples side by side, a row per prompt (`sc_app.bench.figure`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 import uuid
@@ -45,7 +48,7 @@ from .common import (
     size_name,
     write_section,
 )
-from .quality import Cell, cached_features, eval_scenes
+from .samples import Cell, cached_features, eval_scenes
 
 DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
@@ -253,6 +256,13 @@ class Bench:
     size: tuple[int, int]
     fingerprint: str
 
+    @property
+    def pivot(self) -> tuple[int, int]:
+        """The cascade's first stage for the samples' size: the base model's own resolution, at their aspect."""
+        from ..plan import plan_stages
+
+        return plan_stages(*self.size, self.model.base_size, self.model.size_multiple)[0]
+
 
 def open_bench(args) -> Bench:
     """Checks the flags, loads the model and ties --work to it: samples of another model, step count or seed
@@ -260,6 +270,7 @@ def open_bench(args) -> Bench:
     (size,) = parse_sizes(args.size)
     if args.n < 2 or not 0 <= args.direct_n <= args.n:
         raise BadInput(f"--n must be >= 2 and --direct-n in 0..--n, got {args.n} and {args.direct_n}")
+    writable("--out", args.out)
     state = process_state(args)
     model = _load(args, None)
     fingerprint = model_fingerprint(model)
@@ -271,6 +282,17 @@ def open_bench(args) -> Bench:
     return Bench(state, model, size, fingerprint)
 
 
+def writable(flag: str, path: Path | None) -> None:
+    """Refuses an output file that cannot be written, before the model loads and hours of sampling."""
+    from ..checks import writable_file
+
+    if path is not None:
+        try:
+            writable_file(flag, path)
+        except ValueError as error:
+            raise BadInput(str(error)) from None
+
+
 def _sample(models, cells: list[Cell], prompts, *, seed, steps, batch_size, state, session) -> None:
     """Every missing sample, batch by batch through every cell (alternating order), prompts split over
     processes; each record holds the detector's verdict, the shape fidelity of each object and the time."""
@@ -280,49 +302,50 @@ def _sample(models, cells: list[Cell], prompts, *, seed, steps, batch_size, stat
     from ..shapes import detect, matches, shape_fidelity
 
     def wanted(cell: Cell, i: int) -> bool:
-        return not cell.done(i) and i < (cell.variant.limit or len(prompts))
+        return not cell.done(i) and i < (len(prompts) if cell.variant.limit is None else cell.variant.limit)
 
     pending = [i for i in range(len(prompts)) if any(wanted(c, i) for c in cells)]
     state.wait_for_everyone()
-    with state.split_between_processes(pending) as mine:
-        batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
-        for b, batch in enumerate(batches):
-            for cell in cells if b % 2 == 0 else cells[::-1]:
-                setting, todo = cell.variant, [i for i in batch if wanted(cell, i)]
-                if not todo:
-                    continue
-                model, first = models(setting.model_source), seed + setting.seed_offset
-                plan = setting.plan(model, cell.size)
-                started = time.perf_counter()
-                result = generate(
-                    model,
-                    [prompts[i] for i in todo],
-                    *cell.size,
-                    setting.method,
-                    seed=None,
-                    generator=_generators(first, todo),
-                    num_inference_steps=steps,
-                    **({"decode_stages": False} if setting.method == "self-cascade" else {}),
-                    **({"plan": plan} if plan is not None else {}),
-                    **setting.generate_options(),
+    # dealt in turn, not in halves: whenever a long run stops, its finished prompts are nearly a prefix
+    mine = pending[state.process_index :: state.num_processes]
+    batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+    for b, batch in enumerate(batches):
+        for cell in cells if b % 2 == 0 else cells[::-1]:
+            setting, todo = cell.variant, [i for i in batch if wanted(cell, i)]
+            if not todo:
+                continue
+            model, first = models(setting.model_source), seed + setting.seed_offset
+            plan = setting.plan(model, cell.size)
+            started = time.perf_counter()
+            result = generate(
+                model,
+                [prompts[i] for i in todo],
+                *cell.size,
+                setting.method,
+                seed=None,
+                generator=_generators(first, todo),
+                num_inference_steps=steps,
+                **({"decode_stages": False} if setting.method == "self-cascade" else {}),
+                **({"plan": plan} if plan is not None else {}),
+                **setting.generate_options(),
+            )
+            seconds = (time.perf_counter() - started) / len(todo)
+            for i, image in zip(todo, result.images):
+                cell.save(
+                    i,
+                    image,
+                    {
+                        "index": i,
+                        "prompt": prompts[i],
+                        "seed": first + i,
+                        "match": matches(image, prompts[i]),
+                        "fidelity": shape_fidelity(image),
+                        "detected": [" ".join(o) for o in detect(image)],
+                        "seconds": seconds,
+                        "session": session,
+                    },
                 )
-                seconds = (time.perf_counter() - started) / len(todo)
-                for i, image in zip(todo, result.images):
-                    cell.save(
-                        i,
-                        image,
-                        {
-                            "index": i,
-                            "prompt": prompts[i],
-                            "seed": first + i,
-                            "match": matches(image, prompts[i]),
-                            "fidelity": shape_fidelity(image),
-                            "detected": [" ".join(o) for o in detect(image)],
-                            "seconds": seconds,
-                            "session": session,
-                        },
-                    )
-            log(f"  [process {state.process_index}] batch {b + 1}/{len(batches)} done")
+        log(f"  [process {state.process_index}] batch {b + 1}/{len(batches)} done")
     state.wait_for_everyone()
 
 
@@ -449,13 +472,11 @@ def measure(args, bench: Bench, settings: list[Setting]) -> tuple[Measured, list
     """Samples every setting (resuming from --work), with the direct reference for time and the base model's
     samples at the pivot size for other seeds; then, on the main process, (the base row, a row per setting).
     None on the other processes."""
-    from ..plan import plan_stages
     from ..shapes import random_prompts, render
 
-    model, size, state = bench.model, bench.size, bench.state
+    model, size, state, pivot = bench.model, bench.size, bench.state, bench.pivot
     for setting in settings:
         _check_setting(model, size, args.steps, setting)
-    pivot = plan_stages(*size, model.base_size, model.size_multiple)[0]
     base = Setting(f"base ({size_name(pivot)}, other seeds)", (), method="direct", seed_offset=OTHER_SEEDS)
     reference = Setting("direct", (), method="direct", limit=args.direct_n)
     rows = list({s.key: s for s in settings}.values())
@@ -491,11 +512,9 @@ def measure(args, bench: Bench, settings: list[Setting]) -> tuple[Measured, list
 
 def describe(args, bench: Bench) -> str:
     """The paragraph that says what the table's prompts, columns and intervals are."""
-    from ..plan import plan_stages
     from ..shapes import render, shape_fidelity
 
-    model, size = bench.model, bench.size
-    pivot = size_name(plan_stages(*size, model.base_size, model.size_multiple)[0])
+    model, size, pivot = bench.model, bench.size, size_name(bench.pivot)
     ceiling = [s for scene in eval_scenes(args.n, args.seed) for s in shape_fidelity(render(scene, *size))]
     last = args.seed + args.n - 1
     return (
@@ -526,6 +545,9 @@ def run_ablation(args, argv: list[str]) -> None:
     settings = [parse_setting(s) for s in args.setting]
     if not settings and args.chosen is None:
         raise BadInput("give at least one --setting 'LABEL: key=value; ...' or --chosen FILE")
+    if args.figure_rows < 1:
+        raise BadInput(f"--figure-rows must be >= 1, got {args.figure_rows}")
+    writable("--figure", args.figure)
     bench = open_bench(args)
     chosen_text = ""
     if args.chosen is not None:
@@ -539,9 +561,22 @@ def run_ablation(args, argv: list[str]) -> None:
     base, rows = measured
     table = markdown_table(HEADER, [base.cells()] + [r.cells() for r in rows])
     print(table)
+    if args.figure is not None:
+        from .figure import sample_grid
+
+        base_cell = Cell(base.setting, bench.pivot, args.work)
+        cells = [Cell(r.setting, bench.size, args.work) for r in rows]
+        drawn = sample_grid(args.figure, base_cell, cells, eval_scenes(args.n, args.seed), args.figure_rows)
+        log(f"wrote the figure ({drawn} prompts) to {args.figure}")
     if args.out is None:
         return
     state = bench.state
+    figure = (
+        f"Samples of the first prompts, each row's beside the real render and the base model's sample at "
+        f"{size_name(bench.pivot)} (enlarged): ![samples]({os.path.relpath(args.figure, args.out.parent)})"
+        if args.figure is not None
+        else ""
+    )
     body = "\n\n".join(
         filter(
             None,
@@ -552,6 +587,7 @@ def run_ablation(args, argv: list[str]) -> None:
                 describe(args, bench),
                 chosen_text,
                 table,
+                figure,
             ],
         )
     )
@@ -592,3 +628,11 @@ def add_parser(sub) -> None:
         help="a row per setting that `bench search` chose (its --chosen JSON) and the paper's K=700; "
         "refused when its development seeds overlap this table's",
     )
+    a.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="a PNG of the samples: a row per prompt; the real render, the base sample, then each setting's "
+        "(linked from the section when --out is given)",
+    )
+    a.add_argument("--figure-rows", type=int, default=4, help="prompts in the figure, the first ones (default: 4)")

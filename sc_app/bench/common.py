@@ -99,14 +99,14 @@ def parse_common(args) -> tuple[list[tuple[int, int]] | None, list[int] | None, 
     return sizes, ks, methods
 
 
-def make_variants(methods: list[str], ks: list[int], tuned: bool, adapter_tag: str = "") -> list[Variant]:
+def make_variants(methods: list[str], ks: list[int], tuned: bool) -> list[Variant]:
     """Direct first (every time is relative to it), then the requested methods in order; the self-cascade
     once per K, and its tuned version per K after it when an upsampler is given."""
     variants = []
     for method in ["direct"] + [m for m in dict.fromkeys(methods) if m != "direct"]:
         if method == "self-cascade":
             variants += [Variant(method, k) for k in ks]
-            variants += [Variant(method, k, tuned=True, adapter_tag=adapter_tag) for k in ks] if tuned else []
+            variants += [Variant(method, k, tuned=True) for k in ks] if tuned else []
         else:
             variants.append(Variant(method))
     return variants
@@ -133,9 +133,9 @@ def run_variant(
     """One `generate` call -> (result, wall seconds). Self-cascade stages before the last are not decoded:
     direct decodes only its final image, and the comparison should time the same work."""
     options = {}
-    if variant.method == "self-cascade" and not variant.base:
+    if variant.method == "self-cascade":
         options = dict(k=variant.k, decode_stages=False, upsampler=adapter if variant.tuned else None)
-    elif variant.method in ("demofusion", "freescale") and not variant.base:
+    elif variant.method in ("demofusion", "freescale"):
         options = dict(decode_stages=False)
     import torch
 
@@ -146,7 +146,7 @@ def run_variant(
         model,
         prompts,
         *size,
-        "direct" if variant.base else variant.method,
+        variant.method,
         generator=generators,
         num_inference_steps=steps,
         guidance_scale=guidance,
@@ -290,26 +290,18 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
-def check_work_settings(work: Path, settings: dict, is_main: bool, report_only: bool = False) -> dict:
-    """Samples in `work` must come from the same model and sampling settings; the first run records them,
-    with the machine it ran on (informative, not compared). `report_only` reads samples made on another
-    device, so the device is not compared either. Returns the recorded settings."""
+def check_work_settings(work: Path, settings: dict, is_main: bool) -> None:
+    """Samples in `work` must come from the same model and sampling settings: the first run records them in
+    work/settings.json, later runs are refused where any differs."""
     path = work / "settings.json"
-    ignored = {"machine", "device"} if report_only else {"machine"}
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = [
-            f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if k not in ignored and old.get(k) != v
-        ]
+        changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
         if changed:
             raise BadInput(
                 f"--work {work} holds samples made with other settings ({'; '.join(changed)}): "
                 "use another --work, or delete it to start over"
             )
-        return old
-    if report_only:
-        raise BadInput(f"--report-only: {work} holds no samples (no settings.json)")
-    if is_main:
+    elif is_main:
         work.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
-    return settings

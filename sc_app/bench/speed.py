@@ -105,7 +105,7 @@ def run_speed(args, argv: list[str]) -> None:
     if args.repeats < 1:
         raise BadInput(f"--repeats must be >= 1, got {args.repeats}")
     if ks is not None and len(ks) != 1:
-        raise BadInput("speed takes one --k (sweep K with the quality bench)")
+        raise BadInput("speed takes one --k (compare K values with `bench ablation`)")
     if args.arch:
         if args.model != "embedded":
             raise BadInput("--arch builds its own random-weight UNet: leave out --model")
