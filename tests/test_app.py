@@ -315,6 +315,15 @@ def test_the_model_folders_default_adapters_are_the_pages_default_choice(sd_fold
     assert Path(demo.studio.adapter_path(label)).resolve() == (folder / "upsamplers").resolve()
     dropdowns = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and "adapter" in (b.label or "").lower()]
     assert [d.value for d in dropdowns] == [label, label]  # Generate's and Compare's
+    # the settings line names the adapters as the CLI needs them to run the same ones
+    from sc_app.ui.common import settings_line
+
+    request = demo.studio.request("self-cascade", "a cat", "", "1:1", "4x", "auto", None, 5, 5.0, 0, label)
+    assert "--upsampler" not in settings_line(demo.studio.model, request)  # the CLI's default too
+    request["upsampler"] = None
+    assert "--upsampler none " in settings_line(demo.studio.model, request)
+    request["upsampler"] = str(folder / "upsamplers" / "x2-32.safetensors")
+    assert f"--upsampler {request['upsampler']} " in settings_line(demo.studio.model, request)
 
 
 def test_stop_workers_ends_a_running_job_at_its_next_step(app, tmp_path, monkeypatch):
@@ -729,7 +738,7 @@ def test_settings_line_is_the_command_line_of_the_request(app):
         3,
         4.5,
         11,
-        Path("none"),  # said, not left out: the CLI would take a model folder's own adapters
+        None,
     )
 
 

@@ -137,10 +137,10 @@ def run_ks(model, request: dict) -> list[int]:
     return model.stage_ks(stages, request.get("k"))
 
 
-def settings_line(model_name: str, request: dict, k: list[int] | None = None) -> str:
+def settings_line(model, request: dict, k: list[int] | None = None) -> str:
     """The `python -m sc_app generate ...` command line that makes a request's image again. `k`: the K each
     stage ran with (the run's summary), else the request's."""
-    args = ["python", "-m", "sc_app", "generate", "--model", model_name, "--prompt", request["prompt"]]
+    args = ["python", "-m", "sc_app", "generate", "--model", model.name, "--prompt", request["prompt"]]
     if request.get("negative_prompt"):
         args += ["--negative-prompt", request["negative_prompt"]]
     args += ["--height", str(request["height"]), "--width", str(request["width"]), "--method", request["method"]]
@@ -158,11 +158,19 @@ def settings_line(model_name: str, request: dict, k: list[int] | None = None) ->
         "--seed",
         str(request["seed"]),
     ]
-    if request["method"] == "self-cascade":  # said even when none: the CLI would take the model's own adapters
-        args += ["--upsampler", str(request.get("upsampler") or "none")]
+    if request["method"] == "self-cascade":
+        args += _upsampler_flag(model.default_upsampler, request.get("upsampler"))
     for path, scale in request.get("loras") or []:
         args += ["--lora", f"{path}:{float(scale)!r}"]
     return shlex.join(args + ["--out", "out"])
+
+
+def _upsampler_flag(default: Path | None, upsampler: str | None) -> list[str]:
+    """--upsampler as the CLI needs it to run the same adapters: nothing for the model's own default (whose path
+    differs between machines), `none` to turn that default off, else the file or folder."""
+    if upsampler is None:
+        return ["--upsampler", "none"] if default is not None else []
+    return [] if default is not None and Path(upsampler).resolve() == default else ["--upsampler", str(upsampler)]
 
 
 def loras_text(loras) -> str:

@@ -102,7 +102,7 @@ class CompareHandlers:
                 seconds = f"{summary['total_seconds']:.1f}"
                 gallery.append((finals[job], f"{label}: {w} x {h}, {seconds} s"))
                 table.append([label, f"{w} x {h}", float(seconds), stages_column(method, stages)])
-                lines[method] = settings_line(self.model.name, requests[job], summary.get("k"))
+                lines[method] = settings_line(self.model, requests[job], summary.get("k"))
                 yield (
                     gallery,
                     table,

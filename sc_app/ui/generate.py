@@ -81,7 +81,7 @@ class GenerateHandlers:
                     "pivot": str(pivot),
                     "final": str(final),
                     "seed": request["seed"],
-                    "settings": settings_line(self.model.name, request, summary["k"]),
+                    "settings": settings_line(self.model, request, summary["k"]),
                     "loras": summary.get("loras", []),  # file, scale and sha256 of each LoRA the run used
                 }
                 yield (
