@@ -134,7 +134,7 @@ def _method_options(args) -> dict:
         if given:
             raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
         return {}
-    return {"k": k, "stages": args.stages, "upsample": args.upsample, "upsampler": args.upsampler}
+    return {"k": k, "stages": args.stages, "upsample": args.upsample}  # the upsampler: once the model is loaded
 
 
 def _write_run(result, folder: Path) -> None:
@@ -225,8 +225,6 @@ def generate(args) -> None:
             from .upsampler import load_adapters
 
             options["upsampler"] = load_adapters(upsampler, model)
-        else:
-            options.pop("upsampler", None)
         if args.method == "sr":
             from .baselines.upscale import load_upscaler
 

@@ -46,6 +46,7 @@ from .common import (
     parse_sizes,
     process_state,
     size_name,
+    writable,
     write_section,
 )
 from .samples import Cell, cached_features, eval_scenes
@@ -280,17 +281,6 @@ def open_bench(args) -> Bench:
     if state.is_main_process:
         log(machine_description(model.device))
     return Bench(state, model, size, fingerprint)
-
-
-def writable(flag: str, path: Path | None) -> None:
-    """Refuses an output file that cannot be written, before the model loads and hours of sampling."""
-    from ..checks import writable_file
-
-    if path is not None:
-        try:
-            writable_file(flag, path)
-        except ValueError as error:
-            raise BadInput(str(error)) from None
 
 
 def _sample(models, cells: list[Cell], prompts, *, seed, steps, batch_size, state, session) -> None:

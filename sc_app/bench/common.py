@@ -87,16 +87,26 @@ def parse_common(args) -> tuple[list[tuple[int, int]] | None, list[int] | None, 
             raise BadInput(f"--upsampler {args.upsampler}: no such file")
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be >= 1, got {args.batch_size}")
-    from ..checks import MAX_GUIDANCE, finite, writable_file
+    from ..checks import MAX_GUIDANCE, finite
 
-    try:  # NaN and infinity never reach a run; the table's file can be written before hours of sampling
+    try:  # NaN and infinity never reach a run
         if args.guidance is not None:
             finite("--guidance", args.guidance, 0, MAX_GUIDANCE)
-        if args.out is not None:
-            writable_file("--out", args.out)
     except ValueError as error:
         raise BadInput(str(error)) from None
+    writable("--out", args.out)
     return sizes, ks, methods
+
+
+def writable(flag: str, path: Path | None) -> None:
+    """Refuses an output file that cannot be written, before the model loads and hours of sampling."""
+    from ..checks import writable_file
+
+    if path is not None:
+        try:
+            writable_file(flag, path)
+        except ValueError as error:
+            raise BadInput(str(error)) from None
 
 
 def make_variants(methods: list[str], ks: list[int], tuned: bool) -> list[Variant]:
