@@ -29,13 +29,15 @@ def generate(
     stages: int | None = None,
     upsample: str = "bilinear",
     upsampler=None,
+    upsampler_min_t: int = 0,
     loras=None,
     **common,
 ) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
     generator, callback, on_stage, progress. `upsampler` (an Adapter, a .safetensors path, a folder of
     them or a list) turns the self-cascade into its tuned version: each stage takes the adapter that fits
-    its growth and was trained nearest its resolution. `loras` [(path, scale), ...] apply to every method
+    its growth and was trained nearest its resolution, at every timestep from K down to `upsampler_min_t`
+    (below it the stage is tuning-free). `loras` [(path, scale), ...] apply to every method
     (in every stage) for this call only. `sr` takes sr_model, noise_level, sr_steps, sr_guidance."""
     from .lora import applied_loras, check_loras
 
@@ -44,6 +46,8 @@ def generate(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method != "self-cascade" and (k is not None or stages is not None or upsampler is not None):
         raise ValueError(f"k, stages and upsampler apply to the self-cascade only, not to method {method!r}")
+    if upsampler_min_t and upsampler is None:
+        raise ValueError("upsampler_min_t applies to a tuned self-cascade: give an upsampler too")
     checked = check_loras(loras, model)
     stage_denoiser, adapters = None, []
     if upsampler is not None:  # loaded before the LoRAs change the UNet the adapters were trained on
@@ -53,7 +57,7 @@ def generate(
         trained_k = common_k(adapters)  # the adapters only saw timesteps 1..their K in training
         if k is None and trained_k != model.default_k:  # at the model's own K: its per-stage Ks, all within it
             k = trained_k
-        stage_denoiser = stage_denoiser_for(model, adapters)
+        stage_denoiser = stage_denoiser_for(model, adapters, upsampler_min_t)
     with applied_loras(model, checked):
         result = _run(model, prompt, height, width, method, k, stages, upsample, stage_denoiser, common)
     if checked:

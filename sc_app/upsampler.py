@@ -482,11 +482,12 @@ def common_k(adapters: list[Adapter]) -> int | None:
     return ks.pop() if len(ks) == 1 else None
 
 
-def stage_denoiser_for(model, upsampler):
+def stage_denoiser_for(model, upsampler, min_t: int = 0):
     """The `stage_denoiser` hook of `cascade.self_cascade` for trained adapters (see `load_adapters`).
 
     A stage gets the tuned denoiser (Algorithm 2 with pivot conditioning) of the adapter that fits its
-    growth and was trained nearest its resolution; a stage that no adapter fits stays tuning-free.
+    growth and was trained nearest its resolution; a stage that no adapter fits stays tuning-free. Steps at
+    timesteps below `min_t` are tuning-free too (the official SD XL code stops the upsamplers below 100).
     """
     adapters = load_adapters(upsampler, model)
 
@@ -508,7 +509,7 @@ def stage_denoiser_for(model, upsampler):
                         stage_index,
                         x.shape[-1] / pivot_latents.shape[-1],
                     )
-            if state["adapter"] is None:
+            if state["adapter"] is None or t < min_t:
                 return denoiser(x, t, i)
             down, mid = state["adapter"](state["features"], t, x.shape[-2:])
             state["residuals"] = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -158,6 +158,8 @@ def test_bad_values_and_keys_of_another_method_are_one_line():
         ("method=direct; dilation=2", "dilation= applies to method=scalecrafter only"),
         ("noise_level=20", "noise_level= applies to method=sr only"),
         ("method=sr; k=300", "k= applies to method=self-cascade only"),
+        ("upsampler_min_t=100", "upsampler_min_t= needs upsampler="),
+        ("upsampler=README.md; upsampler_min_t=-1", "upsampler_min_t must be an integer in 0..1000"),
     ]:
         with pytest.raises(BadInput) as error:
             parse_setting(f"x: {spec}")

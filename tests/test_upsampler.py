@@ -56,6 +56,25 @@ def test_trained_adapter_changes_stages_after_the_pivot(sd_model, monkeypatch):
     assert len(calls) == 2  # the pivot pass runs once per stage, not once per step
 
 
+def test_upsamplers_stop_below_min_t(sd_model):
+    adapter = trained_like(sd_model)
+    plain, tuned = cascade(sd_model), cascade(sd_model, adapter)
+
+    def from_t(min_t):
+        return self_cascade(
+            sd_model, "a red circle", 64, 64, stage_denoiser=stage_denoiser_for(sd_model, adapter, min_t), **RUN
+        )
+
+    assert torch.equal(from_t(0).stages[-1].latents, tuned.stages[-1].latents)
+    assert torch.equal(from_t(1000).stages[-1].latents, plain.stages[-1].latents)  # above every t <= K: off
+    # K 600 of 4 steps denoises at t 501, 251 and 1: from 300 the adapters act at 501 only
+    partly = from_t(300).stages[-1].latents
+    assert not torch.allclose(partly, plain.stages[-1].latents, atol=1e-3)
+    assert not torch.allclose(partly, tuned.stages[-1].latents, atol=1e-3)
+    with pytest.raises(ValueError, match="give an upsampler"):
+        generate(sd_model, "a red circle", 32, 32, upsampler_min_t=100)
+
+
 def test_stage_of_another_scale_stays_tuning_free(sd_model):
     plain, tuned = cascade(sd_model), cascade(sd_model, trained_like(sd_model, scale=3.0))
     for a, b in zip(plain.stages, tuned.stages):

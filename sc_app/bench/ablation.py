@@ -1,7 +1,8 @@
 """`python -m sc_app.bench ablation`: settings side by side, the fair comparison engine.
 
 Each `--setting "LABEL: key=value; ..."` is one row: `k=300,150` (K per stage), `upsample=bicubic`,
-`upsampler=FILE+FILE` (adapters; each stage takes the one trained nearest its resolution), `method=direct`
+`upsampler=FILE+FILE` (adapters; each stage takes the one trained nearest its resolution),
+`upsampler_min_t=100` (the adapters stop below that timestep), `method=direct`
 (any method; default the self-cascade), `lora=FILE` (a LoRA in every stage), `model=DIR` (another model
 folder, e.g. a fine-tuned one; default --model), `guidance=7.5` (any method; default the model's),
 `noise_level=50` (method=sr), `dilation=3` and `tau=20` (method=scalecrafter: they replace its plan's
@@ -55,12 +56,13 @@ DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
 OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS + i, never an evaluated seed
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
-KEYS = ("k", "upsample", "upsampler", "method", "lora", "model", "guidance", "noise_level", "dilation", "tau")
+KEYS = "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau".split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
     "k": "self-cascade",
     "upsample": "self-cascade",
     "upsampler": "self-cascade",
+    "upsampler_min_t": "self-cascade",
     "noise_level": "sr",
     "dilation": "scalecrafter",
     "tau": "scalecrafter",
@@ -103,6 +105,8 @@ class Setting:
             out["upsample"] = options["upsample"]
         if "upsampler" in options:
             out["upsampler"] = [Path(p) for p in options["upsampler"].split("+")]
+        if "upsampler_min_t" in options:
+            out["upsampler_min_t"] = int(options["upsampler_min_t"])
         if "lora" in options:
             out["loras"] = [Path(p) for p in options["lora"].split("+")]
         if "guidance" in options:
@@ -155,6 +159,8 @@ def parse_setting(text: str) -> Setting:
         for path in options.get(key, "").split("+"):
             if path and not Path(path).exists():
                 raise BadInput(f"--setting {text!r}: {key} {path}: no such file or folder")
+    if "upsampler_min_t" in options and "upsampler" not in options:
+        raise BadInput(f"--setting {text!r}: upsampler_min_t= needs upsampler=")
     method = options.pop("method", "self-cascade")
     from ..api import METHODS
 
@@ -178,6 +184,7 @@ def _check_number(text: str, key: str, value: str) -> None:
         "noise_level": (int, 0, None),
         "dilation": (float, 1, None),
         "tau": (int, 0, BASE_STEPS),
+        "upsampler_min_t": (int, 0, 1000),
     }
     if key not in ranges:
         return
@@ -608,8 +615,9 @@ def add_parser(sub) -> None:
         "--setting",
         action="append",
         default=[],
-        help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE; method=...; lora=FILE; model=DIR; "
-        "guidance=5; noise_level=20 (sr); dilation=2; tau=20 (scalecrafter)' (repeat for each row)",
+        help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE; upsampler_min_t=100; method=...; "
+        "lora=FILE; model=DIR; guidance=5; noise_level=20 (sr); dilation=2; tau=20 (scalecrafter)' "
+        "(repeat for each row)",
     )
     a.add_argument(
         "--chosen",
