@@ -157,6 +157,8 @@ def test_bad_values_and_keys_of_another_method_are_one_line():
         ("method=scalecrafter; tau=51", "tau must be an integer in 0..50"),
         ("method=direct; dilation=2", "dilation= applies to method=scalecrafter only"),
         ("noise_level=20", "noise_level= applies to method=sr only"),
+        ("ndcfg=2", "ndcfg= applies to method=scalecrafter only"),
+        ("method=scalecrafter; ndcfg=0.5", "ndcfg must be a number >= 1"),
         ("method=sr; k=300", "k= applies to method=self-cascade only"),
         ("upsampler_min_t=100", "upsampler_min_t= needs upsampler="),
         ("upsampler=README.md; upsampler_min_t=-1", "upsampler_min_t must be an integer in 0..1000"),
@@ -182,6 +184,13 @@ def test_plan_with_replaces_the_dilation_and_tau_on_the_plans_blocks(sd_model):
     assert plan_with(unet, base, 16, 16, dilation=2).dilations == dict.fromkeys(rule.dilations, 2)  # rule: none here
     with pytest.raises(ValueError, match="tau"):
         plan_with(unet, base, 32, 32, tau=51)
+    damped = plan_with(unet, base, 32, 32, dilation=3, ndcfg=2)  # noise-damped guidance on the same blocks
+    assert damped.ndcfg == dict.fromkeys(rule.dilations, 2) and rule.ndcfg is None
+    assert plan_with(unet, base, 32, 32, ndcfg=1.5).dilations == rule.dilations
+    with pytest.raises(ValueError, match="at most the plan's dilation 2"):
+        plan_with(unet, base, 32, 32, ndcfg=3)
+    with pytest.raises(ValueError, match="re-dilates nothing"):
+        plan_with(unet, base, 16, 16, ndcfg=1.5)
     # A released preset: its own blocks, one factor, no progressive schedule, the noise-damped branch capped.
     sd21 = SimpleNamespace(
         config=SimpleNamespace(
@@ -208,6 +217,7 @@ def test_guidance_and_scalecrafter_overrides_reach_generate(sd_model, sd_folder,
         "sc: method=scalecrafter",
         "sc d3: method=scalecrafter; dilation=3",
         "sc tau0: method=scalecrafter; tau=0",
+        "sc ndcfg: method=scalecrafter; dilation=3; ndcfg=2",
     ]
     assert run(sd_folder, work, out, *settings, size="32x32", direct_n=2) == 0
     direct = pixels(work, "32x32", "direct")
@@ -215,6 +225,7 @@ def test_guidance_and_scalecrafter_overrides_reach_generate(sd_model, sd_folder,
     assert not same(pixels(work, "32x32", "g3"), direct)
     assert not same(pixels(work, "32x32", "sc"), direct)  # the general rule re-dilates the first step
     assert not same(pixels(work, "32x32", "sc-d3"), pixels(work, "32x32", "sc"))
+    assert not same(pixels(work, "32x32", "sc-ndcfg"), pixels(work, "32x32", "sc-d3"))  # the milder uncond branch
     assert same(pixels(work, "32x32", "sc-tau0"), direct)  # tau 0: no step re-dilated, direct sampling exactly
 
 

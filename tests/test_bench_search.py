@@ -47,7 +47,7 @@ def table_labels(text: str) -> list[str]:
 def test_every_grid_row_parses_and_belongs_to_its_method():
     for method, count in [
         ("self-cascade", 15),
-        ("scalecrafter", 3 + 9),
+        ("scalecrafter", 3 + 9 + 6),
         ("sr", 4),
         ("direct", 3),
         ("attn-sf", 3),
@@ -58,8 +58,11 @@ def test_every_grid_row_parses_and_belongs_to_its_method():
         assert {r.method for r in rows} == {method} and {search.group(r) for r in rows} == {method}
     grid = [dict(parse_setting(t).options) for t in search.grid("scalecrafter", 5.0)]
     assert [o["guidance"] for o in grid if "dilation" not in o] == ["3", "5", "7.5"]  # the plan as it is
-    assert {(o["dilation"], o["tau"], o["guidance"]) for o in grid if "dilation" in o} == {
+    assert {(o["dilation"], o["tau"], o["guidance"]) for o in grid if "dilation" in o and "ndcfg" not in o} == {
         (d, t, "5") for d in ("1.5", "2", "3") for t in ("10", "20", "30")
+    }
+    assert {(o["dilation"], o["ndcfg"], o["tau"]) for o in grid if "ndcfg" in o} == {
+        (d, m, t) for d, m in (("2", "1.5"), ("3", "2")) for t in ("10", "20", "30")
     }
     assert len(search.grid("direct", 4.0)) == 4  # the model's own guidance is always tried
 

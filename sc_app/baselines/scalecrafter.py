@@ -194,14 +194,23 @@ def plan_for(unet, base_size: int, height: int, width: int) -> Plan:
 
 
 def plan_with(
-    unet, base_size: int, height: int, width: int, dilation: float | None = None, tau: int | None = None
+    unet,
+    base_size: int,
+    height: int,
+    width: int,
+    dilation: float | None = None,
+    tau: int | None = None,
+    ndcfg: float | None = None,
 ) -> Plan:
-    """plan_for's plan with its dilation factor and/or tau replaced: the points of a settings search around it.
+    """plan_for's plan with its dilation factor, tau and/or noise-damped branch replaced: the points of a
+    settings search around it.
 
     `dilation` goes on the blocks the plan re-dilates (the general rule's blocks also where the rule itself
     changes nothing) as one constant factor for the steps before tau: a preset's per-block table and its
     progressive schedule (which never goes below 2) give way to it, and a noise-damped branch is capped at it,
-    so that it stays the milder one. ValueError for a tau or dilation that a Plan refuses.
+    so that it stays the milder one. `ndcfg` turns on noise-damped guidance (or replaces the preset's) with
+    that milder factor on the same blocks. ValueError for a tau or dilation that a Plan refuses, or an
+    ndcfg above the dilation.
     """
     plan = plan_for(unet, base_size, height, width)
     changes = {} if tau is None else {"tau": tau}
@@ -209,9 +218,20 @@ def plan_with(
         changes["dilations"] = _same(list(plan.dilations) or _below_top(unet), dilation)
         changes["ndcfg"] = {block: min(d, dilation) for block, d in plan.ndcfg.items()} if plan.ndcfg else None
         changes["progressive"] = False
+    if ndcfg is not None:
+        dilations = changes.get("dilations", plan.dilations)
+        if not dilations:
+            raise ValueError(f"ndcfg: the plan re-dilates nothing at {width}x{height}; give a dilation too")
+        if ndcfg > min(dilations.values()):
+            raise ValueError(f"ndcfg {ndcfg:g} must be at most the plan's dilation {min(dilations.values()):g}")
+        changes["ndcfg"] = _same(list(dilations), ndcfg)
     if not changes:
         return plan
-    given = ", ".join(f"{key} {value:g}" for key, value in (("dilation", dilation), ("tau", tau)) if value is not None)
+    given = ", ".join(
+        f"{key} {value:g}"
+        for key, value in (("dilation", dilation), ("tau", tau), ("ndcfg", ndcfg))
+        if value is not None
+    )
     return replace(plan, **changes, preset=f"{plan.preset}, {given}")
 
 

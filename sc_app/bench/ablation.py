@@ -5,9 +5,9 @@ Each `--setting "LABEL: key=value; ..."` is one row: `k=300,150` (K per stage), 
 `upsampler_min_t=100` (the adapters stop below that timestep), `method=direct`
 (any method; default the self-cascade), `lora=FILE` (a LoRA in every stage), `model=DIR` (another model
 folder, e.g. a fine-tuned one; default --model), `guidance=7.5` (any method; default the model's),
-`noise_level=50` (method=sr), `dilation=3` and `tau=20` (method=scalecrafter: they replace its plan's
-dilation factor and tau, see `baselines.scalecrafter.plan_with`). `--chosen FILE` adds the rows that
-`bench search` chose on development prompts, and the paper's K=700 beside them.
+`noise_level=50` (method=sr), `dilation=3`, `tau=20` and `ndcfg=1.5` (method=scalecrafter: they replace its
+plan's dilation factor, tau and noise-damped guidance, see `baselines.scalecrafter.plan_with`). `--chosen FILE`
+adds the rows that `bench search` chose on development prompts, and the paper's K=700 beside them.
 
 Every row samples the same prompts and seeds; the table gives composition, local structure
 (`shapes.shape_fidelity`, real renders give the ceiling), FID_r / KID_r, FID_b / KID_b (unpaired: against the
@@ -56,7 +56,7 @@ DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
 OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS + i, never an evaluated seed
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
-KEYS = "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau".split()
+KEYS = "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg".split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
     "k": "self-cascade",
@@ -66,6 +66,7 @@ ONLY_FOR = {  # keys that one method alone takes
     "noise_level": "sr",
     "dilation": "scalecrafter",
     "tau": "scalecrafter",
+    "ndcfg": "scalecrafter",
 }
 
 
@@ -116,20 +117,16 @@ class Setting:
         return out
 
     def plan(self, model, size: tuple[int, int]):
-        """ScaleCrafter's plan with this row's dilation and tau; None where the row sets neither."""
-        options = dict(self.options)
-        if "dilation" not in options and "tau" not in options:
-            return None
+        """ScaleCrafter's plan with this row's dilation, tau and ndcfg; None where the row sets none."""
         from ..baselines.scalecrafter import plan_with
 
-        dilation, tau = options.get("dilation"), options.get("tau")
-        return plan_with(
-            model.unet,
-            model.base_size,
-            *size,
-            dilation=None if dilation is None else float(dilation),
-            tau=None if tau is None else int(tau),
-        )
+        options = dict(self.options)
+        given = {
+            key: (int if key == "tau" else float)(options[key])
+            for key in ("dilation", "tau", "ndcfg")
+            if key in options
+        }
+        return plan_with(model.unet, model.base_size, *size, **given) if given else None
 
     @property
     def model_source(self) -> str | None:
@@ -184,6 +181,7 @@ def _check_number(text: str, key: str, value: str) -> None:
         "noise_level": (int, 0, None),
         "dilation": (float, 1, None),
         "tau": (int, 0, BASE_STEPS),
+        "ndcfg": (float, 1, None),
         "upsampler_min_t": (int, 0, 1000),
     }
     if key not in ranges:
@@ -616,7 +614,7 @@ def add_parser(sub) -> None:
         action="append",
         default=[],
         help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE; upsampler_min_t=100; method=...; "
-        "lora=FILE; model=DIR; guidance=5; noise_level=20 (sr); dilation=2; tau=20 (scalecrafter)' "
+        "lora=FILE; model=DIR; guidance=5; noise_level=20 (sr); dilation=2; tau=20; ndcfg=1.5 (scalecrafter)' "
         "(repeat for each row)",
     )
     a.add_argument(

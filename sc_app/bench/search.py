@@ -38,6 +38,7 @@ GUIDANCES = (3, 5, 7.5)  # with the model's own guidance always among them
 KS = (100, 200, 300, 500, 700)
 DILATIONS = (1.5, 2, 3)
 TAUS = (10, 20, 30)
+NOISE_DAMPED = ((2, 1.5), (3, 2))  # (dilation, the unconditional branch's milder one), as the official tables pair them
 NOISE_LEVELS = (0, 20, 50, 100)  # 20: the x4 upscaler's default
 CHOSEN = " (chosen)"
 
@@ -49,11 +50,20 @@ def grid(method: str, guidance: float) -> list[str]:
         return [f"self-cascade K={k} g={g}: k={k}; guidance={g}" for k in KS for g in gs]
     if method == "scalecrafter":  # the preset (or general rule) as it is, then a grid around it
         plans = [f"scalecrafter plan g={g}: method=scalecrafter; guidance={g}" for g in gs]
-        return plans + [
-            f"scalecrafter d={d:g} tau={t}: method=scalecrafter; dilation={d:g}; tau={t}; guidance={guidance:g}"
-            for d in DILATIONS
-            for t in TAUS
-        ]
+        return (
+            plans
+            + [
+                f"scalecrafter d={d:g} tau={t}: method=scalecrafter; dilation={d:g}; tau={t}; guidance={guidance:g}"
+                for d in DILATIONS
+                for t in TAUS
+            ]
+            + [
+                f"scalecrafter d={d:g} tau={t} ndcfg={m:g}: method=scalecrafter; dilation={d:g}; tau={t}; ndcfg={m:g}; "
+                f"guidance={guidance:g}"
+                for d, m in NOISE_DAMPED
+                for t in TAUS
+            ]
+        )
     if method == "sr":
         return [f"sr noise={v}: method=sr; noise_level={v}" for v in NOISE_LEVELS]
     if method == "lanczos":  # the pivot resized: nothing to tune
@@ -68,7 +78,9 @@ def grid_text(methods: list[str], guidance: float) -> str:
         "self-cascade": f"self-cascade K in {{{', '.join(map(str, KS))}}} x guidance {gs}",
         "scalecrafter": f"ScaleCrafter's plan as it is (the released preset for the UNet and size, else the project's "
         f"general rule) at guidance {gs}, and dilation {{{', '.join(f'{d:g}' for d in DILATIONS)}}} x tau "
-        f"{{{', '.join(map(str, TAUS))}}} on the plan's blocks at guidance {guidance:g}",
+        f"{{{', '.join(map(str, TAUS))}}} on the plan's blocks at guidance {guidance:g}, the same with noise-damped "
+        f"guidance (dilation, milder unconditional dilation) in "
+        f"{{{', '.join(f'({d:g}, {m:g})' for d, m in NOISE_DAMPED)}}} x tau {{{', '.join(map(str, TAUS))}}}",
         "sr": f"SR noise level {{{', '.join(map(str, NOISE_LEVELS))}}}",
         "lanczos": "Lanczos: nothing to tune",
     }
