@@ -50,20 +50,13 @@ def grid(method: str, guidance: float) -> list[str]:
         return [f"self-cascade K={k} g={g}: k={k}; guidance={g}" for k in KS for g in gs]
     if method == "scalecrafter":  # the preset (or general rule) as it is, then a grid around it
         plans = [f"scalecrafter plan g={g}: method=scalecrafter; guidance={g}" for g in gs]
-        return (
-            plans
-            + [
-                f"scalecrafter d={d:g} tau={t}: method=scalecrafter; dilation={d:g}; tau={t}; guidance={guidance:g}"
-                for d in DILATIONS
-                for t in TAUS
-            ]
-            + [
-                f"scalecrafter d={d:g} tau={t} ndcfg={m:g}: method=scalecrafter; dilation={d:g}; tau={t}; ndcfg={m:g}; "
-                f"guidance={guidance:g}"
-                for d, m in NOISE_DAMPED
-                for t in TAUS
-            ]
-        )
+        pairs = [(d, None) for d in DILATIONS] + list(NOISE_DAMPED)  # (dilation, noise-damped or None)
+        return plans + [
+            f"scalecrafter d={d:g} tau={t}{'' if m is None else f' ndcfg={m:g}'}: method=scalecrafter; "
+            f"dilation={d:g}; tau={t}; {'' if m is None else f'ndcfg={m:g}; '}guidance={guidance:g}"
+            for d, m in pairs
+            for t in TAUS
+        ]
     if method == "sr":
         return [f"sr noise={v}: method=sr; noise_level={v}" for v in NOISE_LEVELS]
     if method == "lanczos":  # the pivot resized: nothing to tune
