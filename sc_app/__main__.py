@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--upsample",
-        default="bilinear",
+        default=None,
         choices=("bilinear", "bicubic", "lanczos"),
-        help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, encode)",
+        help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, encode); "
+        "default: the model's (bilinear unless its self_cascade.json sets default_upsample)",
     )
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -218,7 +219,7 @@ def generate(args) -> None:
             args.guidance or 0.0,
             options.get("k"),
             options.get("stages"),
-            options.get("upsample", "bilinear"),
+            options.get("upsample"),
         )
         upsampler = model.default_upsampler if args.upsampler is None else args.upsampler
         if args.method == "self-cascade" and upsampler not in (None, NO_UPSAMPLER):

@@ -27,7 +27,7 @@ def generate(
     *,
     k: int | list[int] | None = None,
     stages: int | None = None,
-    upsample: str = "bilinear",
+    upsample: str | None = None,
     upsampler=None,
     upsampler_min_t: int = 0,
     loras=None,

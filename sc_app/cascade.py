@@ -90,9 +90,10 @@ def check_inputs(
     guidance_scale: float,
     k: int | list[int] | None = None,
     stages: int | None = None,
-    upsample: str = "bilinear",
+    upsample: str | None = None,
 ) -> list[tuple[int, int]]:
-    """Validate the request against the model; return the stage sizes. Errors name the argument and value."""
+    """Validate the request against the model; return the stage sizes. Errors name the argument and value
+    (upsample None: the model's own, checked when it loaded)."""
     m = model.size_multiple
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value <= 0:
@@ -104,7 +105,7 @@ def check_inputs(
     finite("guidance_scale", guidance_scale, 0, MAX_GUIDANCE)
     if stages is not None and (not isinstance(stages, int) or stages < 0):
         raise ValueError(f"stages must be a non-negative integer, got {stages!r}")
-    if upsample not in UPSAMPLE_MODES:
+    if upsample is not None and upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
     sizes = plan_stages(height, width, model.base_size, m, stages)
     for value in [k] if not isinstance(k, (list, tuple)) else k:
@@ -234,7 +235,7 @@ def self_cascade(
     guidance_scale: float | None = None,
     k: int | list[int] | None = None,
     stages: int | None = None,
-    upsample: str = "bilinear",
+    upsample: str | None = None,
     generator=None,
     seed: int | None = None,
     callback=None,
@@ -251,6 +252,7 @@ def self_cascade(
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     ks = model.stage_ks(len(sizes) - 1, k)
+    upsample = upsample or model.default_upsample
     scheduler = make_scheduler(model, num_inference_steps)
     result = Result(
         "self-cascade",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from .cascade import UPSAMPLE_MODES
 from .checks import torch_device
 
 
@@ -35,6 +36,7 @@ class Model:
     later_k: int | None = None  # K of the stages after the first (lower keeps more of each stage's input)
     default_guidance: float = SD_GUIDANCE
     default_upsampler: Path | None = None  # the folder's own trained adapters, which the app and CLI use by default
+    default_upsample: str = "bilinear"  # how a stage's pivot latent grows (cascade.UPSAMPLE_MODES)
     offload_text_encoders: bool = False  # on the CPU between prompts, on the model's device only to encode
 
     def stage_ks(self, stages: int, k: int | list[int] | None = None) -> list[int]:
@@ -94,6 +96,7 @@ class Model:
             later_k=settings.get("later_stages_k"),
             default_guidance=settings.get("default_guidance", SD_GUIDANCE),
             default_upsampler=_default_upsampler(source, settings),
+            default_upsample=_default_upsample(source, settings),
         )
 
 
@@ -123,7 +126,7 @@ def refuse_pickle_weights(name: str, source: str, parts: tuple[str, ...] = WEIGH
 
 def _folder_settings(folder: str) -> dict:
     """A model folder may carry its own defaults (default_k, later_stages_k, default_guidance,
-    default_upsampler) in self_cascade.json."""
+    default_upsampler, default_upsample) in self_cascade.json."""
     path = Path(folder) / "self_cascade.json"
     return json.loads(path.read_text()) if folder and path.is_file() else {}
 
@@ -189,3 +192,10 @@ def load_model(
             if encoder is not None:
                 encoder.to("cpu")
     return model
+
+
+def _default_upsample(folder: str, settings: dict) -> str:
+    mode = settings.get("default_upsample", "bilinear")
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"{folder}/self_cascade.json: default_upsample {mode!r} is not one of {UPSAMPLE_MODES}")
+    return mode

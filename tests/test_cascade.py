@@ -178,6 +178,27 @@ def test_lanczos_upsampling_goes_through_pixels(sd_model, monkeypatch):
     assert lanczos.settings["upsample"] == "lanczos"
 
 
+def test_a_folder_may_set_how_the_pivot_grows(sd_model, sd_folder, tmp_path):
+    import dataclasses
+    import shutil
+
+    folder = shutil.copytree(sd_folder, tmp_path / "model")
+    (folder / "self_cascade.json").write_text('{"default_upsample": "lanczos"}')
+    model = load_model(str(folder), device="cpu")
+    assert model.default_upsample == "lanczos"
+    run = dict(num_inference_steps=STEPS, seed=0, decode_stages=False, k=600)
+    assert self_cascade(model, "a cat", 64, 64, **run).settings["upsample"] == "lanczos"
+    assert self_cascade(model, "a cat", 64, 64, upsample="bilinear", **run).settings["upsample"] == "bilinear"
+    same_weights = dataclasses.replace(sd_model, default_upsample="lanczos")
+    assert torch.equal(
+        self_cascade(same_weights, "a cat", 64, 64, **run).stages[-1].latents,
+        self_cascade(sd_model, "a cat", 64, 64, upsample="lanczos", **run).stages[-1].latents,
+    )
+    (folder / "self_cascade.json").write_text('{"default_upsample": "nearest"}')
+    with pytest.raises(ValueError, match="default_upsample 'nearest' is not one of"):
+        load_model(str(folder), device="cpu")
+
+
 def test_a_folder_may_lower_k_after_the_first_stage(sd_model, sd_folder, tmp_path):
     import dataclasses
     import shutil

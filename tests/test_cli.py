@@ -268,6 +268,22 @@ def test_a_folders_default_adapters_are_used_unless_none_is_asked_for(sd_folder,
     assert "upsampler" not in run("direct", "--method", "direct")  # other methods take no adapters
 
 
+def test_the_pivot_grows_as_the_model_folder_says_unless_asked_otherwise(capsys, sd_folder, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(sd_folder, tmp_path / "model")
+    (folder / "self_cascade.json").write_text('{"default_upsample": "lanczos"}')
+
+    def upsample(name, *extra):
+        argv = ["--model", str(folder), "--prompt", "a cat", "--height", "64", "--width", "64", "--steps", "4"]
+        code, err = _run(capsys, *argv, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        return json.loads((tmp_path / name / "result.json").read_text())["upsample"]
+
+    assert upsample("default") == "lanczos"
+    assert upsample("asked", "--upsample", "bicubic") == "bicubic"
+
+
 def test_a_default_adapter_outside_the_model_folder_is_refused(sd_folder, tmp_path):
     import shutil
 
