@@ -37,9 +37,9 @@ def parse_lora(text: str) -> Lora:
     return Lora(Path(text))
 
 
-def lora_metadata(model, *, rank: int, steps: int, size: int) -> dict[str, str]:
+def lora_metadata(model, *, rank: int, steps: int, size: int, train_seconds: float | None = None) -> dict[str, str]:
     """The metadata of a LoRA trained here: diffusers' adapter config (so it loads with this rank and alpha)
-    and what it was trained on (the base model's fingerprint, rank, steps, size)."""
+    and what it was trained on (the base model's fingerprint, rank, steps, size, wall time if known)."""
     from .upsampler import unet_fingerprint
 
     config = {"r": rank, "lora_alpha": rank, "target_modules": list(LORA_TARGETS), "init_lora_weights": "gaussian"}
@@ -52,6 +52,7 @@ def lora_metadata(model, *, rank: int, steps: int, size: int) -> dict[str, str]:
         "rank": str(rank),
         "steps": str(steps),
         "size": str(size),
+        **({"train_seconds": f"{train_seconds:.1f}"} if train_seconds is not None else {}),
     }
 
 

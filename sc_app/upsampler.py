@@ -192,6 +192,7 @@ class Adapter(nn.Module):
         unet_class: str = IMAGE_UNET,
         signature: list[float] | None = None,
         size: int | None = None,
+        train_seconds: float | None = None,
     ):
         super().__init__()
         if width is not None and (not isinstance(width, int) or width < 1):
@@ -206,6 +207,7 @@ class Adapter(nn.Module):
         self.scale, self.k, self.base_model, self.steps = float(scale), int(k), base_model, int(steps)
         self.signature = signature  # weights_signature of the UNet it was trained on; None in older files
         self.size = size  # the side in pixels of the stage it was trained for; None: the first stage (older files)
+        self.train_seconds = train_seconds  # wall time its training took, all runs of it; None: not recorded
 
     @property
     def num_parameters(self) -> int:
@@ -261,6 +263,7 @@ class Adapter(nn.Module):
             "unet_class": self.unet_class,
             **({"unet_signature": json.dumps(self.signature)} if self.signature is not None else {}),
             **({"size": str(self.size)} if self.size is not None else {}),
+            **({"train_seconds": f"{self.train_seconds:.1f}"} if self.train_seconds is not None else {}),
         }
 
 
@@ -353,6 +356,7 @@ def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapte
             unet_class=meta.get("unet_class", IMAGE_UNET),
             signature=json.loads(meta["unet_signature"]) if "unet_signature" in meta else None,
             size=int(meta["size"]) if "size" in meta else None,
+            train_seconds=float(meta["train_seconds"]) if "train_seconds" in meta else None,
         )
         adapter.load_state_dict(tensors)
     except (KeyError, ValueError, RuntimeError) as error:

@@ -87,7 +87,7 @@ def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
     assert "<!-- bench:ablation-64x64 -->" in text and "Development prompts" in text
     rows = table_rows(text)
     assert list(rows) == ["base (16x16, other seeds)", "tuning-free", "lower last stage", "pixels"]
-    assert all("% [" in r[4] for r in rows.values())  # every composition with its interval
+    assert all("% [" in r[HEADER.index("composition [95%]")] for r in rows.values())  # each with its interval
     folders = {p.name: p for p in (work / "64x64").iterdir()}
     assert len(folders) == 4  # direct (the time reference) and the three settings, each in its own folder
     direct = next(p for name, p in folders.items() if name.startswith("direct"))
@@ -260,7 +260,9 @@ def test_table_columns_and_an_unpaired_fid_b(sd_folder, tmp_path, monkeypatch):
     rows = table_rows(text)
     assert list(rows) == ["base (16x16, other seeds)", "sc", "resized"]
     for label, cells in rows.items():
-        fid_r, kid_r, fid_b, kid_b = cells[6:10]
+        fid_r, kid_r, fid_b, kid_b = (
+            cells[HEADER.index(name)] for name in ("FID_r [95%]", "KID_r", "FID_b [95%]", "KID_b")
+        )
         assert " [" in fid_r and float(kid_r) == float(kid_r)
         assert (fid_b == kid_b == "-") == label.startswith("base")  # the base is FID_b's reference
         assert label.startswith("base") or " [" in fid_b
@@ -361,3 +363,17 @@ def test_direct_n_0_samples_no_time_reference(sd_folder, tmp_path):
     assert run(sd_folder, work, out, "resized: method=lanczos", size="32x32", direct_n=0) == 0
     assert [p.name.rsplit("-", 1)[0] for p in (work / "32x32").iterdir()] == ["resized"]  # no direct samples
     assert table_rows(out.read_text())["resized"][10] == "-"  # so no time ratio
+
+
+def test_training_time_comes_from_the_trained_files(sd_folder, sd_model, tmp_path):
+    from sc_app.upsampler import Adapter, save_adapter
+
+    recorded, older = tmp_path / "recorded.safetensors", tmp_path / "older.safetensors"
+    save_adapter(Adapter(sd_model.unet.config, base_model=sd_model.name, train_seconds=90.0), recorded)
+    save_adapter(Adapter(sd_model.unet.config, base_model=sd_model.name), older)  # as files before the record
+    settings = ("free: k=600", f"recorded: k=600; upsampler={recorded}", f"older: k=600; upsampler={older}")
+    out = tmp_path / "bench.md"
+    assert run(sd_folder, tmp_path / "work", out, *settings, size="32x32") == 0
+    column = HEADER.index("training time")
+    times = {label: cells[column] for label, cells in table_rows(out.read_text()).items()}
+    assert times == {"base (16x16, other seeds)": "-", "free": "-", "recorded": "1.5 min", "older": "not recorded"}

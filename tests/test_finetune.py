@@ -48,11 +48,13 @@ def test_resumed_lora_run_continues_exactly(sd_folder, tmp_path):
     options = dict(method="lora", rank=2, size=32, batch_size=2, checkpoint_every=2)
     train_finetune(_fresh(sd_folder), "shapes", steps=4, out=whole, **options)
     train_finetune(_fresh(sd_folder), "shapes", steps=2, out=split, **options)
-    assert load_checkpoint(checkpoint_path(split))["step"] == 2
+    first = load_checkpoint(checkpoint_path(split))
+    assert first["step"] == 2 and first["train_seconds"] > 0
     train_finetune(_fresh(sd_folder), "shapes", steps=4, out=split, resume=True, **options)
     with safe_open(str(whole), framework="pt") as a, safe_open(str(split), framework="pt") as b:
         assert set(a.keys()) == set(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert float(b.metadata()["train_seconds"]) > first["train_seconds"]  # both runs' wall time
     with pytest.raises(ValueError, match="resume: checkpoint"):
         train_finetune(_fresh(sd_folder), "shapes", steps=5, out=split, resume=True, **{**options, "rank": 4})
 

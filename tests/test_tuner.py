@@ -154,11 +154,13 @@ def test_resume_continues_from_the_checkpoint_step(sd_model, trained, tmp_path, 
     assert [p[0] for p in progress] == [1, 2, 3, 4] and all(p[1] == 4 and p[2] > 0 for p in progress)
     out, resumed = tmp_path / "x2.safetensors", []
     train_adapter(sd_model, "shapes", steps=2, out=out, **FAST)
+    first_run = load_adapter(out, sd_model).train_seconds
     train_adapter(sd_model, "shapes", steps=4, out=out, resume=True, progress=lambda *p: resumed.append(p), **FAST)
     assert "resumed at step 2" in caplog.text
     assert [p[0] for p in resumed] == [3, 4]
     a, b = load_adapter(reference, sd_model), load_adapter(out, sd_model)
     assert b.steps == 4
+    assert 0 < first_run < b.train_seconds  # the wall time of both runs, recorded in the file
     for key, value in a.state_dict().items():  # the same run as one without interruption
         assert torch.allclose(b.state_dict()[key], value, atol=1e-6), key
 

@@ -30,9 +30,11 @@ def save_checkpoint(
     step: int,
     config: dict,
     ema: dict[str, torch.Tensor] | None = None,
+    train_seconds: float | None = None,
 ) -> Path:
     """Write the checkpoint of `step`: `weights` (what trains), `ema` (its average, if kept), the optimizer's
-    per-parameter tensors (AdamW's moments and step counts) and, as JSON, its param groups, `step` and `config`."""
+    per-parameter tensors (AdamW's moments and step counts) and, as JSON, its param groups, `step`, `config` and
+    `train_seconds` (the wall time up to `step`, if known)."""
     opt_state = optimizer.state_dict()
     tensors = _flatten("weights", weights)
     if ema is not None:
@@ -45,12 +47,14 @@ def save_checkpoint(
             else:
                 scalars.setdefault(str(index), {})[name] = value
     state = {"step": step, "config": config, "param_groups": opt_state["param_groups"], "scalars": scalars}
+    if train_seconds is not None:
+        state["train_seconds"] = train_seconds
     return write_safetensors(tensors, path, metadata={STATE_KEY: json.dumps(state)})
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """{'step', 'config', 'weights', 'ema' (None if not kept), 'optimizer' (a state dict to load)}; ValueError
-    for a file that is not such a checkpoint."""
+    """{'step', 'config', 'weights', 'ema' (None if not kept), 'optimizer' (a state dict to load),
+    'train_seconds' (None if not recorded)}; ValueError for a file that is not such a checkpoint."""
     try:
         with safe_open(str(path), framework="pt") as f:
             state = json.loads((f.metadata() or {})[STATE_KEY])
@@ -69,6 +73,7 @@ def load_checkpoint(path: str | Path) -> dict:
         per_param.setdefault(int(index), {}).update(values)
     return {
         "step": state["step"],
+        "train_seconds": state.get("train_seconds"),
         "config": state["config"],
         "weights": parts["weights"],
         "ema": parts["ema"] or None,

@@ -39,7 +39,7 @@ from sc_app.sampling import added_conditions, encode_prompt
 from sc_app.upsampler import unet_fingerprint
 from tuner.checkpoints import load_checkpoint, save_checkpoint
 from tuner.data import make_dataset
-from tuner.upsampler_training import _mixed_precision, _to_pixels, lr_at, record_step
+from tuner.upsampler_training import _mixed_precision, _to_pixels, lr_at, record_step, train_seconds
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 1e-3, "full": 1e-4}
@@ -96,15 +96,16 @@ def _trained_weights(unet, method: str) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def _write_lora(unet, model, out: Path, *, rank: int, steps: int, size: int) -> None:
+def _write_lora(unet, model, out: Path, *, rank: int, steps: int, size: int, train_seconds: float | None) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
 
     weights = convert_state_dict_to_diffusers(_trained_weights(unet, "lora"))
     tensors = {f"unet.{name}": t.detach().float().cpu().contiguous() for name, t in weights.items()}
-    write_safetensors(tensors, out, metadata=lora_metadata(model, rank=rank, steps=steps, size=size))
+    metadata = lora_metadata(model, rank=rank, steps=steps, size=size, train_seconds=train_seconds)
+    write_safetensors(tensors, out, metadata=metadata)
 
 
-def _write_full(model, out: Path, *, steps: int, size: int, source: Path | None) -> None:
+def _write_full(model, out: Path, *, steps: int, size: int, source: Path | None, train_seconds: float | None) -> None:
     """A complete diffusers folder: the fine-tuned UNet with copies of the frozen parts, replacing `out` whole."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -120,6 +121,7 @@ def _write_full(model, out: Path, *, steps: int, size: int, source: Path | None)
                 "base_fingerprint": unet_fingerprint(model.unet.config),
                 "steps": steps,
                 "size": size,
+                **({"train_seconds": round(train_seconds, 1)} if train_seconds is not None else {}),
             },
             indent=2,
         )
@@ -194,7 +196,7 @@ def train_finetune(
         params = _trainable(unet, method, rank)
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if method == "lora" else 1e-2)
-    start = 0
+    start, seconds_before = 0, 0.0
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         theirs = {k: state["config"].get(k) for k in ("method", "rank", "size", "fingerprint")}
@@ -206,7 +208,7 @@ def train_finetune(
             raise ValueError(f"resume: checkpoint {ckpt_path} lacks {len(missing)} trained tensors")
         _load_trained(unet, method, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, seconds_before = state["step"], state["train_seconds"]
         log.info("resumed at step %d from %s", start, ckpt_path)
     elif resume:
         log.info("no checkpoint at %s: starting from step 0", ckpt_path)
@@ -244,13 +246,15 @@ def train_finetune(
 
     def save(step: int) -> None:
         unwrapped = acc.unwrap_model(trained_unet)
+        seconds = train_seconds(seconds_before, started)
+        weights = _trained_weights(unwrapped, method)
         save_checkpoint(
-            ckpt_path, weights=_trained_weights(unwrapped, method), optimizer=optimizer, step=step, config=config
+            ckpt_path, weights=weights, optimizer=optimizer, step=step, config=config, train_seconds=seconds
         )
         if method == "lora":
-            _write_lora(unwrapped, model, out, rank=rank, steps=step, size=size)
+            _write_lora(unwrapped, model, out, rank=rank, steps=step, size=size, train_seconds=seconds)
         else:
-            _write_full(model, out, steps=step, size=size, source=source)
+            _write_full(model, out, steps=step, size=size, source=source, train_seconds=seconds)
 
     # 2. The loop
     step, running, started = start, None, time.perf_counter()

@@ -237,6 +237,11 @@ def _mixed_precision(model) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def train_seconds(before: float | None, started: float) -> float | None:
+    """The wall time a training has taken: its earlier runs' (None: not recorded, so unknown) plus this one's."""
+    return None if before is None else before + time.perf_counter() - started
+
+
 def record_step(value, step, steps, start, started, running, bar, progress, checkpoint_every, save) -> float:
     """What every training loop does after step `step` (0-based) of `steps`: refuse a non-finite loss, update the
     running loss the bar and the log show, report `progress`, and `save` on the checkpoint cadence (the last
@@ -337,11 +342,12 @@ def train_adapter(
         )
 
     # 1. Where to start: a checkpoint of this run, another adapter, or zero-initialised upsamplers
-    state, start = None, 0
+    state, start, seconds_before = None, 0, 0.0
     if resume and ckpt_path.is_file():
         state = _load_checkpoint(ckpt_path, adapter)
         adapter.load_state_dict(state["adapter"])
         start = state["step"]
+        seconds_before = state.get("train_seconds")  # None: a checkpoint from before the time was recorded
         log.info("resumed at step %d from %s", start, ckpt_path)
     elif resume:
         log.info("no checkpoint at %s: starting from step 0", ckpt_path)
@@ -378,6 +384,7 @@ def train_adapter(
     def save(step: int) -> None:
         unwrapped = acc.unwrap_model(adapter)
         unwrapped.steps = step
+        unwrapped.train_seconds = train_seconds(seconds_before, started)
         _save_checkpoint(
             ckpt_path,
             {
@@ -385,6 +392,7 @@ def train_adapter(
                 "optimizer": optimizer.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler else {},
                 "step": step,
+                "train_seconds": unwrapped.train_seconds,
                 "config": {
                     "fingerprint": unet_fingerprint(model.unet.config),
                     "scale": float(scale),

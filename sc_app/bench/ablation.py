@@ -214,33 +214,41 @@ def _check_setting(model, size: tuple[int, int], steps: int, setting: Setting) -
         raise BadInput(f"--setting {setting.label!r}: {str(error).splitlines()[0]}") from None
 
 
-def _parameters(model, setting: Setting) -> tuple[int, int]:
-    """(trainable parameters, training steps) of what a setting trained: its adapters, LoRAs, fine-tuned UNet
-    (from its training.json) or SR model; (0, 0) when tuning-free."""
+def _parameters(model, setting: Setting) -> tuple[int, int, float | None]:
+    """(trainable parameters, training steps, training seconds) of what a setting trained: its adapters, LoRAs,
+    fine-tuned UNet (from its training.json) or SR model; (0, 0, 0.0) when tuning-free. The seconds are the
+    trainers' own records, None when any trained file has none (older files, the SR model)."""
     from safetensors import safe_open
 
     from ..upsampler import load_adapters
 
     options = setting.generate_options()
     params = steps = 0
+    seconds: list[float | None] = []
     if options.get("upsampler"):
         adapters = load_adapters(options["upsampler"], model)
         params += sum(a.num_parameters for a in adapters)
         steps += sum(a.steps for a in adapters)
+        seconds += [a.train_seconds for a in adapters]
     for path in options.get("loras", []):
         with safe_open(str(path), framework="pt") as f:
             params += sum(_numel(f, name) for name in f.keys())
-            steps += int((f.metadata() or {}).get("steps", 0))
+            meta = f.metadata() or {}
+        steps += int(meta.get("steps", 0))
+        seconds.append(float(meta["train_seconds"]) if "train_seconds" in meta else None)
     if setting.model_source:
         info = Path(setting.model_source) / "training.json"
         if info.is_file():
+            record = json.loads(info.read_text())
             params += sum(p.numel() for p in model.unet.parameters())
-            steps += int(json.loads(info.read_text()).get("steps", 0))
+            steps += int(record.get("steps", 0))
+            seconds.append(record.get("train_seconds"))
     if setting.method == "sr":
         from ..baselines.upscale import load_upscaler
 
         params += sum(p.numel() for p in load_upscaler(None, model).unet.parameters())
-    return params, steps
+        seconds.append(None)
+    return params, steps, None if None in seconds else sum(seconds, 0.0)
 
 
 def _numel(f, name: str) -> int:
@@ -364,6 +372,7 @@ class Measured:
     fidelity: list[float]
     params: int = 0
     steps: int = 0
+    train_seconds: float | None = 0.0
     ratio: float | None = None
     apart: bool = False  # timed in another run than direct's
     fid_r: tuple[float, float, float] | None = None
@@ -384,6 +393,7 @@ class Measured:
             dict(setting.options).get("k", "model's") if setting.method == "self-cascade" else "-",
             f"{self.params:,}" if self.params else "-",
             str(self.steps) if self.steps else "-",
+            _minutes(self.train_seconds) if self.params else "-",
             f"{100 * self.composition:.1f}% [{100 * low:.0f}, {100 * high:.0f}]",
             f"{np.mean(self.fidelity):.3f} [{f_low:.3f}, {f_high:.3f}]" if self.fidelity else "-",
             _interval(self.fid_r),
@@ -400,6 +410,7 @@ HEADER = [
     "K",
     "trainable parameters",
     "training steps",
+    "training time",
     "composition [95%]",
     "shape fidelity [95%]",
     "FID_r [95%]",
@@ -409,6 +420,10 @@ HEADER = [
     "time vs direct",
     "n",
 ]
+
+
+def _minutes(seconds: float | None) -> str:
+    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _interval(fid: tuple[float, float, float] | None) -> str:
@@ -529,6 +544,8 @@ def describe(args, bench: Bench) -> str:
         f"FID intervals: bootstrap over prompts ({FID_DRAWS} draws), centred: a resample repeats prompts, which "
         "raises FID by itself, so the percentiles are shifted by the draws' mean excess and give the spread "
         "around the table's value. With this few samples FID is biased upwards, so compare within a column. "
+        "**training time**: the wall time the trainer recorded in the trained files (summed over a row's files; "
+        "not recorded in files older than the record, and for the SR model), on the machine that trained them. "
         "**time vs direct**: median s / image over the first "
         f"{args.direct_n} prompts against direct sampling's on the same prompts; * where the two were sampled in "
         "different runs of a resumed run, under other loads: then only `bench speed` (both timed side by side) "
