@@ -49,6 +49,11 @@ class Model:
         return [self.default_k] + [self.later_k or self.default_k] * (stages - 1)
 
     @property
+    def folder_settings(self) -> dict:
+        """Its folder's self_cascade.json: the defaults above and per-method settings; {} without one."""
+        return _folder_settings(self.pipe.config.get("_name_or_path") or "")
+
+    @property
     def is_xl(self) -> bool:
         return isinstance(self.pipe, StableDiffusionXLPipeline)
 

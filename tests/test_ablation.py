@@ -291,6 +291,17 @@ def test_a_work_folder_keeps_its_seeds(sd_folder, tmp_path, capsys):
     assert "seed: 1000 there, 0 now" in capsys.readouterr().err  # test samples never mix with development ones
 
 
+def test_a_work_folder_keeps_its_models_defaults(sd_folder, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(sd_folder, tmp_path / "model")
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    assert run(folder, work, out, "sc: k=600", size="32x32") == 0
+    (folder / "self_cascade.json").write_text('{"default_guidance": 3}')  # rows without guidance= now differ
+    assert run(folder, work, out, "sc: k=600", size="32x32") == 2
+    assert "model_settings: {} there, {'default_guidance': 3} now" in capsys.readouterr().err
+
+
 def test_figure_puts_each_rows_samples_beside_the_real_render_and_the_base(sd_folder, tmp_path, monkeypatch):
     work, out, grid = tmp_path / "work", tmp_path / "docs" / "bench.md", tmp_path / "docs" / "figures" / "grid.png"
     settings = ("sc: k=600", "resized: method=lanczos")

@@ -40,6 +40,7 @@ from sc_app.baselines.progressive import (
     window_starts,
 )
 from sc_app.baselines.scalecrafter import conv_targets
+from sc_app.models import Model
 from sc_app.sampling import Conditioning, guided_denoiser, make_scheduler, sample_ddim
 
 
@@ -164,7 +165,7 @@ def test_tiled_conditioning_is_copy_major_in_both_halves():
 
 def test_model_folder_settings_win_over_the_paper_and_lose_to_the_call(tmp_path):
     (tmp_path / "self_cascade.json").write_text(json.dumps({"demofusion": {"sigma": 0.5, "stride": 6}}))
-    model = SimpleNamespace(pipe=SimpleNamespace(config={"_name_or_path": str(tmp_path)}))
+    model = Model(pipe=SimpleNamespace(config={"_name_or_path": str(tmp_path)}), name="a folder's model")
     paper = {"stride": None, "sigma": 1.0, "cosine_scale_1": 3.0}
     assert progressive.model_settings(model, "demofusion", paper, {"stride": 4}) == {
         "stride": 4,

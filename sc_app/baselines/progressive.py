@@ -101,9 +101,7 @@ def tile_conditioning(
 def model_settings(model, method: str, paper: dict, given: dict) -> dict:
     """A method's settings: what the call gives, else the model folder's own (`self_cascade.json`, key `method`:
     chosen on a development split, as the embedded model's K), else the paper's."""
-    from ..models import _folder_settings
-
-    folder = _folder_settings(model.pipe.config.get("_name_or_path") or "").get(method, {})
+    folder = model.folder_settings.get(method, {})
     return {
         key: given[key] if given.get(key) is not None else folder.get(key, default) for key, default in paper.items()
     }

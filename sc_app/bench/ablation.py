@@ -279,8 +279,9 @@ class Bench:
 
 
 def open_bench(args) -> Bench:
-    """Checks the flags, loads the model and ties --work to it: samples of another model, step count or seed
-    in the same folder would be mixed into the table (and a test table with development samples)."""
+    """Checks the flags, loads the model and ties --work to it: samples of another model (weights or the
+    defaults of its self_cascade.json, which rows without their own K, guidance or pivot upsampling take), step
+    count or seed in the same folder would be mixed into the table (and a test table with development samples)."""
     (size,) = parse_sizes(args.size)
     if args.n < 2 or not 0 <= args.direct_n <= args.n:
         raise BadInput(f"--n must be >= 2 and --direct-n in 0..--n, got {args.n} and {args.direct_n}")
@@ -289,6 +290,7 @@ def open_bench(args) -> Bench:
     model = _load(args, None)
     fingerprint = model_fingerprint(model)
     settings = {"model": model.name, "fingerprint": fingerprint, "steps": args.steps, "seed": args.seed}
+    settings["model_settings"] = model.folder_settings
     check_work_settings(args.work, settings, state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
