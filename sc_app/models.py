@@ -147,6 +147,13 @@ def _default_upsampler(folder: str, settings: dict) -> Path | None:
     return path
 
 
+def _default_upsample(folder: str, settings: dict) -> str:
+    mode = settings.get("default_upsample", "bilinear")
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"{folder}/self_cascade.json: default_upsample {mode!r} is not one of {UPSAMPLE_MODES}")
+    return mode
+
+
 def _index(source: str) -> dict | None:
     path = Path(source) / "model_index.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -197,10 +204,3 @@ def load_model(
             if encoder is not None:
                 encoder.to("cpu")
     return model
-
-
-def _default_upsample(folder: str, settings: dict) -> str:
-    mode = settings.get("default_upsample", "bilinear")
-    if mode not in UPSAMPLE_MODES:
-        raise ValueError(f"{folder}/self_cascade.json: default_upsample {mode!r} is not one of {UPSAMPLE_MODES}")
-    return mode
