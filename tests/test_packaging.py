@@ -59,6 +59,24 @@ def test_console_scripts_point_at_the_command_lines():
 # ---- an installed copy ---------------------------------------------------------------------------------
 
 
+def venv_seeing_this_environment(venv: Path) -> Path:
+    """A fresh virtual environment whose own site-packages come first and this environment's after them; its
+    python. `--system-site-packages` would show the base interpreter's packages instead, which lack torch when
+    the tests themselves run in a virtual environment (as the README's commands allow)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (Path(own) / "this-environment.pth").write_text("".join(f"{p}\n" for p in ours))
+    return python
+
+
+
 def test_an_installed_copy_finds_the_embedded_models_from_any_folder(tmp_path):
     """Build a wheel from a copy of the tree (nothing lands in the checkout), install it into a fresh virtual
     environment that sees this one's packages, and run the embedded models and the commands from elsewhere."""
@@ -87,8 +105,7 @@ def test_an_installed_copy_finds_the_embedded_models_from_any_folder(tmp_path):
     )
     assert built.returncode == 0, built.stderr[-3000:]
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
+    python = venv_seeing_this_environment(venv)
     [wheel] = (tmp_path / "wheels").glob("*.whl")
     # the venv runs this environment's pip (it sees its packages) and installs into itself
     installed = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], **run)
