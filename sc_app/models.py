@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,6 +14,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
 
 from .cascade import UPSAMPLE_MODES
 from .checks import torch_device
+from .weights import check_folder_weights, check_loaded_finite, for_example, tensors_are
 
 
 def _assets_folder() -> Path:
@@ -129,6 +133,55 @@ def refuse_pickle_weights(name: str, source: str, parts: tuple[str, ...] = WEIGH
             )
 
 
+# diffusers' error for a weight whose shape is not its config's (a paragraph, with advice about random weights)
+_DIFFUSERS_SHAPE_ERROR = re.compile(r"because (\S+) expected shape torch\.Size\((.*?)\), but got torch\.Size\((.*?)\)")
+
+
+@contextmanager
+def one_line_load_errors(where: str):
+    """The loaders' errors for weights that do not fit their config, which `check_folder_weights` finds first in
+    a local folder, in one line for a hub id's: diffusers' paragraph, transformers' table and pointer to it.
+    `where` starts the message ("model 'x': ")."""
+    try:
+        yield
+    except ValueError as error:
+        if not (match := _DIFFUSERS_SHAPE_ERROR.search(str(error))):
+            raise
+        key, expected, got = (text.replace("[", "(").replace("]", ")") for text in match.groups())
+        raise ValueError(f"{where}its weight {key} has shape {got}, its config expects {expected}") from None
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(f"{where}a text encoder's weights do not fit its config (shapes differ)") from None
+
+
+def check_loaded_weights(where: str, pipe, device: torch.device, parts: tuple[str, ...] = WEIGHT_FOLDERS) -> None:
+    """A loaded pipeline's weights, moved to `device`: none left unloaded (a hub file of another layout leaves
+    them on the meta device, where moving fails with a traceback) and every one finite (a NaN in a file makes
+    black images; checked on the device, where it is one fast pass). `where` starts the message."""
+    modules = {part: getattr(pipe, part, None) for part in parts}
+    for part, module in modules.items():
+        unloaded = [key for key, t in module.state_dict().items() if t.is_meta] if module is not None else []
+        if unloaded:
+            raise ValueError(
+                f"{where}{part}/: {tensors_are(len(unloaded))} missing from its files{for_example(unloaded)}"
+            )
+    pipe.to(device)
+    check_loaded_finite(where, modules)
+
+
+def checked_load(where: str, source: str, load, device: torch.device, parts: tuple[str, ...] = WEIGHT_FOLDERS):
+    """`load()` (a pipeline's from_pretrained of `source`) with the weights checks around it: a local folder's
+    files against their configs first, the loaders' own shape errors in one line, then the loaded weights
+    complete and finite, on `device`. `where` starts every message ("model 'x': ")."""
+    if Path(source).expanduser().is_dir():
+        check_folder_weights(where, Path(source).expanduser(), parts)
+    with one_line_load_errors(where):
+        pipe = load()
+    check_loaded_weights(where, pipe, device, parts)
+    return pipe
+
+
 def _folder_settings(folder: str) -> dict:
     """A model folder may carry its own defaults (default_k, later_stages_k, default_guidance,
     default_upsampler, default_upsample) in self_cascade.json."""
@@ -191,13 +244,19 @@ def load_model(
         is_xl = "text_encoder_2" in json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
     kwargs = dict(dtype=dtype, use_safetensors=True)
     if is_xl:
-        pipe = StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
+        load = partial(StableDiffusionXLPipeline.from_pretrained, source, **kwargs)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kwargs
+        load = partial(
+            StableDiffusionPipeline.from_pretrained,
+            source,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **kwargs,
         )
+    pipe = checked_load(f"model {name!r}: ", source, load, device)
     pipe.set_progress_bar_config(disable=True)
-    model = Model.from_pipeline(pipe.to(device), name=name)
+    model = Model.from_pipeline(pipe, name=name)
     if offload_text_encoders and device.type != "cpu":
         model.offload_text_encoders = True
         for encoder in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")):

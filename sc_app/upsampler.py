@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from . import weights
 from .files import write_safetensors
 from .sampling import Conditioning, added_conditions, guided_denoiser
 from .unets import sampling_unet
@@ -316,6 +317,36 @@ def weights_mismatch(adapter: Adapter, model) -> str | None:
     )
 
 
+def refuse_unfit_weights(source: str, tensors: dict[str, torch.Tensor], adapter: Adapter, model_name) -> None:
+    """An adapter file's tensors against the modules its metadata builds for the model: each there, in their
+    shape, and finite (an upsampler of NaN makes black images). One line naming the first that is not."""
+    fit = weights.compare({name: tuple(t.shape) for name, t in tensors.items()}, weights.module_shapes(adapter))
+    if fit.foreign:
+        raise ValueError(
+            f"{source}: {weights.tensors_are(len(fit.foreign))} not the upsamplers'{weights.for_example(fit.foreign)}"
+        )
+    if fit.missing:
+        raise ValueError(
+            f"{source}: {weights.tensors_are(len(fit.missing))} missing that the upsamplers need"
+            f"{weights.for_example(fit.missing)}"
+        )
+    if fit.unfit:
+        width = "full width" if adapter.width is None else f"width {adapter.width}"
+        example = weights.for_example([name for name, *_ in fit.unfit])
+        _, shape, expected = fit.unfit[0]
+        raise ValueError(
+            f"{source}: its weights do not match the upsamplers of {width} for {model_name!r} "
+            f"({weights.tensors_are(len(fit.unfit))} of another shape{example} "
+            f"{weights.shape_text(shape)}, expected {weights.shape_text(expected)})"
+        )
+    refuse_nonfinite(source, tensors.items())
+
+
+def refuse_nonfinite(source: str, named_tensors) -> None:
+    if bad := weights.nonfinite_names(named_tensors):
+        raise ValueError(f"{source}: {weights.nonfinite_message(bad)}")
+
+
 def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapter:
     """Read an adapter file for `model`; ValueError (one line) for a wrong model or a file that is not one.
     `other_unet` accepts one trained on another UNet whose feature sites have the same names and shapes, as
@@ -358,9 +389,10 @@ def load_adapter(path: str | Path, model, *, other_unet: bool = False) -> Adapte
             size=int(meta["size"]) if "size" in meta else None,
             train_seconds=float(meta["train_seconds"]) if "train_seconds" in meta else None,
         )
-        adapter.load_state_dict(tensors)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"upsampler {path}: weights or metadata do not match ({str(error).splitlines()[0]})") from None
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"upsampler {path}: its metadata does not describe upsamplers ({error})") from None
+    refuse_unfit_weights(f"upsampler {path}", tensors, adapter, model.name)
+    adapter.load_state_dict(tensors)
     if not other_unet:  # a starting point for training need not match by name or weights
         if meta["base_model"] != model.name:  # same architecture under another name: a path or a fine-tune
             log.warning(
@@ -446,6 +478,7 @@ def _as_adapter(adapter, model) -> Adapter:
             f"upsampler must be an Adapter, a .safetensors path or a folder of them, got {type(adapter).__name__}"
         )
     _refuse_other_model("upsampler", adapter.base_model, adapter.unet_class, adapter.fingerprint, model)
+    refuse_nonfinite("upsampler", adapter.state_dict().items())
     return adapter.to(model.device, model.unet.dtype).eval()
 
 

@@ -32,10 +32,20 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
 from .checks import MAX_FPS, finite, torch_device
 from .lora import Lora, applied_loras, check_loras
-from .models import ASSETS, Model, _folder_settings, _index, refuse_pickle_weights
+from .models import (
+    ASSETS,
+    WEIGHT_FOLDERS,
+    Model,
+    _folder_settings,
+    _index,
+    check_loaded_weights,
+    one_line_load_errors,
+    refuse_pickle_weights,
+)
 from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
 from .unets import sampling_unet
 from .upsampler import Adapter, load_adapter, stage_denoiser_for
+from .weights import check_folder_weights
 
 VIDEO_EMBEDDED = ASSETS / "shapes-video"
 VIDEO_METHODS = ("self-cascade", "direct")
@@ -191,22 +201,26 @@ def load_video_model(
     index = _read_index(source)
     if Path(source).exists():
         refuse_pickle_weights(name, source)
+        check_folder_weights(f"model {name!r}: ", source, WEIGHT_FOLDERS)
         if motion_adapter:
             refuse_pickle_weights(motion_adapter, motion_adapter, parts=("",))
+            check_folder_weights(f"motion_adapter {motion_adapter!r}: ", motion_adapter, ("",))
     device = torch_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     common = dict(dtype=dtype, use_safetensors=True)
-    pipe = VideoPipe(
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        unet=_load_unet(source, index, motion_adapter, common),
-        scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
-    )
+    with one_line_load_errors(f"model {name!r}: "):
+        pipe = VideoPipe(
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            unet=_load_unet(source, index, motion_adapter, common),
+            scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
+        )
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.eval().requires_grad_(False)
     settings = _folder_settings(source)
-    model = VideoModel(pipe=pipe.to(device), name=name)
+    check_loaded_weights(f"model {name!r}: ", pipe, device, ("unet", "vae", "text_encoder"))  # moves it there
+    model = VideoModel(pipe=pipe, name=name)
     for key in ("default_k", "default_guidance", "default_frames", "default_fps"):
         if key in settings:
             setattr(model, key, settings[key])

@@ -152,6 +152,57 @@ def test_a_bad_lora_upload_through_the_api_is_an_error(app, tmp_path):
         client.predict(handle_file(str(path)), api_name="/load_lora")
 
 
+def _unfit_lora(model, path: Path, kind: str) -> Path:
+    """A LoRA for `model` made unfit: a NaN in it, a tensor of another width, or tensors of another architecture."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if kind == "foreign":  # FLUX's names, no metadata: only its tensors tell
+        names = ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", "transformer.x.lora_B.weight")
+        return write_safetensors({name: torch.zeros(2, 2) for name in names}, path)
+    good = random_lora(model, path.with_name("good-" + path.name))
+    with safe_open(str(good), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(good))
+    key = sorted(tensors)[0]
+    if kind == "nan":
+        tensors[key][0, 0] = float("nan")
+    else:
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    return write_safetensors(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("nan", r"LoRA nan.safetensors: 1 tensor is not finite \(NaN or inf\): unet\.down_blocks\.0\."),
+        (
+            "wide",
+            r"LoRA wide.safetensors: 1 tensor does not fit this model's UNet \(unet\.down_blocks\.0\..*, expected",
+        ),
+        ("foreign", r"LoRA foreign.safetensors: 2 tensors are for layers this model \(.*\) does not have"),
+    ],
+)
+def test_an_unfit_lora_is_refused_at_upload_and_not_kept(app, tmp_path, kind, message):
+    folder = app.studio.loras.uploads
+    before, choices = kept(folder), list(app.studio.loras.choices())
+    with pytest.raises(gr.Error, match=message):
+        app.studio.upload_lora(str(_unfit_lora(app.model, tmp_path / f"{kind}.safetensors", kind)))
+    assert kept(folder) == before and list(app.studio.loras.choices()) == choices
+
+
+def test_an_unfit_lora_is_refused_at_upload_through_the_api_and_on_the_video_tab(app, animatediff_model, tmp_path):
+    client = Client(app.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
+    path = _unfit_lora(app.model, tmp_path / "wide.safetensors", "wide")
+    with pytest.raises(AppError, match="LoRA wide.safetensors: 1 tensor does not fit this model's UNet"):
+        client.predict(handle_file(str(path)), api_name="/load_lora")
+    video = app.studio.video.loras.uploads
+    before = kept(video)
+    with pytest.raises(gr.Error, match="LoRA clip.safetensors: 1 tensor is not finite"):
+        app.studio.video.upload_lora(str(_unfit_lora(animatediff_model, tmp_path / "clip.safetensors", "nan")))
+    assert kept(video) == before
+
+
 def test_an_uploaded_name_never_becomes_a_path(app, sd_model, tmp_path):
     lora = random_lora(sd_model, tmp_path / "lora.safetensors")
     (tmp_path / "in" / "deep").mkdir(parents=True)

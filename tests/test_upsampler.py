@@ -121,6 +121,65 @@ def test_wrong_or_broken_files_are_refused(sd_model, sdxl_model, tmp_path):
         load_adapter(tmp_path / "missing.safetensors", sd_model)
 
 
+def _edited_adapter(path, edit, out):
+    """A copy of the adapter file at `path` with `edit(tensors)` applied, its metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = {key: value.clone() for key, value in load_file(str(path)).items()}
+    edit(tensors)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def _nan_in(key):
+    def edit(tensors):
+        tensors[key].view(-1)[0] = float("nan")
+
+    return edit
+
+
+def _widened(key):
+    def edit(tensors):
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1, *tensors[key].shape[2:])
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_nan_in("upsamplers.0.proj_out.weight"), "1 tensor is not finite (NaN or inf): upsamplers.0.proj_out.weight"),
+        (lambda t: t.pop("upsamplers.3.proj_out.bias"), "1 tensor is missing that the upsamplers need: upsamplers.3."),
+        (lambda t: t.update({"lora_unet_conv_in.alpha": torch.ones(())}), "1 tensor is not the upsamplers': lora_unet"),
+        (
+            _widened("upsamplers.1.proj_in.weight"),
+            "its weights do not match the upsamplers of width 8 for '{model}' (1 tensor is of another shape: "
+            "upsamplers.1.proj_in.weight (8, 17, 1, 1), expected (8, 16, 1, 1))",
+        ),
+    ],
+)
+def test_an_adapter_file_that_does_not_fit_is_refused_in_one_line(sd_model, tmp_path, edit, message):
+    good = save_adapter(trained_like(sd_model), tmp_path / "good.safetensors")
+    bad = _edited_adapter(good, edit, tmp_path / "x2.safetensors")
+    with pytest.raises(ValueError) as error:
+        load_adapter(bad, sd_model)
+    assert str(error.value).startswith(f"upsampler {bad}: {message.format(model=sd_model.name)}")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="x2.safetensors: "):  # the library's and the command line's door
+        generate(sd_model, "a red circle", 32, 32, upsampler=bad, num_inference_steps=2)
+
+
+def test_an_adapter_that_is_not_finite_is_refused_in_memory_too(sd_model):
+    adapter = trained_like(sd_model)
+    with torch.no_grad():
+        adapter.upsamplers[2].blocks[0].conv1.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"^upsampler: 1 tensor is not finite \(NaN or inf\): upsamplers.2.blocks.0"):
+        stage_denoiser_for(sd_model, adapter)
+
+
 def test_adapter_of_other_weights_of_the_same_unet_is_flagged(sd_folder, tmp_path, caplog):
     from sc_app.models import load_model
     from sc_app.upsampler import weights_mismatch, weights_signature
