@@ -102,7 +102,9 @@ class RateLimited(ReviewError):
 
 def review_dir(work_dir: str | Path | None = None, fallback: str | Path | None = None) -> Path:
     """Where the pool and the votes live: `work_dir` (or $SC_WORK_DIR)/review; on a Hugging Face Space with
-    persistent storage, /data/self-cascade-studio/review; else `fallback` (default: the app's temp folder)/review."""
+    persistent storage, /data/self-cascade-studio/review; else `fallback` (default: the app's temp folder)/review.
+    Never beside what the app serves (its work folder's served/): the app refuses this folder by name
+    (`sc_app.ui.studio.Studio.private_dirs`)."""
     given = work_dir or os.environ.get(ENV_WORK_DIR)
     if given:
         return Path(given).resolve() / "review"

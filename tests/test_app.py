@@ -632,8 +632,8 @@ def test_leaving_mid_run_stops_the_work(app, tmp_path, monkeypatch):
     job = client.submit("a red circle", scale="16x", steps=150, api_name="/generate")
     _wait_for(lambda: any(isinstance(o[0], list) and o[0] for o in job.outputs()), "the pivot streamed")
     job.cancel()
-    _wait_for(
-        lambda: any((run / "stop").exists() for run in set(app.studio.runs_dir.iterdir()) - before),
+    _wait_for(  # a run's stop file is private, apart from the images it shows
+        lambda: any((app.studio.stops_dir / run.name).exists() for run in set(app.studio.runs_dir.iterdir()) - before),
         "the run was asked to stop",
     )
     _wait_for(lambda: app.studio._model_lock.acquire(blocking=False), "the run let go of the model")

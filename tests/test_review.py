@@ -391,12 +391,50 @@ def test_a_vote_round_trips_through_the_api_without_naming_methods(app, tmp_path
         (("x", "token", "left", []), "reviewer: an id of 8 to 64"),
         (("api-reviewer-2", "forged-token", "left", []), "not a pair shown to this reviewer"),
         (("api-reviewer-2", "", "left", []), "the token of a pair shown"),
-        (("api-reviewer-2", "forged-token", "up", []), "not in the list of choices"),
+        (("api-reviewer-2", "forged-token", "up", []), "choice must be one of left, right, same, got 'up'"),
     ],
 )
 def test_bad_votes_through_the_api_are_one_message(app, tmp_path, args, message):
     with pytest.raises(AppError, match=message):
         client_for(app.url, tmp_path).predict(*args, api_name="/review_vote")
+
+
+@pytest.mark.parametrize(
+    "choice, reasons, message",
+    [
+        ("left", ["bogus"], "reason must be among layout, detail, artefacts, got 'bogus'"),
+        ("left", ["layout", "<script>"], "reason must be among layout, detail, artefacts, got '<script>'"),
+        ("left", "layout", "reason must be among layout, detail, artefacts, got 'layout'"),  # not a list
+        ("up", [], "choice must be one of left, right, same, got 'up'"),
+    ],
+)
+def test_a_refused_reason_is_one_message_and_no_traceback_in_the_servers_log(
+    app, tmp_path, capfd, choice, reasons, message
+):
+    """gradio's own refusal of a value outside a widget's choices printed a 30-line traceback per request."""
+    client = client_for(app.url, tmp_path)
+    token = client.predict("quiet-reviewer", api_name="/review_pair")[2]
+    capfd.readouterr()
+    with pytest.raises(AppError) as refused:
+        client.predict("quiet-reviewer", token, choice, reasons, api_name="/review_vote")
+    log = capfd.readouterr()
+    assert "Traceback" not in log.out + log.err
+    assert str(refused.value) == message
+    assert app.tab.store.reviewed("quiet-reviewer") == 0
+
+
+def test_the_pages_reasons_refuse_quietly_too():
+    """The vote buttons take the page's own reasons widget, which a forged request can fill: it refuses as the
+    API does, with a message and no traceback."""
+    import gradio as gr
+
+    from sc_app.ui.review import refusing_quietly
+
+    reasons = refusing_quietly(gr.CheckboxGroup(list(review.REASONS)), "reason must be among")
+    assert reasons.preprocess(["detail", "layout"]) == ["detail", "layout"]
+    with pytest.raises(gr.Error, match="reason must be among layout, detail, artefacts, got 'x'") as refused:
+        reasons.preprocess(["x"])
+    assert refused.value.print_exception is False
 
 
 def test_two_reviewers_voting_at_once_lose_nothing(app, tmp_path):

@@ -3,6 +3,11 @@
 Each tab is its own module (`sc_app.ui.generate`, `.compare`, `.tune`, `.video`, `.review`) that builds the tab
 and wires its events; what crosses tabs is wired here: an adapter loaded or tuned on one tab is offered on the
 others, and so is a LoRA uploaded on Generate or Compare.
+
+What the server serves is decided here too (`launch`): of the work folder, only served/ (what pages are shown:
+each run's images and clips, a tuned adapter to download, the votes as CSV); the folders the app keeps state in
+(the review store with its browser secret, jobs with their uploads and checkpoints, adapters, LoRAs, stop files)
+are refused by name as well, in case a path ever leads there.
 """
 
 from __future__ import annotations
@@ -80,7 +85,11 @@ class _RunningIterators(dict):
 
 def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
     """Queue (GPU events one at a time, a bounded queue) and serve; `kwargs` go to `Blocks.launch`. A cancel of
-    a finished or unknown event is a no-op (`_RunningIterators`)."""
+    a finished or unknown event is a no-op (`_RunningIterators`).
+
+    gradio's file route serves its own cache (uploads, and copies of what handlers return) and the allowed
+    paths: here only the work folder's served/. The app's private folders are blocked paths, which gradio
+    checks first, both on that route and on every file a handler returns."""
     studio: Studio = demo.studio
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     wait = not kwargs.pop("prevent_thread_lock", False)
@@ -91,7 +100,8 @@ def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None,
         server_port=port,
         share=share,
         max_file_size=MAX_UPLOAD_SIZE,
-        allowed_paths=[str(studio.work_dir)],
+        allowed_paths=[str(studio.served_dir)],
+        blocked_paths=[str(folder) for folder in studio.private_dirs()],
         prevent_thread_lock=True,
         quiet=True,
         **kwargs,

@@ -2,10 +2,12 @@
 
 A thin shell over `sc_app.review`: the pool (every Compare run's images, and bench samples added with
 `python -m sc_app review add DIR`), the votes in SQLite under the app's work folder (/data on a Space), the
-ranking. The pair view never names a method: the images are served under their content hashes and the
-pair's token is random; the methods appear only under Results. A reviewer is an anonymous id kept in the
-browser (gr.BrowserState). The owner's reset needs `--review-token` (or $SC_REVIEW_TOKEN), which the page
-never holds.
+ranking. The pair view never names a method: the images reach the page as pictures (gradio keeps a copy under a
+name of its own) and the pair's token is random; the methods appear only under Results. The store (the votes,
+the browser secret, the pool's files, the backups) is private: the server never serves its folder
+(`Studio.private_dirs`); the CSV of the votes is written under the served folder for Results to offer. A reviewer
+is an anonymous id kept in the browser (gr.BrowserState). The owner's reset needs `--review-token` (or
+$SC_REVIEW_TOKEN), which the page never holds.
 
 Endpoints for gradio_client: /review_pair (reviewer) and /review_vote (reviewer, token, choice, reasons)
 return (left image, right image, token, prompt, progress), the next pair after a vote; /review_results
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from ..review import (
     CHOICES,
@@ -78,13 +81,39 @@ def _address(request: gr.Request | None) -> str:
     return getattr(client, "host", None) or "unknown"
 
 
+def _picture(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
+def refusing_quietly(widget, rule: str):
+    """`widget` (a choice widget) with its refusal of a value outside its choices (a script's reason "bogus") made
+    the one line the caller sees and nothing in the server's log: gradio's own refusal prints a 30-line traceback
+    per request. `rule`: the message's start, as the store says it ("reason must be among"). Its instance's method
+    is replaced, not its class subclassed: gradio writes a .pyi file beside any module that subclasses a widget."""
+    preprocess = widget.preprocess
+
+    def refuse_quietly(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            allowed = [value for _, value in widget.choices]
+            given = payload if isinstance(payload, list) else [payload]
+            bad = next((value for value in given if value not in allowed), payload)
+            raise user_error(f"{rule} {', '.join(map(str, allowed))}, got {str(bad)[:40]!r}") from None
+
+    widget.preprocess = refuse_quietly
+    return widget
+
+
 class ReviewTab:
     """The store behind the tab, the owner's token, the rate limits, and the tab's events."""
 
     def __init__(self, studio, work_dir: str | Path | None = None, token: str | None = None):
         self.studio = studio
         self.store = Store(review_dir(work_dir, studio.work_dir))
-        self.exports_dir = studio.work_dir / "review-exports"
+        self.exports_dir = studio.served_dir / "review-exports"  # what Results offers: the only file served
         self.exports_dir.mkdir(parents=True, exist_ok=True)
         self.token = (os.environ.get(ENV_REVIEW_TOKEN) if token is None else token) or None
         if self.token is not None and len(self.token) < MIN_TOKEN:
@@ -92,15 +121,15 @@ class ReviewTab:
         self.reviewer_limit = RateLimit(VOTES_PER_MINUTE, 60)
         self.address_limit = RateLimit(ADDRESS_VOTES_PER_MINUTE, 60)
         self.reset_limit = RateLimit(RESETS_PER_MINUTE, 60, what="reset attempts")
-        gr.set_static_paths([self.store.images_dir])  # served as they are: content-addressed, never rewritten
 
     def browser_secret(self) -> str:
-        """The key gr.BrowserState encrypts the reviewer id with: kept beside the votes, so that a reviewer
-        keeps their id across server restarts."""
+        """The key gr.BrowserState encrypts the reviewer id with: kept beside the votes (a private folder, readable
+        by the server's user alone), so that a reviewer keeps their id across server restarts."""
         path = self.store.root / "browser-secret"
         if not path.is_file():
             tmp = path.with_name(f".{secrets.token_hex(4)}.tmp")
-            tmp.write_text(secrets.token_hex(16))
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(16))
             os.replace(tmp, path)
         return path.read_text().strip()
 
@@ -132,11 +161,12 @@ class ReviewTab:
     # ---- pairs and votes -------------------------------------------------------------------------
 
     def _show(self, pair, reviewer: str) -> tuple:
-        """(left, right, token, prompt, progress) for a pair, or for none left."""
+        """(left, right, token, prompt, progress) for a pair, or for none left. The images go as pictures, not as
+        paths: gradio copies them into its cache, and the store's folder is never served."""
         if pair is not None:
             return (
-                str(pair.left),
-                str(pair.right),
+                _picture(pair.left),
+                _picture(pair.right),
                 pair.token,
                 pair.prompt,
                 f"{pair.reviewed} reviewed · {pair.remaining} to go",
@@ -294,7 +324,10 @@ def review_tab(studio, work_dir: str | Path | None = None, token: str | None = N
                 vote_left = gr.Button("Left is better [1]", variant="primary", elem_id="review-left")
                 vote_same = gr.Button("About the same [3]", elem_id="review-same")
                 vote_right = gr.Button("Right is better [2]", variant="primary", elem_id="review-right")
-            reasons = gr.CheckboxGroup(list(REASONS), label="Why (optional)", elem_id="review-reasons")
+            reasons = refusing_quietly(
+                gr.CheckboxGroup(list(REASONS), label="Why (optional)", elem_id="review-reasons"),
+                "reason must be among",
+            )
             progress = gr.Markdown(elem_id="review-progress")
         with gr.Accordion("Results", open=False) as results_box:
             refresh = gr.Button("Refresh results", size="sm")
@@ -309,7 +342,7 @@ def review_tab(studio, work_dir: str | Path | None = None, token: str | None = N
                 reset = gr.Button("Reset all votes", variant="stop", size="sm")
                 reset_status = gr.Markdown()
         api_token = gr.Textbox(visible=False)
-        api_choice = gr.Radio(list(CHOICES), visible=False)
+        api_choice = refusing_quietly(gr.Radio(list(CHOICES), visible=False), "choice must be one of")
 
     shown = [left, right, token, prompt, progress]
     review.select(None, js=PAGE_JS)

@@ -3,6 +3,10 @@ streamed to the page, a stop file that ends it at its next step (Stop, the page 
 
 GPU work goes through `on_gpu`, which `spaces.GPU` wraps on a Hugging Face Space; on ZeroGPU it runs in another
 process, so everything crosses as plain values and a stop request crosses as a file.
+
+The work folder has one public part: served/, what pages are shown or offered for download (each run's images and
+clips). The server serves that folder and nothing else of it; jobs, stop files and everything the Studio keeps
+(adapters, LoRAs, the review store) live beside it, and `private_dirs` lists them for the server to refuse.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .progress import ProgressLine
 log = logging.getLogger(__name__)
 
 ENV_WORK_DIR = "SC_WORK_DIR"
+SERVED = "served"  # the work folder's one public part (`Runner.served_dir`)
 KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
 PROGRESS_EVERY = 0.25  # seconds between progress lines in a status area (and at every new stage)
 
@@ -59,9 +64,11 @@ class Runner:
         self.model = model
         root = work_dir or os.environ.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "self-cascade-studio"
         self.work_dir = Path(root).resolve()
-        self.runs_dir = self.work_dir / "runs"
-        self.jobs_dir = self.work_dir / "jobs"
-        for folder in (self.runs_dir, self.jobs_dir):
+        self.served_dir = self.work_dir / SERVED
+        self.runs_dir = self.served_dir / "runs"  # what a run shows: its images and clips, nothing else
+        self.jobs_dir = self.work_dir / "jobs"  # tuning jobs: uploads, checkpoints, the adapter in training
+        self.stops_dir = self.work_dir / "stops"  # a run's stop file: not for the page, so not beside its images
+        for folder in (self.runs_dir, self.jobs_dir, self.stops_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._model_lock = threading.Lock()  # one library call on the model at a time (hooks, patches)
         self._workers: dict[threading.Thread, Path] = {}  # running jobs' threads and their stop files
@@ -138,13 +145,30 @@ class Runner:
             if event[0] in ("end", "error", "stopped"):
                 return
 
+    def private_dirs(self) -> list[Path]:
+        """The folders of the work folder the server must never serve (`Studio` adds its own)."""
+        return [self.jobs_dir, self.stops_dir]
+
     def _new_folder(self, parent: Path) -> Path:
-        folder = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        """A new folder under `parent`, named by time (the newest KEEP_RUNS are kept) and 128 random bits: a
+        served folder's name cannot be guessed."""
+        folder = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex}"
         folder.mkdir(parents=True)
-        old = sorted(parent.iterdir())[:-KEEP_RUNS]
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
+        _keep_newest(parent, KEEP_RUNS)
         return folder
+
+    def _served_copy(self, path: Path) -> str:
+        """A copy of a private file (a tuned adapter) in a new folder under served/, for the page to download:
+        the folder the original is kept in stays private."""
+        copy = self._new_folder(self.runs_dir) / path.name
+        shutil.copyfile(path, copy)
+        return str(copy)
+
+    def _new_run(self) -> tuple[Path, Path]:
+        """A run's folder for what the page is shown (under served/) and its stop file (private, under stops/)."""
+        run = self._new_folder(self.runs_dir)
+        _keep_newest(self.stops_dir, KEEP_RUNS)
+        return run, self.stops_dir / run.name
 
     def _stream(
         self,
@@ -161,8 +185,7 @@ class Runner:
         If the page goes away or Stop is pressed mid-run, the stop file ends the run at its next step."""
         gpu = self.gpu_generate if gpu is None else gpu
         model = self.model if model is None else model
-        run = self._new_folder(self.runs_dir)
-        stop = run / "stop"
+        run, stop = self._new_run()
         finished = False
         line, shown, where = ProgressLine(model, requests, unit), 0.0, None
         session = getattr(page, "session_hash", None)
@@ -205,6 +228,15 @@ class Runner:
             return gr.update(interactive=False)
 
         return stop_run
+
+
+def _keep_newest(parent: Path, count: int) -> None:
+    """Remove all but the newest `count` entries of `parent` (their names start with the time they were made)."""
+    for path in sorted(parent.iterdir())[:-count]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def ask_to_stop(path: Path) -> None:

@@ -9,7 +9,9 @@ GPU work runs in `Studio.gpu_generate` / `Studio.gpu_tune` / `VideoTab.gpu_gener
 a Hugging Face Space with a duration computed from the request. On ZeroGPU they run in another process, so
 everything crosses as plain values: requests in, events out (PIL images, clips as arrays, numbers), trained
 adapter weights as bytes. Files the app writes live under its work folder, with names the app makes; a name
-from an upload is never part of a path.
+from an upload is never part of a path. Only the work folder's served/ is served (`sc_app.ui.runner`): adapters and
+LoRAs, uploaded or tuned, are kept in private folders (`Studio.private_dirs`), and a page gets a copy of what it
+is shown.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from .progress import gpu_seconds
 from .runner import Runner, on_gpu
 from .tune import TuneHandlers, TuneJob
 from .uploads import display_name, safe_stem
-from .video import VideoTab
+from .video import VIDEO_LORAS, VideoTab
+
+ADAPTERS, LORAS = "adapters", "loras"  # under the work folder, one folder per model in each
 
 
 class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
@@ -67,11 +71,11 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
     ):
         self.max_pixels = resolve_max_pixels(max_pixels, model.device.type)
         super().__init__(model, work_dir)
-        self.adapter_dir = self.work_dir / "adapters" / self._model_slug()
+        self.adapter_dir = self.work_dir / ADAPTERS / self._model_slug()
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         self.loras = LoraShelf(
             self._model_folder() / "loras",
-            self.work_dir / "loras" / self._model_slug(),
+            self.work_dir / LORAS / self._model_slug(),
             lambda loras: check_loras(loras, self.model),
         )
         self.compare_methods = compare_methods(model)  # sr only where the model has an SR model
@@ -80,6 +84,19 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
         self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
         self.video = VideoTab(self, video_model, motion_adapter)
+
+    def private_dirs(self) -> list[Path]:
+        """Every folder the app keeps state in, which the server must never serve: the jobs and stop files, the
+        adapters and LoRAs (uploaded and tuned, every model's), and the review store, which may live outside the
+        work folder (/data on a Space)."""
+        review = getattr(self, "review", None)
+        return [
+            *super().private_dirs(),
+            self.work_dir / ADAPTERS,
+            self.work_dir / LORAS,
+            self.work_dir / VIDEO_LORAS,
+            *([review.store.root] if review is not None else []),
+        ]
 
     def _model_slug(self) -> str:
         return folder_slug(self.model.name)

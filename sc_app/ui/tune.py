@@ -192,7 +192,7 @@ class TuneHandlers:
                 elif event[0] == "saved":
                     finished = True
                     _, label, step, cancelled = event
-                    path = str(self.adapters()[label])
+                    path = self._served_copy(self.adapters()[label])  # the kept adapter is private
                     how = f"cancelled at step {step}" if cancelled else f"{step} steps"
                     loss = f", final loss {losses[-1][1]:.4f}" if losses else ""
                     yield (

@@ -62,6 +62,7 @@ VIDEO_EXAMPLES = [
     "a paper boat drifting down a rainy street",
 ]
 TIME_HEADERS = ["clip", "size", "seconds"]
+VIDEO_LORAS = "video-loras"  # under the work folder, private (`Studio.private_dirs`): one folder per video model
 
 
 class VideoTab:
@@ -75,7 +76,7 @@ class VideoTab:
         self.gpu_generate = on_gpu(self._events, duration=self.seconds)
         self.loras = LoraShelf(  # checked against the video model, loaded for it if need be
             self._folder() / "loras",
-            studio.work_dir / "video-loras" / folder_slug(self.source),
+            studio.work_dir / VIDEO_LORAS / folder_slug(self.source),
             lambda loras: check_video_loras(loras, self.model()),
         )
 
