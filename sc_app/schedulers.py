@@ -52,7 +52,7 @@ A1111 = {
     "ddim": ("DDIM", "Automatic"),
     "euler": ("Euler", "Automatic"),
     "euler-a": ("Euler a", "Automatic"),
-    "dpm++-2m": ("DPM++ 2M", "Automatic"),
+    "dpm++-2m": ("DPM++ 2M", "Uniform"),  # in A1111 >= 1.9 "Automatic" for DPM++ 2M means Karras
     "dpm++-2m-karras": ("DPM++ 2M", "Karras"),
     "dpm++-sde-karras": ("DPM++ 2M SDE", "Karras"),
     "unipc": ("UniPC", "Automatic"),
