@@ -2,9 +2,12 @@
 --out DIR`.
 
 Bad input gets one line on stderr and exit code 2, before any file is written: flags are parsed and checked
-(numbers finite and in range, the size within the limit, `--out` writable) before torch loads, the rest
-before any sampling. Under `accelerate launch --num_processes N` a `--prompts-file` is split between the
-processes (one GPU each, or CPU processes without one); prompt i keeps its folder and seed.
+(numbers finite and in range, the model and weight files as far as their config files and headers tell,
+sizes, steps, K and stages against the model folder's configs, the size within the limit, `--out` writable
+and holding no files but an earlier run's) before torch loads a model, the rest right after it loads, before
+any sampling. A run replaces the run its folder held before. Ctrl-C is one line that says what was kept, and
+exit code 130. Under `accelerate launch --num_processes N` a `--prompts-file` is split between the processes
+(one GPU each, or CPU processes without one); prompt i keeps its folder and seed.
 """
 
 from __future__ import annotations
@@ -14,27 +17,52 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
 from . import checks  # noqa: E402
 from .api import METHODS  # noqa: E402
-from .cli import BadInput, Parser, quiet_loaders, run  # noqa: E402
-from .files import staged_folder  # noqa: E402
+from .cli import (  # noqa: E402
+    BadInput,
+    Interrupted,
+    Parser,
+    first_line,
+    interrupt_deferred,
+    load_error,
+    prog,
+    quiet_loading,
+    run,
+)
+from .files import remove_previous_run, staged_folder  # noqa: E402
 from .lora import parse_lora  # noqa: E402
 
 NO_UPSAMPLER = Path("none")  # --upsampler none: the tuning-free self-cascade, even where the model has adapters
 VIDEO_METHODS = ("self-cascade", "direct")  # sc_app.video.VIDEO_METHODS, named here so that --help needs no torch
+# The embedded models (sc_app.models.EMBEDDED, sc_app.video.VIDEO_EMBEDDED, sc_app.baselines.upscale.SR_EMBEDDED),
+# named here so that a request is checked against their configs before torch loads.
+EMBEDDED_IMAGE = checks.ASSETS / "shapes-ldm"
+EMBEDDED_VIDEO = checks.ASSETS / "shapes-video"
+EMBEDDED_SR = checks.ASSETS / "shapes-sr"
+T = TypeVar("T")
+
 MAX_PIXELS_HELP = (
     f"largest width x height (times frames for a video) to run (default: ${checks.ENV_MAX_PIXELS}, "
     "else 2048x2048 on a GPU, 1024x1024 on a CPU)"
+)
+NEGATIVE_HELP = "what the result should not show (default: nothing)"
+SIDE_HELP = "the result's {side} in pixels: a multiple of the model's size step (a refusal names it)"
+STEPS_HELP = "DDIM steps over the whole schedule; a stage re-noised to K runs those below K"
+SEED_HELP = "the seed; prompt i of a --prompts-file gets seed + i"
+OUT_HELP = (
+    "the run's folder: {files}, result.json (with --prompts-file one NNNN/ per prompt); the run it held "
+    "before is replaced, and a folder with other files in it is refused"
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="python -m sc_app",
+        prog=prog("sc_app", "self-cascade"),
         description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -42,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
     g.add_argument("--prompt", help="the prompt (or use --prompts-file)")
     g.add_argument("--prompts-file", type=Path, help="one prompt per line; prompt i goes to DIR/NNNN with seed + i")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--height", type=int, required=True)
-    g.add_argument("--width", type=int, required=True)
-    g.add_argument("--method", default="self-cascade", choices=METHODS)
+    g.add_argument("--negative-prompt", default=None, help=NEGATIVE_HELP)
+    g.add_argument("--height", type=int, required=True, help=SIDE_HELP.format(side="height"))
+    g.add_argument("--width", type=int, required=True, help=SIDE_HELP.format(side="width"))
+    g.add_argument("--method", default="self-cascade", choices=METHODS, help="how the image reaches its size")
     g.add_argument(
         "--k",
         type=int,
@@ -63,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, encode); "
         "default: the model's (bilinear unless its self_cascade.json sets default_upsample)",
     )
-    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--steps", type=int, default=50, help=STEPS_HELP)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     g.add_argument(
         "--upsampler",
         type=Path,
@@ -95,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     g.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
-    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--out", type=Path, required=True, help=OUT_HELP.format(files="final.png, stageR.png"))
     _add_video_parser(sub)
     _add_review_parser(sub)
     return parser
@@ -119,7 +147,6 @@ def read_prompts(args) -> list[str]:
 
 
 def _method_options(args) -> dict:
-    k = None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
     sr = {"sr_model": args.sr_model, "noise_level": args.noise_level}
     if args.method == "sr":
         return {name: value for name, value in sr.items() if value is not None}
@@ -135,11 +162,12 @@ def _method_options(args) -> dict:
         if given:
             raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
         return {}
-    return {"k": k, "stages": args.stages, "upsample": args.upsample}  # the upsampler: once the model is loaded
+    return {"k": _k(args), "stages": args.stages, "upsample": args.upsample}  # the upsampler: once the model is loaded
 
 
 def _write_run(result, folder: Path) -> None:
-    """stageR.png per stage, final.png, result.json: all or nothing (`files.staged_folder`)."""
+    """stageR.png per stage, final.png, result.json: all or nothing, in place of the folder's earlier run
+    (`files.staged_folder`)."""
     with staged_folder(folder) as tmp:
         if len(result.stages) > 1:  # the self-cascade, DemoFusion, FreeScale: every stage, the pivot first
             for r, stage in enumerate(result.stages):
@@ -148,49 +176,162 @@ def _write_run(result, folder: Path) -> None:
         (tmp / "result.json").write_text(json.dumps(result.summary(), indent=2, default=str))
 
 
-def check_run(args, prompts: list[str], frames: int | None = None) -> Callable[[int], None]:
-    """What needs no model, checked before torch loads one: numbers finite and in range, seeds, `--out` (a probe
-    file is made and removed where the run will write), and the size within the limit of the device. Returns
-    the size check for another frame count (a video model's own, known once it is loaded)."""
+def _k(args) -> int | list[int] | None:
+    return None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
+
+
+def _check_image_model(args) -> checks.ModelShape:
+    """--model (and --method sr's --sr-model and --noise-level) before anything loads, and the request's
+    sizes, steps, K and stages against what the model folder's configs say."""
+    folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE)
+    shape = checks.model_shape(folder)
+    checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
+    if args.method == "sr":
+        if args.sr_model in (None, "embedded"):
+            if folder is None or folder.resolve() != EMBEDDED_IMAGE.resolve():
+                raise ValueError(
+                    f"--method sr needs an SR model for {args.model}: give --sr-model a StableDiffusionUpscalePipeline "
+                    "folder or hub id, e.g. stabilityai/stable-diffusion-x4-upscaler"
+                )
+            sr_folder = checks.model_source("--sr-model", "embedded", EMBEDDED_SR)
+        else:
+            sr_folder = checks.model_source("--sr-model", args.sr_model, None)
+        if args.noise_level is not None:
+            top = checks.max_noise_level(sr_folder)
+            checks.whole("--noise-level", args.noise_level, 0, top)
+    return shape
+
+
+def _check_video_model(args) -> checks.ModelShape:
+    """--model and --motion-adapter before anything loads, and the request against the model folder's configs."""
+    folder = checks.model_source("--model", args.model, EMBEDDED_VIDEO)
+    if args.motion_adapter is not None:
+        checks.model_source("--motion-adapter", args.motion_adapter, None, index="config.json")
+    shape = checks.model_shape(folder)
+    checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
+    return shape
+
+
+def _check_weight_files(args, video: bool) -> None:
+    """--lora and --upsampler: existing .safetensors files (a folder of them for an image run's --upsampler)
+    whose headers read; whether their tensors fit the model is checked when they load against it."""
+    args.lora = [parse_lora(text) for text in getattr(args, "lora", [])]
+    for lora in args.lora:
+        checks.safetensors_file("--lora", lora.path)
+    if args.upsampler in (None, NO_UPSAMPLER):
+        return
+    if video:  # a video model takes one adapter file
+        checks.safetensors_file("--upsampler", args.upsampler)
+    else:
+        checks.safetensors_files("--upsampler", args.upsampler)
+
+
+def check_run(args, prompts: list[str], frames: int | None = None, video: bool = False) -> Callable[[int], None]:
+    """What needs no model, checked before torch loads one: numbers finite and in range, seeds, the model (a
+    folder's configs, a hub id's form), the weight files' headers, `--out` (a probe file is made and removed
+    where the run will write; no files in it but an earlier run's), the size within the limit of the device,
+    and the stage plan where the folder tells the model's base size. Returns the size check for another frame
+    count (a video model's own, known once it is loaded)."""
     try:
         if args.guidance is not None:
             checks.finite("--guidance", args.guidance, 0, checks.MAX_GUIDANCE)
         checks.seed("--seed", args.seed, len(prompts))
-        if args.upsampler not in (None, NO_UPSAMPLER) and not args.upsampler.exists():
-            raise ValueError(f"--upsampler {args.upsampler}: no such file or folder")
-        args.lora = [parse_lora(text) for text in getattr(args, "lora", [])]
-        for lora in args.lora:
-            if lora.path.suffix != ".safetensors" or not lora.path.is_file():
-                raise ValueError(f"--lora {lora.path}: give an existing .safetensors file (no pickles)")
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out}: exists and is not a folder")
-        checks.writable_folder("--out", args.out)
-        if args.prompts_file is None:  # a run's files are made beside --out, then moved in
-            checks.writable_folder("--out", args.out.parent, shown=args.out)
-        device = checks.torch_device(args.device)
+        shape = _check_video_model(args) if video else _check_image_model(args)
+        _check_weight_files(args, video)
+        checks.run_folder("--out", args.out)
+        checks.writable_folder("--out", args.out)  # staged inside --out, or beside it where it is new
+        device = checks.torch_device(args.device)  # the first check that imports torch
         limit = checks.max_pixels(args.max_pixels, device.type)
         hint = f"on {device.type}; --max-pixels or ${checks.ENV_MAX_PIXELS} sets it"
         checks.within_limit(args.height, args.width, limit, frames or 1, hint)
+        checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
     except ValueError as error:
         raise BadInput(str(error)) from None
     return lambda count: checks.within_limit(args.height, args.width, limit, count, hint)
 
 
-def my_prompts(args, count: int) -> tuple[list[int], str]:
-    """The indices of the prompts this process runs, and its log lines' prefix: all of them in one process;
-    under `accelerate launch --num_processes N` its contiguous share (one GPU each, or CPU processes without
-    one, as the benches split theirs). Prompt i keeps its folder and seed whichever process runs it."""
+def _loaded(what: str, load: Callable[[], T]) -> T:
+    """`load()`, whose refusals (the loader's, the hub's, the checks against the loaded model) become one
+    line; the hub's say `what` they were about."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return load()
+    except (ValueError, OSError, RuntimeError, EntryNotFoundError) as error:
+        raise BadInput(load_error(error, what)) from None
+
+
+def _check_loaded(args, model) -> None:
+    """The request again with the loaded model's own numbers (a hub id's are known only now), in the command
+    line's words; the library's own check follows."""
+    shape = checks.ModelShape.of(model)
+    checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
+    checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
+
+
+def my_prompts(args, count: int) -> tuple[list[int], str, bool]:
+    """The indices of the prompts this process runs, its log lines' prefix, and whether it is the main process:
+    all of them in one process; under `accelerate launch --num_processes N` its contiguous share (one GPU
+    each, or CPU processes without one, as the benches split theirs). Prompt i keeps its folder and seed
+    whichever process runs it."""
     from .bench.common import process_state
 
     state = process_state(args)
     if state.num_processes == 1:
-        return list(range(count)), ""
+        return list(range(count)), "", True
     with state.split_between_processes(list(range(count))) as mine:
-        return list(mine), f"[process {state.process_index}] "
+        return list(mine), f"[process {state.process_index}] ", state.is_main_process
 
 
 def _done(prefix: str, folder: Path, seconds: float) -> None:
     sys.stderr.write(f"{prefix}{folder}: {seconds:.1f} s\n")  # one write: processes sharing stderr keep lines whole
+
+
+def _span(written: list[int]) -> str:
+    return f"{written[0]:04d}" + (f"-{written[-1]:04d}" if len(written) > 1 else "")
+
+
+def _kept(out: Path, written: list[int], count: int, batch: bool) -> str:
+    """The line for Ctrl-C: what the interrupted run kept."""
+    if not written:
+        return f"interrupted: nothing written; {out} is as it was"
+    if not batch:
+        return f"interrupted after the run was written to {out}"
+    return f"interrupted: kept {len(written)} of {count} prompts in {out} ({_span(written)}); nothing half-written"
+
+
+def run_prompts(args, count: int, mine: list[int], prefix: str, main_process: bool, make, write) -> None:
+    """Prompt i of `mine`: `make(i)` its result, `write(result, folder)` it to --out (out/NNNN with a prompts
+    file). A batch's first result replaces the run --out held before: its prompt folders of this process's
+    share, and in the main process everything else of it, so that after the batch, or a stop in it, --out
+    holds this batch's finished prompts and nothing of the earlier one. Writes are whole: Ctrl-C waits for
+    one to finish, then stops with one line; so does a run the library refuses as it goes (a stage's NaN
+    latents: a ValueError), without writing that prompt."""
+    batch = args.prompts_file is not None
+    share = set(mine)
+
+    def owns(index: int | None) -> bool:  # which of the earlier run's entries this process removes
+        return index in share or (main_process and (index is None or index >= count))
+
+    written: list[int] = []
+    i = mine[0]
+    try:
+        for i in mine:
+            result = make(i)
+            folder = args.out / f"{i:04d}" if batch else args.out
+            with interrupt_deferred():
+                if batch and not written:
+                    remove_previous_run(args.out, owns)
+                write(result, folder)
+                written.append(i)
+            _done(prefix, folder, result.total_seconds)
+    except KeyboardInterrupt:
+        raise Interrupted(prefix + _kept(args.out, written, len(mine), batch)) from None
+    except ValueError as error:
+        if not batch:
+            raise BadInput(first_line(error)) from None
+        kept = f"kept {len(written)} of {len(mine)} prompts in {args.out}" + (f" ({_span(written)})" if written else "")
+        raise BadInput(f"{prefix}prompt {i:04d}: {first_line(error)}; {kept}") from None
 
 
 def generate(args) -> None:
@@ -204,37 +345,42 @@ def generate(args) -> None:
     from .lora import check_loras
     from .models import load_model
 
-    quiet_loaders()
-    mine, prefix = my_prompts(args, len(prompts))
+    mine, prefix, main_process = my_prompts(args, len(prompts))
     if not mine:
         return
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        model = load_model(args.model, device=args.device, dtype=dtype)
-        check_inputs(
-            model,
-            args.height,
-            args.width,
-            args.steps,
-            args.guidance or 0.0,
-            options.get("k"),
-            options.get("stages"),
-            options.get("upsample"),
-        )
-        upsampler = model.default_upsampler if args.upsampler is None else args.upsampler
-        if args.method == "self-cascade" and upsampler not in (None, NO_UPSAMPLER):
-            from .upsampler import load_adapters
+    with quiet_loading():
+        model = _loaded(f"--model {args.model}", lambda: load_model(args.model, device=args.device, dtype=dtype))
 
-            options["upsampler"] = load_adapters(upsampler, model)
+        def check_and_load_files() -> None:
+            _check_loaded(args, model)
+            check_inputs(
+                model,
+                args.height,
+                args.width,
+                args.steps,
+                args.guidance or 0.0,
+                options.get("k"),
+                options.get("stages"),
+                options.get("upsample"),
+            )
+            upsampler = model.default_upsampler if args.upsampler is None else args.upsampler
+            if args.method == "self-cascade" and upsampler not in (None, NO_UPSAMPLER):
+                from .upsampler import load_adapters
+
+                options["upsampler"] = load_adapters(upsampler, model)
+            args.lora = check_loras(args.lora, model)
+
+        _loaded(f"--model {args.model}", check_and_load_files)
         if args.method == "sr":
             from .baselines.upscale import load_upscaler
 
-            options["sr_model"] = load_upscaler(options.get("sr_model"), model)
-        args.lora = check_loras(args.lora, model)
-    except (ValueError, OSError, RuntimeError) as error:
-        raise BadInput(f"{error}".splitlines()[0]) from None
-    for i in mine:
-        result = generate_image(
+            options["sr_model"] = _loaded(
+                f"--sr-model {args.sr_model or 'embedded'}", lambda: load_upscaler(options.get("sr_model"), model)
+            )
+
+    def make(i: int):
+        return generate_image(
             model,
             prompts[i],
             args.height,
@@ -248,9 +394,8 @@ def generate(args) -> None:
             loras=args.lora,
             **options,
         )
-        folder = args.out / f"{i:04d}" if args.prompts_file else args.out
-        _write_run(result, folder)
-        _done(prefix, folder, result.total_seconds)
+
+    run_prompts(args, len(prompts), mine, prefix, main_process, make, _write_run)
 
 
 # ---- generate-video: the image contract for text-to-video models ----------------------------------------
@@ -269,14 +414,14 @@ def _add_video_parser(sub) -> None:
     )
     v.add_argument("--prompt", help="the prompt (or use --prompts-file)")
     v.add_argument("--prompts-file", type=Path, help="one prompt per line; prompt i goes to DIR/NNNN with seed + i")
-    v.add_argument("--negative-prompt", default=None)
+    v.add_argument("--negative-prompt", default=None, help=NEGATIVE_HELP)
     v.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
     v.add_argument(
         "--fps", type=float, default=None, help="frames per second of the mp4 and gif (default: the model's)"
     )
-    v.add_argument("--height", type=int, required=True)
-    v.add_argument("--width", type=int, required=True)
-    v.add_argument("--method", default="self-cascade", choices=VIDEO_METHODS)
+    v.add_argument("--height", type=int, required=True, help=SIDE_HELP.format(side="height"))
+    v.add_argument("--width", type=int, required=True, help=SIDE_HELP.format(side="width"))
+    v.add_argument("--method", default="self-cascade", choices=VIDEO_METHODS, help="how the clip reaches its size")
     v.add_argument(
         "--k",
         type=int,
@@ -287,10 +432,15 @@ def _add_video_parser(sub) -> None:
     v.add_argument(
         "--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))"
     )
-    v.add_argument("--upsample", default="bilinear", choices=("bilinear", "bicubic"))
-    v.add_argument("--steps", type=int, default=50)
+    v.add_argument(
+        "--upsample",
+        default="bilinear",
+        choices=("bilinear", "bicubic"),
+        help="how a stage's latent grows, frame by frame, in latent space",
+    )
+    v.add_argument("--steps", type=int, default=50, help=STEPS_HELP)
     v.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     v.add_argument(
         "--upsampler",
         type=Path,
@@ -308,7 +458,7 @@ def _add_video_parser(sub) -> None:
     v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     v.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
-    v.add_argument("--out", type=Path, required=True)
+    v.add_argument("--out", type=Path, required=True, help=OUT_HELP.format(files="final.mp4, stageR.mp4, preview.gif"))
 
 
 def _video_options(args) -> dict:
@@ -321,8 +471,7 @@ def _video_options(args) -> dict:
         if given:
             raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
         return {}
-    k = None if args.k is None else (args.k[0] if len(args.k) == 1 else args.k)
-    return {"k": k, "stages": args.stages, "upsample": args.upsample, "upsampler": args.upsampler}
+    return {"k": _k(args), "stages": args.stages, "upsample": args.upsample, "upsampler": args.upsampler}
 
 
 def _write_video_run(result, folder: Path, fps: float) -> None:
@@ -348,46 +497,50 @@ def generate_video(args) -> None:
             checks.whole("--frames", args.frames, 1)
     except ValueError as error:
         raise BadInput(str(error)) from None
-    fits = check_run(args, prompts, args.frames)
+    fits = check_run(args, prompts, args.frames, video=True)
     import torch
 
     from .video import check_video_inputs, check_video_loras, load_video_model
     from .video import generate_video as generate_clip
 
-    quiet_loaders()
-    mine, prefix = my_prompts(args, len(prompts))
+    mine, prefix, main_process = my_prompts(args, len(prompts))
     if not mine:
         return
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:
-        model = load_video_model(args.model, motion_adapter=args.motion_adapter, device=args.device, dtype=dtype)
+    with quiet_loading():
+        model = _loaded(
+            f"--model {args.model}",
+            lambda: load_video_model(args.model, motion_adapter=args.motion_adapter, device=args.device, dtype=dtype),
+        )
         frames = model.default_frames if args.frames is None else args.frames
-        fits(frames)  # the model's own clip length, when --frames is not given
-        check_video_inputs(
-            model,
-            args.height,
-            args.width,
-            frames,
-            args.steps,
-            args.guidance or 0.0,
-            options.get("k"),
-            options.get("stages"),
-            options.get("upsample", "bilinear"),
-        )
-        fps = (
-            checks.finite("the model's default fps", model.default_fps, 0, checks.MAX_FPS, low_open=True)
-            if args.fps is None
-            else args.fps
-        )
-        if args.upsampler is not None:
-            from .upsampler import load_adapter
 
-            options["upsampler"] = load_adapter(args.upsampler, model)
-        args.lora = check_video_loras(args.lora, model)
-    except (ValueError, OSError, RuntimeError) as error:
-        raise BadInput(f"{error}".splitlines()[0]) from None
-    for i in mine:
-        result = generate_clip(
+        def check_and_load_files() -> float:
+            fits(frames)  # the model's own clip length, when --frames is not given
+            _check_loaded(args, model)
+            check_video_inputs(
+                model,
+                args.height,
+                args.width,
+                frames,
+                args.steps,
+                args.guidance or 0.0,
+                options.get("k"),
+                options.get("stages"),
+                options.get("upsample", "bilinear"),
+            )
+            if args.upsampler is not None:
+                from .upsampler import load_adapter
+
+                options["upsampler"] = load_adapter(args.upsampler, model)
+            args.lora = check_video_loras(args.lora, model)
+            if args.fps is not None:
+                return args.fps
+            return checks.finite("the model's default fps", model.default_fps, 0, checks.MAX_FPS, low_open=True)
+
+        fps = _loaded(f"--model {args.model}", check_and_load_files)
+
+    def make(i: int):
+        return generate_clip(
             model,
             prompts[i],
             args.height,
@@ -402,9 +555,16 @@ def generate_video(args) -> None:
             loras=args.lora,
             **options,
         )
-        folder = args.out / f"{i:04d}" if args.prompts_file else args.out
-        _write_video_run(result, folder, fps)
-        _done(prefix, folder, result.total_seconds)
+
+    run_prompts(
+        args,
+        len(prompts),
+        mine,
+        prefix,
+        main_process,
+        make,
+        lambda result, folder: _write_video_run(result, folder, fps),
+    )
 
 
 # ---- review: the Review tab's pool and results ----------------------------------------------------------
@@ -447,9 +607,20 @@ def review(args) -> None:
         raise BadInput(str(error).splitlines()[0]) from None
 
 
+COMMANDS = {"generate": generate, "generate-video": generate_video, "review": review}
+
+
+def _command(args) -> None:
+    """The command; Ctrl-C before a run's first file (while checking or loading, or in review) is one line."""
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        raise Interrupted("interrupted" + (f": nothing written; {out} is as it was" if out else "")) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    commands = {"generate": generate, "generate-video": generate_video, "review": review}
-    return run(build_parser(), lambda args: commands[args.command](args), argv)
+    return run(build_parser(), _command, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The checks every entry point shares (library, command lines, app, tuner), in one place.
 
 Numbers are finite and in range, whole numbers are whole, seeds fit a generator, a destination takes a probe
-file before any work starts, and a request stays within the size limit of the device. Errors are ValueErrors
+file before any work starts (a run folder holds nothing but an earlier run), a request stays within the size
+limit of the device, and a model and its weight files are what they claim as far as a folder's config files
+and a safetensors header tell, before any of them loads. Errors are ValueErrors
 that name the argument and its value (diffusers' `check_inputs` style); the command lines turn them into one
 `error:` line and exit code 2, the app into a message in the page. Nothing here imports torch at import time,
 so a command line checks its flags before the heavy imports.
@@ -9,10 +11,14 @@ so a command line checks its flags before the heavy imports.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
+import re
+import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes
@@ -138,6 +144,235 @@ def writable_file(name: str, path: str | Path) -> Path:
         raise ValueError(f"{name} {path}: is a folder, not a file")
     writable_folder(name, path.parent, shown=path)
     return path
+
+
+def run_folder(name: str, folder: str | Path) -> Path:
+    """Refuse (ValueError) a run folder that holds files no run of ours wrote: a run replaces the earlier run
+    in its folder (`files.staged_folder`), and a user's own files there are neither deleted nor mixed in.
+    Returns the folder."""
+    from .files import foreign_files
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name} {folder}: exists and is not a folder")
+    try:
+        foreign = foreign_files(folder)
+    except OSError as error:
+        raise ValueError(f"{name} {folder}: cannot read it ({error.strerror or type(error).__name__})") from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(
+            f"{name} {folder}: holds files that are not a run's ({shown}); a run replaces the run in its "
+            "folder, so give an empty folder, a new one, or one that holds only an earlier run"
+        )
+    return folder
+
+
+# ---- models and weight files, before anything loads -----------------------------------------------------------
+
+ASSETS = (  # the embedded models: the same rule as sc_app.models, which imports torch
+    Path(__file__).resolve().parent / "assets"
+    if (Path(__file__).resolve().parent / "assets").is_dir()
+    else Path(__file__).resolve().parent.parent / "assets"
+)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the hub spells them
+SD_TRAIN_TIMESTEPS = 1000  # every SD-family scheduler this program runs (1.x, 2.x, XL, ModelScope, AnimateDiff)
+SD_VAE_SCALE = 8  # every SD-family VAE: a side is a multiple of this at least, whatever the UNet
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a header
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model takes, as `cascade.check_inputs` reads it from a loaded model: its training steps (K and
+    the step count stay below them), the multiple every side must be, and its base size (None where unknown:
+    a hub id before it is downloaded). Read from a folder's config files before any weight loads."""
+
+    num_train_timesteps: int = SD_TRAIN_TIMESTEPS
+    size_multiple: int = SD_VAE_SCALE
+    base_size: int | None = None
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        """A loaded model's: the same checks again once a hub id is known."""
+        return cls(model.num_train_timesteps, model.size_multiple, model.base_size)
+
+
+def _config(folder: Path, part: str) -> dict:
+    try:
+        config = json.loads((folder / part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def model_shape(folder: str | Path | None) -> ModelShape:
+    """`ModelShape` from a diffusers folder's scheduler, VAE and UNet configs (no torch); for a hub id (None) or
+    a config that cannot be read, what every SD-family model shares. The model's own check after loading has
+    the last word."""
+    if folder is None:
+        return ModelShape()
+    folder = Path(folder)
+    steps = _count(_config(folder, "scheduler/scheduler_config.json").get("num_train_timesteps", SD_TRAIN_TIMESTEPS))
+    vae_blocks = _config(folder, "vae/config.json").get("block_out_channels")
+    unet = _config(folder, "unet/config.json")
+    if not isinstance(vae_blocks, list) or not vae_blocks or not isinstance(unet.get("block_out_channels"), list):
+        return ModelShape(steps or SD_TRAIN_TIMESTEPS)
+    vae_scale = 2 ** (len(vae_blocks) - 1)
+    multiple = vae_scale * 2 ** (len(unet["block_out_channels"]) - 1)
+    sample = _count(unet.get("sample_size"))
+    return ModelShape(steps or SD_TRAIN_TIMESTEPS, multiple, sample * vae_scale if sample else None)
+
+
+def max_noise_level(folder: Path | None) -> int | None:
+    """An x4 upscaler folder's highest noise level (its model_index.json's; None for a hub id or none given)."""
+    return None if folder is None else _count(_config(folder, "model_index.json").get("max_noise_level"))
+
+
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def model_source(name: str, value: str, embedded: Path | None, index: str = "model_index.json") -> Path | None:
+    """A model flag before anything loads: 'embedded' (the shipped folder `embedded`, where there is one), a
+    folder that holds `index` (a diffusers folder: model_index.json), or a hub id (owner/name; with
+    HF_HUB_OFFLINE set, one in the local cache). Returns the folder, or None for a hub id."""
+    if value == "embedded" and embedded is not None:
+        if not embedded.is_dir():
+            raise ValueError(f"{name} embedded: the embedded model is missing ({embedded})")
+        return embedded
+    folder = Path(value).expanduser()
+    if folder.exists() or value.startswith(("/", ".", "~")):
+        if not folder.is_dir():
+            raise ValueError(f"{name} {value}: no such folder")
+        if not (folder / index).is_file():
+            raise ValueError(f"{name} {value}: not a diffusers folder (no {index})")
+        return folder
+    if not HUB_ID.fullmatch(value):
+        raise ValueError(f"{name} {value}: no such folder, and not a hub id (owner/name)")
+    if hub_offline() and not _hub_cached(value, index):
+        raise ValueError(f"{name} {value}: not in the local hub cache, and HF_HUB_OFFLINE is set")
+    return None
+
+
+def request(shape: ModelShape, height: int, width: int, steps: int, k=None, stages: int | None = None) -> None:
+    """The command line's --height, --width, --steps, --k (one value, or one per stage) and --stages against
+    `shape`, before the model loads; what needs the stage plan is `stage_plan`'s."""
+    for name, side in (("--height", height), ("--width", width)):
+        whole(name, side, 1)
+        if side % shape.size_multiple:
+            raise ValueError(f"{name} must be a multiple of {shape.size_multiple} for this model, got {side}")
+    whole("--steps", steps, 1, shape.num_train_timesteps)
+    for value in [] if k is None else [k] if isinstance(k, int) else k:  # K re-noises to a training step: 1..T-1
+        if not (isinstance(value, int) and 0 < value < shape.num_train_timesteps):
+            raise ValueError(f"--k must be an integer in 1..{shape.num_train_timesteps - 1}, got {value!r}")
+    if stages is not None:  # with a known base size, `stage_plan` says the most that fit this size
+        whole("--stages", stages, 0, MAX_STAGES if shape.base_size is None else None)
+
+
+def most_stages(height: int, width: int, base_size: int, multiple: int) -> int:
+    """The most stages after the pivot that each grow the size of height x width."""
+    from .plan import plan_stages
+
+    for count in range(MAX_STAGES, 0, -1):
+        try:
+            plan_stages(height, width, base_size, multiple, count)
+            return count
+        except ValueError:
+            continue
+    return 0
+
+
+def stage_plan(shape: ModelShape, height: int, width: int, k=None, stages: int | None = None) -> None:
+    """--stages and --k against the stage plan of height x width, where the base size is known: more stages
+    than grow the size are refused with the most that fit, and a K per stage needs one value per stage."""
+    if shape.base_size is None:
+        return
+    from .plan import plan_stages
+
+    if stages is not None:
+        most = most_stages(height, width, shape.base_size, shape.size_multiple)
+        if stages > most:
+            raise ValueError(
+                f"--stages must be at most {most} for {height}x{width} (each stage must grow the size; sizes are "
+                f"multiples of {shape.size_multiple} above a {shape.base_size}px pivot), got {stages}"
+            )
+    count = len(plan_stages(height, width, shape.base_size, shape.size_multiple, stages)) - 1
+    if isinstance(k, (list, tuple)) and len(k) != count:
+        raise ValueError(f"--k lists one value per stage after the pivot ({count}), got {len(k)}")
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file (8 bytes of length, little-endian, then the JSON), checked as the
+    format requires: an object whose tensors lie inside the file. No tensor is read and torch is not needed.
+    A ValueError says what is wrong."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            raise ValueError(f"{size} bytes, too short for a header")
+        (length,) = struct.unpack("<Q", start)
+        if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise ValueError(f"its header claims {length:,} bytes, more than the file holds")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    data = size - 8 - length
+    for tensor, entry in header.items():
+        if tensor == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"tensor {tensor!r} has no data offsets")
+        if not 0 <= offsets[0] <= offsets[1] <= data:
+            raise ValueError(f"tensor {tensor!r} lies past the end of the file")
+    return header
+
+
+def safetensors_file(name: str, path: str | Path) -> Path:
+    """Refuse (ValueError) unless `path` is an existing .safetensors file with a sound header, before any model
+    loads; what its tensors must fit is checked when it is loaded against the model. Pickle files (.bin, .pt,
+    .ckpt) are never read: they can run code."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{name} {path}: give an existing .safetensors file (no pickles)")
+    if not path.is_file():
+        raise ValueError(f"{name} {path}: no such file")
+    try:
+        read_safetensors_header(path)
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ValueError(f"{name} {path}: not a safetensors file ({reason})") from None
+    return path
+
+
+def safetensors_files(name: str, path: str | Path) -> list[Path]:
+    """`safetensors_file` for a file, or for each .safetensors file of a folder (a set of adapters, one per
+    stage); a folder without one is refused."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{name} {path}: no .safetensors files in the folder")
+        return [safetensors_file(name, f) for f in files]
+    if not path.exists():
+        raise ValueError(f"{name} {path}: no such file or folder")
+    return [safetensors_file(name, path)]
 
 
 # ---- devices and the size limit -------------------------------------------------------------------------

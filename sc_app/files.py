@@ -1,15 +1,16 @@
-"""Weights the project writes: adapters, LoRA files and model folders, atomically and with the permissions
-every other output gets (0666 less the umask). safetensors' own `save_file` creates its files 0600."""
+"""What the project writes: adapters, LoRA files and model folders, atomically and with the permissions every
+other output gets (0666 less the umask; safetensors' own `save_file` creates its files 0600), and the command
+line's run folders, which hold exactly one run, all of it or none."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -26,18 +27,102 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] 
     return path
 
 
+# ---- a run's folder: exactly one run, all of it or none -------------------------------------------------
+
+RUN_FILE = re.compile(r"(stage\d+\.(png|mp4)|final\.(png|mp4)|preview\.gif|result\.json)")  # what one run writes
+PROMPT_FOLDER = re.compile(r"\d{4,}")  # a --prompts-file run's out/NNNN, one per prompt
+STAGING = ".staging-"  # a run's files before they move in; one left behind by a killed process is ours too
+COMPLETE = "result.json"  # moved in last and removed first: a folder with it holds one whole run
+
+
+def staging_index(name: str) -> int | None:
+    """The prompt index of out/NNNN or of its staging folder `.staging-NNNN-...`; None for anything else."""
+    if PROMPT_FOLDER.fullmatch(name):
+        return int(name)
+    inner = name[len(STAGING) :].split("-")[0] if name.startswith(STAGING) else ""
+    return int(inner) if PROMPT_FOLDER.fullmatch(inner) else None
+
+
+def _is_run_entry(path: Path, *, top: bool = True) -> bool:
+    """Whether `path`, inside a run folder, is something a run of ours wrote: one of a run's files, a staging
+    folder, or (at the top, a --prompts-file run) a prompt's folder holding nothing but those."""
+    if path.is_symlink():
+        return False
+    if path.name.startswith(STAGING):
+        return path.is_dir()
+    if path.is_file():
+        return RUN_FILE.fullmatch(path.name) is not None
+    return top and path.is_dir() and PROMPT_FOLDER.fullmatch(path.name) is not None and not _foreign(path, top=False)
+
+
+def _foreign(folder: Path, *, top: bool) -> list[str]:
+    foreign = []
+    for path in sorted(folder.iterdir()):
+        if _is_run_entry(path, top=top):
+            continue
+        if top and path.is_dir() and not path.is_symlink() and PROMPT_FOLDER.fullmatch(path.name):
+            foreign += [f"{path.name}/{name}" for name in _foreign(path, top=False)]
+        else:
+            foreign.append(path.name + ("/" if path.is_dir() else ""))
+    return foreign
+
+
+def foreign_files(folder: str | Path) -> list[str]:
+    """What in `folder` no run of ours wrote (a user's notes, other programs' files), as names relative to it,
+    sorted; [] for an empty folder, one that holds an earlier run, or one that does not exist. A run replaces
+    only its own kind of files, so these are refused before any work rather than deleted or left in a mix."""
+    folder = Path(folder)
+    return _foreign(folder, top=True) if folder.is_dir() else []
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_previous_run(
+    folder: str | Path, owns: Callable[[int | None], bool] = lambda index: True, keep: Path | None = None
+) -> None:
+    """Remove what an earlier run left in `folder` (its files, its prompt folders, staging folders of killed
+    runs), never anything else, and not `keep`. `owns(index)` says which prompt folders (by index; None for
+    everything else) this process may remove, where several processes share one batch. result.json goes
+    first, so that a folder is never taken for a whole run while it is being emptied."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if owns(None):
+        (folder / COMPLETE).unlink(missing_ok=True)
+    for path in sorted(folder.iterdir()):
+        if path != keep and _is_run_entry(path) and owns(staging_index(path.name)):
+            _remove(path)
+
+
 @contextmanager
 def staged_folder(folder: str | Path) -> Iterator[Path]:
-    """A fresh temporary folder beside `folder` to write a run's files into; they move into `folder` only when
-    the block ends without an error, so a failed run leaves nothing half-written there."""
+    """A fresh folder to write a run's files into; when the block ends without an error they replace
+    whatever run `folder` held before (files of ours only: `foreign_files` are never touched), so the folder
+    holds exactly one run. A failed or interrupted block leaves `folder` as it was.
+
+    The staging folder is made inside `folder` where it exists (same file system, so every move is a rename;
+    `folder` itself keeps its identity, permissions and mount), else beside it, and then becomes `folder` in
+    one rename. Into an existing folder the files move one by one, result.json last, after the previous
+    run's result.json was removed first: a folder that has a result.json always holds one whole run."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    inside = folder.is_dir()
+    where = folder if inside else folder.parent
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = where / f"{STAGING}{folder.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would become the run folder's mode
     try:
         yield tmp
-        folder.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, folder / f.name)
+        if not inside:
+            os.rename(tmp, folder)
+            return
+        remove_previous_run(folder, keep=tmp)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == COMPLETE):  # result.json last
+            os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -205,6 +205,39 @@ BEFORE_LOADING = [  # (command, flags, message): refused before any model loads
         "200 frames of 256x256 are 13.11 MP in all, over the size limit",
     ),
     ("generate-video", ["--out", "/proc/nope/x"], "--out /proc/nope/x: cannot write in /proc"),
+    # issue 31: what the model folder's configs, a hub id's form and the weight files' headers tell, before loading
+    ("generate", ["--k", "1000"], "--k must be an integer in 1..999, got 1000"),
+    ("generate", ["--k", "0"], "--k must be an integer in 1..999, got 0"),
+    ("generate", ["--steps", "0"], "--steps must be in 1..1000, got 0"),
+    ("generate", ["--steps", "1001"], "--steps must be in 1..1000, got 1001"),
+    ("generate", ["--height", "40"], "--height must be a multiple of 16 for this model, got 40"),
+    ("generate", ["--width", "-16"], "--width must be >= 1, got -16"),
+    (
+        "generate",
+        ["--height", "128", "--width", "128", "--stages", "50"],
+        r"--stages must be at most 4 for 128x128 \(each stage must grow the size; .*\), got 50",
+    ),
+    ("generate", ["--model", "nobody"], "--model nobody: no such folder, and not a hub id .owner/name."),
+    ("generate", ["--model", "./nope"], "--model ./nope: no such folder"),
+    ("generate", ["--model", "FILE"], "--model FILE: no such folder"),
+    ("generate", ["--model", "EMPTY"], r"--model EMPTY: not a diffusers folder \(no model_index.json\)"),
+    ("generate", ["--lora", "CUT"], r"--lora CUT: not a safetensors file \(.*too short for a header\)"),
+    ("generate", ["--lora", "NOTES/notes.txt"], r"--lora NOTES/notes.txt: give an existing .safetensors file"),
+    ("generate", ["--upsampler", "CUT"], r"--upsampler CUT: not a safetensors file"),
+    ("generate", ["--upsampler", "EMPTY"], r"--upsampler EMPTY: no .safetensors files in the folder"),
+    ("generate", ["--method", "sr", "--noise-level", "400"], "--noise-level must be in 0..350, got 400"),
+    (
+        "generate",
+        ["--method", "sr", "--model", "owner/name"],
+        "--method sr needs an SR model for owner/name: give --sr-model",
+    ),
+    ("generate", ["--out", "NOTES"], r"--out NOTES: holds files that are not a run's \(notes.txt\)"),
+    ("generate", ["--out", "FILE"], "--out FILE: exists and is not a folder"),
+    ("generate-video", ["--k", "1000"], "--k must be an integer in 1..999, got 1000"),
+    ("generate-video", ["--model", "nobody"], "--model nobody: no such folder, and not a hub id"),
+    ("generate-video", ["--motion-adapter", "EMPTY"], r"--motion-adapter EMPTY: not a diffusers folder \(no config"),
+    ("generate-video", ["--upsampler", "CUT"], r"--upsampler CUT: not a safetensors file"),
+    ("generate-video", ["--out", "NOTES"], r"--out NOTES: holds files that are not a run's \(notes.txt\)"),
 ] + (
     []
     if torch.cuda.is_available()
@@ -221,8 +254,13 @@ def test_cli_refuses_before_loading_the_model(command, flags, message, no_model,
     (tmp_path / "FILE").write_text("not a folder")
     (tmp_path / "READ_ONLY").mkdir()
     _read_only(tmp_path / "READ_ONLY", monkeypatch)
-    before = sorted(tmp_path.rglob("*"))
-    names = {"FILE": str(tmp_path / "FILE"), "READ_ONLY": str(tmp_path / "READ_ONLY")}
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NOTES").mkdir()
+    (tmp_path / "NOTES" / "notes.txt").write_text("my own notes")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00")  # a download cut off in its first bytes
+    before = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")}
+    names = {name: str(tmp_path / name) for name in ("FILE", "READ_ONLY", "EMPTY", "NOTES")}
+    names["CUT"] = str(tmp_path / "cut.safetensors")
     flags = [names.get(f.split("/")[0], f.split("/")[0]) + f[len(f.split("/")[0]) :] for f in flags]
     defaults = {
         "--model": "embedded",
@@ -240,7 +278,7 @@ def test_cli_refuses_before_loading_the_model(command, flags, message, no_model,
     for name, path in names.items():
         message = message.replace(name, path)
     assert re.search(message, line), line
-    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*")} == before  # nothing written or removed
 
 
 def _pickle_only(sd_folder: Path, folder: Path) -> Path:
@@ -255,9 +293,38 @@ def _pickle_only(sd_folder: Path, folder: Path) -> Path:
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--stages", "50"], "stages must be at most 8, got 50"),
-        (["--stages", "8"], "stages must be at most 4 for 32x32 .each stage must grow the size"),
-        (["--height", "30"], "height must be a multiple of 4"),
+        (["--stages", "50"], r"--stages must be at most 4 for 32x32 \(each stage must grow the size; .*\), got 50"),
+        (["--stages", "8"], "--stages must be at most 4 for 32x32 .each stage must grow the size"),
+        (["--height", "30"], "--height must be a multiple of 4 for this model, got 30"),
+        (["--k", "300", "200"], r"--k lists one value per stage after the pivot \(1\), got 2"),
+        (["--height", "64", "--width", "64", "--k", "300", "200", "100"], r"pivot \(2\), got 3"),
+    ],
+)
+def test_cli_refuses_what_a_model_folders_configs_rule_out_before_loading(
+    flags, message, sd_folder, tmp_path, capfd, no_model
+):
+    """The tiny SD folder's own numbers (sizes in multiples of 4 over a 16px base), read from its configs."""
+    defaults = {"--model": str(sd_folder), "--prompt": "a cat", "--height": "32", "--width": "32", "--steps": "2"}
+    given, flag = {}, None
+    for value in flags:
+        if value.startswith("--"):
+            flag, given[value] = value, []
+        else:
+            given[flag].append(value)
+    argv = ["generate", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    argv += [
+        x
+        for key, value in {**defaults, **given}.items()
+        for x in [key, *([value] if isinstance(value, str) else value)]
+    ]
+    assert main(argv) == 2
+    assert re.search(message, _one_error_line(capfd))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
         (
             ["--model", "PICKLE"],
             "model '.*': unet/ holds only pickle weights .diffusion_pytorch_model.bin.; this "
@@ -420,6 +487,85 @@ def test_training_scripts_check_their_flags_first(module, flags, message, tmp_pa
     line = capsys.readouterr().err.strip()
     assert re.match(f"error: {message}", line) and len(line.splitlines()) == 1, line
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- weight files and models, read before anything loads (issue 31) -----------------------------------------
+
+
+def test_a_safetensors_header_is_read_and_checked_without_torch(tmp_path):
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.zeros(2, 3)}, str(good), metadata={"format": "pt"})
+    assert checks.read_safetensors_header(good)["w"]["shape"] == [2, 3]
+    assert checks.safetensors_file("--lora", good) == good
+
+    def file(name: str, data: bytes) -> Path:
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    bad = {
+        "empty": (b"", "0 bytes, too short for a header"),
+        "huge": (struct.pack("<Q", 2**40) + b"{}", "its header claims 1,099,511,627,776 bytes, more than the file"),
+        "text": (struct.pack("<Q", 4) + b"nope", "its header is not JSON"),
+        "list": (struct.pack("<Q", 2) + b"[]", "its header is not a JSON object"),
+        "short": (struct.pack("<Q", len(header)) + header + bytes(8), "tensor 'w' lies past the end of the file"),
+    }
+    for name, (data, reason) in bad.items():
+        path = file(f"{name}.safetensors", data)
+        with pytest.raises(ValueError, match=re.escape(f"--lora {path}: not a safetensors file ({reason}")):
+            checks.safetensors_file("--lora", path)
+    with pytest.raises(ValueError, match="give an existing .safetensors file .no pickles."):
+        checks.safetensors_file("--lora", file("weights.ckpt", b"pickle"))
+
+
+def test_a_model_folders_shape_is_read_from_its_configs(sd_folder, tmp_path):
+    from sc_app.models import load_model
+
+    model = load_model(str(sd_folder), device="cpu")
+    assert checks.model_shape(sd_folder) == checks.ModelShape.of(model)  # what the loaded model says, before
+    assert checks.model_shape(checks.ASSETS / "shapes-ldm") == checks.ModelShape(1000, 16, 64)
+    assert checks.model_shape(None) == checks.ModelShape(1000, 8, None)  # a hub id: what every SD model shares
+    assert checks.model_shape(tmp_path) == checks.ModelShape(1000, 8, None)  # configs unread: the same
+
+
+REFUSED_BEFORE_TORCH = """
+import sys
+from sc_app.__main__ import main
+code = main({argv!r})
+print("exit", code, "torch loaded:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--k", "1000"], "--k must be an integer in 1..999, got 1000"),
+        (["--steps", "5000"], "--steps must be in 1..1000, got 5000"),
+        (["--height", "100"], "--height must be a multiple of 16 for this model, got 100"),
+        (["--lora", "CUT"], "not a safetensors file"),
+        (["--model", "not/a/hub/id"], "no such folder, and not a hub id"),
+    ],
+)
+def test_refusals_that_need_no_model_come_before_torch_loads(flags, message, tmp_path):
+    """In a fresh process: the refusal, and torch never imported (12-70 s of loading saved, issue 31)."""
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10")
+    flags = [str(tmp_path / "cut.safetensors") if f == "CUT" else f for f in flags]
+    argv = ["generate", "--prompt", "a cat", "--height", "64", "--width", "64", "--out", str(tmp_path / "o"), *flags]
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED_BEFORE_TORCH.format(argv=argv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert done.stdout.strip() == "exit 2 torch loaded: False", done.stdout + done.stderr[-2000:]
+    assert done.stderr.strip().startswith("error: ") and message in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 # ---- --help before the heavy imports ---------------------------------------------------------------------------

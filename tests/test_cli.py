@@ -119,22 +119,33 @@ def test_k_and_stages_reach_the_cascade(sd_folder, tmp_path, capsys):
     assert result["stages"][1]["start_t"] <= 400
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Input refused before the model loads: loading it fails the test."""
+    from sc_app import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded for input that could be refused before")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"--height": "30"}, "multiple of 4"),
-        ({"--k": "1200"}, "k must be an integer in 1..999"),
-        ({"--k": ["500", "600", "700"]}, "one value per stage"),
+        ({"--height": "30"}, "--height must be a multiple of 4 for this model, got 30"),
+        ({"--k": "1200"}, "--k must be an integer in 1..999, got 1200"),
+        ({"--k": ["500", "600", "700"]}, "--k lists one value per stage after the pivot (1), got 3"),
         ({"--method": "magic"}, "invalid choice: 'magic'"),
         ({"--method": "direct", "--k": "500"}, "--k apply to --method self-cascade only"),
-        ({"--steps": "0"}, "num_inference_steps must be in"),
+        ({"--steps": "0"}, "--steps must be in 1..1000, got 0"),
         ({"--prompt": None, "--prompts-file": "/nonexistent/prompts.txt"}, "cannot read it"),
         ({"--prompt": "  "}, "--prompt is empty"),
         ({"--upsampler": "/nonexistent/a.safetensors"}, "no such file"),
         ({"--height": "abc"}, "invalid int value"),
     ],
 )
-def test_bad_input_one_line_exit_2_nothing_written(sd_folder, tmp_path, capsys, overrides, message):
+def test_bad_input_one_line_exit_2_nothing_written(sd_folder, tmp_path, capsys, no_model, overrides, message):
     flags = {"--model": str(sd_folder), "--prompt": "a cat", "--height": "32", "--width": "32", "--steps": "2"}
     flags.update(overrides)
     argv = []

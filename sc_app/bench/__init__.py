@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
 from ..api import METHODS  # noqa: E402
-from ..cli import Parser, quiet_loaders, run  # noqa: E402
+from ..cli import Parser, prog, quiet_loaders, run  # noqa: E402
 from .ablation import add_parser as add_ablation_parser  # noqa: E402
 from .archs import ARCHS  # noqa: E402
 from .gpu import add_parser as add_gpu_parser  # noqa: E402
@@ -40,7 +40,7 @@ DEFAULT_PROMPT = "a red circle and a blue square"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m sc_app.bench", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog("sc_app.bench", "self-cascade-bench"), description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     s = sub.add_parser("speed", help="self-cascade vs direct, side by side")
