@@ -121,6 +121,28 @@ def test_full_fine_tuning_exports_a_loadable_folder(sd_folder, tmp_path):
     assert generate(model, "a red circle", 32, 32, num_inference_steps=2).images[0].size == (32, 32)
 
 
+def test_full_fine_tuning_of_a_model_with_upsamplers_writes_a_folder_that_loads(tmp_path):
+    """The embedded model's self_cascade.json names its upsamplers folder: the fine-tuned copy keeps the measured
+    defaults but not the adapters (trained on the base UNet, and not copied), and says so."""
+    from sc_app.models import EMBEDDED
+
+    out = tmp_path / "tuned"
+    argv = ["train", "--method", "full", "--model", "embedded", "--data", "shapes", "--out", str(out)]
+    assert tuner_main([*argv, "--steps", "2", "--batch-size", "2", "--device", "cpu"]) == 0
+    base = json.loads((EMBEDDED / "self_cascade.json").read_text())
+    settings = json.loads((out / "self_cascade.json").read_text())
+    assert "default_upsampler" in base and "default_upsampler" not in settings
+    assert settings == {k: v for k, v in base.items() if k != "default_upsampler"}
+    assert (
+        "not carried over"
+        in json.loads((out / "training.json").read_text())["settings_not_carried_over"]["default_upsampler"]
+    )
+    model = load_model(str(out), device="cpu")  # as generate --model DIR loads it
+    assert model.default_upsampler is None and model.default_k == base["default_k"]
+    assert generate(model, "a red circle", 64, 64, num_inference_steps=2).images[0].size == (64, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuned", "tuned.ckpt.safetensors"]  # no .tmp, no .old
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -112,57 +112,140 @@ class _Unusable(Exception):
     """A file the scan skips, with the reason."""
 
 
+class FolderScan:
+    """The images (`clips=False`) or clips under a `--data` folder, each decoded once in full: the readable ones
+    with their (frames, height, width), and the unreadable. The tuner makes it before the model loads, so an
+    empty or unreadable folder is refused at once rather than after the load; the datasets of every stage then
+    crop from it without decoding again. ValueError when no file is readable."""
+
+    def __init__(self, folder: str | Path, clips: bool):
+        self.folder, self.clips = Path(folder), clips
+        self.noun = "clip" if clips else "image"
+        if not self.folder.is_dir():
+            kinds = "clips, or 'moving-shapes'" if clips else "images, or 'shapes'"
+            raise ValueError(f"data {folder}: no such folder (give a folder of {kinds})")
+        candidates = _clip_candidates(self.folder) if clips else _image_candidates(self.folder)
+        if not candidates:
+            raise ValueError(f"data {folder}: no {self.noun}s in the folder")
+        probe = _probe_clip if clips else _probe_image
+        self.readable: list[tuple[Path, int, int, int]] = []  # (file, frames, height, width)
+        self.unreadable: list[tuple[Path, str]] = []  # (file, why)
+        for path in candidates:
+            try:
+                self.readable.append((path, *probe(path)))
+            except _Unusable as reason:
+                self.unreadable.append((path, str(reason)))
+                log.warning("data: skipped %s: %s", path.relative_to(self.folder), reason)
+        if not self.readable:
+            first, why = self.unreadable[0]
+            more = f"; {len(self.unreadable) - 1} more unreadable" if len(self.unreadable) > 1 else ""
+            raise ValueError(f"data {folder}: no readable {self.noun} ({first.relative_to(self.folder)}: {why}{more})")
+
+    def fit(self, size: int, frames: int = 1) -> tuple[list[tuple[Path, int]], list[Path], list[Path]]:
+        """(usable (file, frames) pairs, files smaller than a `size` crop, clips shorter than `frames`);
+        ValueError when none is usable, counting why."""
+        usable, too_small, too_short = [], [], []
+        for path, length, height, width in self.readable:
+            if min(height, width) < size:
+                too_small.append(path)
+            elif length < frames:
+                too_short.append(path)
+            else:
+                usable.append((path, length))
+        if not usable:
+            raise ValueError(
+                f"data {self.folder}: no usable {self.noun} ({len(too_small)} smaller than the {size}x{size} "
+                f"crop{self.short_note(too_short, frames)}, {len(self.unreadable)} unreadable)"
+            )
+        return usable, too_small, too_short
+
+    def short_note(self, too_short: list[Path], frames: int) -> str:
+        return f", {len(too_short)} shorter than {frames} frames" if self.clips else ""
+
+
+def _image_candidates(folder: Path) -> list[Path]:
+    return [p for p in _visible(folder) if p.is_file() and p.suffix.lower() != ".txt"]
+
+
+def _clip_candidates(folder: Path) -> list[Path]:
+    """Video files and sub-folders of frames (one clip each); images in a frames folder are its frames."""
+    visible = _visible(folder)
+    frame_folders = {p for p in visible if p.is_dir() and _frame_files(p)}
+    others = {
+        p
+        for p in visible
+        if p.is_file()
+        and p.suffix.lower() != ".txt"
+        and not (p.suffix.lower() in IMAGE_SUFFIXES and p.parent in frame_folders)
+    }
+    return sorted(frame_folders | others)
+
+
+def _probe_image(path: Path) -> tuple[int, int, int]:
+    """(1, height, width) of a readable image; _Unusable otherwise."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise _Unusable("not a png, jpg or webp file")
+    try:
+        height, width = _open_rgb(path).shape[:2]
+    except Exception as error:  # PIL raises many types on malformed files
+        raise _Unusable(f"unreadable ({type(error).__name__})") from None
+    return 1, height, width
+
+
+def _probe_clip(path: Path) -> tuple[int, int, int]:
+    """(frames, height, width) of a readable clip, by a full decode that keeps no frame, so a long clip does
+    not fill memory; _Unusable otherwise."""
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise _Unusable("a single image, not a clip (put a clip's frames in a sub-folder of their own)")
+    if path.is_file() and path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise _Unusable("not an mp4, webm or gif file, nor a folder of frames")
+    count, size = 0, None
+    try:
+        for frame in _iter_frames(path):
+            if size is not None and frame.shape[:2] != size:
+                raise ValueError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, not {size[1]}x{size[0]}")
+            count, size = count + 1, frame.shape[:2]
+        if size is None:
+            raise ValueError("no frames")
+    except Exception as error:  # ffmpeg, PIL and numpy raise many types on malformed clips
+        raise _Unusable(f"unreadable ({type(error).__name__}: {(str(error) or 'no detail').splitlines()[0]})") from None
+    return count, *size
+
+
+def _scanned(data: str | Path | FolderScan, clips: bool) -> FolderScan:
+    if not isinstance(data, FolderScan):
+        return FolderScan(data, clips)
+    if data.clips != clips:
+        raise ValueError(f"data {data.folder}: scanned for {data.noun}s, not {'clips' if clips else 'images'}")
+    return data
+
+
 class _Folder:
-    """Images or clips under a folder, captioned by same-name .txt files. The scan decodes every file in
-    full, so a broken one is named at the start and not met in the middle of a run; files too small for
-    the crop (or too short for the clip) are counted. A file that breaks after the scan is dropped."""
+    """Images or clips of a FolderScan, captioned by same-name .txt files. Files too small for the crop (or
+    too short for the clip) are counted and left out. A file that breaks after the scan is dropped."""
 
     noun = ""  # "image" or "clip"
     frames = 1
-
-    def _probe(self, path: Path) -> tuple[int, int, int]:
-        """(frames, height, width) of a readable file; _Unusable otherwise."""
-        raise NotImplementedError
 
     def _load(self, path: Path, length: int, rng: np.random.Generator) -> np.ndarray:
         """The uncropped (H, W, 3) image or (F, H, W, 3) clip to crop."""
         raise NotImplementedError
 
-    def _scan(self, candidates: list[Path]) -> None:
-        self.items: list[tuple[Path, str, int]] = []  # (file, caption, frames)
-        self.too_small: list[Path] = []
-        self.too_short: list[Path] = []
-        self.unreadable: list[Path] = []
-        for path in candidates:
-            try:
-                length, height, width = self._probe(path)
-            except _Unusable as reason:
-                self.unreadable.append(path)
-                log.warning("data: skipped %s: %s", path.relative_to(self.folder), reason)
-                continue
-            if min(height, width) < self.size:
-                self.too_small.append(path)
-            elif length < self.frames:
-                self.too_short.append(path)
-            else:
-                self.items.append((path, _caption(path), length))
-        crop = f"{self.size}x{self.size} crop"
-        short = f", {len(self.too_short)} shorter than {self.frames} frames" if self.frames > 1 else ""
+    def _fit(self, scan: FolderScan) -> None:
+        self.folder = scan.folder
+        usable, too_small, too_short = scan.fit(self.size, self.frames)
+        self.items: list[tuple[Path, str, int]] = [(path, _caption(path), length) for path, length in usable]
         log.info(
-            "data %s: %d usable %ss, %d skipped as smaller than the %s%s, %d unreadable",
+            "data %s: %d usable %ss, %d skipped as smaller than the %dx%d crop%s, %d unreadable",
             self.folder,
             len(self.items),
             self.noun,
-            len(self.too_small),
-            crop,
-            short,
-            len(self.unreadable),
+            len(too_small),
+            self.size,
+            self.size,
+            scan.short_note(too_short, self.frames),
+            len(scan.unreadable),
         )
-        if not self.items:
-            raise ValueError(
-                f"data {self.folder}: no usable {self.noun} ({len(self.too_small)} smaller than the "
-                f"{crop}{short}, {len(self.unreadable)} unreadable)"
-            )
 
     def sample(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, list[str]]:
         crops, captions = [], []
@@ -185,27 +268,13 @@ class _Folder:
 
 
 class ImageFolder(_Folder):
-    """Images (png, jpg, webp) under a folder; random crops of `size`."""
+    """Images (png, jpg, webp) under a folder (or of its FolderScan); random crops of `size`."""
 
     noun = "image"
 
-    def __init__(self, folder: str | Path, size: int):
-        self.folder, self.size = Path(folder), size
-        if not self.folder.is_dir():
-            raise ValueError(f"data {folder}: no such folder (give a folder of images, or 'shapes')")
-        candidates = [p for p in _visible(self.folder) if p.is_file() and p.suffix.lower() != ".txt"]
-        if not candidates:
-            raise ValueError(f"data {folder}: no images in the folder")
-        self._scan(candidates)
-
-    def _probe(self, path: Path) -> tuple[int, int, int]:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise _Unusable("not a png, jpg or webp file")
-        try:
-            height, width = _open_rgb(path).shape[:2]
-        except Exception as error:  # PIL raises many types on malformed files
-            raise _Unusable(f"unreadable ({type(error).__name__})") from None
-        return 1, height, width
+    def __init__(self, folder: str | Path | FolderScan, size: int):
+        self.size = size
+        self._fit(_scanned(folder, clips=False))
 
     def _load(self, path: Path, length: int, rng: np.random.Generator) -> np.ndarray:
         return _open_rgb(path)
@@ -247,48 +316,15 @@ def _iter_frames(source: Path, stop: int | None = None):
 
 
 class ClipFolder(_Folder):
-    """Clips under a folder: video files (mp4, webm, gif) and sub-folders of frame images (one clip each,
-    frames in name order). Samples `frames` consecutive frames from a random start, with one random `size`
-    crop for all of them."""
+    """Clips under a folder (or of its FolderScan): video files (mp4, webm, gif) and sub-folders of frame
+    images (one clip each, frames in name order). Samples `frames` consecutive frames from a random start,
+    with one random `size` crop for all of them."""
 
     noun = "clip"
 
-    def __init__(self, folder: str | Path, size: int, frames: int):
-        self.folder, self.size, self.frames = Path(folder), size, frames
-        if not self.folder.is_dir():
-            raise ValueError(f"data {folder}: no such folder (give a folder of clips, or 'moving-shapes')")
-        visible = _visible(self.folder)
-        frame_folders = {p for p in visible if p.is_dir() and _frame_files(p)}
-        others = {
-            p
-            for p in visible
-            if p.is_file()
-            and p.suffix.lower() != ".txt"
-            and not (p.suffix.lower() in IMAGE_SUFFIXES and p.parent in frame_folders)
-        }
-        if not frame_folders and not others:
-            raise ValueError(f"data {folder}: no clips in the folder")
-        self._scan(sorted(frame_folders | others))
-
-    def _probe(self, path: Path) -> tuple[int, int, int]:
-        """A full decode that keeps no frame, so a long clip does not fill memory."""
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            raise _Unusable("a single image, not a clip (put a clip's frames in a sub-folder of their own)")
-        if path.is_file() and path.suffix.lower() not in VIDEO_SUFFIXES:
-            raise _Unusable("not an mp4, webm or gif file, nor a folder of frames")
-        count, size = 0, None
-        try:
-            for frame in _iter_frames(path):
-                if size is not None and frame.shape[:2] != size:
-                    raise ValueError(f"frame {count} is {frame.shape[1]}x{frame.shape[0]}, not {size[1]}x{size[0]}")
-                count, size = count + 1, frame.shape[:2]
-            if size is None:
-                raise ValueError("no frames")
-        except Exception as error:  # ffmpeg, PIL and numpy raise many types on malformed clips
-            raise _Unusable(
-                f"unreadable ({type(error).__name__}: {(str(error) or 'no detail').splitlines()[0]})"
-            ) from None
-        return count, *size
+    def __init__(self, folder: str | Path | FolderScan, size: int, frames: int):
+        self.size, self.frames = size, frames
+        self._fit(_scanned(folder, clips=True))
 
     def _load(self, path: Path, length: int, rng: np.random.Generator) -> np.ndarray:
         start = int(rng.integers(0, length - self.frames + 1))
@@ -301,8 +337,28 @@ class ClipFolder(_Folder):
         return f"{len(self.items)} clips from {self.folder}, {self.frames} frames, {self.size}x{self.size} crops"
 
 
+WORLDS = {False: "shapes", True: "moving-shapes"}  # the rendered data of image models, of video models
+WRONG_WORLD = {
+    False: "data 'moving-shapes' is for video models; an image model trains on 'shapes' or a folder of images",
+    True: "data 'shapes' is for image models; a video model trains on 'moving-shapes' or a folder of clips",
+}
+
+
+def scan_data(data: str | Path, clips: bool) -> str | FolderScan:
+    """`data` checked for an image model (`clips=False`) or a video model before the model loads: the name of
+    the rendered world that fits, or the folder's FolderScan (every file decoded once); ValueError otherwise."""
+    if str(data) == WORLDS[not clips]:
+        raise ValueError(WRONG_WORLD[clips])
+    return str(data) if str(data) == WORLDS[clips] else FolderScan(data, clips)
+
+
+def is_data_source(data) -> bool:
+    """Whether `data` is what make_dataset takes (a name, a folder, a FolderScan), not a ready dataset."""
+    return isinstance(data, (str, Path, FolderScan))
+
+
 def make_dataset(
-    data: str | Path,
+    data: str | Path | FolderScan,
     size: int,
     shapes_pool: int = 0,
     seed: int = 0,
@@ -311,17 +367,12 @@ def make_dataset(
 ):
     """Images of `size` x `size` ('shapes' or a folder of images) for an image model, or, given `frames`,
     clips ('moving-shapes' or a folder of clips) for a video model; ValueError for unusable data. Shapes
-    are rendered at `render` pixels (default `size`) and cropped; a folder's images are cropped as they are."""
-    if frames is None:
-        if str(data) == "moving-shapes":
-            raise ValueError(
-                "data 'moving-shapes' is for video models; an image model trains on 'shapes' or a folder of images"
-            )
-        return ShapesData(size, shapes_pool, seed, render) if str(data) == "shapes" else ImageFolder(data, size)
-    if str(data) == "shapes":
-        raise ValueError(
-            "data 'shapes' is for image models; a video model trains on 'moving-shapes' or a folder of clips"
+    are rendered at `render` pixels (default `size`) and cropped; a folder's images (or those of its
+    FolderScan) are cropped as they are."""
+    clips = frames is not None
+    data = data if isinstance(data, FolderScan) else scan_data(data, clips)
+    if data == WORLDS[clips]:
+        return (
+            MovingShapesData(size, frames, shapes_pool, seed) if clips else ShapesData(size, shapes_pool, seed, render)
         )
-    if str(data) == "moving-shapes":
-        return MovingShapesData(size, frames, shapes_pool, seed)
-    return ClipFolder(data, size, frames)
+    return ClipFolder(data, size, frames) if clips else ImageFolder(data, size)

@@ -38,7 +38,7 @@ from sc_app.lora import LORA_TARGETS, lora_metadata
 from sc_app.sampling import added_conditions, encode_prompt
 from sc_app.upsampler import unet_fingerprint
 from tuner.checkpoints import load_checkpoint, save_checkpoint
-from tuner.data import make_dataset
+from tuner.data import is_data_source, make_dataset
 from tuner.upsampler_training import _mixed_precision, _to_pixels, lr_at, record_step, train_seconds
 
 METHODS = ("lora", "full")
@@ -52,14 +52,39 @@ def checkpoint_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
 
 
+def check_size(model, size) -> int:
+    """The side to fine-tune at, against `model`'s sizes: a loaded model, or one read from its folder's configs
+    alone (the command line checks a request that way before any weight loads)."""
+    m = model.size_multiple
+    if not isinstance(size, int) or size % m or size < model.base_size:
+        raise ValueError(f"size must be a multiple of {m} of at least the {model.base_size}px base, got {size!r}")
+    return size
+
+
+def check_model_out(out: str | Path) -> None:
+    """`out` for a fine-tuned model folder, which replaces it whole: new, empty, or one this tuner wrote before
+    (its training.json says so); a folder holding anything else (a user's files, the base model) is refused,
+    not deleted."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        ours = json.loads((out / "training.json").read_text()).get("method") == "full"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"out {out}: holds files that are not a model this tuner wrote; a fine-tuned model replaces its "
+            "folder whole, so give a new or empty folder"
+        )
+
+
 def check_inputs(model, *, method, rank, size, steps, batch_size, lr, out, checkpoint_every, caption_dropout):
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "lora" and (not isinstance(rank, int) or not 1 <= rank <= 1024):
         raise ValueError(f"rank must be an integer in 1..1024, got {rank!r}")
-    m = model.size_multiple
-    if not isinstance(size, int) or size % m or size < model.base_size:
-        raise ValueError(f"size must be a multiple of {m} of at least the {model.base_size}px base, got {size!r}")
+    check_size(model, size)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -71,6 +96,8 @@ def check_inputs(model, *, method, rank, size, steps, batch_size, lr, out, check
         raise ValueError(f"out must be a .safetensors file for a LoRA, got {str(out)!r}")
     if method == "full" and Path(out).suffix:
         raise ValueError(f"out must be a folder (no suffix) for a fine-tuned model, got {str(out)!r}")
+    if method == "full":
+        check_model_out(out)
 
 
 def _trainable(unet, method: str, rank: int) -> list[torch.nn.Parameter]:
@@ -105,14 +132,45 @@ def _write_lora(unet, model, out: Path, *, rank: int, steps: int, size: int, tra
     write_safetensors(tensors, out, metadata=metadata)
 
 
+# Settings of the base folder's self_cascade.json that a fine-tuned copy does not keep, and why: the base's
+# feature upsamplers were trained on its UNet's features, which full fine-tuning changes (and the folder they
+# name is not copied, so the copy would not load).
+DROPPED_SETTINGS = {
+    "default_upsampler": "the base model's feature upsamplers were trained on its UNet, not on this fine-tuned "
+    "one, so they are not carried over; train its own with python -m tuner train --model <this folder>"
+}
+
+
+def _settings_of_copy(source: Path | None) -> tuple[dict, dict]:
+    """(the base folder's self_cascade.json less DROPPED_SETTINGS, {dropped setting: why}): the measured
+    defaults (K, guidance, pivot resizing) still describe the fine-tuned model; the trained adapters do not."""
+    path = None if source is None else source / "self_cascade.json"
+    settings = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    dropped = {name: why for name, why in DROPPED_SETTINGS.items() if settings.pop(name, None) is not None}
+    return settings, dropped
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`: the old `out` is moved aside first and removed only once the new
+    one is in place, so an interruption leaves a whole folder (the old one at `out`, or beside it as
+    `out`.old), never a half-written one."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _write_full(model, out: Path, *, steps: int, size: int, source: Path | None, train_seconds: float | None) -> None:
-    """A complete diffusers folder: the fine-tuned UNet with copies of the frozen parts, replacing `out` whole."""
+    """A complete diffusers folder: the fine-tuned UNet with copies of the frozen parts and the base folder's
+    settings (less those that no longer fit: DROPPED_SETTINGS), replacing `out` whole."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_folder(copy.deepcopy(model.pipe), tmp)  # a copy: it casts to float16 what it saves
-    for name in ("self_cascade.json",):  # the base folder's measured defaults still describe the model
-        if source is not None and (source / name).is_file():
-            shutil.copy(source / name, tmp / name)
+    settings, dropped = _settings_of_copy(source)
+    if settings:
+        (tmp / "self_cascade.json").write_text(json.dumps(settings, indent=2))
     (tmp / "training.json").write_text(
         json.dumps(
             {
@@ -122,12 +180,12 @@ def _write_full(model, out: Path, *, steps: int, size: int, source: Path | None,
                 "steps": steps,
                 "size": size,
                 **({"train_seconds": round(train_seconds, 1)} if train_seconds is not None else {}),
+                **({"settings_not_carried_over": dropped} if dropped else {}),
             },
             indent=2,
         )
     )
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    _replace_folder(tmp, out)
 
 
 def train_finetune(
@@ -171,7 +229,7 @@ def train_finetune(
     out, ckpt_path = Path(out), checkpoint_path(out)
     (writable_file if method == "lora" else writable_folder)("out", out)
     writable_file("out", ckpt_path)
-    dataset = make_dataset(data, size, shapes_pool, seed) if isinstance(data, (str, Path)) else data
+    dataset = make_dataset(data, size, shapes_pool, seed) if is_data_source(data) else data
     config = {
         "method": method,
         "rank": rank if method == "lora" else None,
@@ -299,6 +357,9 @@ def train_finetune(
         trainable,
         "n/a" if running is None else f"{running:.4f}",
     )
+    if method == "full":
+        for name, why in _settings_of_copy(source)[1].items():
+            log.info("%s/self_cascade.json has no %s: %s", out, name, why)
     return out
 
 

@@ -49,7 +49,7 @@ from sc_app.upsampler import (
     weights_signature,
 )
 from sc_app.video import VideoModel
-from tuner.data import make_dataset
+from tuner.data import is_data_source, make_dataset
 
 LOG_EVERY = 50
 
@@ -87,6 +87,32 @@ def pivot_side(model, size: int, scale: float) -> int:
     return max(model.size_multiple, round(size / scale / model.size_multiple) * model.size_multiple)
 
 
+def check_stage(model, *, scale, k=None, size=None, crop=None) -> tuple[int, int, int]:
+    """The stage's sizes and K against `model`'s: a loaded model, or one read from its folder's configs alone
+    (the command line checks a request that way before any weight loads). Returns the sides in pixels of the
+    stage, of its training crops and of their pivots. Errors name the argument and its value."""
+    if not isinstance(scale, (int, float)) or not 1 < scale <= 8:
+        raise ValueError(f"scale must be a number in (1, 8] (growth per side), got {scale!r}")
+    if stage_size(model, scale) <= model.base_size:
+        raise ValueError(f"scale {scale} does not grow a {model.base_size}px base on a {model.size_multiple}px grid")
+    if size is not None:
+        if not isinstance(size, int) or size % model.size_multiple or size <= model.base_size:
+            raise ValueError(
+                f"size must be a multiple of {model.size_multiple} above the {model.base_size}px base, got {size!r}"
+            )
+        if pivot_side(model, size, scale) >= size:
+            raise ValueError(f"scale {scale} does not grow a pivot to size {size} on a {model.size_multiple}px grid")
+    if k is not None and not (isinstance(k, int) and 0 < k < model.num_train_timesteps):
+        raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {k!r}")
+    size = stage_size(model, scale) if size is None else size
+    crop = size if crop is None else crop
+    if not isinstance(crop, int) or crop % model.size_multiple or not model.base_size < crop <= size:
+        raise ValueError(
+            f"crop must be a multiple of {model.size_multiple} in {model.base_size + 1}..{size}, got {crop!r}"
+        )
+    return size, crop, pivot_side(model, crop, scale)
+
+
 def check_inputs(
     model,
     *,
@@ -105,20 +131,8 @@ def check_inputs(
     lr_schedule="constant",
 ) -> tuple[int, int, int]:
     """Validate the request before anything is loaded or written; return the sides in pixels of the stage,
-    of its training crops and of their pivots. Errors name the argument and its value."""
-    if not isinstance(scale, (int, float)) or not 1 < scale <= 8:
-        raise ValueError(f"scale must be a number in (1, 8] (growth per side), got {scale!r}")
-    if stage_size(model, scale) <= model.base_size:
-        raise ValueError(f"scale {scale} does not grow a {model.base_size}px base on a {model.size_multiple}px grid")
-    if size is not None:
-        if not isinstance(size, int) or size % model.size_multiple or size <= model.base_size:
-            raise ValueError(
-                f"size must be a multiple of {model.size_multiple} above the {model.base_size}px base, got {size!r}"
-            )
-        if pivot_side(model, size, scale) >= size:
-            raise ValueError(f"scale {scale} does not grow a pivot to size {size} on a {model.size_multiple}px grid")
-    if k is not None and not (isinstance(k, int) and 0 < k < model.num_train_timesteps):
-        raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {k!r}")
+    of its training crops and of their pivots (check_stage). Errors name the argument and its value."""
+    sides = check_stage(model, scale=scale, k=k, size=size, crop=crop)
     for name, value in (
         ("steps", steps),
         ("batch_size", batch_size),
@@ -142,13 +156,7 @@ def check_inputs(
         raise ValueError(
             f"the model's scheduler predicts {prediction!r}; the tuner knows {', '.join(PREDICTION_TYPES)}"
         )
-    size = stage_size(model, scale) if size is None else size
-    crop = size if crop is None else crop
-    if not isinstance(crop, int) or crop % model.size_multiple or not model.base_size < crop <= size:
-        raise ValueError(
-            f"crop must be a multiple of {model.size_multiple} in {model.base_size + 1}..{size}, got {crop!r}"
-        )
-    return size, crop, pivot_side(model, crop, scale)
+    return sides
 
 
 def lr_at(lr: float, schedule: str, step: int, steps: int) -> float:
@@ -324,7 +332,7 @@ def train_adapter(
     )
     writable_file("out", out)  # a probe file now: never train every step and then fail to save
     frames = clip_frames(model, frames)
-    dataset = make_dataset(data, crop, shapes_pool, seed, frames, size) if isinstance(data, (str, Path)) else data
+    dataset = make_dataset(data, crop, shapes_pool, seed, frames, size) if is_data_source(data) else data
     k = k or model.default_k
     out, ckpt_path = Path(out), checkpoint_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)  # now, not at the first checkpoint minutes later
@@ -510,6 +518,18 @@ def stage_targets(model, height: int, width: int) -> list[tuple[int, float]]:
     ]
 
 
+def stage_plan(model, target: tuple[int, int], crop: int | None = None, k: int | None = None) -> list[tuple]:
+    """(side, scale, crop) of every stage of the plan for `target` (height, width), each checked (check_stage)
+    before the first trains, so a stage that cannot train is refused at the start, not after the ones before
+    it. `crop` caps every stage's training crop. `model` may be read from its configs alone."""
+    plan = []
+    for side, scale in stage_targets(model, *target):
+        scale, stage_crop = round(scale, 3), None if crop is None else min(crop, side)
+        check_stage(model, scale=scale, k=k, size=side, crop=stage_crop)
+        plan.append((side, scale, stage_crop))
+    return plan
+
+
 def train_stages(
     model,
     data,
@@ -523,19 +543,22 @@ def train_stages(
     """One adapter per stage of the plan for `target` (height, width), written to `out_dir` as
     `x{scale}-{side}.safetensors`: a folder that `generate(..., upsampler=out_dir)` takes whole, each
     stage then using its own. `crop` caps every stage's training crop; `options` go to `train_adapter`.
-    With `resume`, a stage whose adapter has all its steps is kept and the others continue."""
+    With `resume`, a stage whose adapter has all its steps is kept and the others continue. When
+    `should_stop()` turns true, the stage in training saves what it has and no later stage starts; the
+    paths returned are those of the stages trained or kept."""
     model = as_model(model)
     out_dir = Path(out_dir)
+    should_stop = options.get("should_stop")
     paths = []
-    for side, scale in stage_targets(model, *target):
+    for side, scale, stage_crop in stage_plan(model, target, crop, options.get("k")):
+        if should_stop is not None and should_stop():
+            log.info("stopped before stage %d px", side)
+            break
         out = out_dir / f"x{scale:.3g}-{side}.safetensors"
-        stage_crop = None if crop is None else min(crop, side)
         if resume and out.is_file() and load_adapter(out, model).steps >= options["steps"]:
             log.info("stage %d px: %s is complete", side, out)
         else:
             log.info("stage %d px (x%.3g per side)", side, scale)
-            train_adapter(
-                model, data, scale=round(scale, 3), out=out, size=side, crop=stage_crop, resume=resume, **options
-            )
+            train_adapter(model, data, scale=scale, out=out, size=side, crop=stage_crop, resume=resume, **options)
         paths.append(out)
     return paths
