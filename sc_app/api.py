@@ -9,6 +9,13 @@ if TYPE_CHECKING:  # torch and diffusers load where they are used: the command l
     from .models import Model
 
 METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
+SDEDIT_METHODS = ("direct", "scalecrafter", "attn-sf")  # one stage at the target: an input image is re-noised there
+
+
+def image_mode(method: str) -> str:
+    """How `method` takes an input image: "pivot" (it is the first stage, the later ones run as planned from
+    it) or "sdedit" (resized to the target, re-noised to K and denoised there)."""
+    return "sdedit" if method in SDEDIT_METHODS else "pivot"
 
 
 def as_model(model) -> Model:
@@ -31,6 +38,9 @@ def generate(
     upsampler=None,
     upsampler_min_t: int = 0,
     loras=None,
+    image=None,
+    fit: str | None = None,
+    max_pixels: int | None = None,
     **common,
 ) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
@@ -38,16 +48,37 @@ def generate(
     them or a list) turns the self-cascade into its tuned version: each stage takes the adapter that fits
     its growth and was trained nearest its resolution, at every timestep from K down to `upsampler_min_t`
     (below it the stage is tuning-free). `loras` [(path, scale), ...] apply to every method
-    (in every stage) for this call only. `sr` takes sr_model, noise_level, sr_steps, sr_guidance."""
+    (in every stage) for this call only. `sr` takes sr_model, noise_level, sr_steps, sr_guidance.
+
+    `image` (a PIL image, a file path, a numpy array, a tensor, or `images.load_image`'s answer) starts the
+    run from that picture, as stage 0 of the result (see `image_mode`; the direct methods take `k` for it):
+    fitted to the target's aspect ratio (within 3%, else `fit` "crop" or "pad"), at most the target's size.
+    With an empty prompt the model runs unconditioned. `max_pixels`: the largest target, and input image
+    (from its header, before it is decoded), in pixels."""
+    from .checks import whole, within_limit
     from .lora import applied_loras, check_loras
+    from .stages import image_start
 
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method != "self-cascade" and (k is not None or stages is not None or upsampler is not None):
-        raise ValueError(f"k, stages and upsampler apply to the self-cascade only, not to method {method!r}")
+    sdedit_k = image is not None and method in SDEDIT_METHODS
+    if method != "self-cascade" and ((k is not None and not sdedit_k) or stages is not None or upsampler is not None):
+        raise ValueError(
+            f"k, stages and upsampler apply to the self-cascade only (and k to {', '.join(SDEDIT_METHODS)} with "
+            f"an image), not to method {method!r}"
+        )
     if upsampler_min_t and upsampler is None:
         raise ValueError("upsampler_min_t applies to a tuned self-cascade: give an upsampler too")
+    if max_pixels is not None:
+        within_limit(height, width, whole("max_pixels", max_pixels, 1), hint="the max_pixels argument")
+    if image is not None:  # read and sized before the LoRAs and adapters load
+        mode = image_mode(method)
+        common["image"] = image_start(model, image, height, width, fit=fit, mode=mode, max_pixels=max_pixels)
+    elif fit is not None:
+        raise ValueError(f"fit applies to an input image, got fit={fit!r} without one")
+    if sdedit_k and k is not None:
+        common["k"] = k
     checked = check_loras(loras, model)
     stage_denoiser, adapters = None, []
     if upsampler is not None:  # loaded before the LoRAs change the UNet the adapters were trained on

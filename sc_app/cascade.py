@@ -1,137 +1,33 @@
-"""Self-cascade (paper 4.2, Algorithm 2) and direct sampling, returning every stage with its timing."""
+"""The self-cascade (paper 4.2, Algorithm 2) and direct sampling, two methods over the stage runner
+(sc_app/stages.py), and the VAE's helpers every method decodes and encodes with."""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checks import MAX_GUIDANCE, finite
-from .checks import seed as check_seed
-from .plan import plan_stages
-from .sampling import (
-    Denoiser,
-    added_conditions,
-    encode_prompt,
-    guided_denoiser,
-    initial_noise,
-    make_scheduler,
-    renoise,
-    sample_ddim,
+from .sampling import Denoiser, added_conditions, encode_prompt, guided_denoiser, renoise, sample_ddim
+from .stages import (  # noqa: F401  (re-exported: other modules and the tests import them from here)
+    UPSAMPLE_MODES,
+    Result,
+    Stage,
+    StageCallback,
+    _as_list,
+    _generators,
+    check_finite,
+    check_inputs,
+    finish_stage,
+    from_noise,
+    input_stage,
+    prepare,
+    sample_stage,
 )
 
-UPSAMPLE_MODES = ("bilinear", "bicubic", "lanczos")  # lanczos: in pixel space, decoded and encoded again
 TILE_ABOVE_PIXELS = 1280 * 1280  # decode larger images tile by tile, so 2048^2 fits a 24 GB GPU
-
-
-@dataclass
-class Stage:
-    height: int
-    width: int
-    steps: int  # denoising steps run
-    seconds: float  # denoising time
-    start_t: int  # the timestep denoising started from (the re-noise level for r >= 1)
-    latents: torch.Tensor | None = field(repr=False)  # None for stages made in pixel space (SR, Lanczos)
-    images: list[Image.Image] = field(default_factory=list, repr=False)
-
-
-@dataclass
-class Result:
-    method: str
-    prompts: list[str]
-    stages: list[Stage]
-    settings: dict
-    decode_seconds: float = 0.0
-
-    @property
-    def images(self) -> list[Image.Image]:
-        """The final image of each prompt."""
-        return self.stages[-1].images
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(s.seconds for s in self.stages) + self.decode_seconds
-
-    def summary(self) -> dict:
-        """What result.json holds."""
-        return {
-            "method": self.method,
-            **self.settings,
-            "total_seconds": round(self.total_seconds, 4),
-            "stages": [
-                {
-                    "height": s.height,
-                    "width": s.width,
-                    "steps": s.steps,
-                    "start_t": s.start_t,
-                    "seconds": round(s.seconds, 4),
-                }
-                for s in self.stages
-            ],
-        }
-
-
-StageCallback = Callable[[int, Stage], None]
-
-
-# ---- inputs --------------------------------------------------------------------------------------
-
-
-def check_inputs(
-    model,
-    height: int,
-    width: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    k: int | list[int] | None = None,
-    stages: int | None = None,
-    upsample: str | None = None,
-) -> list[tuple[int, int]]:
-    """Validate the request against the model; return the stage sizes. Errors name the argument and value
-    (upsample None: the model's own, checked when it loaded)."""
-    m = model.size_multiple
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if value % m:
-            raise ValueError(f"{name} must be a multiple of {m} for this model, got {value}")
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= model.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in 1..{model.num_train_timesteps}, got {num_inference_steps!r}")
-    finite("guidance_scale", guidance_scale, 0, MAX_GUIDANCE)
-    if stages is not None and (not isinstance(stages, int) or stages < 0):
-        raise ValueError(f"stages must be a non-negative integer, got {stages!r}")
-    if upsample is not None and upsample not in UPSAMPLE_MODES:
-        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
-    sizes = plan_stages(height, width, model.base_size, m, stages)
-    for value in [k] if not isinstance(k, (list, tuple)) else k:
-        if value is not None and not (isinstance(value, int) and 0 < value < model.num_train_timesteps):
-            raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {value!r}")
-    if isinstance(k, (list, tuple)) and len(k) != len(sizes) - 1:
-        raise ValueError(f"k lists one value per stage after the pivot ({len(sizes) - 1}), got {len(k)}")
-    return sizes
-
-
-def _as_list(prompt: str | list[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
-
-
-def _generators(generator, seed: int | None, count: int) -> list[torch.Generator]:
-    """One CPU generator per prompt, so a prompt's images do not depend on what it is batched with."""
-    if generator is not None:
-        gens = generator if isinstance(generator, list) else [generator]
-        if len(gens) != count:
-            raise ValueError(f"generator: need one per prompt ({count}), got {len(gens)}")
-        return gens
-    seed = 0 if seed is None else check_seed("seed", seed, count)
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
 
 # ---- decoding ------------------------------------------------------------------------------------
@@ -198,32 +94,6 @@ def upsample_latents(model, latents: torch.Tensor, size: tuple[int, int], mode: 
 # ---- the methods ---------------------------------------------------------------------------------
 
 
-def _timed_sample(
-    denoiser: Denoiser, x, scheduler, timesteps, callback, stage_index, progress
-) -> tuple[torch.Tensor, float]:
-    started = time.perf_counter()
-    cb = (lambda info: callback({**info, "stage": stage_index})) if callback else None
-    x = sample_ddim(denoiser, x, scheduler, timesteps, cb, disable=not progress)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    return x, time.perf_counter() - started
-
-
-def _finish(model, stage: Stage, decode_stage: bool, on_stage: StageCallback | None, index: int) -> float:
-    started = time.perf_counter()
-    if decode_stage:
-        stage.images = decode(model, stage.latents)
-    if on_stage is not None:
-        on_stage(index, stage)
-    return time.perf_counter() - started
-
-
-def _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed):
-    prompts = _as_list(prompt)
-    guidance = model.default_guidance if guidance_scale is None else guidance_scale
-    return prompts, encode_prompt(model, prompts, negative_prompt, guidance), _generators(generator, seed, len(prompts))
-
-
 def self_cascade(
     model,
     prompt: str | list[str],
@@ -243,50 +113,58 @@ def self_cascade(
     decode_stages: bool = True,
     progress: bool = False,
     stage_denoiser=None,
+    image=None,
+    fit: str | None = None,
 ) -> Result:
     """Pivot at the base size, then per stage: upsample the clean latent, diffuse it to K, denoise K -> 0.
 
     `stage_denoiser(stage_index, pivot_latents, denoiser, cond, added) -> denoiser` lets the tuned
-    version (feature upsamplers) replace the denoiser of a stage; None keeps it tuning-free.
+    version (feature upsamplers) replace the denoiser of a stage; None keeps it tuning-free. `image` (a PIL
+    image, a path, an array or a tensor; `fit` "crop" or "pad" for another aspect ratio) is the pivot.
     """
-    sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample)
-    prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    ks = model.stage_ks(len(sizes) - 1, k)
-    upsample = upsample or model.default_upsample
-    scheduler = make_scheduler(model, num_inference_steps)
-    result = Result(
+    # 1. Inputs, plan, prompts, generators
+    run = prepare(
+        model,
         "self-cascade",
-        prompts,
-        [],
-        {
-            "prompt": prompts[0] if len(prompts) == 1 else prompts,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "k": ks,
-            "steps": num_inference_steps,
-            "guidance_scale": cond.guidance_scale,
-            "upsample": upsample,
-            "model": model.name,
-        },
+        prompt,
+        height,
+        width,
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        seed=seed,
+        callback=callback,
+        on_stage=on_stage,
+        progress=progress,
+        k=k,
+        stages=stages,
+        upsample=upsample,
+        image=image,
+        fit=fit,
     )
+    ks = model.stage_ks(len(run.sizes) - 1, k)
+    upsample = upsample or model.default_upsample
+    run.result.settings |= {"k": ks, "upsample": upsample}
+    last = len(run.sizes) - 1
     latents = None
-    for r, (h, w) in enumerate(sizes):
-        shape = (len(prompts), model.unet.config.in_channels, h // model.vae_scale, w // model.vae_scale)
-        noise = initial_noise(shape, gens, model)
-        added = added_conditions(model, cond, h, w)
-        denoiser = guided_denoiser(model.unet, cond, added)
-        if r == 0:
-            timesteps, x = scheduler.timesteps, noise * scheduler.init_noise_sigma
-        else:  # Eq. 6: z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), then denoise K -> 0 (Eq. 7)
-            upsampled = upsample_latents(model, latents, shape[-2:], upsample)
-            timesteps, x = renoise(scheduler, upsampled, noise, ks[r - 1])
+    for r, (h, w) in enumerate(run.sizes):
+        if r == 0 and run.start is not None:  # 2. The pivot: the input image ...
+            latents = input_stage(run).latents
+            continue
+        added = added_conditions(model, run.cond, h, w)
+        denoiser = guided_denoiser(model.unet, run.cond, added)
+        if r == 0:  # ... or sampled from noise at about the base size
+            timesteps, x = from_noise(run, h, w)
+        else:  # 3. A stage. Eq. 6: z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), then denoise K -> 0 (Eq. 7)
+            noise = run.noise(h, w)
+            upsampled = upsample_latents(model, latents, noise.shape[-2:], upsample)
+            timesteps, x = renoise(run.scheduler, upsampled, noise, ks[r - 1])
             if stage_denoiser is not None:
-                denoiser = stage_denoiser(r, latents, denoiser, cond, added)
-        latents, seconds = _timed_sample(denoiser, x, scheduler, timesteps, callback, r, progress)
-        stage = Stage(h, w, len(timesteps), seconds, int(timesteps[0]), latents)
-        result.stages.append(stage)
-        result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)
-    return result
+                denoiser = stage_denoiser(r, latents, denoiser, run.cond, added)
+        stage = finish_stage(run, sample_stage(run, denoiser, x, timesteps), decode_stages or r == last)
+        latents = stage.latents
+    return run.result
 
 
 def direct(
@@ -305,35 +183,79 @@ def direct(
     progress: bool = False,
     denoiser_factory=None,
     method: str = "direct",
+    image=None,
+    fit: str | None = None,
+    k: int | None = None,
 ) -> Result:
-    """Plain sampling at the target size, same scheduler, steps and seed as the cascade's pivot.
+    """Plain sampling at the target size, same scheduler, steps and seed as the cascade's pivot; with an
+    `image`, SDEdit: the image (resized to the target) re-noised to K (the model's default K unless `k`) and
+    denoised K -> 0, after it as stage 0.
 
-    `denoiser_factory(denoiser, cond, added, height, width) -> denoiser` lets a baseline wrap the UNet call.
+    `denoiser_factory(denoiser, cond, added, height, width, first_step) -> denoiser` lets a baseline wrap the
+    UNet call (`first_step`: where in the whole schedule the run starts, 0 without an image).
     """
-    check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0)
-    prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    scheduler = make_scheduler(model, num_inference_steps)
-    shape = (len(prompts), model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
-    x = initial_noise(shape, gens, model) * scheduler.init_noise_sigma
-    added = added_conditions(model, cond, height, width)
-    denoiser = guided_denoiser(model.unet, cond, added)
-    if denoiser_factory is not None:
-        denoiser = denoiser_factory(denoiser, cond, added, height, width)
-    result = Result(
+    run = prepare(
+        model,
         method,
-        prompts,
-        [],
-        {
-            "prompt": prompts[0] if len(prompts) == 1 else prompts,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": num_inference_steps,
-            "guidance_scale": cond.guidance_scale,
-            "model": model.name,
-        },
+        prompt,
+        height,
+        width,
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        seed=seed,
+        callback=callback,
+        on_stage=on_stage,
+        progress=progress,
+        k=k,
+        image=image,
+        fit=fit,
+        image_mode="sdedit",
     )
-    latents, seconds = _timed_sample(denoiser, x, scheduler, scheduler.timesteps, callback, 0, progress)
-    stage = Stage(height, width, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
-    result.stages.append(stage)
-    result.decode_seconds += _finish(model, stage, True, on_stage, 0)
-    return result
+    if run.start is None:
+        timesteps, x = from_noise(run, height, width)
+    else:  # SDEdit (Meng et al. 2022): the input image diffused to K
+        latents = input_stage(run).latents
+        timesteps, x = renoise(run.scheduler, latents, run.noise(height, width), run.result.settings["k"])
+    added = added_conditions(model, run.cond, height, width)
+    denoiser = guided_denoiser(model.unet, run.cond, added)
+    if denoiser_factory is not None:
+        first_step = len(run.scheduler.timesteps) - len(timesteps)
+        denoiser = denoiser_factory(denoiser, run.cond, added, height, width, first_step=first_step)
+    finish_stage(run, sample_stage(run, denoiser, x, timesteps))
+    return run.result
+
+
+# ---- the runner's earlier names, kept for the modules that import them (video.py) ---------------------
+
+
+def _timed_sample(
+    denoiser: Denoiser, x, scheduler, timesteps, callback, stage_index, progress
+) -> tuple[torch.Tensor, float]:
+    """sample_ddim for one stage -> (latents, seconds), refusing non-finite latents (stages.sample_stage and
+    finish_stage do this for the image methods)."""
+    started = time.perf_counter()
+    cb = (lambda info: callback({**info, "stage": stage_index})) if callback else None
+    x = sample_ddim(denoiser, x, scheduler, timesteps, cb, disable=not progress)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - started
+    what = f"stage {stage_index} (latents {x.shape[-1]} x {x.shape[-2]}) produced"
+    check_finite(x, what, "an unfit upsampler adapter or LoRA")
+    return x, seconds
+
+
+def _finish(model, stage: Stage, decode_stage: bool, on_stage: StageCallback | None, index: int) -> float:
+    started = time.perf_counter()
+    if decode_stage:
+        stage.images = decode(model, stage.latents)
+    if on_stage is not None:
+        on_stage(index, stage)
+    return time.perf_counter() - started
+
+
+def _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed):
+    prompts = _as_list(prompt)
+    guidance = model.default_guidance if guidance_scale is None else guidance_scale
+    return prompts, encode_prompt(model, prompts, negative_prompt, guidance), _generators(generator, seed, len(prompts))

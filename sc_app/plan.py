@@ -1,4 +1,5 @@
-"""The scale plan: a pivot at about the model's own pixel count, then stages of about 4x pixels each."""
+"""The scale plan: a pivot at about the model's own pixel count (or an input image's own size), then stages of
+about 4x pixels each."""
 
 from __future__ import annotations
 
@@ -18,46 +19,71 @@ def _round(value: float, multiple: int) -> int:
 
 
 def plan_stages(
-    height: int, width: int, base_size: int, multiple: int, stages: int | None = None
+    height: int,
+    width: int,
+    base_size: int,
+    multiple: int,
+    stages: int | None = None,
+    first: tuple[int, int] | None = None,
 ) -> list[tuple[int, int]]:
     """Sizes (height, width) of the pivot and every stage; the last is exactly height x width.
 
     The pivot keeps the target's aspect ratio at about base_size**2 pixels; the sizes between grow by
-    the same factor per side, so every stage has about the same pixel ratio to the one before.
+    the same factor per side, so every stage has about the same pixel ratio to the one before. `first`: the
+    first stage's size instead of the pivot (an input image's, see `first_stage_size`), the stages counted
+    from it.
     """
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
-    count = num_stages(height, width, base_size) if stages is None else stages
+    if first is None:
+        start = (base_size / math.sqrt(width / height), base_size * math.sqrt(width / height))
+        base, above = f"above a {base_size}px base", f"above a {base_size}px pivot"
+        count = num_stages(height, width, base_size) if stages is None else stages
+    else:
+        start, base = first, f"above the input's {first[1]}x{first[0]}"
+        above = base
+        count = _count(height, width, start) if stages is None else stages
     if count < 0:
         raise ValueError(f"stages must be >= 0, got {stages}")
     if count > MAX_STAGES:
-        planned = (
-            ""
-            if stages is not None
-            else (f" ({height}x{width} needs {count} stages of 4x pixels above a {base_size}px base)")
-        )
+        planned = "" if stages is not None else f" ({height}x{width} needs {count} stages of 4x pixels {base})"
         raise ValueError(f"stages must be at most {MAX_STAGES}, got {count}{planned}")
-    sizes = _sizes(height, width, base_size, multiple, count)
+    sizes = _sizes(height, width, start, multiple, count)
     if not _grows(sizes):  # every stage must be larger than the one before: no repeated or shrinking sizes
-        most = next(n for n in range(count - 1, -1, -1) if _grows(_sizes(height, width, base_size, multiple, n)))
+        most = next(n for n in range(count - 1, -1, -1) if _grows(_sizes(height, width, start, multiple, n)))
         if stages is None:  # the default count is ours to choose: as many as grow (12x24 over a 16px base: none)
-            return _sizes(height, width, base_size, multiple, most)
+            return _sizes(height, width, start, multiple, most)
         raise ValueError(
             f"stages must be at most {most} for {height}x{width} (each stage must grow the size; "
-            f"sizes are multiples of {multiple} above a {base_size}px pivot), got {count}"
+            f"sizes are multiples of {multiple} {above}), got {count}"
         )
     return sizes
 
 
-def _sizes(height: int, width: int, base_size: int, multiple: int, count: int) -> list[tuple[int, int]]:
+def first_stage_size(image: tuple[int, int], height: int, width: int, base_size: int, multiple: int) -> tuple[int, int]:
+    """Where an input image of `image` (width, height) pixels starts the plan to height x width: at the pivot
+    size (resized) when it has fewer pixels, else at its own size, snapped down to multiples (never enlarged
+    by snapping) and at most the target; the caller refuses an image larger than the target."""
+    pivot = plan_stages(height, width, base_size, multiple)[0]
+    image_w, image_h = image
+    if image_w * image_h <= pivot[0] * pivot[1]:
+        return pivot
+    snapped = (image_h // multiple * multiple, image_w // multiple * multiple)
+    return tuple(min(max(s, p), t) for s, p, t in zip(snapped, pivot, (height, width)))
+
+
+def _count(height: int, width: int, start: tuple[float, float]) -> int:
+    ratio = height * width / (start[0] * start[1])
+    return max(0, math.ceil(math.log(ratio, 4) - 1e-9)) if ratio > 1 else 0
+
+
+def _sizes(height: int, width: int, start: tuple[float, float], multiple: int, count: int) -> list[tuple[int, int]]:
     if count == 0:
         return [(height, width)]
-    aspect = width / height
-    pivot_h, pivot_w = base_size / math.sqrt(aspect), base_size * math.sqrt(aspect)
     sizes = []
     for r in range(count):
-        grow = (height / pivot_h) ** (r / count), (width / pivot_w) ** (r / count)
-        sizes.append((_round(pivot_h * grow[0], multiple), _round(pivot_w * grow[1], multiple)))
+        grow = (height / start[0]) ** (r / count), (width / start[1]) ** (r / count)
+        sizes.append((_round(start[0] * grow[0], multiple), _round(start[1] * grow[1], multiple)))
     sizes.append((height, width))
     return sizes
 

@@ -121,10 +121,10 @@ def token_ratio(model, height: int, width: int) -> float:
 def attn_sf(model, prompt: str | list[str], height: int, width: int, **common) -> Result:
     """Direct sampling at the target size with Attn-SF (Jin et al. 2023) inside every UNet call.
 
-    `common` takes the other arguments of `sc_app.cascade.direct`.
+    `common` takes the other arguments of `sc_app.cascade.direct`, `image` (SDEdit) among them.
     """
 
-    def factory(denoiser, cond, added, h, w):
+    def factory(denoiser, cond, added, h, w, first_step=0):
         ratio = token_ratio(model, h, w)
 
         def denoise(x, t, i):

@@ -23,17 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..cascade import Result, Stage, _finish, _prepare, check_inputs
-from ..sampling import added_conditions, guided_denoiser, initial_noise, make_scheduler
-from .progressive import (
-    cosine_decay,
-    gaussian_blur,
-    jittered_views,
-    model_settings,
-    skip_residual,
-    tile_conditioning,
-    timed_stage,
-)
+from ..plan import plan_stages
+from ..sampling import added_conditions, guided_denoiser
+from ..stages import Result, finish_stage, from_noise, input_stage, prepare, sample_stage
+from .progressive import cosine_decay, gaussian_blur, jittered_views, model_settings, skip_residual, tile_conditioning
 
 # The release's defaults (PRIS-CV/DemoFusion, pipeline_demofusion_sdxl.py); stride None: half the window.
 PAPER = {"stride": None, "sigma": 1.0, "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0}
@@ -178,14 +171,16 @@ def demofusion(
     cosine_scale_2: float | None = None,
     cosine_scale_3: float | None = None,
     view_batch_size: int = VIEW_BATCH,
+    image=None,
+    fit: str | None = None,
 ) -> Result:
     """DemoFusion over the scale plan: the pivot, then every stage as the module docstring says.
 
     `stride`: of the windows, in latent pixels (default half the window, the base latent size); `sigma`,
     `cosine_scale_1..3` (alpha1..3): the release's names and defaults, unless the model folder sets its own.
+    `image` (`fit`): the pivot, as the release's `image_lr` is.
     """
-    # 1. Inputs, plan and settings
-    sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0)
+    # 1. Settings, then inputs, plan, prompts and generators
     base = model.base_size // model.vae_scale
     settings = model_settings(
         model,
@@ -201,54 +196,57 @@ def demofusion(
     )
     settings["stride"] = base // 2 if settings["stride"] is None else settings["stride"]
     _check(settings, base, view_batch_size)
-    prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    scheduler = make_scheduler(model, num_inference_steps)
-    added = added_conditions(model, cond, height, width)  # the target size for every stage, as released
-    result = Result(
+    run = prepare(
+        model,
         "demofusion",
-        prompts,
-        [],
-        {
-            "prompt": prompts[0] if len(prompts) == 1 else prompts,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": num_inference_steps,
-            "guidance_scale": cond.guidance_scale,
-            "model": model.name,
-            "window": base,
-            **settings,
-        },
+        prompt,
+        height,
+        width,
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        seed=seed,
+        callback=callback,
+        on_stage=on_stage,
+        progress=progress,
+        image=image,
+        fit=fit,
     )
-    pivot = tuple(s // model.vae_scale for s in sizes[0])
+    run.result.settings |= {"window": base, **settings}
+    scheduler, cond = run.scheduler, run.cond
+    added = added_conditions(model, cond, height, width)  # the target size for every stage, as released
+    # Dilation is relative to the model's own pivot, also where an input image starts larger than it
+    pivot = tuple(s // model.vae_scale for s in plan_stages(height, width, model.base_size, model.size_multiple)[0])
+    last = len(run.sizes) - 1
     latents = anchor = None
-    for r, (h, w) in enumerate(sizes):
+    for r, (h, w) in enumerate(run.sizes):
         started = time.perf_counter()
-        shape = (len(prompts), model.unet.config.in_channels, h // model.vae_scale, w // model.vae_scale)
-        noise = initial_noise(shape, gens, model)
-        if r == 0:  # 2. The pivot: plain sampling at about the base size
-            x = noise * scheduler.init_noise_sigma
-            denoiser, before_step = guided_denoiser(model.unet, cond, added), None
-        else:  # 3. A stage: noised to the first timestep, with skip residuals, windows and dilated sampling
-            upsampled = F.interpolate(latents.float(), size=shape[-2:], mode="bicubic", align_corners=False)
-            x = scheduler.add_noise(upsampled.to(noise.dtype), noise, scheduler.timesteps[:1])
-            before_step = skip_residual(
-                scheduler, upsampled, noise, settings["cosine_scale_1"], model.num_train_timesteps
-            )
-            factors = dilation_factors(shape[-2:], pivot)
-            denoiser = demofusion_denoiser(
-                model, cond, added, (base, base), settings["stride"], factors, settings, gens, view_batch_size
-            )
-        latents, seconds = timed_stage(
-            denoiser, x, scheduler, scheduler.timesteps, callback, r, progress, before_step, started
-        )
-        dims = (1, 2, 3)
+        if r == 0 and run.start is not None:  # 2. The pivot: the input image (the release's image_lr) ...
+            latents = input_stage(run).latents
+        else:
+            if r == 0:  # ... or plain sampling at about the base size
+                timesteps, x = from_noise(run, h, w)
+                denoiser, before_step = guided_denoiser(model.unet, cond, added), None
+            else:  # 3. A stage: noised to the first timestep, with skip residuals, windows and dilated sampling
+                noise = run.noise(h, w)
+                upsampled = F.interpolate(latents.float(), size=noise.shape[-2:], mode="bicubic", align_corners=False)
+                timesteps = scheduler.timesteps
+                x = scheduler.add_noise(upsampled.to(noise.dtype), noise, timesteps[:1])
+                before_step = skip_residual(
+                    scheduler, upsampled, noise, settings["cosine_scale_1"], model.num_train_timesteps
+                )
+                factors = dilation_factors(noise.shape[-2:], pivot)
+                window, gens = (base, base), run.generators
+                denoiser = demofusion_denoiser(
+                    model, cond, added, window, settings["stride"], factors, settings, gens, view_batch_size
+                )
+            stage = sample_stage(run, denoiser, x, timesteps, before_step=before_step, started=started)
+            if r > 0:  # 4. Back to the pivot's statistics
+                dims = (1, 2, 3)
+                mean, std = stage.latents.mean(dims, keepdim=True), stage.latents.std(dims, keepdim=True)
+                stage.latents = (stage.latents - mean) / std * anchor[1] + anchor[0]
+            latents = finish_stage(run, stage, decode_stages or r == last).latents
         if r == 0:
-            anchor = latents.mean(dims, keepdim=True), latents.std(dims, keepdim=True)
-        else:  # 4. Back to the pivot's statistics
-            latents = (latents - latents.mean(dims, keepdim=True)) / latents.std(dims, keepdim=True) * anchor[
-                1
-            ] + anchor[0]
-        stage = Stage(h, w, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
-        result.stages.append(stage)
-        result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)
-    return result
+            anchor = latents.mean((1, 2, 3), keepdim=True), latents.std((1, 2, 3), keepdim=True)
+    return run.result

@@ -31,10 +31,12 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..cascade import Result, Stage, _finish, _prepare, check_inputs, vae_at
-from ..sampling import added_conditions, guided_denoiser, initial_noise, make_scheduler
+from ..cascade import vae_at
+from ..plan import plan_stages
+from ..sampling import added_conditions, guided_denoiser
+from ..stages import Result, finish_stage, from_noise, input_stage, prepare, sample_stage
 from .attn_sf import _scalable
-from .progressive import gaussian_blur, jittered_views, model_settings, skip_residual, timed_stage
+from .progressive import gaussian_blur, jittered_views, model_settings, skip_residual
 from .scalecrafter import BASE_STEPS, conv_targets, redilated
 
 # The release's settings (ali-vilab/FreeScale, run_freescale.py and pipeline_freescale.py, SD XL).
@@ -273,15 +275,16 @@ def freescale(
     dilate_tau: int | None = None,
     fusion_sigma: float | None = None,
     freeu: dict | bool | None = None,
+    image=None,
+    fit: str | None = None,
 ) -> Result:
     """FreeScale over the scale plan: the pivot, then every stage as the module docstring says.
 
     `restart_fraction` (0.3: a stage starts 30% into the schedule), `cosine_scale` (2), `dilate_tau` (35 of 50),
     `fusion_sigma` (1) and `freeu` (a dict of b1, b2, s1, s2, or False for none): the release's, unless the
-    model folder sets its own.
+    model folder sets its own. `image` (`fit`): the pivot.
     """
-    # 1. Inputs, plan and settings
-    sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0)
+    # 1. Settings, then inputs, plan, prompts and generators
     settings = _settings(
         model,
         dict(
@@ -292,39 +295,46 @@ def freescale(
             freeu=freeu,
         ),
     )
-    prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    scheduler = make_scheduler(model, num_inference_steps)
-    added = added_conditions(model, cond, *sizes[0])  # the pivot's size for every stage, as released
-    restart = min(int(num_inference_steps * settings["restart_fraction"]), num_inference_steps - 1)
-    dilations = [stage_dilation(size, sizes[0]) for size in sizes[1:]]
-    result = Result(
+    run = prepare(
+        model,
         "freescale",
-        prompts,
-        [],
-        {
-            "prompt": prompts[0] if len(prompts) == 1 else prompts,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": num_inference_steps,
-            "guidance_scale": cond.guidance_scale,
-            "model": model.name,
-            **settings,
-            "dilations": dilations,
-        },
+        prompt,
+        height,
+        width,
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        seed=seed,
+        callback=callback,
+        on_stage=on_stage,
+        progress=progress,
+        image=image,
+        fit=fit,
     )
-    unet, pivot = model.unet, tuple(s // model.vae_scale for s in sizes[0])
+    # Dilations, windows and size conditioning are relative to the model's own pivot, also where an input
+    # image starts larger than it
+    pivot_size = plan_stages(height, width, model.base_size, model.size_multiple)[0]
+    scheduler, cond, gens = run.scheduler, run.cond, run.generators
+    added = added_conditions(model, cond, *pivot_size)  # the pivot's size for every stage, as released
+    restart = min(int(num_inference_steps * settings["restart_fraction"]), num_inference_steps - 1)
+    dilations = [stage_dilation(size, pivot_size) for size in run.sizes[1:]]
+    run.result.settings |= {**settings, "dilations": dilations}
+    unet, pivot = model.unet, tuple(s // model.vae_scale for s in pivot_size)
+    last = len(run.sizes) - 1
     latents = None
     with freeu_applied(unet, settings["freeu"]):
-        for r, (h, w) in enumerate(sizes):
+        for r, (h, w) in enumerate(run.sizes):
             started = time.perf_counter()
-            shape = (len(prompts), unet.config.in_channels, h // model.vae_scale, w // model.vae_scale)
+            if r == 0 and run.start is not None:  # 2. The pivot: the input image ...
+                latents = input_stage(run).latents
+                continue
             denoiser = guided_denoiser(unet, cond, added)
-            if r == 0:  # 2. The pivot: plain sampling at about the base size
-                timesteps, before_step, patch = scheduler.timesteps, None, nullcontext()
-                x = initial_noise(shape, gens, model) * scheduler.init_noise_sigma
+            if r == 0:  # ... or plain sampling at about the base size
+                (timesteps, x), before_step, patch = from_noise(run, h, w), None, nullcontext()
             else:  # 3. A stage: pixel-space upsampling, restart with skip residuals, dilation, scale fusion
                 clean = pixel_upsample(model, latents, h, w, gens)
-                noise = initial_noise(shape, gens, model)
+                noise = run.noise(h, w)
                 timesteps = scheduler.timesteps[restart:]
                 x = scheduler.add_noise(clean, noise, timesteps[:1])
                 before_step = skip_residual(
@@ -339,15 +349,12 @@ def freescale(
                     restart,
                     num_inference_steps,
                 )
-                patch = scale_fusion_applied(unet, Fusion(shape[-2:], pivot, 2 * d - 1, settings["fusion_sigma"], gens))
+                fusion = Fusion(noise.shape[-2:], pivot, 2 * d - 1, settings["fusion_sigma"], gens)
+                patch = scale_fusion_applied(unet, fusion)
             with patch:
-                latents, seconds = timed_stage(
-                    denoiser, x, scheduler, timesteps, callback, r, progress, before_step, started
-                )
-            stage = Stage(h, w, len(timesteps), seconds, int(timesteps[0]), latents)
-            result.stages.append(stage)
-            result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)
-    return result
+                stage = sample_stage(run, denoiser, x, timesteps, before_step=before_step, started=started)
+            latents = finish_stage(run, stage, decode_stages or r == last).latents
+    return run.result
 
 
 def _dilated(unet, denoiser, targets: dict[str, float], tau: int, first: int, steps: int):

@@ -1,6 +1,6 @@
 """What DemoFusion and FreeScale share: the cosine decay of their skip residuals, a depthwise Gaussian blur,
-MultiDiffusion's sliding windows with random jitter, the conditioning of a batch of windows, per-model
-settings, and one timed stage.
+MultiDiffusion's sliding windows with random jitter, the conditioning of a batch of windows and per-model
+settings (a stage is sampled and finished by the runner, sc_app/stages.py).
 
 Both papers write the decay as c(t) = 0.5 (1 + cos(pi (T - t) / T)) over the training timestep t: 1 where
 denoising starts (t = T), 0 where it ends.
@@ -9,13 +9,12 @@ denoising starts (t = T), 0 where it ends.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from ..sampling import Conditioning, Denoiser, sample_ddim
+from ..sampling import Conditioning
 
 
 def cosine_decay(t: torch.Tensor | int, num_train_timesteps: int) -> float:
@@ -105,26 +104,6 @@ def model_settings(model, method: str, paper: dict, given: dict) -> dict:
     return {
         key: given[key] if given.get(key) is not None else folder.get(key, default) for key, default in paper.items()
     }
-
-
-def timed_stage(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    scheduler,
-    timesteps: torch.Tensor,
-    callback,
-    stage_index: int,
-    progress: bool,
-    before_step=None,
-    started: float | None = None,
-) -> tuple[torch.Tensor, float]:
-    """sample_ddim for one stage -> (latents, seconds since `started`, default now)."""
-    started = time.perf_counter() if started is None else started
-    cb = (lambda info: callback({**info, "stage": stage_index})) if callback else None
-    x = sample_ddim(denoiser, x, scheduler, timesteps, cb, disable=not progress, before_step=before_step)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    return x, time.perf_counter() - started
 
 
 # ---- work estimates (ZeroGPU durations, progress bars) --------------------------------------------

@@ -344,10 +344,17 @@ def _unconditional(cond: Conditioning, added: dict | None) -> tuple[Conditioning
 
 
 def scalecrafter_denoiser(
-    unet, plan: Plan, steps: int, denoiser: Denoiser, cond: Conditioning, added: dict | None
+    unet,
+    plan: Plan,
+    steps: int,
+    denoiser: Denoiser,
+    cond: Conditioning,
+    added: dict | None,
+    first_step: int = 0,
 ) -> Denoiser:
     """`denoiser` with re-dilation for i < tau; with a guided `cond` and plan.ndcfg, noise-damped guidance:
-    eps = eps_uncond(mild) + w (eps_cond(full) - eps_uncond(full))."""
+    eps = eps_uncond(mild) + w (eps_cond(full) - eps_uncond(full)). `first_step`: the step of the whole
+    schedule the run starts at (an SDEdit run starts at K), so i counts from there."""
     full = conv_targets(unet, plan.dilations)
     mild = conv_targets(unet, plan.ndcfg) if plan.ndcfg and cond.guided else None
     if mild is not None:
@@ -356,7 +363,7 @@ def scalecrafter_denoiser(
         uncond_only = guided_denoiser(unet, *_unconditional(cond, added))
 
     def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-        convs = _at_step(full, plan, i, steps)
+        convs = _at_step(full, plan, first_step + i, steps)
         if not convs:
             return denoiser(x, t, i)
         if mild is None:
@@ -364,7 +371,7 @@ def scalecrafter_denoiser(
                 return denoiser(x, t, i)
         with redilated(unet, convs):
             uncond_full, text_full = both(torch.cat([x, x]), t, i).chunk(2)
-        with redilated(unet, _at_step(mild, plan, i, steps)):
+        with redilated(unet, _at_step(mild, plan, first_step + i, steps)):
             uncond_mild = uncond_only(x, t, i)
         return uncond_mild + cond.guidance_scale * (text_full - uncond_full)
 
@@ -384,13 +391,14 @@ def scalecrafter(
     """Direct sampling at the target size with ScaleCrafter's re-dilation (He et al. 2023).
 
     `plan`: None picks the released preset for the model and size, else the general rule (see plan_for).
-    `common` takes the other arguments of `sc_app.cascade.direct`.
+    `common` takes the other arguments of `sc_app.cascade.direct`, `image` (SDEdit, re-dilated where its
+    steps are among the schedule's first tau of 50) among them.
     """
     check_inputs(model, height, width, num_inference_steps, common.get("guidance_scale") or 0.0)
     plan = plan or plan_for(model.unet, model.base_size, height, width)
 
-    def factory(denoiser, cond, added, h, w):
-        return scalecrafter_denoiser(model.unet, plan, num_inference_steps, denoiser, cond, added)
+    def factory(denoiser, cond, added, h, w, first_step=0):
+        return scalecrafter_denoiser(model.unet, plan, num_inference_steps, denoiser, cond, added, first_step)
 
     result = direct(
         model,
@@ -403,4 +411,7 @@ def scalecrafter(
         **common,
     )
     result.settings.update(plan.settings(num_inference_steps))
+    if result.settings.get("image_mode") == "sdedit":  # the steps before K were never run
+        skipped = num_inference_steps - result.stages[-1].steps
+        result.settings["redilated_steps"] = max(0, result.settings["redilated_steps"] - skipped)
     return result

@@ -1,7 +1,8 @@
 """Upscaling the pivot in pixel space: the paper's SD+SR baseline (a diffusion x4 super-resolution model after
 the base model) and the no-model reference, Lanczos resizing.
 
-Both sample the pivot as the self-cascade does (the target's aspect ratio at about the base size's pixels).
+Both sample the pivot as the self-cascade does (the target's aspect ratio at about the base size's pixels), or
+start from an input image (`image`: stage 0, kept in pixels).
 SR then runs a `StableDiffusionUpscalePipeline` (stabilityai's x4 upscaler layout; the embedded shapes model has
 its own in assets/shapes-sr) until both sides reach the target, once per x4 per side, and resizes the last
 output with Lanczos to the exact target; every upscale is a stage of the result, as the cascade's are.
@@ -10,13 +11,15 @@ output with Lanczos to the exact target; every upscale is a stage of the result,
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ..cascade import Result, Stage, _as_list, _generators, check_inputs, direct
-from ..models import ASSETS, EMBEDDED, refuse_pickle_weights
+from ..models import ASSETS, EMBEDDED, checked_load, refuse_pickle_weights
+from ..sampling import added_conditions, guided_denoiser
+from ..stages import Result, Run, Stage, check_finite, finish_stage, from_noise, input_stage, prepare, sample_stage
 
 SR_EMBEDDED = ASSETS / "shapes-sr"
 SR_NOISE_LEVEL = 20  # the x4 upscaler's default augmentation of its input
@@ -54,19 +57,27 @@ def load_upscaler(source, model):
             refuse_pickle_weights(source, source, ("unet", "vae", "text_encoder"))
         elif source.startswith(("/", ".", "~")):
             raise ValueError(f"sr_model {source!r}: no such folder")
-        pipe = StableDiffusionUpscalePipeline.from_pretrained(source, dtype=model.unet.dtype, use_safetensors=True)
+        options = dict(dtype=model.unet.dtype, use_safetensors=True)
+        load = partial(StableDiffusionUpscalePipeline.from_pretrained, source, **options)
+        pipe = checked_load(f"sr_model {source!r}: ", source, load, model.device, ("unet", "vae", "text_encoder"))
         pipe.set_progress_bar_config(disable=True)
         _loaded.clear()
-        _loaded[key] = pipe.to(model.device)
+        _loaded[key] = pipe  # on the model's device
     return _loaded[key]
 
 
-def _pivot(model, prompt, height, width, gens, common) -> tuple[Result, list[str]]:
-    from ..plan import plan_stages
-
-    check_inputs(model, height, width, common.get("num_inference_steps", 50), common.get("guidance_scale") or 0.0)
-    ph, pw = plan_stages(height, width, model.base_size, model.size_multiple)[0]
-    return direct(model, prompt, ph, pw, generator=gens, **common), _as_list(prompt)
+def _pivot(model, method: str, prompt, height: int, width: int, common: dict) -> Run:
+    """A run with its stage 0 finished: the input image (`common["image"]`), or the pivot sampled as the
+    self-cascade's is (the target's aspect ratio at about the base size)."""
+    run = prepare(model, method, prompt, height, width, conditioning=common.get("image") is None, **common)
+    if run.start is not None:
+        input_stage(run, latents=False)
+        return run
+    h, w = run.sizes[0]
+    timesteps, x = from_noise(run, h, w)
+    denoiser = guided_denoiser(model.unet, run.cond, added_conditions(model, run.cond, h, w))
+    finish_stage(run, sample_stage(run, denoiser, x, timesteps))
+    return run
 
 
 def _resized(stage: Stage, height: int, width: int) -> Stage:
@@ -76,17 +87,12 @@ def _resized(stage: Stage, height: int, width: int) -> Stage:
     return Stage(height, width, stage.steps, seconds, stage.start_t, None, images)
 
 
-def lanczos(model, prompt, height: int, width: int, *, seed=None, generator=None, on_stage=None, **common) -> Result:
-    """The pivot, resized to height x width with Lanczos: the answer to "is it better than just resizing?"."""
-    gens = _generators(generator, seed, len(_as_list(prompt)))
-    result, _ = _pivot(model, prompt, height, width, gens, common)
-    result.method, result.settings["seed"] = "lanczos", seed
-    if on_stage is not None:
-        on_stage(0, result.stages[0])
-    result.stages.append(_resized(result.stages[0], height, width))
-    if on_stage is not None:
-        on_stage(1, result.stages[1])
-    return result
+def lanczos(model, prompt, height: int, width: int, **common) -> Result:
+    """The pivot (or the input image), resized to height x width with Lanczos: the answer to "is it better
+    than just resizing?"."""
+    run = _pivot(model, "lanczos", prompt, height, width, common)
+    finish_stage(run, _resized(run.result.stages[0], height, width))
+    return run.result
 
 
 def super_resolution(
@@ -100,40 +106,33 @@ def super_resolution(
     sr_steps: int | None = None,
     sr_guidance: float | None = None,
     negative_prompt: str | None = None,
-    seed=None,
-    generator=None,
     callback=None,
-    on_stage=None,
     **common,
 ) -> Result:
-    """SD+SR: the pivot, then the x4 upscaler (`sr_model`) until both sides reach the target, then Lanczos to
-    exactly height x width. `sr_steps` and `sr_guidance` default to the base sampling's steps and guidance;
-    `noise_level` (0..the upscaler's max) is how much noise the upscaler's input gets."""
+    """SD+SR: the pivot (or the input image), then the x4 upscaler (`sr_model`) until both sides reach the
+    target, then Lanczos to exactly height x width. `sr_steps` and `sr_guidance` default to the base sampling's
+    steps and guidance; `noise_level` (0..the upscaler's max) is how much noise the upscaler's input gets."""
     upscaler = load_upscaler(sr_model, model)
     top = upscaler.config.max_noise_level
     if not isinstance(noise_level, int) or not 0 <= noise_level <= top:
         raise ValueError(f"noise_level must be an integer in 0..{top}, got {noise_level!r}")
-    prompts = _as_list(prompt)
-    gens = _generators(generator, seed, len(prompts))
-    common = {**common, "negative_prompt": negative_prompt}
-    result, _ = _pivot(model, prompt, height, width, gens, {**common, "callback": callback})
+    common |= {"negative_prompt": negative_prompt, "callback": callback}
+    run = _pivot(model, "sr", prompt, height, width, common)
+    result, prompts, gens = run.result, run.prompts, run.generators
     steps = sr_steps or common.get("num_inference_steps", 50)
     guidance = result.settings["guidance_scale"] if sr_guidance is None else sr_guidance
-    result.method = "sr"
     result.settings |= {
-        "seed": seed,
         "sr_model": str(getattr(upscaler, "name_or_path", "") or sr_model),
         "noise_level": noise_level,
         "sr_steps": steps,
         "sr_guidance": guidance,
     }
-    if on_stage is not None:
-        on_stage(0, result.stages[0])
-    stage = result.stages[0]
+    stage, seen = result.stages[0], {}
     while stage.height < height or stage.width < width:
         index = len(result.stages)
 
         def report(i, t, latents, index=index):
+            seen["latents"] = latents  # the last step's, checked before the stage is kept
             if callback is not None:
                 callback({"x": latents, "i": i, "t": t, "steps": steps, "stage": index})
 
@@ -154,9 +153,9 @@ def super_resolution(
         seconds = time.perf_counter() - started
         factor = upscaler.vae_scale_factor  # per side: the upscaler's latent is the size of its input
         stage = Stage(stage.height * factor, stage.width * factor, steps, seconds, noise_level, None, images)
+        what = f"stage {index} ({stage.width} x {stage.height}) produced"
+        check_finite(seen.pop("latents"), what, "an unfit SR model")
         if stage.height >= height and stage.width >= width:
             stage = _resized(stage, height, width)
-        result.stages.append(stage)
-        if on_stage is not None:
-            on_stage(index, stage)
+        finish_stage(run, stage)
     return result

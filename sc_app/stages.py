@@ -1,0 +1,395 @@
+"""One stage runner for every method: `prepare` a run, then per stage `sample_stage` and `finish_stage`.
+
+A method is its own loop over the plan's stages. What makes it the self-cascade, DemoFusion or FreeScale is
+how it builds each stage's starting latent and denoiser; the rest is the same for all and lives here:
+- `prepare`: check the request, read and fit an input image, plan the stages, encode the prompts, one
+  generator per prompt, the scheduler and the Result with the settings every method records;
+- `sample_stage`: denoise over the run's scheduler, timed, each step's callback tagged with the stage;
+- `finish_stage`: refuse non-finite latents (before anything is decoded or reported), decode, `on_stage`.
+An input image is stage 0 (`input_stage`): the first stage itself ("pivot" mode) or, for the methods that
+sample at the target size only, re-noised to K there ("sdedit" mode).
+
+The boundary a sampler or a model family plugs into: a denoiser is `(x, t, i) -> model output` (the UNet,
+its guidance and any patch inside); the scheduler and its timesteps are the run's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from .checks import MAX_GUIDANCE, finite
+from .checks import seed as check_seed
+from .images import fit_aspect, load_image
+from .plan import first_stage_size, plan_stages
+from .sampling import Conditioning, Denoiser, encode_prompt, initial_noise, make_scheduler, sample_ddim
+
+UPSAMPLE_MODES = ("bilinear", "bicubic", "lanczos")  # lanczos: in pixel space, decoded and encoded again
+IMAGE_MODES = ("pivot", "sdedit")
+
+
+@dataclass
+class Stage:
+    height: int
+    width: int
+    steps: int  # denoising steps run (0 for an input image)
+    seconds: float  # denoising time (an input image: its encoding)
+    start_t: int  # the timestep denoising started from (the re-noise level for r >= 1)
+    latents: torch.Tensor | None = field(repr=False)  # None for stages made in pixel space (SR, Lanczos)
+    images: list[Image.Image] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Result:
+    method: str
+    prompts: list[str]
+    stages: list[Stage]
+    settings: dict
+    decode_seconds: float = 0.0
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The final image of each prompt."""
+        return self.stages[-1].images
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.stages) + self.decode_seconds
+
+    def summary(self) -> dict:
+        """What result.json holds."""
+        return {
+            "method": self.method,
+            **self.settings,
+            "total_seconds": round(self.total_seconds, 4),
+            "stages": [
+                {
+                    "height": s.height,
+                    "width": s.width,
+                    "steps": s.steps,
+                    "start_t": s.start_t,
+                    "seconds": round(s.seconds, 4),
+                }
+                for s in self.stages
+            ],
+        }
+
+
+StageCallback = Callable[[int, Stage], None]
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A stage's latents hold NaN or infinity: the run stops before that stage is decoded or reported. A
+    ValueError too, so the command lines answer it in one line and write nothing."""
+
+
+# ---- the request ---------------------------------------------------------------------------------------
+
+
+def _check_size(model, height: int, width: int) -> None:
+    m = model.size_multiple
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if value % m:
+            raise ValueError(f"{name} must be a multiple of {m} for this model, got {value}")
+
+
+def check_inputs(
+    model,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    k: int | list[int] | None = None,
+    stages: int | None = None,
+    upsample: str | None = None,
+    first: tuple[int, int] | None = None,
+) -> list[tuple[int, int]]:
+    """Validate the request against the model; return the stage sizes (from `first`, an input image's size,
+    when given). Errors name the argument and value (upsample None: the model's own, checked when it loaded)."""
+    _check_size(model, height, width)
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= model.num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in 1..{model.num_train_timesteps}, got {num_inference_steps!r}")
+    finite("guidance_scale", guidance_scale, 0, MAX_GUIDANCE)
+    if stages is not None and (not isinstance(stages, int) or stages < 0):
+        raise ValueError(f"stages must be a non-negative integer, got {stages!r}")
+    if upsample is not None and upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+    sizes = plan_stages(height, width, model.base_size, model.size_multiple, stages, first)
+    for value in [k] if not isinstance(k, (list, tuple)) else k:
+        if value is not None and not (isinstance(value, int) and 0 < value < model.num_train_timesteps):
+            raise ValueError(f"k must be an integer in 1..{model.num_train_timesteps - 1}, got {value!r}")
+    if isinstance(k, (list, tuple)) and len(k) != len(sizes) - 1:
+        raise ValueError(f"k lists one value per stage after the pivot ({len(sizes) - 1}), got {len(k)}")
+    return sizes
+
+
+def _as_list(prompt: str | list[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def _generators(generator, seed: int | None, count: int) -> list[torch.Generator]:
+    """One CPU generator per prompt, so a prompt's images do not depend on what it is batched with."""
+    if generator is not None:
+        gens = generator if isinstance(generator, list) else [generator]
+        if len(gens) != count:
+            raise ValueError(f"generator: need one per prompt ({count}), got {len(gens)}")
+        return gens
+    seed = 0 if seed is None else check_seed("seed", seed, count)
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+# ---- an input image ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    """An input image as a run starts from it: RGB at stage 0's size (the first stage's in "pivot" mode, the
+    target's in "sdedit" mode), for the target height x width; info is what settings["image"] records."""
+
+    image: Image.Image
+    info: dict
+    mode: str
+    target: tuple[int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.height, self.image.width
+
+
+def image_start(
+    model, image, height: int, width: int, *, fit: str | None = None, mode: str = "pivot", max_pixels=None
+) -> Start:
+    """Read, check and size an input image for a target of height x width (see README, "Your own image"):
+    fitted to the target's aspect ratio (`fit`: None, "crop" or "pad"), refused when larger than the target,
+    then resized with Lanczos to stage 0's size. "pivot": the pivot size (plan_stages' first) when the image
+    has fewer pixels, else its own size snapped down to the model's size multiple; "sdedit": the target."""
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"image mode must be one of {IMAGE_MODES}, got {mode!r}")
+    if isinstance(image, Start):
+        if (image.target, image.mode) != ((height, width), mode):
+            raise ValueError(
+                f"image: prepared for {image.target[1]}x{image.target[0]} ({image.mode}), "
+                f"not for {width}x{height} ({mode})"
+            )
+        return image
+    _check_size(model, height, width)
+    picture, info = load_image(image, max_pixels)
+    fitted = fit_aspect(picture, height, width, fit, model.size_multiple)
+    if fitted.width * fitted.height > width * height:
+        after = f" (after fit={fit!r})" if fit else ""
+        raise ValueError(
+            f"image: {fitted.width}x{fitted.height}{after} is larger than the target {width}x{height}: the target "
+            "must have at least the input's pixels (to shrink an image, resize it first)"
+        )
+    if mode == "sdedit":
+        size = (height, width)
+    else:
+        size = first_stage_size(fitted.size, height, width, model.base_size, model.size_multiple)
+    if fitted.size != (size[1], size[0]):
+        fitted = fitted.resize((size[1], size[0]), Image.LANCZOS)
+    return Start(fitted, {**info, "fit": fit}, mode, (height, width))
+
+
+def _unconditioned(prompts: list[str], negative_prompt: str | None) -> bool:
+    """An empty prompt (and no negative one) with an input image: the model runs unconditioned, without
+    guidance, which would change nothing but the cost."""
+    return not negative_prompt and all(not p.strip() for p in prompts)
+
+
+# ---- the runner ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What every stage of one call shares. `cond` is None for a run that never calls the UNet (an input
+    image upscaled in pixel space)."""
+
+    model: object
+    prompts: list[str]
+    cond: Conditioning | None
+    generators: list[torch.Generator]
+    scheduler: DDIMScheduler  # the sampler's schedule; a denoiser never sees it
+    sizes: list[tuple[int, int]]  # stage 0 (the pivot, or the input image) first, the target last
+    result: Result
+    start: Start | None = None
+    callback: Callable[[dict], None] | None = None
+    on_stage: StageCallback | None = None
+    progress: bool = False
+
+    def noise(self, height: int, width: int) -> torch.Tensor:
+        """Fresh Gaussian latents for a stage of height x width, one draw from each prompt's generator."""
+        model = self.model
+        shape = (len(self.prompts), model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
+        return initial_noise(shape, self.generators, model)
+
+
+def prepare(
+    model,
+    method: str,
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    *,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    generator=None,
+    seed: int | None = None,
+    callback=None,
+    on_stage: StageCallback | None = None,
+    progress: bool = False,
+    k: int | list[int] | None = None,
+    stages: int | None = None,
+    upsample: str | None = None,
+    image=None,
+    fit: str | None = None,
+    image_mode: str = "pivot",
+    conditioning: bool = True,
+) -> Run:
+    """Everything before a method's first stage, checked before anything slow: the request, the input image
+    (any `load_image` source, or an `image_start`), the plan, the prompts and their conditioning (none with
+    `conditioning=False`), the generators, a fresh scheduler, and the Result with the shared settings."""
+    # 1. The request and the input image, then the plan from stage 0's size
+    start = None
+    if image is not None:
+        start = image_start(model, image, height, width, fit=fit, mode=image_mode)
+    elif fit is not None:
+        raise ValueError(f"fit applies to an input image, got fit={fit!r} without one")
+    sdedit = start is not None and image_mode == "sdedit"
+    if sdedit and isinstance(k, (list, tuple)):
+        raise ValueError(f"k: one value for method {method} with an image (one stage at the target size), got {k!r}")
+    if k is not None and image_mode == "sdedit" and start is None:
+        raise ValueError(f"k applies to method {method} with an input image only")
+    first = start.size if start is not None and not sdedit else None
+    guidance = model.default_guidance if guidance_scale is None else guidance_scale
+    sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample, first)
+    if sdedit:
+        sizes = [(height, width)]
+    elif start is not None and len(sizes) == 1:  # the image would be the result: refused, not passed through
+        if stages == 0:
+            raise ValueError("stages must be at least 1 with an input image (stage 0 is the image), got 0")
+        raise ValueError(
+            f"image: stage 0 would be {start.size[1]}x{start.size[0]}, the target itself, which leaves no stage to "
+            f"run: give a larger target, or method direct, scalecrafter or attn-sf to redraw it at {width}x{height}"
+        )
+    prompts = _as_list(prompt)
+    gens = _generators(generator, seed, len(prompts))
+    # 2. The conditioning: unconditioned for an empty prompt with an image
+    unconditioned = start is not None and _unconditioned(prompts, negative_prompt)
+    guidance = 1.0 if unconditioned else guidance
+    cond = encode_prompt(model, prompts, negative_prompt, guidance) if conditioning else None
+    # 3. The scheduler and the result
+    settings = {
+        "prompt": prompts[0] if len(prompts) == 1 else prompts,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": num_inference_steps,
+        "guidance_scale": guidance,
+        "model": model.name,
+    }
+    if start is not None:
+        settings |= {"image": dict(start.info), "image_mode": start.mode}
+        if sdedit:
+            settings["k"] = model.default_k if k is None else k
+        if unconditioned:  # guidance has no effect without a prompt: off, and said so
+            settings["unconditioned"] = True
+    result = Result(method, prompts, [], settings)
+    scheduler = make_scheduler(model, num_inference_steps)
+    return Run(model, prompts, cond, gens, scheduler, sizes, result, start, callback, on_stage, progress)
+
+
+def from_noise(run: Run, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole schedule and pure noise at height x width: how a pivot (or direct sampling) starts."""
+    return run.scheduler.timesteps, run.noise(height, width) * run.scheduler.init_noise_sigma
+
+
+def sample_stage(
+    run: Run,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    before_step=None,
+    started: float | None = None,
+) -> Stage:
+    """Denoise x over `timesteps` -> the stage (not yet finished), timed from `started` (default now); every
+    step's callback says which stage it belongs to (the next one of the result)."""
+    started = time.perf_counter() if started is None else started
+    index, callback = len(run.result.stages), run.callback
+    cb = (lambda info: callback({**info, "stage": index})) if callback else None
+    latents = sample_ddim(denoiser, x, run.scheduler, timesteps, cb, disable=not run.progress, before_step=before_step)
+    if latents.device.type == "cuda":
+        torch.cuda.synchronize(latents.device)
+    seconds = time.perf_counter() - started
+    height, width = (n * run.model.vae_scale for n in latents.shape[-2:])
+    return Stage(height, width, len(timesteps), seconds, int(timesteps[0]), latents)
+
+
+def finish_stage(run: Run, stage: Stage, decode: bool = True) -> Stage:
+    """Add the stage to the result: refused when its latents are not finite, else decoded (unless `decode` is
+    False or it has its images) and reported to on_stage."""
+    index = len(run.result.stages)
+    refuse_non_finite(stage, index)
+    run.result.stages.append(stage)
+    started = time.perf_counter()
+    if decode and stage.latents is not None and not stage.images:
+        from .cascade import decode as vae_decode  # the VAE's helpers are cascade's, which imports this module
+
+        stage.images = vae_decode(run.model, stage.latents)
+    if run.on_stage is not None:
+        run.on_stage(index, stage)
+    run.result.decode_seconds += time.perf_counter() - started
+    return stage
+
+
+def input_stage(run: Run, latents: bool = True) -> Stage:
+    """The input image as stage 0, finished: encoded to latents (once, shared by every prompt), unless the
+    method works in pixel space (`latents=False`)."""
+    started = time.perf_counter()
+    image = run.start.image
+    encoded = None
+    if latents:
+        from .cascade import encode
+
+        encoded = encode(run.model, [image]).repeat(len(run.prompts), 1, 1, 1)
+    seconds = time.perf_counter() - started
+    stage = Stage(image.height, image.width, 0, seconds, 0, encoded, [image] * len(run.prompts))
+    return finish_stage(run, stage, decode=False)
+
+
+# ---- the non-finite guard ------------------------------------------------------------------------------
+
+
+def refuse_non_finite(stage: Stage, index: int) -> None:
+    """NonFiniteError when the stage's latents hold NaN or infinity, naming the stage and the likely cause."""
+    if stage.latents is None:
+        return
+    if stage.steps == 0:
+        name = f"stage {index} (the input image, {stage.width} x {stage.height})"
+        check_finite(stage.latents, f"{name} encoded to", "an unfit VAE")
+    else:
+        name = f"stage {index} ({stage.width} x {stage.height})"
+        check_finite(stage.latents, f"{name} produced", "an unfit upsampler adapter or LoRA")
+
+
+def check_finite(latents: torch.Tensor, what: str, cause: str) -> None:
+    """NonFiniteError "<what> NaN latents: likely <cause> ..." when `latents` are not all finite; half-precision
+    latents add float16 overflow to the causes, with the way out."""
+    if bool(torch.isfinite(latents).all()):
+        return
+    kind = "NaN" if bool(torch.isnan(latents).any()) else "infinite"
+    half = latents.dtype in (torch.float16, torch.bfloat16)
+    if half and "float16" not in cause:
+        cause += ", or float16 overflow"
+    hint = " (try --dtype float32)" if half else ""
+    raise NonFiniteError(f"{what} {kind} latents: likely {cause}{hint}; stopped before decoding it")
