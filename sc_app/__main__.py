@@ -166,13 +166,15 @@ def _method_options(args) -> dict:
 
 
 def _write_run(result, folder: Path) -> None:
-    """stageR.png per stage, final.png, result.json: all or nothing, in place of the folder's earlier run
-    (`files.staged_folder`)."""
+    """stageR.png per stage, final.png (with A1111's `parameters` text, which image viewers, Civitai and A1111's
+    PNG Info read), result.json: all or nothing, in place of the folder's earlier run (`files.staged_folder`)."""
+    from .infotext import infotext, save_png
+
     with staged_folder(folder) as tmp:
         if len(result.stages) > 1:  # the self-cascade, DemoFusion, FreeScale: every stage, the pivot first
             for r, stage in enumerate(result.stages):
                 stage.images[0].save(tmp / f"stage{r}.png")
-        result.images[0].save(tmp / "final.png")
+        save_png(result.images[0], tmp / "final.png", infotext(result), settings=result.summary())
         (tmp / "result.json").write_text(json.dumps(result.summary(), indent=2, default=str))
 
 

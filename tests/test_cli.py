@@ -62,6 +62,14 @@ def test_end_to_end_in_a_fresh_process(sd_folder, tmp_path):
     assert result["total_seconds"] > 0
     assert Image.open(out / "final.png").size == (32, 64)
     assert Image.open(out / "stage0.png").size == (12, 24)
+    # the settings travel in the PNG as A1111 writes them, for image viewers, Civitai and PNG Info
+    from sc_app.infotext import parse_infotext
+
+    text = Image.open(out / "final.png").info["parameters"]
+    assert text.splitlines()[0] == "a red circle"
+    assert {"seed": 7, "steps": 4, "width": 32, "height": 64, "method": "self-cascade"}.items() <= parse_infotext(
+        text
+    ).items()
 
 
 def test_prompts_file_writes_one_folder_per_prompt(sd_folder, tmp_path, capsys):
