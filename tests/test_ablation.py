@@ -388,3 +388,50 @@ def test_training_time_comes_from_the_trained_files(sd_folder, sd_model, tmp_pat
     column = HEADER.index("training time")
     times = {label: cells[column] for label, cells in table_rows(out.read_text()).items()}
     assert times == {"base (16x16, other seeds)": "-", "free": "-", "recorded": "1.5 min", "older": "not recorded"}
+
+
+def test_restart_fraction_and_cosine_scales_reach_generate_and_every_row_names_its_settings(sd_folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    settings = [
+        "fs3: method=freescale; restart_fraction=0.3",
+        "fs7: method=freescale; restart_fraction=0.7",
+        "df0: method=demofusion; cosine_scale_1=0",
+        "df3: method=demofusion; cosine_scale_1=3; cosine_scale_2=1",
+        "sc: k=600",
+    ]
+    assert run(sd_folder, work, out, *settings, size="32x32", direct_n=2) == 0
+    assert not same(pixels(work, "32x32", "fs3"), pixels(work, "32x32", "fs7"))
+    assert not same(pixels(work, "32x32", "df0"), pixels(work, "32x32", "df3"))
+    resolved = {slug: records(work, "32x32", slug)[0]["resolved"] for slug in ("fs3", "df3", "sc", "direct")}
+    assert resolved["fs3"]["restart_fraction"] == 0.3 and resolved["df3"]["cosine_scale_2"] == 1.0
+    assert resolved["sc"]["k"] == [600] and resolved["direct"]["guidance_scale"] == 7.5  # the model's, resolved
+    text = out.read_text()
+    assert "Settings each row ran with (resolved at run time" in text
+    (fs7,) = [line for line in text.splitlines() if line.startswith("- fs7: ")]
+    assert all(f in fs7 for f in ("steps=2", "guidance_scale=7.5", "restart_fraction=0.7"))  # never "model's default"
+    for spec, words in [
+        ("method=freescale; restart_fraction=1", "restart_fraction must be a number in 0..0.99"),
+        ("method=demofusion; cosine_scale_1=-1", "cosine_scale_1 must be a number >= 0"),
+        ("method=direct; restart_fraction=0.5", "restart_fraction= applies to method=freescale only"),
+        ("method=freescale; cosine_scale_2=1", "cosine_scale_2= applies to method=demofusion only"),
+    ]:
+        with pytest.raises(BadInput, match=words):
+            parse_setting(f"x: {spec}")
+
+
+def test_no_method_decodes_its_intermediate_stages_in_a_bench_row(sd_folder, tmp_path, monkeypatch):
+    """The time of every row holds the same decodes: the final image's (and the pixels a method works on)."""
+    from sc_app.bench.ablation import SKIPS_STAGE_DECODES
+
+    asked = {}
+    real = api.generate
+
+    def spy(model, prompts, height, width, method, **options):
+        asked[method] = options.get("decode_stages", "not taken")
+        return real(model, prompts, height, width, method, **options)
+
+    monkeypatch.setattr(api, "generate", spy)
+    rows = [f"{m}: method={m}" for m in ("self-cascade", "demofusion", "freescale", "scalecrafter", "lanczos")]
+    assert run(sd_folder, tmp_path / "work", tmp_path / "bench.md", *rows, size="32x32", direct_n=1) == 0
+    assert {m: v for m, v in asked.items() if m in SKIPS_STAGE_DECODES} == dict.fromkeys(SKIPS_STAGE_DECODES, False)
+    assert asked["direct"] == asked["scalecrafter"] == asked["lanczos"] == "not taken"  # no intermediate stage

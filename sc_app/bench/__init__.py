@@ -13,6 +13,11 @@ ablation Settings side by side (any method; K per stage, upsampling, adapters, L
          processes (with OMP_NUM_THREADS set to cores / N).
 search   Every method's settings searched alike on development prompts (built-in grids plus given rows) through
          the ablation's engine; per method the best row by composition, written to a JSON for `ablation --chosen`.
+fair     Fair by construction (issue 36), `fair search` then `fair table`: every method's own knobs on grids of
+         equal breadth that extend past their edges, on >= 100 development prompts, chosen by a rule written into
+         the settings file before the search runs; the test table from that frozen file, with paired tests
+         (McNemar, paired bootstrap of FID_r) against the chosen self-cascade, the FID floor, per-image CSV, time
+         against direct in the same run; resumable `--work`, `--shard i/n` for one-thread processes, `--merge`.
 gpu      Every method on the SD 1.5, SD 2.1 and SD XL UNet and VAE architectures with random fp16 weights on one
          CUDA GPU, per stage, with peak memory, inside one time budget (`sc_app.bench.gpu`); `--tiny` on a CPU.
 
@@ -33,6 +38,7 @@ from ..api import METHODS  # noqa: E402
 from ..cli import Parser, prog, quiet_loaders, run  # noqa: E402
 from .ablation import add_parser as add_ablation_parser  # noqa: E402
 from .archs import ARCHS  # noqa: E402
+from .fair import add_parser as add_fair_parser  # noqa: E402
 from .gpu import add_parser as add_gpu_parser  # noqa: E402
 from .search import add_parser as add_search_parser  # noqa: E402
 
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gpu_parser(sub)
     add_ablation_parser(sub)
     add_search_parser(sub)
+    add_fair_parser(sub)
     return parser
 
 

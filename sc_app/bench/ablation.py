@@ -56,7 +56,10 @@ DEFAULT_WORK = Path("runs/bench-ablation")
 DEV_SEED = 1000  # development prompts: seeds disjoint from the test tables' (0 .. 199)
 OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS + i, never an evaluated seed
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
-KEYS = "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg".split()
+KEYS = (
+    "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg restart_fraction "
+    "cosine_scale_1 cosine_scale_2 cosine_scale_3"
+).split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
     "k": "self-cascade",
@@ -67,7 +70,37 @@ ONLY_FOR = {  # keys that one method alone takes
     "dilation": "scalecrafter",
     "tau": "scalecrafter",
     "ndcfg": "scalecrafter",
+    "restart_fraction": "freescale",
+    "cosine_scale_1": "demofusion",
+    "cosine_scale_2": "demofusion",
+    "cosine_scale_3": "demofusion",
 }
+# Methods that decode their intermediate stages only when asked: every bench row asks none of them to, so that
+# no method's time holds decodes that another's does not (direct has no intermediate stage). SD+SR and Lanczos
+# decode the pivot because they work on its pixels, and a Lanczos-pivot self-cascade each stage: that is their
+# method, not a preview.
+SKIPS_STAGE_DECODES = ("self-cascade", "demofusion", "freescale")
+
+
+def stage_decodes(method: str) -> dict:
+    """generate's keyword that leaves intermediate stages undecoded, for the methods that take it."""
+    return {"decode_stages": False} if method in SKIPS_STAGE_DECODES else {}
+
+
+def resolved_settings(settings: dict) -> dict:
+    """A result's settings as resolved at run time (guidance, K per stage, plan, restart fraction, ...), less what
+    differs per sample (prompt, seed): what a row's samples must share, and what its section names."""
+    kept = {k: v for k, v in settings.items() if k not in ("prompt", "seed", "negative_prompt")}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def settings_text(resolved: dict | None) -> str:
+    """`guidance_scale=3, k=[300, 150], ...`: a row's resolved settings on one line (the model's name left out)."""
+    if not resolved:
+        return "not recorded (samples older than the record)"
+    return ", ".join(
+        f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in resolved.items() if k != "model"
+    )
 
 
 @dataclass(frozen=True)
@@ -114,6 +147,9 @@ class Setting:
             out["guidance_scale"] = float(options["guidance"])
         if "noise_level" in options:
             out["noise_level"] = int(options["noise_level"])
+        for key in ("restart_fraction", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3"):
+            if key in options:
+                out[key] = float(options[key])
         return out
 
     def plan(self, model, size: tuple[int, int]):
@@ -183,6 +219,10 @@ def _check_number(text: str, key: str, value: str) -> None:
         "tau": (int, 0, BASE_STEPS),
         "ndcfg": (float, 1, None),
         "upsampler_min_t": (int, 0, 1000),
+        "restart_fraction": (float, 0, 0.99),
+        "cosine_scale_1": (float, 0, None),
+        "cosine_scale_2": (float, 0, None),
+        "cosine_scale_3": (float, 0, None),
     }
     if key not in ranges:
         return
@@ -330,7 +370,7 @@ def _sample(models, cells: list[Cell], prompts, *, seed, steps, batch_size, stat
                 seed=None,
                 generator=_generators(first, todo),
                 num_inference_steps=steps,
-                **({"decode_stages": False} if setting.method == "self-cascade" else {}),
+                **stage_decodes(setting.method),
                 **({"plan": plan} if plan is not None else {}),
                 **setting.generate_options(),
             )
@@ -348,6 +388,7 @@ def _sample(models, cells: list[Cell], prompts, *, seed, steps, batch_size, stat
                         "detected": [" ".join(o) for o in detect(image)],
                         "seconds": seconds,
                         "session": session,
+                        "resolved": resolved_settings(result.settings),
                     },
                 )
         log(f"  [process {state.process_index}] batch {b + 1}/{len(batches)} done")
@@ -381,6 +422,7 @@ class Measured:
     kid_r: float | None = None
     fid_b: tuple[float, float, float] | None = None
     kid_b: float | None = None
+    resolved: dict | None = None  # the settings the row's samples ran with, resolved at run time
 
     @property
     def composition(self) -> float:
@@ -445,6 +487,7 @@ def _measure(cell: Cell, model, n: int, direct: dict, figures) -> Measured:
     idx = sorted(records)
     hits, scores = sum(records[i]["match"] for i in idx), [s for i in idx for s in records[i]["fidelity"]]
     row = Measured(cell.variant, hits, len(idx), scores, *_parameters(model, cell.variant))
+    row.resolved = next((records[i]["resolved"] for i in idx if "resolved" in records[i]), None)
     shared = [i for i in idx if i in direct]
     if shared:
         row.ratio = statistics.median(records[i]["seconds"] for i in shared) / statistics.median(
@@ -555,6 +598,12 @@ def describe(args, bench: Bench) -> str:
     )
 
 
+def resolved_list(rows: list[Measured]) -> str:
+    """Every row's settings as its samples resolved them at run time: no row reads "the model's default"."""
+    lines = [f"- {row.setting.label}: {settings_text(row.resolved)}" for row in rows]
+    return "Settings each row ran with (resolved at run time, steps included):\n\n" + "\n".join(lines)
+
+
 def run_ablation(args, argv: list[str]) -> None:
     settings = [parse_setting(s) for s in args.setting]
     if not settings and args.chosen is None:
@@ -601,6 +650,7 @@ def run_ablation(args, argv: list[str]) -> None:
                 describe(args, bench),
                 chosen_text,
                 table,
+                resolved_list([base] + rows),
                 figure,
             ],
         )

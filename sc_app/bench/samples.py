@@ -66,10 +66,11 @@ class Cell:
         """The image first, then its record, each written then renamed: a record means a complete sample."""
         self.folder.mkdir(parents=True, exist_ok=True)
         png, rec = self.folder / f"{index:04d}.png", self.folder / f"{index:04d}.json"
-        image.save(png.with_suffix(".png.tmp"), format="PNG")
-        os.replace(png.with_suffix(".png.tmp"), png)
-        rec.with_suffix(".json.tmp").write_text(json.dumps(record))
-        os.replace(rec.with_suffix(".json.tmp"), rec)
+        tmp = f".{os.getpid()}.tmp"
+        image.save(png.with_suffix(".png" + tmp), format="PNG")
+        os.replace(png.with_suffix(".png" + tmp), png)
+        rec.with_suffix(".json" + tmp).write_text(json.dumps(record))
+        os.replace(rec.with_suffix(".json" + tmp), rec)
 
 
 def cached_features(path: Path, indices: list[int], images_for) -> np.ndarray:
@@ -87,7 +88,7 @@ def cached_features(path: Path, indices: list[int], images_for) -> np.ndarray:
             have[i] = f
         keys = sorted(have)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")  # processes that share the folder never share it
         np.savez(tmp, indices=np.array(keys), features=np.stack([have[k] for k in keys]))
         os.replace(tmp, path)
     return np.stack([have[i] for i in indices])

@@ -29,6 +29,7 @@ from .ablation import (
     measure,
     open_bench,
     parse_setting,
+    resolved_list,
 )
 from .common import command_line, log, machine_description, markdown_table, size_name, write_section
 
@@ -231,6 +232,7 @@ def run_search(args, argv: list[str]) -> None:
             choice,
             describe(args, bench),
             table,
+            resolved_list([base] + rows),
         ]
     )
     write_section(args.out, args.section or f"search-{size_name(bench.size)}", body)
