@@ -8,8 +8,24 @@ if TYPE_CHECKING:  # torch and diffusers load where they are used: the command l
     from .cascade import Result
     from .models import Model
 
-METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
-SDEDIT_METHODS = ("direct", "scalecrafter", "attn-sf")  # one stage at the target: an input image is re-noised there
+METHODS = (
+    "self-cascade",
+    "direct",
+    "scalecrafter",
+    "attn-sf",
+    "demofusion",
+    "freescale",
+    "hidiffusion",
+    "sr",
+    "lanczos",
+)
+SDEDIT_METHODS = (
+    "direct",
+    "scalecrafter",
+    "attn-sf",
+    "hidiffusion",
+)  # one stage at the target: an input image is re-noised there
+RESTARTING_METHODS = ("self-cascade", "freescale")  # their stages after the pivot start part-way into the schedule
 
 
 def image_mode(method: str) -> str:
@@ -19,10 +35,20 @@ def image_mode(method: str) -> str:
 
 
 def as_model(model) -> Model:
-    """A loaded Model as it is, or a diffusers SD / SD XL pipeline the user already has."""
+    """A loaded Model as it is, or a diffusers SD / SD XL pipeline the user already has (its scheduler and
+    everything else left as they are)."""
     from .models import Model
 
     return model if isinstance(model, Model) else Model.from_pipeline(model)
+
+
+def default_scheduler(model: Model, from_pipe: bool) -> str:
+    """What scheduler=None means: "ddim" for a loaded Model; for a diffusers pipeline the user passed, its own
+    scheduler ("pipe"), unless that one cannot start a stage part-way into its schedule (PNDM, SD 1.x's
+    default): then DDIM on its config, as every method sampled such a pipe before samplers were a choice."""
+    from .schedulers import PIPE, restarts
+
+    return PIPE if from_pipe and restarts(model.pipe.scheduler) else "ddim"
 
 
 def generate(
@@ -41,6 +67,10 @@ def generate(
     image=None,
     fit: str | None = None,
     max_pixels: int | None = None,
+    scheduler: str | None = None,
+    attention: str = "full",
+    attention_window: int | tuple[int, int] | None = None,
+    attention_factor: int = 2,
     **common,
 ) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
@@ -54,11 +84,28 @@ def generate(
     run from that picture, as stage 0 of the result (see `image_mode`; the direct methods take `k` for it):
     fitted to the target's aspect ratio (within 3%, else `fit` "crop" or "pad"), at most the target's size.
     With an empty prompt the model runs unconditioned. `max_pixels`: the largest target, and input image
-    (from its header, before it is decoded), in pixels."""
-    from .checks import whole, within_limit
-    from .lora import applied_loras, check_loras
-    from .stages import image_start
+    (from its header, before it is decoded), in pixels.
 
+    `scheduler`: the sampler, one of `sc_app.schedulers.CHOICES` ("ddim", "euler", "euler-a", "dpm++-2m",
+    "dpm++-2m-karras", "dpm++-sde-karras", "unipc", "lcm", "pipe": the pipe's own); None: "ddim" for a loaded
+    Model, "pipe" for a pipeline passed as it is (`default_scheduler`). Every method keeps its meaning on the
+    sampler's own grid: a stage re-noised to K starts at the grid's first step at or below K; ScaleCrafter's tau
+    and FreeScale's restart and dilation count steps of the schedule; skip residuals noise to the grid's
+    current point; ancestral and SDE samplers draw from each prompt's generator, so a seed reproduces. "lcm"
+    needs an LCM-distilled model or an LCM LoRA among `loras` (its file name says "lcm"). SD+SR samples its
+    pivot with it (the upscaler keeps its own).
+
+    `attention`: the self-attention of every stage after the pivot (and of the one stage of direct, ScaleCrafter
+    and Attn-SF), on the layers whose token grid is larger than any the model has at its base size: "full"
+    (exact), "window" (shifted windows of `attention_window` latent cells, default the model's base latent),
+    "downsample-kv" (keys and values pooled `attention_factor` per side) or "auto" (`stages.auto_attention`'s
+    rule per stage). The pivot stays exact; settings["stage_attention"] says what each stage ran."""
+    from .checks import whole, within_limit
+    from .lora import _as_loras, applied_loras, check_loras
+    from .models import Model
+    from .stages import check_sampling, image_start
+
+    from_pipe = not isinstance(model, Model)
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -70,6 +117,16 @@ def generate(
         )
     if upsampler_min_t and upsampler is None:
         raise ValueError("upsampler_min_t applies to a tuned self-cascade: give an upsampler too")
+    common["sampling"] = check_sampling(  # the sampler and attention, before anything slow
+        model,
+        default_scheduler(model, from_pipe) if scheduler is None else scheduler,
+        attention,
+        attention_window,
+        attention_factor,
+        num_inference_steps=common.get("num_inference_steps", 50),
+        restarts=method in RESTARTING_METHODS or (image is not None and method in SDEDIT_METHODS),
+        lcm_lora=any("lcm" in str(lora.path).lower() for lora in _as_loras(loras)),
+    )
     if max_pixels is not None:
         within_limit(height, width, whole("max_pixels", max_pixels, 1), hint="the max_pixels argument")
     if image is not None:  # read and sized before the LoRAs and adapters load
@@ -119,6 +176,10 @@ def _run(model, prompt, height, width, method, k, stages, upsample, stage_denois
         from .baselines.freescale import freescale
 
         return freescale(model, prompt, height, width, **common)
+    if method == "hidiffusion":  # common may also take t1_ratio, t2_ratio, aggressive, raunet, window_attn
+        from .baselines.hidiffusion import hidiffusion
+
+        return hidiffusion(model, prompt, height, width, **common)
     if method == "sr":
         from .baselines.upscale import super_resolution
 

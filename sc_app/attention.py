@@ -126,13 +126,14 @@ class SpatialSelfAttention:
 
     `grid` and `latent` are the (h, w) of the layer's token grid and of the UNet's latent in the call under way,
     written by apply_attention's forward pre-hooks. remove_attention clears `enabled`: a processor it could not
-    take out of a chain passes everything through.
+    take out of a chain passes everything through. `cheap_calls` counts the calls that took the cheaper attention.
     """
 
     def __init__(self, original, min_tokens: int):
         self.original = original
         self.min_tokens = min_tokens
         self.enabled = True
+        self.cheap_calls = 0
         self.grid: tuple[int, int] | None = None
         self.latent: tuple[int, int] | None = None
 
@@ -146,6 +147,7 @@ class SpatialSelfAttention:
 
         if not self.applies(hidden_states, encoder_hidden_states, attention_mask):
             return attend(hidden_states, encoder_hidden_states, attention_mask)
+        self.cheap_calls += 1
         return self.cheap(attend, hidden_states)
 
     def applies(self, hidden_states, encoder_hidden_states, attention_mask) -> bool:
@@ -193,8 +195,8 @@ class DownsampledKVAttention(SpatialSelfAttention):
 
     def cheap(self, attend, states: torch.Tensor) -> torch.Tensor:
         # The replaced processor takes keys and values from its context; attn1 has no cross-attention norm, so
-        # they are its own projections of the pooled tokens. (A processor that ignores the context, as Attn-SF's
-        # does at untrained sizes, would get full attention back.)
+        # they are its own projections of the pooled tokens. (A processor that ignores the context would get full
+        # attention back; Attn-SF's, which wraps this one in a run, calls `cheap` with its own scaled attention.)
         return attend(states, context=pooled_tokens(states, self.grid, self.factor))
 
 
@@ -298,6 +300,12 @@ def apply_attention(unet: nn.Module, mode: str, *, window=None, factor: int = 2,
         patch.hooks.append(transformer.register_forward_pre_hook(_grid_recorder(processors), with_kwargs=True))
     patch.hooks.append(unet.register_forward_pre_hook(_latent_recorder(everyone), with_kwargs=True))
     unet.__dict__[_PATCH] = patch
+
+
+def cheap_calls(unet: nn.Module) -> int:
+    """How many self-attention calls took the cheaper attention since apply_attention (0 where none is applied)."""
+    patch = unet.__dict__.get(_PATCH)
+    return sum(processor.cheap_calls for _, processor in patch.layers) if patch is not None else 0
 
 
 @contextmanager

@@ -10,19 +10,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .sampling import Denoiser, added_conditions, encode_prompt, guided_denoiser, renoise, sample_ddim
+from .sampling import Denoiser, added_conditions, encode_prompt, guided_denoiser
+from .schedulers import renoise_to
 from .stages import (  # noqa: F401  (re-exported: other modules and the tests import them from here)
     UPSAMPLE_MODES,
     Result,
+    Sampling,
     Stage,
     StageCallback,
     _as_list,
     _generators,
     check_finite,
     check_inputs,
+    denoise,
     finish_stage,
     from_noise,
     input_stage,
+    per_step,
     prepare,
     sample_stage,
 )
@@ -115,12 +119,16 @@ def self_cascade(
     stage_denoiser=None,
     image=None,
     fit: str | None = None,
+    sampling: Sampling | None = None,
 ) -> Result:
     """Pivot at the base size, then per stage: upsample the clean latent, diffuse it to K, denoise K -> 0.
 
     `stage_denoiser(stage_index, pivot_latents, denoiser, cond, added) -> denoiser` lets the tuned
     version (feature upsamplers) replace the denoiser of a stage; None keeps it tuning-free. `image` (a PIL
     image, a path, an array or a tensor; `fit` "crop" or "pad" for another aspect ratio) is the pivot.
+    `sampling` (`stages.check_sampling`): the sampler, whose grid a stage re-noised to K starts on (its first
+    step at or below K, with the sampler's own noise level there), and the attention of the stages after the
+    pivot; default DDIM and full attention.
     """
     # 1. Inputs, plan, prompts, generators
     run = prepare(
@@ -142,6 +150,7 @@ def self_cascade(
         upsample=upsample,
         image=image,
         fit=fit,
+        sampling=sampling,
     )
     ks = model.stage_ks(len(run.sizes) - 1, k)
     upsample = upsample or model.default_upsample
@@ -159,7 +168,7 @@ def self_cascade(
         else:  # 3. A stage. Eq. 6: z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), then denoise K -> 0 (Eq. 7)
             noise = run.noise(h, w)
             upsampled = upsample_latents(model, latents, noise.shape[-2:], upsample)
-            timesteps, x = renoise(run.scheduler, upsampled, noise, ks[r - 1])
+            timesteps, x = renoise_to(run.scheduler, upsampled, noise, ks[r - 1])  # on the sampler's own grid
             if stage_denoiser is not None:
                 denoiser = stage_denoiser(r, latents, denoiser, run.cond, added)
         stage = finish_stage(run, sample_stage(run, denoiser, x, timesteps), decode_stages or r == last)
@@ -186,13 +195,16 @@ def direct(
     image=None,
     fit: str | None = None,
     k: int | None = None,
+    sampling: Sampling | None = None,
 ) -> Result:
     """Plain sampling at the target size, same scheduler, steps and seed as the cascade's pivot; with an
-    `image`, SDEdit: the image (resized to the target) re-noised to K (the model's default K unless `k`) and
-    denoised K -> 0, after it as stage 0.
+    `image`, SDEdit: the image (resized to the target) re-noised to K (the model's default K unless `k`, on the
+    sampler's own grid) and denoised K -> 0, after it as stage 0. `sampling`: as `self_cascade`'s (the
+    attention mode applies to the stage at the target).
 
     `denoiser_factory(denoiser, cond, added, height, width, first_step) -> denoiser` lets a baseline wrap the
-    UNet call (`first_step`: where in the whole schedule the run starts, 0 without an image).
+    UNet call (`first_step`: the step of the whole schedule the run starts at, 0 without an image; the
+    denoiser's i counts steps from there, also for a second-order scheduler).
     """
     run = prepare(
         model,
@@ -212,17 +224,19 @@ def direct(
         image=image,
         fit=fit,
         image_mode="sdedit",
+        sampling=sampling,
     )
     if run.start is None:
         timesteps, x = from_noise(run, height, width)
     else:  # SDEdit (Meng et al. 2022): the input image diffused to K
         latents = input_stage(run).latents
-        timesteps, x = renoise(run.scheduler, latents, run.noise(height, width), run.result.settings["k"])
+        timesteps, x = renoise_to(run.scheduler, latents, run.noise(height, width), run.result.settings["k"])
     added = added_conditions(model, run.cond, height, width)
     denoiser = guided_denoiser(model.unet, run.cond, added)
     if denoiser_factory is not None:
-        first_step = len(run.scheduler.timesteps) - len(timesteps)
+        first_step = (len(run.scheduler.timesteps) - len(timesteps)) // run.scheduler.order
         denoiser = denoiser_factory(denoiser, run.cond, added, height, width, first_step=first_step)
+        denoiser = per_step(denoiser, run.scheduler)
     finish_stage(run, sample_stage(run, denoiser, x, timesteps))
     return run.result
 
@@ -231,13 +245,14 @@ def direct(
 
 
 def _timed_sample(
-    denoiser: Denoiser, x, scheduler, timesteps, callback, stage_index, progress
+    denoiser: Denoiser, x, scheduler, timesteps, callback, stage_index, progress, generators=None
 ) -> tuple[torch.Tensor, float]:
-    """sample_ddim for one stage -> (latents, seconds), refusing non-finite latents (stages.sample_stage and
-    finish_stage do this for the image methods)."""
+    """One stage's sampling (`stages.denoise`; `generators`: the prompts', for a sampler that draws noise) ->
+    (latents, seconds), refusing non-finite latents (stages.sample_stage and finish_stage do this for the image
+    methods)."""
     started = time.perf_counter()
     cb = (lambda info: callback({**info, "stage": stage_index})) if callback else None
-    x = sample_ddim(denoiser, x, scheduler, timesteps, cb, disable=not progress)
+    x = denoise(denoiser, x, scheduler, timesteps, generators, cb, progress)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - started

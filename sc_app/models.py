@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .cascade import UPSAMPLE_MODES
 from .checks import torch_device
@@ -89,13 +89,12 @@ class Model:
 
     @classmethod
     def from_pipeline(cls, pipe: DiffusionPipeline, name: str | None = None) -> "Model":
-        """Wrap a pipeline the user already has; the cascade samples with DDIM on its scheduler config."""
+        """Wrap a pipeline the user already has, changing nothing on it: every run builds its own scheduler from
+        the pipe's (`sc_app.schedulers`: DDIM, or another name, on its config; "pipe": its own class)."""
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise ValueError(
                 f"pipe must be a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
             )
-        if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         source = pipe.config.get("_name_or_path") or ""
         settings = _folder_settings(source)
         return cls(

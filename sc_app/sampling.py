@@ -97,6 +97,13 @@ def guided_denoiser(
     return denoise
 
 
+def training_noise_scheduler(model) -> DDIMScheduler:
+    """The forward process training noises with: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (and its velocity), from
+    the model's betas. Not the pipe's own scheduler, which may be Euler (sigma space: x_0 + sigma eps) or PNDM (no
+    velocity) since a user's pipe keeps its sampler."""
+    return DDIMScheduler.from_config(model.pipe.scheduler.config)
+
+
 def make_scheduler(model, num_inference_steps: int) -> DDIMScheduler:
     """A fresh DDIM scheduler per run, so concurrent runs never share timestep state."""
     scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config)

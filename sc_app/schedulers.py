@@ -36,6 +36,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -140,10 +141,19 @@ def start_index(scheduler: SchedulerMixin, k) -> int:
     return int(below[0]) * order
 
 
+def restarts(scheduler: SchedulerMixin) -> bool:
+    """Whether a stage can start part-way into `scheduler`'s grid (`renoise_to`): every name here, and a pipe's
+    own scheduler unless it is PNDM, whose PLMS warm-up assumes the grid's start (diffusers repeats the second
+    timestep of its grid for it; started later, it would skip a step)."""
+    return not isinstance(scheduler, PNDMScheduler)
+
+
 def begin_at(scheduler: SchedulerMixin, index: int) -> torch.Tensor:
     """Set `scheduler` to run its grid from `index` on, with nothing kept from an earlier run (step index,
     multistep history); returns the timesteps left. DDIM keeps no state, so only the slice is taken."""
-    if hasattr(scheduler, "set_begin_index"):
+    if index and not restarts(scheduler):
+        raise ValueError(f"scheduler: {type(scheduler).__name__} cannot start part-way into its schedule")
+    if hasattr(scheduler, "set_begin_index") or isinstance(scheduler, PNDMScheduler):
         grid = scheduler.timesteps
         scheduler.set_timesteps(scheduler.num_inference_steps, device=grid.device)  # resets the run's state
         if not torch.equal(scheduler.timesteps, grid):
@@ -151,7 +161,8 @@ def begin_at(scheduler: SchedulerMixin, index: int) -> torch.Tensor:
                 f"scheduler: {type(scheduler).__name__}'s grid was not set by set_timesteps(num_inference_steps) "
                 "(custom timesteps or sigmas), so a stage cannot restart on it"
             )
-        scheduler.set_begin_index(index)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(index)
     return scheduler.timesteps[index:]
 
 

@@ -4,30 +4,41 @@ A method is its own loop over the plan's stages. What makes it the self-cascade,
 how it builds each stage's starting latent and denoiser; the rest is the same for all and lives here:
 - `prepare`: check the request, read and fit an input image, plan the stages, encode the prompts, one
   generator per prompt, the scheduler and the Result with the settings every method records;
-- `sample_stage`: denoise over the run's scheduler, timed, each step's callback tagged with the stage;
+- `sample_stage`: denoise over the run's scheduler (any of `sc_app.schedulers`, its step noise from the
+  prompts' generators), timed, each step's callback tagged with the stage, under the run's self-attention mode
+  (`sc_app.attention`) for every stage after the pivot;
 - `finish_stage`: refuse non-finite latents (before anything is decoded or reported), decode, `on_stage`.
 An input image is stage 0 (`input_stage`): the first stage itself ("pivot" mode) or, for the methods that
 sample at the target size only, re-noised to K there ("sdedit" mode).
 
 The boundary a sampler or a model family plugs into: a denoiser is `(x, t, i) -> model output` (the UNet,
-its guidance and any patch inside); the scheduler and its timesteps are the run's.
+its guidance and any patch inside); the scheduler and its timesteps are the run's. How a run samples, the
+scheduler by name and the attention mode, is a `Sampling`, checked once (`check_sampling`) before slow work.
+A stage that starts part-way into the schedule starts on the sampler's own grid (`schedulers.renoise_to`); `t`
+is a float on Euler's grids, so whatever indexes or logs it rounds it (Stage.start_t).
 """
 
 from __future__ import annotations
 
+import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
+from . import schedulers
+from .attention import MODES as ATTENTION_MODES
+from .attention import _window_pair, apply_attention, cheap_calls, remove_attention, spatial_self_attention
 from .checks import MAX_GUIDANCE, finite
 from .checks import seed as check_seed
 from .images import fit_aspect, load_image
 from .plan import first_stage_size, plan_stages
-from .sampling import Conditioning, Denoiser, encode_prompt, initial_noise, make_scheduler, sample_ddim
+from .sampling import Conditioning, Denoiser, encode_prompt, initial_noise, sample_ddim
 
 UPSAMPLE_MODES = ("bilinear", "bicubic", "lanczos")  # lanczos: in pixel space, decoded and encoded again
 IMAGE_MODES = ("pivot", "sdedit")
@@ -39,9 +50,10 @@ class Stage:
     width: int
     steps: int  # denoising steps run (0 for an input image)
     seconds: float  # denoising time (an input image: its encoding)
-    start_t: int  # the timestep denoising started from (the re-noise level for r >= 1)
+    start_t: int  # the timestep denoising started from (the re-noise level for r >= 1), rounded
     latents: torch.Tensor | None = field(repr=False)  # None for stages made in pixel space (SR, Lanczos)
     images: list[Image.Image] = field(default_factory=list, repr=False)
+    attention: str | None = None  # the self-attention it ran ("full", "window 8x8", ...); None: no UNet of ours
 
 
 @dataclass
@@ -128,6 +140,185 @@ def check_inputs(
     if isinstance(k, (list, tuple)) and len(k) != len(sizes) - 1:
         raise ValueError(f"k lists one value per stage after the pivot ({len(sizes) - 1}), got {len(k)}")
     return sizes
+
+
+# ---- how a run samples: the scheduler, and the self-attention of the stages after the pivot ----------
+
+ATTENTION_CHOICES = (*ATTENTION_MODES, "auto")
+AUTO_WINDOW_ABOVE = 4  # auto_attention: windows for stages with more than this many times the base latent's cells
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a run samples; `check_sampling` builds it from the arguments of `api.generate`.
+
+    `scheduler`: a name of `schedulers.CHOICES`. `attention`: one of ATTENTION_CHOICES, for the stages after the
+    pivot (`stage_attention`); `window`: its windows in latent cells, an int or (height, width), None for the
+    model's base latent; `factor`: downsample-kv's pooling per side. `allow_lcm`: LCM was checked to fit (an LCM
+    LoRA applied for this call), as `schedulers.make_scheduler` takes it."""
+
+    scheduler: str = "ddim"
+    attention: str = "full"
+    window: int | tuple[int, int] | None = None
+    factor: int = 2
+    allow_lcm: bool = False
+
+    def settings(self, scheduler: SchedulerMixin) -> dict:
+        """What result.json records: the scheduler's name (and class, for the pipe's own), the attention mode
+        unless it is "full" (what every run did before the modes; finish_stage adds "stage_attention" always)."""
+        recorded = {"scheduler": self.scheduler}
+        if self.scheduler == schedulers.PIPE:
+            recorded["scheduler_class"] = type(scheduler).__name__
+        if self.attention != "full":
+            recorded["attention"] = self.attention
+        if self.window is not None:
+            recorded["attention_window"] = list(_window_pair(self.window))
+        if self.attention == "downsample-kv" or (self.attention == "auto" and self.factor != 2):
+            recorded["attention_factor"] = self.factor
+        return recorded
+
+
+def check_sampling(
+    model,
+    scheduler: str = "ddim",
+    attention: str = "full",
+    attention_window=None,
+    attention_factor: int = 2,
+    *,
+    num_inference_steps=None,
+    restarts: bool = True,
+    lcm_lora: bool = False,
+) -> Sampling:
+    """The sampler and attention arguments, checked against the model before anything slow; one-line ValueErrors
+    naming the argument. `restarts`: the method starts a stage part-way into the schedule (a re-noised stage),
+    which the pipe's own PNDM scheduler cannot. `lcm_lora`: an LCM LoRA comes with the call (LCM is refused
+    unless the model is LCM-distilled or has one: `schedulers.make_scheduler`). `num_inference_steps`, when a
+    valid count, is checked to fit the scheduler (LCM takes at most its original steps)."""
+    steps = num_inference_steps
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= model.num_train_timesteps):
+        steps = 1  # a bad count is check_inputs' to refuse; here only the name and LCM are checked
+    built = schedulers.make_scheduler(model, scheduler, steps, device="cpu", allow_lcm=lcm_lora)
+    if restarts and not schedulers.restarts(built):
+        raise ValueError(
+            f"scheduler {scheduler!r}: the pipe's {type(built).__name__} cannot start a stage part-way into its "
+            "schedule (its multistep warm-up assumes the schedule's start); pass scheduler='ddim' or another name"
+        )
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    if attention_window is not None:
+        if _window_pair(attention_window) is None:
+            raise ValueError(
+                f"attention_window must be a positive int or (height, width) of them, in latent cells, "
+                f"got {attention_window!r}"
+            )
+        if attention not in ("window", "auto"):
+            raise ValueError(f"attention_window applies to attention 'window' or 'auto', not {attention!r}")
+    if not (isinstance(attention_factor, int) and not isinstance(attention_factor, bool) and attention_factor >= 1):
+        raise ValueError(f"attention_factor must be an int >= 1, got {attention_factor!r}")
+    if attention_factor != 2 and attention not in ("downsample-kv", "auto"):
+        raise ValueError(f"attention_factor applies to attention 'downsample-kv' or 'auto', not {attention!r}")
+    window = tuple(attention_window) if isinstance(attention_window, list) else attention_window
+    return Sampling(scheduler, attention, window, attention_factor, allow_lcm=lcm_lora)
+
+
+def auto_attention(model, stage_hw: tuple[int, int]) -> tuple[str, dict]:
+    """attention="auto"'s choice for a stage of stage_hw = (height, width) pixels: (mode, apply_attention keywords).
+
+    The rule for now (issue 33's benchmark will set its threshold): windows the size of the model's base latent
+    (as HiDiffusion's MSW-MSA: each window holds as many tokens as the model saw in training) for a stage whose
+    latent has more than AUTO_WINDOW_ABOVE (4) times the base latent's cells, that is 16x the base pixels and
+    beyond, where attention is most of a step's cost; full attention below, where every token seeing every
+    other keeps the stage exact at little cost."""
+    height, width = stage_hw
+    if height * width > AUTO_WINDOW_ABOVE * model.base_size**2:
+        side = model.base_size // model.vae_scale
+        return "window", {"window": (side, side)}
+    return "full", {}
+
+
+_LEVEL = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.|mid_block\.")
+
+
+def largest_grid(unet, latent_hw: tuple[int, int]) -> int:
+    """The most tokens any spatial self-attention layer of `unet` attends over on a latent of latent_hw: a layer
+    of down block j (up block levels - 1 - j, the mid block levels - 1) sees the latent halved j times, rounding
+    up as the stride-2 downsamplers do."""
+    transformers = {id(transformer) for transformer, _ in spatial_self_attention(unet)}
+    levels = len(unet.config.down_block_types)
+    largest = 0
+    for name, module in unet.named_modules():
+        if id(module) not in transformers:
+            continue
+        match = _LEVEL.match(name)
+        if match is None:  # outside the blocks: counted as the top level, the largest grid
+            level = 0
+        elif match[1] is None:  # the mid block
+            level = levels - 1
+        else:
+            level = int(match[2]) if match[1] == "down_blocks" else levels - 1 - int(match[2])
+        h, w = (-(-n // 2**level) for n in latent_hw)
+        largest = max(largest, h * w)
+    return largest
+
+
+@dataclass
+class StageAttention:
+    """The self-attention one stage runs under, for the body of a `with` (removed after, also when it raised);
+    `label` is then what ran: "window 8x8" (latent cells), "downsample-kv x2", or "full" where no layer took the
+    cheaper attention (every call at the base size, as DemoFusion's windows)."""
+
+    unet: object
+    mode: str = "full"
+    options: dict = field(default_factory=dict)
+    label: str = "full"
+
+    def __enter__(self) -> "StageAttention":
+        if self.mode != "full":
+            apply_attention(self.unet, self.mode, **self.options)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.mode != "full":
+            try:
+                if cheap_calls(self.unet):
+                    self.label = attention_label(self.mode, self.options)
+            finally:
+                remove_attention(self.unet)
+        return False
+
+
+def attention_label(mode: str, options: dict) -> str:
+    if mode == "window":
+        return "window {}x{}".format(*options["window"])
+    if mode == "downsample-kv":
+        return f"downsample-kv x{options['factor']}"
+    return mode
+
+
+def stage_attention(model, sampling: Sampling, latent_hw: tuple[int, int], exact: bool = False) -> StageAttention:
+    """The attention of a stage whose latent is latent_hw (h, w): full for an `exact` stage (the pivot), for
+    attention "full", and where no layer's grid is larger than at the base size; else the run's mode ("auto":
+    `auto_attention`'s choice, a given window replacing its window) on the layers whose grid is larger than any
+    the model has at its base size (min_tokens), so every UNet call at the base size stays exact."""
+    unet = model.unet
+    if exact or sampling.attention == "full":
+        return StageAttention(unet)
+    if sampling.attention == "auto":
+        mode, options = auto_attention(model, tuple(n * model.vae_scale for n in latent_hw))
+        options = dict(options)
+    else:
+        mode, options = sampling.attention, {}
+    if mode == "window":
+        options["window"] = _window_pair(sampling.window or options.get("window") or unet.config.sample_size)
+    elif mode == "downsample-kv":
+        options.setdefault("factor", sampling.factor)
+    base = _window_pair(unet.config.sample_size)
+    min_tokens = largest_grid(unet, base) + 1
+    if mode == "full" or largest_grid(unet, tuple(latent_hw)) < min_tokens:
+        return StageAttention(unet)
+    if mode == "window" and all(w >= n for w, n in zip(options["window"], latent_hw)):
+        return StageAttention(unet)  # one window holds the whole latent: the full attention
+    return StageAttention(unet, mode, {**options, "min_tokens": min_tokens})
 
 
 def _as_list(prompt: str | list[str]) -> list[str]:
@@ -218,13 +409,15 @@ class Run:
     prompts: list[str]
     cond: Conditioning | None
     generators: list[torch.Generator]
-    scheduler: DDIMScheduler  # the sampler's schedule; a denoiser never sees it
+    scheduler: SchedulerMixin  # the sampler's schedule (sampling.scheduler's); a denoiser never sees it
     sizes: list[tuple[int, int]]  # stage 0 (the pivot, or the input image) first, the target last
     result: Result
     start: Start | None = None
     callback: Callable[[dict], None] | None = None
     on_stage: StageCallback | None = None
     progress: bool = False
+    sampling: Sampling = field(default_factory=Sampling)
+    pivot_first: bool = True  # stage 0 is the pivot, which stays exact; False: every stage is at the target
 
     def noise(self, height: int, width: int) -> torch.Tensor:
         """Fresh Gaussian latents for a stage of height x width, one draw from each prompt's generator."""
@@ -255,10 +448,13 @@ def prepare(
     fit: str | None = None,
     image_mode: str = "pivot",
     conditioning: bool = True,
+    sampling: Sampling | None = None,
 ) -> Run:
     """Everything before a method's first stage, checked before anything slow: the request, the input image
     (any `load_image` source, or an `image_start`), the plan, the prompts and their conditioning (none with
-    `conditioning=False`), the generators, a fresh scheduler, and the Result with the shared settings."""
+    `conditioning=False`), the generators, a fresh scheduler (`sampling`'s; default DDIM), and the Result with
+    the shared settings. `image_mode` "sdedit": the method samples at the target only, so no stage is a pivot."""
+    sampling = Sampling() if sampling is None else sampling
     # 1. The request and the input image, then the plan from stage 0's size
     start = None
     if image is not None:
@@ -284,6 +480,7 @@ def prepare(
         )
     prompts = _as_list(prompt)
     gens = _generators(generator, seed, len(prompts))
+    scheduler = schedulers.make_scheduler(model, sampling.scheduler, num_inference_steps, allow_lcm=sampling.allow_lcm)
     # 2. The conditioning: unconditioned for an empty prompt with an image
     unconditioned = start is not None and _unconditioned(prompts, negative_prompt)
     guidance = 1.0 if unconditioned else guidance
@@ -296,6 +493,7 @@ def prepare(
         "steps": num_inference_steps,
         "guidance_scale": guidance,
         "model": model.name,
+        **sampling.settings(scheduler),
     }
     if start is not None:
         settings |= {"image": dict(start.info), "image_mode": start.mode}
@@ -304,13 +502,43 @@ def prepare(
         if unconditioned:  # guidance has no effect without a prompt: off, and said so
             settings["unconditioned"] = True
     result = Result(method, prompts, [], settings)
-    scheduler = make_scheduler(model, num_inference_steps)
-    return Run(model, prompts, cond, gens, scheduler, sizes, result, start, callback, on_stage, progress)
+    pivot_first = image_mode != "sdedit"
+    return Run(
+        model, prompts, cond, gens, scheduler, sizes, result, start, callback, on_stage, progress, sampling, pivot_first
+    )
 
 
 def from_noise(run: Run, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole schedule and pure noise at height x width: how a pivot (or direct sampling) starts."""
     return run.scheduler.timesteps, run.noise(height, width) * run.scheduler.init_noise_sigma
+
+
+def per_step(denoiser: Denoiser, scheduler: SchedulerMixin) -> Denoiser:
+    """`denoiser` called with i counting the scheduler's steps, not its grid's entries: a second-order scheduler
+    (a pipe's Heun) calls the model twice per step. For every other scheduler, `denoiser` itself."""
+    order = scheduler.order
+    if order == 1:
+        return denoiser
+    return lambda x, t, i: denoiser(x, t, i // order)
+
+
+def denoise(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    scheduler: SchedulerMixin,
+    timesteps: torch.Tensor,
+    generators: list[torch.Generator],
+    callback=None,
+    progress: bool = False,
+    before_step=None,
+) -> torch.Tensor:
+    """One stage's sampling loop: DDIM's own (`sampling.sample_ddim`, as every method ran it before the other
+    samplers), any other scheduler through `schedulers.sample`, its step noise from the prompts' generators."""
+    if type(scheduler) is DDIMScheduler:
+        return sample_ddim(denoiser, x, scheduler, timesteps, callback, disable=not progress, before_step=before_step)
+    return schedulers.sample(
+        denoiser, x, scheduler, timesteps, generators, callback, disable=not progress, before_step=before_step
+    )
 
 
 def sample_stage(
@@ -321,18 +549,24 @@ def sample_stage(
     *,
     before_step=None,
     started: float | None = None,
+    patch=None,
 ) -> Stage:
     """Denoise x over `timesteps` -> the stage (not yet finished), timed from `started` (default now); every
-    step's callback says which stage it belongs to (the next one of the result)."""
+    step's callback says which stage it belongs to (the next one of the result). The stage runs under the run's
+    attention mode unless it is the pivot (`stage_attention`); `patch`, a method's own context manager over the
+    UNet (FreeScale's scale fusion), is entered inside it, so its processors wrap the mode's."""
     started = time.perf_counter() if started is None else started
     index, callback = len(run.result.stages), run.callback
     cb = (lambda info: callback({**info, "stage": index})) if callback else None
-    latents = sample_ddim(denoiser, x, run.scheduler, timesteps, cb, disable=not run.progress, before_step=before_step)
+    exact = index == 0 and run.pivot_first
+    with stage_attention(run.model, run.sampling, tuple(x.shape[-2:]), exact) as attention, patch or nullcontext():
+        latents = denoise(denoiser, x, run.scheduler, timesteps, run.generators, cb, run.progress, before_step)
     if latents.device.type == "cuda":
         torch.cuda.synchronize(latents.device)
     seconds = time.perf_counter() - started
     height, width = (n * run.model.vae_scale for n in latents.shape[-2:])
-    return Stage(height, width, len(timesteps), seconds, int(timesteps[0]), latents)
+    start_t = round(float(timesteps[0]))  # a float on Euler's grids
+    return Stage(height, width, len(timesteps), seconds, start_t, latents, attention=attention.label)
 
 
 def finish_stage(run: Run, stage: Stage, decode: bool = True) -> Stage:
@@ -341,6 +575,7 @@ def finish_stage(run: Run, stage: Stage, decode: bool = True) -> Stage:
     index = len(run.result.stages)
     refuse_non_finite(stage, index)
     run.result.stages.append(stage)
+    run.result.settings.setdefault("stage_attention", []).append(stage.attention or "pixel space")
     started = time.perf_counter()
     if decode and stage.latents is not None and not stage.images:
         from .cascade import decode as vae_decode  # the VAE's helpers are cascade's, which imports this module
@@ -363,7 +598,7 @@ def input_stage(run: Run, latents: bool = True) -> Stage:
 
         encoded = encode(run.model, [image]).repeat(len(run.prompts), 1, 1, 1)
     seconds = time.perf_counter() - started
-    stage = Stage(image.height, image.width, 0, seconds, 0, encoded, [image] * len(run.prompts))
+    stage = Stage(image.height, image.width, 0, seconds, 0, encoded, [image] * len(run.prompts), attention="input")
     return finish_stage(run, stage, decode=False)
 
 

@@ -31,7 +31,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .cascade import Result, Stage, StageCallback, _prepare, _timed_sample, check_inputs, decode
 from .checks import MAX_FPS, finite, torch_device
-from .lora import Lora, applied_loras, check_loras
+from .lora import Lora, _as_loras, applied_loras, check_loras
 from .models import (
     ASSETS,
     WEIGHT_FOLDERS,
@@ -42,7 +42,9 @@ from .models import (
     one_line_load_errors,
     refuse_pickle_weights,
 )
-from .sampling import guided_denoiser, initial_noise, make_scheduler, renoise
+from .sampling import guided_denoiser, initial_noise
+from .schedulers import make_scheduler, renoise_to
+from .stages import Sampling, check_sampling, stage_attention
 from .unets import sampling_unet
 from .upsampler import Adapter, load_adapter, stage_denoiser_for
 from .weights import check_folder_weights
@@ -352,9 +354,11 @@ def video_self_cascade(
     progress: bool = False,
     stage_denoiser=None,
     upsampler: Adapter | str | Path | None = None,
+    sampling: Sampling | None = None,
 ) -> VideoResult:
     """Pivot clip at the base size, then per stage: upsample every frame's clean latent, diffuse to K,
-    denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade`; frames default to the model's.
+    denoise K -> 0 (Eq. 6-7). Arguments and hooks as `cascade.self_cascade` (`sampling`: the sampler, on whose
+    grid a stage starts, and the attention of the stages after the pivot); frames default to the model's.
 
     `upsampler` (an Adapter or a .safetensors path, trained on this video UNet) tunes every stage whose
     scale it fits (paper 4.3); K then defaults to the adapter's, the only timesteps it was trained on."""
@@ -369,11 +373,13 @@ def video_self_cascade(
     sizes = check_video_inputs(
         model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0, k, stages, upsample
     )
+    sampling = Sampling() if sampling is None else sampling
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
     ks = model.stage_ks(len(sizes) - 1, k)
-    scheduler = make_scheduler(model, num_inference_steps)
+    scheduler = make_scheduler(model, sampling.scheduler, num_inference_steps, allow_lcm=sampling.allow_lcm)
     denoiser = guided_denoiser(sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
+    settings |= sampling.settings(scheduler)
     if adapter is not None:  # result.json says which adapter tuned the clip
         settings["upsampler"] = {
             "scale": adapter.scale,
@@ -389,13 +395,16 @@ def video_self_cascade(
         stage_fn = denoiser
         if r == 0:
             timesteps, x = scheduler.timesteps, noise * scheduler.init_noise_sigma
-        else:  # z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), frame by frame
+        else:  # z_K ~ N(sqrt(a_K) up(z^{r-1}_0), (1 - a_K) I), frame by frame, on the sampler's grid
             upsampled = upsample_frames(latents, shape[-2:], upsample)
-            timesteps, x = renoise(scheduler, upsampled, noise, ks[r - 1])
+            timesteps, x = renoise_to(scheduler, upsampled, noise, ks[r - 1])
             if stage_denoiser is not None:
                 stage_fn = stage_denoiser(r, latents, denoiser, cond, None)
-        latents, seconds = _timed_sample(stage_fn, x, scheduler, timesteps, callback, r, progress)
-        stage = VideoStage(h, w, len(timesteps), seconds, int(timesteps[0]), latents)
+        with stage_attention(model, sampling, shape[-2:], exact=r == 0) as attention:
+            latents, seconds = _timed_sample(stage_fn, x, scheduler, timesteps, callback, r, progress, gens)
+        start_t = round(float(timesteps[0]))  # a float on Euler's grids
+        stage = VideoStage(h, w, len(timesteps), seconds, start_t, latents, attention=attention.label)
+        result.settings.setdefault("stage_attention", []).append(attention.label)
         result.stages.append(stage)
         result.decode_seconds += _finish(model, stage, decode_stages or r == len(sizes) - 1, on_stage, r)
     return result
@@ -416,19 +425,26 @@ def video_direct(
     callback=None,
     on_stage: StageCallback | None = None,
     progress: bool = False,
+    sampling: Sampling | None = None,
 ) -> VideoResult:
-    """Plain sampling at the target size, same scheduler, steps, frames and seed as the cascade's pivot."""
+    """Plain sampling at the target size, same scheduler, steps, frames and seed as the cascade's pivot
+    (`sampling`: the sampler, and the attention of its one stage)."""
+    sampling = Sampling() if sampling is None else sampling
     num_frames = _frames(model, num_frames)
     check_video_inputs(model, height, width, num_frames, num_inference_steps, guidance_scale or 0.0)
     prompts, cond, gens = _prepare(model, prompt, negative_prompt, guidance_scale, generator, seed)
-    scheduler = make_scheduler(model, num_inference_steps)
+    scheduler = make_scheduler(model, sampling.scheduler, num_inference_steps, allow_lcm=sampling.allow_lcm)
     shape = _latent_shape(model, len(prompts), num_frames, height, width)
     x = initial_noise(shape, gens, model) * scheduler.init_noise_sigma
     denoiser = guided_denoiser(sampling_unet(model.unet), cond, None)
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
-    result = VideoResult("direct", prompts, [], settings)
-    latents, seconds = _timed_sample(denoiser, x, scheduler, scheduler.timesteps, callback, 0, progress)
-    stage = VideoStage(height, width, len(scheduler.timesteps), seconds, int(scheduler.timesteps[0]), latents)
+    result = VideoResult("direct", prompts, [], settings | sampling.settings(scheduler))
+    timesteps = scheduler.timesteps
+    with stage_attention(model, sampling, shape[-2:]) as attention:
+        latents, seconds = _timed_sample(denoiser, x, scheduler, timesteps, callback, 0, progress, gens)
+    start_t = round(float(timesteps[0]))
+    stage = VideoStage(height, width, len(timesteps), seconds, start_t, latents, attention=attention.label)
+    result.settings["stage_attention"] = [attention.label]
     result.stages.append(stage)
     result.decode_seconds += _finish(model, stage, True, on_stage, 0)
     return result
@@ -446,12 +462,18 @@ def generate_video(
     upsample: str = "bilinear",
     upsampler: Adapter | str | Path | None = None,
     loras=None,
+    scheduler: str | None = None,
+    attention: str = "full",
+    attention_window: int | tuple[int, int] | None = None,
+    attention_factor: int = 2,
     **common,
 ) -> VideoResult:
     """One door for both methods; `common` takes num_frames, negative_prompt, num_inference_steps,
     guidance_scale, seed or generator, callback, on_stage, progress. `upsampler` (an Adapter or a
     .safetensors path) turns the self-cascade into its tuned version, and `loras` [(path, scale), ...] apply
-    in every stage for this call only, as in `sc_app.api.generate`."""
+    in every stage for this call only; `scheduler` (None: "ddim") and `attention`, `attention_window`,
+    `attention_factor` (the spatial self-attention of every stage after the pivot; the temporal attention
+    stays exact) as in `sc_app.api.generate`."""
     if method not in VIDEO_METHODS:
         raise ValueError(f"method must be one of {', '.join(VIDEO_METHODS)}, got {method!r}")
     if method == "direct":
@@ -459,6 +481,16 @@ def generate_video(
             raise ValueError("k and stages apply to the self-cascade only, not to method 'direct'")
         if upsampler is not None:
             raise ValueError("upsampler applies to the self-cascade only, not to method 'direct'")
+    common["sampling"] = check_sampling(  # the sampler and attention, before anything slow
+        model,
+        "ddim" if scheduler is None else scheduler,
+        attention,
+        attention_window,
+        attention_factor,
+        num_inference_steps=common.get("num_inference_steps", 50),
+        restarts=method == "self-cascade",
+        lcm_lora=any("lcm" in str(lora.path).lower() for lora in _as_loras(loras)),
+    )
     checked = check_video_loras(loras, model)
     if upsampler is not None and not isinstance(upsampler, Adapter):  # before the LoRAs change the UNet
         upsampler = load_adapter(upsampler, model)

@@ -319,5 +319,5 @@ def test_another_aspect_ratio_is_refused_with_the_nearest_target_or_fitted(sd_mo
 
 
 def test_sdedit_methods_and_image_modes():
-    assert set(SDEDIT_METHODS) == {"direct", "scalecrafter", "attn-sf"}
+    assert set(SDEDIT_METHODS) == {"direct", "scalecrafter", "attn-sf", "hidiffusion"}
     assert {m: image_mode(m) for m in METHODS if image_mode(m) == "pivot"}.keys() == set(METHODS) - set(SDEDIT_METHODS)

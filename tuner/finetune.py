@@ -35,7 +35,7 @@ from sc_app.cascade import encode_pixels
 from sc_app.checks import writable_file, writable_folder
 from sc_app.files import save_model_folder, write_safetensors
 from sc_app.lora import LORA_TARGETS, lora_metadata
-from sc_app.sampling import added_conditions, encode_prompt
+from sc_app.sampling import added_conditions, encode_prompt, training_noise_scheduler
 from sc_app.upsampler import unet_fingerprint
 from tuner.checkpoints import load_checkpoint, save_checkpoint
 from tuner.data import is_data_source, make_dataset
@@ -282,7 +282,7 @@ def train_finetune(
 
     acc = Accelerator(mixed_precision=precision, cpu=model.device.type == "cpu")
     trained_unet, optimizer = acc.prepare(unet, optimizer)
-    noise_scheduler = model.pipe.scheduler
+    noise_scheduler = training_noise_scheduler(model)
     prediction = noise_scheduler.config.prediction_type
     device = model.device
 

@@ -86,6 +86,7 @@ from safetensors.torch import save_file  # noqa: E402
 from sc_app.files import save_model_folder  # noqa: E402
 from sc_app.models import _folder_settings, load_model  # noqa: E402
 from sc_app.moving_shapes import random_clip, render_clips  # noqa: E402
+from sc_app.sampling import training_noise_scheduler  # noqa: E402
 from tuner.train_base import EMA, load_checkpoint, lr_lambda, save_checkpoint, to_tensor  # noqa: E402
 
 # ---- the model: frozen image UNet + trainable temporal layers ------------------------------------------
@@ -175,7 +176,11 @@ def train(cfg: Config, acc: Accelerator, work: Path, base, latents: torch.Tensor
     torch.manual_seed(cfg.seed)  # the adapter's initial weights (a resume overwrites them)
     unet = UNetMotionModel.from_unet2d(base.unet, motion_adapter(cfg, base.unet))
     unet.freeze_unet2d_params()
-    motion, text, noise_sched = motion_modules(unet), base.pipe.text_encoder.to(acc.device), base.pipe.scheduler
+    motion, text, noise_sched = (
+        motion_modules(unet),
+        base.pipe.text_encoder.to(acc.device),
+        training_noise_scheduler(base),
+    )
     opt = torch.optim.AdamW(motion.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     ckpt_path, start = work / "motion.ckpt", 0

@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 from sc_app.api import as_model
 from sc_app.cascade import encode_pixels
 from sc_app.checks import writable_file
-from sc_app.sampling import added_conditions, encode_prompt, guided_denoiser, initial_noise, make_scheduler, sample_ddim
+from sc_app.sampling import (
+    added_conditions,
+    encode_prompt,
+    guided_denoiser,
+    initial_noise,
+    make_scheduler,
+    sample_ddim,
+    training_noise_scheduler,
+)
 from sc_app.upsampler import (
     DEFAULT_WIDTH,
     Adapter,
@@ -382,7 +390,7 @@ def train_adapter(
     adapter, optimizer = acc.prepare(adapter, optimizer)
     if state is not None and acc.scaler is not None and state.get("scaler"):
         acc.scaler.load_state_dict(state["scaler"])
-    noise_scheduler = model.pipe.scheduler
+    noise_scheduler = training_noise_scheduler(model)
     prediction = noise_scheduler.config.prediction_type
     vae = model.pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)

@@ -3,6 +3,10 @@
 N is a layer's token count now, N_train its token count at the model's base size. Every level of the UNet
 scales its tokens by the same pixel ratio (sizes are multiples of the UNet's total downsampling), so
 N_train = N / (target pixels / base pixels). Cross-attention is left as it is.
+
+Under a cheaper attention mode (`sc_app.attention`: windows, or down-sampled keys and values), which Attn-SF's
+processor wraps in a run, each query attends to N' keys (a window's, or the pooled grid's) instead of N, and
+the scale is sqrt(log N' / log N_train): 1 for windows of the base size's grid.
 """
 
 from __future__ import annotations
@@ -15,27 +19,39 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from ..attention import SpatialSelfAttention
 from ..cascade import Result, direct
 
 
 def entropy_scale(tokens: int, token_ratio: float) -> float:
     """sqrt(log N / log N_train) with N_train = N / token_ratio; 1 where a log would be 0 or undefined."""
-    trained = tokens / token_ratio
-    if tokens <= 1 or trained <= 1:
+    return keys_scale(tokens, tokens / token_ratio)
+
+
+def keys_scale(keys: int, trained: float) -> float:
+    """sqrt(log N' / log N_train) for queries that attend to `keys` keys in a layer that had `trained` tokens at
+    the base size; 1 where a log would be 0 or undefined."""
+    if keys <= 1 or trained <= 1:
         return 1.0
-    return math.sqrt(math.log(tokens) / math.log(trained))
+    return math.sqrt(math.log(keys) / math.log(trained))
 
 
 def scaled_attention(
-    attn: Attention, hidden_states: torch.Tensor, scale: float, attention_mask: torch.Tensor | None = None
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-attention over (batch, tokens, channels) as diffusers' AttnProcessor2_0 computes it, except that
-    the logits scale is passed to scaled-dot-product attention (that processor ignores attn.scale)."""
+    the logits scale is passed to scaled-dot-product attention (that processor ignores attn.scale). `context`:
+    the tokens keys and values come from (down-sampled ones), by default the queries' own."""
     batch, tokens, _ = hidden_states.shape
+    context = hidden_states if context is None else context
     if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
         attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
     head_dim = key.shape[-1] // attn.heads
     query, key, value = (s.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for s in (query, key, value))
     if attn.norm_q is not None:
@@ -53,7 +69,9 @@ def scaled_attention(
 
 
 class AttnSFProcessor:
-    """Attn-SF on one self-attention layer; `original` is the processor it replaced, used where the scale is 1."""
+    """Attn-SF on one self-attention layer; `original` is the processor it replaced, used where the scale is 1.
+    Where `original` is a cheaper attention mode's (`sc_app.attention`) that applies to the call, that mode runs
+    with Attn-SF's scaled attention inside it, scaled for the keys each query sees."""
 
     def __init__(self, token_ratio: float, original):
         self.token_ratio = token_ratio
@@ -62,7 +80,8 @@ class AttnSFProcessor:
     def __call__(
         self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **kwargs
     ) -> torch.Tensor:
-        factor = entropy_scale(hidden_states.shape[1], self.token_ratio)
+        tokens = hidden_states.shape[1]
+        factor = entropy_scale(tokens, self.token_ratio)
         if factor == 1.0:  # the base size: exactly the model's own attention
             return self.original(
                 attn,
@@ -71,6 +90,17 @@ class AttnSFProcessor:
                 attention_mask=attention_mask,
                 **kwargs,
             )
+        mode = self.original
+        cheap = isinstance(mode, SpatialSelfAttention)
+        if cheap and mode.applies(hidden_states, encoder_hidden_states, attention_mask):
+            trained = tokens / self.token_ratio
+
+            def attend(states, context=None, mask=None):
+                keys = (states if context is None else context).shape[1]
+                return scaled_attention(attn, states, attn.scale * keys_scale(keys, trained), mask, context)
+
+            mode.cheap_calls += 1
+            return mode.cheap(attend, hidden_states)
         return scaled_attention(attn, hidden_states, attn.scale * factor, attention_mask)
 
 
@@ -121,7 +151,8 @@ def token_ratio(model, height: int, width: int) -> float:
 def attn_sf(model, prompt: str | list[str], height: int, width: int, **common) -> Result:
     """Direct sampling at the target size with Attn-SF (Jin et al. 2023) inside every UNet call.
 
-    `common` takes the other arguments of `sc_app.cascade.direct`, `image` (SDEdit) among them.
+    `common` takes the other arguments of `sc_app.cascade.direct`, `image` (SDEdit) and `sampling` among them;
+    an attention mode runs inside Attn-SF's scaled attention (see the module docstring).
     """
 
     def factory(denoiser, cond, added, h, w, first_step=0):

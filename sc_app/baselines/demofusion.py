@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..plan import plan_stages
 from ..sampling import added_conditions, guided_denoiser
-from ..stages import Result, finish_stage, from_noise, input_stage, prepare, sample_stage
+from ..schedulers import renoise_to
+from ..stages import Result, Sampling, finish_stage, from_noise, input_stage, prepare, sample_stage
 from .progressive import cosine_decay, gaussian_blur, jittered_views, model_settings, skip_residual, tile_conditioning
 
 # The release's defaults (PRIS-CV/DemoFusion, pipeline_demofusion_sdxl.py); stride None: half the window.
@@ -173,12 +174,15 @@ def demofusion(
     view_batch_size: int = VIEW_BATCH,
     image=None,
     fit: str | None = None,
+    sampling: Sampling | None = None,
 ) -> Result:
     """DemoFusion over the scale plan: the pivot, then every stage as the module docstring says.
 
     `stride`: of the windows, in latent pixels (default half the window, the base latent size); `sigma`,
     `cosine_scale_1..3` (alpha1..3): the release's names and defaults, unless the model folder sets its own.
-    `image` (`fit`): the pivot, as the release's `image_lr` is.
+    `image` (`fit`): the pivot, as the release's `image_lr` is. `sampling` (`stages.check_sampling`): with another
+    sampler a stage starts at its grid's first point and each skip residual noises to the grid's current point;
+    its attention mode leaves the base-size windows exact (only layers above the base size's grids change).
     """
     # 1. Settings, then inputs, plan, prompts and generators
     base = model.base_size // model.vae_scale
@@ -212,6 +216,7 @@ def demofusion(
         progress=progress,
         image=image,
         fit=fit,
+        sampling=sampling,
     )
     run.result.settings |= {"window": base, **settings}
     scheduler, cond = run.scheduler, run.cond
@@ -231,8 +236,7 @@ def demofusion(
             else:  # 3. A stage: noised to the first timestep, with skip residuals, windows and dilated sampling
                 noise = run.noise(h, w)
                 upsampled = F.interpolate(latents.float(), size=noise.shape[-2:], mode="bicubic", align_corners=False)
-                timesteps = scheduler.timesteps
-                x = scheduler.add_noise(upsampled.to(noise.dtype), noise, timesteps[:1])
+                timesteps, x = renoise_to(scheduler, upsampled, noise, scheduler.timesteps[0])  # the whole grid
                 before_step = skip_residual(
                     scheduler, upsampled, noise, settings["cosine_scale_1"], model.num_train_timesteps
                 )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,8 @@ from torch import nn
 from ..cascade import vae_at
 from ..plan import plan_stages
 from ..sampling import added_conditions, guided_denoiser
-from ..stages import Result, finish_stage, from_noise, input_stage, prepare, sample_stage
+from ..schedulers import renoise_to
+from ..stages import Result, Sampling, finish_stage, from_noise, input_stage, per_step, prepare, sample_stage
 from .attn_sf import _scalable
 from .progressive import gaussian_blur, jittered_views, model_settings, skip_residual
 from .scalecrafter import BASE_STEPS, conv_targets, redilated
@@ -277,12 +278,15 @@ def freescale(
     freeu: dict | bool | None = None,
     image=None,
     fit: str | None = None,
+    sampling: Sampling | None = None,
 ) -> Result:
     """FreeScale over the scale plan: the pivot, then every stage as the module docstring says.
 
     `restart_fraction` (0.3: a stage starts 30% into the schedule), `cosine_scale` (2), `dilate_tau` (35 of 50),
     `fusion_sigma` (1) and `freeu` (a dict of b1, b2, s1, s2, or False for none): the release's, unless the
-    model folder sets its own. `image` (`fit`): the pivot.
+    model folder sets its own. `image` (`fit`): the pivot. `sampling` (`stages.check_sampling`): with another
+    sampler a stage restarts at its grid's point `restart_fraction` of the steps in and `dilate_tau` counts its
+    steps; an attention mode runs inside scale fusion (its global path, over the whole grid, gets cheaper).
     """
     # 1. Settings, then inputs, plan, prompts and generators
     settings = _settings(
@@ -311,6 +315,7 @@ def freescale(
         progress=progress,
         image=image,
         fit=fit,
+        sampling=sampling,
     )
     # Dilations, windows and size conditioning are relative to the model's own pivot, also where an input
     # image starts larger than it
@@ -331,12 +336,12 @@ def freescale(
                 continue
             denoiser = guided_denoiser(unet, cond, added)
             if r == 0:  # ... or plain sampling at about the base size
-                (timesteps, x), before_step, patch = from_noise(run, h, w), None, nullcontext()
+                (timesteps, x), before_step, patch = from_noise(run, h, w), None, None
             else:  # 3. A stage: pixel-space upsampling, restart with skip residuals, dilation, scale fusion
                 clean = pixel_upsample(model, latents, h, w, gens)
                 noise = run.noise(h, w)
-                timesteps = scheduler.timesteps[restart:]
-                x = scheduler.add_noise(clean, noise, timesteps[:1])
+                # the grid's own point `restart` steps in (a step is `order` entries of a second-order grid)
+                timesteps, x = renoise_to(scheduler, clean, noise, scheduler.timesteps[restart * scheduler.order])
                 before_step = skip_residual(
                     scheduler, clean, noise, settings["cosine_scale"], model.num_train_timesteps
                 )
@@ -349,10 +354,10 @@ def freescale(
                     restart,
                     num_inference_steps,
                 )
+                denoiser = per_step(denoiser, scheduler)
                 fusion = Fusion(noise.shape[-2:], pivot, 2 * d - 1, settings["fusion_sigma"], gens)
                 patch = scale_fusion_applied(unet, fusion)
-            with patch:
-                stage = sample_stage(run, denoiser, x, timesteps, before_step=before_step, started=started)
+            stage = sample_stage(run, denoiser, x, timesteps, before_step=before_step, started=started, patch=patch)
             latents = finish_stage(run, stage, decode_stages or r == last).latents
     return run.result
 

@@ -23,8 +23,10 @@ def cosine_decay(t: torch.Tensor | int, num_train_timesteps: int) -> float:
 
 
 def skip_residual(scheduler, clean: torch.Tensor, noise: torch.Tensor, power: float, num_train_timesteps: int):
-    """A `before_step` for sample_ddim: x <- (1 - c) x + c q(clean, t) with c = c(t)^power, where q noises the
-    upsampled previous stage to step t with the stage's own noise (DemoFusion's skip residual, Eq. 4)."""
+    """A `before_step` for the sampling loop: x <- (1 - c) x + c q(clean, t) with c = c(t)^power, where q noises
+    the upsampled previous stage to step t with the stage's own noise (DemoFusion's skip residual, Eq. 4): the
+    scheduler's own add_noise, which for every sampler lands on the grid's current point (sigma space for
+    Euler, as x is)."""
 
     def mix(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         c = cosine_decay(t, num_train_timesteps) ** power

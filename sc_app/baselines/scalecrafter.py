@@ -392,7 +392,9 @@ def scalecrafter(
 
     `plan`: None picks the released preset for the model and size, else the general rule (see plan_for).
     `common` takes the other arguments of `sc_app.cascade.direct`, `image` (SDEdit, re-dilated where its
-    steps are among the schedule's first tau of 50) among them.
+    steps are among the schedule's first tau of 50) and `sampling` among them. tau and the noise-damped
+    guidance count steps from the start of the schedule, whichever the sampler: step i is re-dilated while
+    i / steps < tau / 50.
     """
     check_inputs(model, height, width, num_inference_steps, common.get("guidance_scale") or 0.0)
     plan = plan or plan_for(model.unet, model.base_size, height, width)
