@@ -8,6 +8,13 @@ and holding no files but an earlier run's) before torch loads a model, the rest 
 any sampling. A run replaces the run its folder held before. Ctrl-C is one line that says what was kept, and
 exit code 130. Under `accelerate launch --num_processes N` a `--prompts-file` is split between the processes
 (one GPU each, or CPU processes without one); prompt i keeps its folder and seed.
+
+`--image FILE` (or `--images DIR`, one picture per run, paired with a --prompts-file's lines) starts a run from
+a picture: every input image is read before the model loads as the run will read it (its size from the header
+first, against the size limit; then decoded and converted), and checked against its target (from --height and
+--width, or --scale) with what the model folder's configs say: its aspect ratio (or --fit), no larger than the
+target, a plan that leaves a stage to run. stage0.png is the picture as the run used it, result.json's "image"
+its sha256 and size; a conversion to RGB is said in one `note:` line after the run is written.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep import-time notices off stderr
 
 from . import checks  # noqa: E402
-from .api import METHODS  # noqa: E402
+from .api import METHODS, SDEDIT_METHODS, image_mode  # noqa: E402
 from .cli import (  # noqa: E402
     BadInput,
     Interrupted,
@@ -39,6 +47,20 @@ from .lora import parse_lora  # noqa: E402
 
 NO_UPSAMPLER = Path("none")  # --upsampler none: the tuning-free self-cascade, even where the model has adapters
 VIDEO_METHODS = ("self-cascade", "direct")  # sc_app.video.VIDEO_METHODS, named here so that --help needs no torch
+# sc_app.schedulers.CHOICES and the attention modes of generate(attention=...), named here for the same reason
+# (tests/test_cli_image.py holds them equal)
+SCHEDULER_CHOICES = (
+    "ddim",
+    "euler",
+    "euler-a",
+    "dpm++-2m",
+    "dpm++-2m-karras",
+    "dpm++-sde-karras",
+    "unipc",
+    "lcm",
+    "pipe",
+)
+ATTENTION_CHOICES = ("full", "window", "downsample-kv", "auto")
 # The embedded models (sc_app.models.EMBEDDED, sc_app.video.VIDEO_EMBEDDED, sc_app.baselines.upscale.SR_EMBEDDED),
 # named here so that a request is checked against their configs before torch loads.
 EMBEDDED_IMAGE = checks.ASSETS / "shapes-ldm"
@@ -55,7 +77,7 @@ SIDE_HELP = "the result's {side} in pixels: a multiple of the model's size step 
 STEPS_HELP = "DDIM steps over the whole schedule; a stage re-noised to K runs those below K"
 SEED_HELP = "the seed; prompt i of a --prompts-file gets seed + i"
 OUT_HELP = (
-    "the run's folder: {files}, result.json (with --prompts-file one NNNN/ per prompt); the run it held "
+    "the run's folder: {files}, result.json (with --prompts-file{images} one NNNN/ per prompt); the run it held "
     "before is replaced, and a folder with other files in it is refused"
 )
 
@@ -68,18 +90,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="generate an image with self-cascade or a baseline")
     g.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
-    g.add_argument("--prompt", help="the prompt (or use --prompts-file)")
-    g.add_argument("--prompts-file", type=Path, help="one prompt per line; prompt i goes to DIR/NNNN with seed + i")
+    g.add_argument(
+        "--prompt",
+        help="the prompt (or use --prompts-file); with --image or --images it may be empty or left out: the model "
+        "then runs unconditioned",
+    )
+    g.add_argument(
+        "--prompts-file",
+        type=Path,
+        help="one prompt per line (blank lines skipped); prompt i goes to DIR/NNNN with seed + i, and with --images "
+        "starts from picture i",
+    )
+    g.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="start from this picture (PNG, JPEG, WebP, ...): stage 0 of the run, which upscales it (the pivot of "
+        "the self-cascade, DemoFusion, FreeScale, SR and Lanczos; re-noised to K at the target for direct, "
+        "scalecrafter and attn-sf); the target must have at least its pixels",
+    )
+    g.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder of pictures, one run each in sorted filename order, to DIR/NNNN with seed + i; with "
+        "--prompts-file one prompt line per picture (the counts must match), else --prompt or none for every one",
+    )
+    g.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        metavar="N",
+        help="with --image or --images, instead of --height and --width: a target of N times the input's pixels "
+        "(each side times sqrt(N), in multiples of the model's size step)",
+    )
+    g.add_argument(
+        "--fit",
+        choices=checks.FITS,
+        default=None,
+        help="an input whose aspect ratio is more than 3%% off the target's: center-crop it, or pad it with black "
+        "(default: refused, with the nearest target that fits)",
+    )
     g.add_argument("--negative-prompt", default=None, help=NEGATIVE_HELP)
-    g.add_argument("--height", type=int, required=True, help=SIDE_HELP.format(side="height"))
-    g.add_argument("--width", type=int, required=True, help=SIDE_HELP.format(side="width"))
+    g.add_argument("--height", type=int, default=None, help=SIDE_HELP.format(side="height") + "; or --scale")
+    g.add_argument("--width", type=int, default=None, help=SIDE_HELP.format(side="width") + "; or --scale")
     g.add_argument("--method", default="self-cascade", choices=METHODS, help="how the image reaches its size")
     g.add_argument(
         "--k",
         type=int,
         nargs="+",
         default=None,
-        help="re-noise level of each stage (one value, or one per stage); default: the model's",
+        help="re-noise level of each stage (one value, or one per stage), how much each may change; with an input "
+        "image also of direct, scalecrafter and attn-sf (one value); default: the model's",
     )
     g.add_argument(
         "--stages", type=int, default=None, help="stages after the pivot (default: ceil(log4 of pixel ratio))"
@@ -92,8 +156,42 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the model's (bilinear unless its self_cascade.json sets default_upsample)",
     )
     g.add_argument("--steps", type=int, default=50, help=STEPS_HELP)
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        choices=SCHEDULER_CHOICES,
+        help="the sampler, by A1111's names (euler-a: Euler a, dpm++-2m-karras: DPM++ 2M Karras, ...; pipe: the "
+        "model folder's own scheduler); default: ddim",
+    )
+    g.add_argument(
+        "--attention",
+        default=None,
+        choices=ATTENTION_CHOICES,
+        help="self-attention in the large stages: full (exact), window (shifted windows), downsample-kv (keys and "
+        "values pooled), auto (chosen by size); default: full",
+    )
+    g.add_argument(
+        "--attention-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--attention window or auto: the window's side in latent cells (default: the size the model was "
+        "trained at)",
+    )
+    g.add_argument(
+        "--attention-factor",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--attention downsample-kv or auto: keys and values pooled by N per side; default: 2",
+    )
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the seed; prompt i of a --prompts-file (or picture i of --images) gets seed + i",
+    )
     g.add_argument(
         "--upsampler",
         type=Path,
@@ -123,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     g.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
-    g.add_argument("--out", type=Path, required=True, help=OUT_HELP.format(files="final.png, stageR.png"))
+    g.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help=OUT_HELP.format(
+            files="final.png, stageR.png (stage0.png: the pivot, or the input image as the run used it)",
+            images=" or --images",
+        ),
+    )
     _add_video_parser(sub)
     _add_review_parser(sub)
     return parser
@@ -146,6 +252,99 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+# ---- generate: its runs, an input image each where one is given -----------------------------------------
+
+
+@dataclass
+class Job:
+    """One run of `generate`: its prompt, its input image (None: from noise), the target (from --height and
+    --width, or from the image with --scale, known once the image is read) and, once read, the image's size
+    (width, height) and stage 0's (height, width) where the plan starts from it."""
+
+    prompt: str
+    image: Path | None = None
+    height: int | None = None
+    width: int | None = None
+    size: tuple[int, int] | None = None
+    first: tuple[int, int] | None = None
+
+
+def _image_flag(args) -> str | None:
+    """The flag that gave the input images: --image, --images, or None (from noise)."""
+    if getattr(args, "images", None) is not None:
+        return "--images"
+    return "--image" if getattr(args, "image", None) is not None else None
+
+
+def _check_image_flags(args) -> None:
+    """Which flags go together: one of --image and --images; --scale (with an image) or --height and --width;
+    --fit with an image."""
+    flag = _image_flag(args)
+    if args.image is not None and args.images is not None:
+        raise BadInput("give one of --image and --images, not both")
+    if args.scale is not None:
+        if flag is None:
+            raise BadInput("--scale needs --image or --images: it sets the target from the input's pixels")
+        if args.height is not None or args.width is not None:
+            raise BadInput("give --scale or --height and --width, not both: --scale sets the size from the image")
+    elif args.height is None or args.width is None:
+        raise BadInput("give --height and --width" + ("" if flag is None else f" (or --scale N with {flag})"))
+    if args.fit is not None and flag is None:
+        raise BadInput("--fit applies to an input image: give --image or --images")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The pictures of an --images folder in sorted filename order: its files with a suffix that PIL opens
+    (.png, .jpg, .webp, ...); hidden files, subfolders and other files are not counted."""
+    if not folder.is_dir():
+        raise BadInput(f"--images {folder}: no such folder")
+    from PIL import Image
+
+    Image.init()
+    suffixes = {suffix.lower() for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    try:
+        files = sorted(
+            (
+                p
+                for p in folder.iterdir()
+                if not p.name.startswith(".") and p.suffix.lower() in suffixes and p.is_file()
+            ),
+            key=lambda p: p.name,
+        )
+    except OSError as error:
+        raise BadInput(f"--images {folder}: cannot read it ({error.strerror or type(error).__name__})") from None
+    if not files:
+        raise BadInput(f"--images {folder}: no pictures in it (.png, .jpg, .webp, ... files)")
+    return files
+
+
+def read_jobs(args) -> list[Job]:
+    """The runs the flags ask for, before anything is read but the prompts file and the --images folder's
+    listing: a prompt each (empty with an input image and no prompt: unconditioned), paired with an image."""
+    _check_image_flags(args)
+    if args.prompt is not None and not args.prompt.strip():
+        if _image_flag(args) is None:
+            raise BadInput("--prompt is empty (with --image or --images an empty prompt runs unconditioned)")
+        args.prompt = ""
+    if args.images is not None:
+        files = image_files(args.images)
+        if args.prompts_file is not None:
+            prompts = read_prompts(args)
+            if len(prompts) != len(files):
+                raise BadInput(
+                    f"--images {args.images} holds {len(files)} pictures and --prompts-file {args.prompts_file} "
+                    f"{len(prompts)} prompts: give one prompt line per picture (in sorted filename order)"
+                )
+        else:
+            prompts = [args.prompt or ""] * len(files)
+        return [Job(prompt, image, args.height, args.width) for prompt, image in zip(prompts, files)]
+    if args.image is not None:
+        if args.prompts_file is not None:
+            raise BadInput("--prompts-file pairs with --images DIR (one picture per prompt line), not --image")
+        return [Job(args.prompt or "", args.image, args.height, args.width)]
+    return [Job(prompt, None, args.height, args.width) for prompt in read_prompts(args)]
+
+
 def _method_options(args) -> dict:
     sr = {"sr_model": args.sr_model, "noise_level": args.noise_level}
     if args.method == "sr":
@@ -154,28 +353,68 @@ def _method_options(args) -> dict:
     if given:
         raise BadInput(f"{', '.join(given)} apply to --method sr only, not {args.method}")
     if args.method != "self-cascade":
+        sdedit_k = _image_flag(args) is not None and args.method in SDEDIT_METHODS  # SDEdit's re-noise level
         given = [
             flag
-            for flag, value in (("--k", args.k), ("--stages", args.stages), ("--upsampler", args.upsampler))
+            for flag, value in (
+                ("--k", None if sdedit_k else args.k),
+                ("--stages", args.stages),
+                ("--upsampler", args.upsampler),
+            )
             if value is not None
         ]
         if given:
-            raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}")
+            also = f" (--k also to {', '.join(SDEDIT_METHODS)} with an input image)" if "--k" in given else ""
+            raise BadInput(f"{', '.join(given)} apply to --method self-cascade only, not {args.method}{also}")
+        if sdedit_k and args.k is not None:
+            if len(args.k) != 1:
+                raise BadInput(
+                    f"--k takes one value for --method {args.method} with an input image (one stage, at the target "
+                    f"size), got {len(args.k)}"
+                )
+            return {"k": args.k[0]}
         return {}
     return {"k": _k(args), "stages": args.stages, "upsample": args.upsample}  # the upsampler: once the model is loaded
 
 
+def _sampler_options(args) -> dict:
+    """--scheduler and --attention with its window and factor, for `generate`: checked here, passed on only where
+    given (the library's defaults otherwise: DDIM, full attention)."""
+    mode = args.attention
+    if args.attention_window is not None and mode not in ("window", "auto"):
+        raise BadInput(f"--attention-window applies to --attention window or auto, not {mode or 'full'}")
+    if args.attention_factor is not None and mode not in ("downsample-kv", "auto"):
+        raise BadInput(f"--attention-factor applies to --attention downsample-kv or auto, not {mode or 'full'}")
+    try:
+        if args.attention_window is not None:
+            checks.whole("--attention-window", args.attention_window, 1)
+        if args.attention_factor is not None:
+            checks.whole("--attention-factor", args.attention_factor, 1)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    options = {
+        "scheduler": args.scheduler,
+        "attention": None if mode == "full" else mode,
+        "attention_window": args.attention_window,
+        "attention_factor": args.attention_factor,
+    }
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _write_run(result, folder: Path) -> None:
-    """stageR.png per stage, final.png (with A1111's `parameters` text, which image viewers, Civitai and A1111's
-    PNG Info read), result.json: all or nothing, in place of the folder's earlier run (`files.staged_folder`)."""
+    """stageR.png per stage (stage0.png: the pivot, or the input image as the run used it), final.png (with
+    A1111's `parameters` text, which image viewers, Civitai and A1111's PNG Info read), result.json (with an
+    input image its sha256, size and what was converted, under "image"): all or nothing, in place of the
+    folder's earlier run (`files.staged_folder`)."""
     from .infotext import infotext, save_png
 
     with staged_folder(folder) as tmp:
-        if len(result.stages) > 1:  # the self-cascade, DemoFusion, FreeScale: every stage, the pivot first
+        if len(result.stages) > 1:  # the methods with stages, and every method with an input image (stage 0)
             for r, stage in enumerate(result.stages):
                 stage.images[0].save(tmp / f"stage{r}.png")
-        save_png(result.images[0], tmp / "final.png", infotext(result), settings=result.summary())
-        (tmp / "result.json").write_text(json.dumps(result.summary(), indent=2, default=str))
+        summary = result.summary()
+        save_png(result.images[0], tmp / "final.png", infotext(summary), settings=summary)
+        (tmp / "result.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def _k(args) -> int | list[int] | None:
@@ -228,16 +467,24 @@ def _check_weight_files(args, video: bool) -> None:
         checks.safetensors_files("--upsampler", args.upsampler)
 
 
-def check_run(args, prompts: list[str], frames: int | None = None, video: bool = False) -> Callable[[int], None]:
-    """What needs no model, checked before torch loads one: numbers finite and in range, seeds, the model (a
-    folder's configs, a hub id's form), the weight files' headers, `--out` (a probe file is made and removed
-    where the run will write; no files in it but an earlier run's), the size within the limit of the device,
-    and the stage plan where the folder tells the model's base size. Returns the size check for another frame
-    count (a video model's own, known once it is loaded)."""
+@dataclass
+class Checked:
+    """What the checks before loading found: the model's shape as its folder's configs tell, and the size limit
+    on this device, with the words that say how to raise it."""
+
+    shape: checks.ModelShape
+    limit: int
+    hint: str
+
+
+def _check_before_loading(args, count: int, frames: int | None = None, video: bool = False) -> Checked:
+    """`check_run`'s checks, for `count` runs; a size given as None (--scale) is checked per input image."""
     try:
         if args.guidance is not None:
             checks.finite("--guidance", args.guidance, 0, checks.MAX_GUIDANCE)
-        checks.seed("--seed", args.seed, len(prompts))
+        if getattr(args, "scale", None) is not None:
+            checks.finite("--scale", args.scale, 1)
+        checks.seed("--seed", args.seed, count)
         shape = _check_video_model(args) if video else _check_image_model(args)
         _check_weight_files(args, video)
         checks.run_folder("--out", args.out)
@@ -245,11 +492,67 @@ def check_run(args, prompts: list[str], frames: int | None = None, video: bool =
         device = checks.torch_device(args.device)  # the first check that imports torch
         limit = checks.max_pixels(args.max_pixels, device.type)
         hint = f"on {device.type}; --max-pixels or ${checks.ENV_MAX_PIXELS} sets it"
-        checks.within_limit(args.height, args.width, limit, frames or 1, hint)
-        checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
+        if args.height is not None and args.width is not None:
+            checks.within_limit(args.height, args.width, limit, frames or 1, hint)
+            if _image_flag(args) is None:  # with an input image the plan starts from it: `_plan_jobs`
+                checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
     except ValueError as error:
         raise BadInput(str(error)) from None
-    return lambda count: checks.within_limit(args.height, args.width, limit, count, hint)
+    return Checked(shape, limit, hint)
+
+
+def check_run(args, prompts: list[str], frames: int | None = None, video: bool = False) -> Callable[[int], None]:
+    """What needs no model, checked before torch loads one: numbers finite and in range, seeds, the model (a
+    folder's configs, a hub id's form), the weight files' headers, `--out` (a probe file is made and removed
+    where the run will write; no files in it but an earlier run's), the size within the limit of the device,
+    and the stage plan where the folder tells the model's base size. Returns the size check for another frame
+    count (a video model's own, known once it is loaded)."""
+    checked = _check_before_loading(args, len(prompts), frames, video)
+    return lambda count: checks.within_limit(args.height, args.width, checked.limit, count, checked.hint)
+
+
+def _image_words(flag: str, error: ValueError) -> str:
+    """The library's refusal of an input image ("image in.png: ...") in the command line's words."""
+    text = first_line(error)
+    return flag + text[len("image") :] if text.startswith("image") else f"{flag}: {text}"
+
+
+def _read_images(args, jobs: list[Job], checked: Checked) -> None:
+    """Every input image read as the run will read it, before the model loads: its size from its header first
+    (within the size limit, before a pixel is decoded), then decoded and converted to RGB; its size (turned as
+    its EXIF orientation says) kept on its job, its pixels let go (a run reads its image again)."""
+    from .images import load_image
+
+    flag = _image_flag(args)
+    for job in jobs:
+        if job.image is None:
+            continue
+        try:
+            info = load_image(job.image, checked.limit).info
+        except ValueError as error:
+            raise BadInput(_image_words(flag, error)) from None
+        job.size = (info["width"], info["height"])
+
+
+def _plan_jobs(args, jobs: list[Job], shape: checks.ModelShape, checked: Checked) -> None:
+    """Each input image against its target, for a model of `shape` (ValueErrors): the target from --scale, its
+    size, steps and K, the size limit, and the image's fit and plan (`checks.input_image`)."""
+    sdedit = image_mode(args.method) == "sdedit"
+    flag = _image_flag(args)
+    for job in jobs:
+        if job.image is None:
+            continue
+        name = f"{flag} {job.image}"
+        if args.scale is not None:
+            job.height, job.width = checks.scaled_size(job.size, args.scale, shape.size_multiple)
+            checks.request(shape, job.height, job.width, args.steps, _k(args), args.stages)
+            try:
+                checks.within_limit(job.height, job.width, checked.limit, 1, checked.hint)
+            except ValueError as error:
+                raise ValueError(f"{name} at --scale {args.scale:g}: {error}") from None
+        job.first = checks.input_image(
+            name, shape, job.size, job.height, job.width, fit=args.fit, sdedit=sdedit, stages=args.stages, k=_k(args)
+        )
 
 
 def _loaded(what: str, load: Callable[[], T]) -> T:
@@ -268,7 +571,8 @@ def _check_loaded(args, model) -> None:
     line's words; the library's own check follows."""
     shape = checks.ModelShape.of(model)
     checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
-    checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
+    if args.height is not None and _image_flag(args) is None:
+        checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
 
 
 def my_prompts(args, count: int) -> tuple[list[int], str, bool]:
@@ -289,6 +593,15 @@ def _done(prefix: str, folder: Path, seconds: float) -> None:
     sys.stderr.write(f"{prefix}{folder}: {seconds:.1f} s\n")  # one write: processes sharing stderr keep lines whole
 
 
+def _conversion_note(prefix: str, result) -> None:
+    """One line after a run whose input image was converted to RGB (a palette, 16 bits, CMYK, transparency, an
+    EXIF turn): what was done, which result.json records too. Said after the run is written, so that a refusal
+    stays one line."""
+    image = (getattr(result, "settings", None) or {}).get("image") or {}
+    if image.get("converted"):
+        sys.stderr.write(f"{prefix}note: input {image.get('path', 'image')}: {image['converted']} (in result.json)\n")
+
+
 def _span(written: list[int]) -> str:
     return f"{written[0]:04d}" + (f"-{written[-1]:04d}" if len(written) > 1 else "")
 
@@ -304,12 +617,12 @@ def _kept(out: Path, written: list[int], count: int, batch: bool) -> str:
 
 def run_prompts(args, count: int, mine: list[int], prefix: str, main_process: bool, make, write) -> None:
     """Prompt i of `mine`: `make(i)` its result, `write(result, folder)` it to --out (out/NNNN with a prompts
-    file). A batch's first result replaces the run --out held before: its prompt folders of this process's
-    share, and in the main process everything else of it, so that after the batch, or a stop in it, --out
-    holds this batch's finished prompts and nothing of the earlier one. Writes are whole: Ctrl-C waits for
-    one to finish, then stops with one line; so does a run the library refuses as it goes (a stage's NaN
-    latents: a ValueError), without writing that prompt."""
-    batch = args.prompts_file is not None
+    file or an --images folder). A batch's first result replaces the run --out held before: its prompt folders
+    of this process's share, and in the main process everything else of it, so that after the batch, or a stop
+    in it, --out holds this batch's finished prompts and nothing of the earlier one. Writes are whole: Ctrl-C
+    waits for one to finish, then stops with one line; so does a run the library refuses as it goes (a
+    stage's NaN latents: a ValueError), without writing that prompt."""
+    batch = args.prompts_file is not None or getattr(args, "images", None) is not None
     share = set(mine)
 
     def owns(index: int | None) -> bool:  # which of the earlier run's entries this process removes
@@ -327,6 +640,7 @@ def run_prompts(args, count: int, mine: list[int], prefix: str, main_process: bo
                 write(result, folder)
                 written.append(i)
             _done(prefix, folder, result.total_seconds)
+            _conversion_note(prefix, result)
     except KeyboardInterrupt:
         raise Interrupted(prefix + _kept(args.out, written, len(mine), batch)) from None
     except ValueError as error:
@@ -337,9 +651,16 @@ def run_prompts(args, count: int, mine: list[int], prefix: str, main_process: bo
 
 
 def generate(args) -> None:
-    prompts = read_prompts(args)
+    jobs = read_jobs(args)
     options = _method_options(args)
-    check_run(args, prompts)
+    sampler = _sampler_options(args)
+    checked = _check_before_loading(args, len(jobs))
+    _read_images(args, jobs, checked)
+    if checked.shape.base_size is not None:  # the folder's configs told the model's shape: plan now, else once loaded
+        try:
+            _plan_jobs(args, jobs, checked.shape, checked)
+        except ValueError as error:
+            raise BadInput(str(error)) from None
     import torch
 
     from .api import generate as generate_image
@@ -347,25 +668,30 @@ def generate(args) -> None:
     from .lora import check_loras
     from .models import load_model
 
-    mine, prefix, main_process = my_prompts(args, len(prompts))
+    mine, prefix, main_process = my_prompts(args, len(jobs))
     if not mine:
         return
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    sdedit = image_mode(args.method) == "sdedit"
     with quiet_loading():
         model = _loaded(f"--model {args.model}", lambda: load_model(args.model, device=args.device, dtype=dtype))
 
         def check_and_load_files() -> None:
             _check_loaded(args, model)
-            check_inputs(
-                model,
-                args.height,
-                args.width,
-                args.steps,
-                args.guidance or 0.0,
-                options.get("k"),
-                options.get("stages"),
-                options.get("upsample"),
-            )
+            _plan_jobs(args, jobs, checks.ModelShape.of(model), checked)
+            plans = {(job.height, job.width, None if sdedit else job.first) for job in jobs}
+            for height, width, first in sorted(plans, key=str):
+                check_inputs(
+                    model,
+                    height,
+                    width,
+                    args.steps,
+                    args.guidance or 0.0,
+                    options.get("k"),
+                    options.get("stages"),
+                    options.get("upsample"),
+                    first,
+                )
             upsampler = model.default_upsampler if args.upsampler is None else args.upsampler
             if args.method == "self-cascade" and upsampler not in (None, NO_UPSAMPLER):
                 from .upsampler import load_adapters
@@ -382,11 +708,13 @@ def generate(args) -> None:
             )
 
     def make(i: int):
+        job = jobs[i]
+        image = {} if job.image is None else {"image": job.image, "fit": args.fit, "max_pixels": checked.limit}
         return generate_image(
             model,
-            prompts[i],
-            args.height,
-            args.width,
+            job.prompt,
+            job.height,
+            job.width,
             args.method,
             negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps,
@@ -395,9 +723,11 @@ def generate(args) -> None:
             progress=True,
             loras=args.lora,
             **options,
+            **sampler,
+            **image,
         )
 
-    run_prompts(args, len(prompts), mine, prefix, main_process, make, _write_run)
+    run_prompts(args, len(jobs), mine, prefix, main_process, make, _write_run)
 
 
 # ---- generate-video: the image contract for text-to-video models ----------------------------------------
@@ -460,7 +790,9 @@ def _add_video_parser(sub) -> None:
     v.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     v.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: float16 on cuda")
     v.add_argument("--max-pixels", type=int, default=None, help=MAX_PIXELS_HELP)
-    v.add_argument("--out", type=Path, required=True, help=OUT_HELP.format(files="final.mp4, stageR.mp4, preview.gif"))
+    v.add_argument(
+        "--out", type=Path, required=True, help=OUT_HELP.format(files="final.mp4, stageR.mp4, preview.gif", images="")
+    )
 
 
 def _video_options(args) -> dict:

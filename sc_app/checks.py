@@ -59,7 +59,10 @@ def finite(
     if (low is not None and (value < low or (low_open and value == low))) or (
         high is not None and (value > high or (high_open and value == high))
     ):
-        raise ValueError(f"{name} must be in {_interval(low, high, low_open, high_open)}, got {value:g}")
+        within = _interval(low, high, low_open, high_open)
+        raise ValueError(
+            f"{name} must be {'in ' if low is not None and high is not None else ''}{within}, got {value:g}"
+        )
     return value
 
 
@@ -266,10 +269,15 @@ def model_source(name: str, value: str, embedded: Path | None, index: str = "mod
     return None
 
 
-def request(shape: ModelShape, height: int, width: int, steps: int, k=None, stages: int | None = None) -> None:
+def request(
+    shape: ModelShape, height: int | None, width: int | None, steps: int, k=None, stages: int | None = None
+) -> None:
     """The command line's --height, --width, --steps, --k (one value, or one per stage) and --stages against
-    `shape`, before the model loads; what needs the stage plan is `stage_plan`'s."""
+    `shape`, before the model loads; what needs the stage plan is `stage_plan`'s. A size of None (not known
+    yet: `--scale` takes it from the input image) is checked later."""
     for name, side in (("--height", height), ("--width", width)):
+        if side is None:
+            continue
         whole(name, side, 1)
         if side % shape.size_multiple:
             raise ValueError(f"{name} must be a multiple of {shape.size_multiple} for this model, got {side}")
@@ -311,6 +319,108 @@ def stage_plan(shape: ModelShape, height: int, width: int, k=None, stages: int |
     count = len(plan_stages(height, width, shape.base_size, shape.size_multiple, stages)) - 1
     if isinstance(k, (list, tuple)) and len(k) != count:
         raise ValueError(f"--k lists one value per stage after the pivot ({count}), got {len(k)}")
+
+
+# ---- an input image, before the model loads ---------------------------------------------------------------
+
+FITS = ("crop", "pad")  # sc_app.images.FITS
+
+
+def fitted_size(size: tuple[int, int], height: int, width: int, fit: str | None) -> tuple[int, int]:
+    """(width, height) of an image of `size` (width, height) after `images.fit_aspect` with `fit` for a target
+    of height x width: center-cropped or padded to the target's aspect ratio, as it is without a fit."""
+    image_w, image_h = size
+    wider = image_w * height > width * image_h
+    if fit == "crop":
+        return (
+            (max(1, round(image_h * width / height)), image_h)
+            if wider
+            else (image_w, max(1, round(image_w * height / width)))
+        )
+    if fit == "pad":
+        return (
+            (image_w, max(image_h, round(image_w * height / width)))
+            if wider
+            else (max(image_w, round(image_h * width / height)), image_h)
+        )
+    return size
+
+
+def scaled_size(size: tuple[int, int], scale: float, multiple: int) -> tuple[int, int]:
+    """(height, width) for `--scale`: a target of `scale` times the pixels of an image of `size` (width, height),
+    each side times sqrt(scale) rounded to a multiple of `multiple`; where rounding leaves fewer pixels than the
+    image or moves the aspect ratio past the 3% a run allows, the fitting size nearest that pixel count
+    (`images.nearest_fitting_target`)."""
+    from .images import ASPECT_TOLERANCE, aspect_gap, nearest_fitting_target
+
+    image_w, image_h = size
+    factor = math.sqrt(scale)
+    height = max(multiple, round(image_h * factor / multiple) * multiple)
+    width = max(multiple, round(image_w * factor / multiple) * multiple)
+    if height * width >= image_w * image_h and aspect_gap(size, height, width) <= ASPECT_TOLERANCE:
+        return height, width
+    return nearest_fitting_target(size, max(1, round(image_h * factor)), max(1, round(image_w * factor)), multiple)
+
+
+def input_image(
+    name: str,
+    shape: ModelShape,
+    size: tuple[int, int],
+    height: int,
+    width: int,
+    *,
+    fit: str | None = None,
+    sdedit: bool = False,
+    stages: int | None = None,
+    k=None,
+) -> tuple[int, int] | None:
+    """An input image of `size` (width, height) for a target of height x width, as the library will take it
+    (`stages.image_start`, `plan.plan_stages`), in the command line's words: its aspect ratio within 3% of the
+    target's unless `fit` crops or pads it (refused with the nearest target that fits), no larger than the
+    target, and, where the base size is known and the image is the first stage (not `sdedit`), a plan that
+    leaves a stage to run, with --stages and --k (one per stage) that fit it. Returns stage 0's (height,
+    width), or None where the base size is unknown (a hub id before it loads)."""
+    from .images import ASPECT_TOLERANCE, aspect_gap, nearest_fitting_target
+
+    image_w, image_h = size
+    if fit is None:
+        gap = aspect_gap(size, height, width)
+        if gap > ASPECT_TOLERANCE:
+            h, w = nearest_fitting_target(size, height, width, shape.size_multiple)
+            raise ValueError(
+                f"{name}: {image_w}x{image_h} is {gap:.1%} off the aspect ratio of the target {width}x{height} (at "
+                f"most {ASPECT_TOLERANCE:.0%}): the nearest target that fits is {w}x{h} (--height {h} --width {w}), "
+                "or give --fit crop or --fit pad"
+            )
+    fitted = fitted_size(size, height, width, fit)
+    if fitted[0] * fitted[1] > width * height:
+        after = f" (after --fit {fit})" if fit else ""
+        raise ValueError(
+            f"{name}: {fitted[0]}x{fitted[1]}{after} is larger than the target {width}x{height}: the target must have "
+            "at least the input's pixels (a larger --height and --width, or --scale; to shrink an image, resize it "
+            "first)"
+        )
+    if sdedit:  # one stage, at the target (a K per stage is the command line's to refuse: it knows the method)
+        return height, width
+    if shape.base_size is None:
+        return None
+    from .plan import first_stage_size, plan_stages
+
+    if stages == 0:
+        raise ValueError("--stages must be at least 1 with an input image (stage 0 is the image), got 0")
+    first = first_stage_size(fitted, height, width, shape.base_size, shape.size_multiple)
+    try:
+        sizes = plan_stages(height, width, shape.base_size, shape.size_multiple, stages, first)
+    except ValueError as error:  # "stages must be at most ..."
+        raise ValueError(f"--{error}") from None
+    if len(sizes) == 1:
+        raise ValueError(
+            f"{name}: stage 0 would be {first[1]}x{first[0]}, the target itself, which leaves no stage to run: give "
+            f"a larger target, or --method direct, scalecrafter or attn-sf to redraw it at {width}x{height}"
+        )
+    if isinstance(k, (list, tuple)) and len(k) != len(sizes) - 1:
+        raise ValueError(f"--k lists one value per stage after the input image ({len(sizes) - 1}), got {len(k)}")
+    return first
 
 
 def read_safetensors_header(path: str | Path) -> dict:

@@ -45,6 +45,10 @@ def test_finite_refuses_nan_infinity_and_out_of_range(value, message):
     assert checks.finite("lr", 0.5, 0, 1, low_open=True, high_open=True) == 0.5
     with pytest.raises(ValueError, match=r"lr must be in \(0, 1\), got 0"):
         checks.finite("lr", 0.0, 0, 1, low_open=True, high_open=True)
+    with pytest.raises(ValueError, match="^--scale must be >= 1, got 0.5$"):  # one end: no "in"
+        checks.finite("--scale", 0.5, 1)
+    with pytest.raises(ValueError, match="^fps must be > 0, got 0$"):
+        checks.finite("fps", 0, 0, low_open=True)
 
 
 def test_whole_never_cuts_a_fraction():
@@ -549,6 +553,9 @@ print("exit", code, "torch loaded:", "torch" in sys.modules)
         (["--height", "100"], "--height must be a multiple of 16 for this model, got 100"),
         (["--lora", "CUT"], "not a safetensors file"),
         (["--model", "not/a/hub/id"], "no such folder, and not a hub id"),
+        (["--scale", "4"], "--scale needs --image or --images"),
+        (["--fit", "crop"], "--fit applies to an input image"),
+        (["--attention-window", "4"], "--attention-window applies to --attention window or auto, not full"),
     ],
 )
 def test_refusals_that_need_no_model_come_before_torch_loads(flags, message, tmp_path):

@@ -334,3 +334,12 @@ def test_a_run_folder_gets_every_file_or_none(tmp_path):
         (tmp / "result.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in folder.iterdir()) == ["final.png", "result.json"]
+
+
+def test_help_names_the_image_and_sampler_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--image FILE", "--images DIR", "--scale N", "--fit {crop,pad}", "--scheduler", "--attention"):
+        assert flag in text, flag
+    assert "3% off the target's" in text  # argparse's %-formatting leaves one percent sign
