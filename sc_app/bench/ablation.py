@@ -58,7 +58,7 @@ OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS 
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
 KEYS = (
     "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg restart_fraction "
-    "cosine_scale_1 cosine_scale_2 cosine_scale_3"
+    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio"
 ).split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
@@ -74,6 +74,7 @@ ONLY_FOR = {  # keys that one method alone takes
     "cosine_scale_1": "demofusion",
     "cosine_scale_2": "demofusion",
     "cosine_scale_3": "demofusion",
+    "t1_ratio": "hidiffusion",
 }
 # Methods that decode their intermediate stages only when asked: every bench row asks none of them to, so that
 # no method's time holds decodes that another's does not (direct has no intermediate stage). SD+SR and Lanczos
@@ -147,7 +148,7 @@ class Setting:
             out["guidance_scale"] = float(options["guidance"])
         if "noise_level" in options:
             out["noise_level"] = int(options["noise_level"])
-        for key in ("restart_fraction", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3"):
+        for key in ("restart_fraction", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "t1_ratio"):
             if key in options:
                 out[key] = float(options[key])
         return out
@@ -223,6 +224,7 @@ def _check_number(text: str, key: str, value: str) -> None:
         "cosine_scale_1": (float, 0, None),
         "cosine_scale_2": (float, 0, None),
         "cosine_scale_3": (float, 0, None),
+        "t1_ratio": (float, 0, 1),
     }
     if key not in ranges:
         return

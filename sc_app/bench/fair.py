@@ -155,6 +155,12 @@ GRIDS = (
         note="restart_fraction (its K: the release's 0.3, the model folder's 0.7)",
     ),
     Grid(
+        "hidiffusion",
+        "hidiffusion",
+        (Knob("t1_ratio", "T1", (0.4, 0.55, 0.7), 0.1, 0.9), GUIDANCE),
+        note="t1_ratio (the share of steps with RAU-Net: the release's 0.4 below 4x the trained side, 0.7 from there)",
+    ),
+    Grid(
         "sr",
         "sr",
         (Knob("noise_level", "noise", (0, 20, 50), 0, 350, integer=True), GUIDANCE),
