@@ -15,6 +15,11 @@ first, against the size limit; then decoded and converted), and checked against 
 --width, or --scale) with what the model folder's configs say: its aspect ratio (or --fit), no larger than the
 target, a plan that leaves a stage to run. stage0.png is the picture as the run used it, result.json's "image"
 its sha256 and size; a conversion to RGB is said in one `note:` line after the run is written.
+
+`--controlnet FOLDER|HUB_ID` with `--control-image FILE` (repeatable, paired by order; `--control-scale`,
+`--control-start`, `--control-end` once for all or once per ControlNet) steers every stage that samples: the
+request, the control images (header, then pixels) and the local ControlNet folders (config, safetensors) are
+checked before the model loads; the ControlNets load once, checked against it, for every prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE[:SCALE]",
         help="a LoRA (.safetensors) applied in every stage of every method, at SCALE (default 1); repeatable",
+    )
+    g.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="FOLDER|HUB_ID",
+        help="a ControlNet for the model (a diffusers ControlNetModel folder, a ControlNet pipeline's folder or a hub "
+        "id; safetensors only) steering every stage that samples, with the --control-image in the same place; "
+        "repeatable (their residuals add up)",
+    )
+    g.add_argument(
+        "--control-image",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="the control image (edges, depth, a layout, ... as RGB) of the --controlnet in the same place, resized "
+        "to cover each stage and centre-cropped",
+    )
+    g.add_argument(
+        "--control-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="the ControlNets' weight, 0..5: once for every --controlnet, or once each (default 1)",
+    )
+    g.add_argument(
+        "--control-start",
+        action="append",
+        type=float,
+        default=[],
+        metavar="F",
+        help="the fraction of each stage's steps from which the ControlNets act: once, or once each (default 0)",
+    )
+    g.add_argument(
+        "--control-end",
+        action="append",
+        type=float,
+        default=[],
+        metavar="F",
+        help="the fraction of each stage's steps after which they stop: once, or once each (default 1)",
     )
     g.add_argument(
         "--sr-model",
@@ -399,6 +447,62 @@ def _sampler_options(args) -> dict:
         "attention_factor": args.attention_factor,
     }
     return {name: value for name, value in options.items() if value is not None}
+
+
+# ---- ControlNets -----------------------------------------------------------------------------------------
+
+CONTROL_FLAGS = {  # generate's arguments, as the command line names them
+    "controlnet_conditioning_scale": "--control-scale",
+    "control_guidance_start": "--control-start",
+    "control_guidance_end": "--control-end",
+    "control_image": "--control-image",
+    "controlnet": "--controlnet",
+}
+# a name, not part of a path or a quoted value ("control_guidance_start/end" is the library's own words)
+_CONTROL_NAMES = re.compile(r"(?<![\w\-/.\\'\"])(" + "|".join(CONTROL_FLAGS) + r")(?![\w\-.])(?!/(?!end\b))")
+
+
+def _control_words(error: BaseException) -> str:
+    """The library's refusal of a control request, in the command line's words (controlnet -> --controlnet)."""
+    return _CONTROL_NAMES.sub(lambda found: CONTROL_FLAGS[found[1]], first_line(error))
+
+
+def _control_options(args) -> dict:
+    """--controlnet, --control-image, --control-scale, --control-start and --control-end as generate's arguments
+    (a number given once stands for every ControlNet; not given: the library's default); {} without any."""
+    options = {"controlnet": list(args.controlnet), "control_image": list(args.control_image)}
+    numbers = {
+        "controlnet_conditioning_scale": args.control_scale,
+        "control_guidance_start": args.control_start,
+        "control_guidance_end": args.control_end,
+    }
+    options |= {name: values[0] if len(values) == 1 else list(values) for name, values in numbers.items() if values}
+    options = {name: value for name, value in options.items() if value != []}
+    return options
+
+
+def _check_control(args, options: dict, checked: Checked) -> None:
+    """The control request before the model loads, in the command line's words: flags paired, numbers in range,
+    each control image read as the run will read it (its size from its header first, within the size limit),
+    each local ControlNet folder's config and weight files, each hub id's form (and, offline, its cache); and
+    no ControlNet for a method that would run no UNet it steers."""
+    if not options:
+        return
+    from .controlnet import _looks_like_path, check_control
+
+    try:
+        for source in args.controlnet:
+            if not _looks_like_path(source):
+                checks.model_source("--controlnet", source, None, index="config.json")
+        check_control(**{"controlnet": None, "control_image": None, **options}, max_pixels=checked.limit)
+    except ValueError as error:
+        raise BadInput(_control_words(error)) from None
+    flag = _image_flag(args)
+    if args.method in ("sr", "lanczos") and flag is not None:
+        raise BadInput(
+            f"--controlnet: --method {args.method} with {flag} runs no UNet that a ControlNet steers (the upscaler "
+            "and the resize take none; without an input image the ControlNet steers the pivot)"
+        )
 
 
 def _write_run(result, folder: Path) -> None:
@@ -654,8 +758,10 @@ def generate(args) -> None:
     jobs = read_jobs(args)
     options = _method_options(args)
     sampler = _sampler_options(args)
+    control = _control_options(args)
     checked = _check_before_loading(args, len(jobs))
     _read_images(args, jobs, checked)
+    _check_control(args, control, checked)
     if checked.shape.base_size is not None:  # the folder's configs told the model's shape: plan now, else once loaded
         try:
             _plan_jobs(args, jobs, checked.shape, checked)
@@ -700,6 +806,18 @@ def generate(args) -> None:
             args.lora = check_loras(args.lora, model)
 
         _loaded(f"--model {args.model}", check_and_load_files)
+        if args.controlnet:  # loaded once, checked against the model, for every prompt
+            from .controlnet import load_controlnets
+
+            names = " ".join(args.controlnet)
+
+            def load_control() -> list:
+                try:
+                    return load_controlnets(args.controlnet, model)
+                except ValueError as error:
+                    raise ValueError(_control_words(error)) from None
+
+            control["controlnet"] = _loaded(f"--controlnet {names}", load_control)
         if args.method == "sr":
             from .baselines.upscale import load_upscaler
 
@@ -725,6 +843,7 @@ def generate(args) -> None:
             **options,
             **sampler,
             **image,
+            **control,
         )
 
     run_prompts(args, len(jobs), mine, prefix, main_process, make, _write_run)

@@ -26,6 +26,7 @@ SDEDIT_METHODS = (
     "hidiffusion",
 )  # one stage at the target: an input image is re-noised there
 RESTARTING_METHODS = ("self-cascade", "freescale")  # their stages after the pivot start part-way into the schedule
+PIXEL_METHODS = ("sr", "lanczos")  # no UNet of ours after the pivot: a ControlNet steers the pivot only
 
 
 def image_mode(method: str) -> str:
@@ -71,6 +72,11 @@ def generate(
     attention: str = "full",
     attention_window: int | tuple[int, int] | None = None,
     attention_factor: int = 2,
+    controlnet=None,
+    control_image=None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
     **common,
 ) -> Result:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
@@ -99,8 +105,19 @@ def generate(
     and Attn-SF), on the layers whose token grid is larger than any the model has at its base size: "full"
     (exact), "window" (shifted windows of `attention_window` latent cells, default the model's base latent),
     "downsample-kv" (keys and values pooled `attention_factor` per side) or "auto" (`stages.auto_attention`'s
-    rule per stage). The pivot stays exact; settings["stage_attention"] says what each stage ran."""
+    rule per stage). The pivot stays exact; settings["stage_attention"] says what each stage ran.
+
+    `controlnet` (a diffusers ControlNetModel, a folder or hub id of one, or a list of these) with
+    `control_image` (one per ControlNet, RGB, any `image` source): every UNet pass of every stage that samples
+    takes the ControlNets' residuals, the control image covering that stage's size (resized, centre-cropped);
+    DemoFusion's windows take their crops of it, its dilated sub-latents all of it at their size; HiDiffusion's
+    RAU-Net halves the ControlNets' down path with the UNet's. `controlnet_conditioning_scale` (0..5),
+    `control_guidance_start` and `control_guidance_end` (0 <= start < end <= 1): one value, or one per
+    ControlNet; the window counts over each stage's own steps. SD+SR and Lanczos: the pivot only (refused
+    with an input image). settings["controlnet"] records them, settings["controlnet_steps"] the steps they
+    acted in per stage."""
     from .checks import whole, within_limit
+    from .controlnet import check_control, load_controlnets
     from .lora import _as_loras, applied_loras, check_loras
     from .models import Model
     from .stages import check_sampling, image_start
@@ -109,6 +126,17 @@ def generate(
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if getattr(model, "is_flow", False):  # SD3 and FLUX: sc_app.flow, which refuses what has no flow version yet
+        from .flow import generate as generate_flow
+
+        if controlnet is not None or control_image is not None:
+            raise ValueError("controlnet does not run on flow transformers yet")
+        flow_options = dict(k=k, stages=stages, upsample=upsample, upsampler=upsampler, loras=loras, image=image)
+        flow_options |= dict(fit=fit, max_pixels=max_pixels, scheduler=scheduler, attention=attention)
+        flow_options |= dict(attention_window=attention_window, attention_factor=attention_factor)
+        return generate_flow(
+            model, prompt, height, width, method, upsampler_min_t=upsampler_min_t, **flow_options, **common
+        )
     sdedit_k = image is not None and method in SDEDIT_METHODS
     if method != "self-cascade" and ((k is not None and not sdedit_k) or stages is not None or upsampler is not None):
         raise ValueError(
@@ -134,6 +162,18 @@ def generate(
         common["image"] = image_start(model, image, height, width, fit=fit, mode=mode, max_pixels=max_pixels)
     elif fit is not None:
         raise ValueError(f"fit applies to an input image, got fit={fit!r} without one")
+    control = check_control(  # the ControlNets' request and images, before anything loads
+        controlnet,
+        control_image,
+        controlnet_conditioning_scale,
+        control_guidance_start,
+        control_guidance_end,
+        max_pixels=max_pixels,
+    )
+    if method in PIXEL_METHODS:
+        from .baselines.upscale import refuse_control
+
+        refuse_control(method, image, control)
     if sdedit_k and k is not None:
         common["k"] = k
     checked = check_loras(loras, model)
@@ -146,6 +186,9 @@ def generate(
         if k is None and trained_k != model.default_k:  # at the model's own K: its per-stage Ks, all within it
             k = trained_k
         stage_denoiser = stage_denoiser_for(model, adapters, upsampler_min_t)
+    if control is not None:  # checked against the model's UNet as they load
+        control.nets = load_controlnets(controlnet, model)
+        common["control"] = control
     with applied_loras(model, checked):
         result = _run(model, prompt, height, width, method, k, stages, upsample, stage_denoiser, common)
     if checked:

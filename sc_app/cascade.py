@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .controlnet import Control
 from .sampling import Denoiser, added_conditions, encode_prompt, guided_denoiser
 from .schedulers import renoise_to
 from .stages import (  # noqa: F401  (re-exported: other modules and the tests import them from here)
@@ -120,6 +121,7 @@ def self_cascade(
     image=None,
     fit: str | None = None,
     sampling: Sampling | None = None,
+    control: Control | None = None,
 ) -> Result:
     """Pivot at the base size, then per stage: upsample the clean latent, diffuse it to K, denoise K -> 0.
 
@@ -128,7 +130,8 @@ def self_cascade(
     image, a path, an array or a tensor; `fit` "crop" or "pad" for another aspect ratio) is the pivot.
     `sampling` (`stages.check_sampling`): the sampler, whose grid a stage re-noised to K starts on (its first
     step at or below K, with the sampler's own noise level there), and the attention of the stages after the
-    pivot; default DDIM and full attention.
+    pivot; default DDIM and full attention. `control` (`controlnet.prepare_control`'s): ControlNets on every
+    stage that samples (the pivot, and every stage after it, tuned or not), the control image at its size.
     """
     # 1. Inputs, plan, prompts, generators
     run = prepare(
@@ -151,6 +154,7 @@ def self_cascade(
         image=image,
         fit=fit,
         sampling=sampling,
+        control=control,
     )
     ks = model.stage_ks(len(run.sizes) - 1, k)
     upsample = upsample or model.default_upsample
@@ -196,11 +200,13 @@ def direct(
     fit: str | None = None,
     k: int | None = None,
     sampling: Sampling | None = None,
+    control: Control | None = None,
 ) -> Result:
     """Plain sampling at the target size, same scheduler, steps and seed as the cascade's pivot; with an
     `image`, SDEdit: the image (resized to the target) re-noised to K (the model's default K unless `k`, on the
     sampler's own grid) and denoised K -> 0, after it as stage 0. `sampling`: as `self_cascade`'s (the
-    attention mode applies to the stage at the target).
+    attention mode applies to the stage at the target). `control`: ControlNets on the stage at the target, inside
+    whatever `denoiser_factory` wraps around the UNet call.
 
     `denoiser_factory(denoiser, cond, added, height, width, first_step) -> denoiser` lets a baseline wrap the
     UNet call (`first_step`: the step of the whole schedule the run starts at, 0 without an image; the
@@ -225,6 +231,7 @@ def direct(
         fit=fit,
         image_mode="sdedit",
         sampling=sampling,
+        control=control,
     )
     if run.start is None:
         timesteps, x = from_noise(run, height, width)

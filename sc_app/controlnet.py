@@ -26,14 +26,17 @@ Where this differs from diffusers, on purpose:
   i / n >= start and (i + 1) / n <= end (diffusers' rule over the steps it runs). A stage re-noised to K and
   denoised in 15 steps with end 0.5 has it in its first 7; counted over the full schedule instead, every
   step of such a stage would lie after the halfway point and none would get it.
-- UNet passes at another latent size than the stage's are left alone: the feature upsamplers' pass over the
-  pivot (which reads features the residuals do not touch) and DemoFusion's base-size windows and dilated
-  sub-latents (each would need its own crop of the control image).
+- UNet passes at another latent size than the stage's are left alone (the feature upsamplers' pass over the
+  pivot, which reads features the residuals do not touch), unless the method says what they are views of
+  (`control_views`): DemoFusion's base-size windows each take their crop of the stage's control image, its
+  dilated sub-latents the whole image at their own size.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +74,10 @@ class Control:
             scale * (0.0 if i / steps < start or (i + 1) / steps > end else 1.0)
             for scale, start, end in zip(self.scales, self.starts, self.ends)
         ]
+
+    def steps_in(self, steps: int) -> int:
+        """How many steps of a stage of `steps` steps have at least one ControlNet (`scales_at`)."""
+        return sum(any(self.scales_at(i, steps)) for i in range(steps))
 
     def image_tensor(self, index: int, height: int, width: int, device, dtype) -> torch.Tensor:
         """ControlNet `index`'s image at height x width pixels as its `controlnet_cond`: (1, 3, H, W) in
@@ -326,11 +333,13 @@ def _from_source(where: str, source: str, model):
         check_folder_weights(where, path, ("",))
     with one_line_load_errors(where):
         try:
-            return ControlNetModel.from_pretrained(
+            net = ControlNetModel.from_pretrained(
                 str(path) if local else source, use_safetensors=True, torch_dtype=model.unet.dtype
             )
         except OSError as error:  # a hub repository without safetensors weights, say
             raise ValueError(f"{where}cannot be loaded ({_first_line(error)})") from None
+    net.register_to_config(_name_or_path=source)  # named as given (not its controlnet/ subfolder), when passed on
+    return net
 
 
 def _first_line(error: Exception) -> str:
@@ -415,11 +424,38 @@ def control_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
 
 # ---- the denoiser ----------------------------------------------------------------------------------------
 
+_VIEWS: ContextVar[list | None] = ContextVar("control_views", default=None)
+
+
+@contextmanager
+def control_views(views):
+    """The UNet passes made in the body are views of the stage, not the stage itself (DemoFusion's windows and
+    dilated sub-latents): item k of a pass's batch (of each classifier-free-guidance half, which repeats them)
+    is view k, either (top, left), the pixel offset in the stage of a crop of the pass's own size (the control
+    image cropped there, black where the crop leaves the stage), or None, the whole stage at the pass's size
+    (the control image resized to it). Without ControlNets at work it changes nothing."""
+    token = _VIEWS.set(list(views))
+    try:
+        yield
+    finally:
+        _VIEWS.reset(token)
+
+
+def _crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """(1, 3, height, width) of `image` (1, 3, H, W) from pixel (top, left), zero where it lies outside."""
+    out = image.new_zeros(1, image.shape[1], height, width)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + height, image.shape[-2]), min(left + width, image.shape[-1])
+    if y1 > y0 and x1 > x0:
+        out[..., y0 - top : y1 - top, x0 - left : x1 - left] = image[..., y0:y1, x0:x1]
+    return out
+
 
 class ControlledDenoiser:
-    """A stage's denoiser `(x, t, i) -> output` whose UNet passes at x's latent size get the ControlNets'
-    residuals, added to those the pass carries already. Step i of `steps` has ControlNet j when it lies in
-    j's window (`Control.scales_at`); a step where every scale is 0 runs the denoiser as it is."""
+    """A stage's denoiser `(x, t, i) -> output` whose UNet passes at x's latent size (and those a method names
+    views of the stage, `control_views`) get the ControlNets' residuals, added to those the pass carries
+    already. Step i of `steps` has ControlNet j when it lies in j's window (`Control.scales_at`); a step where
+    every scale is 0 runs the denoiser as it is."""
 
     def __init__(self, model, control: Control, denoiser, steps: int):
         if not control.nets:
@@ -442,19 +478,20 @@ class ControlledDenoiser:
         finally:
             handle.remove()
 
-    def residuals(self, sample, timestep, context, added) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """The ControlNets' summed (down-block residuals, mid-block residual) for one UNet pass's inputs."""
-        height, width = (n * self.vae_scale for n in sample.shape[-2:])
+    def residuals(
+        self, sample, timestep, context, added, views: list | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The ControlNets' summed (down-block residuals, mid-block residual) for one UNet pass's inputs; `views`:
+        what the pass's items are views of (`control_views`), None for the stage itself."""
         down = mid = None
         for j, (net, scale) in enumerate(zip(self.control.nets, self._scales)):
             if not scale:
                 continue
-            image = self.control.image_tensor(j, height, width, sample.device, net.dtype)
             d, m = net(
                 sample.to(net.dtype),
                 timestep,
                 encoder_hidden_states=context,
-                controlnet_cond=image.expand(len(sample), -1, -1, -1),
+                controlnet_cond=self._cond(j, sample, views, net.dtype),
                 conditioning_scale=scale,
                 added_cond_kwargs=added,
                 return_dict=False,
@@ -463,13 +500,31 @@ class ControlledDenoiser:
             mid = m if mid is None else mid + m
         return tuple(down), mid
 
+    def _cond(self, j: int, sample: torch.Tensor, views: list | None, dtype) -> torch.Tensor:
+        """ControlNet j's `controlnet_cond` for a pass over `sample`: the control image at the stage's size, or
+        per view its crop or the whole image at the view's size, repeated over the batch."""
+        height, width = (n * self.vae_scale for n in sample.shape[-2:])
+        if views is None:
+            return self.control.image_tensor(j, height, width, sample.device, dtype).expand(len(sample), -1, -1, -1)
+        if len(sample) % len(views):
+            raise ValueError(f"a UNet pass of {len(sample)} items over {len(views)} views of the stage")
+        whole = self.control.image_tensor(j, *(n * self.vae_scale for n in self._size), sample.device, dtype)
+        parts = [
+            self.control.image_tensor(j, height, width, sample.device, dtype)
+            if view is None
+            else _crop(whole, view[0], view[1], height, width)
+            for view in views
+        ]
+        return torch.cat(parts * (len(sample) // len(views)))
+
     def _add_residuals(self, unet, args: tuple, kwargs: dict):
         sample = args[0] if args else kwargs.get("sample")
-        if sample is None or tuple(sample.shape[-2:]) != self._size:
-            return None  # another size than the stage's: the pivot's features, a DemoFusion view
+        views = _VIEWS.get()
+        if sample is None or (views is None and tuple(sample.shape[-2:]) != self._size):
+            return None  # another size than the stage's, and no view of it: the pivot's features
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        down, mid = self.residuals(sample, timestep, context, kwargs.get("added_cond_kwargs"))
+        down, mid = self.residuals(sample, timestep, context, kwargs.get("added_cond_kwargs"), views)
         own_down = kwargs.get("down_block_additional_residuals")
         own_mid = kwargs.get("mid_block_additional_residual")
         if own_down is not None:

@@ -26,6 +26,12 @@ How our settings map:
 - Lora hashes: A1111's "name: hash, ...", the name the file's stem without "," and ":", the hash A1111's short
   LoRA hash: the first 12 hex digits of the sha256 of the file after its safetensors header (kohya's "addnet"
   hash, Civitai's AutoV3), read from the file where it still exists.
+- ControlNet N: each ControlNet as A1111's ControlNet extension writes a unit (scripts/infotext.py
+  `serialize_unit`): `ControlNet 0: "Module: none, Model: NAME, Weight: 1.0, Resize Mode: Crop and Resize,
+  Guidance Start: 0.0, Guidance End: 1.0"`: no preprocessor ran (the control image is used as given), the
+  ControlNet's folder or hub id as the model (without "," and ":", which the extension refuses), its scale,
+  "Crop and Resize" (the image covers each stage and is centre-cropped) and its window. The control image's
+  sha256 (12 hex digits) rides in our group as `control_image`.
 - What A1111 has no key for, in one key (as ControlNet writes its units): `Self-cascade: "method self-cascade,
   K 300/150, stages 64x64>128x128>256x256, upsample lanczos, upsampler x2-128+x2-256, lora style:0.8"`, with the
   method's own scalar settings after these (DemoFusion's stride, FreeScale's restart_fraction, ...).
@@ -56,6 +62,8 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)")  # A1111's prompt syntax <lora:name:weight[:...]>
 _NEGATIVE = "Negative prompt:"
+_CONTROLNET = re.compile(r"ControlNet (\d+)")  # the extension's unit keys: "ControlNet 0", "ControlNet 1", ...
+RESIZE_MODE = "Crop and Resize"  # the extension's name for covering the size and centre-cropping (INNER_FIT)
 
 # Settings that the keys above carry, or that are no setting (timings): not repeated among the method's own.
 _CARRIED = {
@@ -72,6 +80,7 @@ _CARRIED = {
     "upsample",
     "upsampler",
     "loras",
+    "controlnet",
     "image",
     "image_mode",
     "unconditioned",
@@ -186,6 +195,20 @@ def _short_hash(lora: dict) -> str | None:
         return None
 
 
+def _controlnet_unit(unit: dict) -> str:
+    """One ControlNet as the extension writes a unit: "Key: value" pairs joined by ", " (no value holds either)."""
+    name = str(unit.get("controlnet") or "ControlNetModel").replace(",", "").replace(":", "")
+    fields = {
+        "Module": unit.get("module", "none"),
+        "Model": name,
+        "Weight": unit.get("scale", 1.0),
+        "Resize Mode": RESIZE_MODE,
+        "Guidance Start": unit.get("start", 0.0),
+        "Guidance End": unit.get("end", 1.0),
+    }
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
 def _upsampler_tag(adapter) -> str:
     """One adapter as the group names it: its file's stem ('x2-128'), else its scale ('x2')."""
     if isinstance(adapter, dict):
@@ -252,6 +275,10 @@ def _group(settings: dict) -> str:
             items.append(("image", image["sha256"][:12]))
         if image.get("fit"):
             items.append(("fit", image["fit"]))
+    for unit in settings.get("controlnet") or []:
+        sha = (unit.get("image") or {}).get("sha256")
+        if sha:
+            items.append(("control_image", sha[:12]))
     if settings.get("unconditioned"):
         items.append(("unconditioned", "True"))
     for key, value in settings.items():  # the method's own settings (DemoFusion's stride, ...)
@@ -286,6 +313,8 @@ def infotext(result_or_settings, image_index: int = 0, *, version: str | None = 
         params["Denoising strength"] = settings["denoising_strength"]
     hashes = [(_lora_name(lora), _short_hash(lora)) for lora in settings.get("loras") or []]
     params["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes if h) or None
+    for i, unit in enumerate(settings.get("controlnet") or []):
+        params[f"ControlNet {i}"] = _controlnet_unit(unit)
     params[GROUP] = _group(settings)
     params["Version"] = version
     line = ", ".join(f"{key}: {quote(value)}" for key, value in params.items() if value is not None)
@@ -332,7 +361,7 @@ def _scheduler_name(sampler: str, schedule: str | None) -> str | None:
 
 
 def _read_group(value: str, settings: dict) -> None:
-    loras = []
+    loras, control_images = [], []
     for item in value.split(", "):
         name, _, text = item.partition(" ")
         if name == "method":
@@ -353,10 +382,14 @@ def _read_group(value: str, settings: dict) -> None:
             settings.setdefault("image", {})["sha256"] = text
         elif name == "fit":
             settings.setdefault("image", {})["fit"] = text
+        elif name == "control_image":
+            control_images.append(text)
         elif name:
             settings[name] = _read_scalar(text)
     if loras:
         settings["loras"] = loras
+    for unit, sha in zip(settings.get("controlnet") or [], control_images):
+        unit["image"] = {"sha256": sha}
     if "k" in settings and settings.get("method") != "self-cascade" and len(settings["k"]) == 1:
         settings["k"] = settings["k"][0]  # one K at the target (SDEdit), as those methods record it
 
@@ -366,7 +399,9 @@ def parse_infotext(text: str) -> dict:
     them: prompt, negative_prompt (None when absent), steps, scheduler (ours, when the sampler maps), guidance_scale,
     seed (this image's), width and height (the final image's: A1111's Size, grown by its hires fix where it ran
     one), model, model_hash, denoising_strength, loras ([{name, hash, scale}]: the scale from the group, or from
-    A1111's <lora:name:weight> in the prompt), version; from our group: method, k, stages ([{height, width}]),
+    A1111's <lora:name:weight> in the prompt), controlnet ([{controlnet, scale, start, end}] from the ControlNet
+    extension's units, with module where A1111 ran a preprocessor and image's sha256 from our group), version;
+    from our group: method, k, stages ([{height, width}]),
     upsample, upsampler, image, unconditioned and the method's own settings. `infotext_fields` has every field as
     written, these and the others."""
     fields = infotext_fields(text)
@@ -390,10 +425,36 @@ def parse_infotext(text: str) -> dict:
             settings[name] = fields[key]
     if "Denoising strength" in fields:
         settings["denoising_strength"] = float(fields["Denoising strength"])
+    _read_controlnets(fields, settings)
     if GROUP in fields:
         _read_group(fields[GROUP], settings)
     _read_loras(fields, settings)
     return settings
+
+
+def _read_controlnets(fields: dict, settings: dict) -> None:
+    """The extension's "ControlNet N" units, in N's order, as our settings' "controlnet" entries: the model as
+    "controlnet", Weight as "scale", Guidance Start and End as "start" and "end", a Module other than "none" (a
+    preprocessor A1111 ran, which this program does not) as "module"."""
+    units = sorted((int(found[1]), fields[key]) for key in fields if (found := _CONTROLNET.fullmatch(key)))
+    entries = []
+    for _, text in units:
+        unit = {}
+        for item in text.split(","):
+            key, colon, value = item.strip().partition(": ")
+            if colon:
+                unit[key] = value.strip()
+        entry = {
+            "controlnet": unit.get("Model", ""),
+            "scale": float(unit.get("Weight", 1.0)),
+            "start": float(unit.get("Guidance Start", 0.0)),
+            "end": float(unit.get("Guidance End", 1.0)),
+        }
+        if unit.get("Module", "none") != "none":
+            entry["module"] = unit["Module"]
+        entries.append(entry)
+    if entries:
+        settings["controlnet"] = entries
 
 
 def _hires(fields: dict, settings: dict) -> None:

@@ -6,7 +6,8 @@ how it builds each stage's starting latent and denoiser; the rest is the same fo
   generator per prompt, the scheduler and the Result with the settings every method records;
 - `sample_stage`: denoise over the run's scheduler (any of `sc_app.schedulers`, its step noise from the
   prompts' generators), timed, each step's callback tagged with the stage, under the run's self-attention mode
-  (`sc_app.attention`) for every stage after the pivot;
+  (`sc_app.attention`) for every stage after the pivot, and with the run's ControlNets (`sc_app.controlnet`)
+  on every UNet pass at the stage's size, whatever the method's denoiser is;
 - `finish_stage`: refuse non-finite latents (before anything is decoded or reported), decode, `on_stage`.
 An input image is stage 0 (`input_stage`): the first stage itself ("pivot" mode) or, for the methods that
 sample at the target size only, re-noised to K there ("sdedit" mode).
@@ -36,6 +37,7 @@ from .attention import MODES as ATTENTION_MODES
 from .attention import _window_pair, apply_attention, cheap_calls, remove_attention, spatial_self_attention
 from .checks import MAX_GUIDANCE, finite
 from .checks import seed as check_seed
+from .controlnet import Control, controlled_denoiser
 from .images import fit_aspect, load_image
 from .plan import first_stage_size, plan_stages
 from .sampling import Conditioning, Denoiser, encode_prompt, initial_noise, sample_ddim
@@ -54,6 +56,7 @@ class Stage:
     latents: torch.Tensor | None = field(repr=False)  # None for stages made in pixel space (SR, Lanczos)
     images: list[Image.Image] = field(default_factory=list, repr=False)
     attention: str | None = None  # the self-attention it ran ("full", "window 8x8", ...); None: no UNet of ours
+    control_steps: int = 0  # the steps the run's ControlNets acted in (0: none, or a stage without a UNet of ours)
 
 
 @dataclass
@@ -360,7 +363,7 @@ class Start:
 def image_start(
     model, image, height: int, width: int, *, fit: str | None = None, mode: str = "pivot", max_pixels=None
 ) -> Start:
-    """Read, check and size an input image for a target of height x width (see README, "Your own image"):
+    """Read, check and size an input image for a target of height x width (see docs/usage.md, "Your own image"):
     fitted to the target's aspect ratio (`fit`: None, "crop" or "pad"), refused when larger than the target,
     then resized with Lanczos to stage 0's size. "pivot": the pivot size (plan_stages' first) when the image
     has fewer pixels, else its own size snapped down to the model's size multiple; "sdedit": the target."""
@@ -403,7 +406,7 @@ def _unconditioned(prompts: list[str], negative_prompt: str | None) -> bool:
 @dataclass
 class Run:
     """What every stage of one call shares. `cond` is None for a run that never calls the UNet (an input
-    image upscaled in pixel space)."""
+    image upscaled in pixel space); `control`, the ControlNets every stage's UNet passes take (None: none)."""
 
     model: object
     prompts: list[str]
@@ -418,6 +421,7 @@ class Run:
     progress: bool = False
     sampling: Sampling = field(default_factory=Sampling)
     pivot_first: bool = True  # stage 0 is the pivot, which stays exact; False: every stage is at the target
+    control: Control | None = None
 
     def noise(self, height: int, width: int) -> torch.Tensor:
         """Fresh Gaussian latents for a stage of height x width, one draw from each prompt's generator."""
@@ -449,11 +453,14 @@ def prepare(
     image_mode: str = "pivot",
     conditioning: bool = True,
     sampling: Sampling | None = None,
+    control: Control | None = None,
 ) -> Run:
     """Everything before a method's first stage, checked before anything slow: the request, the input image
     (any `load_image` source, or an `image_start`), the plan, the prompts and their conditioning (none with
     `conditioning=False`), the generators, a fresh scheduler (`sampling`'s; default DDIM), and the Result with
-    the shared settings. `image_mode` "sdedit": the method samples at the target only, so no stage is a pivot."""
+    the shared settings. `image_mode` "sdedit": the method samples at the target only, so no stage is a pivot.
+    `control` (`controlnet.prepare_control`'s, its ControlNets loaded): applied in `sample_stage`, recorded
+    under "controlnet"."""
     sampling = Sampling() if sampling is None else sampling
     # 1. The request and the input image, then the plan from stage 0's size
     start = None
@@ -501,10 +508,25 @@ def prepare(
             settings["k"] = model.default_k if k is None else k
         if unconditioned:  # guidance has no effect without a prompt: off, and said so
             settings["unconditioned"] = True
+    if control is not None:
+        settings["controlnet"] = control.summary()
     result = Result(method, prompts, [], settings)
     pivot_first = image_mode != "sdedit"
     return Run(
-        model, prompts, cond, gens, scheduler, sizes, result, start, callback, on_stage, progress, sampling, pivot_first
+        model,
+        prompts,
+        cond,
+        gens,
+        scheduler,
+        sizes,
+        result,
+        start,
+        callback,
+        on_stage,
+        progress,
+        sampling,
+        pivot_first,
+        control,
     )
 
 
@@ -554,11 +576,14 @@ def sample_stage(
     """Denoise x over `timesteps` -> the stage (not yet finished), timed from `started` (default now); every
     step's callback says which stage it belongs to (the next one of the result). The stage runs under the run's
     attention mode unless it is the pivot (`stage_attention`); `patch`, a method's own context manager over the
-    UNet (FreeScale's scale fusion), is entered inside it, so its processors wrap the mode's."""
+    UNet (FreeScale's scale fusion), is entered inside it, so its processors wrap the mode's. The run's
+    ControlNets act on every UNet pass `denoiser` makes at the stage's latent size (a method's views at other
+    sizes take them through `controlnet.control_views`), their window counted over this stage's steps."""
     started = time.perf_counter() if started is None else started
     index, callback = len(run.result.stages), run.callback
     cb = (lambda info: callback({**info, "stage": index})) if callback else None
     exact = index == 0 and run.pivot_first
+    denoiser = controlled_denoiser(run.model, run.control, denoiser, len(timesteps))
     with stage_attention(run.model, run.sampling, tuple(x.shape[-2:]), exact) as attention, patch or nullcontext():
         latents = denoise(denoiser, x, run.scheduler, timesteps, run.generators, cb, run.progress, before_step)
     if latents.device.type == "cuda":
@@ -566,7 +591,10 @@ def sample_stage(
     seconds = time.perf_counter() - started
     height, width = (n * run.model.vae_scale for n in latents.shape[-2:])
     start_t = round(float(timesteps[0]))  # a float on Euler's grids
-    return Stage(height, width, len(timesteps), seconds, start_t, latents, attention=attention.label)
+    controlled = run.control.steps_in(len(timesteps)) if run.control is not None else 0
+    return Stage(
+        height, width, len(timesteps), seconds, start_t, latents, attention=attention.label, control_steps=controlled
+    )
 
 
 def finish_stage(run: Run, stage: Stage, decode: bool = True) -> Stage:
@@ -576,6 +604,8 @@ def finish_stage(run: Run, stage: Stage, decode: bool = True) -> Stage:
     refuse_non_finite(stage, index)
     run.result.stages.append(stage)
     run.result.settings.setdefault("stage_attention", []).append(stage.attention or "pixel space")
+    if run.control is not None:  # per stage, the steps its ControlNets acted in
+        run.result.settings.setdefault("controlnet_steps", []).append(stage.control_steps)
     started = time.perf_counter()
     if decode and stage.latents is not None and not stage.images:
         from .cascade import decode as vae_decode  # the VAE's helpers are cascade's, which imports this module

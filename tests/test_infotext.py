@@ -270,6 +270,89 @@ def test_a_text_without_a_settings_line_is_all_prompt():
     assert parse_infotext("a cat, Steps: 20") == {"prompt": "a cat, Steps: 20", "negative_prompt": None}
 
 
+# ---- ControlNet units, as A1111's ControlNet extension writes them ----------------------------------------------
+
+
+def test_controlnets_are_the_extensions_units_and_read_back_to_themselves():
+    settings = {
+        "method": "self-cascade",
+        "prompt": "a cat",
+        "seed": 1,
+        "steps": 10,
+        "guidance_scale": 3.0,
+        "model": "embedded",
+        "k": [300],
+        "stages": [{"height": 64, "width": 64}, {"height": 128, "width": 128}],
+        "controlnet": [
+            {"controlnet": "lllyasviel/sd-controlnet-canny", "scale": 1.0, "start": 0.0, "end": 1.0,
+             "image": {"source": "file", "path": "edges.png", "sha256": "ab" * 32, "width": 64, "height": 64}},
+            {"controlnet": "C:\\cn\\depth, v2", "scale": 0.5, "start": 0.25, "end": 0.75, "image": {}},
+        ],
+        "controlnet_steps": [10, 7],
+    }  # fmt: skip
+    text = infotext(settings, version=None)
+    assert text == (
+        "a cat\n"
+        "Steps: 10, Sampler: DDIM, Schedule type: Automatic, CFG scale: 3.0, Seed: 1, Size: 128x128, Model: embedded, "
+        'ControlNet 0: "Module: none, Model: lllyasviel/sd-controlnet-canny, Weight: 1.0, '
+        'Resize Mode: Crop and Resize, Guidance Start: 0.0, Guidance End: 1.0", '
+        'ControlNet 1: "Module: none, Model: C\\\\cn\\\\depth v2, Weight: 0.5, Resize Mode: Crop and Resize, '
+        'Guidance Start: 0.25, Guidance End: 0.75", '
+        'Self-cascade: "method self-cascade, K 300, stages 64x64>128x128, control_image abababababab, '
+        'controlnet_steps 10/7"'
+    )
+    back = parse_infotext(text)
+    assert back["controlnet"] == [
+        {"controlnet": "lllyasviel/sd-controlnet-canny", "scale": 1.0, "start": 0.0, "end": 1.0,
+         "image": {"sha256": "abababababab"}},
+        {"controlnet": "C\\cn\\depth v2", "scale": 0.5, "start": 0.25, "end": 0.75},  # "," and ":" left out
+    ]  # fmt: skip
+    assert back["controlnet_steps"] == [10, 7]
+    assert infotext(back, version=None) == text
+
+
+A1111_CONTROLNET = """a house, line art
+Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 5, Size: 512x512, Model hash: 6ce0161689, \
+Model: v1-5-pruned-emaonly, ControlNet 1: "Module: depth_midas, Model: control_v11f1p_sd15_depth [cfd03158], \
+Weight: 0.6, Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, \
+Guidance Start: 0.1, Guidance End: 0.9, Pixel Perfect: True, Control Mode: Balanced, Hr Option: Both", \
+ControlNet 0: "Module: none, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Resize Mode: Crop and Resize, \
+Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, \
+Control Mode: Balanced", \
+Version: v1.10.1"""
+
+
+def test_an_a1111_text_with_controlnet_units_parses():
+    back = parse_infotext(A1111_CONTROLNET)
+    assert back["prompt"] == "a house, line art" and back["scheduler"] == "euler-a" and back["seed"] == 5
+    assert back["controlnet"] == [  # in the units' order
+        {"controlnet": "control_v11p_sd15_canny [d14c016b]", "scale": 1.0, "start": 0.0, "end": 1.0},
+        {"controlnet": "control_v11f1p_sd15_depth [cfd03158]", "scale": 0.6, "start": 0.1, "end": 0.9,
+         "module": "depth_midas"},  # A1111 ran a preprocessor: said, for the page to tell
+    ]  # fmt: skip
+    assert infotext_fields(A1111_CONTROLNET)["ControlNet 1"].startswith("Module: depth_midas, Model:")
+
+
+def test_a_controlled_run_saved_as_png_reads_back(sd_model, tmp_path):
+    import math
+
+    from diffusers import ControlNetModel
+
+    torch_net = ControlNetModel.from_unet(
+        sd_model.unet, conditioning_embedding_out_channels=(4,) + (8,) * int(math.log2(sd_model.vae_scale))
+    )
+    control = Image.new("RGB", (32, 16), (255, 0, 0))
+    result = generate(sd_model, "a cat", 32, 32, seed=2, controlnet=torch_net, control_image=control,
+                      controlnet_conditioning_scale=0.8, control_guidance_start=0.2, **RUN)  # fmt: skip
+    path = save_png(result.images[0], tmp_path / "cn.png", infotext(result), settings=result.summary())
+    back = parse_infotext(read_png_parameters(path))
+    (unit,) = back["controlnet"]
+    assert (unit["controlnet"], unit["scale"], unit["start"], unit["end"]) == ("ControlNetModel", 0.8, 0.2, 1.0)
+    assert unit["image"]["sha256"] == result.settings["controlnet"][0]["image"]["sha256"][:12]
+    assert back["controlnet_steps"] == result.settings["controlnet_steps"]
+    assert read_png_settings(path)["controlnet"][0]["scale"] == 0.8
+
+
 # ---- generated, saved, read back with plain PIL ---------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ clean latent (bicubic), noises it to the first timestep and denoises over the wh
   per-window steps;
 - at the end rescales the latent to the pivot's mean and std.
 SD XL windows carry their offsets as crop time ids, and every stage is conditioned on the target size, as in the
-release. The cost: per step, one base-size UNet pass per window plus one per sub-latent.
+release. The cost: per step, one base-size UNet pass per window plus one per sub-latent. With ControlNets
+(`control`), each window takes its crop of the stage's control image and each sub-latent the whole image at
+its size (`controlnet.control_views`): one ControlNet pass per UNet pass.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..controlnet import Control, control_views
 from ..plan import plan_stages
 from ..sampling import added_conditions, guided_denoiser
 from ..schedulers import renoise_to
@@ -53,7 +56,8 @@ def patch_output(
     model, cond, added, x, t, i, window: tuple[int, int], stride: int, generators, view_batch: int = VIEW_BATCH
 ) -> torch.Tensor:
     """The average model output over overlapping windows (MultiDiffusion as DemoFusion runs it): jitter up to
-    (window - stride) / 4, drawn per prompt from that prompt's generator; zero padding where windows leave x."""
+    (window - stride) / 4, drawn per prompt from that prompt's generator; zero padding where windows leave x.
+    A ControlNet at work sees each window's crop of the stage's control image (black where it leaves x)."""
     batch, size = len(x), tuple(x.shape[-2:])
     win = tuple(min(w, n) for w, n in zip(window, size))
     jit = tuple(max(0, (w - stride) // 4) if n > w else 0 for w, n in zip(win, size))
@@ -78,7 +82,13 @@ def patch_output(
                 for top, left in view
             ]
         )
-        out = run(crops, len(chunk), offsets)
+        pixels = [
+            ((top - jit[0]) * model.vae_scale, (left - jit[1]) * model.vae_scale)
+            for view in chunk
+            for top, left in view
+        ]
+        with control_views(pixels):
+            out = run(crops, len(chunk), offsets)
         for k, (top, left) in enumerate(pos for view in chunk for pos in view):
             b = k % batch
             value[b, :, top : top + win[0], left : left + win[1]] += out[k]
@@ -91,7 +101,8 @@ def dilated_output(
 ) -> torch.Tensor:
     """The dilated path: x (zero-padded at the top and left to multiples of s) split into s_h x s_w interleaved
     sub-latents; each is denoised from its smoothed version (blur over 2s - 1 taps at `sigma`, then x's own
-    per-sample mean and std), and the outputs are interleaved back."""
+    per-sample mean and std), and the outputs are interleaved back. A ControlNet at work sees the whole control
+    image at a sub-latent's size."""
     sh, sw = factors
     pad_h, pad_w = (-x.shape[-2]) % sh, (-x.shape[-1]) % sw
     padded = F.pad(x, (pad_w, 0, pad_h, 0))
@@ -105,7 +116,8 @@ def dilated_output(
     run = _views_denoiser(model, cond, added, t, i)
     for start in range(0, len(offsets), view_batch):
         chunk = offsets[start : start + view_batch]
-        result = run(torch.cat([smooth[:, :, a::sh, b::sw] for a, b in chunk]), len(chunk))
+        with control_views([None] * (len(chunk) * len(x))):
+            result = run(torch.cat([smooth[:, :, a::sh, b::sw] for a, b in chunk]), len(chunk))
         for (a, b), part in zip(chunk, result.chunk(len(chunk))):
             out[:, :, a::sh, b::sw] = part
     return out[:, :, pad_h:, pad_w:]
@@ -175,6 +187,7 @@ def demofusion(
     image=None,
     fit: str | None = None,
     sampling: Sampling | None = None,
+    control: Control | None = None,
 ) -> Result:
     """DemoFusion over the scale plan: the pivot, then every stage as the module docstring says.
 
@@ -183,6 +196,8 @@ def demofusion(
     `image` (`fit`): the pivot, as the release's `image_lr` is. `sampling` (`stages.check_sampling`): with another
     sampler a stage starts at its grid's first point and each skip residual noises to the grid's current point;
     its attention mode leaves the base-size windows exact (only layers above the base size's grids change).
+    `control` (`controlnet.prepare_control`'s): the pivot at its size, every later stage's windows and
+    sub-latents by their views of the stage.
     """
     # 1. Settings, then inputs, plan, prompts and generators
     base = model.base_size // model.vae_scale
@@ -217,6 +232,7 @@ def demofusion(
         image=image,
         fit=fit,
         sampling=sampling,
+        control=control,
     )
     run.result.settings |= {"window": base, **settings}
     scheduler, cond = run.scheduler, run.cond

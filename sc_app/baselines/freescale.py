@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..cascade import vae_at
+from ..controlnet import Control
 from ..plan import plan_stages
 from ..sampling import added_conditions, guided_denoiser
 from ..schedulers import renoise_to
@@ -279,6 +280,7 @@ def freescale(
     image=None,
     fit: str | None = None,
     sampling: Sampling | None = None,
+    control: Control | None = None,
 ) -> Result:
     """FreeScale over the scale plan: the pivot, then every stage as the module docstring says.
 
@@ -287,6 +289,8 @@ def freescale(
     model folder sets its own. `image` (`fit`): the pivot. `sampling` (`stages.check_sampling`): with another
     sampler a stage restarts at its grid's point `restart_fraction` of the steps in and `dilate_tau` counts its
     steps; an attention mode runs inside scale fusion (its global path, over the whole grid, gets cheaper).
+    `control` (`controlnet.prepare_control`'s): every stage's UNet passes, the dilated and scale-fused ones
+    included (the ControlNets themselves run undilated, with their own attention).
     """
     # 1. Settings, then inputs, plan, prompts and generators
     settings = _settings(
@@ -316,6 +320,7 @@ def freescale(
         image=image,
         fit=fit,
         sampling=sampling,
+        control=control,
     )
     # Dilations, windows and size conditioning are relative to the model's own pivot, also where an input
     # image starts larger than it

@@ -21,6 +21,9 @@ UNet's structure, and the patch is forward hooks plus attention processors that 
   cyclically by 0, 1/4, 2/4 or 3/4 of a window, drawn at random per layer and call, at every step. Drawn from
   the run's generators (one per prompt), not the global RNG; an odd grid is padded to whole windows with the
   padding masked out (sc_app/attention.py's `windowed`), where the release resizes it bicubically.
+- With ControlNets (a copy of the UNet's encoder each), RAU-Net halves their down path too, in the same blocks
+  and steps, so that their residuals have the sizes of the skip connections they are added to and the control
+  acts in every step; MSW-MSA stays off them (they draw no window shifts).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 
 from ..attention import SpatialSelfAttention, _grid_recorder, _unlink, spatial_self_attention, windowed
 from ..checks import finite
+from ..controlnet import Control
 from ..sampling import added_conditions, guided_denoiser
 from ..schedulers import renoise_to
 from ..stages import (
@@ -232,6 +236,7 @@ class HiDiffusion:
         self.hooks: list = []
         self.layers: list[tuple[nn.Module, MSWAttention]] = []
         self.conv: tuple[nn.Conv2d, tuple] | None = None  # the strided conv, and its stride, padding, dilation
+        self.net_convs: list[tuple[nn.Conv2d, tuple]] = []  # the ControlNets' strided convs, likewise
 
     def settings(self, latent: tuple[int, int]) -> dict:
         """The knobs at a latent size: the given ones, else the release's."""
@@ -245,7 +250,7 @@ class HiDiffusion:
 
     # -- hooks
 
-    def attach(self, unet: nn.Module) -> None:
+    def attach(self, unet: nn.Module, controlnets=()) -> None:
         layout, hook = self.layout, self.hooks.append
         hook(unet.register_forward_pre_hook(self._call_starts, with_kwargs=True))
         hook(unet.register_forward_hook(self._call_ends))
@@ -272,16 +277,38 @@ class HiDiffusion:
                         self.layers.append((attn, processor))
                         processors.append(processor)
                     hook(transformer.register_forward_pre_hook(_grid_recorder(processors), with_kwargs=True))
+        for net in controlnets:
+            self._attach_controlnet(net)
+
+    def _attach_controlnet(self, net: nn.Module) -> None:
+        """RAU-Net's down path on a ControlNet: its downsampler in block `downsample` at stride 4 and its pooling
+        after block `pool`'s first layer, in the UNet's steps (the UNet's pre-hook sets them before the
+        ControlNet runs inside its call), so its residuals fit the UNet's halved skip connections."""
+        layout, hook = self.layout, self.hooks.append
+        if layout.pool is None:
+            return
+        down = getattr(net, "down_blocks", None)
+        if down is None or len(down) != layout.levels or not _standard_downsampler(down[layout.downsample]):
+            raise ValueError(
+                f"hidiffusion: RAU-Net: the ControlNet has no 3x3 stride-2 downsampler in "
+                f"down_blocks.{layout.downsample} to halve as the UNet's (raunet=False)"
+            )
+        conv = down[layout.downsample].downsamplers[0].conv
+        saved = (conv.stride, conv.padding, conv.dilation)
+        self.net_convs.append((conv, saved))
+        hook(conv.register_forward_pre_hook(self._stride_4))
+        hook(conv.register_forward_hook(lambda module, args, out: _set_conv(module, saved)))
+        hook(_layer(down[layout.pool], 0).register_forward_hook(self._pool_controlnet))
 
     def detach(self) -> None:
         for handle in self.hooks:
             handle.remove()
-        if self.conv is not None:
-            self._restore_conv(self.conv[0], (), None)
+        for conv, saved in ([self.conv] if self.conv is not None else []) + self.net_convs:
+            _set_conv(conv, saved)
         for attn, processor in self.layers:
             processor.enabled = False  # passes through, should it stay in a chain _unlink cannot follow
             _unlink(attn, processor)
-        self.hooks, self.conv, self.layers = [], None, []
+        self.hooks, self.conv, self.net_convs, self.layers = [], None, [], []
 
     def _call_starts(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -318,7 +345,7 @@ class HiDiffusion:
             conv.stride, conv.padding, conv.dilation = (4, 4), (2, 2), (2, 2)
 
     def _restore_conv(self, conv, args, out):
-        conv.stride, conv.padding, conv.dilation = self.conv[1]
+        _set_conv(conv, self.conv[1])
 
     def _pool(self, module, args, out):
         if "pool" not in self.active:
@@ -327,10 +354,19 @@ class HiDiffusion:
         self.pooled = tuple(x.shape[-2:])
         return _replaced(out, F.avg_pool2d(x, 2, ceil_mode=True))
 
+    def _pool_controlnet(self, module, args, out):
+        if "pool" not in self.active:
+            return None
+        return _replaced(out, F.avg_pool2d(_first(out), 2, ceil_mode=True))
+
     def _unpool(self, module, args, out):
         if self.pooled is None:
             return None
         return _replaced(out, F.interpolate(_first(out), size=self.pooled, mode="bicubic"))
+
+
+def _set_conv(conv: nn.Conv2d, saved: tuple) -> None:
+    conv.stride, conv.padding, conv.dilation = saved
 
 
 def _pair(size) -> tuple[int, int]:
@@ -363,11 +399,13 @@ def apply_hidiffusion(
     raunet: bool = True,
     window_attn: bool = True,
     generator=None,
+    controlnets=(),
 ) -> HiDiffusion:
     """HiDiffusion on `unet` for runs of `steps` steps: RAU-Net (`raunet`) and MSW-MSA (`window_attn`), as the
     module docstring says. `t1_ratio`, `t2_ratio`, `aggressive`: None takes the release's for the size each call
-    is made at. `generator` (one, or one per prompt; default seeded 0): the windows' shifts. Replaces an earlier
-    apply, so twice is safe; returns the patch (its `step` may be set by a sampler)."""
+    is made at. `generator` (one, or one per prompt; default seeded 0): the windows' shifts. `controlnets`: the
+    ControlNetModels whose residuals the UNet's calls take, their down path halved with the UNet's. Replaces an
+    earlier apply, so twice is safe; returns the patch (its `step` may be set by a sampler)."""
     check_knobs(t1_ratio, t2_ratio, aggressive, raunet, window_attn)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -379,7 +417,7 @@ def apply_hidiffusion(
     knobs = {"t1_ratio": t1_ratio, "t2_ratio": t2_ratio, "aggressive": aggressive}
     patch = HiDiffusion(unet, layout, steps, knobs, gens)
     try:
-        patch.attach(unet)
+        patch.attach(unet, controlnets)
     except Exception:
         patch.detach()
         raise
@@ -424,6 +462,7 @@ def hidiffusion(
     raunet: bool = True,
     window_attn: bool = True,
     sampling: Sampling | None = None,
+    control: Control | None = None,
 ) -> Result:
     """HiDiffusion: one pass at the target size with RAU-Net and MSW-MSA (one stage, as direct sampling).
 
@@ -431,7 +470,8 @@ def hidiffusion(
     `release_settings`) unless given or set in the model folder (`self_cascade.json`, key "hidiffusion");
     `raunet`, `window_attn`: either part off. `image` (`fit`, `k`): SDEdit, as direct sampling takes it.
     `sampling`: as direct's (the sampler; the run's attention mode on the layers MSW-MSA leaves, its processors
-    wrapped by MSW-MSA's).
+    wrapped by MSW-MSA's). `control` (`controlnet.prepare_control`'s): ControlNets in every step, RAU-Net's
+    halvings applied to their down path too.
     """
     # 1. The request, the UNet's layout and the knobs, before anything slow
     check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0)
@@ -464,6 +504,7 @@ def hidiffusion(
         fit=fit,
         image_mode="sdedit",
         sampling=sampling,
+        control=control,
     )
     if run.start is None:
         timesteps, x = from_noise(run, height, width)
@@ -494,6 +535,9 @@ def hidiffusion(
         unet.__dict__[_PATCH].step = i
         return guided(x, t, i)
 
-    patch = hidiffusion_applied(unet, steps, generator=shifts, raunet=raunet, window_attn=window_attn, **knobs)
+    nets = run.control.nets if run.control is not None else ()
+    patch = hidiffusion_applied(
+        unet, steps, generator=shifts, raunet=raunet, window_attn=window_attn, controlnets=nets, **knobs
+    )
     finish_stage(run, sample_stage(run, per_step(denoiser, run.scheduler), x, timesteps, patch=patch))
     return run.result

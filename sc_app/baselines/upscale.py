@@ -2,7 +2,9 @@
 the base model) and the no-model reference, Lanczos resizing.
 
 Both sample the pivot as the self-cascade does (the target's aspect ratio at about the base size's pixels), or
-start from an input image (`image`: stage 0, kept in pixels).
+start from an input image (`image`: stage 0, kept in pixels). ControlNets (`control`) steer that pivot, the only
+pass of the base model; the upscaler and the resize take none, so with an input image they are refused
+(`refuse_control`).
 SR then runs a `StableDiffusionUpscalePipeline` (stabilityai's x4 upscaler layout; the embedded shapes model has
 its own in assets/shapes-sr) until both sides reach the target, once per x4 per side, and resizes the last
 output with Lanczos to the exact target; every upscale is a stage of the result, as the cascade's are.
@@ -66,9 +68,21 @@ def load_upscaler(source, model):
     return _loaded[key]
 
 
+def refuse_control(method: str, image, control) -> None:
+    """One line for ControlNets on SD+SR or Lanczos from an input image: no pass of the base model would take
+    them (their pivot, sampled without an image, does)."""
+    if image is not None and control is not None:
+        raise ValueError(
+            f"controlnet: method {method} with an input image runs no UNet that a ControlNet steers (the "
+            "upscaler and the resize take none; without an image the ControlNet steers its pivot): give method "
+            "self-cascade, direct or another, or no image"
+        )
+
+
 def _pivot(model, method: str, prompt, height: int, width: int, common: dict) -> Run:
     """A run with its stage 0 finished: the input image (`common["image"]`), or the pivot sampled as the
-    self-cascade's is (the target's aspect ratio at about the base size)."""
+    self-cascade's is (the target's aspect ratio at about the base size), with `common["control"]`'s ControlNets."""
+    refuse_control(method, common.get("image"), common.get("control"))
     run = prepare(model, method, prompt, height, width, conditioning=common.get("image") is None, **common)
     if run.start is not None:
         input_stage(run, latents=False)
