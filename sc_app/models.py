@@ -90,10 +90,16 @@ class Model:
     @classmethod
     def from_pipeline(cls, pipe: DiffusionPipeline, name: str | None = None) -> "Model":
         """Wrap a pipeline the user already has, changing nothing on it: every run builds its own scheduler from
-        the pipe's (`sc_app.schedulers`: DDIM, or another name, on its config; "pipe": its own class)."""
+        the pipe's (`sc_app.schedulers`: DDIM, or another name, on its config; "pipe": its own class). An SD3 or
+        FLUX pipeline gives a `families.FlowModel`."""
+        from .families import FlowModel, is_flow_pipeline  # families builds on this module
+
+        if is_flow_pipeline(pipe):
+            return FlowModel.from_pipeline(pipe, name)
         if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise ValueError(
-                f"pipe must be a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
+                "pipe must be a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or "
+                f"FluxPipeline, got {type(pipe).__name__}"
             )
         source = pipe.config.get("_name_or_path") or ""
         settings = _folder_settings(source)
@@ -232,6 +238,10 @@ def load_model(
     if looks_like_path and _index(source) is None:
         raise ValueError(f"model {name!r}: not a diffusers folder (no model_index.json)")
     device = torch_device(device)
+    from .families import flow_pipeline_name, load_flow_model
+
+    if flow_pipeline_name(source, _index(source)):  # SD3 and FLUX (bfloat16 on cuda)
+        return load_flow_model(name, source, device, dtype, offload_text_encoders)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     index = _index(source)
     if index is not None:

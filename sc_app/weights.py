@@ -224,13 +224,24 @@ def check_component_folder(where: str, folder: Path) -> None:
     shown = files[0].name if len(files) == 1 else f"{files[0].name} (+{len(files) - 1} shards)"
     if fit.unfit:
         raise ValueError(f"{where}{shown}: {unfit_message(fit.unfit, 'its config.json')}")
-    if fit.missing:
-        verb = "is" if len(fit.missing) == 1 else "are"
+    missing = untied(fit.missing, module)
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
         also = f"; {tensors_are(len(fit.foreign))} of another layout{for_example(fit.foreign)}" if fit.foreign else ""
         raise ValueError(
-            f"{where}{shown}: {count(len(fit.missing))} its config.json needs {verb} missing"
-            f"{for_example(fit.missing)}{also}"
+            f"{where}{shown}: {count(len(missing))} its config.json needs {verb} missing{for_example(missing)}{also}"
         )
+
+
+def untied(missing: list[str], module: torch.nn.Module) -> list[str]:
+    """The `missing` names that are missing indeed: not a tied weight (one parameter under several names, as T5's
+    shared and encoder.embed_tokens) whose other name the file holds, which the loaders save and read once."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    absent = set(missing)
+    held = {name for group in names.values() if not set(group) <= absent for name in group}
+    return [name for name in missing if name not in held]
 
 
 def check_folder_weights(where: str, source: str | os.PathLike, parts: Iterable[str]) -> None:
