@@ -20,6 +20,11 @@ its sha256 and size; a conversion to RGB is said in one `note:` line after the r
 `--control-start`, `--control-end` once for all or once per ControlNet) steers every stage that samples: the
 request, the control images (header, then pixels) and the local ControlNet folders (config, safetensors) are
 checked before the model loads; the ControlNets load once, checked against it, for every prompt.
+
+`--model` an SD3 or FLUX folder (its model_index.json names the pipeline) runs --method self-cascade, direct or
+lanczos, 28 steps unless --steps says (50 for a UNet model): its transformer, VAE and scheduler configs give the
+size step, base size and training steps the request is checked against, and the flags a flow transformer does
+not take are refused in one line before anything loads (a hub id's once it has loaded).
 """
 
 from __future__ import annotations
@@ -81,6 +86,11 @@ MAX_PIXELS_HELP = (
 NEGATIVE_HELP = "what the result should not show (default: nothing)"
 SIDE_HELP = "the result's {side} in pixels: a multiple of the model's size step (a refusal names it)"
 STEPS_HELP = "DDIM steps over the whole schedule; a stage re-noised to K runs those below K"
+IMAGE_STEPS_HELP = (
+    f"DDIM steps over the whole schedule (default: {checks.UNET_STEPS}), flow-matching Euler steps for SD3 and "
+    f"FLUX (default: {checks.FLOW_STEPS}, as their pipelines); a stage re-noised to K runs those below K"
+)
+FLOW_WORDS = "flow transformers (SD3, FLUX)"
 SEED_HELP = "the seed; prompt i of a --prompts-file gets seed + i"
 OUT_HELP = (
     "the run's folder: {files}, result.json (with --prompts-file{images} one NNNN/ per prompt); the run it held "
@@ -95,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("generate", help="generate an image with self-cascade or a baseline")
-    g.add_argument("--model", default="embedded", help="'embedded', a diffusers folder, or a hub id")
+    g.add_argument(
+        "--model", default="embedded", help="'embedded', a diffusers folder (SD 1.x, 2.x, XL, SD3, FLUX), or a hub id"
+    )
     g.add_argument(
         "--prompt",
         help="the prompt (or use --prompts-file); with --image or --images it may be empty or left out: the model "
@@ -161,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a stage's latent grows: in latent space, or lanczos in pixel space (decode, resize, encode); "
         "default: the model's (bilinear unless its self_cascade.json sets default_upsample)",
     )
-    g.add_argument("--steps", type=int, default=50, help=STEPS_HELP)
+    g.add_argument("--steps", type=int, default=None, help=IMAGE_STEPS_HELP)  # resolved per model family
     g.add_argument(
         "--scheduler",
         default=None,
@@ -425,6 +437,67 @@ def _method_options(args) -> dict:
     return {"k": _k(args), "stages": args.stages, "upsample": args.upsample}  # the upsampler: once the model is loaded
 
 
+def _flow_refusal(args, family: str) -> str | None:
+    """What a flow transformer (SD3, FLUX) cannot run of this request, in one line naming the flag; None where
+    it runs all of it. They run the self-cascade, direct and Lanczos, without LoRAs, feature upsamplers,
+    attention modes, ControlNets, other samplers than their own flow-matching Euler, or an SR model."""
+    if args.method not in checks.FLOW_METHODS:
+        return (
+            f"--method {args.method} does not run on {FLOW_WORDS} yet: they run "
+            f"{', '.join(checks.FLOW_METHODS[:-1])} and {checks.FLOW_METHODS[-1]}"
+        )
+    refused = [
+        ("--lora", bool(args.lora), "leave it out"),
+        ("--upsampler", args.upsampler not in (None, NO_UPSAMPLER), "leave it out, or give --upsampler none"),
+        ("--attention", args.attention not in (None, "full"), "leave it out, or give --attention full"),
+        ("--attention-window", args.attention_window is not None, "leave it out"),
+        ("--attention-factor", args.attention_factor is not None, "leave it out"),
+        ("--controlnet", bool(args.controlnet), "leave it out"),
+        ("--control-image", bool(args.control_image), "leave it out"),
+        ("--control-scale", bool(args.control_scale), "leave it out"),
+        ("--control-start", bool(args.control_start), "leave it out"),
+        ("--control-end", bool(args.control_end), "leave it out"),
+        (
+            "--scheduler",
+            args.scheduler not in (None, "pipe"),
+            "they sample with the flow-matching Euler of their own scheduler config (leave it out, or give "
+            "--scheduler pipe)",
+        ),
+        ("--sr-model", args.sr_model is not None, "leave it out"),
+        ("--noise-level", args.noise_level is not None, "leave it out"),
+    ]
+    for flag, given, hint in refused:
+        if given:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            shown = "" if isinstance(value, list) else f" {value}"
+            return f"{flag}{shown} does not run on {FLOW_WORDS} yet: {hint}"
+    if family == "flux" and args.negative_prompt:
+        return (
+            "--negative-prompt: FLUX is guidance-distilled (--guidance sets its guidance embedding) and takes no "
+            "negative prompt"
+        )
+    return None
+
+
+def _refuse_for_flow(args, family: str) -> None:
+    refusal = _flow_refusal(args, family)
+    if refusal is not None:
+        raise BadInput(refusal)
+
+
+def _check_flow_flags(args) -> None:
+    """Where --model is an SD3 or FLUX folder (its model_index.json says), the flags it does not take, refused
+    before anything else is checked or loaded; a hub id's once it loads. A --model that is no folder is
+    `_check_image_model`'s to refuse, in its turn."""
+    try:
+        folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE)
+    except ValueError:
+        return
+    family = checks.flow_family(folder)
+    if family is not None:
+        _refuse_for_flow(args, family)
+
+
 def _sampler_options(args) -> dict:
     """--scheduler and --attention with its window and factor, for `generate`: checked here, passed on only where
     given (the library's defaults otherwise: DDIM, full attention)."""
@@ -530,6 +603,8 @@ def _check_image_model(args) -> checks.ModelShape:
     sizes, steps, K and stages against what the model folder's configs say."""
     folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE)
     shape = checks.model_shape(folder)
+    if args.steps is None:  # the family's default: 28 for SD3 and FLUX, 50 for a UNet (a hub id's: once loaded)
+        args.steps = shape.default_steps
     checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
     if args.method == "sr":
         if args.sr_model in (None, "embedded"):
@@ -756,6 +831,8 @@ def run_prompts(args, count: int, mine: list[int], prefix: str, main_process: bo
 
 def generate(args) -> None:
     jobs = read_jobs(args)
+    steps_given = args.steps is not None
+    _check_flow_flags(args)
     options = _method_options(args)
     sampler = _sampler_options(args)
     control = _control_options(args)
@@ -783,6 +860,10 @@ def generate(args) -> None:
         model = _loaded(f"--model {args.model}", lambda: load_model(args.model, device=args.device, dtype=dtype))
 
         def check_and_load_files() -> None:
+            if getattr(model, "is_flow", False):  # a hub id's family is known only now
+                _refuse_for_flow(args, model.family)
+            if not steps_given:
+                args.steps = checks.ModelShape.of(model).default_steps
             _check_loaded(args, model)
             _plan_jobs(args, jobs, checks.ModelShape.of(model), checked)
             plans = {(job.height, job.width, None if sdedit else job.first) for job in jobs}

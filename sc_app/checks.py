@@ -181,6 +181,14 @@ ASSETS = (  # the embedded models: the same rule as sc_app.models, which imports
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the hub spells them
 SD_TRAIN_TIMESTEPS = 1000  # every SD-family scheduler this program runs (1.x, 2.x, XL, ModelScope, AnimateDiff)
 SD_VAE_SCALE = 8  # every SD-family VAE: a side is a multiple of this at least, whatever the UNet
+UNET_STEPS = 50  # generate's --steps for a UNet model: DDIM over the whole schedule
+# SD3 and FLUX, named here so that a request is checked before torch loads: sc_app.families.FLOW_PIPELINES,
+# sc_app.flow.DEFAULT_STEPS (the pipelines' own) and sc_app.flow.METHODS (tests/test_cli_flow.py holds them equal)
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FLOW_STEPS = 28
+FLOW_METHODS = ("self-cascade", "direct", "lanczos")
+FLOW_PATCH = 2  # latent cells per token side: SD3's usual patch embedding, FLUX's 2x2 packing
+FLOW_DEFAULT_SAMPLE_SIZE = 128  # latent cells: FluxPipeline's default size, and SD3's without a transformer config
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a header
 
 
@@ -188,16 +196,32 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a
 class ModelShape:
     """What a model takes, as `cascade.check_inputs` reads it from a loaded model: its training steps (K and
     the step count stay below them), the multiple every side must be, and its base size (None where unknown:
-    a hub id before it is downloaded). Read from a folder's config files before any weight loads."""
+    a hub id before it is downloaded). Read from a folder's config files before any weight loads. `family`:
+    "sd3" or "flux" for a flow transformer, None for a UNet (or a hub id not loaded yet); `max_side`: the
+    largest side its positions reach (SD3's position grid), None where there is no such limit."""
 
     num_train_timesteps: int = SD_TRAIN_TIMESTEPS
     size_multiple: int = SD_VAE_SCALE
     base_size: int | None = None
+    family: str | None = None
+    max_side: int | None = None
+
+    @property
+    def default_steps(self) -> int:
+        """generate's steps where --steps is not given: the flow pipelines' 28, else DDIM's 50."""
+        return FLOW_STEPS if self.family else UNET_STEPS
 
     @classmethod
     def of(cls, model) -> "ModelShape":
         """A loaded model's: the same checks again once a hub id is known."""
-        return cls(model.num_train_timesteps, model.size_multiple, model.base_size)
+        family = model.family if getattr(model, "is_flow", False) else None
+        return cls(
+            model.num_train_timesteps,
+            model.size_multiple,
+            model.base_size,
+            family,
+            getattr(model, "max_side", None) if family else None,
+        )
 
 
 def _config(folder: Path, part: str) -> dict:
@@ -212,14 +236,46 @@ def _count(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def flow_family(folder: str | Path | None) -> str | None:
+    """ "sd3" or "flux" where a diffusers folder's model_index.json names a StableDiffusion3Pipeline or a
+    FluxPipeline, else None (a UNet's folder, a hub id, an index that cannot be read)."""
+    if folder is None:
+        return None
+    return FLOW_PIPELINES.get(_config(Path(folder), "model_index.json").get("_class_name"))
+
+
+def _flow_shape(folder: Path, family: str, steps: int) -> ModelShape:
+    """A flow transformer's shape from its folder, as `families.FlowModel` reads it once loaded: sides in
+    multiples of the VAE factor times the patch (SD3's patch_size, FLUX's 2x2 packing); the base size from
+    self_cascade.json's base_size, else the pipeline's default size (SD3: its transformer's sample_size
+    latents, FLUX: 128); SD3's sides within pos_embed_max_size patches. A VAE config that cannot be read leaves
+    the multiple at 8 and the base size unknown, for the loaded model to say."""
+    vae_blocks = _config(folder, "vae/config.json").get("block_out_channels")
+    transformer = _config(folder, "transformer/config.json")
+    if not isinstance(vae_blocks, list) or not vae_blocks or (family == "sd3" and not transformer):
+        return ModelShape(steps, family=family)
+    vae_scale = 2 ** (len(vae_blocks) - 1)
+    patch = (_count(transformer.get("patch_size")) or FLOW_PATCH) if family == "sd3" else FLOW_PATCH
+    multiple = vae_scale * patch
+    base = _count(_config(folder, "self_cascade.json").get("base_size"))
+    if base is None:
+        sample = _count(transformer.get("sample_size")) if family == "sd3" else None
+        base = (sample or FLOW_DEFAULT_SAMPLE_SIZE) * vae_scale
+    grid = _count(transformer.get("pos_embed_max_size")) if family == "sd3" else None
+    return ModelShape(steps, multiple, base, family, grid * multiple if grid else None)
+
+
 def model_shape(folder: str | Path | None) -> ModelShape:
-    """`ModelShape` from a diffusers folder's scheduler, VAE and UNet configs (no torch); for a hub id (None) or
-    a config that cannot be read, what every SD-family model shares. The model's own check after loading has
-    the last word."""
+    """`ModelShape` from a diffusers folder's scheduler, VAE and UNet configs (no torch), or its transformer's
+    for an SD3 or FLUX folder (its model_index.json says which); for a hub id (None) or a config that cannot be
+    read, what every SD-family model shares. The model's own check after loading has the last word."""
     if folder is None:
         return ModelShape()
     folder = Path(folder)
     steps = _count(_config(folder, "scheduler/scheduler_config.json").get("num_train_timesteps", SD_TRAIN_TIMESTEPS))
+    family = flow_family(folder)
+    if family is not None:
+        return _flow_shape(folder, family, steps or SD_TRAIN_TIMESTEPS)
     vae_blocks = _config(folder, "vae/config.json").get("block_out_channels")
     unet = _config(folder, "unet/config.json")
     if not isinstance(vae_blocks, list) or not vae_blocks or not isinstance(unet.get("block_out_channels"), list):
@@ -281,6 +337,11 @@ def request(
         whole(name, side, 1)
         if side % shape.size_multiple:
             raise ValueError(f"{name} must be a multiple of {shape.size_multiple} for this model, got {side}")
+        if shape.max_side and side > shape.max_side:
+            raise ValueError(
+                f"{name} must be at most {shape.max_side} for this model (its positional embedding covers "
+                f"{shape.max_side // shape.size_multiple} patches per side), got {side}"
+            )
     whole("--steps", steps, 1, shape.num_train_timesteps)
     for value in [] if k is None else [k] if isinstance(k, int) else k:  # K re-noises to a training step: 1..T-1
         if not (isinstance(value, int) and 0 < value < shape.num_train_timesteps):

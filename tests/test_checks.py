@@ -8,6 +8,7 @@ before torch, diffusers, transformers or gradio load.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -535,6 +536,43 @@ def test_a_model_folders_shape_is_read_from_its_configs(sd_folder, tmp_path):
     assert checks.model_shape(checks.ASSETS / "shapes-ldm") == checks.ModelShape(1000, 16, 64)
     assert checks.model_shape(None) == checks.ModelShape(1000, 8, None)  # a hub id: what every SD model shares
     assert checks.model_shape(tmp_path) == checks.ModelShape(1000, 8, None)  # configs unread: the same
+
+
+def _flow_folder(folder, pipeline: str, transformer: dict, settings: dict | None = None):
+    """A flow model's config files as the real SD3 and FLUX folders hold them (8x VAE), without weights."""
+    configs = {
+        "model_index.json": {"_class_name": pipeline},
+        "scheduler/scheduler_config.json": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
+        "vae/config.json": {"block_out_channels": [128, 256, 512, 512]},
+        "transformer/config.json": transformer,
+    }
+    if settings is not None:
+        configs["self_cascade.json"] = settings
+    for part, config in configs.items():
+        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+        (folder / part).write_text(json.dumps(config))
+    return folder
+
+
+def test_a_flow_folders_shape_is_read_from_its_transformer_configs(tmp_path):
+    """SD3: sides in multiples of 8 x its patch_size, its sample_size latents the base, at most pos_embed_max_size
+    patches per side; FLUX: 8 x 2 (2x2 packing), 1024 px base unless self_cascade.json says; 28 steps each."""
+    sd3 = _flow_folder(
+        tmp_path / "sd3",
+        "StableDiffusion3Pipeline",
+        {"patch_size": 2, "sample_size": 128, "pos_embed_max_size": 192},
+    )
+    flux = _flow_folder(tmp_path / "flux", "FluxPipeline", {"patch_size": 1, "guidance_embeds": True})
+    small = _flow_folder(tmp_path / "small", "FluxPipeline", {"patch_size": 1}, {"base_size": 512})
+    assert checks.model_shape(sd3) == checks.ModelShape(1000, 16, 1024, "sd3", 3072)
+    assert checks.model_shape(flux) == checks.ModelShape(1000, 16, 1024, "flux", None)
+    assert checks.model_shape(small).base_size == 512
+    assert checks.model_shape(sd3).default_steps == 28 and checks.model_shape(None).default_steps == 50
+    with pytest.raises(ValueError, match="--width must be a multiple of 16 for this model, got 1032"):
+        checks.request(checks.model_shape(flux), 1024, 1032, 28)
+    with pytest.raises(ValueError, match="--height must be at most 3072 for this model .* 192 patches per side"):
+        checks.request(checks.model_shape(sd3), 3088, 1024, 28)
+    checks.request(checks.model_shape(flux), 4096, 4096, 28, 770)  # FLUX's rotary positions have no limit
 
 
 REFUSED_BEFORE_TORCH = """
