@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from sc_app import bench, metrics
-from sc_app.bench import archs, common, samples
+from sc_app.bench import archs, common, samples, speed
 
 
 def section_rows(text: str, name: str) -> list[list[str]]:
@@ -127,8 +127,8 @@ def test_speed_bench_writes_one_row_per_method_and_replaces_its_section(sd_folde
     ]
     assert bench.main(args) == 0
     rows = section_rows(out.read_text(), "speed")
-    assert [r[1] for r in rows] == ["direct", "self-cascade K=700"]
-    assert rows[0][4] == "1.00x" and rows[1][4].endswith("x") and rows[0][7] == "2"
+    assert [r[1:3] for r in rows] == [["direct", "full"], ["self-cascade (K 700)", "full"]]  # the model's own K
+    assert rows[0][VS_DIRECT] == "1.00x" and rows[1][VS_DIRECT].endswith("x") and rows[0][RUNS] == "2"
 
     assert bench.main(args + ["--methods", "self-cascade,attn-sf,scalecrafter", "--k", "500"]) == 0
     text = out.read_text()
@@ -137,12 +137,120 @@ def test_speed_bench_writes_one_row_per_method_and_replaces_its_section(sd_folde
     assert "Command: `python -m sc_app.bench speed --model" in text and "torch threads" in text
 
 
+SPEED_COLUMNS = speed.SPEED_HEADER
+VS_DIRECT, RUNS = SPEED_COLUMNS.index("vs direct"), SPEED_COLUMNS.index("runs")
+GFLOP, STAGE_GFLOP = SPEED_COLUMNS.index("GFLOP"), SPEED_COLUMNS.index("stage GFLOP")
+
+
+def test_speed_bench_times_every_method_under_each_attention_with_its_arithmetic(sd_folder, sd_model, tmp_path):
+    """Every method of the library, each under full and windowed attention where the mode applies, in one run:
+    per-stage seconds and GFLOP, the ratio to direct under the same mode, the section written."""
+    from sc_app.api import METHODS
+    from sc_app.upsampler import Adapter, save_adapter
+
+    adapter = save_adapter(
+        Adapter(sd_model.unet.config, scale=2.0, k=700, base_model=sd_model.name), tmp_path / "x2.safetensors"
+    )
+    out = tmp_path / "benchmarks.md"
+    args = ["speed", "--model", str(sd_folder), "--sizes", "32x32", "--steps", "2", "--repeats", "1"]
+    args += ["--device", "cpu", "--methods", "all", "--attention", "full,window", "--upsampler", str(adapter)]
+    assert bench.main(args + ["--out", str(out), "--section", "speed-all"]) == 0
+    text = out.read_text()
+    rows = section_rows(text, "speed-all")
+    expected = [("direct", "full"), ("direct", "window")]
+    for method in METHODS:
+        if method == "self-cascade":
+            expected += [("self-cascade (K 700)", a) for a in ("full", "window")]
+            expected += [("self-cascade tuned (K 700)", a) for a in ("full", "window")]
+        elif method == "lanczos":
+            expected.append((method, "-"))  # no UNet after the pivot: once
+        elif method not in ("direct", "sr"):
+            expected += [(method, a) for a in ("full", "window")]
+    assert [(r[1], r[2]) for r in rows] == expected
+    assert "Left out: SR (no SR model for this model)." in text  # `all` leaves out what the model cannot run
+    assert "### Speed: every method, per stage, with GFLOP" in text and "FLOP-bound s" in text
+
+    by_key = {(r[1], r[2]): r for r in rows}
+    assert by_key[("direct", "full")][VS_DIRECT] == by_key[("direct", "window")][VS_DIRECT] == "1.00x"
+    # at 4x the base pixels the top level's grid is larger than at the base size: windows apply and do less
+    assert "32 window 8x8" in by_key[("direct", "window")][3] and by_key[("direct", "full")][3] == "32 full"
+    assert float(by_key[("direct", "full")][GFLOP]) > float(by_key[("direct", "window")][GFLOP]) > 0
+    for row in rows:
+        assert float(row[GFLOP]) > 0 and row[VS_DIRECT].endswith("x"), row
+        stage_gflop = [float(g) for g in row[STAGE_GFLOP].split(" / ")]
+        assert len(stage_gflop) == len(row[3].split(" / ")) == len(row[5].split(" / "))  # one value per stage
+        assert sum(stage_gflop) == pytest.approx(float(row[GFLOP]), abs=0.05 * len(stage_gflop))
+    cascade = by_key[("self-cascade (K 700)", "window")]
+    assert cascade[3] == "16 full / 32 window 8x8"  # the pivot stays exact
+
+
+def test_the_ratio_to_direct_is_under_the_same_attention():
+    def timing(seconds):
+        return speed.Timing(seconds, seconds - 0.5, [seconds - 0.5])
+
+    def work(flops):
+        return speed.Arithmetic([(64, 64)], [10], ["full"], [flops])
+
+    full, auto = speed.SpeedVariant("direct", "full"), speed.SpeedVariant("direct", "auto")
+    cascade = speed.SpeedVariant("self-cascade", "auto")
+    lanczos = speed.SpeedVariant("lanczos", "full")
+    timings = {
+        full: [timing(10.0), timing(12.0), timing(11.0)],
+        auto: [timing(4.0)],
+        cascade: [timing(2.0), timing(3.0)],
+        lanczos: [timing(1.0)],
+    }
+    arithmetic = {v: work(2 * 10**9) for v in timings}
+    rows = speed.speed_rows((64, 64), timings, arithmetic, ["full", "auto"], gflops_rate=4.0)
+    ratios = {(r[1], r[2]): r[VS_DIRECT] for r in rows}
+    assert ratios == {
+        ("direct", "full"): "1.00x",
+        ("direct", "auto"): "1.00x",
+        ("self-cascade", "auto"): f"{2.5 / 4.0:.2f}x",  # against direct under auto, not direct under full
+        ("lanczos", "-"): f"{1.0 / 11.0:.2f}x",  # no attention of its own: against the first mode
+    }
+    assert rows[0][7] == "11.00" and rows[0][RUNS] == "3" and rows[0][GFLOP] == "2.0" and rows[0][11] == "0.50"
+
+
+def test_the_flop_counter_counts_what_flop_counter_mode_counts_and_the_cpu_attention():
+    import torch.nn.functional as F
+
+    from sc_app.flops import FlopCounter, StageFlops, flop_counter_mode
+
+    q = torch.randn(2, 3, 40, 8)
+    with FlopCounter() as counter:
+        F.scaled_dot_product_attention(q, q, q)
+    assert counter.total == 4 * 2 * 3 * 40 * 40 * 8  # two products of (40 x 8) by (8 x 40)-sized operands
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_SD)
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 16)
+    with torch.no_grad(), FlopCounter() as counter:
+        unet(x, 500, encoder_hidden_states=context)
+    with torch.no_grad(), flop_counter_mode() as reference:
+        unet(x, 500, encoder_hidden_states=context)
+    assert counter.total == reference.get_total_flops() > 0
+
+    marks = StageFlops(counter)
+    counter.total = 0
+    for index, total in enumerate((5, 12, 30)):
+        counter.total = total
+        marks(index, None)
+    assert marks.per_stage() == [5, 7, 18] and marks.per_stage(31) == [5, 7, 19]
+
+
 def test_speed_bench_bad_input_is_one_line_and_exit_2(sd_folder, capsys):
     assert bench.main(["speed", "--model", str(sd_folder), "--sizes", "32x"]) == 2
     assert bench.main(["speed", "--model", str(sd_folder), "--methods", "direct,magic"]) == 2
     assert bench.main(["speed", "--model", str(sd_folder), "--sizes", "30x30", "--device", "cpu"]) == 2
+    assert bench.main(["speed", "--model", str(sd_folder), "--attention", "full,sparse"]) == 2
+    assert bench.main(["speed", "--model", str(sd_folder), "--attention-window", "0"]) == 2
+    assert bench.main(["speed", "--model", str(sd_folder), "--methods", "direct,tuned", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 3
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 6
+    assert "--attention: unknown sparse" in err and "has no upsamplers of its own" in err
     assert "Traceback" not in err
 
 

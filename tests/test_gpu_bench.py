@@ -79,6 +79,8 @@ def test_the_24gb_column_counts_the_text_encoders():
             "4096x4096",
             "direct",
             "4096x4096: 5, 9.00",
+            "-",
+            "-",
             "1.00",
             "10.00",
             "1.00x",
@@ -90,6 +92,8 @@ def test_the_24gb_column_counts_the_text_encoders():
             "4096x4096",
             "demofusion",
             "4096x4096: 5, 4.00",
+            "-",
+            "-",
             "1.00",
             "5.00",
             "0.50x",
@@ -101,6 +105,8 @@ def test_the_24gb_column_counts_the_text_encoders():
             "4096x4096",
             "attn-sf",
             "skipped: over the 480 s budget at 20 steps",
+            "",
+            "",
             "",
             "",
             "",
@@ -186,6 +192,12 @@ def test_tiny_run_measures_every_model_size_and_method(tmp_path, monkeypatch):
     )
     assert [(h, w, n) for h, w, n, _ in cascade["stages"]] == [(64, 64, 2), (128, 128, 2), (256, 256, 2)]
     assert all(r["total_s"] > 0 and r["decode_s"] > 0 for r in measured)
+    # per stage the attention it ran and its UNet arithmetic: steps times the probe's counted guided step
+    assert all(len(r["attention"]) == len(r["gflop"]) == len(r["stages"]) for r in measured)
+    assert all(g > 0 for r in measured for g in r["gflop"])
+    assert cascade["attention"] == ["full", "full", "full"]
+    step = [g / n for g, (_, _, n, _) in zip(cascade["gflop"], cascade["stages"])]
+    assert step[0] < step[1] < step[2]  # a step's arithmetic grows with the stage's size
     # the decode is tiled where the library tiles the real sizes: SD's 2048^2 (here 256^2), SD XL's 2048^2 and
     # 4096^2 (here 128^2 and 256^2), but not SD's 1024^2
     for (arch, size, method), count in tiled_per_row.items():
@@ -197,6 +209,7 @@ def test_tiny_run_measures_every_model_size_and_method(tmp_path, monkeypatch):
     assert body == "\n" + (work / "table.md").read_text().strip() + "\n"
     assert "Machine: " in body and "Command: `python -m sc_app.bench gpu --tiny" in body
     assert "| SD XL 1.0-base (1024) | 256x256 | direct |" in body and "1.00x" in body
+    assert "| attention | GFLOP (UNet steps, est.) |" in body
 
 
 def test_a_killed_run_keeps_the_rows_it_had_and_says_what_is_missing(tmp_path, monkeypatch, capsys):

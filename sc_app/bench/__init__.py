@@ -18,6 +18,11 @@ fair     Fair by construction (issue 36), `fair search` then `fair table`: every
          the settings file before the search runs; the test table from that frozen file, with paired tests
          (McNemar, paired bootstrap of FID_r) against the chosen self-cascade, the FID floor, per-image CSV, time
          against direct in the same run; resumable `--work`, `--shard i/n` for one-thread processes, `--merge`.
+upscale  Upscaling real renders with a true answer: the shapes world at the pivot size upscaled by every method that
+         takes an image, at the setting of its own main knob that an equal-breadth search chose on development scenes
+         (`--dev`, written to docs/fair/upscale-HxW-chosen.json), scored per image against the real render (layout,
+         edge sharpness, edge error, PSNR, shape fidelity, composition, time), paired tests against Lanczos;
+         resumable `--work`, `--shard i/n`.
 gpu      Every method on the SD 1.5, SD 2.1 and SD XL UNet and VAE architectures with random fp16 weights on one
          CUDA GPU, per stage, with peak memory, inside one time budget (`sc_app.bench.gpu`); `--tiny` on a CPU.
 
@@ -41,6 +46,8 @@ from .archs import ARCHS  # noqa: E402
 from .fair import add_parser as add_fair_parser  # noqa: E402
 from .gpu import add_parser as add_gpu_parser  # noqa: E402
 from .search import add_parser as add_search_parser  # noqa: E402
+from .speed import add_options as add_speed_options  # noqa: E402
+from .upscale import add_parser as add_upscale_parser  # noqa: E402
 
 DEFAULT_PROMPT = "a red circle and a blue square"
 
@@ -61,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--methods",
         default="direct,self-cascade",
-        help=f"comma-separated, from {', '.join(METHODS)} (direct is always included: times are relative to it)",
+        help=f"comma-separated, from {', '.join(METHODS)}, tuned (the self-cascade with the model's upsamplers or "
+        "--upsampler's), or all (direct is always included: times are relative to it)",
     )
     s.add_argument(
         "--upsampler", type=Path, default=None, help="trained feature upsamplers: adds the tuned self-cascade"
@@ -85,10 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="time the real SD 2.1 / SD XL UNet with random fp16 weights on cuda (default sizes 1024x1024,2048x2048)",
     )
+    add_speed_options(s)
     add_gpu_parser(sub)
     add_ablation_parser(sub)
     add_search_parser(sub)
     add_fair_parser(sub)
+    add_upscale_parser(sub)
     return parser
 
 

@@ -103,6 +103,8 @@ class Row:
     reason: str = ""
     steps: int = 0
     stages: list = field(default_factory=list)  # [height, width, steps, seconds] per stage, the pivot first
+    attention: list = field(default_factory=list)  # the self-attention each stage ran ("full", "window 64x64", ...)
+    gflop: list = field(default_factory=list)  # per stage: its steps times one guided UNet step (None: pixel space)
     decode_s: float = 0.0
     total_s: float = 0.0
     estimate_s: float = 0.0
@@ -145,6 +147,7 @@ class Bench:
     model: object
     sizes: list[tuple[int, int]]
     step_seconds: dict = field(default_factory=dict)  # (h, w) -> one guided UNet step
+    step_flops: dict = field(default_factory=dict)  # (h, w) -> its FLOPs, counted (sc_app.flops) in the warm-up
     decode_seconds_per_pixel: float = 0.0
     build_seconds: float = 0.0
     tile_above: int = 0  # pixels above which the decode is tiled
@@ -207,7 +210,7 @@ def stage_sizes(model, size: tuple[int, int]) -> list[tuple[int, int]]:
 
 def probe(bench: Bench, guidance: float | None, repeats: int = 2) -> None:
     """Time one guided UNet step at every stage size of every bench size, and a VAE decode at the base size
-    (which also warms up the kernels the rows use)."""
+    (which also warms up the kernels the rows use); the step's warm-up is counted (sc_app.flops)."""
     import torch
 
     with torch.no_grad():
@@ -218,6 +221,7 @@ def _probe(bench: Bench, guidance: float | None, repeats: int) -> None:
     import torch
 
     from ..cascade import decode
+    from ..flops import FlopCounter
     from ..sampling import added_conditions, encode_prompt, guided_denoiser
 
     model, device = bench.model, bench.model.device
@@ -228,7 +232,9 @@ def _probe(bench: Bench, guidance: float | None, repeats: int) -> None:
         denoiser = guided_denoiser(model.unet, cond, added_conditions(model, cond, h, w))
         x = torch.randn(1, channels, h // f, w // f, device=device, dtype=model.unet.dtype)
         t = torch.tensor(999, device=device)
-        denoiser(x, t, 0)  # warm-up
+        with FlopCounter() as counter:
+            denoiser(x, t, 0)  # warm-up
+        bench.step_flops[(h, w)] = counter.total
         _sync(device)
         started = time.perf_counter()
         for i in range(repeats):
@@ -342,6 +348,8 @@ def measure(bench: Bench, variant: Variant, size: tuple[int, int], steps: int, g
         label(variant, model.default_k),
         steps=steps,
         stages=[[s.height, s.width, s.steps, round(s.seconds, 4)] for s in result.stages],
+        attention=[s.attention or "pixel space" for s in result.stages],
+        gflop=[stage_gflop(bench, s) for s in result.stages],
         decode_s=round(result.decode_seconds, 4),
         total_s=round(total, 4),
     )
@@ -351,6 +359,16 @@ def measure(bench: Bench, variant: Variant, size: tuple[int, int], steps: int, g
     return row
 
 
+def stage_gflop(bench: Bench, stage) -> float | None:
+    """A stage's UNet arithmetic, estimated: its steps times the probe's counted guided step at its size (full
+    attention, one UNet pass per step). None for a stage made in pixel space (SR, Lanczos) or at a size the probe
+    did not run."""
+    flops = bench.step_flops.get((stage.height, stage.width))
+    if stage.attention is None or flops is None:
+        return None
+    return round(flops * stage.steps / 1e9, 4)
+
+
 # ---- the table ---------------------------------------------------------------------------------------
 
 HEADER = [
@@ -358,6 +376,8 @@ HEADER = [
     "size",
     "method",
     "stages: size, steps, denoising s",
+    "attention",
+    "GFLOP (UNet steps, est.)",
     "decode s",
     "total s",
     "vs direct",
@@ -386,6 +406,12 @@ def card_fit(row: Row, card_gib: float) -> str:
     return "no (the decode)" if denoise_fits else "no"
 
 
+def _gflop_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
 def table_rows(rows: list[Row], card_gib: float) -> list[list[str]]:
     from .archs import ARCHS
 
@@ -394,9 +420,10 @@ def table_rows(rows: list[Row], card_gib: float) -> list[list[str]]:
     for r in rows:
         model = ARCHS[r.arch].title
         if r.status != "ok":
-            out.append([model, r.size, r.method, f"{r.status}: {r.reason}", "", "", "", "", ""])
+            out.append([model, r.size, r.method, f"{r.status}: {r.reason}", "", "", "", "", "", "", ""])
             continue
         stages = "; ".join(f"{h}x{w}: {n}, {s:.2f}" for h, w, n, s in r.stages)
+        gflop = " / ".join(_gflop_text(g) for g in r.gflop) or "-"
         ref = direct.get((r.arch, r.size))
         denoise = "-" if r.peak_denoise_gib is None else f"{r.peak_denoise_gib:.1f}"
         peak = "-" if r.peak_gib is None else f"{denoise} / {r.peak_gib:.1f}"
@@ -406,6 +433,8 @@ def table_rows(rows: list[Row], card_gib: float) -> list[list[str]]:
                 r.size,
                 r.method,
                 stages,
+                " / ".join(r.attention) or "-",
+                gflop,
                 f"{r.decode_s:.2f}",
                 f"{r.total_s:.2f}",
                 f"{r.total_s / ref:.2f}x" if ref else "-",
@@ -438,7 +467,10 @@ def report(run: dict, rows: list[Row]) -> str:
         f"every stage size and the VAE before). {what} Fixed random text embeddings stand in for the text "
         f"encoders. Self-cascade stages before the last are not decoded; every decode above {tiled} is tiled, and "
         "an fp16 VAE decodes in float32 (force_upcast), as the library does. Peak GiB is "
-        "torch.cuda.max_memory_allocated, weights included. "
+        "torch.cuda.max_memory_allocated, weights included. **attention**: the self-attention each stage ran; "
+        "**GFLOP**: per stage, its steps times one guided UNet step at its size, counted op by op in the probe "
+        "(`sc_app.flops`; full attention, one UNet pass per step: an estimate for methods that call the UNet on "
+        "windows or change it inside, DemoFusion, FreeScale, HiDiffusion, and for a tuned stage's upsamplers). "
         f"**24 GB card**: the peak plus the released text encoders' fp16 weights ({encoders}) within "
         f"{run['card_gib']:g} GiB; else the peak alone, i.e. with the text encoders offloaded to the CPU between "
         "prompts (`load_model(..., offload_text_encoders=True)`).",
