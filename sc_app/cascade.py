@@ -30,6 +30,7 @@ from .stages import (  # noqa: F401  (re-exported: other modules and the tests i
     per_step,
     prepare,
     sample_stage,
+    target_start,
 )
 
 TILE_ABOVE_PIXELS = 1280 * 1280  # decode larger images tile by tile, so 2048^2 fits a 24 GB GPU
@@ -233,11 +234,7 @@ def direct(
         sampling=sampling,
         control=control,
     )
-    if run.start is None:
-        timesteps, x = from_noise(run, height, width)
-    else:  # SDEdit (Meng et al. 2022): the input image diffused to K
-        latents = input_stage(run).latents
-        timesteps, x = renoise_to(run.scheduler, latents, run.noise(height, width), run.result.settings["k"])
+    timesteps, x = target_start(run, height, width)  # noise, or the input image re-noised to K (SDEdit)
     added = added_conditions(model, run.cond, height, width)
     denoiser = guided_denoiser(model.unet, run.cond, added)
     if denoiser_factory is not None:

@@ -635,6 +635,17 @@ def input_stage(run: Run, latents: bool = True) -> Stage:
 # ---- the non-finite guard ------------------------------------------------------------------------------
 
 
+def target_start(run: Run, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a method that samples once at the target starts: pure noise, or the input image diffused to K
+    (SDEdit, Meng et al. 2022) on the sampler's own grid. The timesteps left and the starting latent."""
+    from .schedulers import renoise_to
+
+    if run.start is None:
+        return from_noise(run, height, width)
+    latents = input_stage(run).latents
+    return renoise_to(run.scheduler, latents, run.noise(height, width), run.result.settings["k"])
+
+
 def refuse_non_finite(stage: Stage, index: int) -> None:
     """NonFiniteError when the stage's latents hold NaN or infinity, naming the stage and the likely cause."""
     if stage.latents is None:

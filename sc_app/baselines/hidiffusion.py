@@ -41,17 +41,15 @@ from ..attention import SpatialSelfAttention, _grid_recorder, _unlink, spatial_s
 from ..checks import finite
 from ..controlnet import Control
 from ..sampling import added_conditions, guided_denoiser
-from ..schedulers import renoise_to
 from ..stages import (
     Result,
     Sampling,
     check_inputs,
     finish_stage,
-    from_noise,
-    input_stage,
     per_step,
     prepare,
     sample_stage,
+    target_start,
 )
 from .progressive import model_settings
 
@@ -506,11 +504,7 @@ def hidiffusion(
         sampling=sampling,
         control=control,
     )
-    if run.start is None:
-        timesteps, x = from_noise(run, height, width)
-    else:  # SDEdit (Meng et al. 2022): the input image diffused to K, on the sampler's own grid
-        latents = input_stage(run).latents
-        timesteps, x = renoise_to(run.scheduler, latents, run.noise(height, width), run.result.settings["k"])
+    timesteps, x = target_start(run, height, width)  # noise, or the input image re-noised to K (SDEdit)
     # 3. The windows' shifts: one generator per prompt, seeded from the prompt's own
     shifts = [
         torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)))
