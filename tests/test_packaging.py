@@ -76,7 +76,6 @@ def venv_seeing_this_environment(venv: Path) -> Path:
     return python
 
 
-
 def test_an_installed_copy_finds_the_embedded_models_from_any_folder(tmp_path):
     """Build a wheel from a copy of the tree (nothing lands in the checkout), install it into a fresh virtual
     environment that sees this one's packages, and run the embedded models and the commands from elsewhere."""
