@@ -3,7 +3,10 @@ the embedded model, offline, on a CPU. The flags and `main` live here; app.py, t
 
     python app.py [--model embedded|FOLDER|HUB_ID] [--video-model embedded|FOLDER|HUB_ID] [--motion-adapter FOLDER]
                   [--device cpu|cuda|mps] [--host 127.0.0.1] [--port 7860] [--share] [--max-pixels N] [--work-dir DIR]
-                  [--review-token TOKEN]
+                  [--review-token TOKEN] [--review-only]
+
+`--review-only` serves reviewer mode: the blind review pairs and nothing else (no model is loaded), over the review
+pool of `--work-dir`; Results there are the owner's, behind `--review-token`.
 
 On a Hugging Face Space (sdk: gradio, app_file: app.py) it runs unchanged: GPU work goes through
 `spaces.GPU`, and the host and port come from the Space's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
@@ -59,7 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--review-token",
         default=None,
-        help="the owner's token for resetting the Review tab's votes (default: $SC_REVIEW_TOKEN; none: no reset)",
+        help="the owner's token for resetting the Review tab's votes, and in --review-only for its results "
+        "(default: $SC_REVIEW_TOKEN; none: no reset)",
+    )
+    parser.add_argument(
+        "--review-only",
+        action="store_true",
+        help="reviewer mode: serve the blind review pairs and nothing else (no model is loaded), over the pool "
+        "in --work-dir; the results only with --review-token",
     )
     return parser.parse_args(argv)
 
@@ -70,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     from sc_app.models import load_model
 
     try:
-        model = load_model(args.model, device=args.device)
-        demo = ui.build(
-            model,
-            max_pixels=args.max_pixels,
-            work_dir=args.work_dir,
-            video_model=args.video_model,
-            motion_adapter=args.motion_adapter,
-            review_token=args.review_token,
-        )
+        if args.review_only:
+            demo = ui.build_review(work_dir=args.work_dir, review_token=args.review_token)
+        else:
+            demo = ui.build(
+                load_model(args.model, device=args.device),
+                max_pixels=args.max_pixels,
+                work_dir=args.work_dir,
+                video_model=args.video_model,
+                motion_adapter=args.motion_adapter,
+                review_token=args.review_token,
+            )
     except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

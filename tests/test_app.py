@@ -154,17 +154,45 @@ def test_compare_without_attn_sf_runs_six_methods(client):
         ({"steps": 151}, "steps must be in 1..150, got 151"),
         ({"guidance": 21}, r"guidance must be in \[0, 20\], got 21"),
         ({"seed": -5}, "seed must be in 0..9223372036854775807, got -5"),
-        ({"aspect": "5:4"}, "not in the list of choices"),
-        ({"stages": "many"}, "not in the list of choices"),
+        ({"aspect": "5:4"}, "aspect ratio '5:4' is not in the list of choices: 1:1, 4:3, 3:4, 16:9, 9:16, 2:1, 1:2"),
+        ({"stages": "many"}, "stages 'many' is not in the list of choices: auto, 0, 1, 2, 3, 4"),
+        ({"scale": "3x"}, "scale '3x' is not in the list of choices: 4x, 16x, 64x"),
         ({"adapter": "../../etc/passwd"}, "not one this server has"),
         ({"k": 1.5}, "K must be a whole number, got 1.5"),  # not taken as 1 without a word
         ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
         ({"seed": 2**70}, "seed must be in 0..9223372036854775807"),
     ],
 )
-def test_generate_bad_input_is_an_error_message(client, kwargs, message):
+def test_generate_bad_input_is_an_error_message(client, kwargs, message, capfd):
+    capfd.readouterr()
     with pytest.raises(AppError, match=message):
         client.predict(**{"prompt": "a red circle", **kwargs}, api_name="/generate")
+    log = capfd.readouterr()
+    assert "Traceback" not in log.out + log.err  # gradio's own refusal of a choice printed one per request
+
+
+TUNE = dict(source="shapes world", files=None, steps=2, batch_size=1, lr=1e-3, scale=2)
+
+
+@pytest.mark.parametrize(
+    "api, kwargs, message",
+    [
+        (
+            "/compare",
+            {"prompt": "a red circle", "side_a": "best"},
+            "A 'best' is not in the list of choices: self-cascade",
+        ),
+        ("/compare", {"prompt": "a red circle", "aspect": "5:4"}, "aspect ratio '5:4' is not in the list of choices"),
+        ("/tune", {**TUNE, "source": "my photos"}, "data 'my photos' is not in the list of choices: shapes world, my"),
+        ("/tune", {**TUNE, "scale": 3}, "scale '3' is not in the list of choices: 2, 4"),
+    ],
+)
+def test_every_choice_refuses_quietly_through_the_api(client, api, kwargs, message, capfd):
+    capfd.readouterr()
+    with pytest.raises(AppError, match=message):
+        client.predict(**kwargs, api_name=api)
+    log = capfd.readouterr()
+    assert "Traceback" not in log.out + log.err
 
 
 def test_no_number_field_has_a_range_of_gradios_own(app):
@@ -189,7 +217,7 @@ def _settings(stages="auto", k=None, steps=5, guidance=5.0, seed=0, scale="4x") 
         ({"k": 0}, "K must be in 1..999, got 0"),
         ({"k": 2.5}, "K must be a whole number, got 2.5"),
         ({"steps": 500}, "steps must be in 1..150, got 500"),
-        ({"steps": None}, "steps must be a whole number, got None"),  # a field left empty
+        ({"steps": None}, "steps is empty: enter a whole number from 1 to 150"),  # a field left empty: no "got None"
         ({"guidance": -1}, r"guidance must be in \[0, 20\], got -1"),
         ({"seed": -2}, "seed must be in 0..9223372036854775807, got -2"),
         ({"stages": "5"}, r"stages must be at most 4 for 32x32"),  # no growth left for a fifth stage at 4x
@@ -291,6 +319,10 @@ def test_loaded_adapter_is_offered_and_used(client, app, tmp_path):
     assert "adapter" in tuned[2]
     # an untrained adapter adds exact zeros: the tuned cascade equals the tuning-free one
     assert Image.open(tuned[1]).tobytes() == Image.open(plain[1]).tobytes()
+    # the settings line names it as the user knows it, not by the server's path
+    *_, result = list(app.studio.generate("a red circle", "", "1:1", "4x", "auto", None, 3, 5.0, 0, label))[-1]
+    assert f"--upsampler {label.removeprefix('uploaded-')}.safetensors " in result["settings"]
+    assert str(app.studio.work_dir) not in result["settings"]
 
 
 def test_the_model_folders_default_adapters_are_the_pages_default_choice(sd_folder, tmp_path):
@@ -353,7 +385,11 @@ def test_a_tabs_stop_ends_only_that_tabs_run(app, tmp_path):
         stop.parent.mkdir()
         app.studio._stops["stop-page", tab] = stop
     try:
-        assert app.studio.stop_run("video")(page) == {"__type__": "update", "interactive": False}
+        assert app.studio.stop_run("video")(page) == {
+            "__type__": "update",
+            "interactive": False,
+            "variant": "secondary",
+        }
         assert stops["video"].exists() and not stops["generate"].exists()
         app.studio.stop_run("compare")(page)  # no Compare run on this page: nothing to stop
         assert not stops["generate"].exists()
@@ -542,7 +578,9 @@ def test_one_tuning_job_per_server_and_cancel(app, tmp_path):
         second.predict(api_name="/cancel_tune")
     assert first.predict(api_name="/cancel_tune").startswith("Cancelling")
     status, *_ = job.result(timeout=60)
-    assert "cancelled at step" in status and "-cancelled" in status
+    # what it learned is kept under a name that says so, offered but not chosen
+    assert re.match(r"Cancelled at step (\d+): saved what it learned as \*\*tuned-.*-stopped-at-\1-of-5000\*\*", status)
+    assert "not chosen" in status
     assert second.predict(api_name="/cancel_tune") == "No tuning job is running."
 
 
@@ -686,21 +724,72 @@ def test_progress_says_stage_i_of_n_and_the_done_line_agrees(client):
     lines = [o[2] for o in job.outputs()]
     # every new stage shows a line; from the second stage on, the time left is measured
     assert any(
-        re.fullmatch(r"Stage 2 of 2 \(64 x 64\), step \d+ of \d+ · \d+% · about \d+\.\d s left", line) for line in lines
+        re.fullmatch(r"Stage 2 of 2 \(64 x 64\), step \d+ of \d+ · \d+% · about \d+ s left", line) for line in lines
     ), lines
     assert any(line.startswith("Pivot (16 x 16), step ") for line in lines)
     assert len(gallery) == 3 and ", pivot + 2 stages, K 500, 500, seed 11." in status
 
 
-def test_progress_line_weights_steps_by_pixels():
+def test_progress_line_weights_steps_by_their_cost_and_times_them():
     from sc_app.ui import ProgressLine
 
-    model = SimpleNamespace(base_size=16, size_multiple=4, num_train_timesteps=1000, default_k=500)
+    model = SimpleNamespace(base_size=16, size_multiple=4, num_train_timesteps=1000, default_k=500, vae_scale=4)
     request = {"method": "self-cascade", "height": 32, "width": 32, "num_inference_steps": 10, "k": 500, "stages": 1}
-    line = ProgressLine(model, [request])  # pivot: 10 steps of 16 x 16, stage 1: 5 steps of 32 x 32 (twice the work)
-    line.line(0, 0, 0, now=0.0)
-    # 9 more pivot steps in 9 s: 1 s per 256 pixel-steps, so the 5 steps at 4 x the pixels take 20 s
-    assert line.line(0, 0, 9, now=9.0) == "Pivot (16 x 16), step 10 of 10 · 33% · about 20.0 s left"
+    line = ProgressLine(model, [request])  # pivot: 10 steps of 16 x 16, stage 1: 5 steps of 32 x 32
+    pivot, stage = line.weights[0]
+    first = 100 * pivot / (10 * pivot + 5 * stage)
+    assert line.line(0, 0, 0, now=0.0) == f"Pivot (16 x 16), step 1 of 10 · {first:.0f}%"  # no time left yet
+    # 9 more pivot steps in 9 s: 1 s a step, so a stage-1 step takes stage / pivot s; each gap (the pivot's decode,
+    # getting stage 1 ready, its decode) a third of a step until one is timed
+    s = stage / pivot
+    left = 5 * s + (1 + 2 * s) / 3
+    progress = line.step(0, 0, 9, now=9.0)
+    assert progress.seconds_left == pytest.approx(left)
+    assert (
+        progress.text == f"Pivot (16 x 16), step 10 of 10 · {100 * 10 / (10 + 5 * s):.0f}% · about {round(left)} s left"
+    )
+
+
+def test_the_time_left_falls_as_a_64x_run_goes():
+    """The embedded model's 64x run as measured on 2 CPU threads (20 steps: 20, 6, 3 and 3 per stage; 0.027, 0.058,
+    0.234 and 2.05 s a step; the gaps between stages as timed): from the second step on, the estimate never rises
+    and is never far under the truth."""
+    from sc_app.ui import ProgressLine
+
+    model = SimpleNamespace(base_size=64, size_multiple=16, num_train_timesteps=1000, vae_scale=4)
+    request = {"method": "self-cascade", "height": 512, "width": 512, "num_inference_steps": 20, "k": [300, 150, 150]}
+    line = ProgressLine(model, [request])
+    assert [steps for steps, _, _ in line.plans[0]] == [20, 6, 3, 3]
+    timeline, t = [], 0.1
+    for stage, (steps, step, prepare, decode) in enumerate(
+        [(20, 0.027, 0.0, 0.03), (6, 0.058, 0.075, 0.04), (3, 0.234, 0.14, 0.145), (3, 2.05, 0.55, 0.66)]
+    ):
+        t += (prepare + step) if stage else 0.0
+        for i in range(steps):
+            t += step if i else 0.0
+            timeline.append((stage, i, t))
+        t += decode
+        timeline.append((stage, None, t))
+    end, shown = t, []
+    for stage, i, now in timeline:
+        if i is None:
+            line.stage_done(0, stage, now)
+        else:
+            shown.append((line.step(0, stage, i, now).seconds_left, end - now))
+    estimates = [(left, truth) for left, truth in shown if left is not None]
+    assert len(estimates) == len(shown) - 1  # from the second step on
+    assert all(later <= earlier + 1e-9 for (earlier, _), (later, _) in zip(estimates, estimates[1:]))
+    assert all(left >= 0.8 * truth for left, truth in estimates)
+    assert estimates[0][0] < 1.5 * estimates[0][1]  # and not far over it at the start
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.2, "about 1 s left"), (44.6, "about 45 s left"), (190, "about 3 min 10 s left")]
+)
+def test_time_left_in_words(seconds, text):
+    from sc_app.ui.progress import time_left
+
+    assert time_left(seconds) == text
 
 
 def test_settings_line_is_the_command_line_of_the_request(app):
@@ -712,6 +801,12 @@ def test_settings_line_is_the_command_line_of_the_request(app):
     argv = shlex.split(result["settings"])
     assert argv[:4] == ["python", "-m", "sc_app", "generate"]
     args = build_parser().parse_args(argv[3:])
+    # it writes into a folder named as the page named the file (without .png), not into "out"
+    assert (
+        str(args.out)
+        == Path(result["final"]).stem
+        == f"a-red-circle-rm-rf-self-cascade-{request['width']}x{request['height']}-seed11"
+    )
     parsed = (
         args.model,
         args.prompt,

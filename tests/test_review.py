@@ -1,7 +1,7 @@
 """The Review tab: the pool, blind votes in SQLite, the ranking; the library, the command line, the API
 (gradio_client) and the page in a real browser.
 
-As a script it takes the README's screenshot of the Review tab mid-study, on the embedded model:
+As a script it takes the README's screenshot of reviewer mode (`--review-only`) mid-study, on the embedded model:
 
     python tests/test_review.py [--model embedded] [--out docs/screenshots]
 """
@@ -428,7 +428,7 @@ def test_the_pages_reasons_refuse_quietly_too():
     API does, with a message and no traceback."""
     import gradio as gr
 
-    from sc_app.ui.review import refusing_quietly
+    from sc_app.ui.common import refusing_quietly
 
     reasons = refusing_quietly(gr.CheckboxGroup(list(review.REASONS)), "reason must be among")
     assert reasons.preprocess(["detail", "layout"]) == ["detail", "layout"]
@@ -539,7 +539,9 @@ def _study_in_browser(page, url: str, votes: int, shot: Path | None = None) -> s
     from test_browser import RENDERED
 
     page.goto(url)
-    page.get_by_role("tab", name="Review").click()
+    page.locator("[role=tab], #review-images").first.wait_for(state="attached", timeout=60_000)  # the page is up
+    if page.get_by_role("tab", name="Review").count():  # the full page; reviewer mode is the review alone
+        page.get_by_role("tab", name="Review").click()
     for n in range(votes):
         page.wait_for_function(RENDERED, arg=["#review-pair img", 2], timeout=60_000)
         view = page.locator("#review-pair")
@@ -547,7 +549,7 @@ def _study_in_browser(page, url: str, votes: int, shot: Path | None = None) -> s
         assert not [m for m in METHODS + ("cascade", "scalecrafter", "direct") if m in seen]
         if n == 1:
             page.locator("#review-reasons").get_by_text("detail").click()  # a reason, then the key: focus on it
-        page.keyboard.press("1" if n % 2 == 0 else "2")
+        page.keyboard.press("1" if n % 2 == 0 else "3")  # left, right: the keys in the buttons' order (2: same)
         page.locator("#review-progress").get_by_text(f"{n + 1} reviewed").wait_for(timeout=60_000)
     page.wait_for_function(RENDERED, arg=["#review-pair img", 2], timeout=60_000)
     if shot is not None:
@@ -580,7 +582,7 @@ def test_the_review_tab_votes_by_key_and_never_names_a_method(sd_model, tmp_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A screenshot of the Review tab mid-study, from the real page.")
+    parser = argparse.ArgumentParser(description="A screenshot of reviewer mode mid-study, from the real page.")
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default=None)
     parser.add_argument("--steps", type=int, default=30)
@@ -603,12 +605,17 @@ def main(argv: list[str] | None = None) -> int:
         client = client_for(url, Path(work) / "downloads")
         for seed, prompt in enumerate(["a red circle and a blue square", "a green triangle and a yellow circle"]):
             client.predict(prompt, steps=args.steps, seed=seed, api_name="/compare")  # fills the pool
+        demo.close()
+        # what a reviewer sees: reviewer mode (`--review-only`) over the same work folder
+        review = ui.build_review(work_dir=work)
+        port = free_port()
+        ui.launch(review, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
         with sync_playwright() as playwright:
             browser = open_browser(playwright)
             page = browser.new_page(viewport=VIEWPORT)
-            _study_in_browser(page, url, 3, args.out / "review.png")
+            _study_in_browser(page, f"http://127.0.0.1:{port}/", 3, args.out / "review.png")
             browser.close()
-        demo.close()
+        review.close()
     print(f"wrote {args.out / 'review.png'}")
     return 0
 

@@ -58,19 +58,68 @@ def as_number(value):
     return value
 
 
-def user_error(message: str) -> gr.Error:
-    """An error shown in the page, without a traceback in the server's log."""
-    return gr.Error(message, print_exception=False)
+def user_error(message: str, field: str | None = None) -> gr.Error:
+    """An error shown in the page, without a traceback in the server's log. `field`: the setting it is about
+    ("steps", "lora-scale", ...), which the page marks (`sc_app.ui.status.error`)."""
+    error = gr.Error(message, print_exception=False)
+    error.field = field
+    return error
 
 
-def chosen_adapter(choices: dict[str, Path | None], label: str | None, what: str = "adapter") -> str | None:
+def checked(field: str, check, *args, empty: str | None = None, **kwargs):
+    """`check(*args, **kwargs)` (one of `sc_app.checks`), its ValueError a user error about `field`; `empty`: what
+    to say when the value (the second argument) is None, a number field left empty, in place of "got None"."""
+    if empty is not None and args[1] is None:
+        raise user_error(f"{args[0]} is empty: {empty}", field)
+    try:
+        return check(*args, **kwargs)
+    except ValueError as error:
+        raise user_error(str(error), field) from None
+
+
+FIELD_WORDS = {"stages": "stages", "k": "k", "steps": "steps", "guidance": "guidance", "seed": "seed"}
+
+
+def field_of(message: str) -> str | None:
+    """The setting a library's message is about, by its first word ("steps must be ...")."""
+    word = message.split(" ", 1)[0].lower().rstrip(":,")
+    return FIELD_WORDS.get(word)
+
+
+def refusing_quietly(widget, rule: str | None = None, name: str | None = None):
+    """`widget` (a choice widget) with its refusal of a value outside its choices (a script's aspect "5:4", a
+    reason "bogus") made the one line the caller sees and nothing in the server's log: gradio's own refusal prints a
+    30-line traceback per request. The line names the field (`name`: "aspect ratio '5:4' is not in the list of
+    choices: 1:1, ...") or starts with `rule` ("reason must be among layout, ..., got 'bogus'"). Its instance's
+    method is replaced, not its class subclassed: gradio writes a .pyi file beside any module that subclasses a
+    widget."""
+    preprocess = widget.preprocess
+
+    def refuse_quietly(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            allowed = ", ".join(str(value) for _, value in widget.choices)
+            given = payload if isinstance(payload, list) else [payload]
+            bad = str(next((value for value in given if value not in dict(widget.choices).values()), payload))[:40]
+            if name is not None:
+                raise user_error(f"{name} {bad!r} is not in the list of choices: {allowed}") from None
+            raise user_error(f"{rule} {allowed}, got {bad!r}") from None
+
+    widget.preprocess = refuse_quietly
+    return widget
+
+
+def chosen_adapter(
+    choices: dict[str, Path | None], label: str | None, what: str = "adapter", field: str | None = None
+) -> str | None:
     """The file behind an adapter's or a LoRA's (`what`) choice (None for none); labels are looked up, never used
     as paths."""
     if not label or label == NO_ADAPTER:
         return None
     path = choices.get(label)
     if path is None:
-        raise user_error(f"{what} {label!r} is not one this server has: pick one from the list")
+        raise user_error(f"{what} {label!r} is not one this server has: pick one from the list", field or what)
     return str(path)
 
 
@@ -82,9 +131,9 @@ resolve_max_pixels = checks.max_pixels  # the flag, else $SC_MAX_PIXELS, else a 
 def target_size(base_size: int, multiple: int, aspect: str, scale: str) -> tuple[int, int]:
     """(height, width) at `scale` times the model's base pixels with the given aspect ratio."""
     if aspect not in ASPECTS:
-        raise user_error(f"aspect ratio must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+        raise user_error(f"aspect ratio must be one of {', '.join(ASPECTS)}, got {aspect!r}", "aspect")
     if scale not in SCALES:
-        raise user_error(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        raise user_error(f"scale must be one of {', '.join(SCALES)}, got {scale!r}", "scale")
     aw, ah = (int(v) for v in aspect.split(":"))
     pixels = base_size**2 * SCALES[scale]
     width = max(multiple, round(math.sqrt(pixels * aw / ah) / multiple) * multiple)
@@ -137,9 +186,13 @@ def run_ks(model, request: dict) -> list[int]:
     return model.stage_ks(stages, request.get("k"))
 
 
-def settings_line(model, request: dict, k: list[int] | None = None) -> str:
+def settings_line(
+    model, request: dict, k: list[int] | None = None, out: str = "out", shown: dict[str, str] | None = None
+) -> str:
     """The `python -m sc_app generate ...` command line that makes a request's image again. `k`: the K each
-    stage ran with (the run's summary), else the request's."""
+    stage ran with (the run's summary), else the request's; `out`: the folder it writes (the page's file name
+    without .png); `shown`: what the line says for a file of the server's (an uploaded adapter: the name the user
+    knows it by), by its path."""
     args = ["python", "-m", "sc_app", "generate", "--model", model.name, "--prompt", request["prompt"]]
     if request.get("negative_prompt"):
         args += ["--negative-prompt", request["negative_prompt"]]
@@ -159,18 +212,21 @@ def settings_line(model, request: dict, k: list[int] | None = None) -> str:
         str(request["seed"]),
     ]
     if request["method"] == "self-cascade":
-        args += _upsampler_flag(model.default_upsampler, request.get("upsampler"))
+        args += _upsampler_flag(model.default_upsampler, request.get("upsampler"), shown or {})
     for path, scale in request.get("loras") or []:
         args += ["--lora", f"{path}:{float(scale)!r}"]
-    return shlex.join(args + ["--out", "out"])
+    return shlex.join(args + ["--out", out])
 
 
-def _upsampler_flag(default: Path | None, upsampler: str | None) -> list[str]:
+def _upsampler_flag(default: Path | None, upsampler: str | None, shown: dict[str, str]) -> list[str]:
     """--upsampler as the CLI needs it to run the same adapters: nothing for the model's own default (whose path
-    differs between machines), `none` to turn that default off, else the file or folder."""
+    differs between machines), `none` to turn that default off, else the file or folder (by the name the user
+    knows it by, where `shown` has one)."""
     if upsampler is None:
         return ["--upsampler", "none"] if default is not None else []
-    return [] if default is not None and Path(upsampler).resolve() == default else ["--upsampler", str(upsampler)]
+    if default is not None and Path(upsampler).resolve() == default:
+        return []
+    return ["--upsampler", shown.get(str(upsampler), str(upsampler))]
 
 
 def loras_text(loras) -> str:

@@ -1,22 +1,57 @@
-"""The Compare tab: one prompt and seed through every method at one size; a gallery, a table of times and sizes,
-an A/B slider between any two methods, and a settings line per method. Its images join the Review tab's pool.
+"""The Compare tab: one prompt and seed through every method at one size; a row with a slot per method (the running
+one's live preview, each picture as it finishes), an A/B slider between any two methods, a table of times and
+sizes, and a settings line per method. Its images join the Review tab's pool.
 
 Its handlers (`CompareHandlers`) are mixed into `sc_app.ui.studio.Studio`, whose `request()` and `_stream()` they
-use; `compare_tab` builds the tab and wires its events.
+use. One run (`CompareRun`) feeds the page's event (`compare_page`, methods by the names a person reads) and the
+API's `/compare` (`compare`, methods by their names in the library, as before); `compare_tab` builds the tab.
 """
 
 from __future__ import annotations
 
-import shlex
-
 import gradio as gr
 
-from .common import NO_ADAPTER, RANDOM_SEED, loras_text, random_seed, result_name, settings_line, stages_text
-from .controls import PRIVATE, disable, enable, sampling_controls, size_controls
+from . import status
+from .common import (
+    NO_ADAPTER,
+    RANDOM_SEED,
+    loras_text,
+    random_seed,
+    refusing_quietly,
+    result_name,
+    settings_line,
+    stages_text,
+)
+from .controls import PRIVATE, disable, enable, sampling_controls, size_controls, stop_button
 from .loras import lora_controls
 
 # attn-sf when its box is ticked, sr where the model has an SR model (`compare_methods`)
 COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
+# the methods as the page names them
+METHOD_NAMES = {
+    "self-cascade": "self-cascade",
+    "direct": "direct sampling",
+    "scalecrafter": "ScaleCrafter",
+    "attn-sf": "Attn-SF",
+    "demofusion": "DemoFusion",
+    "freescale": "FreeScale",
+    "hidiffusion": "HiDiffusion",
+    "sr": "SD+SR (x4 upscaler)",
+    "lanczos": "Lanczos resize",
+}
+TABLE_HEADERS = ["method", "size", "seconds", "stages"]
+FIELDS = {
+    "prompt": "compare-prompt",
+    "aspect": "compare-aspect",
+    "scale": "compare-scale",
+    "k": "compare-k",
+    "steps": "compare-steps",
+    "guidance": "compare-guidance",
+    "seed": "compare-seed",
+    "adapter": "compare-adapter",
+    "lora": "compare-lora",
+    "lora-scale": "compare-lora-scale",
+}
 
 
 def compare_methods(model) -> tuple[str, ...]:
@@ -31,6 +66,13 @@ def compare_methods(model) -> tuple[str, ...]:
     return COMPARE_METHODS
 
 
+def method_name(method: str, adapter: str | None = None) -> str:
+    """A method as the page names it; the self-cascade with its adapter: "self-cascade + shipped adapters"."""
+    if method != "self-cascade" or not adapter or adapter == NO_ADAPTER:
+        return METHOD_NAMES.get(method, method)
+    return "self-cascade + shipped adapters" if adapter.startswith("shipped: ") else f"self-cascade + {adapter}"
+
+
 def stages_column(method: str, stages: int) -> str:
     """The table's stages column: how a method got to the target size."""
     if method == "lanczos":
@@ -40,8 +82,144 @@ def stages_column(method: str, stages: int) -> str:
     return stages_text(stages) if stages else "one pass"
 
 
+class CompareRun:
+    """One Compare run as it goes: each method's final image, its row of the table and its settings line.
+    `changes(page)` runs it and says what changed; the images join the review pool at the end."""
+
+    def __init__(self, studio, methods: list[str], requests: list[dict], adapter: str | None):
+        self.studio, self.methods, self.requests, self.adapter = studio, methods, requests, adapter
+        self.finals: dict[int, str] = {}  # job -> its image (the last stage to arrive)
+        self.results: dict[str, str] = {}  # method -> its final image, once done
+        self.rows: dict[str, tuple[str, float, str]] = {}  # method -> size, seconds, stages column
+        self.lines: dict[str, str] = {}  # method -> its settings line
+        self.progress = None
+        self.text = "Starting..."
+        self._links: dict[str, str] = {}
+        self._shown_preview = None
+        self.seed = requests[0]["seed"]
+
+    def changes(self, page: gr.Request | None):
+        """Run it: yields "progress", "done" (a method), "stopped" or "end"."""
+        studio, requests = self.studio, self.requests
+        for run, event in studio._stream(requests, unit="method", page=page, tab="compare"):
+            kind = event[0]
+            if kind == "progress":
+                self.progress, self.text = event[1], event[1].text
+                yield "progress"
+            elif kind == "waiting":
+                self.text = event[1]
+                yield "progress"
+            elif kind == "stopped":
+                where = event[1]
+                at = "" if where is None else f" It was at method {where.job + 1} of {len(self.methods)};"
+                self.text = f"Stopped.{at} seed {self.seed}: Reuse seed puts it back."
+                yield "stopped"
+                return
+            elif kind == "stage":
+                job = event[1]
+                path = run / result_name(requests[job])
+                event[3].save(path)  # the last stage to arrive is the final image
+                self.finals[job] = str(path)
+            elif kind == "done":
+                job, summary = event[1], event[2]
+                method, request = self.methods[job], requests[job]
+                self.results[method] = self.finals[job]
+                self.rows[method] = (
+                    f"{request['width']} x {request['height']}",
+                    round(summary["total_seconds"], 1),
+                    stages_column(method, len(summary["stages"]) - 1),
+                )
+                self.lines[method] = settings_line(
+                    studio.model,
+                    request,
+                    summary.get("k"),
+                    out=result_name(request, ""),
+                    shown=studio.shown_paths(),
+                )
+                size, seconds, _ = self.rows[method]
+                self.text = f"{self.label(method).capitalize()} done ({size}, {seconds:.1f} s)..."
+                yield "done"
+            elif kind == "unavailable":
+                gr.Warning(event[2])
+        request = requests[0]
+        self.text = (
+            f"Done: {len(self.results)} methods at {request['width']} x {request['height']}, seed {self.seed}"
+            f"{loras_text(request.get('loras'))}."
+        )
+        yield "end"
+        if getattr(studio, "review", None) is not None:  # the run's images join the Review tab's pool
+            studio.review.add_compare(requests, self.methods, self.results)
+
+    def label(self, method: str) -> str:
+        """A method as the API's captions and table say it: its library name, "(tuned)" with an adapter."""
+        return method + (" (tuned)" if self.requests[self.methods.index(method)].get("upsampler") else "")
+
+    def name(self, method: str) -> str:
+        return method_name(method, self.adapter if self.requests[self.methods.index(method)].get("upsampler") else None)
+
+    # ---- what the API returns -------------------------------------------------------------------
+
+    def gallery(self) -> list[tuple[str, str]]:
+        return [
+            (self.results[m], f"{self.label(m)}: {self.rows[m][0]}, {self.rows[m][1]:.1f} s")
+            for m in self.methods
+            if m in self.results
+        ]
+
+    def table(self) -> list[list]:
+        return [[self.label(m), *self.rows[m]] for m in self.methods if m in self.results]
+
+    # ---- what the page shows --------------------------------------------------------------------
+
+    def page_table(self) -> list[list]:
+        """The table as the page shows it: names a person reads, seconds with one decimal."""
+        return [
+            [self.name(m), self.rows[m][0], f"{self.rows[m][1]:.1f}", self.rows[m][2]]
+            for m in self.methods
+            if m in self.results
+        ]
+
+    def row(self) -> str:
+        """A slot per method, in the order they run."""
+        request = self.requests[0]
+        now = None if self.progress is None else self.progress.job
+        preview = self.progress.preview if self.progress is not None else None
+        self._shown_preview = preview
+        slots = []
+        for job, method in enumerate(self.methods):
+            slot = status.Slot(self.name(method), request["width"], request["height"])
+            if method in self.results:
+                path = self.results[method]
+                if path not in self._links:
+                    self._links[path] = self.studio.links.url(path)
+                slot.url, slot.detail = self._links[path], f"{self.rows[method][1]:.1f} s"
+            elif job == now:
+                slot.preview = preview
+                slot.detail = f"stage {self.progress.stage + 1} of {self.progress.stages}, step {self.progress.step}"
+            slots.append(slot)
+        running = None if now is None or self.methods[now] in self.results else now
+        return status.slot_row(slots, running=running)
+
+    def row_changed(self) -> bool:
+        return self.progress is not None and self.progress.preview is not self._shown_preview
+
+
 class CompareHandlers:
     """The Compare tab's events (a part of `Studio`)."""
+
+    def _compare_run(
+        self, prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale
+    ) -> CompareRun:
+        methods = [m for m in self.compare_methods if m != "attn-sf" or attn_sf]
+        if seed is None or seed == RANDOM_SEED:
+            seed = random_seed()  # one seed for every method
+        requests = [
+            self.request(
+                m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale
+            )
+            for m in methods
+        ]
+        return CompareRun(self, methods, requests, adapter)
 
     def compare(
         self,
@@ -61,69 +239,63 @@ class CompareHandlers:
         lora_scale=1.0,
         page: gr.Request = None,
     ):
-        """Compare tab: one prompt and seed through each method; a gallery, a table, an A/B slider, a progress line
-        in the status area, and (a State for `show_settings`) a settings line per method. `lora` (one of
+        """Compare (the API's /compare): one prompt and seed through each method; a gallery, a table, an A/B slider,
+        the progress line in the status, and (a State for `show_settings`) a settings line per method. `lora` (one of
         `Studio.loras`, at `lora_scale`) applies to every method."""
-        methods = [m for m in self.compare_methods if m != "attn-sf" or attn_sf]
-        if seed is None or seed == RANDOM_SEED:
-            seed = random_seed()  # one seed for every method
-        requests = [
-            self.request(
-                m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale
-            )
-            for m in methods
-        ]
-        finals: dict[int, str] = {}
-        results: dict[str, str] = {}
-        lines: dict[str, str] = {}
-        gallery, table = [], []
+        run = self._compare_run(
+            prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale
+        )
         skip = gr.skip()
         yield [], [], skip, skip, "Starting...", skip
-        for run, event in self._stream(requests, unit="method", page=page, tab="compare"):
-            kind = event[0]
-            if kind == "progress":
-                yield skip, skip, skip, skip, event[1], skip
-                continue
-            if kind == "stopped":
-                yield gallery, table, self.slider(results, side_a, side_b), results, "Stopped.", lines
-                return
-            job = event[1]
-            method = methods[job]
-            if kind == "stage":
-                path = run / result_name(requests[job])
-                event[3].save(path)  # the last stage to arrive is the final image
-                finals[job] = str(path)
-            elif kind == "done":
-                summary = event[2]
-                label = method + (" (tuned)" if requests[job].get("upsampler") else "")
-                h, w = requests[job]["height"], requests[job]["width"]
-                results[method] = finals[job]
-                stages = len(summary["stages"]) - 1
-                seconds = f"{summary['total_seconds']:.1f}"
-                gallery.append((finals[job], f"{label}: {w} x {h}, {seconds} s"))
-                table.append([label, f"{w} x {h}", float(seconds), stages_column(method, stages)])
-                lines[method] = settings_line(self.model, requests[job], summary.get("k"))
-                yield (
-                    gallery,
-                    table,
-                    self.slider(results, side_a, side_b),
-                    results,
-                    f"{label.capitalize()} done ({w} x {h}, {seconds} s)...",
-                    lines,
+        for change in run.changes(page):
+            if change == "progress":
+                yield skip, skip, skip, skip, run.text, skip
+            else:
+                slider = self.slider(run.results, side_a, side_b)
+                yield run.gallery(), run.table(), slider, run.results, run.text, run.lines
+
+    def compare_page(
+        self,
+        prompt,
+        negative_prompt,
+        aspect,
+        scale,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter,
+        attn_sf,
+        side_a,
+        side_b,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
+        page: gr.Request = None,
+    ):
+        """The page's Compare: the status area, the row of methods, the A/B slider, the results (a State), the table,
+        the settings lines (a State for `show_settings`) and the seed used (a State for Reuse seed)."""
+        skip = gr.skip()
+        try:
+            run = self._compare_run(
+                prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale
+            )
+            yield status.running(None, "Starting..."), run.row(), skip, {}, [], {}, run.seed
+            for change in run.changes(page):
+                if change == "progress":
+                    row = run.row() if run.row_changed() else skip
+                    yield status.running(run.progress, run.text), row, skip, skip, skip, skip, skip
+                    continue
+                slider = self.slider(run.results, side_a, side_b)
+                area = (
+                    status.done(run.text)
+                    if change == "end"
+                    else status.stopped(run.text)
+                    if change == "stopped"
+                    else status.running(run.progress, run.text)
                 )
-            elif kind == "unavailable":
-                gr.Warning(event[2])
-        yield (
-            gallery,
-            table,
-            self.slider(results, side_a, side_b),
-            results,
-            f"Done: {len(results)} methods at {requests[0]['width']} x {requests[0]['height']}, seed {seed}"
-            f"{loras_text(requests[0].get('loras'))}.",
-            lines,
-        )
-        if getattr(self, "review", None) is not None:  # the run's images join the Review tab's pool
-            self.review.add_compare(requests, methods, results)
+                yield area, run.row(), slider, run.results, run.page_table(), run.lines, skip
+        except gr.Error as error:
+            yield status.error(error.message, FIELDS.get(getattr(error, "field", None))), *[skip] * 6
 
     @staticmethod
     def show_settings(lines: dict | None):
@@ -135,25 +307,66 @@ class CompareHandlers:
         """The A/B slider's images for two chosen methods, when both have run."""
         if not results or side_a not in results or side_b not in results:
             return gr.skip()
-        return gr.update(value=(results[side_a], results[side_b]), label=f"A: {side_a}  |  B: {side_b}")
+        return gr.update(
+            value=(results[side_a], results[side_b]),
+            label=f"A: {METHOD_NAMES.get(side_a, side_a)}  |  B: {METHOD_NAMES.get(side_b, side_b)}",
+        )
 
 
-def _reuse_compare_seed(lines: dict | None, seed):
-    """The seed of the last Compare run (its settings lines carry it), back into the seed box."""
-    for line in (lines or {}).values():
-        args = shlex.split(line)
-        return int(args[args.index("--seed") + 1])
-    return seed
+def _reuse_compare_seed(used, seed):
+    """The seed of the last Compare run (a stopped one's too), back into the seed box."""
+    return seed if used is None else used
 
 
 def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> tuple:
     """The Compare tab inside the page's Tabs, with its events; `gpu`: the GPU events' concurrency settings.
     Returns its adapter dropdown, its LoRA dropdown and its LoRA upload, which the page wires to the other tabs."""
+    sides = [(METHOD_NAMES.get(m, m), m) for m in studio.compare_methods]
     with gr.Tab("Compare", id="compare") as tab:
-        with gr.Row():
-            with gr.Column(scale=2):
-                c_prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="compare-prompt")
-                c_negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
+        with gr.Row(elem_classes=["sc-layout"]):
+            with gr.Column(elem_classes=["sc-main"]):
+                c_prompt = gr.Textbox(
+                    examples[0], label="Prompt", placeholder=examples[0], lines=2, elem_id="compare-prompt"
+                )
+                with gr.Row():
+                    c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
+                    c_stop = stop_button("compare-stop")
+            with gr.Column(elem_classes=["sc-results"]):
+                c_status = status.status_area("compare-status")
+                c_row = gr.HTML(status.slot_row([]), elem_id="compare-methods", padding=False)
+                with gr.Row():
+                    side_a = refusing_quietly(
+                        gr.Dropdown(sides, value="direct", label="A (left)", elem_id="compare-side-a"),
+                        name="A",
+                    )
+                    side_b = refusing_quietly(
+                        gr.Dropdown(sides, value="self-cascade", label="B (right)", elem_id="compare-side-b"),
+                        name="B",
+                    )
+                ab = gr.ImageSlider(label="A/B", type="filepath", interactive=False, elem_id="ab-slider")
+                c_table = gr.Dataframe(
+                    headers=TABLE_HEADERS,
+                    datatype=["str", "str", "str", "str"],
+                    interactive=False,
+                    label="Time and size per method",
+                    elem_id="compare-table",
+                )
+                c_settings = gr.Textbox(
+                    label="Settings per method (python -m sc_app generate ...)",
+                    lines=3,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="compare-settings",
+                )
+                # what the API's /compare returns, beside the page's own
+                api_gallery = gr.Gallery(label="One image per method", visible=False, format="png")
+                api_table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "number", "str"], visible=False)
+                api_status = gr.Markdown(visible=False)
+                results = gr.State({})
+                c_lines = gr.State({})
+                c_used_seed = gr.State(None)
+            with gr.Column(elem_classes=["sc-settings"]):
+                c_negative = gr.Textbox("", label="Negative prompt", placeholder="optional", elem_id="compare-negative")
                 c_aspect, c_scale = size_controls(studio, prefix="compare-")
                 _, c_k, c_steps, c_guidance, c_seed, c_reuse = sampling_controls(
                     studio, with_stages=False, prefix="compare-"
@@ -163,41 +376,11 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                     value=studio.default_adapter(),
                     label="Adapter for the self-cascade",
                     allow_custom_value=True,
+                    elem_id="compare-adapter",
                 )
                 c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
-                with gr.Row():
-                    c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
-                    c_stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="compare-stop", scale=1)
-            with gr.Column(scale=3):
-                c_status = gr.Markdown("Ready.", label="Status", elem_id="compare-status")
-                c_gallery = gr.Gallery(
-                    label="One image per method",
-                    columns=4,
-                    object_fit="contain",
-                    height="auto",
-                    format="png",
-                    elem_id="compare-gallery",
-                )
-                with gr.Row():
-                    side_a = gr.Dropdown(list(studio.compare_methods), value="direct", label="A (left)")
-                    side_b = gr.Dropdown(list(studio.compare_methods), value="self-cascade", label="B (right)")
-                ab = gr.ImageSlider(label="A/B", type="filepath", elem_id="ab-slider")
-                c_table = gr.Dataframe(
-                    headers=["method", "size", "seconds", "stages"],
-                    datatype=["str", "str", "number", "str"],
-                    interactive=False,
-                    label="Time and size per method",
-                )
-                c_settings = gr.Textbox(
-                    label="Settings per method (python -m sc_app generate ...)",
-                    lines=3,
-                    interactive=False,
-                    buttons=["copy"],
-                    elem_id="compare-settings",
-                )
-                results = gr.State({})
-                c_lines = gr.State({})
+                gr.Examples([[e] for e in examples], [c_prompt])
 
     c_inputs = [
         c_prompt,
@@ -215,17 +398,25 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
         c_lora,
         c_lora_scale,
     ]
-    comparing = gr.on([c_run.click, c_prompt.submit], enable, None, c_stop, **PRIVATE).then(
+    gr.on([c_run.click, c_prompt.submit], enable, None, c_stop, **PRIVATE).then(
+        studio.compare_page,
+        c_inputs,
+        [c_status, c_row, ab, results, c_table, c_lines, c_used_seed],
+        api_visibility="private",
+        show_progress="hidden",
+        **gpu,
+    ).then(studio.show_settings, c_lines, c_settings, **PRIVATE).then(disable, None, c_stop, **PRIVATE)
+    gr.on(
+        [],
         studio.compare,
         c_inputs,
-        [c_gallery, c_table, ab, results, c_status, c_lines],
+        [api_gallery, api_table, ab, results, api_status, c_lines],
         api_name="compare",
         show_progress="hidden",
         **gpu,
     )
-    comparing.then(studio.show_settings, c_lines, c_settings, **PRIVATE).then(disable, None, c_stop, **PRIVATE)
     c_stop.click(studio.stop_run("compare"), None, c_stop, **PRIVATE)
-    c_reuse.click(_reuse_compare_seed, [c_lines, c_seed], c_seed, **PRIVATE)
+    c_reuse.click(_reuse_compare_seed, [c_used_seed, c_seed], c_seed, **PRIVATE)
     gr.on(
         [side_a.change, side_b.change],
         studio.slider,

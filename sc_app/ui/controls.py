@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import ASPECTS, MAX_GUIDANCE, MAX_STEPS, RANDOM_SEED, STAGE_CHOICES, stages_text
+from .common import ASPECTS, MAX_GUIDANCE, MAX_STEPS, RANDOM_SEED, STAGE_CHOICES, refusing_quietly, stages_text
 
 PRIVATE = dict(api_visibility="private", queue=False)  # the page's own small events: not in the API
 
 
 def enable():
-    return gr.update(interactive=True)
+    """A Stop (or Cancel) button while its run goes: red and pressable."""
+    return gr.update(interactive=True, variant="stop")
 
 
 def disable():
-    return gr.update(interactive=False)
+    """A Stop (or Cancel) button while nothing runs: grey and not pressable."""
+    return gr.update(interactive=False, variant="secondary")
+
+
+def stop_button(elem_id: str, label: str = "Stop") -> gr.Button:
+    """A run's Stop, grey until the run starts (`enable`)."""
+    return gr.Button(label, variant="secondary", interactive=False, elem_id=elem_id, scale=1, min_width=80)
 
 
 def number_field(value, label: str, info: str | None = None, **kwargs) -> gr.Number:
@@ -28,12 +35,18 @@ def number_field(value, label: str, info: str | None = None, **kwargs) -> gr.Num
 
 
 def size_controls(studio, prefix: str = "") -> tuple:
-    aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id=f"{prefix}aspect")
-    scale = gr.Radio(
-        studio.size_choices("1:1")["choices"],
-        value="4x",
-        label="Size (times the model's pixels)",
-        elem_id=f"{prefix}scale",
+    aspect = refusing_quietly(
+        gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id=f"{prefix}aspect"),
+        name="aspect ratio",
+    )
+    scale = refusing_quietly(
+        gr.Radio(
+            studio.size_choices("1:1")["choices"],
+            value="4x",
+            label="Size (times the model's pixels)",
+            elem_id=f"{prefix}scale",
+        ),
+        name="scale",
     )
     aspect.change(studio.size_choices, aspect, scale, api_visibility="private", queue=False)
     return aspect, scale
@@ -52,23 +65,29 @@ def stage_choices() -> list[tuple[str, str]]:
 def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
     model = studio.model
     stages = None
-    with gr.Accordion("Settings", open=False):
+    with gr.Accordion("Settings", open=False, elem_classes=["sc-accordion"]):
         if with_stages:
-            stages = gr.Dropdown(
-                stage_choices(),
-                value="auto",
-                label="Stages",
-                elem_id="stages-choice",
-                info="auto: about 4x more pixels per stage",
+            stages = refusing_quietly(
+                gr.Dropdown(
+                    stage_choices(),
+                    value="auto",
+                    label="Stages",
+                    elem_id=f"{prefix}stages-choice",
+                    info="auto: about 4x more pixels per stage",
+                ),
+                name="stages",
             )
         k = gr.Textbox(
             "auto",
             label="K (re-noise level)",
             info=f"auto: the model's ({default_ks_text(model)}); one value for every stage or one per stage (300, 150)"
             f", each 1 to {model.num_train_timesteps - 1}; higher: more new detail, less of the pivot's layout",
+            elem_id=f"{prefix}k",
         )
-        steps = number_field(50, "Steps", f"1 to {MAX_STEPS}")
-        guidance = number_field(model.default_guidance, "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5)
+        steps = number_field(50, "Steps", f"1 to {MAX_STEPS}", elem_id=f"{prefix}steps")
+        guidance = number_field(
+            model.default_guidance, "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5, elem_id=f"{prefix}guidance"
+        )
         with gr.Row(equal_height=True):
             seed = number_field(RANDOM_SEED, "Seed (-1: random)", scale=3, elem_id=f"{prefix}seed")
             reuse = gr.Button("Reuse seed", scale=1, size="sm", elem_id=f"{prefix}reuse-seed")

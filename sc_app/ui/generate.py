@@ -1,8 +1,11 @@
-"""The Generate tab: one prompt through the self-cascade, the pivot and every stage shown as they finish, then the
-pivot (upscaled) | final slider, the settings line and the final image's file.
+"""The Generate tab: one prompt through the self-cascade; a progress bar in view while it runs, a row with a slot
+for the pivot and each stage (the running one's live preview, each picture as it finishes), then the final image
+large with its download, the pivot (upscaled) | final slider, and the settings line.
 
 Its handlers (`GenerateHandlers`) are mixed into `sc_app.ui.studio.Studio`, whose `request()` and `_stream()` they
-use; `generate_tab` builds the tab and wires its events.
+use. One run (`GenerateRun`) feeds two events: the page's own (`generate_page`: the status area, the row, the
+final image) and the API's `/generate` (`generate`: the gallery, the final file and the status line, as before).
+`generate_tab` builds the tab and wires both.
 """
 
 from __future__ import annotations
@@ -12,9 +15,150 @@ import shutil
 import gradio as gr
 from PIL import Image
 
-from .common import NO_ADAPTER, ks_text, loras_text, result_name, settings_line, stages_text, user_error
-from .controls import PRIVATE, disable, enable, sampling_controls, size_controls
+from . import status
+from .common import (
+    NO_ADAPTER,
+    ks_text,
+    loras_text,
+    result_name,
+    settings_line,
+    stages_text,
+    user_error,
+)
+from .controls import PRIVATE, disable, enable, sampling_controls, size_controls, stop_button
 from .loras import lora_controls
+from .progress import stage_plan
+
+# the widgets a Generate error can be about, by the field its message names (`common.user_error`)
+FIELDS = {
+    "prompt": "prompt",
+    "aspect": "aspect",
+    "scale": "scale",
+    "stages": "stages-choice",
+    "k": "k",
+    "steps": "steps",
+    "guidance": "guidance",
+    "seed": "seed",
+    "adapter": "adapter",
+    "lora": "lora",
+    "lora-scale": "lora-scale",
+}
+
+
+def stage_name(index: int, stages: int) -> str:
+    return "pivot" if index == 0 else f"stage {index} of {stages}"
+
+
+class GenerateRun:
+    """One Generate run as it goes: the stages finished (their files, sizes and seconds), where it is, and at the
+    end the final image and the result that `show_result` shows. `changes(page)` runs it and says what changed."""
+
+    def __init__(self, studio, request: dict):
+        self.studio, self.request = studio, request
+        self.plan = stage_plan(studio.model, request)
+        self.finished: list[tuple[str, int, int, float]] = []  # path, height, width, seconds
+        self.progress = None
+        self.text = "Starting..."
+        self.final: str | None = None
+        self.result: dict | None = None
+        self._links: dict[str, str] = {}
+        self._shown_preview = None
+
+    def changes(self, page: gr.Request | None):
+        """Run it: yields "progress", "stage", "stopped" or "done" as each happens."""
+        studio, request = self.studio, self.request
+        stages = len(self.plan) - 1
+        for run, event in studio._stream([request], unit="stage", page=page, tab="generate"):
+            kind = event[0]
+            if kind == "progress":
+                self.progress, self.text = event[1], event[1].text
+                yield "progress"
+            elif kind == "waiting":
+                self.text = event[1]
+                yield "progress"
+            elif kind == "stage":
+                _, _, index, image, h, w, seconds = event
+                path = run / f"stage{index}.png"
+                image.save(path)
+                self.finished.append((str(path), h, w, seconds))
+                self.text = f"{stage_name(index, stages).capitalize()} done ({w} x {h}, {seconds:.1f} s)..."
+                yield "stage"
+            elif kind == "stopped":
+                where = event[1]
+                at = "" if where is None else f" It was at {stage_name(where.stage, where.stages - 1)};"
+                self.text = f"Stopped.{at} seed {request['seed']}: Reuse seed puts it back."
+                self.result = {
+                    "seed": request["seed"],
+                    "settings": settings_line(
+                        studio.model, request, out=result_name(request, ""), shown=studio.shown_paths()
+                    ),
+                }
+                yield "stopped"
+            elif kind == "done":
+                self._done(run, event[2])
+                yield "done"
+            elif kind == "unavailable":
+                raise user_error(event[2])
+
+    def _done(self, run, summary: dict) -> None:
+        request = self.request
+        w, h = request["width"], request["height"]
+        final = run / result_name(request)
+        shutil.copyfile(self.finished[-1][0], final)
+        pivot = run / f"pivot-upscaled-{w}x{h}.png"
+        with Image.open(self.finished[0][0]) as image:
+            image.convert("RGB").resize((w, h), Image.BICUBIC).save(pivot)
+        tuned = f", adapter {self.studio.adapter_label(request.get('upsampler'))}" if request.get("upsampler") else ""
+        self.final = str(final)
+        self.result = {
+            "pivot": str(pivot),
+            "final": str(final),
+            "seed": request["seed"],
+            "settings": settings_line(
+                self.studio.model, request, summary["k"], out=result_name(request, ""), shown=self.studio.shown_paths()
+            ),
+            "loras": summary.get("loras", []),  # file, scale and sha256 of each LoRA the run used
+        }
+        self.text = (
+            f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, {stages_text(len(summary['stages']) - 1)}, "
+            f"K {ks_text(summary['k'])}, seed {request['seed']}{tuned}{loras_text(request.get('loras'))}."
+        )
+
+    # ---- what the API returns -------------------------------------------------------------------
+
+    def gallery(self) -> list[tuple[str, str]]:
+        return [
+            (path, f"{'pivot' if i == 0 else f'stage {i}'}: {w} x {h}, {seconds:.1f} s")
+            for i, (path, h, w, seconds) in enumerate(self.finished)
+        ]
+
+    # ---- what the page shows --------------------------------------------------------------------
+
+    def _link(self, path: str) -> str:
+        if path not in self._links:
+            self._links[path] = self.studio.links.url(path)
+        return self._links[path]
+
+    def row(self) -> str:
+        """The stage row: a slot for the pivot and each stage of the plan."""
+        stages = len(self.plan) - 1
+        now = len(self.finished)
+        preview = self.progress.preview if self.progress is not None and self.progress.stage == now else None
+        self._shown_preview = preview
+        slots = []
+        for index, (_, h, w) in enumerate(self.plan):
+            slot = status.Slot(stage_name(index, stages), w, h)
+            if index < now:
+                path, h, w, seconds = self.finished[index]
+                slot.url, slot.detail = self._link(path), f"{seconds:.1f} s"
+            elif index == now and self.progress is not None and self.progress.stage == now:
+                slot.preview, slot.detail = preview, f"step {self.progress.step} of {self.progress.steps}"
+            slots.append(slot)
+        return status.slot_row(slots, running=now if self.result is None else None)
+
+    def row_changed(self) -> bool:
+        """Whether the row has something new to show: a new preview (a finished stage always is)."""
+        return self.progress is not None and self.progress.preview is not self._shown_preview
 
 
 class GenerateHandlers:
@@ -36,9 +180,10 @@ class GenerateHandlers:
         lora_scale=1.0,
         page: gr.Request = None,
     ):
-        """Generate tab: the pivot and every stage side by side as they finish, a progress line in the status area,
-        then the final image; the last output (a State) is what `show_result` shows: the pivot upscaled beside
-        the final image, the settings line and the seed used. `lora`: one of `Studio.loras`, at `lora_scale`."""
+        """Generate (the API's /generate): the pivot and every stage as they finish (a gallery), the progress line
+        in the status, then the final image; the last output (a State) is what `show_result` shows: the pivot
+        upscaled beside the final image, the settings line and the seed used. `lora`: one of `Studio.loras`, at
+        `lora_scale`."""
         request = self.request(
             "self-cascade",
             prompt,
@@ -54,62 +199,66 @@ class GenerateHandlers:
             lora,
             lora_scale,
         )
-        gallery: list[tuple[str, str]] = []
+        run = GenerateRun(self, request)
+        skip = gr.skip()
         yield [], None, "Starting...", None
-        for run, event in self._stream([request], unit="stage", page=page, tab="generate"):
-            if event[0] == "progress":
-                yield gr.skip(), gr.skip(), event[1], gr.skip()
-            elif event[0] == "stopped":
-                yield gallery, None, "Stopped.", None
-            elif event[0] == "stage":
-                _, _, index, image, h, w, seconds = event
-                path = run / f"stage{index}.png"
-                image.save(path)
-                name = "pivot" if index == 0 else f"stage {index}"
-                gallery.append((str(path), f"{name}: {w} x {h}, {seconds:.1f} s"))
-                yield gallery, None, f"{name.capitalize()} done ({w} x {h}, {seconds:.1f} s)...", gr.skip()
-            elif event[0] == "done":
-                summary = event[2]
-                w, h = request["width"], request["height"]
-                final = run / result_name(request)
-                shutil.copyfile(run / f"stage{len(gallery) - 1}.png", final)
-                pivot = run / f"pivot-upscaled-{w}x{h}.png"
-                with Image.open(run / "stage0.png") as image:
-                    image.convert("RGB").resize((w, h), Image.BICUBIC).save(pivot)
-                tuned = f", adapter {adapter}" if request.get("upsampler") else ""
-                result = {
-                    "pivot": str(pivot),
-                    "final": str(final),
-                    "seed": request["seed"],
-                    "settings": settings_line(self.model, request, summary["k"]),
-                    "loras": summary.get("loras", []),  # file, scale and sha256 of each LoRA the run used
-                }
-                yield (
-                    gallery,
-                    str(final),
-                    (
-                        f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, "
-                        f"{stages_text(len(summary['stages']) - 1)}, K {ks_text(summary['k'])}, "
-                        f"seed {request['seed']}{tuned}{loras_text(request.get('loras'))}."
-                    ),
-                    result,
-                )
-            elif event[0] == "unavailable":
-                raise user_error(event[2])
+        for change in run.changes(page):
+            if change == "progress":
+                yield skip, skip, run.text, skip
+            elif change == "stage":
+                yield run.gallery(), None, run.text, skip
+            elif change == "stopped":
+                yield run.gallery(), None, run.text, run.result
+            else:
+                yield run.gallery(), run.final, run.text, run.result
+
+    def generate_page(
+        self,
+        prompt,
+        negative_prompt,
+        aspect,
+        scale,
+        stages,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
+        page: gr.Request = None,
+    ):
+        """The page's Generate: the status area (a bar and the progress line, then how it ended, or an error that
+        names its field), the stage row, the final image, and the result for `show_result`."""
+        skip = gr.skip()
+        widgets = (prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale)
+        try:
+            run = GenerateRun(self, self.request("self-cascade", *widgets))
+            yield status.running(None, "Starting..."), run.row(), None, None
+            for change in run.changes(page):
+                if change == "progress":
+                    yield status.running(run.progress, run.text), run.row() if run.row_changed() else skip, skip, skip
+                elif change == "stage":
+                    yield status.running(run.progress, run.text), run.row(), skip, skip
+                elif change == "stopped":
+                    yield status.stopped(run.text), run.row(), skip, run.result
+                else:
+                    yield status.done(run.text), run.row(), run.final, run.result
+        except gr.Error as error:
+            yield status.error(error.message, FIELDS.get(getattr(error, "field", None))), skip, skip, skip
 
     @staticmethod
     def show_result(result: dict | None):
-        """Generate tab, after a run: the pivot (upscaled to the final size) | final slider and the settings line."""
+        """Generate tab, after a run: the pivot (upscaled to the final size) | final slider and the settings line (a
+        stopped run's too: it makes the whole image)."""
         if not result:
             return gr.skip(), gr.skip()
-        return (
-            gr.update(value=(result["pivot"], result["final"]), label="pivot (upscaled) | final"),
-            result["settings"],
-        )
+        slider = gr.update(value=(result["pivot"], result["final"])) if "final" in result else gr.skip()
+        return slider, result["settings"]
 
     @staticmethod
     def reuse_seed(result: dict | None, seed):
-        """The seed the last run used, back into the seed box (unchanged before any run)."""
+        """The seed the last run used (a stopped one's too), back into the seed box (unchanged before any run)."""
         return result["seed"] if result else seed
 
 
@@ -118,16 +267,45 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     Returns its adapter dropdown, its adapter upload button, its LoRA dropdown and its LoRA upload, which the page
     wires to the other tabs."""
     with gr.Tab("Generate", id="generate") as tab:
-        with gr.Row():
-            with gr.Column(scale=2):
+        with gr.Row(elem_classes=["sc-layout"]):
+            with gr.Column(elem_classes=["sc-main"]):
                 prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="prompt")
-                # the run's buttons under the prompt: on a phone both are on the first screen, above the settings
+                # the run's buttons under the prompt: on a phone both are on the first screen, the status under them
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate-button", scale=3)
-                    stop = gr.Button(
-                        "Stop", variant="stop", interactive=False, elem_id="generate-stop", scale=1, min_width=80
-                    )
-                negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
+                    stop = stop_button("generate-stop")
+            with gr.Column(elem_classes=["sc-results"]):
+                status_area = status.status_area("generate-status")
+                stage_row = gr.HTML(status.slot_row([]), elem_id="stages", padding=False)
+                final_image = gr.Image(
+                    label="Final image",
+                    type="filepath",
+                    interactive=False,
+                    format="png",
+                    buttons=["download", "fullscreen"],
+                    elem_id="final-image",
+                )
+                final_slider = gr.ImageSlider(
+                    label="Pivot (upscaled) | final: drag to compare",
+                    type="filepath",
+                    interactive=False,
+                    elem_id="final-slider",
+                    max_height=480,
+                )
+                settings = gr.Textbox(
+                    label="Settings (python -m sc_app generate ...)",
+                    lines=2,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="settings-line",
+                )
+                # what the API's /generate returns, beside the page's own
+                api_gallery = gr.Gallery(label="Pivot and stages", visible=False, format="png")
+                api_final = gr.File(label="Final image", visible=False, elem_id="final")
+                api_status = gr.Markdown(visible=False)
+                result = gr.State(None)
+            with gr.Column(elem_classes=["sc-settings"]):
+                negative = gr.Textbox("", label="Negative prompt", placeholder="optional", elem_id="negative")
                 aspect, scale = size_controls(studio)
                 stages, k, steps, guidance, seed, reuse = sampling_controls(studio, with_stages=True)
                 with gr.Row(equal_height=True):
@@ -137,46 +315,32 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                         label="Feature upsamplers (adapter)",
                         allow_custom_value=True,
                         scale=3,
+                        elem_id="adapter",
                     )
                     adapter_upload = gr.UploadButton(
                         "Load .safetensors", file_types=[".safetensors"], scale=1, size="sm"
                     )
                 lora, lora_scale, lora_upload = lora_controls(studio.loras)
                 gr.Examples([[e] for e in examples], [prompt])
-            with gr.Column(scale=3):
-                status = gr.Markdown("Ready.", label="Status", elem_id="generate-status")
-                stage_gallery = gr.Gallery(
-                    label="Pivot and stages",
-                    columns=4,
-                    object_fit="contain",
-                    height="auto",
-                    format="png",
-                    elem_id="stages",
-                )
-                final_slider = gr.ImageSlider(
-                    label="pivot (upscaled) | final", type="filepath", elem_id="final-slider", height=512
-                )
-                settings = gr.Textbox(
-                    label="Settings (python -m sc_app generate ...)",
-                    lines=2,
-                    interactive=False,
-                    buttons=["copy"],
-                    elem_id="settings-line",
-                )
-                final = gr.File(label="Final image", elem_id="final")
-                result = gr.State(None)
 
-    # the runs' progress is the status area's line: nothing covers the stages already shown
-    generating = gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
+    inputs = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale]
+    # the page's run: the status area keeps the progress in view; nothing covers the stages already shown
+    gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
+        studio.generate_page,
+        inputs,
+        [status_area, stage_row, final_image, result],
+        api_visibility="private",
+        show_progress="hidden",
+        **gpu,
+    ).then(studio.show_result, result, [final_slider, settings], **PRIVATE).then(disable, None, stop, **PRIVATE)
+    gr.on(
+        [],
         studio.generate,
-        [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale],
-        [stage_gallery, final, status, result],
+        inputs,
+        [api_gallery, api_final, api_status, result],
         api_name="generate",
         show_progress="hidden",
         **gpu,
-    )
-    generating.then(studio.show_result, result, [final_slider, settings], **PRIVATE).then(
-        disable, None, stop, **PRIVATE
     )
     stop.click(studio.stop_run("generate"), None, stop, **PRIVATE)
     reuse.click(studio.reuse_seed, [result, seed], seed, **PRIVATE)

@@ -53,14 +53,17 @@ class LoraShelf:
 
     def chosen(self, label: str | None, scale) -> list[tuple[str, float]]:
         """The `loras=` of a request: [] for none, else [(path, scale)], the scale and the file checked."""
-        path = chosen_adapter(self.choices(), label, what="LoRA")
+        path = chosen_adapter(self.choices(), label, what="LoRA", field="lora")
         if path is None:
             return []
         try:
             loras = [(path, checks.finite("LoRA scale", scale, -MAX_LORA_SCALE, MAX_LORA_SCALE))]
+        except ValueError as error:
+            raise user_error(str(error), "lora-scale") from None
+        try:
             self.check(loras)
         except ValueError as error:
-            raise user_error(str(error)) from None
+            raise user_error(str(error), "lora") from None
         return loras
 
     def upload(self, file: str | None) -> str:

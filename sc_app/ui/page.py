@@ -21,7 +21,9 @@ from ..checks import megapixels
 from .common import EMBEDDED_EXAMPLES, SD_EXAMPLES, model_label
 from .compare import compare_tab
 from .generate import generate_tab
-from .review import review_tab
+from .review import REVIEW_CSS, review_page, review_tab
+from .runner import LINK_ROUTE, Runner
+from .status import CSS
 from .studio import Studio
 from .tune import tune_tab
 from .video import video_tab
@@ -74,6 +76,30 @@ def build(
     return demo
 
 
+class ReviewServer(Runner):
+    """What reviewer mode's page stands on: the work folder (its served/, the links to the pairs' images) and the
+    review store; no model."""
+
+    def __init__(self, work_dir: str | Path | None = None):
+        super().__init__(None, work_dir)
+
+    def private_dirs(self) -> list[Path]:
+        return [*super().private_dirs(), self.review.store.root]
+
+
+def build_review(*, work_dir: str | Path | None = None, review_token: str | None = None) -> gr.Blocks:
+    """Reviewer mode (`python app.py --review-only`): a page with the blind pairs and nothing else, over the review
+    store of `work_dir` (the one the full app's Compare runs fill; else $SC_WORK_DIR, else the temp folder's). The
+    API has the review's endpoints alone; Results need `review_token` (else $SC_REVIEW_TOKEN)."""
+    server = ReviewServer(work_dir)
+    # the page names nothing that hints at a method, the studio's own name (a method's) included
+    with gr.Blocks(title="Image review", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        demo.studio = server
+        gr.Markdown("# Which image is better?")
+        review_page(server, work_dir, review_token)
+    return demo
+
+
 class _RunningIterators(dict):
     """gradio's table of running event iterators, where removing one that is gone is a no-op. Its /cancel route
     checks for the event outside its lock and deletes it inside: a cancel sent twice (a client retrying on a
@@ -95,6 +121,7 @@ def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None,
     wait = not kwargs.pop("prevent_thread_lock", False)
     quiet = kwargs.pop("quiet", False)
     # gradio's own lines say "set share=True in launch()"; ours name the --share flag
+    kwargs.setdefault("css", CSS + REVIEW_CSS)
     served = demo.launch(
         server_name=host,
         server_port=port,
@@ -115,6 +142,8 @@ def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None,
             flush=True,
         )
     demo.server_app.iterators = _RunningIterators(demo.server_app.iterators)
+    # the page's pictures by opaque links (`Runner.links`): the stage rows, the review pairs
+    demo.server_app.add_api_route(f"{LINK_ROUTE}/{{token}}/{{name}}", studio.links.response, methods=["GET"])
     if wait and not bool(getattr(sys, "ps1", sys.flags.interactive)):  # as Blocks.launch itself would
         demo.block_thread()
     return served

@@ -1,11 +1,19 @@
-"""How much work a run is, stage by stage: the steps and sizes of each stage, a ZeroGPU duration for a run,
-and the status area's one progress line (`ProgressLine`) that Generate, Compare and Video show while they work.
+"""How much work a run is, stage by stage, and how long the rest of it will take: the steps and sizes of each stage,
+a ZeroGPU duration for a run, and `ProgressLine`, the status area's progress (stage i of n, the step, a percentage
+and the time left) that Generate, Compare and Video show while they work.
+
+The time left comes from measured cost. Each step of a stage is weighed by what a step at its size costs
+(`StepCost`: a constant, the convolutions and linear layers per latent pixel, and self-attention per pair of tokens,
+which is what makes the large stages slow); the run's own step times, measured as it goes, set the seconds per
+unit of that cost, and a stage that has run two steps is timed by its own. The weights lean to the high side, so
+that in the common case the estimate falls as the run goes, rather than rising when a larger stage begins.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 from ..baselines.progressive import base_steps
 from ..baselines.progressive import stage_steps as peer_stage_steps
@@ -23,6 +31,22 @@ STEP_SECONDS_AT_BASE = 0.12
 PIXEL_EXPONENT = 1.3
 GPU_OVERHEAD_SECONDS = 15
 MAX_GPU_SECONDS = 600
+
+# The cost of one step (`StepCost`), in latent pixels' worth of convolution work. Measured on the embedded model
+# (2 CPU threads, guidance on, its shipped adapters): 0.027, 0.058, 0.234 and 2.05 s per step at 64, 128, 256 and
+# 512 px (16^2 to 128^2 latent pixels), which c0 + c1 T + c2 T^2 fits with c0 / c1 = 500 latent pixels and
+# c1 / c2 = 4,000 latent pixels; its first attention level is the second (a quarter of the tokens), with 96
+# channels. Attention's share grows with the token count and shrinks with the channels (a token's linear layers
+# cost channels^2, a pair of tokens channels), so another UNet's crossover is scaled by both.
+OVERHEAD_LATENT_PIXELS = 500
+# Between two stages a run decodes the one (the page shows it) and gets the next ready (upsampled latents, the
+# adapters' features): convolution work, about 0.03 to 0.04 s per 1,000 latent pixels plus a constant of about 500
+# on the embedded model (0.03 s at 64 px, 0.66 s at 512 px). Until a gap is timed, each is taken as a third of a
+# step at its size.
+GAP_OVERHEAD_LATENT_PIXELS = 500
+GAP_PRIOR_STEPS = 1 / 3
+CROSSOVER_PER_CHANNEL = 4000 / (96 * 16)  # latent pixels per channel of the first attention level, at level 0
+DEFAULT_VAE_SCALE = 8
 
 
 def stage_steps(model, request: dict, stage: int) -> int:
@@ -77,42 +101,185 @@ def stage_plan(model, request: dict) -> list[tuple[int, int, int]]:
     return [(stage_steps(model, request, r), sh, sw) for r, (sh, sw) in enumerate(sizes)]
 
 
+class StepCost:
+    """What one denoising step costs at a size, relative to other sizes of the same model: a constant per step, the
+    convolutions and linear layers per latent pixel, and self-attention per pair of latent pixels, which dominates
+    above `crossover` latent pixels (from the UNet's first attention level and its channels; a model without a
+    UNet config, the embedded model's)."""
+
+    def __init__(self, model):
+        self.vae_scale = _attribute(model, "vae_scale") or DEFAULT_VAE_SCALE
+        self.crossover = self._crossover(model)
+
+    @staticmethod
+    def _crossover(model) -> float:
+        unet = _attribute(model, "unet")
+        config = getattr(unet, "config", None)
+        types, channels = getattr(config, "down_block_types", None), getattr(config, "block_out_channels", None)
+        if not types or not channels:
+            return CROSSOVER_PER_CHANNEL * 96 * 16
+        level = next((i for i, kind in enumerate(types) if "Attn" in kind), None)
+        if level is None:
+            return math.inf  # no self-attention: a step costs its pixels
+        return CROSSOVER_PER_CHANNEL * channels[level] * 16**level
+
+    def __call__(self, height: int, width: int, frames: int = 1) -> float:
+        tokens = height * width / self.vae_scale**2
+        return frames * (OVERHEAD_LATENT_PIXELS + tokens + tokens**2 / self.crossover)
+
+    def gap_size(self, height: int, width: int, frames: int = 1) -> float:
+        """The work of decoding a stage, or of getting it ready, in latent pixels (and a constant)."""
+        return frames * (GAP_OVERHEAD_LATENT_PIXELS + height * width / self.vae_scale**2)
+
+
+def _attribute(model, name: str):
+    try:
+        return getattr(model, name, None)
+    except Exception:  # a property of a model without a pipe (a stand-in in the tests)
+        return None
+
+
+@dataclass
+class Progress:
+    """Where a run is, as the page shows it: the line, the fraction done, the seconds left (None until measured),
+    the stage (`stage` of `stages`, 0 the pivot), its step, and the current stage's latest preview (a PIL image)."""
+
+    text: str
+    fraction: float
+    seconds_left: float | None
+    job: int
+    stage: int
+    stages: int
+    step: int
+    steps: int
+    preview: object = None
+
+
 class ProgressLine:
-    """The status area's one progress line for a run of `requests`: which job (`unit` i of n) and stage, the step,
-    the overall percentage and the time left. Time left comes from the measured time per unit of work so far,
-    where a step's work is its latent pixel count, so the later, larger stages count more."""
+    """The progress of a run of `requests`: which job (`unit` i of n) and stage, the step, the overall percentage
+    and the time left. Feed it every step (`step`) and every finished stage (`stage_done`) as they happen."""
 
     def __init__(self, model, requests: list[dict], unit: str = "method"):
         self.requests, self.unit = requests, unit
         self.plans = [stage_plan(model, request) for request in requests]
-        self.work = [[steps * h * w for steps, h, w in plan] for plan in self.plans]
-        self.total = sum(map(sum, self.work))
-        self.first: tuple[float, float] | None = None  # (time, work done) at the first step seen
+        cost = StepCost(model)
+        self.weights = [
+            [cost(h, w, request.get("num_frames", 1)) for _, h, w in plan]
+            for plan, request in zip(self.plans, requests)
+        ]
+        self.gap_sizes = [
+            [cost.gap_size(h, w, request.get("num_frames", 1)) for _, h, w in plan]
+            for plan, request in zip(self.plans, requests)
+        ]
+        self.seen: dict[tuple[int, int], list[float]] = {}  # (job, stage) -> [first step, its time, last, its time]
+        self.finished: dict[tuple[int, int], float] = {}  # (job, stage) -> when its image arrived (decoded)
+        self.previews: dict[tuple[int, int], object] = {}
 
-    def done(self, job: int, stage: int, i: int) -> float:
-        """Work done once step `i` (from 0) of `stage` of `job` has run."""
-        before = sum(map(sum, self.work[:job])) + sum(self.work[job][:stage])
-        steps, h, w = self.plans[job][min(stage, len(self.plans[job]) - 1)]
-        return before + min(i + 1, steps) * h * w
+    # ---- what happened --------------------------------------------------------------------------
 
-    def line(self, job: int, stage: int, i: int, now: float | None = None) -> str:
+    def _where(self, job: int, stage: int) -> tuple[int, int]:
+        job = min(job, len(self.plans) - 1)
+        return job, min(stage, len(self.plans[job]) - 1)
+
+    def record(self, job: int, stage: int, i: int, now: float) -> None:
+        key = self._where(job, stage)
+        if key not in self.seen:
+            self.seen[key] = [i, now, i, now]
+        elif i > self.seen[key][2]:
+            self.seen[key][2:] = [i, now]
+
+    def stage_done(self, job: int, stage: int, now: float | None = None) -> None:
+        """A stage's image (or clip) arrived: its decode is timed from its last step."""
+        self.finished[self._where(job, stage)] = time.monotonic() if now is None else now
+
+    def preview(self, job: int, stage: int, image) -> None:
+        self.previews[self._where(job, stage)] = image
+
+    # ---- the estimate ---------------------------------------------------------------------------
+
+    def _measured(self, key) -> float | None:
+        """Seconds per step of a stage that has run two steps or more."""
+        seen = self.seen.get(key)
+        if seen is None or seen[2] <= seen[0]:
+            return None
+        return (seen[3] - seen[1]) / (seen[2] - seen[0])
+
+    def _rates(self) -> tuple[float | None, float | None, float | None]:
+        """Seconds per unit of step cost (from the latest stage timed), and per unit of gap size of a stage's decode
+        and of getting a stage ready (the most of those measured, so that a gap is not taken as shorter than one was;
+        None before any is)."""
+        rate = decode = prepare = None
+        for key in sorted(self.seen):
+            measured = self._measured(key)
+            if measured is not None:
+                rate = measured / self.weights[key[0]][key[1]]
+            job, stage = key
+            seen = self.seen[key]
+            if key in self.finished and seen[2] == self.plans[job][stage][0] - 1:
+                ratio = max(0.0, self.finished[key] - seen[3]) / self.gap_sizes[job][stage]
+                decode = ratio if decode is None else max(decode, ratio)
+            before = (job, stage - 1)
+            if stage and before in self.finished and measured is not None and seen[0] == 0:
+                ratio = max(0.0, seen[1] - measured - self.finished[before]) / self.gap_sizes[job][stage]
+                prepare = ratio if prepare is None else max(prepare, ratio)
+        return rate, decode, prepare
+
+    def _step_seconds(self, key, rate: float) -> float:
+        measured = self._measured(key)
+        return rate * self.weights[key[0]][key[1]] if measured is None else measured
+
+    def estimate(self, job: int, stage: int, i: int) -> tuple[float, float | None]:
+        """(fraction done, seconds left) once step `i` (from 0) of `stage` of `job` has run. Until a step has been
+        timed, the fraction counts step costs and the time left is None."""
+        job, stage = self._where(job, stage)
+        rate, decode, prepare = self._rates()
+        done = total = left = 0.0
+        for j, plan in enumerate(self.plans):
+            for s, (steps, _, _) in enumerate(plan):
+                here = (j, s)
+                per_step = self.weights[j][s] if rate is None else self._step_seconds(here, rate)
+                ran = steps if here < (job, stage) else min(i + 1, steps) if here == (job, stage) else 0
+                total += steps * per_step
+                done += ran * per_step
+                if here >= (job, stage) and rate is not None:
+                    gap = self.gap_sizes[j][s]
+                    left += (steps - ran) * per_step
+                    left += GAP_PRIOR_STEPS * per_step if decode is None else decode * gap
+                    if here > (job, stage) and s:
+                        left += GAP_PRIOR_STEPS * per_step if prepare is None else prepare * gap
+        return (done / total if total else 1.0), (None if rate is None else left)
+
+    # ---- what the page shows --------------------------------------------------------------------
+
+    def step(self, job: int, stage: int, i: int, now: float | None = None) -> Progress:
         now = time.monotonic() if now is None else now
-        done = min(self.done(job, stage, i), self.total)
-        if self.first is None:
-            self.first = (now, done)
+        self.record(job, stage, i, now)
+        job, stage = self._where(job, stage)
+        fraction, left = self.estimate(job, stage, i)
+        plan = self.plans[job]
+        steps, h, w = plan[stage]
         parts = []
         if len(self.requests) > 1:
             parts.append(f"{self.unit} {job + 1} of {len(self.requests)} ({self.requests[job]['method']})")
-        plan = self.plans[job]
-        stage = min(stage, len(plan) - 1)
-        steps, h, w = plan[stage]
         if len(plan) > 1:
             parts.append(f"pivot ({w} x {h})" if stage == 0 else f"stage {stage} of {len(plan) - 1} ({w} x {h})")
         parts.append(f"step {min(i + 1, steps)} of {steps}")
         text = ", ".join(parts)
-        text = text[0].upper() + text[1:] + f" · {100 * done / self.total:.0f}%"
-        t0, done0 = self.first
-        measured = done - done0
-        if measured > 0:
-            text += f" · about {(now - t0) / measured * (self.total - done):.1f} s left"
-        return text
+        text = text[0].upper() + text[1:] + f" · {100 * fraction:.0f}%"
+        if left is not None:
+            text += f" · {time_left(left)}"
+        return Progress(
+            text, fraction, left, job, stage, len(plan), min(i + 1, steps), steps, self.previews.get((job, stage))
+        )
+
+    def line(self, job: int, stage: int, i: int, now: float | None = None) -> str:
+        """The status line once step `i` (from 0) of `stage` of `job` has run."""
+        return self.step(job, stage, i, now).text
+
+
+def time_left(seconds: float) -> str:
+    """ "about 8 s left", "about 45 s left", "about 3 min 10 s left": whole seconds, then to 5 s above a minute."""
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s left"
+    minutes, rest = divmod(5 * round(seconds / 5), 60)
+    return f"about {minutes} min {rest} s left" if rest else f"about {minutes} min left"

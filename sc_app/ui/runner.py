@@ -15,13 +15,16 @@ import atexit
 import logging
 import os
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 try:  # on a Hugging Face Space; must come before anything initialises CUDA
     import spaces
@@ -39,6 +42,9 @@ ENV_WORK_DIR = "SC_WORK_DIR"
 SERVED = "served"  # the work folder's one public part (`Runner.served_dir`)
 KEEP_RUNS = 200  # stage-image folders kept on disk; older ones are removed
 PROGRESS_EVERY = 0.25  # seconds between progress lines in a status area (and at every new stage)
+PREVIEW_EVERY = 1.0  # seconds between live previews of a stage's latents
+LINK_ROUTE = "/gradio_api/sc-file"  # the page's pictures, by opaque links (`Links`)
+KEEP_LINKS = 20_000
 
 
 def on_space() -> bool:
@@ -54,6 +60,40 @@ def on_gpu(fn, duration):
 
 class _Stopped(Exception):
     """Raised from the step callback when the request's stop file appears."""
+
+
+class Links:
+    """Opaque links to the pictures a page is shown (each stage's image, a review pair's two images): a random token
+    per picture shown, so that a link says nothing of the server's folders and a picture shown twice has two links.
+    The server's route (`LINK_ROUTE`, added in `sc_app.ui.page.launch`) serves a file by its token and nothing
+    else; the newest KEEP_LINKS are kept."""
+
+    def __init__(self):
+        self._paths: OrderedDict[str, Path] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def url(self, path: str | Path, name: str | None = None) -> str:
+        """A new link to `path`, relative to the page; `name` the file name it ends with (default the file's)."""
+        token = secrets.token_urlsafe(16)
+        with self._lock:
+            self._paths[token] = Path(path)
+            while len(self._paths) > KEEP_LINKS:
+                self._paths.popitem(last=False)
+        return f"{LINK_ROUTE.lstrip('/')}/{token}/{quote(name or Path(path).name)}"
+
+    def path(self, token: str) -> Path | None:
+        with self._lock:
+            return self._paths.get(token)
+
+    def response(self, token: str, name: str):
+        """The route's handler: the file behind a token, or 404."""
+        from fastapi import HTTPException
+        from fastapi.responses import FileResponse
+
+        path = self.path(token)
+        if path is None or not path.is_file():
+            raise HTTPException(status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})
 
 
 class Runner:
@@ -74,6 +114,7 @@ class Runner:
         self._workers: dict[threading.Thread, Path] = {}  # running jobs' threads and their stop files
         self._workers_lock = threading.Lock()
         self._stops: dict[tuple[str, str], Path] = {}  # (page, tab) -> the stop file of its running run, for Stop
+        self.links = Links()
         atexit.register(self.stop_workers)
 
     def _start_worker(self, target, name: str, stop: Path, *args) -> None:
@@ -95,13 +136,30 @@ class Runner:
         for thread, _ in workers:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _job_events(self, requests: list[dict], stop: str, run, output) -> Iterator[tuple]:
+    def _job_events(self, requests: list[dict], stop: str, run, output, preview=None) -> Iterator[tuple]:
         """Run each request through `run(request, callback=, on_stage=)` in a thread holding the model lock,
-        yielding events as they happen: ("step", job, stage, i), ("stage", job, index, output(stage), height,
-        width, seconds), ("done", job, summary), ("unavailable", job, message), then ("end",) or
-        ("error", message) or ("stopped",)."""
+        yielding events as they happen: ("step", job, stage, i), ("preview", job, stage, image) about once a second
+        where `preview(latents)` makes one (`sc_app.ui.preview.LatentPreview.image`), ("stage", job, index,
+        output(stage), height, width, seconds), ("done", job, summary), ("unavailable", job, message), then
+        ("end",) or ("error", message) or ("stopped",)."""
         events: queue.Queue = queue.Queue()
         stop_file = Path(stop)
+        previews = [preview, time.monotonic()]  # the maker (None once it has failed) and when it last made one
+
+        def look(job: int, stage: int, info: dict) -> None:
+            latents = info.get("denoised")
+            latents = info.get("x") if latents is None else latents
+            if previews[0] is None or latents is None or time.monotonic() - previews[1] < PREVIEW_EVERY:
+                return
+            try:
+                image = previews[0](latents)
+            except Exception:  # a preview is a nicety: the run goes on without them
+                log.exception("the live preview failed; the run goes on without it")
+                previews[0] = None
+                return
+            previews[1] = time.monotonic()
+            if image is not None:
+                events.put(("preview", job, stage, image))
 
         def work() -> None:
             request, last = None, ("end",)
@@ -115,6 +173,7 @@ class Runner:
                         if stop_file.exists():
                             raise _Stopped
                         events.put(("step", job, int(info["stage"]), int(info["i"])))
+                        look(job, int(info["stage"]), info)
 
                     def on_stage(index, stage, job=job):
                         events.put(("stage", job, index, output(stage), stage.height, stage.width, stage.seconds))
@@ -180,14 +239,16 @@ class Runner:
         tab: str = "",
     ) -> Iterator[tuple]:
         """The events of `gpu` (default: the image model's, `Studio.gpu_generate`) for `requests`, as (run folder,
-        event); steps come as ("progress", line), the status area's one progress line (`ProgressLine`, at most a few
-        a second), and errors are raised as gr.Error; a run that `tab`'s Stop (`stop_run`) ended comes as ("stopped",).
-        If the page goes away or Stop is pressed mid-run, the stop file ends the run at its next step."""
+        event); steps come as ("progress", Progress): the line, the fraction done, the time left and the stage's
+        latest preview (`ProgressLine`, at most a few a second, and with every new preview); ("waiting", text) while
+        another job holds the model. Errors are raised as gr.Error; a run that `tab`'s Stop (`stop_run`) ended comes
+        as ("stopped", Progress or None: where it was). If the page goes away or Stop is pressed mid-run, the stop
+        file ends the run at its next step."""
         gpu = self.gpu_generate if gpu is None else gpu
         model = self.model if model is None else model
         run, stop = self._new_run()
         finished = False
-        line, shown, where = ProgressLine(model, requests, unit), 0.0, None
+        line, shown, where, last = ProgressLine(model, requests, unit), 0.0, None, None
         session = getattr(page, "session_hash", None)
         if session:
             self._stops[session, tab] = stop
@@ -196,19 +257,28 @@ class Runner:
                 kind = event[0]
                 if kind == "step":
                     _, job, stage, i = event
+                    line.record(job, stage, i, time.monotonic())
+                    last = (job, stage, i)
                     if (job, stage) != where or time.monotonic() - shown > PROGRESS_EVERY:
                         where, shown = (job, stage), time.monotonic()
-                        yield run, ("progress", line.line(job, stage, i))
+                        yield run, ("progress", line.step(*last))
+                elif kind == "preview":
+                    line.preview(*event[1:])
+                    if last is not None:
+                        shown = time.monotonic()
+                        yield run, ("progress", line.step(*last))
                 elif kind == "waiting":
-                    yield run, ("progress", "Waiting for the running job (tuning or another page's) to finish...")
+                    yield run, ("waiting", "Waiting for the running job (tuning or another page's) to finish...")
                 elif kind == "error":
                     finished = True
                     raise user_error(event[1])
                 elif kind in ("end", "stopped"):
                     finished = True
                     if kind == "stopped":
-                        yield run, event
+                        yield run, ("stopped", None if last is None else line.step(*last))
                 else:
+                    if kind == "stage":
+                        line.stage_done(event[1], event[2], time.monotonic())
                     yield run, event
         finally:
             if session and self._stops.get((session, tab)) == stop:
@@ -225,7 +295,7 @@ class Runner:
             stop = self._stops.get((getattr(page, "session_hash", None) or "", tab))
             if stop is not None:
                 ask_to_stop(stop)  # the run's handler says "Stopped." once it has
-            return gr.update(interactive=False)
+            return gr.update(interactive=False, variant="secondary")
 
         return stop_run
 

@@ -36,7 +36,9 @@ from .common import (
     RANDOM_SEED,
     SCALES,
     as_number,
+    checked,
     chosen_adapter,
+    field_of,
     random_seed,
     resolve_max_pixels,
     stages_beyond_plan,
@@ -46,6 +48,7 @@ from .common import (
 from .compare import CompareHandlers, compare_methods
 from .generate import GenerateHandlers
 from .loras import LoraShelf, folder_slug
+from .preview import LatentPreview
 from .progress import gpu_seconds
 from .runner import Runner, on_gpu
 from .tune import TuneHandlers, TuneJob
@@ -81,6 +84,7 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         self.compare_methods = compare_methods(model)  # sr only where the model has an SR model
         self._tune_lock = threading.Lock()  # the server's one tuning job (`TuneHandlers.tune`)
         self._tune_job: TuneJob | None = None
+        self.preview = LatentPreview(model)  # the running stage's live look (`sc_app.ui.preview`)
         self.gpu_generate = on_gpu(self._generate_events, duration=self.generate_seconds)
         self.gpu_tune = on_gpu(self._tune_events, duration=self.tune_seconds)
         self.video = VideoTab(self, video_model, motion_adapter)
@@ -146,6 +150,19 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
 
     def adapter_path(self, label: str | None) -> str | None:
         return chosen_adapter(self.adapters(), label)
+
+    def adapter_label(self, path: str | None) -> str:
+        """The label of the adapter at `path` (its path where it is none of the choices)."""
+        found = [label for label, known in self.adapters().items() if known is not None and str(known) == str(path)]
+        return found[0] if found else str(path)
+
+    def shown_paths(self) -> dict[str, str]:
+        """What a settings line says for the adapters kept on this server (uploaded or tuned here): the file name the
+        user knows, an upload's own name or the tuned adapter's download, not the server's path."""
+        return {
+            str(path): f"{path.stem.removeprefix('uploaded-')}.safetensors"
+            for path in self.adapter_dir.glob("*.safetensors")
+        }
 
     def adapter_choices(self, value: str | None = None) -> dict:
         choices = list(self.adapters())
@@ -229,34 +246,37 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         of `self.loras`' choices, applied at `lora_scale` whatever the method."""
         prompt = (prompt or "").strip()
         if not prompt:
-            raise user_error("the prompt is empty: describe the image you want")
+            raise user_error("the prompt is empty: describe the image you want", "prompt")
         base, m = self.model.base_size, self.model.size_multiple
         height, width = target_size(base, m, aspect, scale)
         if height * width > self.max_pixels:
             raise user_error(
                 f"{width}x{height} is {megapixels(height * width)}, over this server's limit of "
                 f"{megapixels(self.max_pixels)} (set by --max-pixels or {ENV_MAX_PIXELS}): "
-                f"pick a smaller scale"
+                f"pick a smaller scale",
+                "scale",
             )
-        try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
-            stages = None if stages in (None, "", "auto") else checks.whole("stages", as_number(stages), 0)
-            k = checks.stage_ks("K", k, self.model.num_train_timesteps - 1)
-            steps = checks.whole("steps", steps, 1, MAX_STEPS)
-            guidance = (
-                self.model.default_guidance
-                if guidance is None
-                else checks.finite("guidance", guidance, 0, MAX_GUIDANCE)
-            )
-            seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
-        except ValueError as error:
-            raise user_error(str(error)) from None
+        # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
+        stages = (
+            None if stages in (None, "", "auto") else checked("stages", checks.whole, "stages", as_number(stages), 0)
+        )
+        k = checked("k", checks.stage_ks, "K", k, self.model.num_train_timesteps - 1)
+        steps = checked(
+            "steps", checks.whole, "steps", steps, 1, MAX_STEPS, empty=f"enter a whole number from 1 to {MAX_STEPS}"
+        )
+        guidance = (
+            self.model.default_guidance
+            if guidance is None
+            else checked("guidance", checks.finite, "guidance", guidance, 0, MAX_GUIDANCE)
+        )
+        seed = random_seed() if seed is None or seed == RANDOM_SEED else checked("seed", checks.seed, "seed", seed)
         cascade = method == "self-cascade"
         try:
             check_inputs(
                 self.model, height, width, steps, guidance, k if cascade else None, stages if cascade else None
             )
         except ValueError as error:
-            raise user_error(str(error)) from None
+            raise user_error(str(error), field_of(str(error))) from None
         if cascade and (warning := stages_beyond_plan(stages, height, width, base, m)):
             gr.Warning(warning)
         request = {
@@ -282,10 +302,11 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
 
     def _generate_events(self, requests: list[dict], stop: str) -> Iterator[tuple]:
         """Run each request through `sc_app.api.generate`; the events of `_job_events`, each stage's
-        image as a PIL image."""
+        image as a PIL image, with live previews of the running stage."""
         yield from self._job_events(
             requests,
             stop,
             lambda request, **hooks: run_method(self.model, **hooks, **request),
             lambda stage: stage.images[0],
+            self.preview.image,
         )

@@ -20,9 +20,10 @@ from typing import Iterator
 import gradio as gr
 
 from .. import checks
-from .common import as_number, user_error
-from .controls import PRIVATE, disable, enable, number_field
-from .progress import GPU_OVERHEAD_SECONDS, MAX_GPU_SECONDS
+from . import status
+from .common import as_number, checked, refusing_quietly, user_error
+from .controls import PRIVATE, disable, enable, number_field, stop_button
+from .progress import GPU_OVERHEAD_SECONDS, MAX_GPU_SECONDS, Progress, time_left
 from .runner import ask_to_stop, failure_message
 from .uploads import prepare_images
 
@@ -33,16 +34,24 @@ SHAPES_WORLD, MY_IMAGES = "shapes world", "my images"
 MAX_TUNE_STEPS = 20_000
 MAX_TUNE_BATCH = 256
 TUNE_SECONDS_PER_SAMPLE = 0.05  # for the ZeroGPU duration
+# the page's defaults: about a minute on the embedded model on a 2-core CPU (a step of 8 samples at x2 about 0.45 s,
+# and a few seconds to start)
+DEFAULT_TUNE_STEPS = 120
+DEFAULT_TUNE_BATCH = 8
+TUNE_FIELDS = {"steps": "tune-steps", "batch size": "tune-batch", "learning rate": "tune-lr", "scale": "tune-scale"}
 
 
 @dataclass
 class TuneJob:
-    """The server's one tuning job: a thread that drains the GPU generator into a queue the page reads."""
+    """The server's one tuning job: a thread that drains the GPU generator into a queue the page reads. A job its
+    page's Cancel stopped keeps what it learned (offered, not selected, and named so); a job whose page went away
+    keeps nothing."""
 
     session: str
     stop: Path
     events: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
 
 
 class TuneHandlers:
@@ -105,18 +114,51 @@ class TuneHandlers:
                 return
 
     def tune(self, source, files, steps, batch_size, lr, scale, request: gr.Request, progress=gr.Progress()):
-        """Tune tab: fine-tune the feature upsamplers on uploads or the shapes world, with a live loss plot."""
+        """Tune (the API's /tune): fine-tune the feature upsamplers on uploads or the shapes world, with a live loss
+        plot: the status, the plot, the adapter's download and Generate's and Compare's adapter choices."""
+        for view in self._tune_views(source, files, steps, batch_size, lr, scale, request, progress):
+            yield view.text, *view.outputs
+
+    def tune_page(self, source, files, steps, batch_size, lr, scale, request: gr.Request):
+        """The page's Tune: as `tune`, with the status area's bar and time left, and an error that names its field."""
         try:
-            steps = checks.whole("steps", steps, 1, MAX_TUNE_STEPS)
-            batch_size = checks.whole("batch size", batch_size, 1, MAX_TUNE_BATCH)
-            lr = checks.finite("learning rate", lr, 0, 1, low_open=True, high_open=True)
-            scale = checks.whole("scale", as_number(scale))
-        except ValueError as error:
-            raise user_error(str(error)) from None
+            for view in self._tune_views(source, files, steps, batch_size, lr, scale, request, None):
+                if view.kind == "running":
+                    line = view.text if view.seconds_left is None else f"{view.text} · {time_left(view.seconds_left)}"
+                    area = status.running(Progress(line, view.fraction, view.seconds_left, 0, 0, 1, 0, 0))
+                else:
+                    area = (status.stopped if view.kind == "stopped" else status.done)(view.text)
+                yield area, *view.outputs
+        except gr.Error as error:
+            yield status.error(error.message, TUNE_FIELDS.get(getattr(error, "field", None))), *[gr.skip()] * 4
+
+    def _tune_views(self, source, files, steps, batch_size, lr, scale, request, progress) -> Iterator[TuneView]:
+        steps = checked("steps", checks.whole, "steps", steps, 1, MAX_TUNE_STEPS, empty=f"enter 1 to {MAX_TUNE_STEPS}")
+        batch_size = checked(
+            "batch size",
+            checks.whole,
+            "batch size",
+            batch_size,
+            1,
+            MAX_TUNE_BATCH,
+            empty=f"enter 1 to {MAX_TUNE_BATCH}",
+        )
+        lr = checked(
+            "learning rate",
+            checks.finite,
+            "learning rate",
+            lr,
+            0,
+            1,
+            low_open=True,
+            high_open=True,
+            empty="enter a number between 0 and 1, such as 0.001",
+        )
+        scale = checked("scale", checks.whole, "scale", as_number(scale))
         if scale not in TUNE_SCALES:
-            raise user_error(f"scale must be one of {TUNE_SCALES}, got {scale}")
+            raise user_error(f"scale must be one of {TUNE_SCALES}, got {scale}", "scale")
         if source not in (SHAPES_WORLD, MY_IMAGES):
-            raise user_error(f"data must be {SHAPES_WORLD!r} or {MY_IMAGES!r}, got {source!r}")
+            raise user_error(f"data must be {SHAPES_WORLD!r} or {MY_IMAGES!r}, got {source!r}", "data")
         if not self._tune_lock.acquire(blocking=False):
             raise user_error(
                 "a tuning job is already running on this server, and only one runs at a time: "
@@ -130,7 +172,11 @@ class TuneHandlers:
                 from tuner.upsampler_training import stage_size
 
                 files = [f for f in (files or []) if f]
-                count = prepare_images(files, folder / "data", stage_size(self.model, scale))
+                try:
+                    count = prepare_images(files, folder / "data", stage_size(self.model, scale))
+                except gr.Error as error:
+                    error.field = "files"
+                    raise
                 data = str(folder / "data")
                 gr.Info(f"{count} images ready for tuning.")
             job = TuneJob(getattr(request, "session_hash", None) or "", folder / "stop")
@@ -144,13 +190,17 @@ class TuneHandlers:
         yield from self._follow(job, progress)
 
     def _run_tune(self, job: TuneJob, name: str, data, scale, steps, batch_size, lr) -> None:
-        """The job's thread: drains the GPU generator, stores the adapter, frees the server's tuning slot."""
+        """The job's thread: drains the GPU generator, stores the adapter (a cancelled job's under a name that says
+        so; nothing of a job whose page went away), frees the server's tuning slot."""
         try:
             for event in self.gpu_tune(data, scale, steps, batch_size, lr, str(job.stop)):
                 if event[0] == "done":
-                    cancelled = job.stop.exists()
-                    label = self._store_adapter(event[1], name + ("-cancelled" if cancelled else ""))
-                    event = ("saved", label, event[2], cancelled)
+                    ran = event[2]
+                    if job.abandoned:
+                        event = ("discarded", ran)
+                    else:
+                        stem = name if ran >= steps else f"{name}-stopped-at-{ran}-of-{steps}"
+                        event = ("saved", self._store_adapter(event[1], stem), ran, ran < steps)
                 job.events.put(event)
         except gr.Error as error:
             job.events.put(("error", error.message))
@@ -164,47 +214,60 @@ class TuneHandlers:
             self._tune_lock.release()
             job.events.put(None)
 
-    def _follow(self, job: TuneJob, progress):
+    def _follow(self, job: TuneJob, progress) -> Iterator[TuneView]:
+        """The job as its page follows it: each step's loss (the plot, a few times a second), the time left from the
+        steps' measured pace, then the adapter saved. If the page goes away, the job stops and keeps nothing."""
         losses: list[tuple[int, float]] = []
         shown = 0.0
         finished = False
+        first: tuple[int, float] | None = None  # the first step seen and when
+        skip = gr.skip()
         try:
-            yield "Starting...", _loss_frame(losses), None, gr.skip(), gr.skip()
+            yield TuneView("Starting...", (_loss_frame(losses), None, skip, skip))
             while (event := job.events.get()) is not None:
                 if event[0] == "waiting":
-                    yield "Waiting for the running generation to finish...", gr.skip(), None, gr.skip(), gr.skip()
+                    yield TuneView("Waiting for the running generation to finish...", (skip, None, skip, skip))
                 elif event[0] == "progress":
                     _, step, total, loss = event
                     losses.append((step, loss))
-                    progress((step, total), desc="tuning", unit="steps")
-                    if time.monotonic() - shown > 0.5 or step == total:
-                        shown = time.monotonic()
-                        yield (
+                    now = time.monotonic()
+                    first = first or (step, now)
+                    if progress is not None:
+                        progress((step, total), desc="tuning", unit="steps")
+                    if now - shown > 0.5 or step == total:
+                        shown = now
+                        left = None if step <= first[0] else (now - first[1]) / (step - first[0]) * (total - step)
+                        yield TuneView(
                             f"Step {step} of {total}, loss {loss:.4f}",
-                            _loss_frame(losses),
-                            None,
-                            gr.skip(),
-                            gr.skip(),
+                            (_loss_frame(losses), None, skip, skip),
+                            fraction=step / total,
+                            seconds_left=left,
                         )
                 elif event[0] == "error":
                     finished = True
                     raise user_error(event[1])
                 elif event[0] == "saved":
                     finished = True
-                    _, label, step, cancelled = event
+                    _, label, step, stopped = event
                     path = self._served_copy(self.adapters()[label])  # the kept adapter is private
-                    how = f"cancelled at step {step}" if cancelled else f"{step} steps"
                     loss = f", final loss {losses[-1][1]:.4f}" if losses else ""
-                    yield (
-                        f"Saved adapter **{label}** ({how}{loss}). It is selected in Generate and Compare.",
-                        _loss_frame(losses),
-                        path,
-                        self.adapter_choices(label),
-                        self.adapter_choices(label),
-                    )
+                    if stopped:  # offered in Generate and Compare, not chosen there
+                        yield TuneView(
+                            f"Cancelled at step {step}: saved what it learned as **{label}**{loss}. It is offered "
+                            "in Generate and Compare, not chosen.",
+                            (_loss_frame(losses), path, self.adapter_choices(), self.adapter_choices()),
+                            kind="stopped",
+                        )
+                    else:
+                        yield TuneView(
+                            f"Saved adapter **{label}** ({step} steps{loss}). It is selected in Generate and Compare.",
+                            (_loss_frame(losses), path, self.adapter_choices(label), self.adapter_choices(label)),
+                            kind="done",
+                        )
             finished = True
         finally:
-            if not finished:  # the page went away: stop the job at its next step
+            if not finished:  # the page went away: stop the job at its next step, keeping nothing
+                job.abandoned = True
                 ask_to_stop(job.stop)
 
     def cancel_tune(self, request: gr.Request):
@@ -214,7 +277,27 @@ class TuneHandlers:
         if job.session != (getattr(request, "session_hash", None) or ""):
             raise user_error("the running tuning job was started from another page; only that page can cancel it")
         ask_to_stop(job.stop)
-        return "Cancelling: the adapter trained so far will be saved..."
+        return "Cancelling: what it has learned so far will be saved, and offered, not chosen..."
+
+    def cancel_tune_page(self, request: gr.Request):
+        """The page's Cancel: as `cancel_tune`, in the status area."""
+        try:
+            return status.running(None, self.cancel_tune(request))
+        except gr.Error as error:
+            return status.error(error.message)
+
+
+@dataclass
+class TuneView:
+    """What the Tune tab shows at a moment: the status text, the other outputs (the plot, the adapter's download,
+    Generate's and Compare's adapter choices), and for the status area the fraction done, the seconds left and how
+    it stands ("running", "done", "stopped")."""
+
+    text: str
+    outputs: tuple
+    fraction: float = 0.0
+    seconds_left: float | None = None
+    kind: str = "running"
 
 
 def _loss_frame(losses: list[tuple[int, float]]):
@@ -237,21 +320,17 @@ def tune_tab(studio, offered_in: list[gr.Dropdown]) -> None:
             "high-resolution images, or on the shapes world with no data. The adapter is saved "
             "on this server and appears in Generate and Compare."
         )
-        with gr.Row():
-            with gr.Column(scale=2):
-                source = gr.Radio([SHAPES_WORLD, MY_IMAGES], value=SHAPES_WORLD, label="Data")
-                files = gr.File(label="Images or a zip of images", file_count="multiple", file_types=["image", ".zip"])
+        with gr.Row(elem_classes=["sc-layout"]):
+            with gr.Column(elem_classes=["sc-main"]):
+                source = refusing_quietly(
+                    gr.Radio([SHAPES_WORLD, MY_IMAGES], value=SHAPES_WORLD, label="Data", elem_id="tune-data"),
+                    name="data",
+                )
                 with gr.Row():
-                    t_steps = number_field(200, "Steps", f"1 to {MAX_TUNE_STEPS}")
-                    t_batch = number_field(8, "Batch size", f"1 to {MAX_TUNE_BATCH}")
-                with gr.Row():
-                    t_lr = number_field(1e-3, "Learning rate", "between 0 and 1")
-                    t_scale = gr.Radio(list(TUNE_SCALES), value=2, label="Scale (per side)")
-                with gr.Row():
-                    t_run = gr.Button("Start tuning", variant="primary")
-                    t_cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="tune-cancel")
-            with gr.Column(scale=3):
-                t_status = gr.Markdown(label="Status", elem_id="tune-status")
+                    t_run = gr.Button("Start tuning", variant="primary", elem_id="tune-button", scale=3)
+                    t_cancel = stop_button("tune-cancel", "Cancel")
+            with gr.Column(elem_classes=["sc-results"]):
+                t_status = status.status_area("tune-status")
                 t_plot = gr.LinePlot(
                     _loss_frame([]),
                     x="step",
@@ -263,14 +342,42 @@ def tune_tab(studio, offered_in: list[gr.Dropdown]) -> None:
                     y_title="loss",
                     y_axis_format=".3~r",
                 )
-                t_adapter = gr.File(label="Adapter (download)")
+                t_adapter = gr.File(label="Adapter (download)", elem_id="tune-adapter")
+                api_status = gr.Markdown(visible=False)  # what the API's /tune says
+            with gr.Column(elem_classes=["sc-settings"]):
+                files = gr.File(
+                    label="Images or a zip of images",
+                    file_count="multiple",
+                    file_types=["image", ".zip"],
+                    elem_id="tune-files",
+                )
+                with gr.Row():
+                    t_steps = number_field(
+                        DEFAULT_TUNE_STEPS,
+                        "Steps",
+                        f"1 to {MAX_TUNE_STEPS}; {DEFAULT_TUNE_STEPS}: about a minute on a 2-core CPU",
+                        elem_id="tune-steps",
+                    )
+                    t_batch = number_field(
+                        DEFAULT_TUNE_BATCH, "Batch size", f"1 to {MAX_TUNE_BATCH}", elem_id="tune-batch"
+                    )
+                with gr.Row():
+                    t_lr = number_field(1e-3, "Learning rate", "between 0 and 1", elem_id="tune-lr")
+                    t_scale = refusing_quietly(
+                        gr.Radio(list(TUNE_SCALES), value=2, label="Scale (per side)", elem_id="tune-scale"),
+                        name="scale",
+                    )
 
+    inputs = [source, files, t_steps, t_batch, t_lr, t_scale]
     t_run.click(enable, None, t_cancel, **PRIVATE).then(
-        studio.tune,
-        [source, files, t_steps, t_batch, t_lr, t_scale],
+        studio.tune_page,
+        inputs,
         [t_status, t_plot, t_adapter, *offered_in],
-        api_name="tune",
+        api_visibility="private",
+        show_progress="hidden",
         concurrency_limit=2,
     ).then(disable, None, t_cancel, **PRIVATE)
+    gr.on([], studio.tune, inputs, [api_status, t_plot, t_adapter, *offered_in], api_name="tune", concurrency_limit=2)
     files.upload(_my_images, None, source, **PRIVATE)
-    t_cancel.click(studio.cancel_tune, None, t_status, api_name="cancel_tune", queue=False)
+    t_cancel.click(studio.cancel_tune_page, None, t_status, api_visibility="private", queue=False)
+    gr.on([], studio.cancel_tune, None, api_status, api_name="cancel_tune", queue=False)

@@ -25,6 +25,7 @@ from ..video import (
     generate_video,
     load_video_model,
 )
+from . import status
 from .common import (
     ASPECTS,
     EMBEDDED_EXAMPLES,
@@ -35,18 +36,22 @@ from .common import (
     SCALES,
     STAGE_CHOICES,
     as_number,
+    checked,
     chosen_adapter,
+    field_of,
     ks_text,
     loras_text,
     model_label,
     random_seed,
+    refusing_quietly,
     stages_beyond_plan,
     stages_text,
     target_size,
     user_error,
 )
-from .controls import PRIVATE, disable, enable, number_field, stage_choices
+from .controls import PRIVATE, disable, enable, number_field, stage_choices, stop_button
 from .loras import LoraShelf, folder_slug, lora_controls
+from .preview import LatentPreview
 from .progress import gpu_seconds
 from .runner import on_gpu
 
@@ -63,6 +68,22 @@ VIDEO_EXAMPLES = [
 ]
 TIME_HEADERS = ["clip", "size", "seconds"]
 VIDEO_LORAS = "video-loras"  # under the work folder, private (`Studio.private_dirs`): one folder per video model
+# the widgets a Video error can be about, by the field its message names (`common.user_error`)
+VIDEO_FIELDS = {
+    "prompt": "video-prompt",
+    "frames": "video-frames",
+    "fps": "video-fps",
+    "aspect": "video-aspect",
+    "scale": "video-scale",
+    "stages": "video-stages",
+    "k": "video-k",
+    "steps": "video-steps",
+    "guidance": "video-guidance",
+    "seed": "video-seed",
+    "adapter": "video-adapter",
+    "lora": "video-lora",
+    "lora-scale": "video-lora-scale",
+}
 
 
 class VideoTab:
@@ -73,6 +94,7 @@ class VideoTab:
         self.source = model.name if isinstance(model, VideoModel) else str(model)
         self.motion_adapter = motion_adapter
         self.loaded: VideoModel | None = model if isinstance(model, VideoModel) else None
+        self._preview: LatentPreview | None = None
         self.gpu_generate = on_gpu(self._events, duration=self.seconds)
         self.loras = LoraShelf(  # checked against the video model, loaded for it if need be
             self._folder() / "loras",
@@ -100,6 +122,12 @@ class VideoTab:
                 f"the video model {model_label(self.source)} could not be loaded: {_first_line(error)}.{hint}"
             ) from None
         return self.loaded
+
+    def preview(self, latents):
+        """A live preview of a clip's middle frame (`sc_app.ui.preview`), for the loaded model."""
+        if self._preview is None or self._preview.model is not self.loaded:
+            self._preview = LatentPreview(self.loaded)
+        return self._preview.image(latents)
 
     def defaults(self) -> dict:
         """The model's default frames, fps, K and guidance (DEFAULT_KEYS): its own once loaded; before that
@@ -160,27 +188,34 @@ class VideoTab:
         either method."""
         prompt = (prompt or "").strip()
         if not prompt:
-            raise user_error("the prompt is empty: describe the clip you want")
+            raise user_error("the prompt is empty: describe the clip you want", "prompt")
         model = self.model()
         height, width = target_size(model.base_size, model.size_multiple, aspect, scale)
-        try:  # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
-            frames = model.default_frames if frames is None else checks.whole("frames", frames, 1, MAX_FRAMES)
-            stages = None if stages in (None, "", "auto") else checks.whole("stages", as_number(stages), 0)
-            k = None if k is None else checks.whole("K", k, 1, min(MAX_K, model.num_train_timesteps - 1))
-            steps = checks.whole("steps", steps, 1, MAX_STEPS)
-            guidance = (
-                model.default_guidance if guidance is None else checks.finite("guidance", guidance, 0, MAX_GUIDANCE)
-            )
-            seed = random_seed() if seed is None or seed == RANDOM_SEED else checks.seed("seed", seed)
-        except ValueError as error:
-            raise user_error(str(error)) from None
+        # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
+        frames = (
+            model.default_frames if frames is None else checked("frames", checks.whole, "frames", frames, 1, MAX_FRAMES)
+        )
+        stages = (
+            None if stages in (None, "", "auto") else checked("stages", checks.whole, "stages", as_number(stages), 0)
+        )
+        k = None if k is None else checked("k", checks.whole, "K", k, 1, min(MAX_K, model.num_train_timesteps - 1))
+        steps = checked(
+            "steps", checks.whole, "steps", steps, 1, MAX_STEPS, empty=f"enter a whole number from 1 to {MAX_STEPS}"
+        )
+        guidance = (
+            model.default_guidance
+            if guidance is None
+            else checked("guidance", checks.finite, "guidance", guidance, 0, MAX_GUIDANCE)
+        )
+        seed = random_seed() if seed is None or seed == RANDOM_SEED else checked("seed", checks.seed, "seed", seed)
         # the UNet takes a clip's frames as one batch: the whole clip counts against the limit
         pixels = frames * height * width
         if pixels > self.studio.max_pixels:
             raise user_error(
                 f"{frames} frames of {width}x{height} are {megapixels(pixels)} in all, over this "
                 f"server's limit of {megapixels(self.studio.max_pixels)} (set by --max-pixels or "
-                f"{ENV_MAX_PIXELS}): pick a smaller scale or fewer frames"
+                f"{ENV_MAX_PIXELS}): pick a smaller scale or fewer frames",
+                "scale",
             )
         cascade = method == "self-cascade"
         try:
@@ -188,7 +223,7 @@ class VideoTab:
                 model, height, width, frames, steps, guidance, k if cascade else None, stages if cascade else None
             )
         except ValueError as error:
-            raise user_error(str(error)) from None
+            raise user_error(str(error), field_of(str(error))) from None
         if cascade and (warning := stages_beyond_plan(stages, height, width, model.base_size, model.size_multiple)):
             gr.Warning(warning)
         request = {
@@ -203,16 +238,13 @@ class VideoTab:
             "seed": seed,
         }
         if cascade:
-            request.update(k=k, stages=stages, upsampler=chosen_adapter(self.adapters(), adapter))
+            request.update(k=k, stages=stages, upsampler=chosen_adapter(self.adapters(), adapter, field="adapter"))
         if loras := self.loras.chosen(lora, lora_scale):
             request["loras"] = loras
         return request
 
     def fps(self, fps) -> float:
-        try:
-            return checks.finite("fps", self.model().default_fps if fps is None else fps, 1, MAX_FPS)
-        except ValueError as error:
-            raise user_error(str(error)) from None
+        return checked("fps", checks.finite, "fps", self.model().default_fps if fps is None else fps, 1, MAX_FPS)
 
     # ---- GPU work (another process on ZeroGPU: plain values in and out) ---------------------------
 
@@ -227,6 +259,7 @@ class VideoTab:
             stop,
             lambda request, **hooks: generate_video(self.loaded, **hooks, **request),
             lambda stage: stage.clips[0],
+            self.preview,
         )
 
     # ---- the page event --------------------------------------------------------------------------
@@ -250,10 +283,51 @@ class VideoTab:
         lora_scale=1.0,
         page: gr.Request = None,
     ):
-        """Video tab: the pivot clip and every stage's clip side by side as they finish; with `with_direct`,
-        direct sampling at the target size beside the cascade's final clip. `adapter`: one of `adapters()`,
-        the tuned self-cascade; `lora`: one of `self.loras`, at `lora_scale`, for both. The tab's Stop
-        (`Studio.stop_run`) ends the run at its next step."""
+        """Video tab (the API's /generate_video): the pivot clip and every stage's clip side by side as they finish;
+        with `with_direct`, direct sampling at the target size beside the cascade's final clip; the progress line,
+        then how it ended, as the last output. `adapter`: one of `adapters()`, the tuned self-cascade; `lora`: one
+        of `self.loras`, at `lora_scale`, for both. The tab's Stop (`Studio.stop_run`) ends the run at its next
+        step."""
+        widgets = (prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct)
+        for outputs, (_, text, _) in self._views((*widgets, adapter, lora, lora_scale), page):
+            yield *outputs, text
+
+    def generate_page(
+        self,
+        prompt,
+        negative_prompt,
+        frames,
+        fps,
+        aspect,
+        scale,
+        stages,
+        k,
+        steps,
+        guidance,
+        seed,
+        with_direct,
+        adapter=NO_ADAPTER,
+        lora=NO_ADAPTER,
+        lora_scale=1.0,
+        page: gr.Request = None,
+    ):
+        """The page's Video: the clips as `generate`, and the status area (a bar and the progress line, then how it
+        ended, or an error that names its field)."""
+        widgets = (prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct)
+        try:
+            for outputs, (kind, text, progress) in self._views((*widgets, adapter, lora, lora_scale), page):
+                area = {"done": status.done, "stopped": status.stopped}.get(kind)
+                yield *outputs, area(text) if area else status.running(progress, text, thumbnail=True)
+        except gr.Error as error:
+            skips = [gr.skip()] * (STAGE_SLOTS + 3)
+            yield *skips, status.error(error.message, VIDEO_FIELDS.get(getattr(error, "field", None)))
+
+    def _views(self, widgets, page):
+        """The run of `generate`, as (the clips' outputs, (status kind, text, Progress or None))."""
+        (prompt, negative_prompt, frames, fps, aspect, scale, stages, k, steps, guidance, seed, with_direct) = widgets[
+            :12
+        ]
+        adapter, lora, lora_scale = widgets[12:]
         methods = ["self-cascade", "direct"] if with_direct else ["self-cascade"]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for both methods
@@ -280,7 +354,9 @@ class VideoTab:
         stage_clips: list[tuple[str, str]] = []  # (path, label) of the pivot and each stage
         ab: dict[str, tuple[str, str]] = {}  # method -> (path, label) of its final clip
         times: list[list] = []
-        status = ["Starting..."]
+        status_text = ["Starting..."]
+        progress = None
+        skips = tuple([gr.skip()] * (STAGE_SLOTS + 3))
 
         def outputs():
             slots = [
@@ -293,18 +369,30 @@ class VideoTab:
                 gr.update(value=ab[m][0], label=ab[m][1]) if m in ab else gr.update(value=None)
                 for m in ("self-cascade", "direct")
             ]
-            return *slots, *sides, times, " ".join(filter(None, status))
+            return (*slots, *sides, times)
 
-        yield outputs()  # the last run's clips go
+        def said(kind: str = "running"):
+            return kind, " ".join(filter(None, status_text)), progress
+
+        yield outputs(), said()  # the last run's clips go
         for run, event in self.studio._stream(
             requests, self.gpu_generate, self.loaded, unit="clip", page=page, tab="video"
         ):
-            if event[0] == "progress":  # the status area's line; the clips shown stay as they are
-                yield *[gr.skip()] * (STAGE_SLOTS + 3), event[1]
+            if event[0] in ("progress", "waiting"):  # the status area's line; the clips shown stay as they are
+                progress = event[1] if event[0] == "progress" else progress
+                yield skips, ("running", event[1].text if event[0] == "progress" else event[1], progress)
                 continue
             if event[0] == "stopped":
-                status = ["Stopped."]
-                yield outputs()
+                where, at = event[1], ""
+                if where is not None:
+                    at = (
+                        " It was at the pivot"
+                        if where.stage == 0
+                        else f" It was at stage {where.stage} of {where.stages - 1}"
+                    )
+                    at += " of the direct clip;" if requests[where.job]["method"] == "direct" else ";"
+                status_text = [f"Stopped.{at} seed {seed}."]
+                yield outputs(), said("stopped")
                 return
             kind, job = event[0], event[1]
             request = requests[job]
@@ -319,12 +407,12 @@ class VideoTab:
                     path = export_mp4(clip, run / f"stage{index}-{w}x{h}.mp4", fps)
                     stage_clips.append((str(path), f"{name}: {w} x {h}, {seconds:.1f} s"))
                     times.append([name, f"{w} x {h}", round(seconds, 1)])
-                    status = [f"{name.capitalize()} done ({w} x {h}, {seconds:.1f} s)..."]
-                    yield outputs()
+                    status_text = [f"{name.capitalize()} done ({w} x {h}, {seconds:.1f} s)..."]
+                    yield outputs(), said()
             elif kind == "done":
                 seconds = event[2]["total_seconds"]
                 if request["method"] == "direct":
-                    status[-1] = f"Direct sampling: {seconds:.1f} s."
+                    status_text[-1] = f"Direct sampling: {seconds:.1f} s."
                 else:
                     size = f"{request['width']} x {request['height']}"
                     ab["self-cascade"] = (stage_clips[-1][0], f"self-cascade: {size}, {seconds:.1f} s")
@@ -334,8 +422,9 @@ class VideoTab:
                         f"{seconds:.1f} s ({stages_text(len(stage_clips) - 1)}, K {ks_text(event[2]['k'])}), "
                         f"seed {request['seed']}{loras_text(request.get('loras'))}."
                     )
-                    status = [done, "Direct sampling at the same size..." if with_direct else ""]
-                yield outputs()
+                    status_text = [done, "Direct sampling at the same size..." if with_direct else ""]
+                last = job == len(requests) - 1
+                yield outputs(), said("done" if last else "running")
             elif kind == "unavailable":
                 raise user_error(event[2])
 
@@ -367,52 +456,14 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
             f"use): a pivot clip at the model's own size, then every frame upsampled, re-noised to K and "
             f"denoised again at each stage. The frame count stays; the limit counts every frame's pixels."
         )
-        with gr.Row():
-            with gr.Column(scale=2):
+        with gr.Row(elem_classes=["sc-layout"]):
+            with gr.Column(elem_classes=["sc-main"]):
                 prompt = gr.Textbox("", label="Prompt", placeholder=examples[0], lines=2, elem_id="video-prompt")
-                negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
-                with gr.Row():
-                    frames = number_field(
-                        default("default_frames"), "Frames", f"1 to {MAX_FRAMES}", elem_id="video-frames", scale=3
-                    )
-                    fps = number_field(default("default_fps"), "Frames per second (fps)", f"1 to {MAX_FPS:g}", scale=1)
-                aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio")
-                scale = gr.Radio(
-                    tab.size_choices("1:1")["choices"],
-                    value="4x",
-                    label="Size (times the video model's pixels)",
-                    elem_id="video-scale",
-                )
-                with gr.Accordion("Settings", open=False):
-                    stages = gr.Dropdown(
-                        stage_choices(), value="auto", label="Stages", info="auto: about 4x more pixels per stage"
-                    )
-                    k = number_field(
-                        default("default_k"),
-                        "K (re-noise level)",
-                        f"1 to {MAX_K}; higher: more new detail per stage, less of the pivot's layout",
-                    )
-                    steps = number_field(50, "Steps", f"1 to {MAX_STEPS}")
-                    guidance = number_field(
-                        default("default_guidance"), "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5
-                    )
-                    with gr.Row(equal_height=True):
-                        seed = number_field(RANDOM_SEED, "Seed (-1: random)", scale=3, elem_id="video-seed")
-                        dice = gr.Button("Random seed", scale=1, size="sm")
-                    adapter = gr.Dropdown(
-                        list(tab.adapters()),
-                        value=NO_ADAPTER,
-                        label="Feature upsamplers",
-                        info="trained on this video model (its upsamplers/ folder): the tuned self-cascade",
-                        elem_id="video-adapter",
-                    )
-                lora, lora_scale, lora_upload = lora_controls(tab.loras, prefix="video-")
-                with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
                 with gr.Row():
                     run = gr.Button("Generate video", variant="primary", elem_id="video-button", scale=3)
-                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="video-stop", scale=1)
-                gr.Examples([[e] for e in examples], [prompt])
-            with gr.Column(scale=3):
+                    stop = stop_button("video-stop")
+            with gr.Column(elem_classes=["sc-results"]):
+                status_area = status.status_area("video-status")
                 with gr.Row():
                     slots = [
                         gr.Video(
@@ -439,7 +490,71 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
                     interactive=False,
                     label="Denoising time per clip",
                 )
-                status = gr.Markdown(label="Status", elem_id="video-status")
+                api_status = gr.Markdown(visible=False)  # what the API's /generate_video says
+            with gr.Column(elem_classes=["sc-settings"]):
+                negative = gr.Textbox("", label="Negative prompt", placeholder="optional")
+                with gr.Row():
+                    frames = number_field(
+                        default("default_frames"), "Frames", f"1 to {MAX_FRAMES}", elem_id="video-frames", scale=3
+                    )
+                    fps = number_field(
+                        default("default_fps"),
+                        "Frames per second (fps)",
+                        f"1 to {MAX_FPS:g}",
+                        scale=1,
+                        elem_id="video-fps",
+                    )
+                aspect = refusing_quietly(
+                    gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id="video-aspect"),
+                    name="aspect ratio",
+                )
+                scale = refusing_quietly(
+                    gr.Radio(
+                        tab.size_choices("1:1")["choices"],
+                        value="4x",
+                        label="Size (times the video model's pixels)",
+                        elem_id="video-scale",
+                    ),
+                    name="scale",
+                )
+                with gr.Accordion("Settings", open=False, elem_classes=["sc-accordion"]):
+                    stages = refusing_quietly(
+                        gr.Dropdown(
+                            stage_choices(),
+                            value="auto",
+                            label="Stages",
+                            info="auto: about 4x more pixels per stage",
+                            elem_id="video-stages",
+                        ),
+                        name="stages",
+                    )
+                    k = number_field(
+                        default("default_k"),
+                        "K (re-noise level)",
+                        f"1 to {MAX_K}; higher: more new detail per stage, less of the pivot's layout",
+                        elem_id="video-k",
+                    )
+                    steps = number_field(50, "Steps", f"1 to {MAX_STEPS}", elem_id="video-steps")
+                    guidance = number_field(
+                        default("default_guidance"),
+                        "Guidance scale",
+                        f"0 to {MAX_GUIDANCE:g}",
+                        step=0.5,
+                        elem_id="video-guidance",
+                    )
+                    with gr.Row(equal_height=True):
+                        seed = number_field(RANDOM_SEED, "Seed (-1: random)", scale=3, elem_id="video-seed")
+                        dice = gr.Button("Random seed", scale=1, size="sm")
+                    adapter = gr.Dropdown(
+                        list(tab.adapters()),
+                        value=NO_ADAPTER,
+                        label="Feature upsamplers",
+                        info="trained on this video model (its upsamplers/ folder): the tuned self-cascade",
+                        elem_id="video-adapter",
+                    )
+                lora, lora_scale, lora_upload = lora_controls(tab.loras, prefix="video-")
+                with_direct = gr.Checkbox(True, label="Compare with direct sampling at the target size")
+                gr.Examples([[e] for e in examples], [prompt])
         gr.context.Context.root_block.load(
             page_defaults,
             None,
@@ -451,30 +566,40 @@ def video_tab(studio, gpu: dict) -> gr.Tab:
         dice.click(random_seed, None, seed, api_visibility="private", queue=False)
         aspect.change(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
         video.select(tab.size_choices, aspect, scale, api_visibility="private", queue=False)
+        inputs = [
+            prompt,
+            negative,
+            frames,
+            fps,
+            aspect,
+            scale,
+            stages,
+            k,
+            steps,
+            guidance,
+            seed,
+            with_direct,
+            adapter,
+            lora,
+            lora_scale,
+        ]
         gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
-            tab.generate,
-            [
-                prompt,
-                negative,
-                frames,
-                fps,
-                aspect,
-                scale,
-                stages,
-                k,
-                steps,
-                guidance,
-                seed,
-                with_direct,
-                adapter,
-                lora,
-                lora_scale,
-            ],
-            [*slots, *ab, times, status],
-            api_name="generate_video",
+            tab.generate_page,
+            inputs,
+            [*slots, *ab, times, status_area],
+            api_visibility="private",
             show_progress="hidden",
             **gpu,
         ).then(disable, None, stop, **PRIVATE)
+        gr.on(
+            [],
+            tab.generate,
+            inputs,
+            [*slots, *ab, times, api_status],
+            api_name="generate_video",
+            show_progress="hidden",
+            **gpu,
+        )
         stop.click(studio.stop_run("video"), None, stop, **PRIVATE)
         lora_upload.upload(tab.upload_lora, lora_upload, [lora, lora_upload], api_name="load_video_lora")
         video.select(tab.loras.update, None, lora, api_visibility="private", queue=False)
