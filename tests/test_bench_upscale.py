@@ -366,7 +366,6 @@ def test_registered_with_the_bench_command():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if "upscale" not in commands:
-        pytest.skip("sc_app.bench does not register `upscale` yet")
+    assert "upscale" in commands
     args = parser.parse_args(["upscale", "--size", "256x256", "--dev", "--shard", "1/2"])
     assert args.command == "upscale" and args.dev and args.shard == "1/2"
