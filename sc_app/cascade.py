@@ -59,6 +59,50 @@ def vae_at(model, height: int, width: int):
             vae.to(torch.float16)
 
 
+# The VAE's convolutions pad with zeros. At its training size it has learnt to decode the canvas edge next to
+# that black frame, but above it the outermost pixels come out tinted, and the cascade compounds the line stage
+# by stage (issue 33, embedded model at 256 px: a VAE round trip of a true render moves the edge ring 8.1 levels
+# from the band inside, 1.1 with mirrored edges; self-cascade samples 15.1 -> 1.4). So above the base size a few
+# latent cells (and the pixels under them) are mirrored past the edge before the VAE and cropped after. At the
+# base size mirroring does harm: there a shape one cell from the edge leaks a mirrored copy into the picture.
+EDGE_CELLS = 4
+
+
+def _edge(cells: int, base_cells: int, *sides: int) -> int:
+    """How many cells to mirror for a latent of `sides`: none at or below the base size, else `cells`, less where
+    a side is too short to reflect that many."""
+    if max(sides) <= base_cells:
+        return 0
+    return max(0, min(cells, *(side - 1 for side in sides)))
+
+
+def base_cells(model) -> int:
+    """The model's base (training) size in latent cells."""
+    return model.base_size // model.vae_scale
+
+
+def vae_decode_pixels(vae, z: torch.Tensor, scale: int, base_cells: int) -> torch.Tensor:
+    """Unscaled latents -> pixels in [-1, 1], decoded with mirrored edges above the base size (see EDGE_CELLS)."""
+    pad = _edge(EDGE_CELLS, base_cells, *z.shape[-2:])
+    if not pad:
+        return vae.decode(z).sample
+    pixels = vae.decode(F.pad(z, (pad,) * 4, mode="reflect")).sample
+    crop = pad * scale
+    return pixels[..., crop:-crop, crop:-crop]
+
+
+def vae_encode_posterior(vae, pixels: torch.Tensor, scale: int, base_cells: int):
+    """Pixels in [-1, 1] -> the posterior's (mean, std), encoded with mirrored edges above the base size (see
+    EDGE_CELLS)."""
+    pad = _edge(EDGE_CELLS, base_cells, *(side // scale for side in pixels.shape[-2:]))
+    if pad:
+        pixels = F.pad(pixels, (pad * scale,) * 4, mode="reflect")
+    posterior = vae.encode(pixels).latent_dist
+    if not pad:
+        return posterior.mean, posterior.std
+    return posterior.mean[..., pad:-pad, pad:-pad], posterior.std[..., pad:-pad, pad:-pad]
+
+
 @torch.no_grad()
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     vae = model.pipe.vae
@@ -67,7 +111,7 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
         z = latents.to(dtype) / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
-        images = vae.decode(z).sample
+        images = vae_decode_pixels(vae, z, model.vae_scale, base_cells(model))
     return model.pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
@@ -76,7 +120,7 @@ def encode_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents (the posterior mean), in the dtype the VAE ran in."""
     vae = model.pipe.vae
     with vae_at(model, *pixels.shape[-2:]) as dtype:
-        latents = vae.encode(pixels.to(dtype)).latent_dist.mean
+        latents, _ = vae_encode_posterior(vae, pixels.to(dtype), model.vae_scale, base_cells(model))
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ..cascade import vae_at
+from ..cascade import base_cells, vae_at, vae_decode_pixels, vae_encode_posterior
 from ..controlnet import Control
 from ..plan import plan_stages
 from ..sampling import added_conditions, guided_denoiser
@@ -226,13 +226,13 @@ def pixel_upsample(model, latents: torch.Tensor, height: int, width: int, genera
     vae = model.pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with vae_at(model, height, width) as dtype:
-        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor + shift).sample
-        images = F.interpolate(images.float(), size=(height, width), mode="bicubic", align_corners=False)
-        posterior = vae.encode(images.to(dtype)).latent_dist
-        noise = randn_tensor(
-            posterior.mean.shape, generator=generators, device=posterior.mean.device, dtype=posterior.mean.dtype
+        images = vae_decode_pixels(
+            vae, latents.to(dtype) / vae.config.scaling_factor + shift, model.vae_scale, base_cells(model)
         )
-        z = posterior.mean + posterior.std * noise
+        images = F.interpolate(images.float(), size=(height, width), mode="bicubic", align_corners=False)
+        mean, std = vae_encode_posterior(vae, images.to(dtype), model.vae_scale, base_cells(model))
+        noise = randn_tensor(mean.shape, generator=generators, device=mean.device, dtype=mean.dtype)
+        z = mean + std * noise
     return ((z - shift) * vae.config.scaling_factor).to(model.unet.dtype)
 
 

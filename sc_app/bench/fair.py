@@ -342,6 +342,7 @@ class Scores:
     fid_r: float | None = None
     kid_r: float | None = None
     order: int = 0
+    border: np.ndarray | None = None  # per image: border.border_tint, NaN where a record predates it
 
     @property
     def hits(self) -> int:
@@ -581,6 +582,7 @@ def sample(fair: Fair, cells: list[Cell], prompts: list[str], seed: int) -> int:
     import torch
 
     from ..api import generate
+    from ..border import border_tint
     from ..shapes import detect, matches, shape_fidelity
 
     args = fair.args
@@ -617,6 +619,7 @@ def sample(fair: Fair, cells: list[Cell], prompts: list[str], seed: int) -> int:
                     "seed": first + i,
                     "match": matches(image, prompts[i]),
                     "fidelity": shape_fidelity(image),
+                    "border": border_tint(image),
                     "detected": [" ".join(o) for o in detect(image)],
                     "seconds": seconds,
                     "session": fair.session,
@@ -695,6 +698,7 @@ def read_scores(cell: Cell, n: int, order: int = 0) -> Scores:
         [records[i]["seed"] for i in idx],
         resolved,
         order=order,
+        border=np.array([records[i].get("border", math.nan) for i in idx], float),
     )
 
 
@@ -760,6 +764,16 @@ def fidelity_cell(scores: Scores, draws: int, seed: int = 0) -> str:
     return f"{kept.mean():.3f} [{low:.3f}, {high:.3f}]"
 
 
+def border_cell(scores: Scores, draws: int, seed: int = 0) -> str:
+    """Mean per-image border tint (levels) and its bootstrap 95% interval over images; '-' without scores."""
+    values = np.array([]) if scores.border is None else scores.border[~np.isnan(scores.border)]
+    if not len(values):
+        return "-"
+    means = values[resamples(len(values), draws, seed)].mean(1)
+    low, high = interval(means)
+    return f"{values.mean():.1f} [{low:.1f}, {high:.1f}]"
+
+
 def _ratio_cell(ratio: float | None, pairs: int, n: int) -> str:
     if ratio is None:
         return "-"
@@ -779,6 +793,7 @@ CSV_HEADER = [
     "seed",
     "composition",
     "shape_fidelity",
+    "border_tint",
     "objects",
     "seconds",
     "session",
@@ -808,6 +823,7 @@ def write_csv(path: Path, section: str, rows: list[tuple[Scores, str, str, str]]
                         "" if scores.seeds[j] is None else scores.seeds[j],
                         int(scores.match[j]),
                         "" if math.isnan(fid) else f"{fid:.4f}",
+                        "" if scores.border is None or math.isnan(scores.border[j]) else f"{scores.border[j]:.2f}",
                         int(scores.objects[j]),
                         "" if math.isnan(seconds) else f"{seconds:.3f}",
                         scores.sessions[j],
@@ -1101,7 +1117,8 @@ def write_search(fair, argv, plan, settings: Path, candidates, rounds, scores) -
         _write_json(settings, data)
     log(f"{'kept' if same else 'wrote'} the choice in {settings}")
     digest = sha256(settings)
-    header = ["candidate", "round", "composition [95%]", "shape fidelity [95%]", "FID_r", "KID_r", "s / image"]
+    header = ["candidate", "round", "composition [95%]", "shape fidelity [95%]", "border tint [95%]", "FID_r", "KID_r"]
+    header += ["s / image"]
     header += ["time vs direct", "n"]
     table_rows = []
     for c, e in zip(candidates, entries):
@@ -1113,6 +1130,7 @@ def write_search(fair, argv, plan, settings: Path, candidates, rounds, scores) -
                 str(c.round),
                 _pct(s.hits, s.n),
                 fidelity_cell(s, args.draws),
+                border_cell(s, args.draws),
                 "-" if s.fid_r is None else f"{s.fid_r:.1f}",
                 "-" if s.kid_r is None else f"{s.kid_r:.4f}",
                 f"{np.median(s.seconds):.2f}",
@@ -1173,7 +1191,10 @@ def write_search(fair, argv, plan, settings: Path, candidates, rounds, scores) -
                 "Chosen:\n\n" + choice,
                 f"Per-image scores: [{csv_path.name}]({_relative(csv_path, args.out)}). **composition**: Wilson 95% "
                 "interval; **shape fidelity**: mean over images of each image's mean IoU with the ideal shapes, "
-                "bootstrap 95% interval over images; **FID_r / KID_r**: against one real render per prompt; **time vs "
+                "bootstrap 95% interval over images; **border tint** (levels) "
+                "(`border.border_tint`: the outer 2 px ring's mean colour against the band 4-8 px inside, largest "
+                "over the channels: a tinted line along the canvas edge), bootstrap 95% interval; **FID_r / KID_r**: "
+                "against one real render per prompt; **time vs "
                 "direct**: median over prompts of the candidate's seconds over direct's (at the model's guidance) on "
                 "the same prompt in the same run, * where fewer prompts were timed side by side.",
                 table,
@@ -1266,6 +1287,7 @@ TABLE_HEADER = [
     "composition [95%]",
     "vs reference: only row / only ref, McNemar p",
     "shape fidelity [95%]",
+    "border tint [95%]",
     "FID_r [95%]",
     "FID_r - reference [95%]",
     "KID_r [95%]",
@@ -1321,6 +1343,7 @@ def run_table(fair: Fair, argv: list[str]) -> None:
 def floor_scores(reals: Reals, size: tuple[int, int]) -> Scores:
     """The real renders of other scenes (another draw of the world, as many as the prompts) as a row: the detector's
     and the shape fidelity's ceiling, and against the prompts' renders the FID floor at this n."""
+    from ..border import border_tint
     from ..shapes import matches, render, shape_fidelity
 
     scenes = reals.scenes(reals.seed + OTHER_SEEDS)
@@ -1337,6 +1360,7 @@ def floor_scores(reals: Reals, size: tuple[int, int]) -> Scores:
         [""] * n,
         [s.prompt for s in scenes],
         [None] * n,
+        border=np.array([border_tint(im) for im in images]),
     )
 
 
@@ -1388,7 +1412,8 @@ def write_table(fair, argv, data, digest, base: Row, rows: list[Row], reference:
     lines = []
     fid, _, kid = texts.get(floor.label, ("-", "-", "-"))
     lines.append(
-        [floor.label, _pct(floor.hits, n), "-", fidelity_cell(floor, args.draws), fid, "-", kid, "-", "-", str(n)]
+        [floor.label, _pct(floor.hits, n), "-", fidelity_cell(floor, args.draws), border_cell(floor, args.draws)]
+        + [fid, "-", kid, "-", "-", str(n)]
     )
     for row in [base] + rows:
         label = row.setting.label
@@ -1409,6 +1434,7 @@ def write_table(fair, argv, data, digest, base: Row, rows: list[Row], reference:
                 _pct(s.hits, n),
                 versus,
                 fidelity_cell(s, args.draws),
+                border_cell(s, args.draws),
                 fid,
                 delta,
                 kid,
@@ -1455,7 +1481,10 @@ def write_table(fair, argv, data, digest, base: Row, rows: list[Row], reference:
                 f"{reference.setting.label}. **composition**: Wilson 95% interval; against the reference McNemar's "
                 "exact test on the same prompts and seeds (prompts only this row / only the reference got right, "
                 "two-sided p). **shape fidelity**: mean over images of each image's mean IoU with the ideal shapes, "
-                f"bootstrap 95% interval over images ({args.draws} resamples). **FID_r / KID_r**: against one real "
+                f"bootstrap 95% interval over images ({args.draws} resamples). **border tint** (levels, "
+                "`border.border_tint`): the outer 2 px ring's mean colour against the band 4-8 px inside, largest "
+                "over the channels (a tinted line along the canvas edge; the floor row: real renders), bootstrap "
+                "95% interval. **FID_r / KID_r**: against one real "
                 f"render per prompt at {size_name(fair.size)}; intervals from {args.draws} bootstrap resamples of the "
                 "prompts (FID's centred: a resample repeats prompts, which raises FID by itself); **FID_r - "
                 "reference**: the paired bootstrap, both rows on the same resampled prompts (centred likewise). The "

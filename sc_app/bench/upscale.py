@@ -144,7 +144,7 @@ class Candidate:
 # ---- the scores ------------------------------------------------------------------------------------------
 
 EDGE_THRESHOLD = 20.0  # grey levels per pixel: the truth's object outlines (>= 90), never its background (< 1)
-SCORES = ("layout_error", "edge_sharpness", "edge_error", "psnr", "shape_fidelity", "composition")
+SCORES = ("layout_error", "edge_sharpness", "edge_error", "psnr", "shape_fidelity", "border_tint", "composition")
 
 
 def _rgb(image) -> np.ndarray:
@@ -228,6 +228,7 @@ def psnr(output, truth) -> float:
 
 def score_image(output, truth, input_image, prompt: str, radius: int) -> dict:
     """Every score of one output against its scene's truth (at the output's size) and input."""
+    from ..border import border_tint
     from ..shapes import matches, shape_fidelity
 
     mask = edge_mask(truth)
@@ -238,6 +239,7 @@ def score_image(output, truth, input_image, prompt: str, radius: int) -> dict:
         "edge_error": edge_error(output, truth, edge_band(mask, radius)),
         "psnr": psnr(output, truth),
         "shape_fidelity": float(np.mean(objects)) if objects else math.nan,
+        "border_tint": border_tint(output),
         "composition": bool(matches(output, prompt)),
     }
 
@@ -820,7 +822,7 @@ def write_chosen(path: Path, bench: Bench, found: Search, n: int) -> dict:
 # ---- the tables ------------------------------------------------------------------------------------------
 
 FORMATS = {"layout_error": "{:.2f}", "edge_sharpness": "{:.3f}", "edge_error": "{:.2f}", "psnr": "{:.2f}"}
-FORMATS |= {"shape_fidelity": "{:.3f}", "seconds": "{:.2f}"}
+FORMATS |= {"shape_fidelity": "{:.3f}", "border_tint": "{:.1f}", "seconds": "{:.2f}"}
 HEADER = [
     "method (how it takes the image)",
     "setting (chosen on development scenes)",
@@ -829,6 +831,7 @@ HEADER = [
     "edge error ↓ [95%]",
     "PSNR dB ↑ [95%]",
     "shape fidelity [95%]",
+    "border tint ↓ [95%]",
     "composition [95%]",
     "s / image [95%]",
     "n",
@@ -840,6 +843,7 @@ PAIRED_HEADER = [
     "Δ edge error [95%], p",
     "Δ PSNR dB [95%], p",
     "Δ shape fidelity [95%], p",
+    "Δ border tint [95%], p",
     "composition: only it / only Lanczos, p",
 ]
 
@@ -915,8 +919,11 @@ def describe(bench: Bench, scenes, first_seed: int, dev: bool) -> str:
         "(below 1), above 1 is harder than the truth. **edge error** (grey levels): mean absolute error against "
         f"the truth within {radius} px of those outlines. **PSNR** (dB) against the truth over the whole image. "
         "**shape fidelity**: per image the mean over detected objects of `shapes.shape_fidelity` (IoU with the "
-        "ideal shape of its class), images without objects left out. **composition**: exactly the prompted "
-        "objects (`shapes.matches`), Wilson 95% interval. **s / image**: median wall seconds of one `generate` "
+        "ideal shape of its class), images without objects left out. **border tint** (levels): the largest "
+        "difference over the channels between the mean of the outer 2 px ring and of the band 4-8 px inside "
+        "(`border.border_tint`: a tinted line along the canvas edge; the truth's is the floor). "
+        "**composition**: exactly the prompted objects (`shapes.matches`), Wilson 95% interval. **s / image**: "
+        "median wall seconds of one `generate` "
         "call (one scene), bootstrap interval; samples of a resumed or sharded run may be timed under other "
         "loads. Intervals of means: bootstrap over scenes (1000 draws). Reference rows, not methods: the ground "
         "truth scored as an output (the ceilings and floors), the truth through the model's VAE (encoded, posterior "
@@ -937,7 +944,7 @@ def _settings_list(scored: list[Scored]) -> str:
 def dev_section(argv, bench: Bench, scenes, found: Search, paths) -> str:
     chosen_path, table_path = paths
     header = ["method", "setting", "edge error ↓ [95%]", "layout error ↓", "edge sharpness", "PSNR dB"]
-    header += ["shape fidelity", "composition", "s / image"]
+    header += ["shape fidelity", "border tint", "composition", "s / image"]
     rows = []
     for entry in found.scored:
         c = entry.candidate
@@ -957,6 +964,7 @@ def dev_section(argv, bench: Bench, scenes, found: Search, paths) -> str:
                 FORMATS["edge_sharpness"].format(m["edge_sharpness"]),
                 "∞" if m["psnr"] == math.inf else FORMATS["psnr"].format(m["psnr"]),
                 FORMATS["shape_fidelity"].format(m["shape_fidelity"]),
+                FORMATS["border_tint"].format(m["border_tint"]),
                 f"{100 * m['composition']:.1f}%",
                 "-" if math.isnan(m["seconds"]) else FORMATS["seconds"].format(m["seconds"]),
             ]
