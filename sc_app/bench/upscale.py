@@ -113,6 +113,7 @@ ROWS = (
     Row("direct", "direct (SDEdit)", "direct", "k", KS),
     Row("scalecrafter", "ScaleCrafter (SDEdit)", "scalecrafter", "k", KS),
     Row("attn-sf", "Attn-SF (SDEdit)", "attn-sf", "k", KS),
+    Row("hidiffusion", "HiDiffusion (SDEdit)", "hidiffusion", "k", KS),
 )
 REFERENCE = "lanczos"  # every row's paired test is against it: "is it better than just resizing?"
 # A latent model sees a picture only through its VAE: the truth encoded and decoded is the most any latent method
