@@ -59,6 +59,10 @@ def test_lanczos_is_the_pivot_resized(sd_model):
     pivot = result.stages[0].images[0]
     assert result.images[0].size == (32, 64)
     assert list(result.images[0].getdata()) == list(pivot.resize((32, 64), Image.LANCZOS).getdata())
+    # the resize's stage holds the resize's time only: the pivot's seconds are counted once in the total
+    pivot_seconds, resize_seconds = (stage.seconds for stage in result.stages)
+    assert resize_seconds < pivot_seconds
+    assert result.total_seconds == pytest.approx(pivot_seconds + resize_seconds + result.decode_seconds)
 
 
 def test_sr_bad_input_is_one_clear_message(sd_model, upscaler_folder, tmp_path):

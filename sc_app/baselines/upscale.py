@@ -94,10 +94,12 @@ def _pivot(model, method: str, prompt, height: int, width: int, common: dict) ->
     return run
 
 
-def _resized(stage: Stage, height: int, width: int) -> Stage:
+def _resized(stage: Stage, height: int, width: int, seconds_before: float = 0.0) -> Stage:
+    """The stage's images resized to height x width, as a stage that took `seconds_before` plus the resize (a
+    stage already in the result keeps its own seconds: the resize's stage must not count them again)."""
     started = time.perf_counter()
     images = [im.resize((width, height), Image.LANCZOS) for im in stage.images]
-    seconds = stage.seconds + time.perf_counter() - started
+    seconds = seconds_before + time.perf_counter() - started
     return Stage(height, width, stage.steps, seconds, stage.start_t, None, images)
 
 
@@ -170,6 +172,6 @@ def super_resolution(
         what = f"stage {index} ({stage.width} x {stage.height}) produced"
         check_finite(seen.pop("latents"), what, "an unfit SR model")
         if stage.height >= height and stage.width >= width:
-            stage = _resized(stage, height, width)
+            stage = _resized(stage, height, width, stage.seconds)
         finish_stage(run, stage)
     return result
