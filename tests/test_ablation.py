@@ -435,3 +435,21 @@ def test_no_method_decodes_its_intermediate_stages_in_a_bench_row(sd_folder, tmp
     assert run(sd_folder, tmp_path / "work", tmp_path / "bench.md", *rows, size="32x32", direct_n=1) == 0
     assert {m: v for m, v in asked.items() if m in SKIPS_STAGE_DECODES} == dict.fromkeys(SKIPS_STAGE_DECODES, False)
     assert asked["direct"] == asked["scalecrafter"] == asked["lanczos"] == "not taken"  # no intermediate stage
+
+
+def test_scheduler_and_attention_are_row_settings_of_every_method(sd_folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    settings = ["ddim: k=600", "euler-a: k=600; scheduler=euler-a", "window: k=600; attention=window"]
+    settings += ["direct euler: method=direct; scheduler=euler"]
+    assert run(sd_folder, work, out, *settings, size="32x32", direct_n=2) == 0
+    assert not same(pixels(work, "32x32", "ddim"), pixels(work, "32x32", "euler-a"))
+    resolved = {slug: records(work, "32x32", slug)[0]["resolved"] for slug in ("ddim", "euler-a", "window")}
+    assert resolved["ddim"]["scheduler"] == "ddim" and resolved["euler-a"]["scheduler"] == "euler-a"
+    assert resolved["window"]["stage_attention"][1].startswith("window")
+    assert records(work, "32x32", "direct-euler")[0]["resolved"]["scheduler"] == "euler"
+    for spec, words in [
+        ("scheduler=heun", "scheduler must be one of ddim, euler"),
+        ("attention=flash", "attention must be one of full, window, downsample-kv, auto"),
+    ]:
+        with pytest.raises(BadInput, match=words):
+            parse_setting(f"x: {spec}")

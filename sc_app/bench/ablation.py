@@ -58,7 +58,7 @@ OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS 
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
 KEYS = (
     "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg restart_fraction "
-    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio"
+    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio scheduler attention"
 ).split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
@@ -151,6 +151,9 @@ class Setting:
         for key in ("restart_fraction", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "t1_ratio"):
             if key in options:
                 out[key] = float(options[key])
+        for key in ("scheduler", "attention"):  # every method's: the sampler, and self-attention past the pivot
+            if key in options:
+                out[key] = options[key]
         return out
 
     def plan(self, model, size: tuple[int, int]):
@@ -204,7 +207,18 @@ def parse_setting(text: str) -> Setting:
         if ONLY_FOR.get(key, method) != method:
             raise BadInput(f"--setting {text!r}: {key}= applies to method={ONLY_FOR[key]} only, not to {method}")
         _check_number(text, key, value)
+    _check_choice(text, options)
     return Setting(label.strip(), tuple(sorted(options.items())), method=method)
+
+
+def _check_choice(text: str, options: dict) -> None:
+    """scheduler= and attention=: one of generate's own choices."""
+    from ..schedulers import CHOICES
+    from ..stages import ATTENTION_CHOICES
+
+    for key, choices in (("scheduler", CHOICES), ("attention", ATTENTION_CHOICES)):
+        if key in options and options[key] not in choices:
+            raise BadInput(f"--setting {text!r}: {key} must be one of {', '.join(choices)}, got {options[key]!r}")
 
 
 def _check_number(text: str, key: str, value: str) -> None:
@@ -685,7 +699,8 @@ def add_parser(sub) -> None:
         action="append",
         default=[],
         help="'LABEL: k=300,150; upsample=bicubic; upsampler=FILE+FILE; upsampler_min_t=100; method=...; "
-        "lora=FILE; model=DIR; guidance=5; noise_level=20 (sr); dilation=2; tau=20; ndcfg=1.5 (scalecrafter)' "
+        "lora=FILE; model=DIR; guidance=5; scheduler=euler-a; attention=window; noise_level=20 (sr); dilation=2; "
+        "tau=20; ndcfg=1.5 (scalecrafter)' "
         "(repeat for each row)",
     )
     a.add_argument(
