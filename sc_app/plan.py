@@ -90,3 +90,35 @@ def _sizes(height: int, width: int, start: tuple[float, float], multiple: int, c
 
 def _grows(sizes: list[tuple[int, int]]) -> bool:
     return all(h1 >= h0 and w1 >= w0 and (h1, w1) != (h0, w0) for (h0, w0), (h1, w1) in zip(sizes, sizes[1:]))
+
+
+def integer_phases(height: int, width: int, base_size: int, multiple: int) -> list[tuple[int, int]]:
+    """DemoFusion's release plan: with s = floor(long side / base_size), the first phase is the target over s
+    (about the base size), phase c = 2..s has its long side at c x base_size (the short side by the target's
+    aspect ratio), and the last is exactly the target (4096 over a 1024 base: 1024, 2048, 3072, 4096; 3072: 1024,
+    2048, 3072). Under twice the base side there is one phase: the target itself. Sizes are rounded to
+    `multiple`; a phase that would not grow is left out."""
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
+    scale = max(1, int(max(height, width) / base_size))
+    if scale == 1:
+        return [(height, width)]
+    aspect = min(height, width) / max(height, width)
+    sizes = [(_round(height / scale, multiple), _round(width / scale, multiple))]
+    for c in range(2, scale):
+        long, short = _round(base_size * c, multiple), _round(base_size * c * aspect, multiple)
+        sizes.append((long, short) if height >= width else (short, long))
+    sizes.append((height, width))
+    kept = sizes[:1]
+    for size in sizes[1:]:
+        if _grows([kept[-1], size]):
+            kept.append(size)
+        elif size == (height, width):  # the target always ends the plan
+            kept[-1] = size
+    return kept
+
+
+def phase_number(size: tuple[int, int], base_size: int) -> int:
+    """DemoFusion's phase c of a stage: its long side over the base side, rounded down (at least 1); the release
+    dilates by c on both sides."""
+    return max(1, int(max(size) / base_size))

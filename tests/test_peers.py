@@ -242,14 +242,16 @@ def test_demofusion_step_mixes_windows_and_dilated_path_by_the_cosine_decay():
 
 
 @pytest.mark.parametrize(
-    "fixture, height, width, sizes",
+    "fixture, height, width, phases, sizes",
     [
-        ("sd_model", 32, 32, [(16, 16), (32, 32)]),
-        ("sdxl_model", 20, 40, [(12, 24), (20, 40)]),
-        ("sd_model", 64, 64, [(16, 16), (32, 32), (64, 64)]),
+        ("sd_model", 32, 32, "release", [(16, 16), (32, 32)]),
+        ("sdxl_model", 20, 40, "release", [(8, 20), (20, 40)]),  # the target over floor(40 / 16) = 2
+        # the release's phases: the long side at 2, 3 and 4 times the base side (16)
+        ("sd_model", 64, 64, "release", [(16, 16), (32, 32), (48, 48), (64, 64)]),
+        ("sd_model", 64, 64, "plan", [(16, 16), (32, 32), (64, 64)]),  # our variant: the self-cascade's plan
     ],
 )
-def test_demofusion_runs_every_stage_of_the_plan_and_restores_the_unet(request, fixture, height, width, sizes):
+def test_demofusion_runs_every_stage_of_the_plan_and_restores_the_unet(request, fixture, height, width, phases, sizes):
     model = request.getfixturevalue(fixture)
     unet = model.unet
     state = _state(unet)
@@ -263,6 +265,7 @@ def test_demofusion_runs_every_stage_of_the_plan_and_restores_the_unet(request, 
         num_inference_steps=3,
         seed=2,
         on_stage=lambda i, stage: seen.append(i),
+        phases=phases,
     )
     timesteps = make_scheduler(model, 3).timesteps
     assert result.method == "demofusion" and seen == list(range(len(sizes)))
@@ -272,7 +275,7 @@ def test_demofusion_runs_every_stage_of_the_plan_and_restores_the_unet(request, 
     assert result.images[0].size == (width, height)
     summary = json.loads(json.dumps(result.summary()))
     assert summary["window"] == 8 and summary["stride"] == 4 and summary["cosine_scale_1"] == 3.0
-    assert len(summary["stages"]) == len(sizes)
+    assert len(summary["stages"]) == len(sizes) and summary["phases"] == phases
     _assert_restored(unet, *state)
 
 
@@ -562,20 +565,16 @@ def test_cli_writes_every_stage_and_result_json(sd_folder, tmp_path, capsys, met
         ]
     )
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [
-        "final.png",
-        "result.json",
-        "stage0.png",
-        "stage1.png",
-        "stage2.png",
-    ]
+    sizes = {  # DemoFusion: the release's phases (the long side at 1..4 times the 16 px base); FreeScale: the plan
+        "demofusion": [(8, 16), (16, 32), (24, 48), (32, 64)],
+        "freescale": [(12, 24), (20, 40), (32, 64)],
+    }[method]
+    stages = [f"stage{r}.png" for r in range(len(sizes))]
+    assert sorted(p.name for p in out.iterdir()) == ["final.png", "result.json", *stages]
     result = json.loads((out / "result.json").read_text())
-    assert result["method"] == method and [(s["height"], s["width"]) for s in result["stages"]] == [
-        (12, 24),
-        (20, 40),
-        (32, 64),
-    ]
-    assert Image.open(out / "stage0.png").size == (24, 12) and Image.open(out / "final.png").size == (64, 32)
+    assert result["method"] == method and [(s["height"], s["width"]) for s in result["stages"]] == sizes
+    first = sizes[0]
+    assert Image.open(out / "stage0.png").size == first[::-1] and Image.open(out / "final.png").size == (64, 32)
 
 
 def test_bench_accepts_both_methods_and_decodes_only_the_final_stage(sd_model):
@@ -601,5 +600,22 @@ def test_app_estimates_every_stage_and_demofusions_extra_passes(sd_model):
     assert seconds["demofusion"] > seconds["direct"] > seconds["freescale"]
     assert [ui.stage_steps(sd_model, dict(request, method="freescale"), r) for r in (0, 1)] == [10, 7]
     assert [ui.stage_steps(sd_model, dict(request, method="demofusion"), r) for r in (0, 1, 2)] == [10] * 3
-    # 16x: stage 1 has 3 x 3 windows + 2 x 2 sub-latents, stage 2 7 x 7 + 4 x 4; the pivot one pass
-    assert progressive.base_steps(sd_model, "demofusion", 64, 64, 10, 1.0) == 10 * (1 + 13 + 65)
+    # 16x, the release's phases 32, 48 and 64 px: 3 x 3 windows + 2 x 2 sub-latents, 5 x 5 + 3 x 3, 7 x 7 + 4 x 4;
+    # the pivot one pass
+    assert progressive.base_steps(sd_model, "demofusion", 64, 64, 10, 1.0) == 10 * (1 + 13 + 34 + 65)
+
+
+def test_demofusion_dilates_by_the_phase_number_as_released(sd_model):
+    # 48 px over a 16 px base: phases at 16, 32 and 48 px; the last is phase 3, split into 3 x 3 sub-latents of the
+    # base latent size (with the scale plan it would be 16 -> 48 in one stage of 3 x 3 too, so phase 2 tells them
+    # apart: 2 x 2 sub-latents at 32 px, each of 8 x 8 latent cells)
+    shapes = []
+    handle = sd_model.unet.register_forward_pre_hook(lambda m, args: shapes.append((len(args[0]), args[0].shape[-2:])))
+    try:
+        result = demofusion(sd_model, "a red circle", 48, 48, num_inference_steps=1, guidance_scale=5.0, seed=0)
+    finally:
+        handle.remove()
+    assert [(s.height, s.width) for s in result.stages] == [(16, 16), (32, 32), (48, 48)]
+    # per stage, one step: the pivot (2 guided rows), then windows (3 x 3 at 32 px; 5 x 5 at 48 px, in calls of
+    # VIEW_BATCH = 16 windows) and the sub-latents (2 x 2, then 3 x 3), every row guided (x2)
+    assert [n for n, _ in shapes] == [2, 18, 8, 32, 18, 18] and all(s == (8, 8) for _, s in shapes)

@@ -36,3 +36,17 @@ def test_stages_override():
 def test_size_must_be_reachable():
     with pytest.raises(ValueError, match="multiples of 64"):
         plan_stages(1000, 1024, 512, 64)
+
+
+def test_integer_phases_are_the_demofusion_release_plan():
+    from sc_app.plan import integer_phases, phase_number
+
+    assert integer_phases(4096, 4096, 1024, 64) == [(1024, 1024), (2048, 2048), (3072, 3072), (4096, 4096)]
+    assert integer_phases(3072, 3072, 1024, 64) == [(1024, 1024), (2048, 2048), (3072, 3072)]
+    assert integer_phases(2048, 1024, 1024, 64) == [(1024, 512), (2048, 1024)]  # the target over 2, as released
+    assert integer_phases(2560, 2560, 1024, 64) == [(1280, 1280), (2560, 2560)]  # the last is the target itself
+    assert integer_phases(1536, 1536, 1024, 64) == [(1536, 1536)]  # under twice the base side: one phase
+    assert integer_phases(256, 256, 64, 16) == [(64, 64), (128, 128), (192, 192), (256, 256)]
+    assert [phase_number(s, 1024) for s in [(1024, 512), (2048, 1024), (3072, 3072), (2560, 2560)]] == [1, 2, 3, 2]
+    with pytest.raises(ValueError, match="multiples of 64"):
+        integer_phases(1000, 1000, 1024, 64)

@@ -1,13 +1,16 @@
 """DemoFusion (Du et al., CVPR 2024): progressive upscaling in which every stage is denoised from pure noise, held
 to the previous stage by skip residuals, with patch-wise denoising and dilated sampling.
 
-The stages are the scale plan's, as for the self-cascade. After the pivot, each stage upsamples the previous
+The stages are the release's phases (`plan.integer_phases`: the long side at 2, 3, ... times the base side, the
+last the target; `phases="plan"`: the self-cascade's scale plan instead, our variant). After the pivot, each
+stage upsamples the previous
 clean latent (bicubic), noises it to the first timestep and denoises over the whole schedule, and
 - before each step mixes the latent with the upsampled latent noised to that step, weight c^alpha1 (skip
   residual; c is `progressive.cosine_decay`, 1 where denoising starts, 0 where it ends);
 - takes as the step's model output (1 - c^alpha2) x the average over overlapping windows of the base latent
   size (MultiDiffusion; stride half a window, jittered) plus c^alpha2 x the dilated path: the latent split into
-  s_h x s_w interleaved sub-latents (s: the stage's size over the pivot's, per side), each denoised from its
+  s_h x s_w interleaved sub-latents (s: the phase number on both sides, as released; with the scale plan the
+  stage's size over the pivot's, per side), each denoised from its
   Gaussian-smoothed version (sigma (0.99 c^alpha3 + 0.01), renormalised to the latent's mean and std). For a
   fixed x a DDIM step is affine in the model output, so averaging outputs is averaging the release's
   per-window steps;
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..controlnet import Control, control_views
-from ..plan import plan_stages
+from ..plan import integer_phases, phase_number, plan_stages
 from ..sampling import added_conditions, guided_denoiser
 from ..schedulers import renoise_to
 from ..stages import Result, Sampling, finish_stage, from_noise, input_stage, prepare, sample_stage
@@ -35,11 +38,32 @@ from .progressive import cosine_decay, gaussian_blur, jittered_views, model_sett
 # The release's defaults (PRIS-CV/DemoFusion, pipeline_demofusion_sdxl.py); stride None: half the window.
 PAPER = {"stride": None, "sigma": 1.0, "cosine_scale_1": 3.0, "cosine_scale_2": 1.0, "cosine_scale_3": 1.0}
 VIEW_BATCH = 16  # windows (or sub-latents) per UNet call, each for every prompt
+PHASES = ("release", "plan")  # the release's integer phases, or the self-cascade's scale plan (our variant)
 
 
 def dilation_factors(latent: tuple[int, int], pivot: tuple[int, int]) -> tuple[int, int]:
     """s per side: the stage latent's size over the pivot latent's, rounded, at least 1."""
     return tuple(max(1, round(n / p)) for n, p in zip(latent, pivot))
+
+
+def stage_sizes(model, height: int, width: int, phases: str = "release", first: tuple[int, int] | None = None):
+    """(height, width) of each stage: the release's phases (`plan.integer_phases`) or the scale plan, from
+    `first` (an input image's stage 0) where given."""
+    if phases == "plan":
+        return plan_stages(height, width, model.base_size, model.size_multiple, first=first)
+    release = integer_phases(height, width, model.base_size, model.size_multiple)
+    if first is None:
+        return release
+    return [first] + [s for s in release if s[0] >= first[0] and s[1] >= first[1] and s != first]
+
+
+def stage_factors(model, size: tuple[int, int], pivot: tuple[int, int], phases: str = "release") -> tuple[int, int]:
+    """The dilation of a stage of `size` pixels: its phase number on both sides (the release), or per side its
+    latent over the model's own pivot latent (`pivot`, in pixels) with the scale plan."""
+    if phases == "release":
+        return (phase_number(size, model.base_size),) * 2
+    scale = model.vae_scale
+    return dilation_factors(tuple(s // scale for s in size), tuple(s // scale for s in pivot))
 
 
 def _views_denoiser(model, cond, added, t, i):
@@ -184,6 +208,7 @@ def demofusion(
     cosine_scale_2: float | None = None,
     cosine_scale_3: float | None = None,
     view_batch_size: int = VIEW_BATCH,
+    phases: str = "release",
     image=None,
     fit: str | None = None,
     sampling: Sampling | None = None,
@@ -193,7 +218,9 @@ def demofusion(
 
     `stride`: of the windows, in latent pixels (default half the window, the base latent size); `sigma`,
     `cosine_scale_1..3` (alpha1..3): the release's names and defaults, unless the model folder sets its own.
-    `image` (`fit`): the pivot, as the release's `image_lr` is. `sampling` (`stages.check_sampling`): with another
+    `phases`: "release" (the long side at integer multiples of the base side, the last the target) or "plan" (the
+    self-cascade's stages of about 4x pixels). `image` (`fit`): the pivot, as the release's `image_lr` is, followed
+    by the phases larger than it. `sampling` (`stages.check_sampling`): with another
     sampler a stage starts at its grid's first point and each skip residual noises to the grid's current point;
     its attention mode leaves the base-size windows exact (only layers above the base size's grids change).
     `control` (`controlnet.prepare_control`'s): the pivot at its size, every later stage's windows and
@@ -215,6 +242,8 @@ def demofusion(
     )
     settings["stride"] = base // 2 if settings["stride"] is None else settings["stride"]
     _check(settings, base, view_batch_size)
+    if phases not in PHASES:
+        raise ValueError(f"phases must be one of {', '.join(PHASES)}, got {phases!r}")
     run = prepare(
         model,
         "demofusion",
@@ -234,11 +263,13 @@ def demofusion(
         sampling=sampling,
         control=control,
     )
-    run.result.settings |= {"window": base, **settings}
+    if phases == "release" and len(run.sizes) > 1:  # an input image starts where it is
+        run.sizes = stage_sizes(model, height, width, phases, run.sizes[0] if run.start is not None else None)
+    run.result.settings |= {"window": base, "phases": phases, **settings}
     scheduler, cond = run.scheduler, run.cond
     added = added_conditions(model, cond, height, width)  # the target size for every stage, as released
     # Dilation is relative to the model's own pivot, also where an input image starts larger than it
-    pivot = tuple(s // model.vae_scale for s in plan_stages(height, width, model.base_size, model.size_multiple)[0])
+    pivot = plan_stages(height, width, model.base_size, model.size_multiple)[0]
     last = len(run.sizes) - 1
     latents = anchor = None
     for r, (h, w) in enumerate(run.sizes):
@@ -256,7 +287,7 @@ def demofusion(
                 before_step = skip_residual(
                     scheduler, upsampled, noise, settings["cosine_scale_1"], model.num_train_timesteps
                 )
-                factors = dilation_factors(noise.shape[-2:], pivot)
+                factors = stage_factors(model, (h, w), pivot, phases)
                 window, gens = (base, base), run.generators
                 denoiser = demofusion_denoiser(
                     model, cond, added, window, settings["stride"], factors, settings, gens, view_batch_size

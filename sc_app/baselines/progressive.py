@@ -126,10 +126,11 @@ def base_steps(model, method: str, height: int, width: int, steps: int, exponent
     """The UNet work of a DemoFusion or FreeScale run, in steps at the base size (a pass over p times the base
     pixels counts p^exponent); the default settings of the method for the model."""
     from ..plan import plan_stages
-    from .demofusion import PAPER, dilation_factors
+    from .demofusion import PAPER, stage_factors, stage_sizes
 
     base, scale = model.base_size, model.vae_scale
-    sizes = plan_stages(height, width, base, model.size_multiple)
+    plan = plan_stages(height, width, base, model.size_multiple)
+    pivot, sizes = plan[0], stage_sizes(model, height, width) if method == "demofusion" else plan
     work = 0.0
     for r, (h, w) in enumerate(sizes):
         ratio = h * w / base**2
@@ -139,6 +140,6 @@ def base_steps(model, method: str, height: int, width: int, steps: int, exponent
             stride = model_settings(model, "demofusion", PAPER, {})["stride"] or window // 2
             latent = (h // scale, w // scale)
             windows = math.prod(len(window_starts(n, window, stride)) for n in latent)
-            passes = windows + math.prod(dilation_factors(latent, tuple(s // scale for s in sizes[0])))
+            passes = windows + math.prod(stage_factors(model, (h, w), pivot))
         work += stage_steps(model, method, steps, r) * passes
     return work
