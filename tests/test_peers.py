@@ -54,7 +54,7 @@ def _processors(unet) -> dict:
 
 def _freeu_state(unet) -> list:
     return [
-        {k: block.__dict__.get(k, "absent") for k in ("s1", "s2", "b1", "b2", "_freescale_freeu_saved")}
+        {k: block.__dict__.get(k, "absent") for k in ("s1", "s2", "b1", "b2", "_sc_freeu_saved")}
         for block in unet.up_blocks
     ]
 
@@ -364,9 +364,23 @@ def _attention():
     return attn
 
 
-def test_scale_fusion_takes_low_frequencies_from_windows_and_high_from_global_attention():
+def release_blur(maps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """The release's 3-d blur (scale_attention.gaussian_filter): a Gaussian over (height, width, channels) of each
+    item, one conv3d, zero padded; maps (items, D, h, w)."""
+    taps = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
+    g = torch.exp(-(taps**2) / (2 * sigma**2))
+    g = g / g.sum()
+    cube = g[:, None, None] * g[None, :, None] * g[None, None, :]
+    items = len(maps)
+    volume = maps.permute(0, 2, 3, 1)[None]  # (1, items, h, w, D)
+    out = F.conv3d(volume, cube.expand(items, 1, kernel, kernel, kernel), padding=kernel // 2, groups=items)[0]
+    return out.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("channels", [True, False])
+def test_scale_fusion_takes_low_frequencies_from_windows_and_high_from_global_attention(channels):
     attn, original = _attention(), AttnProcessor2_0()
-    fusion = Fusion(latent=(16, 16), pivot=(8, 8), kernel=3, sigma=1.0, generators=_gens(0))
+    fusion = Fusion(latent=(16, 16), pivot=(8, 8), kernel=3, sigma=1.0, generators=_gens(0), channels=channels)
     h = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(1))  # an 8x8 grid: windows of 4, stride 2
     with torch.no_grad():
         got = ScaleFusionProcessor(fusion, original)(attn, h)
@@ -381,7 +395,8 @@ def test_scale_fusion_takes_low_frequencies_from_windows_and_high_from_global_at
                 count[:, :, top : top + 4, left : left + 4] += 1
         local = value / count
         global_ = original(attn, h).transpose(1, 2).reshape(2, 8, 8, 8)
-    blur = lambda m: gaussian_blur(m, (3, 3), 1.0)  # noqa: E731
+    # as released: over space and the feature channels; our variant: over space only
+    blur = (lambda m: release_blur(m, 3, 1.0)) if channels else (lambda m: gaussian_blur(m, (3, 3), 1.0))
     expected = (blur(local) + global_ - blur(global_)).flatten(2).transpose(1, 2)
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, original(attn, h), atol=1e-3)

@@ -12,10 +12,10 @@ The stages are the scale plan's. After the pivot, each stage
 - replaces every self-attention by scale fusion: global attention over all tokens and local attention within
   overlapping windows of the layer's pivot-size token grid (stride half a window, jittered), fused by frequency,
   G(local) + global - G(global): low frequencies from the local path, high ones from the global path, with G a
-  Gaussian blur over 2d - 1 taps (sigma `fusion_sigma`). The release's blur also smooths across neighbouring
-  feature channels; this one is spatial only.
-FreeU (diffusers' `enable_freeu`) runs in every stage as in the release's script, by default on SD XL only,
-with the release's values. Every stage is conditioned on the pivot's size, as released.
+  Gaussian blur over 2d - 1 taps (sigma `fusion_sigma`) along height, width and the feature channels, as the
+  release's 3-d blur does (`fusion_blur="spatial"`: height and width only, our variant).
+FreeU runs in every stage as in the release's script, by default on SD XL only, with the release's values and its
+rule (by the channels entering each ResNet, `freeu.py`). Every stage is conditioned on the pivot's size, as released.
 """
 
 from __future__ import annotations
@@ -38,12 +38,16 @@ from ..sampling import added_conditions, guided_denoiser
 from ..schedulers import renoise_to
 from ..stages import Result, Sampling, finish_stage, from_noise, input_stage, per_step, prepare, sample_stage
 from .attn_sf import _scalable
+from .freeu import KEYS as FREEU_KEYS
+from .freeu import RELEASED, RULES, apply_freeu, freeu_applied, remove_freeu  # noqa: F401  (the tests' names)
 from .progressive import gaussian_blur, jittered_views, model_settings, skip_residual
 from .scalecrafter import BASE_STEPS, conv_targets, redilated
 
 # The release's settings (ali-vilab/FreeScale, run_freescale.py and pipeline_freescale.py, SD XL).
 PAPER = {"restart_fraction": 0.3, "cosine_scale": 2.0, "dilate_tau": 35, "fusion_sigma": 1.0, "freeu": None}
-RELEASED_FREEU = {"b1": 1.1, "b2": 1.2, "s1": 0.6, "s2": 0.4}  # run_freescale.py, SD XL
+PAPER |= {"fusion_blur": "release", "freeu_rule": "channels"}
+FUSION_BLURS = ("release", "spatial")  # over (height, width, channels) as released, or (height, width) only
+RELEASED_FREEU = RELEASED["sdxl"]  # run_freescale.py
 VIEW_BATCH = 16  # attention windows per call, each for every item of the batch
 
 
@@ -78,6 +82,7 @@ class Fusion:
     sigma: float
     generators: list
     view_batch: int = VIEW_BATCH
+    channels: bool = True  # the blur also runs along the feature channels, as released
 
     def grid(self, tokens: int) -> tuple[int, int] | None:
         """A layer's token grid: the latent halved (rounding up) until it has `tokens` positions."""
@@ -116,8 +121,18 @@ class Fusion:
 
     def fuse(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
         """Low frequencies of the local path, high frequencies of the global one."""
-        k = (self.kernel, self.kernel)
-        return gaussian_blur(local, k, self.sigma) + global_ - gaussian_blur(global_, k, self.sigma)
+        return self.blur(local) + global_ - self.blur(global_)
+
+    def blur(self, maps: torch.Tensor) -> torch.Tensor:
+        """(items, D, h, w) -> the same, blurred over `kernel` taps in space and, with `channels`, along D too
+        (zero padded at every end: the release's conv3d; a 3-d Gaussian is three 1-d ones in turn)."""
+        blurred = gaussian_blur(maps, (self.kernel, self.kernel), self.sigma)
+        if not self.channels or self.kernel == 1:
+            return blurred
+        items, depth, h, w = blurred.shape
+        rows = blurred.permute(0, 2, 3, 1).reshape(-1, 1, 1, depth)  # every position's channel vector
+        rows = gaussian_blur(rows, (1, self.kernel), self.sigma)
+        return rows.reshape(items, h, w, depth).permute(0, 3, 1, 2)
 
 
 class ScaleFusionProcessor:
@@ -175,47 +190,6 @@ def scale_fusion_applied(unet: nn.Module, fusion: Fusion):
         remove_scale_fusion(unet)
 
 
-# ---- FreeU ---------------------------------------------------------------------------------------
-
-FREEU_KEYS = ("s1", "s2", "b1", "b2")
-_FREEU_SAVED = "_freescale_freeu_saved"  # on an up block: its FreeU attributes before apply_freeu
-_ABSENT = object()
-
-
-def remove_freeu(unet: nn.Module) -> None:
-    """Put back the up blocks' FreeU attributes as they were before apply_freeu (absent ones removed)."""
-    for block in unet.up_blocks:
-        saved = block.__dict__.pop(_FREEU_SAVED, None)
-        for key, value in (saved or {}).items():
-            if value is _ABSENT:
-                block.__dict__.pop(key, None)
-            else:
-                setattr(block, key, value)
-
-
-def apply_freeu(unet: nn.Module, values: dict) -> None:
-    """FreeU (Si et al. 2024) with `values` (b1, b2, s1, s2) as diffusers' enable_freeu sets it, remembering
-    what it replaced. Replaces an earlier apply, so twice is safe."""
-    remove_freeu(unet)
-    for block in unet.up_blocks:
-        setattr(block, _FREEU_SAVED, {key: block.__dict__.get(key, _ABSENT) for key in FREEU_KEYS})
-        for key in FREEU_KEYS:
-            setattr(block, key, float(values[key]))
-
-
-@contextmanager
-def freeu_applied(unet: nn.Module, values: dict | None):
-    """apply_freeu for the body of a `with` (nothing when `values` is None), removed on the way out."""
-    if values is None:
-        yield unet
-        return
-    apply_freeu(unet, values)
-    try:
-        yield unet
-    finally:
-        remove_freeu(unet)
-
-
 # ---- sampling ------------------------------------------------------------------------------------
 
 
@@ -249,11 +223,15 @@ def _settings(model, given: dict) -> dict:
         raise ValueError(
             f"dilate_tau counts steps of {BASE_STEPS} and must be in 0..{BASE_STEPS}, got {settings['dilate_tau']!r}"
         )
+    if settings["fusion_blur"] not in FUSION_BLURS:
+        raise ValueError(f"fusion_blur must be one of {', '.join(FUSION_BLURS)}, got {settings['fusion_blur']!r}")
     if not settings["fusion_sigma"] > 0:
         raise ValueError(f"fusion_sigma must be positive, got {settings['fusion_sigma']!r}")
     freeu = settings["freeu"]
     if freeu is not None and (not isinstance(freeu, dict) or set(freeu) != set(FREEU_KEYS)):
         raise ValueError(f"freeu must be a dict of {', '.join(FREEU_KEYS)}, or False for none, got {freeu!r}")
+    if settings["freeu_rule"] not in RULES:
+        raise ValueError(f"freeu_rule must be one of {', '.join(RULES)}, got {settings['freeu_rule']!r}")
     return settings
 
 
@@ -276,7 +254,9 @@ def freescale(
     cosine_scale: float | None = None,
     dilate_tau: int | None = None,
     fusion_sigma: float | None = None,
+    fusion_blur: str | None = None,
     freeu: dict | bool | None = None,
+    freeu_rule: str | None = None,
     image=None,
     fit: str | None = None,
     sampling: Sampling | None = None,
@@ -285,10 +265,12 @@ def freescale(
     """FreeScale over the scale plan: the pivot, then every stage as the module docstring says.
 
     `restart_fraction` (0.3: a stage starts 30% into the schedule), `cosine_scale` (2), `dilate_tau` (35 of 50),
-    `fusion_sigma` (1) and `freeu` (a dict of b1, b2, s1, s2, or False for none): the release's, unless the
-    model folder sets its own. `image` (`fit`): the pivot. `sampling` (`stages.check_sampling`): with another
-    sampler a stage restarts at its grid's point `restart_fraction` of the steps in and `dilate_tau` counts its
-    steps; an attention mode runs inside scale fusion (its global path, over the whole grid, gets cheaper).
+    `fusion_sigma` (1), `fusion_blur` ("release": over space and channels; "spatial") and `freeu` (a dict of b1,
+    b2, s1, s2, or False for none) by `freeu_rule` ("channels", the release's; "blocks", diffusers'): the
+    release's, unless the model folder sets its own. `image` (`fit`): the
+    pivot. `sampling` (`stages.check_sampling`): with another sampler a stage restarts at its grid's point
+    `restart_fraction` of the steps in and `dilate_tau` counts its steps; an attention mode runs inside scale
+    fusion (its global path, over the whole grid, gets cheaper).
     `control` (`controlnet.prepare_control`'s): every stage's UNet passes, the dilated and scale-fused ones
     included (the ControlNets themselves run undilated, with their own attention).
     """
@@ -300,7 +282,9 @@ def freescale(
             cosine_scale=cosine_scale,
             dilate_tau=dilate_tau,
             fusion_sigma=fusion_sigma,
+            fusion_blur=fusion_blur,
             freeu=freeu,
+            freeu_rule=freeu_rule,
         ),
     )
     run = prepare(
@@ -333,7 +317,7 @@ def freescale(
     unet, pivot = model.unet, tuple(s // model.vae_scale for s in pivot_size)
     last = len(run.sizes) - 1
     latents = None
-    with freeu_applied(unet, settings["freeu"]):
+    with freeu_applied(unet, settings["freeu"], settings["freeu_rule"]):
         for r, (h, w) in enumerate(run.sizes):
             started = time.perf_counter()
             if r == 0 and run.start is not None:  # 2. The pivot: the input image ...
@@ -361,6 +345,7 @@ def freescale(
                 )
                 denoiser = per_step(denoiser, scheduler)
                 fusion = Fusion(noise.shape[-2:], pivot, 2 * d - 1, settings["fusion_sigma"], gens)
+                fusion.channels = settings["fusion_blur"] == "release"
                 patch = scale_fusion_applied(unet, fusion)
             stage = sample_stage(run, denoiser, x, timesteps, before_step=before_step, started=started, patch=patch)
             latents = finish_stage(run, stage, decode_stages or r == last).latents

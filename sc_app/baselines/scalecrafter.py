@@ -4,6 +4,11 @@ A plan names blocks and their dilation d. For steps i < tau the ResNet convs (`r
 the down/upsampler convs of those blocks run with dilation ceil(d) and matching padding; conv_in, conv_out,
 shortcuts and attention never change. tau counts steps of a 50-step schedule, as in ScaleCrafter's
 configs: with another step count, step i is re-dilated while i / steps < tau / 50.
+
+As the release's text2image scripts run it by default: FreeU on (its values for SD 1.x, 2.x and XL, by the
+channels entering each up-block ResNet: `freeu.py`; none for other UNets, for which no values were released) and
+guidance 5 on SD XL (7.5 on SD 1.x/2.x, the model's guidance elsewhere), unless the call or the model folder says
+otherwise (`self_cascade.json`, key "scalecrafter").
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from torch import nn
 
 from ..cascade import Result, check_inputs, direct
 from ..sampling import Conditioning, Denoiser, guided_denoiser
+from .freeu import RULES, check_values, freeu_applied, released_values
+from .progressive import model_settings
 
 BASE_STEPS = 50
+XL_GUIDANCE = 5.0  # text2image_xl.py's default
 # A conv that re-dilation may touch: a ResNet conv1/conv2 or a sampler conv, inside a down, mid or up block.
 _CONV = re.compile(
     r"(?P<block>(?:down|up)_blocks\.\d+|mid_block)\.(?P<part>resnets|downsamplers|upsamplers)"
@@ -386,6 +394,8 @@ def scalecrafter(
     *,
     num_inference_steps: int = 50,
     plan: Plan | None = None,
+    freeu: dict | bool | None = None,
+    freeu_rule: str | None = None,
     **common,
 ) -> Result:
     """Direct sampling at the target size with ScaleCrafter's re-dilation (He et al. 2023).
@@ -394,25 +404,36 @@ def scalecrafter(
     `common` takes the other arguments of `sc_app.cascade.direct`, `image` (SDEdit, re-dilated where its
     steps are among the schedule's first tau of 50) and `sampling` among them. tau and the noise-damped
     guidance count steps from the start of the schedule, whichever the sampler: step i is re-dilated while
-    i / steps < tau / 50.
+    i / steps < tau / 50. `freeu` (a dict of b1, b2, s1, s2, or False for none) by `freeu_rule` ("channels",
+    the release's; "blocks", diffusers'): default the release's for the model's family (see the module).
     """
+    release = {"freeu": released_values(model), "freeu_rule": "channels"}
+    release["guidance_scale"] = XL_GUIDANCE if model.is_xl else None  # None: the model's own
+    given = {"freeu": freeu, "freeu_rule": freeu_rule, "guidance_scale": common.get("guidance_scale")}
+    settings = model_settings(model, "scalecrafter", release, given)
+    settings["freeu"] = check_values(settings["freeu"])
+    if settings["freeu_rule"] not in RULES:
+        raise ValueError(f"freeu_rule must be one of {', '.join(RULES)}, got {settings['freeu_rule']!r}")
+    common["guidance_scale"] = settings["guidance_scale"]
     check_inputs(model, height, width, num_inference_steps, common.get("guidance_scale") or 0.0)
     plan = plan or plan_for(model.unet, model.base_size, height, width)
 
     def factory(denoiser, cond, added, h, w, first_step=0):
         return scalecrafter_denoiser(model.unet, plan, num_inference_steps, denoiser, cond, added, first_step)
 
-    result = direct(
-        model,
-        prompt,
-        height,
-        width,
-        num_inference_steps=num_inference_steps,
-        denoiser_factory=factory,
-        method="scalecrafter",
-        **common,
-    )
+    with freeu_applied(model.unet, settings["freeu"], settings["freeu_rule"]):
+        result = direct(
+            model,
+            prompt,
+            height,
+            width,
+            num_inference_steps=num_inference_steps,
+            denoiser_factory=factory,
+            method="scalecrafter",
+            **common,
+        )
     result.settings.update(plan.settings(num_inference_steps))
+    result.settings |= {"freeu": settings["freeu"], "freeu_rule": settings["freeu_rule"]}
     if result.settings.get("image_mode") == "sdedit":  # the steps before K were never run
         skipped = num_inference_steps - result.stages[-1].steps
         result.settings["redilated_steps"] = max(0, result.settings["redilated_steps"] - skipped)
