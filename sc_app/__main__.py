@@ -99,12 +99,21 @@ OUT_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
+    parser = MainParser(
         prog=prog("sc_app", "self-cascade"),
         description="Self-Cascade Studio: higher resolutions from a pre-trained diffusion model.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    g = sub.add_parser("generate", help="generate an image with self-cascade or a baseline")
+    g = parser.generate = sub.add_parser("generate", help="generate an image with self-cascade or a baseline")
+    g.add_argument(
+        "--settings-from",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="run with the settings a PNG was made with (ours: its full settings; A1111's: its parameters text) as "
+        "the defaults: every flag given here wins (a new size, --scale or method leaves the stage plan, K and the "
+        "method's own flags to it)",
+    )
     g.add_argument(
         "--model", default="embedded", help="'embedded', a diffusers folder (SD 1.x, 2.x, XL, SD3, FLUX), or a hub id"
     )
@@ -293,6 +302,126 @@ def build_parser() -> argparse.ArgumentParser:
     _add_video_parser(sub)
     _add_review_parser(sub)
     return parser
+
+
+# ---- generate --settings-from: a PNG's settings as the defaults of the run's flags ----------------------
+
+
+class MainParser(Parser):
+    """The top-level parser. `generate --settings-from FILE.png`: the file's settings become the generate
+    parser's defaults before the command line is parsed, so that every flag given there wins over the file;
+    a file that gives none is one line and exit code 2, before torch is imported."""
+
+    generate: argparse.ArgumentParser | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if self.generate is not None and args[:1] == ["generate"]:
+            given = given_flags(self.generate, args[1:])
+            if "settings_from" in given:
+                self.generate.set_defaults(**settings_defaults(self.generate, given))
+        return super().parse_known_args(args, namespace)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The flags `argv` gives (by dest, with their values), as `parser` parses them: every dest starts unset
+    (an append flag empty), so what is set was given, whatever its value."""
+    unset = object()
+    start = {
+        action.dest: [] if isinstance(action.default, list) else unset
+        for action in parser._actions
+        if action.dest != argparse.SUPPRESS
+    }
+    parsed, _ = parser.parse_known_args(argv, argparse.Namespace(**start))
+    return {dest: value for dest, value in vars(parsed).items() if value is not unset and value != []}
+
+
+SETTINGS_FLAGS = {  # generate's keyword (infotext.generate_arguments) -> the flag's dest, where the value passes
+    "model": "model",
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "height": "height",
+    "width": "width",
+    "method": "method",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "seed": "seed",
+    "scheduler": "scheduler",
+    "attention": "attention",
+    "attention_factor": "attention_factor",
+    "stages": "stages",
+    "upsample": "upsample",
+    "image": "image",
+    "fit": "fit",
+    "controlnet": "controlnet",
+    "control_image": "control_image",
+    "controlnet_conditioning_scale": "control_scale",
+    "control_guidance_start": "control_start",
+    "control_guidance_end": "control_end",
+    "sr_model": "sr_model",
+    "noise_level": "noise_level",
+}
+METHOD_FLAGS = ("k", "stages", "upsample", "upsampler", "sr_model", "noise_level")  # the file's method's own
+SIZE_FLAGS = ("height", "width", "scale", "stages")
+
+
+def settings_defaults(parser: argparse.ArgumentParser, given: dict) -> dict:
+    """--settings-from's file as defaults for the flags `given` leaves out (BadInput, one line, for a file that
+    gives none). Where the command line asks for another method, the file's method flags are left out; another
+    size (or --scale, or --stages), the file's stage count and per-stage K; --prompts-file, its prompt; --images,
+    its input image; --scale, its size."""
+    from .infotext import generate_arguments, png_settings
+
+    source = given["settings_from"]
+    try:
+        settings = png_settings(source)
+    except ValueError as error:
+        raise BadInput(f"--settings-from {error}") from None
+    flags = _as_flags(generate_arguments(settings), settings)
+    if "method" in given and given["method"] != flags.get("method", "self-cascade"):
+        flags = {dest: value for dest, value in flags.items() if dest not in METHOD_FLAGS}
+    if any(dest in given for dest in SIZE_FLAGS):
+        flags.pop("stages", None)
+        if len(flags.get("k", [])) > 1:
+            del flags["k"]
+    for dest, drops in (("prompts_file", "prompt"), ("images", "image"), ("scale", "height"), ("scale", "width")):
+        if dest in given:
+            flags.pop(drops, None)
+    actions = {action.dest: action for action in parser._actions}
+    return {dest: _flag_value(actions[dest], value, source) for dest, value in flags.items() if dest not in given}
+
+
+def _as_flags(arguments: dict, settings: dict) -> dict:
+    """generate's keyword arguments as the flags' dests and values: k as --k's list, a square attention window
+    as its side, LoRAs as FILE:SCALE, and --upsampler none for a self-cascade that ran without upsamplers."""
+    flags = {SETTINGS_FLAGS[name]: value for name, value in arguments.items() if name in SETTINGS_FLAGS}
+    k = arguments.get("k")
+    if k is not None:
+        flags["k"] = list(k) if isinstance(k, (list, tuple)) else [k]
+    window = arguments.get("attention_window")
+    if window is not None and len(set(window)) == 1:  # the flag takes a square window's side only
+        flags["attention_window"] = window[0]
+    if arguments.get("loras"):
+        flags["lora"] = [f"{path}:{scale}" for path, scale in arguments["loras"]]
+    if flags.get("method", "self-cascade") == "self-cascade" and not settings.get("upsampler"):
+        flags["upsampler"] = NO_UPSAMPLER
+    return flags
+
+
+def _flag_value(action: argparse.Action, value, source: Path):
+    """A value from the file as the flag would have parsed it (argparse neither converts nor checks defaults
+    that are not strings): its type, one of its choices."""
+    values = value if isinstance(value, list) else [value]
+    try:
+        if action.type is not None:
+            values = [action.type(v) for v in values]
+    except (TypeError, ValueError):
+        raise BadInput(f"--settings-from {source}: {action.option_strings[0]} {value!r} is not a valid value") from None
+    if action.choices is not None and any(v not in action.choices for v in values):
+        raise BadInput(
+            f"--settings-from {source}: {action.option_strings[0]} {value!r} is not one of {', '.join(action.choices)}"
+        )
+    return values if isinstance(value, list) else values[0]
 
 
 def read_prompts(args) -> list[str]:
@@ -579,17 +708,19 @@ def _check_control(args, options: dict, checked: Checked) -> None:
 
 
 def _write_run(result, folder: Path) -> None:
-    """stageR.png per stage (stage0.png: the pivot, or the input image as the run used it), final.png (with
-    A1111's `parameters` text, which image viewers, Civitai and A1111's PNG Info read), result.json (with an
-    input image its sha256, size and what was converted, under "image"): all or nothing, in place of the
-    folder's earlier run (`files.staged_folder`)."""
-    from .infotext import infotext, save_png
+    """stageR.png per stage (stage0.png: the pivot, or the input image as the run used it), final.png, each with
+    A1111's `parameters` text (which image viewers, Civitai and A1111's PNG Info read; a stage's with its own
+    size) and the run's settings as JSON (a stage's with its index, "stage"), which --settings-from reads back;
+    result.json (with an input image its sha256, size and what was converted, under "image"): all or nothing,
+    in place of the folder's earlier run (`files.staged_folder`)."""
+    from .infotext import infotext, save_png, stage_settings
 
     with staged_folder(folder) as tmp:
+        summary = result.summary()
         if len(result.stages) > 1:  # the methods with stages, and every method with an input image (stage 0)
             for r, stage in enumerate(result.stages):
-                stage.images[0].save(tmp / f"stage{r}.png")
-        summary = result.summary()
+                text = infotext(stage_settings(summary, r))
+                save_png(stage.images[0], tmp / f"stage{r}.png", text, settings={**summary, "stage": r})
         save_png(result.images[0], tmp / "final.png", infotext(summary), settings=summary)
         (tmp / "result.json").write_text(json.dumps(summary, indent=2, default=str))
 

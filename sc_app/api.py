@@ -77,8 +77,13 @@ def generate(
     controlnet_conditioning_scale: float | list[float] = 1.0,
     control_guidance_start: float | list[float] = 0.0,
     control_guidance_end: float | list[float] = 1.0,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+    interrupt=None,
+    output_type: str = "pil",
+    return_dict: bool = True,
     **common,
-) -> Result:
+) -> Result | tuple:
     """Run one method. `common` takes negative_prompt, num_inference_steps, guidance_scale, seed or
     generator, callback, on_stage, progress. `upsampler` (an Adapter, a .safetensors path, a folder of
     them or a list) turns the self-cascade into its tuned version: each stage takes the adapter that fits
@@ -115,17 +120,37 @@ def generate(
     `control_guidance_start` and `control_guidance_end` (0 <= start < end <= 1): one value, or one per
     ControlNet; the window counts over each stage's own steps. SD+SR and Lanczos: the pivot only (refused
     with an input image). settings["controlnet"] records them, settings["controlnet_steps"] the steps they
-    acted in per stage."""
+    acted in per stage.
+
+    diffusers' conventions: `callback_on_step_end(model, step, t, callback_kwargs) -> dict` is called after every
+    denoising step of every stage (`model`: what generate was given; `step` counts within the stage;
+    callback_kwargs holds the tensors `callback_on_step_end_tensor_inputs` names, of "latents" (default) and
+    "denoised" (the step's prediction of the clean latents, None where the sampler makes none), and "stage", the
+    stage's index); the "latents" it returns replace the run's. `interrupt` (a threading.Event, or anything with
+    is_set()) is looked at after each step's callbacks: once set, the run stops there and raises
+    `stages.Stopped`, whose `stages` are the stages finished before. `output_type`: "pil" (default), "np" (one
+    float32 array (prompts, height, width, 3) in 0..1) or "latent" (the final stage's latents; the stages are
+    still decoded for on_stage, and SD+SR and Lanczos, whose final stage is made in pixel space, refuse it):
+    what result.images holds. `return_dict=False` returns the tuple (images,) instead of the Result."""
     from .checks import whole, within_limit
     from .controlnet import check_control, load_controlnets
     from .lora import _as_loras, applied_loras, check_loras
     from .models import Model
-    from .stages import check_sampling, image_start
+    from .stages import OUTPUT_TYPES, StepEnd, check_sampling, check_step_end, image_start
 
-    from_pipe = not isinstance(model, Model)
+    given, from_pipe = model, not isinstance(model, Model)
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    tensor_inputs = check_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, interrupt)
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    if output_type == "latent" and method in PIXEL_METHODS:
+        raise ValueError(f"output_type 'latent': method {method}'s final stage is made in pixel space, it has none")
+    if callback_on_step_end is not None or interrupt is not None:  # else the callbacks pass on as they are
+        callbacks = common.get("callback"), common.get("on_stage")
+        hooks = StepEnd(given, callback_on_step_end, tensor_inputs, interrupt, *callbacks)
+        common |= {"callback": hooks.after_step, "on_stage": hooks.stage_finished}
     if getattr(model, "is_flow", False):  # SD3 and FLUX: sc_app.flow, which refuses what has no flow version yet
         from .flow import generate as generate_flow
 
@@ -134,9 +159,10 @@ def generate(
         flow_options = dict(k=k, stages=stages, upsample=upsample, upsampler=upsampler, loras=loras, image=image)
         flow_options |= dict(fit=fit, max_pixels=max_pixels, scheduler=scheduler, attention=attention)
         flow_options |= dict(attention_window=attention_window, attention_factor=attention_factor)
-        return generate_flow(
+        result = generate_flow(
             model, prompt, height, width, method, upsampler_min_t=upsampler_min_t, **flow_options, **common
         )
+        return _output(result, output_type, return_dict)
     sdedit_k = image is not None and method in SDEDIT_METHODS
     if method != "self-cascade" and ((k is not None and not sdedit_k) or stages is not None or upsampler is not None):
         raise ValueError(
@@ -195,7 +221,13 @@ def generate(
         result.settings["loras"] = [lora.summary() for lora in checked]
     if adapters:
         result.settings["upsampler"] = [adapter.describe() for adapter in adapters]
-    return result
+    return _output(result, output_type, return_dict)
+
+
+def _output(result: Result, output_type: str, return_dict: bool) -> Result | tuple:
+    """The Result with its images as `output_type` says, or diffusers' tuple (images,)."""
+    result.output_type = output_type
+    return result if return_dict else (result.images,)
 
 
 def _run(model, prompt, height, width, method, k, stages, upsample, stage_denoiser, common) -> Result:

@@ -323,6 +323,20 @@ def infotext(result_or_settings, image_index: int = 0, *, version: str | None = 
     return f"{prompts[image_index]}{negative}\n{line}".strip()
 
 
+def stage_settings(settings: dict, index: int) -> dict:
+    """The settings (result.json's) as stage `index`'s image was made, for that image's text: the stages up to it,
+    so that Size is its own, and of the self-cascade's per-stage K those of the stages up to it."""
+    stages = settings.get("stages") or []
+    if not isinstance(index, int) or not 0 <= index < len(stages):
+        raise ValueError(f"index must be in 0..{len(stages) - 1} (one per stage), got {index!r}")
+    own = {**settings, "stages": stages[: index + 1]}
+    if isinstance(settings.get("k"), list):  # one K per stage after stage 0
+        own["k"] = settings["k"][:index]
+        if not own["k"]:
+            del own["k"]
+    return own
+
+
 # ---- reading ------------------------------------------------------------------------------------------------
 
 
@@ -528,3 +542,117 @@ def read_png_settings(path: str | Path) -> dict | None:
     """The full settings `save_png` wrote into our own chunk; None when the file has none."""
     text = _png_text(path, SETTINGS_CHUNK)
     return None if text is None else json.loads(text)
+
+
+# ---- settings to run with again -----------------------------------------------------------------------------
+
+
+def png_settings(path: str | Path) -> dict:
+    """The settings a PNG was made with: our own chunk's (result.json's) where it has one, else its `parameters`
+    text parsed (`parse_infotext`: ours, or A1111's as far as its keys map). One-line ValueError for a file that
+    cannot be read, is no PNG, or carries neither."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:  # the text chunks before the pixels: read without decoding them
+            kind, info = image.format, dict(image.info)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file, or a damaged one") from None
+    except OSError as error:
+        reason = error.strerror or str(error).strip().split("\n")[0] or type(error).__name__
+        raise ValueError(f"{path}: cannot read it ({reason})") from None
+    if kind != "PNG":
+        raise ValueError(f"{path}: a {kind} image, not a PNG")
+    ours, text = info.get(SETTINGS_CHUNK), info.get(PARAMETERS)
+    if isinstance(ours, str):
+        try:
+            settings = json.loads(ours)
+        except ValueError:
+            settings = None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: its {SETTINGS_CHUNK!r} chunk is not a JSON object of settings")
+        return settings
+    if isinstance(text, str) and text.strip():
+        return parse_infotext(text)
+    raise ValueError(
+        f"{path}: no settings in it (neither our {SETTINGS_CHUNK!r} chunk nor A1111's {PARAMETERS!r} text)"
+    )
+
+
+def generate_arguments(settings: dict) -> dict:
+    """Settings (result.json's, or `parse_infotext`'s) as `api.generate`'s keyword arguments, with "model" (the
+    model's name: "embedded", a folder, a hub id), for what they can say again: prompt (an image's own, the first
+    of a batch), negative_prompt, height, width, method, num_inference_steps, guidance_scale, seed, scheduler,
+    attention and its window and factor; the self-cascade's k, stages (after stage 0) and upsample; an SDEdit
+    run's k; loras whose files are recorded; the input image and fit where its file is recorded; ControlNets
+    whose control images are; SD+SR's sr_model, noise_level, sr_steps and sr_guidance. Not: feature upsamplers
+    (recorded by description, not file), the methods' own settings, a generator."""
+    arguments = {name: settings[key] for key, name in _ARGUMENTS.items() if settings.get(key) is not None}
+    prompt = settings.get("prompt")
+    if isinstance(prompt, list):
+        arguments["prompt"] = prompt[0] if prompt else ""
+    stages = settings.get("stages") or []
+    if stages:
+        arguments["height"], arguments["width"] = stages[-1]["height"], stages[-1]["width"]
+    method = settings.get("method", "self-cascade")
+    if method == "self-cascade":
+        if len(stages) > 1:
+            arguments["stages"] = len(stages) - 1
+        for name in ("k", "upsample"):
+            if settings.get(name) is not None:
+                arguments[name] = settings[name]
+    elif settings.get("image_mode") == "sdedit" and settings.get("k") is not None:
+        arguments["k"] = settings["k"]
+    window = settings.get("attention_window")
+    if isinstance(window, list):
+        arguments["attention_window"] = tuple(window)
+    loras = [(lora["file"], lora.get("scale", 1.0)) for lora in settings.get("loras") or [] if lora.get("file")]
+    if loras:
+        arguments["loras"] = loras
+    image = settings.get("image") or {}
+    if image.get("path"):
+        arguments["image"] = image["path"]
+        if image.get("fit"):
+            arguments["fit"] = image["fit"]
+    arguments |= _control_arguments(settings.get("controlnet") or [])
+    if method == "sr":
+        arguments |= {name: settings[name] for name in _SR_ARGUMENTS if settings.get(name) is not None}
+    return arguments
+
+
+_ARGUMENTS = {  # settings key -> generate's keyword, where the value passes as it is
+    "model": "model",
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "height": "height",
+    "width": "width",
+    "method": "method",
+    "steps": "num_inference_steps",
+    "guidance_scale": "guidance_scale",
+    "seed": "seed",
+    "scheduler": "scheduler",
+    "attention": "attention",
+    "attention_factor": "attention_factor",
+}
+_SR_ARGUMENTS = ("sr_model", "noise_level", "sr_steps", "sr_guidance")
+
+
+def _control_arguments(units: list[dict]) -> dict:
+    """Recorded ControlNets as generate's arguments, where every one has its name and its control image's file."""
+    paths = [(unit.get("image") or {}).get("path") for unit in units]
+    if not units or not all(unit.get("controlnet") for unit in units) or not all(paths):
+        return {}
+    return {
+        "controlnet": [unit["controlnet"] for unit in units],
+        "control_image": paths,
+        "controlnet_conditioning_scale": [unit.get("scale", 1.0) for unit in units],
+        "control_guidance_start": [unit.get("start", 0.0) for unit in units],
+        "control_guidance_end": [unit.get("end", 1.0) for unit in units],
+    }
+
+
+def settings_from_png(path: str | Path) -> dict:
+    """`generate_arguments` of a PNG's settings (`png_settings`): what the page and `python -m sc_app generate
+    --settings-from` run with again."""
+    return generate_arguments(png_settings(path))

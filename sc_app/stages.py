@@ -9,6 +9,8 @@ how it builds each stage's starting latent and denoiser; the rest is the same fo
   (`sc_app.attention`) for every stage after the pivot, and with the run's ControlNets (`sc_app.controlnet`)
   on every UNet pass at the stage's size, whatever the method's denoiser is;
 - `finish_stage`: refuse non-finite latents (before anything is decoded or reported), decode, `on_stage`.
+diffusers' callback_on_step_end and an interrupt ride on the step callback and on_stage every method passes here
+(`StepEnd`, which api.generate puts in their place), so no method's loop knows of them.
 An input image is stage 0 (`input_stage`): the first stage itself ("pivot" mode) or, for the methods that
 sample at the target size only, re-noised to K there ("sdedit" mode).
 
@@ -27,6 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -59,6 +62,9 @@ class Stage:
     control_steps: int = 0  # the steps the run's ControlNets acted in (0: none, or a stage without a UNet of ours)
 
 
+OUTPUT_TYPES = ("pil", "np", "latent")  # diffusers' output_type values
+
+
 @dataclass
 class Result:
     method: str
@@ -66,11 +72,18 @@ class Result:
     stages: list[Stage]
     settings: dict
     decode_seconds: float = 0.0
+    output_type: str = "pil"  # what `images` holds (api.generate's output_type)
 
     @property
-    def images(self) -> list[Image.Image]:
-        """The final image of each prompt."""
-        return self.stages[-1].images
+    def images(self) -> list[Image.Image] | np.ndarray | torch.Tensor:
+        """The final image of each prompt, as diffusers' output_type gives it: PIL images ("pil"), one float32
+        array (prompts, height, width, 3) in 0..1 ("np"), or the final stage's latents ("latent")."""
+        final = self.stages[-1]
+        if self.output_type == "latent":
+            return final.latents
+        if self.output_type == "np":
+            return np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in final.images])
+        return final.images
 
     @property
     def total_seconds(self) -> float:
@@ -101,6 +114,83 @@ StageCallback = Callable[[int, Stage], None]
 class NonFiniteError(FloatingPointError, ValueError):
     """A stage's latents hold NaN or infinity: the run stops before that stage is decoded or reported. A
     ValueError too, so the command lines answer it in one line and write nothing."""
+
+
+# ---- diffusers' step-end conventions: callback_on_step_end and an interrupt -------------------------------
+
+CALLBACK_TENSOR_INPUTS = ("latents", "denoised")  # what callback_on_step_end_tensor_inputs may name
+
+
+class Stopped(Exception):
+    """A run's `interrupt` was set: it stopped at the end of the step where it was first seen set, after that
+    step's callbacks. `stages`: the stages it finished before (decoded, as on_stage had them); `stage` and `step`:
+    where it stopped (the step counted within its stage)."""
+
+    def __init__(self, stages: list[Stage], stage: int, step: int):
+        super().__init__(f"stopped after step {step} of stage {stage}")
+        self.stages, self.stage, self.step = stages, stage, step
+
+
+def check_step_end(callback_on_step_end, tensor_inputs, interrupt) -> list[str]:
+    """api.generate's step-end arguments, checked before any work; the tensor names as a list. One ValueError
+    naming every unknown tensor name, as diffusers' check_inputs does."""
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+    if isinstance(tensor_inputs, str) or not all(isinstance(name, str) for name in tensor_inputs):
+        raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names, got {tensor_inputs!r}")
+    unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs has to be in {list(CALLBACK_TENSOR_INPUTS)}, but found {unknown}"
+        )
+    if interrupt is not None and not callable(getattr(interrupt, "is_set", None)):
+        raise ValueError(f"interrupt must have is_set() (a threading.Event), got {type(interrupt).__name__}")
+    return list(tensor_inputs)
+
+
+@dataclass
+class StepEnd:
+    """diffusers' step-end conventions over the step callback and on_stage that every method already passes to
+    its stages (api.generate puts `after_step` and `stage_finished` in their place), so that no method's loop
+    changes: after each step, `callback_on_step_end(model, step, t, callback_kwargs)` with the named tensors and
+    "stage", the latents it returns replacing the run's; then the user's own `callback`; then the `interrupt`."""
+
+    model: object  # what the callback gets first: the model or pipeline generate was given
+    callback_on_step_end: Callable | None
+    tensor_inputs: list[str]
+    interrupt: object | None  # anything with is_set(): threading.Event
+    callback: Callable[[dict], None] | None = None
+    on_stage: StageCallback | None = None
+    finished: list[Stage] = field(default_factory=list)
+
+    def after_step(self, info: dict) -> None:
+        if self.callback_on_step_end is not None:
+            self._call_step_end(info)
+        if self.callback is not None:
+            self.callback(info)
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise Stopped(list(self.finished), info["stage"], info["i"])
+
+    def _call_step_end(self, info: dict) -> None:
+        tensors = {"latents": info["x"], "denoised": info.get("denoised")}
+        kwargs = {name: tensors[name] for name in self.tensor_inputs} | {"stage": info["stage"]}
+        outputs = self.callback_on_step_end(self.model, info["i"], info["t"], kwargs) or {}
+        latents = outputs.pop("latents", None)
+        if latents is None or latents is info["x"]:
+            return
+        if latents.shape != info["x"].shape:
+            raise ValueError(
+                f"callback_on_step_end returned latents of shape {tuple(latents.shape)} at stage {info['stage']} "
+                f"step {info['i']}, not the run's {tuple(info['x'].shape)}"
+            )
+        # Every loop (ours, the flow families', the x4 upscaler pipeline's) hands its callback the very tensor it
+        # goes on from, so writing into it replaces the run's latents without each loop taking a return value.
+        info["x"].copy_(latents)
+
+    def stage_finished(self, index: int, stage: Stage) -> None:
+        self.finished.append(stage)
+        if self.on_stage is not None:
+            self.on_stage(index, stage)
 
 
 # ---- the request ---------------------------------------------------------------------------------------
