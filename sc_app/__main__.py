@@ -77,6 +77,8 @@ ATTENTION_CHOICES = ("full", "window", "downsample-kv", "auto")
 EMBEDDED_IMAGE = checks.ASSETS / "shapes-ldm"
 EMBEDDED_VIDEO = checks.ASSETS / "shapes-video"
 EMBEDDED_SR = checks.ASSETS / "shapes-sr"
+EMBEDDED_FLOW = checks.ASSETS / "shapes-flow"  # sc_app.models.EMBEDDED_FLOW
+IMAGE_MODELS = {"embedded-flow": (EMBEDDED_FLOW, f"python -m tuner.train_flow --work runs/flow --out {EMBEDDED_FLOW}")}
 T = TypeVar("T")
 
 MAX_PIXELS_HELP = (
@@ -115,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         "method's own flags to it)",
     )
     g.add_argument(
-        "--model", default="embedded", help="'embedded', a diffusers folder (SD 1.x, 2.x, XL, SD3, FLUX), or a hub id"
+        "--model",
+        default="embedded",
+        help="'embedded', 'embedded-flow' (the SD3-layout shapes model, once trained), a diffusers folder (SD 1.x, "
+        "2.x, XL, SD3, FLUX), or a hub id",
     )
     g.add_argument(
         "--prompt",
@@ -619,7 +624,7 @@ def _check_flow_flags(args) -> None:
     before anything else is checked or loaded; a hub id's once it loads. A --model that is no folder is
     `_check_image_model`'s to refuse, in its turn."""
     try:
-        folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE)
+        folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE, named=IMAGE_MODELS)
     except ValueError:
         return
     family = checks.flow_family(folder)
@@ -732,7 +737,7 @@ def _k(args) -> int | list[int] | None:
 def _check_image_model(args) -> checks.ModelShape:
     """--model (and --method sr's --sr-model and --noise-level) before anything loads, and the request's
     sizes, steps, K and stages against what the model folder's configs say."""
-    folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE)
+    folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE, named=IMAGE_MODELS)
     shape = checks.model_shape(folder)
     if args.steps is None:  # the family's default: 28 for SD3 and FLUX, 50 for a UNet (a hub id's: once loaded)
         args.steps = shape.default_steps

@@ -303,14 +303,22 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def model_source(name: str, value: str, embedded: Path | None, index: str = "model_index.json") -> Path | None:
-    """A model flag before anything loads: 'embedded' (the shipped folder `embedded`, where there is one), a
-    folder that holds `index` (a diffusers folder: model_index.json), or a hub id (owner/name; with
-    HF_HUB_OFFLINE set, one in the local cache). Returns the folder, or None for a hub id."""
+def model_source(
+    name: str, value: str, embedded: Path | None, index: str = "model_index.json", named: dict | None = None
+) -> Path | None:
+    """A model flag before anything loads: 'embedded' (the shipped folder `embedded`, where there is one), another
+    shipped model by its name in `named` (name -> (folder, how to train it)), a folder that holds `index` (a
+    diffusers folder: model_index.json), or a hub id (owner/name; with HF_HUB_OFFLINE set, one in the local
+    cache). Returns the folder, or None for a hub id."""
     if value == "embedded" and embedded is not None:
         if not embedded.is_dir():
             raise ValueError(f"{name} embedded: the embedded model is missing ({embedded})")
         return embedded
+    if named and value in named:
+        folder, train = named[value]
+        if not folder.is_dir():
+            raise ValueError(f"{name} {value}: not trained yet ({folder} is missing); train it: {train}")
+        return folder
     folder = Path(value).expanduser()
     if folder.exists() or value.startswith(("/", ".", "~")):
         if not folder.is_dir():

@@ -26,6 +26,7 @@ def _assets_folder() -> Path:
 
 ASSETS = _assets_folder()
 EMBEDDED = ASSETS / "shapes-ldm"
+EMBEDDED_FLOW = ASSETS / "shapes-flow"  # the flow-matching model (SD3 layout), once trained: tuner.train_flow
 PAPER_K = 700  # the paper's K for Stable Diffusion, out of 1000 training steps
 SD_GUIDANCE = 7.5
 
@@ -223,15 +224,22 @@ def load_model(
     dtype: torch.dtype | None = None,
     offload_text_encoders: bool = False,
 ) -> Model:
-    """`embedded`, a local diffusers folder, or a hub id -> Model, on `device` (auto: cuda, mps, cpu).
+    """`embedded`, `embedded-flow` (the SD3-layout flow model, a FlowModel), a local diffusers folder, or a hub id
+    -> Model, on `device` (auto: cuda, mps, cpu).
 
     Weights are read as safetensors only, and no remote code is run. fp16 on cuda unless `dtype` says.
     `offload_text_encoders` keeps the text encoders on the CPU except while they encode a prompt: on a GPU,
     their weights (0.25 GB for SD 1.5, 0.7 GB for SD 2.1, 1.6 GB for SD XL in fp16) leave room for larger sizes.
     """
-    source = str(EMBEDDED) if name == "embedded" else name
+    embedded = {"embedded": EMBEDDED, "embedded-flow": EMBEDDED_FLOW}
+    source = str(embedded[name]) if name in embedded else name
     if name == "embedded" and not EMBEDDED.is_dir():
         raise FileNotFoundError(f"the embedded model is missing: {EMBEDDED} (train it: python -m tuner.train_base)")
+    if name == "embedded-flow" and not EMBEDDED_FLOW.is_dir():
+        raise FileNotFoundError(
+            f"the embedded flow model is missing: {EMBEDDED_FLOW} (train it: python -m tuner.train_flow "
+            f"--work runs/flow --out {EMBEDDED_FLOW})"
+        )
     looks_like_path = source.startswith(("/", ".", "~")) or Path(source).exists()
     if looks_like_path and not Path(source).expanduser().is_dir():
         raise ValueError(f"model {name!r}: no such folder")
