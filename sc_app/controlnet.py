@@ -49,6 +49,9 @@ from .weights import check_folder_weights, for_example, nonfinite_message, nonfi
 
 MAX_SCALE = 5.0  # controlnet_conditioning_scale's upper end (diffusers sets none; A1111's slider stops at 2)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+EMBEDDED = "embedded"  # `controlnet="embedded"`: the embedded model's colour-layout ControlNet, as shipped
+TRAIN_EMBEDDED = "python -m tuner.train_controlnet"
+LAYOUT_BACKGROUND = (255, 255, 255)  # the embedded ControlNet's control images: palette colours on white
 
 
 # ---- the request -----------------------------------------------------------------------------------------
@@ -279,15 +282,28 @@ def _moved(net, device, dtype):
     return net
 
 
+def embedded_controlnet() -> Path:
+    """Where the embedded model's ControlNet is shipped: assets/shapes-controlnet (tuner/train_controlnet.py)."""
+    from .models import ASSETS  # models imports this module (through cascade): read at call time
+
+    return ASSETS / "shapes-controlnet"
+
+
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+    return source == EMBEDDED or source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
 
 
 def local_folder(where: str, source: str | Path) -> Path:
     """A local ControlNet folder checked without loading it: there, a diffusers ControlNetModel's config (its
     own or a ControlNet pipeline's `controlnet/`) and safetensors weights (a folder of pickles only is refused:
-    they can run code when read). -> the folder that holds the config. `where` starts every message."""
-    path = Path(source).expanduser()
+    they can run code when read). -> the folder that holds the config. `where` starts every message. "embedded"
+    names the shipped one (`embedded_controlnet`)."""
+    if str(source) == EMBEDDED:
+        path = embedded_controlnet()
+        if not path.is_dir():
+            raise ValueError(f"{where}the embedded ControlNet is not there ({path}); train it: {TRAIN_EMBEDDED}")
+    else:
+        path = Path(source).expanduser()
     if not path.is_dir():
         raise ValueError(f"{where}no such folder")
     if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
@@ -420,6 +436,43 @@ def control_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """diffusers' `prepare_image` for one RGB image at height x width: (1, 3, H, W) float32 in [0, 1]."""
     array = np.asarray(cover(image.convert("RGB"), height, width), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+# ---- the embedded ControlNet's control image: a colour layout --------------------------------------------
+
+
+def scene_layout(scene, height: int, width: int) -> Image.Image:
+    """A shapes-world scene (`sc_app.shapes.Scene`) as the embedded ControlNet's control image at height x width:
+    each object's silhouette filled with its palette colour on LAYOUT_BACKGROUND, hard-edged (a pixel is the
+    object's when its centre lies inside, where `shapes.render` covers it at least half)."""
+    from .shapes import PALETTE, _ideal_mask  # the renderer's own geometry, without its anti-aliasing
+
+    short = min(height, width)
+    layout = np.full((height, width, 3), LAYOUT_BACKGROUND, np.uint8)
+    for obj in scene.objects:
+        inside = _ideal_mask(obj.shape, obj.cy * height, obj.cx * width, obj.r * short, height, width)
+        layout[inside] = PALETTE[obj.colour]
+    return Image.fromarray(layout)
+
+
+def layout_control(image) -> Image.Image:
+    """Any picture (a file path, a PIL image or HxWx3 array: a drawing, a shapes render, a sample) -> the embedded
+    ControlNet's control image, at the picture's size: every object the shapes detector sees (`shapes.blobs`: a
+    blob of pixels nearer one palette colour than half-way to light grey, larger than a speck) filled, holes
+    and all, with its exact palette colour on LAYOUT_BACKGROUND; everything else (backgrounds, outlines, other
+    colours, anti-aliased rims below half coverage) becomes background."""
+    from scipy import ndimage
+
+    from .shapes import PALETTE, _as_rgb, blobs
+
+    if isinstance(image, (str, Path)):
+        image, _ = _read_image("layout_control", image, None)
+    found = blobs(image)
+    layout = np.full((*_as_rgb(image).shape[:2], 3), LAYOUT_BACKGROUND, np.uint8)
+    masks = [(blob, ndimage.binary_fill_holes(blob.labels[blob.box] == blob.label)) for blob in found]
+    for blob, mask in sorted(masks, key=lambda item: -item[1].sum()):  # the largest first: a blob inside a ring stays
+        layout[blob.box][mask] = PALETTE[blob.colour]
+    return Image.fromarray(layout)
 
 
 # ---- the denoiser ----------------------------------------------------------------------------------------
