@@ -120,24 +120,47 @@ def test_compare_returns_one_image_per_method(client):
         "a red circle and a blue square", steps=10, attn_sf=True, api_name="/compare"
     )
     # no sr: the tiny model has no SR model (tests/test_app_lora.py runs it with one)
-    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "lanczos"]
+    methods = ["self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "hidiffusion", "lanczos"]
     assert [item["caption"].split(":")[0] for item in gallery] == methods
-    assert sizes(gallery) == [(32, 32)] * 7
+    assert sizes(gallery) == [(32, 32)] * 8
     assert [row[0] for row in table["data"]] == methods
-    assert [row[1] for row in table["data"]] == ["32 x 32"] * 7
+    assert [row[1] for row in table["data"]] == ["32 x 32"] * 8
     assert [row[3] for row in table["data"]] == (
-        ["pivot + 1 stage"] + ["one pass"] * 3 + ["pivot + 1 stage"] * 2 + ["pivot + Lanczos resize"]
+        ["pivot + 1 stage"] + ["one pass"] * 3 + ["pivot + 1 stage"] * 2 + ["one pass", "pivot + Lanczos resize"]
     )
-    assert status.startswith("Done: 7 methods at 32 x 32, seed ")
+    assert status.startswith("Done: 8 methods at 32 x 32, seed ")
     assert all(row[2] > 0 for row in table["data"])
     a, b = slider["value"]  # A: direct, B: self-cascade
     assert Image.open(a).tobytes() == Image.open(gallery[1]["image"]).tobytes()
     assert Image.open(b).tobytes() == Image.open(gallery[0]["image"]).tobytes()
 
 
-def test_compare_without_attn_sf_runs_six_methods(client):
+def test_compare_without_attn_sf_runs_seven_methods(client):
     gallery, table, *_ = client.predict("a red circle", steps=5, side_a="scalecrafter", api_name="/compare")
-    assert len(gallery) == 6 and len(table["data"]) == 6
+    assert len(gallery) == 7 and len(table["data"]) == 7
+
+
+def test_generate_and_compare_take_a_picture_a_sampler_and_an_attention_after_the_old_inputs(client, tmp_path):
+    """The new inputs come last, with defaults: a caller by position (above) still works, a caller by name adds
+    them."""
+    source = png(tmp_path / "start.png", 16)
+    gallery, final, status = client.predict(
+        "",
+        image=handle_file(str(source)),
+        scheduler="euler-a",
+        attention="window",
+        steps=3,
+        seed=2,
+        api_name="/generate",
+    )
+    assert [item["caption"].split(":")[0] for item in gallery] == ["input", "stage 1"]
+    assert sizes(gallery) == [(16, 16), (32, 32)]
+    assert status.startswith("Done: 32 x 32") and "sampler euler-a, attention window" in status
+    gallery, table, *_ = client.predict("", image=handle_file(str(source)), steps=2, attn_sf=False, api_name="/compare")
+    assert "direct (SDEdit)" in [row[0] for row in table["data"]]
+    with pytest.raises(AppError, match="the picture notes.txt: not an image"):
+        (tmp_path / "notes.txt").write_text("not a picture")
+        client.predict("a red circle", image=handle_file(str(tmp_path / "notes.txt")), api_name="/generate")
 
 
 # ---- bad input -----------------------------------------------------------------------------------

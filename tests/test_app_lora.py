@@ -102,7 +102,7 @@ def test_a_lora_is_chosen_and_used_through_the_api(app, style, tmp_path):
     [
         (4.5, r"LoRA scale must be in \[-4, 4\], got 4.5"),
         (float("nan"), "LoRA scale must be a finite number, got nan"),
-        (None, "LoRA scale must be a number, got None"),  # the field left empty
+        (None, "LoRA scale is empty: enter a number from -4 to 4"),  # the field left empty, in plain words
     ],
 )
 def test_an_out_of_range_lora_scale_is_an_error_that_names_the_field(app, style, scale, message):
@@ -249,7 +249,15 @@ def test_compare_runs_lanczos_with_the_lora_and_offers_no_sr_without_an_sr_model
     *_, (gallery, table, _, results, status, lines) = list(
         app.studio.compare("a red circle", "", "1:1", "4x", None, 3, 5.0, 0, "none", False, "direct", "lanczos", style)
     )
-    assert list(results) == ["self-cascade", "direct", "scalecrafter", "demofusion", "freescale", "lanczos"]
+    assert list(results) == [
+        "self-cascade",
+        "direct",
+        "scalecrafter",
+        "demofusion",
+        "freescale",
+        "hidiffusion",
+        "lanczos",
+    ]
     assert table[-1][0] == "lanczos" and table[-1][1:2] == ["32 x 32"] and table[-1][3] == "pivot + Lanczos resize"
     with Image.open(results["lanczos"]) as image:
         assert image.size == (32, 32)
@@ -292,7 +300,7 @@ def test_compare_offers_sr_where_the_model_has_one_and_counts_its_steps(sd_model
         studio.compare("a red circle", "", "1:1", "4x", None, 3, 5.0, 0, "none", False, "sr", "lanczos")
     )
     assert [row[0] for row in table][-2:] == ["sr", "lanczos"] and table[-2][3] == "pivot + 1 x4 upscale"
-    assert status.startswith("Done: 7 methods at 32 x 32")
+    assert status.startswith("Done: 8 methods at 32 x 32")  # HiDiffusion among them
 
 
 def test_the_progress_line_plans_sr_and_lanczos():

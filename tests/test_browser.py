@@ -239,16 +239,16 @@ def test_compare_stop_ends_the_run_and_the_next_is_served(page, monkeypatch):
     try:
         page.locator("#compare-button").click()
         status.get_by_text(
-            re.compile(r"^Method 1 of 6 \(self-cascade\), stage 1 of 1 \(32 x 32\), step 1 of \d+ · ")
+            re.compile(r"^Method 1 of 7 \(self-cascade\), stage 1 of 1 \(32 x 32\), step 1 of \d+ · ")
         ).wait_for(timeout=BACKSTOP_MS)
         stop.click()
-        status.get_by_text("Stopped. It was at method 1 of 6;").wait_for(timeout=BACKSTOP_MS)
+        status.get_by_text("Stopped. It was at method 1 of 7;").wait_for(timeout=BACKSTOP_MS)
     finally:
         released.set()
         monkeypatch.undo()
     page.wait_for_function("() => document.querySelector('#compare-stop').disabled", timeout=BACKSTOP_MS)
     page.locator("#compare-button").click()
-    status.get_by_text(re.compile("^Done: 6 methods at 32 x 32")).wait_for(timeout=BACKSTOP_MS)
+    status.get_by_text(re.compile("^Done: 7 methods at 32 x 32")).wait_for(timeout=BACKSTOP_MS)
     page.wait_for_function("() => document.querySelector('#compare-stop').disabled", timeout=BACKSTOP_MS)
     assert page.get_by_text("Traceback").count() == 0
 

@@ -26,6 +26,9 @@ NO_ADAPTER = "none"  # the adapter and LoRA dropdowns' first choice
 MAX_STEPS = 150
 MAX_GUIDANCE = 20.0
 MAX_LORA_SCALE = 4.0  # the library's range, -4..4
+DEFAULT_SCHEDULER = "ddim"  # the library's for a loaded model; the Sampler dropdown's first choice
+DEFAULT_ATTENTION = "full"
+ATTENTION_CHOICES = ("full", "auto", "window", "downsample-kv")  # the Attention dropdown, in this order
 
 EMBEDDED_EXAMPLES = [
     "a red circle and a blue square",
@@ -77,7 +80,16 @@ def checked(field: str, check, *args, empty: str | None = None, **kwargs):
         raise user_error(str(error), field) from None
 
 
-FIELD_WORDS = {"stages": "stages", "k": "k", "steps": "steps", "guidance": "guidance", "seed": "seed"}
+FIELD_WORDS = {
+    "stages": "stages",
+    "k": "k",
+    "steps": "steps",
+    "guidance": "guidance",
+    "seed": "seed",
+    "scheduler": "scheduler",
+    "attention": "attention",
+    "image": "image",
+}
 
 
 def field_of(message: str) -> str | None:
@@ -141,9 +153,45 @@ def target_size(base_size: int, multiple: int, aspect: str, scale: str) -> tuple
     return height, width
 
 
-def stages_text(stages: int) -> str:
-    """The one way the page says how many stages a run has: "pivot + 2 stages"."""
-    return f"pivot + {stages} stage{'' if stages == 1 else 's'}"
+def picture_target(base_size: int, multiple: int, picture: tuple[int, int], scale: str) -> tuple[int, int]:
+    """(height, width) at `scale` times the model's base pixels with the aspect ratio of a picture of `picture`
+    (width, height) pixels: the size in multiples of `multiple` nearest those pixels whose aspect ratio is within the
+    library's tolerance (3%) of the picture's, so that the picture is resized to it as it is."""
+    from ..images import ASPECT_TOLERANCE, aspect_gap
+
+    if scale not in SCALES:
+        raise user_error(f"scale must be one of {', '.join(SCALES)}, got {scale!r}", "scale")
+    pw, ph = picture
+    pixels, aspect = base_size**2 * SCALES[scale], pw / ph
+    best = None
+    for h in range(multiple, 2 * round(math.sqrt(pixels / aspect)) + 2 * multiple, multiple):
+        w = max(multiple, round(h * aspect / multiple) * multiple)
+        if aspect_gap((pw, ph), h, w) > ASPECT_TOLERANCE:
+            continue
+        distance = abs(math.log(h * w / pixels))
+        if best is None or distance < best[0]:
+            best = (distance, h, w)
+    if best is None:
+        raise user_error(
+            f"the picture's shape ({pw} x {ph}) has no size at {scale} within 3% of it: crop it nearer a common "
+            "shape (such as 4:3), or pick a larger scale",
+            "image",
+        )
+    return best[1], best[2]
+
+
+def picture_aspect(width: int, height: int) -> str:
+    """A picture's shape in words: "3:2", or "1.41:1" where no small ratio is near."""
+    for w, h in ((a, b) for b in range(1, 10) for a in range(1, 17)):
+        if abs(w / h - width / height) < 0.01 * width / height:
+            return f"{w}:{h}"
+    return f"{width / height:.2f}:1"
+
+
+def stages_text(stages: int, first: str = "pivot") -> str:
+    """The one way the page says how many stages a run has: "pivot + 2 stages" ("input + 2 stages" from a
+    picture)."""
+    return f"{first} + {stages} stage{'' if stages == 1 else 's'}"
 
 
 def stages_beyond_plan(stages: int | None, height: int, width: int, base_size: int, multiple: int) -> str | None:
@@ -163,6 +211,28 @@ def stages_beyond_plan(stages: int | None, height: int, width: int, base_size: i
 def prompt_slug(prompt: str) -> str:
     """A prompt as part of a file name: lower-case words joined by '-', at most 40 characters."""
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
+
+
+def picture_name(request: dict) -> str | None:
+    """The file name of a request's input picture as its user knows it (never a path of the server's); None
+    without one."""
+    start = request.get("image")
+    if start is None:
+        return None
+    path = start if isinstance(start, (str, Path)) else (getattr(start, "info", None) or {}).get("path")
+    return Path(str(path or "input.png")).name
+
+
+def sampler_choices() -> list[tuple[str, str]]:
+    """The Sampler dropdown: A1111's names ("Euler a", "DPM++ 2M Karras"), each with its `schedulers.CHOICES`
+    value."""
+    from ..schedulers import A1111, CHOICES
+
+    labels = []
+    for choice in CHOICES:
+        name, schedule = A1111.get(choice, ("the model's own", None))
+        labels.append((f"{name} Karras" if schedule == "Karras" else name, choice))
+    return labels
 
 
 def result_name(request: dict, suffix: str = ".png") -> str:
@@ -196,13 +266,17 @@ def settings_line(
     args = ["python", "-m", "sc_app", "generate", "--model", model.name, "--prompt", request["prompt"]]
     if request.get("negative_prompt"):
         args += ["--negative-prompt", request["negative_prompt"]]
+    if (name := picture_name(request)) is not None:  # the picture by the name its user knows, not the server's path
+        args += ["--image", name]
     args += ["--height", str(request["height"]), "--width", str(request["width"]), "--method", request["method"]]
     if request["method"] == "self-cascade":
-        ks = list(k) if k is not None else request_ks(request) or []
+        ks = (list(k) if isinstance(k, (list, tuple)) else [k]) if k is not None else request_ks(request) or []
         if request.get("stages") is not None or k is not None:
             args += ["--stages", str(len(ks) if k is not None else request["stages"])]
         if ks:
             args += ["--k", *map(str, ks)]
+    elif request.get("image") is not None and (k is not None or request.get("k") is not None):
+        args += ["--k", str(k if k is not None and not isinstance(k, (list, tuple)) else request.get("k"))]
     args += [
         "--steps",
         str(request["num_inference_steps"]),
@@ -211,6 +285,10 @@ def settings_line(
         "--seed",
         str(request["seed"]),
     ]
+    if request.get("scheduler") not in (None, DEFAULT_SCHEDULER):
+        args += ["--scheduler", request["scheduler"]]
+    if request.get("attention") not in (None, DEFAULT_ATTENTION):
+        args += ["--attention", request["attention"]]
     if request["method"] == "self-cascade":
         args += _upsampler_flag(model.default_upsampler, request.get("upsampler"), shown or {})
     for path, scale in request.get("loras") or []:

@@ -10,7 +10,10 @@ API's `/compare` (`compare`, methods by their names in the library, as before); 
 from __future__ import annotations
 
 import gradio as gr
+from PIL import Image
 
+from ..api import SDEDIT_METHODS
+from ..infotext import infotext, save_png
 from . import status
 from .common import (
     NO_ADAPTER,
@@ -22,11 +25,30 @@ from .common import (
     settings_line,
     stages_text,
 )
-from .controls import PRIVATE, disable, enable, sampling_controls, size_controls, stop_button
+from .controls import (
+    PRIVATE,
+    disable,
+    enable,
+    picture_input,
+    run_options,
+    sampling_controls,
+    size_controls,
+    stop_button,
+)
 from .loras import lora_controls
 
 # attn-sf when its box is ticked, sr where the model has an SR model (`compare_methods`)
-COMPARE_METHODS = ("self-cascade", "direct", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
+COMPARE_METHODS = (
+    "self-cascade",
+    "direct",
+    "scalecrafter",
+    "attn-sf",
+    "demofusion",
+    "freescale",
+    "hidiffusion",
+    "sr",
+    "lanczos",
+)
 # the methods as the page names them
 METHOD_NAMES = {
     "self-cascade": "self-cascade",
@@ -51,7 +73,11 @@ FIELDS = {
     "adapter": "compare-adapter",
     "lora": "compare-lora",
     "lora-scale": "compare-lora-scale",
+    "image": "compare-input-image",
+    "scheduler": "compare-scheduler",
+    "attention": "compare-attention",
 }
+SDEDIT = " (SDEdit)"  # from a picture, a method that redraws it at the target (`api.image_mode`) says so
 
 
 def compare_methods(model) -> tuple[str, ...]:
@@ -66,20 +92,30 @@ def compare_methods(model) -> tuple[str, ...]:
     return COMPARE_METHODS
 
 
-def method_name(method: str, adapter: str | None = None) -> str:
-    """A method as the page names it; the self-cascade with its adapter: "self-cascade + shipped adapters"."""
+def method_words(method: str) -> str:
+    """A method as a message names it: "direct sampling", "HiDiffusion"."""
+    return METHOD_NAMES.get(method, method)
+
+
+def method_name(method: str, adapter: str | None = None, picture: bool = False) -> str:
+    """A method as the page names it; the self-cascade with its adapter: "self-cascade + shipped adapters"; from a
+    `picture`, a method that redraws it (SDEdit): "direct sampling (SDEdit)"."""
+    sdedit = SDEDIT if picture and method in SDEDIT_METHODS else ""
     if method != "self-cascade" or not adapter or adapter == NO_ADAPTER:
-        return METHOD_NAMES.get(method, method)
+        return METHOD_NAMES.get(method, method) + sdedit
     return "self-cascade + shipped adapters" if adapter.startswith("shipped: ") else f"self-cascade + {adapter}"
 
 
-def stages_column(method: str, stages: int) -> str:
-    """The table's stages column: how a method got to the target size."""
+def stages_column(method: str, stages: int, picture: bool = False) -> str:
+    """The table's stages column: how a method got to the target size (from a picture: "input + ...")."""
+    first = "input" if picture else "pivot"
     if method == "lanczos":
-        return "pivot + Lanczos resize"
+        return f"{first} + Lanczos resize"
     if method == "sr":
-        return f"pivot + {stages} x4 upscale{'' if stages == 1 else 's'}"
-    return stages_text(stages) if stages else "one pass"
+        return f"{first} + {stages} x4 upscale{'' if stages == 1 else 's'}"
+    if picture and method in SDEDIT_METHODS:
+        return "input, redrawn at the size (SDEdit)"
+    return stages_text(stages, first) if stages else "one pass"
 
 
 class CompareRun:
@@ -97,6 +133,7 @@ class CompareRun:
         self._links: dict[str, str] = {}
         self._shown_preview = None
         self.seed = requests[0]["seed"]
+        self.picture = requests[0].get("image") is not None  # every method starts from the same picture
 
     def changes(self, page: gr.Request | None):
         """Run it: yields "progress", "done" (a method), "stopped" or "end"."""
@@ -124,10 +161,12 @@ class CompareRun:
                 job, summary = event[1], event[2]
                 method, request = self.methods[job], requests[job]
                 self.results[method] = self.finals[job]
+                with Image.open(self.finals[job]) as image:  # with its settings, as the command line's final.png
+                    save_png(image.convert("RGB"), self.finals[job], infotext(summary), settings=summary)
                 self.rows[method] = (
                     f"{request['width']} x {request['height']}",
                     round(summary["total_seconds"], 1),
-                    stages_column(method, len(summary["stages"]) - 1),
+                    stages_column(method, len(summary["stages"]) - 1, self.picture),
                 )
                 self.lines[method] = settings_line(
                     studio.model,
@@ -151,11 +190,14 @@ class CompareRun:
             studio.review.add_compare(requests, self.methods, self.results)
 
     def label(self, method: str) -> str:
-        """A method as the API's captions and table say it: its library name, "(tuned)" with an adapter."""
-        return method + (" (tuned)" if self.requests[self.methods.index(method)].get("upsampler") else "")
+        """A method as the API's captions and table say it: its library name, "(tuned)" with an adapter, "(SDEdit)"
+        where it redraws the picture."""
+        tuned = " (tuned)" if self.requests[self.methods.index(method)].get("upsampler") else ""
+        return method + tuned + (SDEDIT if self.picture and method in SDEDIT_METHODS else "")
 
     def name(self, method: str) -> str:
-        return method_name(method, self.adapter if self.requests[self.methods.index(method)].get("upsampler") else None)
+        adapter = self.adapter if self.requests[self.methods.index(method)].get("upsampler") else None
+        return method_name(method, adapter, self.picture)
 
     # ---- what the API returns -------------------------------------------------------------------
 
@@ -208,17 +250,28 @@ class CompareHandlers:
     """The Compare tab's events (a part of `Studio`)."""
 
     def _compare_run(
-        self, prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale
+        self,
+        prompt,
+        negative_prompt,
+        aspect,
+        scale,
+        k,
+        steps,
+        guidance,
+        seed,
+        adapter,
+        attn_sf,
+        lora,
+        lora_scale,
+        image=None,
+        scheduler=None,
+        attention=None,
     ) -> CompareRun:
         methods = [m for m in self.compare_methods if m != "attn-sf" or attn_sf]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for every method
-        requests = [
-            self.request(
-                m, prompt, negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale
-            )
-            for m in methods
-        ]
+        widgets = (negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale)
+        requests = [self.request(m, prompt, *widgets, image, scheduler, attention) for m in methods]
         return CompareRun(self, methods, requests, adapter)
 
     def compare(
@@ -237,14 +290,18 @@ class CompareHandlers:
         side_b,
         lora=NO_ADAPTER,
         lora_scale=1.0,
+        image=None,
+        scheduler=None,
+        attention=None,
         page: gr.Request = None,
     ):
         """Compare (the API's /compare): one prompt and seed through each method; a gallery, a table, an A/B slider,
         the progress line in the status, and (a State for `show_settings`) a settings line per method. `lora` (one of
-        `Studio.loras`, at `lora_scale`) applies to every method."""
-        run = self._compare_run(
-            prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale
-        )
+        `Studio.loras`, at `lora_scale`) applies to every method. `image`: a picture every method upscales (the
+        direct methods redraw it at the target, SDEdit, and say so: "direct (SDEdit)"); `scheduler` and `attention`
+        as Generate's."""
+        widgets = (prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale)
+        run = self._compare_run(*widgets, image, scheduler, attention)
         skip = gr.skip()
         yield [], [], skip, skip, "Starting...", skip
         for change in run.changes(page):
@@ -270,15 +327,17 @@ class CompareHandlers:
         side_b,
         lora=NO_ADAPTER,
         lora_scale=1.0,
+        image=None,
+        scheduler=None,
+        attention=None,
         page: gr.Request = None,
     ):
         """The page's Compare: the status area, the row of methods, the A/B slider, the results (a State), the table,
         the settings lines (a State for `show_settings`) and the seed used (a State for Reuse seed)."""
         skip = gr.skip()
+        widgets = (prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale)
         try:
-            run = self._compare_run(
-                prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale
-            )
+            run = self._compare_run(*widgets, image, scheduler, attention)
             yield status.running(None, "Starting..."), run.row(), skip, {}, [], {}, run.seed
             for change in run.changes(page):
                 if change == "progress":
@@ -331,6 +390,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                 with gr.Row():
                     c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
                     c_stop = stop_button("compare-stop")
+                c_picture = picture_input("compare-input-image", "Start every method from a picture (optional)")
             with gr.Column(elem_classes=["sc-results"]):
                 c_status = status.status_area("compare-status")
                 c_row = gr.HTML(status.slot_row([]), elem_id="compare-methods", padding=False)
@@ -380,6 +440,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                 )
                 c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
+                c_scheduler, c_attention = run_options(prefix="compare-")
                 gr.Examples([[e] for e in examples], [c_prompt])
 
     c_inputs = [
@@ -397,6 +458,9 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
         side_b,
         c_lora,
         c_lora_scale,
+        c_picture,  # after the first ones: the API's callers by position still work
+        c_scheduler,
+        c_attention,
     ]
     gr.on([c_run.click, c_prompt.submit], enable, None, c_stop, **PRIVATE).then(
         studio.compare_page,
@@ -417,6 +481,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
     )
     c_stop.click(studio.stop_run("compare"), None, c_stop, **PRIVATE)
     c_reuse.click(_reuse_compare_seed, [c_used_seed, c_seed], c_seed, **PRIVATE)
+    c_picture.change(studio.picture_controls, [c_picture, c_aspect, c_scale], [c_aspect, c_scale, c_k], **PRIVATE)
     gr.on(
         [side_a.change, side_b.change],
         studio.slider,

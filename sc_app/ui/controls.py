@@ -7,9 +7,24 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import ASPECTS, MAX_GUIDANCE, MAX_STEPS, RANDOM_SEED, STAGE_CHOICES, refusing_quietly, stages_text
+from .common import (
+    ASPECTS,
+    ATTENTION_CHOICES,
+    DEFAULT_ATTENTION,
+    DEFAULT_SCHEDULER,
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    RANDOM_SEED,
+    STAGE_CHOICES,
+    refusing_quietly,
+    sampler_choices,
+    stages_text,
+)
 
 PRIVATE = dict(api_visibility="private", queue=False)  # the page's own small events: not in the API
+SCALE_LABEL = "Size (times the model's pixels)"
+K_LABEL = "K (re-noise level)"
+PICTURE_K_LABEL = "K: how much may change (re-noise level)"  # from a picture: how much of it each stage redraws
 
 
 def enable():
@@ -43,7 +58,7 @@ def size_controls(studio, prefix: str = "") -> tuple:
         gr.Radio(
             studio.size_choices("1:1")["choices"],
             value="4x",
-            label="Size (times the model's pixels)",
+            label=SCALE_LABEL,
             elem_id=f"{prefix}scale",
         ),
         name="scale",
@@ -79,7 +94,7 @@ def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
             )
         k = gr.Textbox(
             "auto",
-            label="K (re-noise level)",
+            label=K_LABEL,
             info=f"auto: the model's ({default_ks_text(model)}); one value for every stage or one per stage (300, 150)"
             f", each 1 to {model.num_train_timesteps - 1}; higher: more new detail, less of the pivot's layout",
             elem_id=f"{prefix}k",
@@ -92,3 +107,68 @@ def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
             seed = number_field(RANDOM_SEED, "Seed (-1: random)", scale=3, elem_id=f"{prefix}seed")
             reuse = gr.Button("Reuse seed", scale=1, size="sm", elem_id=f"{prefix}reuse-seed")
     return stages, k, steps, guidance, seed, reuse
+
+
+def picture_input(elem_id: str, label: str = "Start from a picture (optional)") -> gr.Image:
+    """A picture to start from: dropped, uploaded or pasted; its file goes to the handler as it came (gradio's own
+    reading is skipped where it fails), so that a file that is no image, or too large, is the handler's to refuse
+    in the status area, with the field marked, rather than gradio's error in a corner. Low, so that on a phone the
+    run's buttons and status stay on the first screen."""
+    picture = gr.Image(
+        label=label,
+        type="filepath",
+        image_mode=None,  # as it is: the library converts (palette, 16-bit, CMYK, transparency) and says so
+        sources=["upload", "clipboard"],
+        height=150,
+        buttons=["fullscreen"],
+        elem_id=elem_id,
+        elem_classes=["sc-picture"],
+    )
+    preprocess = picture.preprocess
+
+    def as_given(payload):
+        try:
+            return preprocess(payload)
+        except Exception:
+            path = getattr(payload, "path", None)
+            if path is None:
+                raise
+            return str(path)
+
+    picture.preprocess = as_given
+    return picture
+
+
+ATTENTION_LABELS = {
+    "full": "full (exact)",
+    "auto": "auto",
+    "window": "window (shifted windows)",
+    "downsample-kv": "downsample-kv (pooled keys)",
+}
+
+
+def run_options(prefix: str = "") -> tuple[gr.Dropdown, gr.Dropdown]:
+    """The sampler and the attention of the large stages, in an accordion of their own (#{prefix}scheduler,
+    #{prefix}attention): A1111's sampler names, the library's values."""
+    with gr.Accordion("Sampler and attention", open=False, elem_classes=["sc-accordion"]):
+        scheduler = refusing_quietly(
+            gr.Dropdown(
+                sampler_choices(),
+                value=DEFAULT_SCHEDULER,
+                label="Sampler",
+                info="every stage samples with it; LCM needs an LCM model or LoRA",
+                elem_id=f"{prefix}scheduler",
+            ),
+            name="sampler",
+        )
+        attention = refusing_quietly(
+            gr.Dropdown(
+                [(ATTENTION_LABELS[mode], mode) for mode in ATTENTION_CHOICES],
+                value=DEFAULT_ATTENTION,
+                label="Attention in the large stages",
+                info="auto: windows at 16x the model's pixels and above (faster there), exact below",
+                elem_id=f"{prefix}attention",
+            ),
+            name="attention",
+        )
+    return scheduler, attention

@@ -1,6 +1,8 @@
 """The Generate tab: one prompt through the self-cascade; a progress bar in view while it runs, a row with a slot
 for the pivot and each stage (the running one's live preview, each picture as it finishes), then the final image
-large with its download, the pivot (upscaled) | final slider, and the settings line.
+large with its download, the pivot (upscaled) | final slider, and the settings line. From a picture ("Start from a
+picture"), the row's first slot is the picture as the run used it ("input"), the slider is the picture resized |
+final, and "Use this result" puts the final image back as the picture, to continue it to a larger size.
 
 Its handlers (`GenerateHandlers`) are mixed into `sc_app.ui.studio.Studio`, whose `request()` and `_stream()` they
 use. One run (`GenerateRun`) feeds two events: the page's own (`generate_page`: the status area, the row, the
@@ -10,11 +12,10 @@ final image) and the API's `/generate` (`generate`: the gallery, the final file 
 
 from __future__ import annotations
 
-import shutil
-
 import gradio as gr
 from PIL import Image
 
+from ..infotext import infotext, save_png
 from . import status
 from .common import (
     NO_ADAPTER,
@@ -25,7 +26,16 @@ from .common import (
     stages_text,
     user_error,
 )
-from .controls import PRIVATE, disable, enable, sampling_controls, size_controls, stop_button
+from .controls import (
+    PRIVATE,
+    disable,
+    enable,
+    picture_input,
+    run_options,
+    sampling_controls,
+    size_controls,
+    stop_button,
+)
 from .loras import lora_controls
 from .progress import stage_plan
 
@@ -42,11 +52,29 @@ FIELDS = {
     "adapter": "adapter",
     "lora": "lora",
     "lora-scale": "lora-scale",
+    "image": "input-image",
+    "scheduler": "scheduler",
+    "attention": "attention",
 }
+# after "Use this result": the picture input, now holding the final image, scrolled into view
+SHOW_PICTURE = "() => document.getElementById('input-image')?.scrollIntoView({block: 'center', behavior: 'smooth'})"
+SLIDER_LABELS = ("Pivot (upscaled) | final: drag to compare", "Input (resized) | final: drag to compare")
 
 
-def stage_name(index: int, stages: int) -> str:
-    return "pivot" if index == 0 else f"stage {index} of {stages}"
+def slider_label(picture) -> dict:
+    """The final slider's label for the next run: the input resized | final with a picture, else the pivot's."""
+    return gr.update(label=SLIDER_LABELS[picture is not None])
+
+
+def stage_name(index: int, stages: int, picture: bool = False) -> str:
+    """A stage as the page names it: the pivot ("input": the picture as the run used it) and "stage i of n"."""
+    return ("input" if picture else "pivot") if index == 0 else f"stage {index} of {stages}"
+
+
+def saved_with_settings(image: Image.Image, path, summary: dict) -> None:
+    """A result's PNG with A1111's `parameters` text (its PNG Info) and our settings as JSON (result.json's), as the
+    command line writes final.png."""
+    save_png(image, path, infotext(summary), settings=summary)
 
 
 class GenerateRun:
@@ -55,6 +83,7 @@ class GenerateRun:
 
     def __init__(self, studio, request: dict):
         self.studio, self.request = studio, request
+        self.picture = request.get("image") is not None  # stage 0 is the picture as the run used it
         self.plan = stage_plan(studio.model, request)
         self.finished: list[tuple[str, int, int, float]] = []  # path, height, width, seconds
         self.progress = None
@@ -81,11 +110,12 @@ class GenerateRun:
                 path = run / f"stage{index}.png"
                 image.save(path)
                 self.finished.append((str(path), h, w, seconds))
-                self.text = f"{stage_name(index, stages).capitalize()} done ({w} x {h}, {seconds:.1f} s)..."
+                name = stage_name(index, stages, self.picture).capitalize()
+                self.text = f"{name} done ({w} x {h}, {seconds:.1f} s)..."
                 yield "stage"
             elif kind == "stopped":
                 where = event[1]
-                at = "" if where is None else f" It was at {stage_name(where.stage, where.stages - 1)};"
+                at = "" if where is None else f" It was at {stage_name(where.stage, where.stages - 1, self.picture)};"
                 self.text = f"Stopped.{at} seed {request['seed']}: Reuse seed puts it back."
                 self.result = {
                     "seed": request["seed"],
@@ -104,15 +134,20 @@ class GenerateRun:
         request = self.request
         w, h = request["width"], request["height"]
         final = run / result_name(request)
-        shutil.copyfile(self.finished[-1][0], final)
-        pivot = run / f"pivot-upscaled-{w}x{h}.png"
+        with Image.open(self.finished[-1][0]) as image:
+            saved_with_settings(image.convert("RGB"), final, summary)
+        first = "input" if self.picture else "pivot"
+        pivot = run / f"{first}-{'resized' if self.picture else 'upscaled'}-{w}x{h}.png"
         with Image.open(self.finished[0][0]) as image:
             image.convert("RGB").resize((w, h), Image.BICUBIC).save(pivot)
         tuned = f", adapter {self.studio.adapter_label(request.get('upsampler'))}" if request.get("upsampler") else ""
+        sampler = f", sampler {request['scheduler']}" if request.get("scheduler") else ""
+        sampler += f", attention {request['attention']}" if request.get("attention") else ""
         self.final = str(final)
         self.result = {
             "pivot": str(pivot),
             "final": str(final),
+            "picture": self.picture,
             "seed": request["seed"],
             "settings": settings_line(
                 self.studio.model, request, summary["k"], out=result_name(request, ""), shown=self.studio.shown_paths()
@@ -120,15 +155,15 @@ class GenerateRun:
             "loras": summary.get("loras", []),  # file, scale and sha256 of each LoRA the run used
         }
         self.text = (
-            f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, {stages_text(len(summary['stages']) - 1)}, "
-            f"K {ks_text(summary['k'])}, seed {request['seed']}{tuned}{loras_text(request.get('loras'))}."
+            f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, {stages_text(len(summary['stages']) - 1, first)}, "
+            f"K {ks_text(summary['k'])}, seed {request['seed']}{sampler}{tuned}{loras_text(request.get('loras'))}."
         )
 
     # ---- what the API returns -------------------------------------------------------------------
 
     def gallery(self) -> list[tuple[str, str]]:
         return [
-            (path, f"{'pivot' if i == 0 else f'stage {i}'}: {w} x {h}, {seconds:.1f} s")
+            (path, f"{('input' if self.picture else 'pivot') if i == 0 else f'stage {i}'}: {w} x {h}, {seconds:.1f} s")
             for i, (path, h, w, seconds) in enumerate(self.finished)
         ]
 
@@ -147,10 +182,13 @@ class GenerateRun:
         self._shown_preview = preview
         slots = []
         for index, (_, h, w) in enumerate(self.plan):
-            slot = status.Slot(stage_name(index, stages), w, h)
+            slot = status.Slot(stage_name(index, stages, self.picture), w, h)
             if index < now:
                 path, h, w, seconds = self.finished[index]
-                slot.url, slot.detail = self._link(path), f"{seconds:.1f} s"
+                slot.url, slot.detail = (
+                    self._link(path),
+                    "your picture" if index == 0 and self.picture else f"{seconds:.1f} s",
+                )
             elif index == now and self.progress is not None and self.progress.stage == now:
                 slot.preview, slot.detail = preview, f"step {self.progress.step} of {self.progress.steps}"
             slots.append(slot)
@@ -178,12 +216,17 @@ class GenerateHandlers:
         adapter,
         lora=NO_ADAPTER,
         lora_scale=1.0,
+        image=None,
+        scheduler=None,
+        attention=None,
         page: gr.Request = None,
     ):
         """Generate (the API's /generate): the pivot and every stage as they finish (a gallery), the progress line
         in the status, then the final image; the last output (a State) is what `show_result` shows: the pivot
         upscaled beside the final image, the settings line and the seed used. `lora`: one of `Studio.loras`, at
-        `lora_scale`."""
+        `lora_scale`. `image`: a picture to start from (the gallery's first image is then the picture as the run
+        used it; the prompt may be empty); `scheduler` one of `sc_app.schedulers.CHOICES`, `attention` "full",
+        "auto", "window" or "downsample-kv" (None: ddim and full)."""
         request = self.request(
             "self-cascade",
             prompt,
@@ -198,6 +241,9 @@ class GenerateHandlers:
             adapter,
             lora,
             lora_scale,
+            image,
+            scheduler,
+            attention,
         )
         run = GenerateRun(self, request)
         skip = gr.skip()
@@ -226,6 +272,9 @@ class GenerateHandlers:
         adapter,
         lora=NO_ADAPTER,
         lora_scale=1.0,
+        image=None,
+        scheduler=None,
+        attention=None,
         page: gr.Request = None,
     ):
         """The page's Generate: the status area (a bar and the progress line, then how it ended, or an error that
@@ -233,7 +282,7 @@ class GenerateHandlers:
         skip = gr.skip()
         widgets = (prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale)
         try:
-            run = GenerateRun(self, self.request("self-cascade", *widgets))
+            run = GenerateRun(self, self.request("self-cascade", *widgets, image, scheduler, attention))
             yield status.running(None, "Starting..."), run.row(), None, None
             for change in run.changes(page):
                 if change == "progress":
@@ -249,12 +298,23 @@ class GenerateHandlers:
 
     @staticmethod
     def show_result(result: dict | None):
-        """Generate tab, after a run: the pivot (upscaled to the final size) | final slider and the settings line (a
-        stopped run's too: it makes the whole image)."""
+        """Generate tab, after a run: the pivot (upscaled to the final size; from a picture, the picture resized) |
+        final slider and the settings line (a stopped run's too: it makes the whole image)."""
         if not result:
-            return gr.skip(), gr.skip()
-        slider = gr.update(value=(result["pivot"], result["final"])) if "final" in result else gr.skip()
-        return slider, result["settings"]
+            return gr.skip(), gr.skip(), gr.skip()
+        if "final" not in result:
+            return gr.skip(), result["settings"], gr.skip()
+        label = SLIDER_LABELS[bool(result.get("picture"))]
+        slider = gr.update(value=(result["pivot"], result["final"]), label=label)
+        return slider, result["settings"], gr.update(interactive=True)
+
+    @staticmethod
+    def use_result(result: dict | None):
+        """ "Use this result": the last run's final image into the picture input, to continue it to a larger size
+        (the picture's change then picks the next scale that is larger than it)."""
+        if not result or "final" not in result:
+            raise user_error("no finished image yet: run Generate first")
+        return result["final"]
 
     @staticmethod
     def reuse_seed(result: dict | None, seed):
@@ -274,6 +334,8 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate-button", scale=3)
                     stop = stop_button("generate-stop")
+                # under the buttons, low: on a phone the status area still shows on the first screen
+                picture = picture_input("input-image")
             with gr.Column(elem_classes=["sc-results"]):
                 status_area = status.status_area("generate-status")
                 stage_row = gr.HTML(status.slot_row([]), elem_id="stages", padding=False)
@@ -285,8 +347,14 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                     buttons=["download", "fullscreen"],
                     elem_id="final-image",
                 )
+                use_result = gr.Button(
+                    "Use this result (continue it to a larger size)",
+                    size="sm",
+                    interactive=False,
+                    elem_id="use-result",
+                )
                 final_slider = gr.ImageSlider(
-                    label="Pivot (upscaled) | final: drag to compare",
+                    label=SLIDER_LABELS[0],
                     type="filepath",
                     interactive=False,
                     elem_id="final-slider",
@@ -321,9 +389,11 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                         "Load .safetensors", file_types=[".safetensors"], scale=1, size="sm"
                     )
                 lora, lora_scale, lora_upload = lora_controls(studio.loras)
+                scheduler, attention = run_options()
                 gr.Examples([[e] for e in examples], [prompt])
 
     inputs = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale]
+    inputs += [picture, scheduler, attention]  # after the first ones: the API's callers by position still work
     # the page's run: the status area keeps the progress in view; nothing covers the stages already shown
     gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
         studio.generate_page,
@@ -332,7 +402,9 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
         api_visibility="private",
         show_progress="hidden",
         **gpu,
-    ).then(studio.show_result, result, [final_slider, settings], **PRIVATE).then(disable, None, stop, **PRIVATE)
+    ).then(studio.show_result, result, [final_slider, settings, use_result], **PRIVATE).then(
+        disable, None, stop, **PRIVATE
+    )
     gr.on(
         [],
         studio.generate,
@@ -344,6 +416,12 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     )
     stop.click(studio.stop_run("generate"), None, stop, **PRIVATE)
     reuse.click(studio.reuse_seed, [result, seed], seed, **PRIVATE)
+    # a picture sets the aspect ratio and the sizes, and K says how much of it may change
+    picture.change(studio.picture_controls, [picture, aspect, scale], [aspect, scale, k], **PRIVATE)
+    picture.change(slider_label, picture, final_slider, **PRIVATE)  # what the slider will compare, before the run
+    use_result.click(studio.use_result, result, picture, api_visibility="private").then(
+        None, js=SHOW_PICTURE, **PRIVATE
+    )
     # adapters made by other pages appear when the tab is opened
     tab.select(studio.adapter_choices, None, adapter, api_visibility="private", queue=False)
     tab.select(studio.loras.update, None, lora, api_visibility="private", queue=False)

@@ -56,6 +56,10 @@ class LoraShelf:
         path = chosen_adapter(self.choices(), label, what="LoRA", field="lora")
         if path is None:
             return []
+        if scale is None:  # the field left empty
+            raise user_error(
+                f"LoRA scale is empty: enter a number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}", "lora-scale"
+            )
         try:
             loras = [(path, checks.finite("LoRA scale", scale, -MAX_LORA_SCALE, MAX_LORA_SCALE))]
         except ValueError as error:

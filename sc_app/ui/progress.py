@@ -87,6 +87,8 @@ def stage_plan(model, request: dict) -> list[tuple[int, int, int]]:
     alone for lanczos (its resize has no steps), or one pass at the target size."""
     h, w = request["height"], request["width"]
     method = request["method"]
+    if request.get("image") is not None:
+        return picture_plan(model, request)
     if method == "self-cascade":
         sizes = plan_stages(h, w, model.base_size, model.size_multiple, request.get("stages"))
     elif method in PEER_METHODS:
@@ -99,6 +101,28 @@ def stage_plan(model, request: dict) -> list[tuple[int, int, int]]:
     else:
         sizes = [(h, w)]
     return [(stage_steps(model, request, r), sh, sw) for r, (sh, sw) in enumerate(sizes)]
+
+
+def picture_plan(model, request: dict) -> list[tuple[int, int, int]]:
+    """`stage_plan` for a run from a picture (`request["image"]`, a `stages.Start`): stage 0 is the picture as the
+    run uses it, with no steps; then one stage at the target for the SDEdit methods (re-noised to K: about K/T of
+    the steps), sr's upscales (Lanczos's resize has none), or the stages planned from the picture's size."""
+    start = request["image"]
+    h, w = request["height"], request["width"]
+    method, steps = request["method"], request["num_inference_steps"]
+    first = (0, *start.size)
+    if start.mode == "sdedit":
+        k = request.get("k") or model.default_k
+        return [first, (max(1, min(steps, round(steps * k / model.num_train_timesteps))), h, w)]
+    if method in PIVOT_METHODS:
+        sizes = [start.size]
+        while method == "sr" and (sizes[-1][0] < h or sizes[-1][1] < w):
+            sh, sw = sizes[-1][0] * SR_FACTOR, sizes[-1][1] * SR_FACTOR
+            sizes.append((h, w) if sh >= h and sw >= w else (sh, sw))
+        return [first] + [(steps if method == "sr" else 0, sh, sw) for sh, sw in sizes[1:]]
+    stages = request.get("stages") if method == "self-cascade" else None
+    sizes = plan_stages(h, w, model.base_size, model.size_multiple, stages, first=start.size)
+    return [first] + [(stage_steps(model, request, r), sh, sw) for r, (sh, sw) in enumerate(sizes) if r]
 
 
 class StepCost:

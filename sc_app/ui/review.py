@@ -137,6 +137,11 @@ class ReviewTab:
                 }
                 if request.get("loras"):  # a run with a LoRA pairs only with the same LoRA's images
                     settings["loras"] = request["loras"]
+                if request.get("image") is not None:  # a run from a picture pairs only with that picture's
+                    settings["image"] = request["image"].info.get("sha256")
+                for key in ("scheduler", "attention"):  # and one with another sampler only with its own
+                    if request.get(key):
+                        settings[key] = request[key]
                 samples.append(
                     Sample(
                         results[method], request["prompt"], label, request["seed"], {**settings, "model": model.name}

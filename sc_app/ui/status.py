@@ -205,6 +205,8 @@ CSS = """
 #final-image .image-frame img { object-fit: contain; width: 100%; height: auto; max-height: 70vh; }
 /* the pivot | final slider keeps the images' shape (both letterboxed alike, so the split lines up) */
 #final-slider img, #ab-slider img { object-fit: contain !important; }
+/* a picture to start from: shown whole, a small one too, in its low box */
+.sc-picture img { object-fit: contain; width: 100%; height: 100%; image-rendering: auto; }
 /* Stop is grey while nothing runs */
 .sc-stop:disabled { opacity: 0.6; }
 """

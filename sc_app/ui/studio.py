@@ -25,11 +25,19 @@ from typing import Iterator
 import gradio as gr
 
 from .. import checks
+from ..api import RESTARTING_METHODS, SDEDIT_METHODS, image_mode
 from ..api import generate as run_method
 from ..cascade import check_inputs
 from ..checks import ENV_MAX_PIXELS, megapixels
+from ..images import InputImage, load_image
 from ..lora import check_loras
+from ..schedulers import CHOICES
+from ..stages import check_sampling, image_start
 from .common import (
+    ASPECTS,
+    ATTENTION_CHOICES,
+    DEFAULT_ATTENTION,
+    DEFAULT_SCHEDULER,
     MAX_GUIDANCE,
     MAX_STEPS,
     NO_ADAPTER,
@@ -39,13 +47,16 @@ from .common import (
     checked,
     chosen_adapter,
     field_of,
+    picture_aspect,
+    picture_target,
     random_seed,
     resolve_max_pixels,
     stages_beyond_plan,
     target_size,
     user_error,
 )
-from .compare import CompareHandlers, compare_methods
+from .compare import CompareHandlers, compare_methods, method_words
+from .controls import K_LABEL, PICTURE_K_LABEL, SCALE_LABEL
 from .generate import GenerateHandlers
 from .loras import LoraShelf, folder_slug
 from .preview import LatentPreview
@@ -56,6 +67,23 @@ from .uploads import display_name, safe_stem
 from .video import VIDEO_LORAS, VideoTab
 
 ADAPTERS, LORAS = "adapters", "loras"  # under the work folder, one folder per model in each
+
+
+def _picture_size(path) -> tuple[int, int] | None:
+    """(width, height) of a picture as the library will see it (turned as its EXIF says), from its header; None
+    without one, or where it cannot be read (the run says why)."""
+    from PIL import Image
+
+    if not path:
+        return None
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned a quarter: its sides swap
+                width, height = height, width
+    except Exception:
+        return None
+    return width, height
 
 
 class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
@@ -241,19 +269,36 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         adapter,
         lora=NO_ADAPTER,
         lora_scale=1.0,
+        image=None,
+        scheduler=None,
+        attention=None,
     ) -> dict:
         """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid. `lora`: one
-        of `self.loras`' choices, applied at `lora_scale` whatever the method."""
+        of `self.loras`' choices, applied at `lora_scale` whatever the method. `image`: a picture's file to start
+        from (the target then has its aspect ratio, `aspect` is not used), read and sized here, before anything slow;
+        the prompt may then be empty. `scheduler` (one of `schedulers.CHOICES`) and `attention` ("full", "auto",
+        "window", "downsample-kv"): None for the library's defaults."""
         prompt = (prompt or "").strip()
-        if not prompt:
-            raise user_error("the prompt is empty: describe the image you want", "prompt")
+        picture = self.picture(image) if image else None
+        if not prompt and picture is None:
+            raise user_error("the prompt is empty: describe the image you want (or start from a picture)", "prompt")
         base, m = self.model.base_size, self.model.size_multiple
-        height, width = target_size(base, m, aspect, scale)
+        if picture is None:
+            height, width = target_size(base, m, aspect, scale)
+        else:
+            height, width = picture_target(base, m, picture.image.size, scale)
         if height * width > self.max_pixels:
             raise user_error(
                 f"{width}x{height} is {megapixels(height * width)}, over this server's limit of "
                 f"{megapixels(self.max_pixels)} (set by --max-pixels or {ENV_MAX_PIXELS}): "
                 f"pick a smaller scale",
+                "scale",
+            )
+        if picture is not None and height * width <= picture.image.width * picture.image.height:
+            pw, ph = picture.image.size
+            raise user_error(
+                f"the picture is {pw} x {ph}, {'as large as' if height * width == pw * ph else 'larger than'} the "
+                f"{scale} size ({width} x {height}): pick a larger size to continue it",
                 "scale",
             )
         # whole numbers stay whole and floats finite: nothing is cut or rounded without a word
@@ -271,13 +316,34 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         )
         seed = random_seed() if seed is None or seed == RANDOM_SEED else checked("seed", checks.seed, "seed", seed)
         cascade = method == "self-cascade"
+        sdedit = picture is not None and method in SDEDIT_METHODS  # redrawn at the target from the picture, to K
+        if sdedit and isinstance(k, list):
+            raise user_error(
+                f"K: one value with a picture ({method_words(method)} redraws it once, at the target size), got "
+                f"{', '.join(map(str, k))}",
+                "k",
+            )
+        start = None
+        if picture is not None:
+            try:
+                start = image_start(self.model, picture, height, width, mode=image_mode(method))
+            except ValueError as error:
+                raise user_error(f"the picture: {str(error).removeprefix('image: ')}", "image") from None
+        first = start.size if start is not None and start.mode == "pivot" else None
         try:
             check_inputs(
-                self.model, height, width, steps, guidance, k if cascade else None, stages if cascade else None
+                self.model,
+                height,
+                width,
+                steps,
+                guidance,
+                k if cascade else None,
+                stages if cascade else None,
+                first=first,
             )
         except ValueError as error:
             raise user_error(str(error), field_of(str(error))) from None
-        if cascade and (warning := stages_beyond_plan(stages, height, width, base, m)):
+        if cascade and picture is None and (warning := stages_beyond_plan(stages, height, width, base, m)):
             gr.Warning(warning)
         request = {
             "method": method,
@@ -289,11 +355,89 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
             "guidance_scale": guidance,
             "seed": seed,
         }
+        if start is not None:
+            request["image"] = start
         if cascade:
             request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
+        elif sdedit and k is not None:
+            request["k"] = k
         if loras := self.loras.chosen(lora, lora_scale):
             request["loras"] = loras
+        request.update(self._sampling(method, scheduler, attention, steps, loras, start))
         return request
+
+    def _sampling(self, method: str, scheduler, attention, steps: int, loras, start) -> dict:
+        """The request's scheduler and attention, checked against the model (`stages.check_sampling`): {} for the
+        defaults."""
+        scheduler = scheduler or DEFAULT_SCHEDULER
+        attention = attention or DEFAULT_ATTENTION
+        if scheduler not in CHOICES:
+            raise user_error(f"sampler must be one of {', '.join(CHOICES)}, got {scheduler!r}", "scheduler")
+        if attention not in ATTENTION_CHOICES:
+            raise user_error(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}", "attention")
+        try:
+            check_sampling(
+                self.model,
+                scheduler,
+                attention,
+                num_inference_steps=steps,
+                restarts=method in RESTARTING_METHODS or (start is not None and method in SDEDIT_METHODS),
+                lcm_lora=any("lcm" in str(path).lower() for path, _ in loras),
+            )
+        except ValueError as error:
+            message = str(error)
+            raise user_error(message, "attention" if message.startswith("attention") else "scheduler") from None
+        options = {}
+        if scheduler != DEFAULT_SCHEDULER:
+            options["scheduler"] = scheduler
+        if attention != DEFAULT_ATTENTION:
+            options["attention"] = attention
+        return options
+
+    def picture(self, path) -> InputImage:
+        """A picture to start from, read and checked as the library reads it (its size from its header first, within
+        this server's limit), known by its file's name only: a message or a settings line never shows the server's
+        path to it. gr.Error about the picture field if it is no image, or too large."""
+        name = display_name(Path(str(path)).name)
+        try:
+            picture = load_image(str(path), self.max_pixels)
+        except ValueError as error:
+            reason = str(error).replace(f"image {path}", "").lstrip(": ").replace(f"{path}", name)
+            raise user_error(f"the picture {name}: {reason}", "image") from None
+        return InputImage(picture.image, {**picture.info, "path": name})
+
+    def picture_controls(self, path, aspect: str | None = None, scale: str | None = None):
+        """What a picture set or cleared changes (the page's own event): the aspect ratio (hidden while there is a
+        picture: the target takes the picture's), the scale's sizes (at the picture's shape, each said where it is
+        no larger than the picture; the choice moved to the first that continues it where it is not one) and K's
+        label (how much of the picture may change)."""
+        size = _picture_size(path)
+        if size is None:
+            return (
+                gr.update(visible=True),
+                {**self.size_choices(aspect if aspect in ASPECTS else "1:1"), "label": SCALE_LABEL},
+                gr.update(label=K_LABEL),
+            )
+        pw, ph = size
+        base, m = self.model.base_size, self.model.size_multiple
+        labels = []
+        for scale in SCALES:
+            try:
+                h, w = picture_target(base, m, size, scale)
+            except gr.Error:
+                labels.append((f"{scale}: no size fits the picture's shape", scale))
+                continue
+            note = " (over this server's limit)" if h * w > self.max_pixels else ""
+            note = " (not larger than the picture)" if h * w <= pw * ph else note
+            labels.append((f"{scale}: {w} x {h}{note}", scale))
+        fits = [value for label, value in labels if "(" not in label and "no size" not in label]
+        value = scale if scale in fits or not fits else fits[0]  # the chosen size, unless it cannot continue it
+        shape = f"{SCALE_LABEL}, at the picture's shape ({picture_aspect(pw, ph)}, {pw} x {ph})"
+        return (
+            gr.update(visible=False),
+            gr.update(choices=labels, value=value, label=shape),
+            gr.update(label=PICTURE_K_LABEL),
+        )
 
     def generate_seconds(self, requests: list[dict], stop: str) -> int:
         return gpu_seconds(self.model, requests)

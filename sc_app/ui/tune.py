@@ -154,7 +154,8 @@ class TuneHandlers:
             high_open=True,
             empty="enter a number between 0 and 1, such as 0.001",
         )
-        scale = checked("scale", checks.whole, "scale", as_number(scale))
+        pick = f"pick {' or '.join(map(str, TUNE_SCALES))}"
+        scale = checked("scale", checks.whole, "scale", as_number(scale), empty=pick)
         if scale not in TUNE_SCALES:
             raise user_error(f"scale must be one of {TUNE_SCALES}, got {scale}", "scale")
         if source not in (SHAPES_WORLD, MY_IMAGES):
