@@ -12,18 +12,26 @@ final image) and the API's `/generate` (`generate`: the gallery, the final file 
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import gradio as gr
 from PIL import Image
 
 from ..infotext import infotext, save_png
 from . import status
 from .common import (
+    ASPECTS,
+    ATTENTION_CHOICES,
     NO_ADAPTER,
+    SCALES,
     ks_text,
     loras_text,
+    model_label,
     result_name,
     settings_line,
     stages_text,
+    target_size,
     user_error,
 )
 from .controls import (
@@ -59,6 +67,62 @@ FIELDS = {
 # after "Use this result": the picture input, now holding the final image, scrolled into view
 SHOW_PICTURE = "() => document.getElementById('input-image')?.scrollIntoView({block: 'center', behavior: 'smooth'})"
 SLIDER_LABELS = ("Pivot (upscaled) | final: drag to compare", "Input (resized) | final: drag to compare")
+
+
+FORM_KEYS = ("prompt", "negative", "aspect", "scale", "stages", "k", "steps", "guidance", "seed", "scheduler")
+FORM_KEYS += ("attention",)
+
+
+def filled_form(model, settings: dict) -> dict:
+    """generate's keyword arguments read from a PNG -> Generate's widget values by FORM_KEYS (only what the PNG
+    says), and "notes": what the page could not take as it was (another method or model, a size the page has not,
+    its input picture)."""
+    from ..schedulers import CHOICES
+
+    form, notes = {}, []
+    for key, name in (("prompt", "prompt"), ("negative_prompt", "negative")):
+        if key in settings:
+            form[name] = settings[key] or ""
+    if "height" in settings and "width" in settings:
+        height, width = settings["height"], settings["width"]
+        aspect, scale = nearest_size(model.base_size, model.size_multiple, height, width)
+        form["aspect"], form["scale"] = aspect, scale
+        got = target_size(model.base_size, model.size_multiple, aspect, scale)
+        if got != (height, width):
+            notes.append(f"its size {width} x {height} is not one of the page's: {got[1]} x {got[0]} chosen")
+    if "stages" in settings:
+        form["stages"] = str(settings["stages"])
+    k = settings.get("k")
+    if k is not None:
+        form["k"] = ", ".join(str(v) for v in k) if isinstance(k, (list, tuple)) else str(k)
+    for key, name in (("num_inference_steps", "steps"), ("guidance_scale", "guidance"), ("seed", "seed")):
+        if settings.get(key) is not None:
+            form[name] = settings[key]
+    if settings.get("scheduler") in CHOICES:
+        form["scheduler"] = settings["scheduler"]
+    if settings.get("attention") in ATTENTION_CHOICES:
+        form["attention"] = settings["attention"]
+    method = settings.get("method", "self-cascade")
+    if method != "self-cascade":
+        notes.append(f"it was made with {method}; Generate runs the self-cascade (Compare runs the others)")
+    if settings.get("model") not in (None, model.name):
+        made, runs = model_label(str(settings["model"])), model_label(model.name)
+        notes.append(f"it was made with the model {made}, this page runs {runs}")
+    if settings.get("image") is not None:
+        notes.append("it started from a picture: drop that picture to start from it again")
+    form["notes"] = notes
+    return form
+
+
+def nearest_size(base_size: int, multiple: int, height: int, width: int) -> tuple[str, str]:
+    """The page's (aspect, scale) whose size is nearest height x width: the aspect ratio first (log ratio), then the
+    pixels."""
+
+    def gap(aspect: str, scale: str) -> tuple[float, float]:
+        h, w = target_size(base_size, multiple, aspect, scale)
+        return abs(math.log((w / h) / (width / height))), abs(math.log(h * w / (height * width)))
+
+    return min(((a, s) for a in ASPECTS for s in SCALES), key=lambda pair: gap(*pair))
 
 
 def slider_label(picture) -> dict:
@@ -316,6 +380,26 @@ class GenerateHandlers:
             raise user_error("no finished image yet: run Generate first")
         return result["final"]
 
+    def settings_from_png(self, file):
+        """A PNG's settings (`infotext.settings_from_png`: our JSON, else A1111's parameters text) into Generate's
+        form: prompt, negative prompt, aspect and scale (the page's size that is the PNG's, else the nearest,
+        said so), stages, K, steps, guidance, seed, sampler and attention; what the page cannot take is said in the
+        status area. An unreadable file: its one line there, the form as it was."""
+        from ..infotext import settings_from_png
+
+        skip = gr.skip()
+        name = Path(str(file)).name if file else ""
+        try:
+            settings = settings_from_png(file)
+        except ValueError as error:
+            message = str(error).replace(str(file), name)
+            return [skip] * 11 + [status.error(f"settings from a PNG: {message}", "settings-from")]
+        form = filled_form(self.model, settings)
+        notes = form.pop("notes")
+        text = f"Filled in from {name}" + (f" ({'; '.join(notes)})" if notes else "") + ". Press Generate to run it."
+        values = [form.get(key, skip) for key in FORM_KEYS]
+        return values + [status.done(text)]
+
     @staticmethod
     def reuse_seed(result: dict | None, seed):
         """The seed the last run used (a stopped one's too), back into the seed box (unchanged before any run)."""
@@ -390,6 +474,9 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                     )
                 lora, lora_scale, lora_upload = lora_controls(studio.loras)
                 scheduler, attention = run_options()
+                settings_png = gr.UploadButton(
+                    "Settings from a PNG (ours or A1111's)", file_types=[".png"], size="sm", elem_id="settings-from"
+                )
                 gr.Examples([[e] for e in examples], [prompt])
 
     inputs = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale]
@@ -419,6 +506,9 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     # a picture sets the aspect ratio and the sizes, and K says how much of it may change
     picture.change(studio.picture_controls, [picture, aspect, scale], [aspect, scale, k], **PRIVATE)
     picture.change(slider_label, picture, final_slider, **PRIVATE)  # what the slider will compare, before the run
+    # a PNG made here or by A1111 fills the form in (its parameters text, or our settings JSON)
+    filled = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, scheduler, attention, status_area]
+    settings_png.upload(studio.settings_from_png, settings_png, filled, **PRIVATE)
     use_result.click(studio.use_result, result, picture, api_visibility="private").then(
         None, js=SHOW_PICTURE, **PRIVATE
     )
