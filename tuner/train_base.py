@@ -10,7 +10,6 @@ written atomically), and is reproducible from `--seed`: the scenes of step s com
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,8 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sc_app.checks import training_config
-from sc_app.cli import Parser, parse_or_exit
+from tuner.flags import parse_config
 
 log = logging.getLogger("train_base")
 
@@ -62,21 +60,8 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    """The flags (one per Config field) and --export-only, checked (numbers finite and in range, --out and
-    --work writable); bad ones are one `error:` line and exit code 2."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoints")
-
-    def config(args) -> tuple[Config, bool]:
-        flags = vars(args)
-        export_only = flags.pop("export_only")
-        cfg = Config(**flags)
-        training_config(cfg)
-        return cfg, export_only
-
-    return parse_or_exit(parser, argv, config)
+    """The flags (one per Config field) and --export-only, checked (`tuner.flags`)."""
+    return parse_config(Config, __doc__, argv, export_help="write --out from the latest checkpoints")
 
 
 if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads

@@ -21,7 +21,6 @@ place (`layout_agreement`), with and without the ControlNet, at the base size an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -32,8 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sc_app.checks import training_config
-from sc_app.cli import Parser, parse_or_exit
+from tuner.flags import parse_config
 
 log = logging.getLogger("train_controlnet")
 
@@ -72,27 +70,10 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    """The flags (one per Config field) and --export-only, checked; bad ones are one `error:` line, exit 2."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoint")
-
-    def config(args) -> tuple[Config, bool]:
-        flags = vars(args)
-        export_only = flags.pop("export_only")
-        cfg = Config(**flags)
-        training_config(cfg)
-        positive = ("steps", "batch_size", "cache_scenes", "checkpoint_every", "log_every", "embedding_width")
-        for name in (*positive, "eval_steps"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-        for name in ("warmup", "eval_samples", "eval_samples_16x"):
-            if getattr(cfg, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(cfg, name)}")
-        return cfg, export_only
-
-    return parse_or_exit(parser, argv, config)
+    """The flags (one per Config field) and --export-only, checked (`tuner.flags`)."""
+    positive = ("steps", "batch_size", "cache_scenes", "checkpoint_every", "log_every", "embedding_width", "eval_steps")
+    non_negative = ("warmup", "eval_samples", "eval_samples_16x")
+    return parse_config(Config, __doc__, argv, positive=positive, non_negative=non_negative)
 
 
 if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads

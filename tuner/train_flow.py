@@ -20,7 +20,6 @@ batch, noise and sigmas of step s come from (seed, s) alone.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -32,8 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sc_app.checks import training_config
-from sc_app.cli import Parser, parse_or_exit
+from tuner.flags import parse_config
 
 log = logging.getLogger("train_flow")
 
@@ -61,28 +59,18 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    """The flags (one per Config field) and --export-only, checked (numbers finite and in range, --out and
-    --work writable); bad ones are one `error:` line and exit code 2."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the checkpoint in --work")
+    """The flags (one per Config field) and --export-only, checked (`tuner.flags`)."""
 
-    def config(args) -> tuple[Config, bool]:
-        flags = vars(args)
-        export_only = flags.pop("export_only")
-        cfg = Config(**flags)
-        training_config(cfg)
-        for name in ("steps", "batch_size", "layers", "heads", "head_dim", "checkpoint_every", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    def check(cfg: Config) -> None:
         if cfg.base_size % (VAE_FACTOR * PATCH) or cfg.base_size > MAX_SIDE:
             raise ValueError(f"--base-size must be a multiple of {VAE_FACTOR * PATCH} up to {MAX_SIDE}")
         if not (Path(cfg.base_model) / "vae").is_dir():
             raise ValueError(f"--base-model {cfg.base_model}: not the embedded model's folder (no vae/)")
-        return cfg, export_only
 
-    return parse_or_exit(parser, argv, config)
+    positive = ("steps", "batch_size", "layers", "heads", "head_dim", "checkpoint_every", "log_every")
+    return parse_config(
+        Config, __doc__, argv, export_help="write --out from the checkpoint in --work", positive=positive, check=check
+    )
 
 
 VAE_FACTOR = 4  # the embedded VAE's downsampling

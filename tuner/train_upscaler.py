@@ -16,7 +16,6 @@ noised to a random level in 0..max_noise_level, and the v-prediction loss with m
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -28,8 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sc_app.checks import training_config
-from sc_app.cli import Parser, parse_or_exit
+from tuner.flags import parse_config
 
 log = logging.getLogger("train_upscaler")
 
@@ -59,27 +57,16 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    """The flags (one per Config field) and --export-only, checked; bad ones are one `error:` line, exit 2."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoint")
+    """The flags (one per Config field) and --export-only, checked (`tuner.flags`)."""
 
-    def config(args) -> tuple[Config, bool]:
-        flags = vars(args)
-        export_only = flags.pop("export_only")
-        cfg = Config(**flags)
-        training_config(cfg)
-        for name in ("steps", "batch", "checkpoint_every", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    def check(cfg: Config) -> None:
         if cfg.crop % 16 or cfg.crop > cfg.render:
             raise ValueError(f"--crop must be a multiple of 16 and at most --render ({cfg.render}), got {cfg.crop}")
         if not 0 < cfg.max_noise_level < 1000:
             raise ValueError(f"--max-noise-level must be in 1..999, got {cfg.max_noise_level}")
-        return cfg, export_only
 
-    return parse_or_exit(parser, argv, config)
+    positive = ("steps", "batch", "checkpoint_every", "log_every")
+    return parse_config(Config, __doc__, argv, positive=positive, check=check)
 
 
 if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads

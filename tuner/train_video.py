@@ -12,7 +12,6 @@ of step s, the noise and the timesteps all come from (seed, s).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,8 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sc_app.checks import training_config
-from sc_app.cli import Parser, parse_or_exit
+from tuner.flags import parse_config
 
 log = logging.getLogger("train_video")
 
@@ -54,23 +52,14 @@ class Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
-    """The flags (one per Config field) and --export-only, checked (numbers finite and in range, --out and
-    --work writable, frames within the motion table); bad ones are one `error:` line and exit code 2."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    parser.add_argument("--export-only", action="store_true", help="write --out from the latest checkpoint")
+    """The flags (one per Config field) and --export-only, checked (`tuner.flags`; frames within the motion
+    table)."""
 
-    def config(args) -> tuple[Config, bool]:
-        flags = vars(args)
-        export_only = flags.pop("export_only")
-        cfg = Config(**flags)
+    def check(cfg: Config) -> None:
         if cfg.frames > cfg.motion_max_frames:
             raise ValueError(f"--frames {cfg.frames} exceeds --motion-max-frames {cfg.motion_max_frames}")
-        training_config(cfg)
-        return cfg, export_only
 
-    return parse_or_exit(parser, argv, config)
+    return parse_config(Config, __doc__, argv, check=check)
 
 
 if __name__ == "__main__":  # the flags first: --help and bad flags answer before torch loads
