@@ -12,7 +12,7 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from ..api import SDEDIT_METHODS
+from ..api import METHODS, SDEDIT_METHODS
 from ..infotext import infotext, save_png
 from . import status
 from .common import (
@@ -38,17 +38,7 @@ from .controls import (
 from .loras import lora_controls
 
 # attn-sf when its box is ticked, sr where the model has an SR model (`compare_methods`)
-COMPARE_METHODS = (
-    "self-cascade",
-    "direct",
-    "scalecrafter",
-    "attn-sf",
-    "demofusion",
-    "freescale",
-    "hidiffusion",
-    "sr",
-    "lanczos",
-)
+COMPARE_METHODS = METHODS  # every method the library has, in its order
 # the methods as the page names them
 METHOD_NAMES = {
     "self-cascade": "self-cascade",
