@@ -16,6 +16,7 @@ tab's model is loaded the first time that tab generates. Nothing here touches CU
                 one module per tab: its handlers and its layout
     uploads     image files and zips for tuning, checked whole before anything is kept
     loras       the LoRAs on offer (shipped in the model's loras/, uploaded), their widgets and their checks
+    controlnets the ControlNets on offer (the embedded one, the model's controlnets/), their widgets and checks
 """
 
 from __future__ import annotations

@@ -262,7 +262,8 @@ def settings_line(
     """The `python -m sc_app generate ...` command line that makes a request's image again. `k`: the K each
     stage ran with (the run's summary), else the request's; `out`: the folder it writes (the page's file name
     without .png); `shown`: what the line says for a file of the server's (an uploaded adapter: the name the user
-    knows it by), by its path."""
+    knows it by), by its path. A ControlNet's control image is named by its file's name
+    (`controlnets.control_flags`)."""
     args = ["python", "-m", "sc_app", "generate", "--model", model.name, "--prompt", request["prompt"]]
     if request.get("negative_prompt"):
         args += ["--negative-prompt", request["negative_prompt"]]
@@ -293,6 +294,9 @@ def settings_line(
         args += _upsampler_flag(model.default_upsampler, request.get("upsampler"), shown or {})
     for path, scale in request.get("loras") or []:
         args += ["--lora", f"{path}:{float(scale)!r}"]
+    from .controlnets import control_flags  # it builds on this module
+
+    args += control_flags(request)  # --controlnet embedded or the folder, --control-image by its file name
     return shlex.join(args + ["--out", out])
 
 

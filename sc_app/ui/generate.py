@@ -34,6 +34,7 @@ from .common import (
     target_size,
     user_error,
 )
+from .controlnets import control_text, controlnet_controls, named_error
 from .controls import (
     PRIVATE,
     disable,
@@ -63,6 +64,11 @@ FIELDS = {
     "image": "input-image",
     "scheduler": "scheduler",
     "attention": "attention",
+    "controlnet": "controlnet",
+    "control-image": "control-image",
+    "control-scale": "control-scale",
+    "control-start": "control-start",
+    "control-end": "control-end",
 }
 # after "Use this result": the picture input, now holding the final image, scrolled into view
 SHOW_PICTURE = "() => document.getElementById('input-image')?.scrollIntoView({block: 'center', behavior: 'smooth'})"
@@ -76,7 +82,7 @@ FORM_KEYS += ("attention",)
 def filled_form(model, settings: dict) -> dict:
     """generate's keyword arguments read from a PNG -> Generate's widget values by FORM_KEYS (only what the PNG
     says), and "notes": what the page could not take as it was (another method or model, a size the page has not,
-    its input picture)."""
+    its input picture, its ControlNet)."""
     from ..schedulers import CHOICES
 
     form, notes = {}, []
@@ -110,6 +116,8 @@ def filled_form(model, settings: dict) -> dict:
         notes.append(f"it was made with the model {made}, this page runs {runs}")
     if settings.get("image") is not None:
         notes.append("it started from a picture: drop that picture to start from it again")
+    if settings.get("controlnet"):
+        notes.append("it used a ControlNet: pick it and drop its control image under ControlNet")
     form["notes"] = notes
     return form
 
@@ -159,6 +167,12 @@ class GenerateRun:
 
     def changes(self, page: gr.Request | None):
         """Run it: yields "progress", "stage", "stopped" or "done" as each happens."""
+        try:
+            yield from self._changes(page)
+        except gr.Error as error:  # the library's refusal of a shipped ControlNet names it as the page does
+            raise named_error(error, self.request) from None
+
+    def _changes(self, page: gr.Request | None):
         studio, request = self.studio, self.request
         stages = len(self.plan) - 1
         for run, event in studio._stream([request], unit="stage", page=page, tab="generate"):
@@ -181,11 +195,13 @@ class GenerateRun:
                 where = event[1]
                 at = "" if where is None else f" It was at {stage_name(where.stage, where.stages - 1, self.picture)};"
                 self.text = f"Stopped.{at} seed {request['seed']}: Reuse seed puts it back."
+                control = self._control_layout(run)  # the line's --control-image, for the whole image too
                 self.result = {
                     "seed": request["seed"],
                     "settings": settings_line(
                         studio.model, request, out=result_name(request, ""), shown=studio.shown_paths()
                     ),
+                    **({"control": control} if control else {}),
                 }
                 yield "stopped"
             elif kind == "done":
@@ -208,6 +224,7 @@ class GenerateRun:
         sampler = f", sampler {request['scheduler']}" if request.get("scheduler") else ""
         sampler += f", attention {request['attention']}" if request.get("attention") else ""
         self.final = str(final)
+        control = self._control_layout(run)
         self.result = {
             "pivot": str(pivot),
             "final": str(final),
@@ -217,11 +234,23 @@ class GenerateRun:
                 self.studio.model, request, summary["k"], out=result_name(request, ""), shown=self.studio.shown_paths()
             ),
             "loras": summary.get("loras", []),  # file, scale and sha256 of each LoRA the run used
+            **({"control": control} if control else {}),  # the layout a drawing became: the line's --control-image
         }
         self.text = (
             f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, {stages_text(len(summary['stages']) - 1, first)}, "
-            f"K {ks_text(summary['k'])}, seed {request['seed']}{sampler}{tuned}{loras_text(request.get('loras'))}."
+            f"K {ks_text(summary['k'])}, seed {request['seed']}{sampler}{tuned}{loras_text(request.get('loras'))}"
+            f"{control_text(request)}."
         )
+
+    def _control_layout(self, run) -> str | None:
+        """The colour layout the embedded ControlNet used, where the page made it from a drawing: saved in the
+        run's folder under the name the settings line gives it (<name>-layout.png); None otherwise."""
+        images = self.request.get("control_image") or []
+        if not images or "layout_of" not in images[0].info:
+            return None
+        path = run / images[0].info["path"]
+        images[0].image.save(path)
+        return str(path)
 
     # ---- what the API returns -------------------------------------------------------------------
 
@@ -283,6 +312,11 @@ class GenerateHandlers:
         image=None,
         scheduler=None,
         attention=None,
+        controlnet=NO_ADAPTER,
+        control_image=None,
+        control_scale=1.0,
+        control_start=0.0,
+        control_end=1.0,
         page: gr.Request = None,
     ):
         """Generate (the API's /generate): the pivot and every stage as they finish (a gallery), the progress line
@@ -290,7 +324,9 @@ class GenerateHandlers:
         upscaled beside the final image, the settings line and the seed used. `lora`: one of `Studio.loras`, at
         `lora_scale`. `image`: a picture to start from (the gallery's first image is then the picture as the run
         used it; the prompt may be empty); `scheduler` one of `sc_app.schedulers.CHOICES`, `attention` "full",
-        "auto", "window" or "downsample-kv" (None: ddim and full)."""
+        "auto", "window" or "downsample-kv" (None: ddim and full). `controlnet`: one of `Studio.controlnets`
+        (none, "embedded: colour layout", a folder of the model's controlnets/ by name) with `control_image` (a
+        file), at `control_scale` (0..2) over `control_start`..`control_end` of each stage's steps."""
         request = self.request(
             "self-cascade",
             prompt,
@@ -308,6 +344,11 @@ class GenerateHandlers:
             image,
             scheduler,
             attention,
+            controlnet,
+            control_image,
+            control_scale,
+            control_start,
+            control_end,
         )
         run = GenerateRun(self, request)
         skip = gr.skip()
@@ -339,6 +380,11 @@ class GenerateHandlers:
         image=None,
         scheduler=None,
         attention=None,
+        controlnet=NO_ADAPTER,
+        control_image=None,
+        control_scale=1.0,
+        control_start=0.0,
+        control_end=1.0,
         page: gr.Request = None,
     ):
         """The page's Generate: the status area (a bar and the progress line, then how it ended, or an error that
@@ -346,7 +392,8 @@ class GenerateHandlers:
         skip = gr.skip()
         widgets = (prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale)
         try:
-            run = GenerateRun(self, self.request("self-cascade", *widgets, image, scheduler, attention))
+            control = (controlnet, control_image, control_scale, control_start, control_end)
+            run = GenerateRun(self, self.request("self-cascade", *widgets, image, scheduler, attention, *control))
             yield status.running(None, "Starting..."), run.row(), None, None
             for change in run.changes(page):
                 if change == "progress":
@@ -371,6 +418,14 @@ class GenerateHandlers:
         label = SLIDER_LABELS[bool(result.get("picture"))]
         slider = gr.update(value=(result["pivot"], result["final"]), label=label)
         return slider, result["settings"], gr.update(interactive=True)
+
+    @staticmethod
+    def show_control(result: dict | None):
+        """Generate tab, after a run: the colour layout the embedded ControlNet used, where the page made it from a
+        drawing (the file the settings line's --control-image names, to download); hidden otherwise."""
+        if result and result.get("control"):
+            return gr.update(value=result["control"], visible=True)
+        return gr.update(value=None, visible=False)
 
     @staticmethod
     def use_result(result: dict | None):
@@ -474,6 +529,9 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                     )
                 lora, lora_scale, lora_upload = lora_controls(studio.loras)
                 scheduler, attention = run_options()
+                controlnet, control_image, control_scale, control_start, control_end, control_used = (
+                    controlnet_controls(studio.controlnets)
+                )
                 settings_png = gr.UploadButton(
                     "Settings from a PNG (ours or A1111's)", file_types=[".png"], size="sm", elem_id="settings-from"
                 )
@@ -481,6 +539,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
 
     inputs = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale]
     inputs += [picture, scheduler, attention]  # after the first ones: the API's callers by position still work
+    inputs += [controlnet, control_image, control_scale, control_start, control_end]  # after those, as they came
     # the page's run: the status area keeps the progress in view; nothing covers the stages already shown
     gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
         studio.generate_page,
@@ -490,8 +549,8 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
         show_progress="hidden",
         **gpu,
     ).then(studio.show_result, result, [final_slider, settings, use_result], **PRIVATE).then(
-        disable, None, stop, **PRIVATE
-    )
+        studio.show_control, result, control_used, **PRIVATE
+    ).then(disable, None, stop, **PRIVATE)
     gr.on(
         [],
         studio.generate,
@@ -515,4 +574,6 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     # adapters made by other pages appear when the tab is opened
     tab.select(studio.adapter_choices, None, adapter, api_visibility="private", queue=False)
     tab.select(studio.loras.update, None, lora, api_visibility="private", queue=False)
+    # a ControlNet trained or put in the model folder since the page was built appears when the tab is opened
+    tab.select(studio.controlnets.update, None, controlnet, api_visibility="private", queue=False)
     return adapter, adapter_upload, lora, lora_upload

@@ -56,6 +56,7 @@ from .common import (
     user_error,
 )
 from .compare import CompareHandlers, compare_methods, method_words
+from .controlnets import ControlNets
 from .controls import K_LABEL, PICTURE_K_LABEL, SCALE_LABEL
 from .generate import GenerateHandlers
 from .loras import LoraShelf, folder_slug
@@ -109,6 +110,7 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
             self.work_dir / LORAS / self._model_slug(),
             lambda loras: check_loras(loras, self.model),
         )
+        self.controlnets = ControlNets(model, self._model_folder())  # the embedded one, the folder's controlnets/
         self.compare_methods = compare_methods(model)  # sr only where the model has an SR model
         self._tune_lock = threading.Lock()  # the server's one tuning job (`TuneHandlers.tune`)
         self._tune_job: TuneJob | None = None
@@ -272,12 +274,20 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         image=None,
         scheduler=None,
         attention=None,
+        controlnet=NO_ADAPTER,
+        control_image=None,
+        control_scale=1.0,
+        control_start=0.0,
+        control_end=1.0,
     ) -> dict:
         """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid. `lora`: one
         of `self.loras`' choices, applied at `lora_scale` whatever the method. `image`: a picture's file to start
         from (the target then has its aspect ratio, `aspect` is not used), read and sized here, before anything slow;
         the prompt may then be empty. `scheduler` (one of `schedulers.CHOICES`) and `attention` ("full", "auto",
-        "window", "downsample-kv"): None for the library's defaults."""
+        "window", "downsample-kv"): None for the library's defaults. `controlnet`: one of `self.controlnets`' choices,
+        with `control_image` (a file; for the embedded ControlNet a drawing, turned into its layout here) at
+        `control_scale` over `control_start`..`control_end` of each stage's steps; the pair, the numbers, the
+        folder's fit to the model and the image are checked here, before anything slow."""
         prompt = (prompt or "").strip()
         picture = self.picture(image) if image else None
         if not prompt and picture is None:
@@ -364,6 +374,8 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         if loras := self.loras.chosen(lora, lora_scale):
             request["loras"] = loras
         request.update(self._sampling(method, scheduler, attention, steps, loras, start))
+        control = (controlnet, control_image, control_scale, control_start, control_end)
+        request.update(self.controlnets.chosen(*control, self.max_pixels))
         return request
 
     def _sampling(self, method: str, scheduler, attention, steps: int, loras, start) -> dict:
