@@ -37,6 +37,11 @@ from .controls import (
 )
 from .loras import lora_controls
 
+FLOW_NOTE = (
+    "This is a flow-matching model (SD3 or FLUX): Compare runs the self-cascade, direct sampling and the Lanczos "
+    "resize. ScaleCrafter, Attn-SF, DemoFusion, FreeScale, HiDiffusion and SD+SR change a UNet's layers or need an "
+    "SD upscaler, so they have no flow version yet."
+)
 # attn-sf when its box is ticked, sr where the model has an SR model (`compare_methods`)
 COMPARE_METHODS = METHODS  # every method the library has, in its order
 # the methods as the page names them
@@ -72,8 +77,13 @@ SDEDIT = " (SDEdit)"  # from a picture, a method that redraws it at the target (
 
 def compare_methods(model) -> tuple[str, ...]:
     """The methods Compare offers for `model`: all but sr where it has no SR model (only the embedded model has
-    one, assets/shapes-sr, once trained). Asked once, when the page is built; the upscaler stays loaded."""
+    one, assets/shapes-sr, once trained), and on a flow model (SD3, FLUX) those with a flow version
+    (`checks.FLOW_METHODS`). Asked once, when the page is built; the upscaler stays loaded."""
     from ..baselines.upscale import load_upscaler
+    from ..checks import FLOW_METHODS
+
+    if getattr(model, "is_flow", False):
+        return tuple(m for m in COMPARE_METHODS if m in FLOW_METHODS)
 
     try:
         load_upscaler(None, model)
@@ -429,8 +439,10 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                     elem_id="compare-adapter",
                 )
                 c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
-                c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF")
+                c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF", visible="attn-sf" in studio.compare_methods)
                 c_scheduler, c_attention = run_options(prefix="compare-")
+                if getattr(studio.model, "is_flow", False):  # say why the UNet methods are not offered
+                    gr.Markdown(FLOW_NOTE, elem_id="compare-flow-note")
                 gr.Examples([[e] for e in examples], [c_prompt])
 
     c_inputs = [

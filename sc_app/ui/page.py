@@ -50,7 +50,7 @@ def build(
         model, max_pixels=max_pixels, work_dir=work_dir, video_model=video_model, motion_adapter=motion_adapter
     )
     base, m = model.base_size, model.size_multiple
-    examples = EMBEDDED_EXAMPLES if model.name == "embedded" else SD_EXAMPLES
+    examples = EMBEDDED_EXAMPLES if model.name in ("embedded", "embedded-flow") else SD_EXAMPLES  # the shapes world
     gpu = dict(concurrency_id="gpu", concurrency_limit=1)
     adapters = list(studio.adapters())
 

@@ -1,0 +1,39 @@
+"""The page on a flow model (SD3 or FLUX, and the embedded flow model once trained): Generate runs the
+self-cascade, Compare offers only the methods with a flow version and says why the others are not there."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from tiny_flow_models import make_sd3
+
+from sc_app.checks import FLOW_METHODS
+from sc_app.models import load_model
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from sc_app import ui
+
+    model = load_model(str(make_sd3(tmp_path_factory.mktemp("sd3"))), device="cpu")
+    demo = ui.build(model, max_pixels=128 * 128, work_dir=tmp_path_factory.mktemp("work"))
+    yield SimpleNamespace(demo=demo, studio=demo.studio, model=model)
+
+
+def test_compare_offers_the_flow_methods_and_says_why_not_the_others(app):
+    assert app.studio.compare_methods == FLOW_METHODS
+    config = app.demo.config
+    notes = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "compare-flow-note"]
+    assert notes and "no flow version yet" in notes[0]["props"]["value"]
+    boxes = [c for c in config["components"] if c.get("props", {}).get("label") == "Also run Attn-SF"]
+    assert boxes and boxes[0]["props"]["visible"] is False
+
+
+def test_compare_and_generate_run_on_a_flow_model(app):
+    *_, (gallery, table, _, results, status, lines) = list(
+        app.studio.compare("a red circle", "", "1:1", "4x", None, 2, 3.0, 0, "none", False, "direct", "lanczos")
+    )
+    assert list(results) == list(FLOW_METHODS) and status.startswith("Done: 3 methods")
+    *_, last = list(app.studio.generate_page("a red circle", "", "1:1", "4x", "auto", "auto", 2, 3.0, 0, "none"))
+    assert "Done:" in last[0]
