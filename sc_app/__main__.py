@@ -200,15 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=ATTENTION_CHOICES,
         help="self-attention in the large stages: full (exact), window (shifted windows), downsample-kv (keys and "
-        "values pooled), auto (chosen by size); default: full",
+        "values pooled), auto (the measured choice: downsample-kv x2 above the base size); default: auto (full on "
+        "SD3 and FLUX)",
     )
     g.add_argument(
         "--attention-window",
         type=int,
         default=None,
         metavar="N",
-        help="--attention window or auto: the window's side in latent cells (default: the size the model was "
-        "trained at)",
+        help="--attention window: the window's side in latent cells (default: the size the model was trained at)",
     )
     g.add_argument(
         "--attention-factor",
@@ -634,12 +634,12 @@ def _check_flow_flags(args) -> None:
 
 def _sampler_options(args) -> dict:
     """--scheduler and --attention with its window and factor, for `generate`: checked here, passed on only where
-    given (the library's defaults otherwise: DDIM, full attention)."""
-    mode = args.attention
-    if args.attention_window is not None and mode not in ("window", "auto"):
-        raise BadInput(f"--attention-window applies to --attention window or auto, not {mode or 'full'}")
+    given (the library's defaults otherwise: DDIM, auto attention)."""
+    mode = args.attention or "auto"  # the library's default (flow models' flags are refused before this)
+    if args.attention_window is not None and mode != "window":
+        raise BadInput(f"--attention-window applies to --attention window, not {mode}")
     if args.attention_factor is not None and mode not in ("downsample-kv", "auto"):
-        raise BadInput(f"--attention-factor applies to --attention downsample-kv or auto, not {mode or 'full'}")
+        raise BadInput(f"--attention-factor applies to --attention downsample-kv or auto, not {mode}")
     try:
         if args.attention_window is not None:
             checks.whole("--attention-window", args.attention_window, 1)
@@ -649,7 +649,7 @@ def _sampler_options(args) -> dict:
         raise BadInput(str(error)) from None
     options = {
         "scheduler": args.scheduler,
-        "attention": None if mode == "full" else mode,
+        "attention": args.attention,
         "attention_window": args.attention_window,
         "attention_factor": args.attention_factor,
     }

@@ -19,6 +19,11 @@ METHODS = (
     "sr",
     "lanczos",
 )
+# The self-attention of the stages above the base size when a call names none: "auto" (stages.auto_attention),
+# which kept composition and shape fidelity within full attention's intervals at 16x and 64x on the development
+# prompts in about half the time and a third of it (issue 33; docs/benchmarks.md, attention-16x-dev and
+# attention-64x-dev).
+DEFAULT_ATTENTION = "auto"
 SDEDIT_METHODS = (
     "direct",
     "scalecrafter",
@@ -69,7 +74,7 @@ def generate(
     fit: str | None = None,
     max_pixels: int | None = None,
     scheduler: str | None = None,
-    attention: str = "full",
+    attention: str | None = None,
     attention_window: int | tuple[int, int] | None = None,
     attention_factor: int = 2,
     controlnet=None,
@@ -110,7 +115,8 @@ def generate(
     and Attn-SF), on the layers whose token grid is larger than any the model has at its base size: "full"
     (exact), "window" (shifted windows of `attention_window` latent cells, default the model's base latent),
     "downsample-kv" (keys and values pooled `attention_factor` per side) or "auto" (`stages.auto_attention`'s
-    rule per stage). The pivot stays exact; settings["stage_attention"] says what each stage ran.
+    rule per stage: the measured default, DEFAULT_ATTENTION; flow models have "full" only). The pivot stays
+    exact; settings["stage_attention"] says what each stage ran.
 
     `controlnet` (a diffusers ControlNetModel, a folder or hub id of one, or a list of these) with
     `control_image` (one per ControlNet, RGB, any `image` source): every UNet pass of every stage that samples
@@ -157,7 +163,7 @@ def generate(
         if controlnet is not None or control_image is not None:
             raise ValueError("controlnet does not run on flow transformers yet")
         flow_options = dict(k=k, stages=stages, upsample=upsample, upsampler=upsampler, loras=loras, image=image)
-        flow_options |= dict(fit=fit, max_pixels=max_pixels, scheduler=scheduler, attention=attention)
+        flow_options |= dict(fit=fit, max_pixels=max_pixels, scheduler=scheduler, attention=attention or "full")
         flow_options |= dict(attention_window=attention_window, attention_factor=attention_factor)
         result = generate_flow(
             model, prompt, height, width, method, upsampler_min_t=upsampler_min_t, **flow_options, **common
@@ -174,7 +180,7 @@ def generate(
     common["sampling"] = check_sampling(  # the sampler and attention, before anything slow
         model,
         default_scheduler(model, from_pipe) if scheduler is None else scheduler,
-        attention,
+        DEFAULT_ATTENTION if attention is None else attention,
         attention_window,
         attention_factor,
         num_inference_steps=common.get("num_inference_steps", 50),

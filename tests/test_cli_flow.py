@@ -201,7 +201,9 @@ def test_a_flow_hub_id_is_refused_once_it_loads(flux_folder, tmp_path, capsys, m
     """A hub id's family is known once it loads: the same refusal then, before anything samples."""
     from sc_app import models
 
-    monkeypatch.setattr(checks, "model_source", lambda name, value, embedded, index="model_index.json": None)
+    monkeypatch.setattr(
+        checks, "model_source", lambda name, value, embedded, index="model_index.json", named=None: None
+    )
     loaded = models.load_model(str(flux_folder), device="cpu")
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: loaded)
     argv = ["--model", "someone/flux", "--prompt", PROMPT, "--height", "64", "--width", "48"]

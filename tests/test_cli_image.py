@@ -288,8 +288,8 @@ BAD = [  # (flags, message): {NAME} is the path of a file the test makes
     (["--prompt", "a cat", "--height", "40", "--width", "40", "--scheduler", "k_euler"], "invalid choice: 'k_euler'"),
     (["--prompt", "a cat", "--height", "40", "--width", "40", "--attention", "sparse"], "invalid choice: 'sparse'"),
     (
-        ["--prompt", "a cat", "--height", "40", "--width", "40", "--attention-window", "8"],
-        "--attention-window applies to --attention window or auto, not full",
+        ["--prompt", "a cat", "--height", "40", "--width", "40", "--attention", "full", "--attention-window", "8"],
+        "--attention-window applies to --attention window, not full",
     ),
     (
         ["--prompt", "a cat", "--height", "40", "--width", "40", "--attention", "window", "--attention-factor", "2"],
@@ -408,7 +408,7 @@ def test_the_choices_are_the_librarys():
     "flags, passed",
     [
         ([], {}),
-        (["--attention", "full"], {}),
+        (["--attention", "full"], {"attention": "full"}),  # named: the default is auto
         (["--scheduler", "euler-a"], {"scheduler": "euler-a"}),
         (["--scheduler", "ddim"], {"scheduler": "ddim"}),
         (["--attention", "window", "--attention-window", "4"], {"attention": "window", "attention_window": 4}),
@@ -419,12 +419,10 @@ def test_the_choices_are_the_librarys():
                 "dpm++-2m-karras",
                 "--attention",
                 "auto",
-                "--attention-window",
-                "8",
                 "--attention-factor",
                 "3",
             ],
-            {"scheduler": "dpm++-2m-karras", "attention": "auto", "attention_window": 8, "attention_factor": 3},
+            {"scheduler": "dpm++-2m-karras", "attention": "auto", "attention_factor": 3},
         ),
     ],
 )

@@ -384,6 +384,7 @@ def test_a_self_cascade_batch_saved_as_png_reads_back_to_each_images_settings(sd
             "stages": [{"height": s["height"], "width": s["width"]} for s in summary["stages"]],
             "upsample": summary["upsample"],
             "loras": [{"name": "style", "scale": 0.5, "hash": lora_hash(style)}],
+            "attention": "auto",  # the default, written down so the text makes the same image elsewhere
         }
         assert read_png_settings(path) == json.loads(json.dumps(summary, default=str))
     # the second image's seed and prompt make it again on their own (prompt i draws from seed + i)

@@ -67,7 +67,7 @@ def test_a_run_from_a_picture_shows_it_first_and_its_settings_line_makes_it_agai
     monkeypatch.setattr(ui_studio, "run_method", spy)
     source = picture(tmp_path / "my photo.png")
     area, row, final, result = last(
-        app.studio.generate_page(*generate_args(str(source), scheduler="euler", attention="auto"))
+        app.studio.generate_page(*generate_args(str(source), scheduler="euler", attention="window"))
     )
     assert "sc-done" in area and "Done: 32 x 32" in area and "input + 1 stage" in area
     # the row: the picture as the run used it, then the stage
@@ -76,7 +76,7 @@ def test_a_run_from_a_picture_shows_it_first_and_its_settings_line_makes_it_agai
     with Image.open(final) as image:
         assert image.size == (32, 32)
     # the sampler and the attention reached the library; the picture as a checked start, known by its name only
-    assert seen["scheduler"] == "euler" and seen["attention"] == "auto"
+    assert seen["scheduler"] == "euler" and seen["attention"] == "window"
     assert seen["image"].info["path"] == "my photo.png" and seen["image"].mode == "pivot"
     # the slider: the picture resized to the final size | the final image
     slider, settings, use = app.studio.show_result(result)
@@ -87,7 +87,7 @@ def test_a_run_from_a_picture_shows_it_first_and_its_settings_line_makes_it_agai
     assert str(tmp_path) not in settings and "/gradio" not in settings
     argv = shlex.split(settings)
     args = build_parser().parse_args(argv[3:])
-    assert args.image == Path("my photo.png") and args.scheduler == "euler" and args.attention == "auto"
+    assert args.image == Path("my photo.png") and args.scheduler == "euler" and args.attention == "window"
     argv[argv.index("--out") + 1] = str(tmp_path / "again")
     monkeypatch.chdir(tmp_path)  # where the user keeps the picture
     assert main([*argv[3:], "--device", "cpu"]) == 0
@@ -214,7 +214,7 @@ def test_a_sampler_that_does_not_fit_the_model_is_an_error_on_its_field(app):
 
 
 def test_the_default_sampler_and_attention_stay_off_the_settings_line(app):
-    *_, result = last(app.studio.generate_page(*generate_args(None, scheduler="ddim", attention="full")))
+    *_, result = last(app.studio.generate_page(*generate_args(None, scheduler="ddim", attention="auto")))
     assert "--scheduler" not in result["settings"] and "--attention" not in result["settings"]
     assert "--image" not in result["settings"]
 

@@ -27,7 +27,7 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 20.0
 MAX_LORA_SCALE = 4.0  # the library's range, -4..4
 DEFAULT_SCHEDULER = "ddim"  # the library's for a loaded model; the Sampler dropdown's first choice
-DEFAULT_ATTENTION = "full"
+DEFAULT_ATTENTION = "auto"  # the library's (api.DEFAULT_ATTENTION)
 ATTENTION_CHOICES = ("full", "auto", "window", "downsample-kv")  # the Attention dropdown, in this order
 
 EMBEDDED_EXAMPLES = [

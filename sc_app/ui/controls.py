@@ -166,7 +166,8 @@ def run_options(prefix: str = "") -> tuple[gr.Dropdown, gr.Dropdown]:
                 [(ATTENTION_LABELS[mode], mode) for mode in ATTENTION_CHOICES],
                 value=DEFAULT_ATTENTION,
                 label="Attention in the large stages",
-                info="auto: windows at 16x the model's pixels and above (faster there), exact below",
+                info="auto (default): keys and values pooled 2x2 above the model's size, which kept quality level "
+                "with full attention at 16x and 64x in about half its time",
                 elem_id=f"{prefix}attention",
             ),
             name="attention",
