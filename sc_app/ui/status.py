@@ -170,7 +170,7 @@ CSS = """
 }
 /* the status area stays in view while the results scroll (gradio's container clips without being a scroller) */
 .gradio-container { overflow: clip !important; }
-.sc-status-area { position: sticky; top: 0; z-index: 20; background: var(--body-background-fill);
+.sc-status-area { position: sticky; top: 0; z-index: 1000; background: var(--body-background-fill);
     padding-bottom: 4px; }
 .sc-status { padding: 10px 12px; border-radius: var(--radius-lg); border: 1px solid var(--border-color-primary);
     background: var(--background-fill-primary); font-size: var(--text-md); line-height: 1.4; }
