@@ -195,7 +195,7 @@ def test_tiny_run_measures_every_model_size_and_method(tmp_path, monkeypatch):
     # per stage the attention it ran and its UNet arithmetic: steps times the probe's counted guided step
     assert all(len(r["attention"]) == len(r["gflop"]) == len(r["stages"]) for r in measured)
     assert all(g > 0 for r in measured for g in r["gflop"])
-    assert cascade["attention"] == ["full", "full", "full"]
+    assert cascade["attention"] == ["full", "downsample-kv x2", "downsample-kv x2"]  # the default, auto
     step = [g / n for g, (_, _, n, _) in zip(cascade["gflop"], cascade["stages"])]
     assert step[0] < step[1] < step[2]  # a step's arithmetic grows with the stage's size
     # the decode is tiled where the library tiles the real sizes: SD's 2048^2 (here 256^2), SD XL's 2048^2 and

@@ -203,9 +203,17 @@ def _sync(device: torch.device) -> None:
 
 
 def stage_sizes(model, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The scale plan's stage sizes for a target `size` (the self-cascade's)."""
     from ..plan import plan_stages
 
     return plan_stages(*size, model.base_size, model.size_multiple)
+
+
+def probed_sizes(model, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every stage size a method runs for a target `size`: the scale plan's, and DemoFusion's phases."""
+    from ..baselines.demofusion import stage_sizes as demofusion_sizes
+
+    return list(dict.fromkeys([*stage_sizes(model, size), *demofusion_sizes(model, *size)]))
 
 
 def probe(bench: Bench, guidance: float | None, repeats: int = 2) -> None:
@@ -226,7 +234,7 @@ def _probe(bench: Bench, guidance: float | None, repeats: int) -> None:
 
     model, device = bench.model, bench.model.device
     cond = encode_prompt(model, [PROMPT], None, model.default_guidance if guidance is None else guidance)
-    needed = sorted({s for size in bench.sizes for s in stage_sizes(model, size)}, key=lambda s: s[0] * s[1])
+    needed = sorted({s for size in bench.sizes for s in probed_sizes(model, size)}, key=lambda s: s[0] * s[1])
     channels, f = model.unet.config.in_channels, model.vae_scale
     for h, w in needed:
         denoiser = guided_denoiser(model.unet, cond, added_conditions(model, cond, h, w))
