@@ -604,6 +604,9 @@ def generate_arguments(settings: dict) -> dict:
                 arguments[name] = settings[name]
     elif settings.get("image_mode") == "sdedit" and settings.get("k") is not None:
         arguments["k"] = settings["k"]
+    # a run records its attention unless it was "full" (every run before the modes, and A1111's): named here, so the
+    # default of today (api.DEFAULT_ATTENTION) does not stand in for it
+    arguments.setdefault("attention", "full")
     window = settings.get("attention_window")
     if isinstance(window, list):
         arguments["attention_window"] = tuple(window)

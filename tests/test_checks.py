@@ -593,7 +593,7 @@ print("exit", code, "torch loaded:", "torch" in sys.modules)
         (["--model", "not/a/hub/id"], "no such folder, and not a hub id"),
         (["--scale", "4"], "--scale needs --image or --images"),
         (["--fit", "crop"], "--fit applies to an input image"),
-        (["--attention-window", "4"], "--attention-window applies to --attention window or auto, not full"),
+        (["--attention-window", "4"], "--attention-window applies to --attention window, not auto"),
     ],
 )
 def test_refusals_that_need_no_model_come_before_torch_loads(flags, message, tmp_path):

@@ -157,6 +157,7 @@ def test_an_a1111_text_maps_to_generates_arguments(tmp_path):
         "height": 768,
         "width": 512,
         "model": "v1-5-pruned-emaonly",
+        "attention": "full",  # A1111 has no other: named, so our default does not stand in for it
     }
     assert settings_from_png(path) == expected  # the LoRA has a name and hash but no file: not run again
     args = build_parser().parse_args(["generate", "--settings-from", str(path), "--out", "o"])
