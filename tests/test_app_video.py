@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from test_app import load_app_module
-from test_browser import VIEWPORT, browser_or_skip, open_browser
+from test_browser import VIEWPORT, browser_or_skip, fill_number, open_browser
 
 from tiny_models import make_modelscope, make_motion_adapter
 
@@ -316,7 +316,7 @@ def test_video_tab_in_a_browser(app):
             page.goto(app.url)
             page.get_by_role("tab", name="Video").click()
             page.locator("#video-prompt textarea").fill("a red circle")
-            page.locator("#video-frames input[type=number]").fill(str(FRAMES))
+            fill_number(page.locator("#video-frames input[type=number]"), str(FRAMES))
             page.locator("#video-button").click()
             page.locator("#video-status").get_by_text("Done:").wait_for(timeout=120_000)
             for slot in ("#video-stage0", "#video-stage1"):
@@ -357,7 +357,7 @@ def test_video_stop_ends_the_run_and_the_next_is_served(app, monkeypatch):
             page.goto(app.url)
             page.get_by_role("tab", name="Video").click()
             page.locator("#video-prompt textarea").fill("a red circle")
-            page.locator("#video-frames input[type=number]").fill(str(FRAMES))
+            fill_number(page.locator("#video-frames input[type=number]"), str(FRAMES))
             page.get_by_label("Compare with direct sampling at the target size").uncheck()
             stop, status = page.locator("#video-stop"), page.locator("#video-status")
             assert stop.is_disabled()  # nothing to stop before a run

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import sys
@@ -31,6 +32,18 @@ PHONE = {"width": 390, "height": 844}
 BACKSTOP_MS = int(
     os.environ.get("SC_BACKSTOP_MS", 900_000)
 )  # waits are for the page's state; a busy machine only makes them longer
+
+
+def fill_number(field, value: str) -> None:
+    """Type `value` into a number field once it shows a value: gradio sets a field's value just after the field
+    appears (its accordion opened, its tab shown), overwriting what was typed before that."""
+    from playwright.sync_api import expect
+
+    expect(field).to_have_value(re.compile(r"."), timeout=BACKSTOP_MS)
+    field.fill(value)
+    expect(field).to_have_value(value, timeout=BACKSTOP_MS)
+
+
 RENDERED = """([selector, count]) => {
     const images = [...document.querySelectorAll(selector)];
     return images.length >= count && images.every(i => i.complete && i.naturalWidth > 0);
@@ -264,9 +277,8 @@ def test_compare_renders_each_method_and_the_slider(page, tmp_path):
 def test_tune_plots_the_loss_and_offers_the_adapter(page, tmp_path):
     page.goto(page.app_url)
     page.get_by_role("tab", name="Tune").click()
-    steps = page.get_by_label("Steps")
-    steps.fill("20")
-    page.get_by_label("Batch size").fill("2")
+    fill_number(page.get_by_label("Steps"), "20")
+    fill_number(page.get_by_label("Batch size"), "2")
     page.get_by_role("button", name="Start tuning").click()
     page.get_by_text("Saved adapter").wait_for(timeout=120_000)
     label = page.locator("#tune-status strong").inner_text()
@@ -287,7 +299,7 @@ def test_a_lora_uploaded_in_the_page_is_chosen_and_used(page, sd_model, tmp_path
     page.wait_for_function(
         "() => document.querySelector('#lora input').value === 'uploaded-page-style'", timeout=BACKSTOP_MS
     )
-    page.locator("#lora-scale input[type=number]").fill("0.5")
+    fill_number(page.locator("#lora-scale input[type=number]"), "0.5")
     page.locator("#prompt textarea").fill("a red circle")
     page.locator("#generate-button").click()
     page.locator("#generate-status").get_by_text("LoRA uploaded-page-style at 0.5.").wait_for(timeout=BACKSTOP_MS)

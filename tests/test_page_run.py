@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_browser import BACKSTOP_MS, PHONE, RENDERED, VIEWPORT, browser_or_skip, open_browser, serve
+from playwright.sync_api import expect
+from test_browser import BACKSTOP_MS, PHONE, RENDERED, VIEWPORT, browser_or_skip, fill_number, open_browser, serve
 
 IN_VIEW = """(selector) => {
     const box = document.querySelector(selector).getBoundingClientRect();
@@ -160,7 +161,7 @@ def test_an_error_is_in_the_status_area_and_on_its_field_and_the_buttons_are_idl
         page.goto(url)
         page.locator("#prompt textarea").fill("a red circle")
         toggle_settings(page)
-        page.locator("#steps input").fill(value)
+        fill_number(page.locator("#steps input"), value)
         toggle_settings(page)  # closed again: the error opens it
         page.locator("#steps input").wait_for(state="hidden", timeout=BACKSTOP_MS)
         page.locator("#generate-button").click()
@@ -264,9 +265,9 @@ def test_tune_shows_its_time_left_and_a_cancelled_run_is_offered_not_chosen(app,
     try:
         page.goto(url)
         page.get_by_role("tab", name="Tune").click()
-        assert page.locator("#tune-steps input").input_value() == str(DEFAULT_TUNE_STEPS)
-        page.locator("#tune-steps input").fill("3000")
-        page.locator("#tune-batch input").fill("1")
+        expect(page.locator("#tune-steps input")).to_have_value(str(DEFAULT_TUNE_STEPS), timeout=BACKSTOP_MS)
+        fill_number(page.locator("#tune-steps input"), "3000")
+        fill_number(page.locator("#tune-batch input"), "1")
         page.locator("#tune-button").click()
         status = page.locator("#tune-status")
         status.get_by_text(re.compile(r"^Step \d+ of 3000, loss \d+\.\d+ · about .+ left$")).wait_for(
@@ -294,8 +295,8 @@ def test_closing_the_tab_mid_tuning_keeps_nothing(app):
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(url)
     page.get_by_role("tab", name="Tune").click()
-    page.locator("#tune-steps input").fill("3000")
-    page.locator("#tune-batch input").fill("1")
+    fill_number(page.locator("#tune-steps input"), "3000")
+    fill_number(page.locator("#tune-batch input"), "1")
     page.locator("#tune-button").click()
     page.locator("#tune-status").get_by_text(re.compile(r"^Step \d+ of 3000")).wait_for(timeout=BACKSTOP_MS)
     page.close()
