@@ -441,15 +441,19 @@ def test_scheduler_and_attention_are_row_settings_of_every_method(sd_folder, tmp
     work, out = tmp_path / "work", tmp_path / "bench.md"
     settings = ["ddim: k=600", "euler-a: k=600; scheduler=euler-a", "window: k=600; attention=window"]
     settings += ["direct euler: method=direct; scheduler=euler"]
+    settings += ["kv4: k=600; attention=downsample-kv; attention_factor=4"]
     assert run(sd_folder, work, out, *settings, size="32x32", direct_n=2) == 0
     assert not same(pixels(work, "32x32", "ddim"), pixels(work, "32x32", "euler-a"))
-    resolved = {slug: records(work, "32x32", slug)[0]["resolved"] for slug in ("ddim", "euler-a", "window")}
+    resolved = {slug: records(work, "32x32", slug)[0]["resolved"] for slug in ("ddim", "euler-a", "window", "kv4")}
     assert resolved["ddim"]["scheduler"] == "ddim" and resolved["euler-a"]["scheduler"] == "euler-a"
     assert resolved["window"]["stage_attention"][1].startswith("window")
+    assert resolved["kv4"]["attention_factor"] == 4 and resolved["kv4"]["stage_attention"][1] == "downsample-kv x4"
     assert records(work, "32x32", "direct-euler")[0]["resolved"]["scheduler"] == "euler"
     for spec, words in [
         ("scheduler=heun", "scheduler must be one of ddim, euler"),
         ("attention=flash", "attention must be one of full, window, downsample-kv, auto"),
+        ("attention_factor=4", "attention_factor= needs attention=downsample-kv or attention=auto"),
+        ("attention=downsample-kv; attention_factor=1.5", "attention_factor must be an integer in 1..64"),
     ]:
         with pytest.raises(BadInput, match=words):
             parse_setting(f"x: {spec}")

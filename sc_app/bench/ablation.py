@@ -58,7 +58,7 @@ OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS 
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
 KEYS = (
     "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg restart_fraction "
-    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio scheduler attention"
+    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio scheduler attention attention_factor"
 ).split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
@@ -154,6 +154,8 @@ class Setting:
         for key in ("scheduler", "attention"):  # every method's: the sampler, and self-attention past the pivot
             if key in options:
                 out[key] = options[key]
+        if "attention_factor" in options:
+            out["attention_factor"] = int(options["attention_factor"])
         return out
 
     def plan(self, model, size: tuple[int, int]):
@@ -219,6 +221,8 @@ def _check_choice(text: str, options: dict) -> None:
     for key, choices in (("scheduler", CHOICES), ("attention", ATTENTION_CHOICES)):
         if key in options and options[key] not in choices:
             raise BadInput(f"--setting {text!r}: {key} must be one of {', '.join(choices)}, got {options[key]!r}")
+    if "attention_factor" in options and options.get("attention") not in ("downsample-kv", "auto"):
+        raise BadInput(f"--setting {text!r}: attention_factor= needs attention=downsample-kv or attention=auto")
 
 
 def _check_number(text: str, key: str, value: str) -> None:
@@ -239,6 +243,7 @@ def _check_number(text: str, key: str, value: str) -> None:
         "cosine_scale_2": (float, 0, None),
         "cosine_scale_3": (float, 0, None),
         "t1_ratio": (float, 0, 1),
+        "attention_factor": (int, 1, 64),
     }
     if key not in ranges:
         return
