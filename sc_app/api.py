@@ -21,8 +21,8 @@ METHODS = (
 )
 # The self-attention of the stages above the base size when a call names none: "auto" (stages.auto_attention),
 # which kept composition and shape fidelity within full attention's intervals at 16x and 64x on the development
-# prompts in about half the time and a third of it (issue 33; docs/benchmarks.md, attention-16x-dev and
-# attention-64x-dev).
+# prompts in about half the time and a third of it (issue 33; docs/benchmarks.md, attention-16x-dev,
+# attention-64x-dev and attention-64x-factor-dev).
 DEFAULT_ATTENTION = "auto"
 SDEDIT_METHODS = (
     "direct",

@@ -238,6 +238,8 @@ def check_inputs(
 # ---- how a run samples: the scheduler, and the self-attention of the stages after the pivot ----------
 
 ATTENTION_CHOICES = (*ATTENTION_MODES, "auto")
+DEFAULT_FACTOR = 2  # downsample-kv's pooling per side when a call names none
+AUTO_COARSE_FROM = 64  # auto pools 4x4 on stages of this many times the base size's pixels and more (8x its side)
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,7 @@ class Sampling:
     scheduler: str = "ddim"
     attention: str = "full"
     window: int | tuple[int, int] | None = None
-    factor: int = 2
+    factor: int = DEFAULT_FACTOR
     allow_lcm: bool = False
 
     def settings(self, scheduler: SchedulerMixin) -> dict:
@@ -265,7 +267,7 @@ class Sampling:
             recorded["attention"] = self.attention
         if self.window is not None:
             recorded["attention_window"] = list(_window_pair(self.window))
-        if self.attention == "downsample-kv" or (self.attention == "auto" and self.factor != 2):
+        if self.attention == "downsample-kv" or (self.attention == "auto" and self.factor != DEFAULT_FACTOR):
             recorded["attention_factor"] = self.factor
         return recorded
 
@@ -275,7 +277,7 @@ def check_sampling(
     scheduler: str = "ddim",
     attention: str = "full",
     attention_window=None,
-    attention_factor: int = 2,
+    attention_factor: int = DEFAULT_FACTOR,
     *,
     num_inference_steps=None,
     restarts: bool = True,
@@ -307,7 +309,7 @@ def check_sampling(
             raise ValueError(f"attention_window applies to attention 'window', not {attention!r}")
     if not (isinstance(attention_factor, int) and not isinstance(attention_factor, bool) and attention_factor >= 1):
         raise ValueError(f"attention_factor must be an int >= 1, got {attention_factor!r}")
-    if attention_factor != 2 and attention not in ("downsample-kv", "auto"):
+    if attention_factor != DEFAULT_FACTOR and attention not in ("downsample-kv", "auto"):
         raise ValueError(f"attention_factor applies to attention 'downsample-kv' or 'auto', not {attention!r}")
     window = tuple(attention_window) if isinstance(attention_window, list) else attention_window
     return Sampling(scheduler, attention, window, attention_factor, allow_lcm=lcm_lora)
@@ -316,14 +318,16 @@ def check_sampling(
 def auto_attention(model, stage_hw: tuple[int, int]) -> tuple[str, dict]:
     """attention="auto"'s choice for a stage of stage_hw = (height, width) pixels: (mode, apply_attention keywords).
 
-    Keys and values pooled 2x2 (downsample-kv, the run's attention_factor) on every layer whose grid is larger
-    than the base size's, in every stage after the pivot: on the embedded model's development prompts it kept
-    composition, shape fidelity and FID_r level with full attention at 16x (91.7% / 0.949 / 148.4 against 93.8% /
-    0.953 / 147.2, 48 prompts) and at 64x (87.5% / 0.944 / 171.9 against 87.5% / 0.942 / 170.8, 16 prompts), in
-    about 0.64x and 0.5x of its time; windows the size of the base latent were faster still but lost shape
-    fidelity and FID_r at 64x (0.867, 195.6). docs/benchmarks.md, sections attention-16x-dev and
-    attention-64x-dev (2026-12-07)."""
-    return "downsample-kv", {}
+    Keys and values pooled (downsample-kv) on every layer whose grid is larger than the base size's, in every
+    stage after the pivot: 2x2 on stages of up to AUTO_COARSE_FROM times the base size's pixels, 4x4 from there.
+    On the embedded model's development prompts 2x2 kept composition, shape fidelity and FID_r level with full
+    attention at 16x (91.7% / 0.949 / 148.4 against 93.8% / 0.953 / 147.2, 48 prompts) and at 64x (87.5% / 0.944
+    / 171.9 against 87.5% / 0.942 / 170.8, 16 prompts) in about 0.64x and 0.5x of its time (sections
+    attention-16x-dev and attention-64x-dev); windows the size of the base latent were faster still but lost shape
+    fidelity and FID_r at 64x (0.867, 195.6). 4x4 on the 64x stage: section attention-64x-factor-dev (all of
+    docs/benchmarks.md, 2026-12-07)."""
+    coarse = stage_hw[0] * stage_hw[1] >= AUTO_COARSE_FROM * model.base_size**2
+    return "downsample-kv", {"factor": 4} if coarse else {}
 
 
 _LEVEL = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.|mid_block\.")
@@ -396,6 +400,8 @@ def stage_attention(model, sampling: Sampling, latent_hw: tuple[int, int], exact
     if sampling.attention == "auto":
         mode, options = auto_attention(model, tuple(n * model.vae_scale for n in latent_hw))
         options = dict(options)
+        if mode == "downsample-kv" and sampling.factor != DEFAULT_FACTOR:  # the caller's factor, on every stage
+            options["factor"] = sampling.factor
     else:
         mode, options = sampling.attention, {}
     if mode == "window":

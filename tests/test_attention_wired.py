@@ -143,8 +143,13 @@ def test_freescale_fuses_over_the_cheaper_global_attention(sd_model):
 
 
 def test_auto_pools_keys_and_values_above_the_base_size_as_measured(sd_model):
-    # the rule the attention ablations chose (docs/benchmarks.md, attention-16x-dev and attention-64x-dev)
+    # the rule the attention ablations chose (docs/benchmarks.md, attention-16x-dev, attention-64x-dev and
+    # attention-64x-factor-dev): 2x2 up to 16x the base size's pixels, 4x4 from 64x (the tiny model's base: 16 px)
     assert auto_attention(sd_model, (32, 32)) == auto_attention(sd_model, (64, 64)) == ("downsample-kv", {})
+    assert auto_attention(sd_model, (64, 96)) == ("downsample-kv", {})
+    assert (
+        auto_attention(sd_model, (128, 128)) == auto_attention(sd_model, (96, 192)) == ("downsample-kv", {"factor": 4})
+    )
     result = generate(sd_model, PROMPT, 64, 64, attention="auto", **RUN)
     assert result.settings["attention"] == "auto"
     assert result.settings["stage_attention"] == ["full", "downsample-kv x2", "downsample-kv x2"]
@@ -154,6 +159,10 @@ def test_auto_pools_keys_and_values_above_the_base_size_as_measured(sd_model):
     assert not torch.equal(result.stages[-1].latents, exact.stages[-1].latents)
     coarser = generate(sd_model, PROMPT, 64, 64, attention="auto", attention_factor=4, **RUN)
     assert coarser.settings["stage_attention"][1:] == ["downsample-kv x4"] * 2
+    large = generate(sd_model, PROMPT, 128, 128, attention="auto", **RUN)
+    assert large.settings["stage_attention"] == ["full", "downsample-kv x2", "downsample-kv x2", "downsample-kv x4"]
+    given = generate(sd_model, PROMPT, 128, 128, attention="auto", attention_factor=3, **RUN)
+    assert given.settings["stage_attention"][1:] == ["downsample-kv x3"] * 3  # the caller's factor, every stage
     with pytest.raises(ValueError, match="^attention_window applies to attention 'window', not 'auto'$"):
         generate(sd_model, PROMPT, 64, 64, attention="auto", attention_window=4, **RUN)
 

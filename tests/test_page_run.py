@@ -365,6 +365,28 @@ def test_a_steps_cost_grows_with_the_attention_of_the_unets_first_attention_leve
     assert StepCost(sd)(1024, 1024) / StepCost(sd)(512, 512) > 10  # attention: towards the pixels squared
 
 
+def test_a_steps_cost_counts_the_keys_its_attention_mode_attends_to(sd_model):
+    """The tiny model: base 16 px; auto pools 2x2 up to 16x its pixels and 4x4 from 64x (`stages.auto_attention`)."""
+    from sc_app.ui.progress import ProgressLine, StepCost, attended_share
+
+    def share(size, **request):
+        return attended_share(sd_model, {"method": "self-cascade", **request}, size, size)
+
+    assert share(16) == share(16, attention="window") == 1.0  # the base size: exact
+    assert share(64) == share(64, attention="auto") == share(64, attention="downsample-kv") == 1 / 4
+    assert share(128) == 1 / 16 and share(128, attention="downsample-kv") == 1 / 4
+    assert share(128, attention="auto", attention_factor=3) == share(128, attention="downsample-kv", attention_factor=3)
+    assert share(64, attention="full") == 1.0
+    assert share(64, attention="window") == 1 / 16  # the base latent's window on a grid 4x its side
+    assert attended_share(sd_model, {"method": "demofusion"}, 64, 64) == 1.0  # its passes are at the base size
+    cost = StepCost(sd_model)
+    assert cost(128, 128, attended=1 / 16) < cost(128, 128, attended=1 / 4) < cost(128, 128)
+    request = {"method": "self-cascade", "height": 128, "width": 128, "num_inference_steps": 10}
+    pooled, exact = ProgressLine(sd_model, [request]), ProgressLine(sd_model, [{**request, "attention": "full"}])
+    assert pooled.weights[0][0] == exact.weights[0][0]  # the pivot
+    assert all(p < e for p, e in zip(pooled.weights[0][1:], exact.weights[0][1:]))
+
+
 def test_a_link_is_new_each_time_and_serves_only_its_file(tmp_path):
     from sc_app.ui.runner import Links
 

@@ -166,8 +166,8 @@ def run_options(prefix: str = "") -> tuple[gr.Dropdown, gr.Dropdown]:
                 [(ATTENTION_LABELS[mode], mode) for mode in ATTENTION_CHOICES],
                 value=DEFAULT_ATTENTION,
                 label="Attention in the large stages",
-                info="auto (default): keys and values pooled 2x2 above the model's size, which kept quality level "
-                "with full attention at 16x and 64x in about half its time",
+                info="auto (default): keys and values pooled above the model's size (2x2, 4x4 from 64x), which kept "
+                "quality level with full attention at 16x and 64x in about half its time and a third of it",
                 elem_id=f"{prefix}attention",
             ),
             name="attention",

@@ -147,13 +147,37 @@ class StepCost:
             return math.inf  # no self-attention: a step costs its pixels
         return CROSSOVER_PER_CHANNEL * channels[level] * 16**level
 
-    def __call__(self, height: int, width: int, frames: int = 1) -> float:
+    def __call__(self, height: int, width: int, frames: int = 1, attended: float = 1.0) -> float:
+        """`attended`: the share of the tokens each query attends to (`attended_share`), 1 for full attention."""
         tokens = height * width / self.vae_scale**2
-        return frames * (OVERHEAD_LATENT_PIXELS + tokens + tokens**2 / self.crossover)
+        return frames * (OVERHEAD_LATENT_PIXELS + tokens + attended * tokens**2 / self.crossover)
 
     def gap_size(self, height: int, width: int, frames: int = 1) -> float:
         """The work of decoding a stage, or of getting it ready, in latent pixels (and a constant)."""
         return frames * (GAP_OVERHEAD_LATENT_PIXELS + height * width / self.vae_scale**2)
+
+
+def attended_share(model, request: dict, height: int, width: int) -> float:
+    """The share of a stage's tokens each query attends to under the request's self-attention (`stages.
+    stage_attention`'s rule): 1 at the base size and below (the pivot, DemoFusion's windows), under "full" and on
+    flow models; 1/f^2 with keys and values pooled f per side ("downsample-kv", "auto"); a window's share of the
+    grid ("window", its cells default the base latent)."""
+    from ..stages import DEFAULT_FACTOR, auto_attention
+
+    base = _attribute(model, "base_size")
+    mode = request.get("attention") or ("full" if _attribute(model, "is_flow") else "auto")
+    if not base or mode == "full" or request["method"] == "demofusion" or height * width <= base**2:
+        return 1.0
+    factor = request.get("attention_factor") or DEFAULT_FACTOR
+    if mode == "auto":
+        mode, options = auto_attention(model, (height, width))
+        factor = factor if factor != DEFAULT_FACTOR else options.get("factor", DEFAULT_FACTOR)
+    if mode == "window":
+        cells = request.get("attention_window") or base // (_attribute(model, "vae_scale") or DEFAULT_VAE_SCALE)
+        cells = (cells, cells) if isinstance(cells, int) else tuple(cells)
+        scale = _attribute(model, "vae_scale") or DEFAULT_VAE_SCALE
+        return min(1.0, cells[0] * cells[1] * scale**2 / (height * width))
+    return 1.0 / factor**2
 
 
 def _attribute(model, name: str):
@@ -188,7 +212,7 @@ class ProgressLine:
         self.plans = [stage_plan(model, request) for request in requests]
         cost = StepCost(model)
         self.weights = [
-            [cost(h, w, request.get("num_frames", 1)) for _, h, w in plan]
+            [cost(h, w, request.get("num_frames", 1), attended_share(model, request, h, w)) for _, h, w in plan]
             for plan, request in zip(self.plans, requests)
         ]
         self.gap_sizes = [
