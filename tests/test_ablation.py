@@ -108,6 +108,23 @@ def test_ablation_table_with_intervals_and_resume(sd_folder, tmp_path):
     assert again.index("<!-- /bench:ablation-64x64 -->") < again.index("hand-written notes")  # where it was
 
 
+def test_a_row_whose_samples_ran_with_different_settings_is_refused(sd_folder, tmp_path, capsys):
+    """A resumed bench whose default changed between its runs (here `auto` attention's rule, as a record of the
+    older rule reads) would average two settings into one row: refused, naming the setting, the table untouched."""
+    work, out = tmp_path / "work", tmp_path / "bench.md"
+    assert run(sd_folder, work, out, "auto: k=600; attention=auto") == 0
+    before = out.read_text()
+    older = folder(work, "64x64", "auto") / "0001.json"
+    record = json.loads(older.read_text())
+    assert record["resolved"]["stage_attention"][1] == "downsample-kv x2"
+    record["resolved"]["stage_attention"][1] = "window 8x8"
+    older.write_text(json.dumps(record))
+    assert run(sd_folder, work, out, "auto: k=600; attention=auto") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's log lines: one line says why
+    assert "row 'auto': its samples in" in last and "stage_attention" in last and "fresh --work" in last
+    assert out.read_text() == before
+
+
 def test_bad_settings_are_one_line(sd_folder, tmp_path, capsys):
     assert run(sd_folder, tmp_path / "w", tmp_path / "o.md", ": k=300") == 2
     assert "LABEL: key=value" in capsys.readouterr().err

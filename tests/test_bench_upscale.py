@@ -361,6 +361,22 @@ def test_a_work_folder_of_other_settings_is_refused(dev, sd_folder, files):
         run(argv(sd_folder, files, files["root"] / "work", "--dev", "--guidance", "3"))
 
 
+def test_a_row_whose_samples_ran_with_different_settings_is_refused(dev, sd_folder, files, tmp_path):
+    """A resumed search whose defaults changed between its runs would score two settings as one row."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(files["root"] / "work", work)
+    (row,) = [p for p in (work / "64x64").iterdir() if p.name.startswith("freescale-restart-fraction-0.7-")]
+    older = row / "1001.json"
+    record = json.loads(older.read_text())
+    record["resolved"]["scheduler"] = "euler"  # as if the default sampler had changed between the two scenes
+    older.write_text(json.dumps(record))
+    with pytest.raises(BadInput, match="^row 'FreeScale.*different settings \\(scheduler: 'ddim' and 'euler'\\)"):
+        run(argv(sd_folder, files, work, "--dev", "--fair", str(tmp_path / "fair"), "--out", str(tmp_path / "b.md")))
+    assert not (tmp_path / "fair").exists() and not (tmp_path / "b.md").exists()
+
+
 def test_registered_with_the_bench_command():
     from sc_app.bench import build_parser
 

@@ -46,6 +46,7 @@ from .common import (
     model_fingerprint,
     parse_sizes,
     process_state,
+    shared_resolved,
     size_name,
     writable,
     write_section,
@@ -508,7 +509,8 @@ def _measure(cell: Cell, model, n: int, direct: dict, figures) -> Measured:
     idx = sorted(records)
     hits, scores = sum(records[i]["match"] for i in idx), [s for i in idx for s in records[i]["fidelity"]]
     row = Measured(cell.variant, hits, len(idx), scores, *_parameters(model, cell.variant))
-    row.resolved = next((records[i]["resolved"] for i in idx if "resolved" in records[i]), None)
+    resolved = [records[i]["resolved"] for i in idx if "resolved" in records[i]]
+    row.resolved = shared_resolved(resolved, cell.variant.label, cell.folder)
     shared = [i for i in idx if i in direct]
     if shared:
         row.ratio = statistics.median(records[i]["seconds"] for i in shared) / statistics.median(

@@ -235,6 +235,24 @@ def write_section(path: Path, name: str, body: str) -> None:
     os.replace(tmp, path)
 
 
+def shared_resolved(resolved: list[dict], row: str, work: Path) -> dict | None:
+    """The settings every sample of a row ran with (each sample's record, resolved at run time; records older than
+    that have none). Samples of one row that ran with different settings (a default changed between the runs
+    of a resumed bench: `auto` attention's rule, a scheduler) would be averaged into one row: BadInput names the
+    first setting that differs."""
+    if not resolved:
+        return None
+    first = resolved[0]
+    for other in resolved[1:]:
+        if other != first:
+            key = next(k for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k))
+            raise BadInput(
+                f"row {row!r}: its samples in {work} ran with different settings ({key}: {first.get(key)!r} and "
+                f"{other.get(key)!r}); sample it again in a fresh --work"
+            )
+    return first
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -50,6 +50,7 @@ from .common import (
     markdown_table,
     model_fingerprint,
     parse_sizes,
+    shared_resolved,
     size_name,
     writable,
     write_section,
@@ -643,11 +644,11 @@ class Scorer:
 
     def __call__(self, candidate: Candidate) -> Scored:
         cell = Cell(candidate, self.bench.size, self.work)
-        rows, resolved = [], None
+        rows, resolved = [], []
         for i, scene in enumerate(self.scenes):
             seed = self.first_seed + i
             record = json.loads((cell.folder / f"{seed:04d}.json").read_text())
-            resolved = resolved or record.get("resolved")
+            resolved += [record["resolved"]] if "resolved" in record else []
             kept = cell.folder / f"{seed:04d}.scores.json"
             found = json.loads(kept.read_text()) if kept.is_file() else {}
             if found.get("version") != SCORE_VERSION or found.get("radius") != self.radius:
@@ -658,7 +659,7 @@ class Scorer:
                 tmp.write_text(json.dumps(found))  # json writes an exact copy's infinite PSNR as Infinity
                 os.replace(tmp, kept)
             rows.append({**{k: found[k] for k in SCORES}, "seconds": record["seconds"], "seed": seed})
-        return Scored(candidate, rows, resolved)
+        return Scored(candidate, rows, shared_resolved(resolved, candidate.row.label, cell.folder))
 
 
 CSV_COLUMNS = ("split", "scene", "seed", "prompt", "row", "method", "setting", *SCORES, "seconds")
