@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an input whose aspect ratio is more than 3%% off the target's: center-crop it, or pad it with black "
         "(default: refused, with the nearest target that fits)",
     )
+    g.add_argument(
+        "--color-fix",
+        action="store_true",
+        help="with --image or --images: keep the picture's colours (each stage's low frequencies, below the "
+        "picture's own scale, come from the picture; its edges from the method)",
+    )
     g.add_argument("--negative-prompt", default=None, help=NEGATIVE_HELP)
     g.add_argument("--height", type=int, default=None, help=SIDE_HELP.format(side="height") + "; or --scale")
     g.add_argument("--width", type=int, default=None, help=SIDE_HELP.format(side="width") + "; or --scale")
@@ -358,6 +364,7 @@ SETTINGS_FLAGS = {  # generate's keyword (infotext.generate_arguments) -> the fl
     "upsample": "upsample",
     "image": "image",
     "fit": "fit",
+    "color_fix": "color_fix",
     "controlnet": "controlnet",
     "control_image": "control_image",
     "controlnet_conditioning_scale": "control_scale",
@@ -485,6 +492,8 @@ def _check_image_flags(args) -> None:
         raise BadInput("give --height and --width" + ("" if flag is None else f" (or --scale N with {flag})"))
     if args.fit is not None and flag is None:
         raise BadInput("--fit applies to an input image: give --image or --images")
+    if getattr(args, "color_fix", False) and flag is None:
+        raise BadInput("--color-fix applies to an input image: give --image or --images")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -1045,6 +1054,8 @@ def generate(args) -> None:
     def make(i: int):
         job = jobs[i]
         image = {} if job.image is None else {"image": job.image, "fit": args.fit, "max_pixels": checked.limit}
+        if job.image is not None and args.color_fix:
+            image["color_fix"] = True
         return generate_image(
             model,
             job.prompt,

@@ -73,6 +73,7 @@ def generate(
     image=None,
     fit: str | None = None,
     max_pixels: int | None = None,
+    color_fix: bool = False,
     scheduler: str | None = None,
     attention: str | None = None,
     attention_window: int | tuple[int, int] | None = None,
@@ -100,7 +101,9 @@ def generate(
     run from that picture, as stage 0 of the result (see `image_mode`; the direct methods take `k` for it):
     fitted to the target's aspect ratio (within 3%, else `fit` "crop" or "pad"), at most the target's size.
     With an empty prompt the model runs unconditioned. `max_pixels`: the largest target, and input image
-    (from its header, before it is decoded), in pixels.
+    (from its header, before it is decoded), in pixels. `color_fix=True` keeps the picture's colours: every
+    stage after it takes its low frequencies, below the picture's own scale, from the picture (`sc_app.colorfix`;
+    on the images, as on_stage sees them; settings["color_fix"] says so).
 
     `scheduler`: the sampler, one of `sc_app.schedulers.CHOICES` ("ddim", "euler", "euler-a", "dpm++-2m",
     "dpm++-2m-karras", "dpm++-sde-karras", "unipc", "lcm", "pipe": the pipe's own); None: "ddim" for a loaded
@@ -139,7 +142,9 @@ def generate(
     still decoded for on_stage, and SD+SR and Lanczos, whose final stage is made in pixel space, refuse it):
     what result.images holds. `return_dict=False` returns the tuple (images,) instead of the Result."""
     from .checks import whole, within_limit
+    from .colorfix import ColorFix
     from .controlnet import check_control, load_controlnets
+    from .images import load_image
     from .lora import _as_loras, applied_loras, check_loras
     from .models import Model
     from .stages import OUTPUT_TYPES, StepEnd, check_sampling, check_step_end, image_start
@@ -157,6 +162,13 @@ def generate(
         callbacks = common.get("callback"), common.get("on_stage")
         hooks = StepEnd(given, callback_on_step_end, tensor_inputs, interrupt, *callbacks)
         common |= {"callback": hooks.after_step, "on_stage": hooks.stage_finished}
+    if not isinstance(color_fix, bool):
+        raise ValueError(f"color_fix must be True or False, got {color_fix!r}")
+    if color_fix:  # on every stage after the picture, before on_stage shows it
+        if image is None:
+            raise ValueError("color_fix applies to an input image: give image= too")
+        image = load_image(image, max_pixels)  # read once: its width is the scale of its detail
+        common["on_stage"] = ColorFix(image.image.width, common.get("on_stage"))
     if getattr(model, "is_flow", False):  # SD3 and FLUX: sc_app.flow, which refuses what has no flow version yet
         from .flow import generate as generate_flow
 
@@ -168,7 +180,7 @@ def generate(
         result = generate_flow(
             model, prompt, height, width, method, upsampler_min_t=upsampler_min_t, **flow_options, **common
         )
-        return _output(result, output_type, return_dict)
+        return _output(result, output_type, return_dict, color_fix)
     sdedit_k = image is not None and method in SDEDIT_METHODS
     if method != "self-cascade" and ((k is not None and not sdedit_k) or stages is not None or upsampler is not None):
         raise ValueError(
@@ -227,11 +239,13 @@ def generate(
         result.settings["loras"] = [lora.summary() for lora in checked]
     if adapters:
         result.settings["upsampler"] = [adapter.describe() for adapter in adapters]
-    return _output(result, output_type, return_dict)
+    return _output(result, output_type, return_dict, color_fix)
 
 
-def _output(result: Result, output_type: str, return_dict: bool) -> Result | tuple:
+def _output(result: Result, output_type: str, return_dict: bool, color_fix: bool = False) -> Result | tuple:
     """The Result with its images as `output_type` says, or diffusers' tuple (images,)."""
+    if color_fix:
+        result.settings["color_fix"] = True
     result.output_type = output_type
     return result if return_dict else (result.images,)
 

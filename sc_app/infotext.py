@@ -618,6 +618,8 @@ def generate_arguments(settings: dict) -> dict:
         arguments["image"] = image["path"]
         if image.get("fit"):
             arguments["fit"] = image["fit"]
+        if settings.get("color_fix"):
+            arguments["color_fix"] = True
     arguments |= _control_arguments(settings.get("controlnet") or [])
     if method == "sr":
         arguments |= {name: settings[name] for name in _SR_ARGUMENTS if settings.get(name) is not None}

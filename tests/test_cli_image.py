@@ -303,6 +303,10 @@ BAD = [  # (flags, message): {NAME} is the path of a file the test makes
         ["--prompt", "a cat", "--height", "40", "--width", "40", "--attention", "auto", "--attention-factor", "0"],
         "--attention-factor must be >= 1, got 0",
     ),
+    (
+        ["--prompt", "a cat", "--height", "40", "--width", "40", "--color-fix"],
+        "--color-fix applies to an input image: give --image or --images",
+    ),
 ]
 
 
@@ -445,6 +449,28 @@ def test_the_image_flags_reach_generate(sd_folder, tmp_path, capsys, without_new
     result = json.loads((out / "result.json").read_text())
     assert result["image"]["fit"] == "crop" and result["image"]["sha256"] == _sha256(source)
     assert [(s["height"], s["width"]) for s in result["stages"]] == [(20, 20), (40, 40)]
+
+
+def test_color_fix_keeps_the_pictures_colours_and_is_recorded(sd_folder, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    picture(20, 20).save(source)
+    runs = {}
+    for name, flags in (("plain", []), ("fixed", ["--color-fix"])):
+        out = tmp_path / name
+        argv = _argv(sd_folder, out, "--image", str(source), "--height", "40", "--width", "40", "--seed", "3")
+        assert main([*argv, *flags]) == 0, capsys.readouterr().err
+        runs[name] = out
+    fixed = json.loads((runs["fixed"] / "result.json").read_text())
+    assert fixed["color_fix"] is True and "color_fix" not in json.loads((runs["plain"] / "result.json").read_text())
+    assert Image.open(runs["fixed"] / "stage0.png").tobytes() == Image.open(source).tobytes()  # the picture as it is
+    truth = np.asarray(Image.open(source).resize((40, 40), Image.LANCZOS), float)
+
+    def colour_error(path: Path) -> float:  # of the 4x4 block means: the slow colour, not the edges
+        image = np.asarray(Image.open(path), float)
+        return float(np.abs((image - truth).reshape(10, 4, 10, 4, 3).mean((1, 3))).mean())
+
+    assert colour_error(runs["fixed"] / "final.png") < 0.5 * colour_error(runs["plain"] / "final.png")
+    assert Image.open(runs["fixed"] / "final.png").tobytes() == Image.open(runs["fixed"] / "stage1.png").tobytes()
 
 
 def test_scheduler_and_attention_run_with_an_image(sd_folder, tmp_path, capsys):
