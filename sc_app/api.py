@@ -147,7 +147,7 @@ def generate(
     from .images import load_image
     from .lora import _as_loras, applied_loras, check_loras
     from .models import Model
-    from .stages import OUTPUT_TYPES, StepEnd, check_sampling, check_step_end, image_start
+    from .stages import OUTPUT_TYPES, Start, StepEnd, check_sampling, check_step_end, image_start
 
     given, from_pipe = model, not isinstance(model, Model)
     model = as_model(model)
@@ -167,8 +167,10 @@ def generate(
     if color_fix:  # on every stage after the picture, before on_stage shows it
         if image is None:
             raise ValueError("color_fix applies to an input image: give image= too")
-        image = load_image(image, max_pixels)  # read once: its width is the scale of its detail
-        common["on_stage"] = ColorFix(image.image.width, common.get("on_stage"))
+        if not isinstance(image, Start):  # read once: its width is the scale of its detail
+            image = load_image(image, max_pixels)
+        picture_width = image.info["width"] if isinstance(image, Start) else image.image.width
+        common["on_stage"] = ColorFix(picture_width, common.get("on_stage"))
     if getattr(model, "is_flow", False):  # SD3 and FLUX: sc_app.flow, which refuses what has no flow version yet
         from .flow import generate as generate_flow
 

@@ -267,3 +267,33 @@ def test_compare_from_a_picture_takes_one_k(app, tmp_path):
     area = outputs[-1][0]
     assert len(outputs) == 1 and 'data-field="compare-k"' in area
     assert "K: one value with a picture (direct sampling redraws it once, at the target size), got 300, 200" in area
+
+
+def test_keep_the_pictures_colours_reaches_every_method_and_its_settings_line(app, tmp_path, monkeypatch):
+    from sc_app.__main__ import build_parser
+    from sc_app.infotext import read_png_settings
+    from sc_app.ui import studio as ui_studio
+
+    seen = []
+    real = ui_studio.run_method
+
+    def spy(model, **request):
+        seen.append(request)
+        return real(model, **request)
+
+    monkeypatch.setattr(ui_studio, "run_method", spy)
+    source = picture(tmp_path / "tinted.png")
+    *_, result = last(app.studio.generate_page(*generate_args(str(source)), color_fix=True))
+    assert seen[-1]["color_fix"] is True
+    _, settings, _ = app.studio.show_result(result)
+    assert build_parser().parse_args(shlex.split(settings)[3:]).color_fix is True
+    assert read_png_settings(result["final"])["color_fix"] is True
+    # without a picture the box means nothing: not passed, not on the line
+    *_, plain = last(app.studio.generate_page(*generate_args(None), color_fix=True))
+    assert "color_fix" not in seen[-1] and "--color-fix" not in app.studio.show_result(plain)[1]
+    # Compare: every method
+    seen.clear()
+    widgets = ("", "", "1:1", "4x", "auto", 2, 5.0, 0, "none", False, "direct", "self-cascade", "none", 1.0)
+    outputs = list(app.studio.compare_page(*widgets, str(source), None, None, True))
+    assert "Done:" in outputs[-1][0] and seen and all(r["color_fix"] is True for r in seen)
+    assert all("--color-fix" in line for line in outputs[-1][5].values())

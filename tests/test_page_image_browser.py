@@ -10,6 +10,7 @@ import re
 import shlex
 
 from PIL import Image
+from playwright.sync_api import expect
 from test_browser import BACKSTOP_MS, PHONE, RENDERED, VIEWPORT
 from test_page_run import IN_VIEW, app, held, shot  # noqa: F401  (app and held: the fixtures this module uses)
 
@@ -22,13 +23,18 @@ def picture(tmp_path) -> str:
     return str(path)
 
 
-def upload_and_start(page, url: str, path: str, prompt: str = "a red circle") -> None:
+def upload_and_start(page, url: str, path: str, prompt: str = "a red circle", color_fix: bool = False) -> None:
     """Open the page, upload the picture, wait for the sizes to follow it, pick 16x (16 x 16 -> 64 x 64: the input
-    and two stages) and press Generate."""
+    and two stages), tick "Keep the picture's colours" if `color_fix`, and press Generate."""
     page.goto(url)
     page.locator("#generate-button").wait_for(timeout=BACKSTOP_MS)
+    assert page.locator("#color-fix").is_hidden()  # no picture: nothing to keep
     page.locator("#input-image input[type=file]").set_input_files(path)
     page.locator("#scale").get_by_text("at the picture's shape (1:1, 16 x 16)").wait_for(timeout=BACKSTOP_MS)
+    page.locator("#color-fix").wait_for(timeout=BACKSTOP_MS)  # shown with the picture
+    if color_fix:
+        page.locator("#color-fix").get_by_text("Keep the picture's colours").click()
+        expect(page.locator("#color-fix input")).to_be_checked(timeout=BACKSTOP_MS)
     page.locator("#prompt textarea").fill(prompt)
     page.locator("#scale").get_by_text(re.compile("^16x: 64 x 64$")).click()
     page.locator("#generate-button").click()
@@ -47,7 +53,7 @@ def test_generate_from_a_picture_shows_it_as_the_input_then_the_final_image_and_
     _, release = held
     page = browser.new_page(viewport=VIEWPORT)
     try:
-        upload_and_start(page, url, picture(tmp_path))
+        upload_and_start(page, url, picture(tmp_path), color_fix=True)
         wait_mid_run(page)
         names = [c.split("\n") for c in page.locator("#stages figcaption").all_inner_texts()]
         assert [n[0] for n in names] == ["input", "stage 1 of 2", "stage 2 of 2"]
@@ -66,6 +72,7 @@ def test_generate_from_a_picture_shows_it_as_the_input_then_the_final_image_and_
         line = page.locator("#settings-line textarea").input_value()
         argv = shlex.split(line)
         assert argv[argv.index("--image") + 1] == "my start.png"  # its name, not where the server keeps it
+        assert "--color-fix" in argv
         shot(page, "generate-from-picture-done-desktop.png", tmp_path)
         # "Use this result": the final image becomes the picture, and the size moves on to one larger than it
         page.locator("#use-result").click()

@@ -268,7 +268,7 @@ def settings_line(
     if request.get("negative_prompt"):
         args += ["--negative-prompt", request["negative_prompt"]]
     if (name := picture_name(request)) is not None:  # the picture by the name its user knows, not the server's path
-        args += ["--image", name]
+        args += ["--image", name] + (["--color-fix"] if request.get("color_fix") else [])
     args += ["--height", str(request["height"]), "--width", str(request["width"]), "--method", request["method"]]
     if request["method"] == "self-cascade":
         ks = (list(k) if isinstance(k, (list, tuple)) else [k]) if k is not None else request_ks(request) or []

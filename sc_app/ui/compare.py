@@ -27,6 +27,7 @@ from .common import (
 )
 from .controls import (
     PRIVATE,
+    color_fix_input,
     disable,
     enable,
     picture_input,
@@ -266,12 +267,14 @@ class CompareHandlers:
         image=None,
         scheduler=None,
         attention=None,
+        color_fix=False,
     ) -> CompareRun:
         methods = [m for m in self.compare_methods if m != "attn-sf" or attn_sf]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for every method
         widgets = (negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale)
-        requests = [self.request(m, prompt, *widgets, image, scheduler, attention) for m in methods]
+        picked = (image, scheduler, attention)
+        requests = [self.request(m, prompt, *widgets, *picked, color_fix=color_fix) for m in methods]
         return CompareRun(self, methods, requests, adapter)
 
     def compare(
@@ -293,6 +296,7 @@ class CompareHandlers:
         image=None,
         scheduler=None,
         attention=None,
+        color_fix=False,
         page: gr.Request = None,
     ):
         """Compare (the API's /compare): one prompt and seed through each method; a gallery, a table, an A/B slider,
@@ -301,7 +305,7 @@ class CompareHandlers:
         direct methods redraw it at the target, SDEdit, and say so: "direct (SDEdit)"); `scheduler` and `attention`
         as Generate's."""
         widgets = (prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale)
-        run = self._compare_run(*widgets, image, scheduler, attention)
+        run = self._compare_run(*widgets, image, scheduler, attention, color_fix)
         skip = gr.skip()
         yield [], [], skip, skip, "Starting...", skip
         for change in run.changes(page):
@@ -330,6 +334,7 @@ class CompareHandlers:
         image=None,
         scheduler=None,
         attention=None,
+        color_fix=False,
         page: gr.Request = None,
     ):
         """The page's Compare: the status area, the row of methods, the A/B slider, the results (a State), the table,
@@ -337,7 +342,7 @@ class CompareHandlers:
         skip = gr.skip()
         widgets = (prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale)
         try:
-            run = self._compare_run(*widgets, image, scheduler, attention)
+            run = self._compare_run(*widgets, image, scheduler, attention, color_fix)
             yield status.running(None, "Starting..."), run.row(), skip, {}, [], {}, run.seed
             for change in run.changes(page):
                 if change == "progress":
@@ -391,6 +396,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                     c_run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
                     c_stop = stop_button("compare-stop")
                 c_picture = picture_input("compare-input-image", "Start every method from a picture (optional)")
+                c_color_fix = color_fix_input(c_picture, "compare-color-fix")
             with gr.Column(elem_classes=["sc-results"]):
                 c_status = status.status_area("compare-status")
                 c_row = gr.HTML(status.slot_row([]), elem_id="compare-methods", padding=False)
@@ -463,6 +469,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
         c_picture,  # after the first ones: the API's callers by position still work
         c_scheduler,
         c_attention,
+        c_color_fix,
     ]
     gr.on([c_run.click, c_prompt.submit], enable, None, c_stop, **PRIVATE).then(
         studio.compare_page,

@@ -109,6 +109,19 @@ def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
     return stages, k, steps, guidance, seed, reuse
 
 
+def color_fix_input(picture: gr.Image, elem_id: str) -> gr.Checkbox:
+    """Keep a picture's colours (`generate(color_fix=True)`): under the picture, shown while there is one."""
+    box = gr.Checkbox(
+        False,
+        label="Keep the picture's colours",
+        info="its colours and tints stay; the method adds the detail",
+        visible=False,
+        elem_id=elem_id,
+    )
+    picture.change(lambda path: gr.update(visible=bool(path)), picture, box, api_visibility="private", queue=False)
+    return box
+
+
 def picture_input(elem_id: str, label: str = "Start from a picture (optional)") -> gr.Image:
     """A picture to start from: dropped, uploaded or pasted; its file goes to the handler as it came (gradio's own
     reading is skipped where it fails), so that a file that is no image, or too large, is the handler's to refuse

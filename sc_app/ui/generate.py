@@ -37,6 +37,7 @@ from .common import (
 from .controlnets import control_text, controlnet_controls, named_error
 from .controls import (
     PRIVATE,
+    color_fix_input,
     disable,
     enable,
     picture_input,
@@ -317,6 +318,7 @@ class GenerateHandlers:
         control_scale=1.0,
         control_start=0.0,
         control_end=1.0,
+        color_fix=False,
         page: gr.Request = None,
     ):
         """Generate (the API's /generate): the pivot and every stage as they finish (a gallery), the progress line
@@ -349,6 +351,7 @@ class GenerateHandlers:
             control_scale,
             control_start,
             control_end,
+            color_fix,
         )
         run = GenerateRun(self, request)
         skip = gr.skip()
@@ -385,6 +388,7 @@ class GenerateHandlers:
         control_scale=1.0,
         control_start=0.0,
         control_end=1.0,
+        color_fix=False,
         page: gr.Request = None,
     ):
         """The page's Generate: the status area (a bar and the progress line, then how it ended, or an error that
@@ -393,7 +397,8 @@ class GenerateHandlers:
         widgets = (prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale)
         try:
             control = (controlnet, control_image, control_scale, control_start, control_end)
-            run = GenerateRun(self, self.request("self-cascade", *widgets, image, scheduler, attention, *control))
+            request = self.request("self-cascade", *widgets, image, scheduler, attention, *control, color_fix)
+            run = GenerateRun(self, request)
             yield status.running(None, "Starting..."), run.row(), None, None
             for change in run.changes(page):
                 if change == "progress":
@@ -475,6 +480,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                     stop = stop_button("generate-stop")
                 # under the buttons, low: on a phone the status area still shows on the first screen
                 picture = picture_input("input-image")
+                color_fix = color_fix_input(picture, "color-fix")
             with gr.Column(elem_classes=["sc-results"]):
                 status_area = status.status_area("generate-status")
                 stage_row = gr.HTML(status.slot_row([]), elem_id="stages", padding=False)
@@ -540,6 +546,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     inputs = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale]
     inputs += [picture, scheduler, attention]  # after the first ones: the API's callers by position still work
     inputs += [controlnet, control_image, control_scale, control_start, control_end]  # after those, as they came
+    inputs += [color_fix]
     # the page's run: the status area keeps the progress in view; nothing covers the stages already shown
     gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
         studio.generate_page,

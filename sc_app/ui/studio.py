@@ -279,6 +279,7 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         control_scale=1.0,
         control_start=0.0,
         control_end=1.0,
+        color_fix=False,
     ) -> dict:
         """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid. `lora`: one
         of `self.loras`' choices, applied at `lora_scale` whatever the method. `image`: a picture's file to start
@@ -287,7 +288,8 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         "window", "downsample-kv"): None for the library's defaults. `controlnet`: one of `self.controlnets`' choices,
         with `control_image` (a file; for the embedded ControlNet a drawing, turned into its layout here) at
         `control_scale` over `control_start`..`control_end` of each stage's steps; the pair, the numbers, the
-        folder's fit to the model and the image are checked here, before anything slow."""
+        folder's fit to the model and the image are checked here, before anything slow. `color_fix`: keep the
+        picture's colours (with a picture only: the box means nothing without one)."""
         prompt = (prompt or "").strip()
         picture = self.picture(image) if image else None
         if not prompt and picture is None:
@@ -367,6 +369,8 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         }
         if start is not None:
             request["image"] = start
+            if color_fix:
+                request["color_fix"] = True
         if cascade:
             request.update(k=k, stages=stages, upsampler=self.adapter_path(adapter))
         elif sdedit and k is not None:
