@@ -268,7 +268,12 @@ def test_the_test_table_has_every_method_and_every_score(dev, sd_folder, files, 
     assert upscale._sha256(chosen) in text and str(chosen) in text
     assert "the scene's own prompt" in text
     main = table_rows(text, "method (how")
-    assert [r[0] for r in main] == ["ground truth (the real render)"] + LABELS
+    fixed = [row.label + upscale.COLOR_FIX_SUFFIX for row in upscale.ROWS if row.name not in upscale.NO_COLOR_FIX]
+    assert "SD+SR (x4 upscaler), colours kept" in fixed and len(fixed) == len(LABELS) - 3
+    assert [r[0] for r in main] == ["ground truth (the real render)"] + LABELS + fixed
+    layout = {r[0]: float(r[2].split()[0]) for r in main}
+    for label in fixed:  # the input's colours kept: closer to it at its own size than the method alone
+        assert layout[label] < layout[label.removesuffix(upscale.COLOR_FIX_SUFFIX)]
     header = next(line for line in text.splitlines() if line.startswith("| method (how"))
     for name in ("layout error", "edge sharpness", "edge error", "PSNR", "shape fidelity", "composition", "s / image"):
         assert name in header
@@ -276,14 +281,15 @@ def test_the_test_table_has_every_method_and_every_score(dev, sd_folder, files, 
     for r in main[1:]:
         assert len(r) == len(upscale.HEADER) and r[-1] == "2"
         assert all(cell not in ("", "nan") for cell in r)
-        row = next(x for x in upscale.ROWS if x.label == r[0])
+        row = next(x for x in upscale.ROWS if x.label == r[0].removesuffix(upscale.COLOR_FIX_SUFFIX))
         assert r[1] == ("-" if row.knob is None else f"{row.knob}={data['chosen'][row.name]['value']:g}")
     paired = table_rows(text, "method |")
-    assert [r[0] for r in paired] == [label for label in LABELS if label != "Lanczos (just resizing)"]
+    assert [r[0] for r in paired] == [label for label in LABELS if label != "Lanczos (just resizing)"] + fixed
     assert all("p=" in cell for r in paired for cell in r[1:])
     with open(dev / "fair" / "upscale-64x64.csv") as f:
         lines = list(csv.DictReader(f))
-    assert len(lines) == 2 * (1 + len(upscale.ROWS)) and {line["seed"] for line in lines} == {"0", "1"}
+    assert len(lines) == 2 * (1 + len(upscale.ROWS) + len(fixed)) and {line["seed"] for line in lines} == {"0", "1"}
+    assert sum(line["row"].endswith("+color-fix") for line in lines) == 2 * len(fixed)
     assert set(upscale.CSV_COLUMNS) <= set(lines[0])
     truth = [line for line in lines if line["row"] == "truth"]
     assert all(line["psnr"] == "inf" and line["edge_error"] == "0" for line in truth)
@@ -315,7 +321,8 @@ def test_shards_split_the_scenes_and_the_last_one_writes_the_section(dev, sd_fol
     assert set(made) == {1} and len(made) == sampled and not out.exists()  # scene 1 only; scene 0 is shard 1's
     run(argv(sd_folder, files, work, "--shard", "1/2", "--out", str(out)))
     assert sorted(set(made)) == [0, 1] and len(made) == 2 * sampled
-    assert [r[0] for r in table_rows(section(out, "upscale-64x64"), "method (how")][1:] == LABELS
+    labels = [r[0] for r in table_rows(section(out, "upscale-64x64"), "method (how")][1:]
+    assert labels[: len(LABELS)] == LABELS and all(x.endswith(upscale.COLOR_FIX_SUFFIX) for x in labels[len(LABELS) :])
     assert len(list((work / "64x64").glob("*/0000.png"))) == len(upscale.ROWS)
 
 

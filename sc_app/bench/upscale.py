@@ -39,6 +39,7 @@ import numpy as np
 
 from ..api import generate
 from ..cli import BadInput
+from ..colorfix import color_fix as fix_colors
 from ..stats import bootstrap, mcnemar_exact, paired_bootstrap, wilson
 from .ablation import stage_decodes
 from .common import (
@@ -606,16 +607,36 @@ class Scored:
     candidate: Candidate | None
     scores: list[dict]  # one per scene: SCORES, seconds, and the record's facts
     resolved: dict | None = None
+    color_fix: bool = False  # the candidate's samples with the picture's colours kept (`sc_app.colorfix`)
 
     @property
     def label(self) -> str:
-        return "ground truth (the real render)" if self.candidate is None else self.candidate.row.label
+        if self.candidate is None:
+            return "ground truth (the real render)"
+        return self.candidate.row.label + (COLOR_FIX_SUFFIX if self.color_fix else "")
+
+    @property
+    def row_name(self) -> str:
+        return "truth" if self.candidate is None else self.candidate.row.name + ("+color-fix" if self.color_fix else "")
 
     def values(self, name: str) -> np.ndarray:
         return np.array([s[name] for s in self.scores], float)
 
 
 SCORE_VERSION = 1  # raised whenever a score's definition changes: kept scores of another version are recomputed
+COLOR_FIX_SUFFIX = ", colours kept"
+# The test table's colour-fixed rows: every method that redraws the input (not Lanczos, which is the input
+# resized, nor the VAE references). generate(color_fix=True) changes a stage's images only, never what the next
+# stage starts from (the latent methods go on from latents), so the fix applied to a kept sample is exactly what a
+# run with it returns; SD+SR alone goes on from the previous pass's pixels, so its row is left out where it makes
+# more than one x4 pass.
+NO_COLOR_FIX = (REFERENCE, *VAE_ROWS)
+
+
+def color_fixed_rows(bench, candidates: list) -> list:
+    """The candidates whose samples the test table also scores with the picture's colours kept."""
+    one_pass = bench.size[1] <= 4 * bench.input_size[1]
+    return [c for c in candidates if c.row.name not in NO_COLOR_FIX and (c.row.method != "sr" or one_pass)]
 
 
 class Scorer:
@@ -642,24 +663,31 @@ class Scorer:
             ],
         )
 
-    def __call__(self, candidate: Candidate) -> Scored:
+    def __call__(self, candidate: Candidate, color_fix: bool = False) -> Scored:
+        """The candidate's samples scored; with `color_fix`, each as `generate(color_fix=True)` returns it: its
+        low frequencies from the input (`sc_app.colorfix`, sigma the output's width over the input's)."""
         cell = Cell(candidate, self.bench.size, self.work)
         rows, resolved = [], []
         for i, scene in enumerate(self.scenes):
             seed = self.first_seed + i
             record = json.loads((cell.folder / f"{seed:04d}.json").read_text())
             resolved += [record["resolved"]] if "resolved" in record else []
-            kept = cell.folder / f"{seed:04d}.scores.json"
+            kept = cell.folder / f"{seed:04d}{'.color-fix' if color_fix else ''}.scores.json"
             found = json.loads(kept.read_text()) if kept.is_file() else {}
             if found.get("version") != SCORE_VERSION or found.get("radius") != self.radius:
                 image = cell.image(seed)
+                if color_fix:
+                    image = fix_colors(image, self.inputs[i], image.width / self.inputs[i].width)
                 found = score_image(image, self.truths[i], self.inputs[i], scene.prompt, self.radius)
                 found |= {"version": SCORE_VERSION, "radius": self.radius}
                 tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(found))  # json writes an exact copy's infinite PSNR as Infinity
                 os.replace(tmp, kept)
             rows.append({**{k: found[k] for k in SCORES}, "seconds": record["seconds"], "seed": seed})
-        return Scored(candidate, rows, shared_resolved(resolved, candidate.row.label, cell.folder))
+        resolved = shared_resolved(resolved, candidate.row.label, cell.folder)
+        if color_fix and resolved is not None:
+            resolved = {**resolved, "color_fix": True}
+        return Scored(candidate, rows, resolved, color_fix)
 
 
 CSV_COLUMNS = ("split", "scene", "seed", "prompt", "row", "method", "setting", *SCORES, "seconds")
@@ -679,7 +707,7 @@ def write_csv(path: Path, scored: list[Scored], scenes, dev: bool) -> None:
                     i,
                     s["seed"],
                     scene.prompt,
-                    "truth" if c is None else c.row.name,
+                    entry.row_name,
                     "-" if c is None else c.row.method,
                     "-" if c is None else c.setting,
                     *(_csv_value(s[name]) for name in SCORES),
@@ -1025,6 +1053,11 @@ def test_section(argv, bench: Bench, scenes, scored: list[Scored], chosen_path: 
                 f"`{table_path}`.",
                 _skipped_text(bench),
                 describe(bench, scenes, 0, False),
+                f'Rows ending "{COLOR_FIX_SUFFIX}": the same samples as the row without it, as '
+                "`generate(..., color_fix=True)` returns them (`sc_app.colorfix`: below the input's own scale, a "
+                "Gaussian blur of sigma output width / input width, the colours come from the input resized with "
+                "Lanczos; above it, from the method), scored the same way; not sampled again, so their time is "
+                "the row's.",
                 main,
                 "Each row against Lanczos (just resizing the input) on the same scenes: the difference of the means "
                 "(row minus Lanczos) with its paired bootstrap 95% interval (2000 resamples of the scenes) and the "
@@ -1068,6 +1101,7 @@ def run_upscale(args, argv: list[str]) -> None:
             return
         scorer = Scorer(bench, scenes, first_seed, args.work)
         scored = [scorer.truth()] + [scorer(c) for c in candidates]
+        scored += [scorer(c, color_fix=True) for c in color_fixed_rows(bench, candidates)]
     write_csv(table_path, scored, scenes, args.dev)
     log(f"wrote the per-image scores to {table_path}")
     if args.dev:
