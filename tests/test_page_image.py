@@ -28,6 +28,21 @@ def app(sd_model, tmp_path_factory):
     yield SimpleNamespace(studio=demo.studio, model=sd_model, work=work)
 
 
+@pytest.fixture
+def seen(monkeypatch) -> list[dict]:
+    """Every request the page hands the library in this test, in order."""
+    from sc_app.ui import studio as ui_studio
+
+    requests, real = [], ui_studio.run_method
+
+    def spy(model, **request):
+        requests.append(request)
+        return real(model, **request)
+
+    monkeypatch.setattr(ui_studio, "run_method", spy)
+    return requests
+
+
 def picture(path: Path, size=(16, 16), mode="RGB") -> Path:
     """A picture with some shape in it (a square on a ground), as a user's file."""
     image = Image.new("RGB", size, (40, 90, 200))
@@ -52,19 +67,10 @@ def captions(row: str) -> list[tuple[str, str]]:
     return re.findall(r"<figcaption><b>([^<]*)</b><span>([^<]*)</span>", row)
 
 
-def test_a_run_from_a_picture_shows_it_first_and_its_settings_line_makes_it_again(app, tmp_path, monkeypatch):
+def test_a_run_from_a_picture_shows_it_first_and_its_settings_line_makes_it_again(app, tmp_path, monkeypatch, seen):
     from sc_app.__main__ import build_parser, main
     from sc_app.infotext import read_png_parameters, read_png_settings
-    from sc_app.ui import studio as ui_studio
 
-    seen = {}
-    real = ui_studio.run_method
-
-    def spy(model, **request):
-        seen.update(request)
-        return real(model, **request)
-
-    monkeypatch.setattr(ui_studio, "run_method", spy)
     source = picture(tmp_path / "my photo.png")
     area, row, final, result = last(
         app.studio.generate_page(*generate_args(str(source), scheduler="euler", attention="window"))
@@ -76,8 +82,9 @@ def test_a_run_from_a_picture_shows_it_first_and_its_settings_line_makes_it_agai
     with Image.open(final) as image:
         assert image.size == (32, 32)
     # the sampler and the attention reached the library; the picture as a checked start, known by its name only
-    assert seen["scheduler"] == "euler" and seen["attention"] == "window"
-    assert seen["image"].info["path"] == "my photo.png" and seen["image"].mode == "pivot"
+    (request,) = seen
+    assert request["scheduler"] == "euler" and request["attention"] == "window"
+    assert request["image"].info["path"] == "my photo.png" and request["image"].mode == "pivot"
     # the slider: the picture resized to the final size | the final image
     slider, settings, use = app.studio.show_result(result)
     assert slider["label"].startswith("Input (resized) | final") and use["interactive"] is True
@@ -219,19 +226,10 @@ def test_the_default_sampler_and_attention_stay_off_the_settings_line(app):
     assert "--image" not in result["settings"]
 
 
-def test_compare_from_a_picture_names_the_sdedit_methods_and_gives_each_the_picture(app, tmp_path, monkeypatch):
+def test_compare_from_a_picture_names_the_sdedit_methods_and_gives_each_the_picture(app, tmp_path, seen):
     from sc_app.api import SDEDIT_METHODS
     from sc_app.infotext import read_png_parameters
-    from sc_app.ui import studio as ui_studio
 
-    seen = []
-    real = ui_studio.run_method
-
-    def spy(model, **request):
-        seen.append(request)
-        return real(model, **request)
-
-    monkeypatch.setattr(ui_studio, "run_method", spy)
     source = picture(tmp_path / "start.png")
     widgets = ("", "", "1:1", "4x", "auto", 2, 5.0, 0, "none", True, "direct", "self-cascade", "none", 1.0)
     outputs = list(app.studio.compare_page(*widgets, str(source), "dpm++-2m", "window"))
@@ -269,19 +267,10 @@ def test_compare_from_a_picture_takes_one_k(app, tmp_path):
     assert "K: one value with a picture (direct sampling redraws it once, at the target size), got 300, 200" in area
 
 
-def test_keep_the_pictures_colours_reaches_every_method_and_its_settings_line(app, tmp_path, monkeypatch):
+def test_keep_the_pictures_colours_reaches_every_method_and_its_settings_line(app, tmp_path, seen):
     from sc_app.__main__ import build_parser
     from sc_app.infotext import read_png_settings
-    from sc_app.ui import studio as ui_studio
 
-    seen = []
-    real = ui_studio.run_method
-
-    def spy(model, **request):
-        seen.append(request)
-        return real(model, **request)
-
-    monkeypatch.setattr(ui_studio, "run_method", spy)
     source = picture(tmp_path / "tinted.png")
     *_, result = last(app.studio.generate_page(*generate_args(str(source)), color_fix=True))
     assert seen[-1]["color_fix"] is True
