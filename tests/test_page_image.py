@@ -272,8 +272,8 @@ def test_keep_the_pictures_colours_reaches_every_method_and_its_settings_line(ap
     from sc_app.infotext import read_png_settings
 
     source = picture(tmp_path / "tinted.png")
-    *_, result = last(app.studio.generate_page(*generate_args(str(source)), color_fix=True))
-    assert seen[-1]["color_fix"] is True
+    area, *_, result = last(app.studio.generate_page(*generate_args(str(source)), color_fix=True))
+    assert seen[-1]["color_fix"] is True and ", colours kept.</div>" in area
     _, settings, _ = app.studio.show_result(result)
     assert build_parser().parse_args(shlex.split(settings)[3:]).color_fix is True
     assert read_png_settings(result["final"])["color_fix"] is True

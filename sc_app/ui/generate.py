@@ -240,7 +240,7 @@ class GenerateRun:
         self.text = (
             f"Done: {w} x {h} in {summary['total_seconds']:.1f} s, {stages_text(len(summary['stages']) - 1, first)}, "
             f"K {ks_text(summary['k'])}, seed {request['seed']}{sampler}{tuned}{loras_text(request.get('loras'))}"
-            f"{control_text(request)}."
+            f"{control_text(request)}{', colours kept' if request.get('color_fix') else ''}."
         )
 
     def _control_layout(self, run) -> str | None:
