@@ -324,8 +324,10 @@ def auto_attention(model, stage_hw: tuple[int, int]) -> tuple[str, dict]:
     attention at 16x (91.7% / 0.949 / 148.4 against 93.8% / 0.953 / 147.2, 48 prompts) and at 64x (87.5% / 0.944
     / 171.9 against 87.5% / 0.942 / 170.8, 16 prompts) in about 0.64x and 0.5x of its time (sections
     attention-16x-dev and attention-64x-dev); windows the size of the base latent were faster still but lost shape
-    fidelity and FID_r at 64x (0.867, 195.6). 4x4 on the 64x stage: section attention-64x-factor-dev (all of
-    docs/benchmarks.md, 2026-12-07)."""
+    fidelity and FID_r at 64x (0.867, 195.6). 4x4 on the 64x stage: section attention-64x-factor-dev. On the test
+    prompts, after the rule was frozen: 96.0% / 0.971 / 124.6 against full's 95.5% / 0.969 / 124.1 at 16x (200
+    prompts) and 89.0% / 0.947 / 138.3 against 89.0% / 0.948 / 138.1 at 64x (100): sections attention-16x-test
+    and attention-64x-test (all of docs/benchmarks.md, 2026-12-07)."""
     coarse = stage_hw[0] * stage_hw[1] >= AUTO_COARSE_FROM * model.base_size**2
     return "downsample-kv", {"factor": 4} if coarse else {}
 
