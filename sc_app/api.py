@@ -119,7 +119,8 @@ def generate(
     (exact), "window" (shifted windows of `attention_window` latent cells, default the model's base latent),
     "downsample-kv" (keys and values pooled `attention_factor` per side) or "auto" (`stages.auto_attention`'s
     rule per stage: the measured default, DEFAULT_ATTENTION; flow models have "full" only). The pivot stays
-    exact; settings["stage_attention"] says what each stage ran.
+    exact, and under "auto" so does a stage from noise (`stages.stage_attention`); settings["stage_attention"]
+    says what each stage ran.
 
     `controlnet` (a diffusers ControlNetModel, a folder or hub id of one, or a list of these) with
     `control_image` (one per ControlNet, RGB, any `image` source): every UNet pass of every stage that samples

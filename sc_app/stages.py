@@ -391,13 +391,20 @@ def attention_label(mode: str, options: dict) -> str:
     return mode
 
 
-def stage_attention(model, sampling: Sampling, latent_hw: tuple[int, int], exact: bool = False) -> StageAttention:
+def stage_attention(
+    model, sampling: Sampling, latent_hw: tuple[int, int], exact: bool = False, from_noise: bool = False
+) -> StageAttention:
     """The attention of a stage whose latent is latent_hw (h, w): full for an `exact` stage (the pivot), for
     attention "full", and where no layer's grid is larger than at the base size; else the run's mode ("auto":
     `auto_attention`'s choice) on the layers whose grid is larger than any
-    the model has at its base size (min_tokens), so every UNet call at the base size stays exact."""
+    the model has at its base size (min_tokens), so every UNet call at the base size stays exact.
+
+    "auto" pools only stages that refine from a re-noised level, whose layout the stage before has fixed; a stage
+    `from_noise` (direct sampling, ScaleCrafter, Attn-SF and HiDiffusion at the target) makes its layout itself and
+    keeps full attention: pooled, direct sampling at 16x lost shape fidelity and FID_r (0.939 / 366.0 against
+    0.945 / 347.1, 48 development prompts, docs/benchmarks.md attention-16x-direct-dev)."""
     unet = model.unet
-    if exact or sampling.attention == "full":
+    if exact or sampling.attention == "full" or (sampling.attention == "auto" and from_noise):
         return StageAttention(unet)
     if sampling.attention == "auto":
         mode, options = auto_attention(model, tuple(n * model.vae_scale for n in latent_hw))
@@ -678,8 +685,10 @@ def sample_stage(
     index, callback = len(run.result.stages), run.callback
     cb = (lambda info: callback({**info, "stage": index})) if callback else None
     exact = index == 0 and run.pivot_first
+    from_noise = index == 0 and run.start is None  # a run's first stage without a picture: no layout given
     denoiser = controlled_denoiser(run.model, run.control, denoiser, len(timesteps))
-    with stage_attention(run.model, run.sampling, tuple(x.shape[-2:]), exact) as attention, patch or nullcontext():
+    attention = stage_attention(run.model, run.sampling, tuple(x.shape[-2:]), exact, from_noise)
+    with attention, patch or nullcontext():
         latents = denoise(denoiser, x, run.scheduler, timesteps, run.generators, cb, run.progress, before_step)
     if latents.device.type == "cuda":
         torch.cuda.synchronize(latents.device)

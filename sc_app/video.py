@@ -440,7 +440,7 @@ def video_direct(
     settings = _settings(model, prompts, negative_prompt, seed, num_inference_steps, cond, num_frames)
     result = VideoResult("direct", prompts, [], settings | sampling.settings(scheduler))
     timesteps = scheduler.timesteps
-    with stage_attention(model, sampling, shape[-2:]) as attention:
+    with stage_attention(model, sampling, shape[-2:], from_noise=True) as attention:
         latents, seconds = _timed_sample(denoiser, x, scheduler, timesteps, callback, 0, progress, gens)
     start_t = round(float(timesteps[0]))
     stage = VideoStage(height, width, len(timesteps), seconds, start_t, latents, attention=attention.label)

@@ -167,6 +167,20 @@ def test_auto_pools_keys_and_values_above_the_base_size_as_measured(sd_model):
         generate(sd_model, PROMPT, 64, 64, attention="auto", attention_window=4, **RUN)
 
 
+@pytest.mark.parametrize("method", ["direct", "scalecrafter", "hidiffusion"])
+def test_auto_keeps_full_attention_where_a_stage_starts_from_noise(sd_model, method):
+    """A stage from noise makes its layout itself: auto leaves it exact (pooled, direct sampling lost shape
+    fidelity and FID_r at 16x, attention-16x-direct-dev); from a picture the stage refines from K and pools."""
+    from PIL import Image
+
+    assert generate(sd_model, PROMPT, 64, 64, method, attention="auto", **RUN).settings["stage_attention"] == ["full"]
+    pooled = generate(sd_model, PROMPT, 64, 64, method, attention="downsample-kv", **RUN)
+    assert pooled.settings["stage_attention"] == ["downsample-kv x2"]  # asked for by name: pooled
+    picture = Image.new("RGB", (16, 16), (200, 40, 40))
+    sdedit = generate(sd_model, PROMPT, 64, 64, method, attention="auto", image=picture, k=500, **RUN)
+    assert sdedit.settings["stage_attention"] == ["input", "downsample-kv x2"]
+
+
 # ---- nothing left behind -----------------------------------------------------------------------------------
 
 

@@ -379,6 +379,9 @@ def test_a_steps_cost_counts_the_keys_its_attention_mode_attends_to(sd_model):
     assert share(64, attention="full") == 1.0
     assert share(64, attention="window") == 1 / 16  # the base latent's window on a grid 4x its side
     assert attended_share(sd_model, {"method": "demofusion"}, 64, 64) == 1.0  # its passes are at the base size
+    assert attended_share(sd_model, {"method": "direct"}, 64, 64) == 1.0  # from noise: full under auto
+    assert attended_share(sd_model, {"method": "direct", "image": object()}, 64, 64) == 1 / 4  # SDEdit: from K
+    assert attended_share(sd_model, {"method": "direct", "attention": "downsample-kv"}, 64, 64) == 1 / 4
     cost = StepCost(sd_model)
     assert cost(128, 128, attended=1 / 16) < cost(128, 128, attended=1 / 4) < cost(128, 128)
     request = {"method": "self-cascade", "height": 128, "width": 128, "num_inference_steps": 10}

@@ -21,6 +21,7 @@ from ..plan import plan_stages
 from .common import request_ks
 
 PEER_METHODS = ("demofusion", "freescale")  # multi-stage peers: their own steps and work per stage
+FROM_NOISE_METHODS = ("direct", "scalecrafter", "attn-sf", "hidiffusion")  # one stage at the target, from noise
 PIVOT_METHODS = ("sr", "lanczos")  # the pivot, then upscaled in pixel space: sr's x4 model, or a Lanczos resize
 SR_FACTOR = 4  # per side, each pass of the x4 upscaler
 
@@ -159,15 +160,17 @@ class StepCost:
 
 def attended_share(model, request: dict, height: int, width: int) -> float:
     """The share of a stage's tokens each query attends to under the request's self-attention (`stages.
-    stage_attention`'s rule): 1 at the base size and below (the pivot, DemoFusion's windows), under "full" and on
-    flow models; 1/f^2 with keys and values pooled f per side ("downsample-kv", "auto"); a window's share of the
-    grid ("window", its cells default the base latent)."""
+    stage_attention`'s rule): 1 at the base size and below (the pivot, DemoFusion's windows), under "full", on
+    flow models and for a stage from noise under "auto"; 1/f^2 with keys and values pooled f per side
+    ("downsample-kv", "auto"); a window's share of the grid ("window", its cells default the base latent)."""
     from ..stages import DEFAULT_FACTOR, auto_attention
 
     base = _attribute(model, "base_size")
     mode = request.get("attention") or ("full" if _attribute(model, "is_flow") else "auto")
     if not base or mode == "full" or request["method"] == "demofusion" or height * width <= base**2:
         return 1.0
+    if mode == "auto" and request["method"] in FROM_NOISE_METHODS and request.get("image") is None:
+        return 1.0  # a stage from noise keeps full attention under auto (`stages.stage_attention`)
     factor = request.get("attention_factor") or DEFAULT_FACTOR
     if mode == "auto":
         mode, options = auto_attention(model, (height, width))
