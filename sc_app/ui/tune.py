@@ -41,6 +41,9 @@ DEFAULT_TUNE_BATCH = 8
 TUNE_FIELDS = {"steps": "tune-steps", "batch size": "tune-batch", "learning rate": "tune-lr", "scale": "tune-scale"}
 
 
+CANCELLING = "Cancelling: what it has learned so far will be saved, and offered, not chosen..."
+
+
 @dataclass
 class TuneJob:
     """The server's one tuning job: a thread that drains the GPU generator into a queue the page reads. A job its
@@ -228,6 +231,8 @@ class TuneHandlers:
             while (event := job.events.get()) is not None:
                 if event[0] == "waiting":
                     yield TuneView("Waiting for the running generation to finish...", (skip, None, skip, skip))
+                elif event[0] == "cancelling":
+                    yield TuneView(CANCELLING, (skip, None, skip, skip))
                 elif event[0] == "progress":
                     _, step, total, loss = event
                     losses.append((step, loss))
@@ -278,14 +283,18 @@ class TuneHandlers:
         if job.session != (getattr(request, "session_hash", None) or ""):
             raise user_error("the running tuning job was started from another page; only that page can cancel it")
         ask_to_stop(job.stop)
-        return "Cancelling: what it has learned so far will be saved, and offered, not chosen..."
+        job.events.put(("cancelling",))  # said in the status area by the run's own stream, in its order
+        return CANCELLING
 
     def cancel_tune_page(self, request: gr.Request):
-        """The page's Cancel: as `cancel_tune`, in the status area."""
+        """The page's Cancel: as `cancel_tune`. The run's stream is the status area's one writer: it says
+        "Cancelling..." and then what was saved, so this answer, which may reach the page after them, writes
+        nothing there unless the page may not cancel."""
         try:
-            return status.running(None, self.cancel_tune(request))
+            self.cancel_tune(request)
         except gr.Error as error:
             return status.error(error.message)
+        return gr.skip()
 
 
 @dataclass
