@@ -391,6 +391,25 @@ def attention_label(mode: str, options: dict) -> str:
     return mode
 
 
+def stage_mode(model, attention: str, factor: int, stage_hw: tuple[int, int], from_noise: bool) -> tuple[str, dict]:
+    """The mode a stage of stage_hw = (height, width) pixels runs under a run's `attention` and `factor`, before
+    the base-size rule of `stage_attention`: (mode, apply_attention keywords, downsample-kv's with its factor).
+    "auto" is `auto_attention`'s choice (an explicit factor other than the default replaces its own, on every
+    stage), and full in a stage `from_noise`. The progress line's cost model reads the same choice."""
+    if attention == "full" or (attention == "auto" and from_noise):
+        return "full", {}
+    if attention == "auto":
+        mode, options = auto_attention(model, stage_hw)
+        options = dict(options)
+        if mode == "downsample-kv" and factor != DEFAULT_FACTOR:  # the caller's factor, on every stage
+            options["factor"] = factor
+    else:
+        mode, options = attention, {}
+    if mode == "downsample-kv":
+        options.setdefault("factor", factor)
+    return mode, options
+
+
 def stage_attention(
     model, sampling: Sampling, latent_hw: tuple[int, int], exact: bool = False, from_noise: bool = False
 ) -> StageAttention:
@@ -404,22 +423,17 @@ def stage_attention(
     keeps full attention: pooled, direct sampling at 16x lost shape fidelity and FID_r (0.939 / 366.0 against
     0.945 / 347.1, 48 development prompts, docs/benchmarks.md attention-16x-direct-dev)."""
     unet = model.unet
-    if exact or sampling.attention == "full" or (sampling.attention == "auto" and from_noise):
+    if exact:
         return StageAttention(unet)
-    if sampling.attention == "auto":
-        mode, options = auto_attention(model, tuple(n * model.vae_scale for n in latent_hw))
-        options = dict(options)
-        if mode == "downsample-kv" and sampling.factor != DEFAULT_FACTOR:  # the caller's factor, on every stage
-            options["factor"] = sampling.factor
-    else:
-        mode, options = sampling.attention, {}
+    pixels = tuple(n * model.vae_scale for n in latent_hw)
+    mode, options = stage_mode(model, sampling.attention, sampling.factor, pixels, from_noise)
+    if mode == "full":
+        return StageAttention(unet)
     if mode == "window":
         options["window"] = _window_pair(sampling.window or options.get("window") or unet.config.sample_size)
-    elif mode == "downsample-kv":
-        options.setdefault("factor", sampling.factor)
     base = _window_pair(unet.config.sample_size)
     min_tokens = largest_grid(unet, base) + 1
-    if mode == "full" or largest_grid(unet, tuple(latent_hw)) < min_tokens:
+    if largest_grid(unet, tuple(latent_hw)) < min_tokens:
         return StageAttention(unet)
     if mode == "window" and all(w >= n for w, n in zip(options["window"], latent_hw)):
         return StageAttention(unet)  # one window holds the whole latent: the full attention

@@ -15,13 +15,13 @@ import math
 import time
 from dataclasses import dataclass
 
+from ..api import SDEDIT_METHODS
 from ..baselines.progressive import base_steps
 from ..baselines.progressive import stage_steps as peer_stage_steps
 from ..plan import plan_stages
 from .common import request_ks
 
 PEER_METHODS = ("demofusion", "freescale")  # multi-stage peers: their own steps and work per stage
-FROM_NOISE_METHODS = ("direct", "scalecrafter", "attn-sf", "hidiffusion")  # one stage at the target, from noise
 PIVOT_METHODS = ("sr", "lanczos")  # the pivot, then upscaled in pixel space: sr's x4 model, or a Lanczos resize
 SR_FACTOR = 4  # per side, each pass of the x4 upscaler
 
@@ -163,24 +163,21 @@ def attended_share(model, request: dict, height: int, width: int) -> float:
     stage_attention`'s rule): 1 at the base size and below (the pivot, DemoFusion's windows), under "full", on
     flow models and for a stage from noise under "auto"; 1/f^2 with keys and values pooled f per side
     ("downsample-kv", "auto"); a window's share of the grid ("window", its cells default the base latent)."""
-    from ..stages import DEFAULT_FACTOR, auto_attention
+    from ..stages import DEFAULT_FACTOR, stage_mode
 
     base = _attribute(model, "base_size")
-    mode = request.get("attention") or ("full" if _attribute(model, "is_flow") else "auto")
-    if not base or mode == "full" or request["method"] == "demofusion" or height * width <= base**2:
+    attention = request.get("attention") or ("full" if _attribute(model, "is_flow") else "auto")
+    if not base or request["method"] == "demofusion" or height * width <= base**2:
         return 1.0
-    if mode == "auto" and request["method"] in FROM_NOISE_METHODS and request.get("image") is None:
-        return 1.0  # a stage from noise keeps full attention under auto (`stages.stage_attention`)
+    from_noise = request["method"] in SDEDIT_METHODS and request.get("image") is None  # one stage, from noise
     factor = request.get("attention_factor") or DEFAULT_FACTOR
-    if mode == "auto":
-        mode, options = auto_attention(model, (height, width))
-        factor = factor if factor != DEFAULT_FACTOR else options.get("factor", DEFAULT_FACTOR)
+    mode, options = stage_mode(model, attention, factor, (height, width), from_noise)
     if mode == "window":
-        cells = request.get("attention_window") or base // (_attribute(model, "vae_scale") or DEFAULT_VAE_SCALE)
-        cells = (cells, cells) if isinstance(cells, int) else tuple(cells)
         scale = _attribute(model, "vae_scale") or DEFAULT_VAE_SCALE
+        cells = request.get("attention_window") or base // scale
+        cells = (cells, cells) if isinstance(cells, int) else tuple(cells)
         return min(1.0, cells[0] * cells[1] * scale**2 / (height * width))
-    return 1.0 / factor**2
+    return 1.0 / options["factor"] ** 2 if mode == "downsample-kv" else 1.0
 
 
 def _attribute(model, name: str):
