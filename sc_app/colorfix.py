@@ -16,6 +16,12 @@ from PIL import Image
 from scipy import ndimage
 
 
+def detail_sigma(width: int, detail_width: int) -> float:
+    """The blur for an image `width` pixels wide whose picture has detail `detail_width` pixels wide: its size over
+    the picture's, at least 1 pixel."""
+    return max(1.0, width / detail_width)
+
+
 def color_fix(image: Image.Image, reference: Image.Image, sigma: float) -> Image.Image:
     """`image` with its frequencies below `sigma` (pixels of `image`) replaced by `reference`'s, resized to it."""
     if sigma <= 0:
@@ -41,16 +47,11 @@ class ColorFix:
         self.picture_width, self.then = picture_width, then
         self.reference: Image.Image | None = None
 
-    def sigma(self, width: int) -> float:
-        """The blur for a stage `width` pixels wide: its size over the picture's detail, at least 1 pixel."""
-        detail = min(self.picture_width, self.reference.width)
-        return max(1.0, width / detail)
-
     def __call__(self, index: int, stage) -> None:
         if index == 0:
             self.reference = stage.images[0] if stage.images else None
         elif self.reference is not None and stage.images:
-            sigma = self.sigma(stage.images[0].width)
+            sigma = detail_sigma(stage.images[0].width, min(self.picture_width, self.reference.width))
             stage.images = [color_fix(image, self.reference, sigma) for image in stage.images]
         if self.then is not None:
             self.then(index, stage)

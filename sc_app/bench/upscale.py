@@ -40,6 +40,7 @@ import numpy as np
 from ..api import generate
 from ..cli import BadInput
 from ..colorfix import color_fix as fix_colors
+from ..colorfix import detail_sigma
 from ..stats import bootstrap, mcnemar_exact, paired_bootstrap, wilson
 from .ablation import stage_decodes
 from .common import (
@@ -677,7 +678,8 @@ class Scorer:
             if found.get("version") != SCORE_VERSION or found.get("radius") != self.radius:
                 image = cell.image(seed)
                 if color_fix:
-                    image = fix_colors(image, self.inputs[i], image.width / self.inputs[i].width)
+                    sigma = detail_sigma(image.width, self.inputs[i].width)  # as ColorFix: the input is stage 0
+                    image = fix_colors(image, self.inputs[i], sigma)
                 found = score_image(image, self.truths[i], self.inputs[i], scene.prompt, self.radius)
                 found |= {"version": SCORE_VERSION, "radius": self.radius}
                 tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")

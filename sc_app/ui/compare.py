@@ -273,8 +273,9 @@ class CompareHandlers:
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for every method
         widgets = (negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale)
-        picked = (image, scheduler, attention)
-        requests = [self.request(m, prompt, *widgets, *picked, color_fix=color_fix) for m in methods]
+        requests = [
+            self.request(m, prompt, *widgets, image, scheduler, attention, color_fix=color_fix) for m in methods
+        ]
         return CompareRun(self, methods, requests, adapter)
 
     def compare(
