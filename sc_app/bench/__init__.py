@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m sc_app.bench speed|ablation|search|gpu ...`, tables printed and put in docs/benchmarks.md.
+"""Benchmarks: `python -m sc_app.bench speed|ablation|attention|search|fair|upscale|gpu ...`, tables printed and put
+in docs/benchmarks.md.
 
 speed    Self-cascade against direct sampling (and, on request, the baselines and the tuned self-cascade) at
          the same output size, steps and seed, side by side in one process: one warm-up run of each, then
@@ -11,6 +12,9 @@ ablation Settings side by side (any method; K per stage, upsampling, adapters, L
          run resumes where it stopped, and `accelerate launch --multi_gpu --num_processes N -m sc_app.bench
          ablation ...` splits the prompts across processes: one per GPU, or on a machine without one, N CPU
          processes (with OMP_NUM_THREADS set to cores / N).
+attention Every attention mode at every stage size (4x, 16x, 64x the base size's pixels): the time of one guided
+         UNet step under the mode, and the self-cascade's composition, shape fidelity and FID_r with the mode in
+         every stage after the pivot, one table; resumable `--work`.
 search   Every method's settings searched alike on development prompts (built-in grids plus given rows) through
          the ablation's engine; per method the best row by composition, written to a JSON for `ablation --chosen`.
 fair     Fair by construction (issue 36), `fair search` then `fair table`: every method's own knobs on grids of
@@ -43,6 +47,7 @@ from ..api import METHODS  # noqa: E402
 from ..cli import Parser, prog, quiet_loaders, run  # noqa: E402
 from .ablation import add_parser as add_ablation_parser  # noqa: E402
 from .archs import ARCHS  # noqa: E402
+from .attention import add_parser as add_attention_parser  # noqa: E402
 from .fair import add_parser as add_fair_parser  # noqa: E402
 from .gpu import add_parser as add_gpu_parser  # noqa: E402
 from .search import add_parser as add_search_parser  # noqa: E402
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_options(s)
     add_gpu_parser(sub)
     add_ablation_parser(sub)
+    add_attention_parser(sub)
     add_search_parser(sub)
     add_fair_parser(sub)
     add_upscale_parser(sub)

@@ -340,16 +340,19 @@ class Bench:
         return plan_stages(*self.size, self.model.base_size, self.model.size_multiple)[0]
 
 
-def open_bench(args) -> Bench:
+def open_bench(args, check=None) -> Bench:
     """Checks the flags, loads the model and ties --work to it: samples of another model (weights or the
     defaults of its self_cascade.json, which rows without their own K, guidance or pivot upsampling take), step
-    count or seed in the same folder would be mixed into the table (and a test table with development samples)."""
+    count or seed in the same folder would be mixed into the table (and a test table with development samples).
+    `check(model)`: what only the loaded model can tell, before the work folder is touched or anything logged."""
     (size,) = parse_sizes(args.size)
     if args.n < 2 or not 0 <= args.direct_n <= args.n:
         raise BadInput(f"--n must be >= 2 and --direct-n in 0..--n, got {args.n} and {args.direct_n}")
     writable("--out", args.out)
     state = process_state(args)
     model = _load(args, None)
+    if check is not None:
+        check(model)
     fingerprint = model_fingerprint(model)
     settings = {"model": model.name, "fingerprint": fingerprint, "steps": args.steps, "seed": args.seed}
     settings["model_settings"] = model.folder_settings
@@ -552,9 +555,10 @@ def measure(args, bench: Bench, settings: list[Setting]) -> tuple[Measured, list
     None on the other processes."""
     from ..shapes import random_prompts, render
 
-    model, size, state, pivot = bench.model, bench.size, bench.state, bench.pivot
-    for setting in settings:
+    model, size, state = bench.model, bench.size, bench.state
+    for setting in settings:  # before the pivot's plan, which raises on a size the model cannot take
         _check_setting(model, size, args.steps, setting)
+    pivot = bench.pivot
     base = Setting(f"base ({size_name(pivot)}, other seeds)", (), method="direct", seed_offset=OTHER_SEEDS)
     reference = Setting("direct", (), method="direct", limit=args.direct_n)
     rows = list({s.key: s for s in settings}.values())
