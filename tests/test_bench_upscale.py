@@ -392,3 +392,75 @@ def test_registered_with_the_bench_command():
     assert "upscale" in commands
     args = parser.parse_args(["upscale", "--size", "256x256", "--dev", "--shard", "1/2"])
     assert args.command == "upscale" and args.dev and args.shard == "1/2"
+
+
+# ---- carried between sessions: the records without the images ---------------------------------------------
+
+
+def test_a_carried_run_goes_on_in_a_fresh_work_folder_without_sampling_again(dev, sd_folder, files, monkeypatch):
+    carry = files["root"] / "carry.jsonl"
+    first = files["root"] / "work-carried-1"
+    run(argv(sd_folder, files, first, "--carry", str(carry)))
+    before = table_rows(section(dev / "benchmarks.md", "upscale-64x64"), "method (how")
+    lines = carry.read_text().splitlines()
+    records = [json.loads(line)["path"] for line in lines]
+    assert "settings.json" in records and not any(path.endswith(".png") for path in records)
+    samples = [p for p in records if p.endswith(("0000.json", "0001.json"))]
+    assert len(samples) == 2 * len(upscale.ROWS)  # every row's two scenes
+    fixed = [p for p in records if p.endswith(".color-fix.scores.json")]
+    assert len(fixed) == 2 * len([r for r in upscale.ROWS if r.name not in upscale.NO_COLOR_FIX])
+
+    made = []
+    real = upscale.generate
+
+    def counting(*args, **kwargs):
+        made.append(kwargs["generator"].initial_seed())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upscale, "generate", counting)
+    second = files["root"] / "work-carried-2"  # a fresh checkout: no images, no records
+    run(argv(sd_folder, files, second, "--carry", str(carry)))
+    assert made == [] and not list(second.rglob("*.png"))
+    assert table_rows(section(dev / "benchmarks.md", "upscale-64x64"), "method (how") == before
+
+    # a record whose scores are of another definition comes back as missing: that sample alone is made again
+    stale = [json.loads(line) for line in lines]
+    victim = next(e for e in stale if e["path"].endswith("0001.scores.json") and "tuned" in e["path"])
+    victim["data"]["version"] = upscale.SCORE_VERSION - 1
+    carry.write_text("".join(json.dumps(e) + "\n" for e in stale))
+    third = files["root"] / "work-carried-3"
+    run(argv(sd_folder, files, third, "--carry", str(carry)))
+    assert made == [1]
+    again = table_rows(section(dev / "benchmarks.md", "upscale-64x64"), "method (how")
+    assert [r[:-2] for r in again] == [r[:-2] for r in before]  # the same image again; its time is its own
+
+
+def test_a_carry_file_that_is_not_one_is_refused_in_one_line(dev, sd_folder, files, tmp_path, capsys):
+    from sc_app.bench import main
+
+    bad = tmp_path / "bad.jsonl"
+    for text, says in [("not json\n", "line 1"), ('{"path": "../../x.json", "data": {}}\n', "inside the folder")]:
+        bad.write_text(text)
+        code = main(argv(sd_folder, files, tmp_path / "w", "--carry", str(bad)))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and says in err
+        assert not (tmp_path / "w").exists() and not (tmp_path.parent / "x.json").exists()
+
+
+def test_pack_and_unpack_keep_every_json_file_and_never_replace_one(tmp_path):
+    from sc_app.bench.carry import pack, unpack
+
+    work, carry = tmp_path / "work", tmp_path / "c.jsonl"
+    (work / "64x64" / "row").mkdir(parents=True)
+    (work / "settings.json").write_text('{"steps": 2}')
+    (work / "64x64" / "row" / "0000.json").write_text('{"seconds": 1.5, "psnr": Infinity}')
+    (work / "64x64" / "row" / "0000.png").write_bytes(b"not carried")
+    assert pack(work, carry) == 2
+    other = tmp_path / "other"
+    (other / "64x64" / "row").mkdir(parents=True)
+    (other / "settings.json").write_text('{"steps": 3}')  # there already: kept as it is
+    assert unpack(carry, other) == 1
+    assert json.loads((other / "settings.json").read_text()) == {"steps": 3}
+    assert json.loads((other / "64x64" / "row" / "0000.json").read_text()) == {"seconds": 1.5, "psnr": math.inf}
+    assert not (other / "64x64" / "row" / "0000.png").exists()
+    assert unpack(tmp_path / "missing.jsonl", other) == 0

@@ -19,6 +19,9 @@ test scenes never share a file; each sample's scores are kept beside it once com
 is missing. `--shard i/n` (1 <= i <= n) gives a process the scenes i-1, i-1+n, ...: in the search the shards wait
 for each other where an extension is decided (`--no-wait`: exit instead, and rerun later), and every run that
 finds every sample there writes the outputs (the same ones), so the last shard to finish writes them.
+Each sample is scored as it is made, so its records are its whole result: `--carry FILE` (committed) keeps
+them across sessions and machines without the images (`sc_app.bench.carry`), read into `--work` before sampling
+and rewritten after every scene.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from ..colorfix import color_fix as fix_colors
 from ..colorfix import detail_sigma
 from ..stats import bootstrap, mcnemar_exact, paired_bootstrap, wilson
 from .ablation import stage_decodes
+from .carry import pack, unpack
 from .common import (
     _load,
     check_work_settings,
@@ -518,9 +522,13 @@ def _resolved(settings: dict) -> dict:
     return json.loads(json.dumps(kept, default=str))
 
 
-def sample(bench: Bench, candidates: list[Candidate], scenes, first_seed: int, work: Path, shard) -> int:
+def sample(
+    bench: Bench, candidates: list[Candidate], scenes, first_seed: int, work: Path, shard, scorer=None, carry=None
+) -> int:
     """Every missing sample of this shard's scenes (scene i: seed first_seed + i), candidates in alternating order
-    per scene; returns how many were made."""
+    per scene; returns how many were made. With a `scorer` each sample is scored as it is made (with the
+    picture's colours kept too, where its row redraws the input), so its record is complete without its image;
+    with a `carry` file the work folder's records are packed into it after every scene (`carry.pack`)."""
     import torch
     from PIL import Image
 
@@ -547,6 +555,7 @@ def sample(bench: Bench, candidates: list[Candidate], scenes, first_seed: int, w
                 record |= {"seconds": seconds, "resolved": {"vae": "encode (posterior mean), decode"}}
                 cell.save(seed, image, record)
                 made += 1
+                _score_now(scorer, cell, i)
                 continue
             started = time.perf_counter()
             result = generate(
@@ -574,8 +583,18 @@ def sample(bench: Bench, candidates: list[Candidate], scenes, first_seed: int, w
             }
             cell.save(seed, result.images[0], record)
             made += 1
+            _score_now(scorer, cell, i)
+        if carry is not None:
+            pack(work, carry)
         log(f"  [shard {index + 1}/{count}] scene {seed} done ({turn + 1}/{len(todo)})")
     return made
+
+
+def _score_now(scorer, cell: Cell, index: int) -> None:
+    if scorer is not None:
+        scorer.score(cell, index)
+        if cell.variant.row.name not in NO_COLOR_FIX:
+            scorer.score(cell, index, color_fix=True)
 
 
 def _through_vae(bench: Bench, which: str, scene, picture):
@@ -664,27 +683,34 @@ class Scorer:
             ],
         )
 
+    def score(self, cell: Cell, index: int, color_fix: bool = False) -> dict:
+        """Scene `index`'s sample in `cell` scored, read from beside it where it was scored before (at this
+        definition and band); with `color_fix`, as `generate(color_fix=True)` returns it: its low frequencies
+        from the input (`sc_app.colorfix`, sigma the output's width over the input's)."""
+        seed = self.first_seed + index
+        kept = cell.folder / f"{seed:04d}{'.color-fix' if color_fix else ''}.scores.json"
+        found = json.loads(kept.read_text()) if kept.is_file() else {}
+        if found.get("version") != SCORE_VERSION or found.get("radius") != self.radius:
+            image = cell.image(seed)
+            if color_fix:
+                sigma = detail_sigma(image.width, self.inputs[index].width)  # as ColorFix: the input is stage 0
+                image = fix_colors(image, self.inputs[index], sigma)
+            found = score_image(image, self.truths[index], self.inputs[index], self.scenes[index].prompt, self.radius)
+            found |= {"version": SCORE_VERSION, "radius": self.radius}
+            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(found))  # json writes an exact copy's infinite PSNR as Infinity
+            os.replace(tmp, kept)
+        return found
+
     def __call__(self, candidate: Candidate, color_fix: bool = False) -> Scored:
-        """The candidate's samples scored; with `color_fix`, each as `generate(color_fix=True)` returns it: its
-        low frequencies from the input (`sc_app.colorfix`, sigma the output's width over the input's)."""
+        """The candidate's samples scored (`score`), scenes in order."""
         cell = Cell(candidate, self.bench.size, self.work)
         rows, resolved = [], []
-        for i, scene in enumerate(self.scenes):
+        for i in range(len(self.scenes)):
             seed = self.first_seed + i
             record = json.loads((cell.folder / f"{seed:04d}.json").read_text())
             resolved += [record["resolved"]] if "resolved" in record else []
-            kept = cell.folder / f"{seed:04d}{'.color-fix' if color_fix else ''}.scores.json"
-            found = json.loads(kept.read_text()) if kept.is_file() else {}
-            if found.get("version") != SCORE_VERSION or found.get("radius") != self.radius:
-                image = cell.image(seed)
-                if color_fix:
-                    sigma = detail_sigma(image.width, self.inputs[i].width)  # as ColorFix: the input is stage 0
-                    image = fix_colors(image, self.inputs[i], sigma)
-                found = score_image(image, self.truths[i], self.inputs[i], scene.prompt, self.radius)
-                found |= {"version": SCORE_VERSION, "radius": self.radius}
-                tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(found))  # json writes an exact copy's infinite PSNR as Infinity
-                os.replace(tmp, kept)
+            found = self.score(cell, i, color_fix)
             rows.append({**{k: found[k] for k in SCORES}, "seconds": record["seconds"], "seed": seed})
         resolved = shared_resolved(resolved, candidate.row.label, cell.folder)
         if color_fix and resolved is not None:
@@ -785,7 +811,7 @@ def search(args, bench: Bench, scenes, shard) -> Search | None:
     extensions, truth = [], None
     while True:
         candidates = candidates_for(bench, None, extra)
-        sample(bench, candidates, scenes, DEV_SEED, args.work, shard)
+        sample(bench, candidates, scenes, DEV_SEED, args.work, shard, scorer, args.carry)
         said = -math.inf
         while left := missing(bench, candidates, args.n, DEV_SEED, args.work):
             if args.no_wait or shard[1] == 1:
@@ -1079,8 +1105,34 @@ def _skipped_text(bench: Bench) -> str:
     return "Rows left out on this model: " + "; ".join(bench.skipped) + "."
 
 
+def complete(name: str, carried: dict) -> bool:
+    """`carry.unpack`'s filter: a sample's record comes back only with its scores at this definition (and its
+    colour-kept scores, where its row redraws the input), since its image does not: anything else is sampled
+    again."""
+
+    def current(path: str) -> bool:
+        return isinstance(carried.get(path), dict) and carried[path].get("version") == SCORE_VERSION
+
+    folder, _, file = name.rpartition("/")
+    if file.endswith(".scores.json"):
+        return current(name)
+    if not re.fullmatch(r"\d{4}\.json", file):
+        return True  # the work folder's settings
+    stem = f"{folder}/{file.removesuffix('.json')}"
+    record = carried[name]
+    needs_fix = isinstance(record, dict) and record.get("row") not in NO_COLOR_FIX
+    return current(f"{stem}.scores.json") and (not needs_fix or current(f"{stem}.color-fix.scores.json"))
+
+
 def run_upscale(args, argv: list[str]) -> None:
     shard = parse_shard(args.shard)
+    if args.carry is not None:
+        try:
+            got = unpack(args.carry, args.work, complete)
+        except ValueError as error:
+            raise BadInput(f"--carry {error}") from None
+        if got:
+            log(f"upscale: {got} finished records carried into {args.work} from {args.carry}")
     bench = open_bench(args)
     chosen_path, table_path = fair_paths(args.fair, bench.size, args.dev)
     chosen, digest = (None, "") if args.dev else read_chosen(chosen_path, bench, args)
@@ -1094,16 +1146,18 @@ def run_upscale(args, argv: list[str]) -> None:
         scored = found.scored
     else:
         candidates = candidates_for(bench, chosen)
-        sample(bench, candidates, scenes, first_seed, args.work, shard)
+        scorer = Scorer(bench, scenes, first_seed, args.work)
+        sample(bench, candidates, scenes, first_seed, args.work, shard, scorer, args.carry)
         left = missing(bench, candidates, args.n, first_seed, args.work)
         if left:
             log(
                 f"upscale: {left} samples of other shards not there yet: the run that finds them all writes the section"
             )
             return
-        scorer = Scorer(bench, scenes, first_seed, args.work)
         scored = [scorer.truth()] + [scorer(c) for c in candidates]
         scored += [scorer(c, color_fix=True) for c in color_fixed_rows(bench, candidates)]
+    if args.carry is not None:
+        pack(args.work, args.carry)
     write_csv(table_path, scored, scenes, args.dev)
     log(f"wrote the per-image scores to {table_path}")
     if args.dev:
@@ -1142,6 +1196,14 @@ def add_parser(sub) -> None:
     )
     u.add_argument("--sr-model", default=None, help="SD+SR's x4 upscaler folder or hub id (default: the model's own)")
     u.add_argument("--work", type=Path, default=DEFAULT_WORK, help="samples and records, for resuming")
+    u.add_argument(
+        "--carry",
+        type=Path,
+        default=None,
+        help="a JSON-lines file of finished records (committed, e.g. docs/fair/upscale-256x256.carry.jsonl): "
+        "read into --work before sampling and rewritten after every scene, so the run goes on in another session "
+        "or on another machine without the images",
+    )
     u.add_argument("--shard", default=None, help="I/N: this process samples scenes I-1, I-1+N, ... (1 <= I <= N)")
     u.add_argument(
         "--no-wait", action="store_true", help="a search shard exits where it would wait for the others (rerun later)"
