@@ -21,7 +21,7 @@ for each other where an extension is decided (`--no-wait`: exit instead, and rer
 finds every sample there writes the outputs (the same ones), so the last shard to finish writes them.
 Each sample is scored as it is made, so its records are its whole result: `--carry FILE` (committed) keeps
 them across sessions and machines without the images (`sc_app.bench.carry`), read into `--work` before sampling
-and rewritten after every scene.
+and rewritten after every sample.
 """
 
 from __future__ import annotations
@@ -528,7 +528,7 @@ def sample(
     """Every missing sample of this shard's scenes (scene i: seed first_seed + i), candidates in alternating order
     per scene; returns how many were made. With a `scorer` each sample is scored as it is made (with the
     picture's colours kept too, where its row redraws the input), so its record is complete without its image;
-    with a `carry` file the work folder's records are packed into it after every scene (`carry.pack`)."""
+    with a `carry` file the work folder's records are packed into it after every sample (`carry.pack`)."""
     import torch
     from PIL import Image
 
@@ -555,7 +555,7 @@ def sample(
                 record |= {"seconds": seconds, "resolved": {"vae": "encode (posterior mean), decode"}}
                 cell.save(seed, image, record)
                 made += 1
-                _score_now(scorer, cell, i)
+                _score_now(scorer, cell, i, work, carry)
                 continue
             started = time.perf_counter()
             result = generate(
@@ -583,18 +583,19 @@ def sample(
             }
             cell.save(seed, result.images[0], record)
             made += 1
-            _score_now(scorer, cell, i)
-        if carry is not None:
-            pack(work, carry)
+            _score_now(scorer, cell, i, work, carry)
         log(f"  [shard {index + 1}/{count}] scene {seed} done ({turn + 1}/{len(todo)})")
     return made
 
 
-def _score_now(scorer, cell: Cell, index: int) -> None:
+def _score_now(scorer, cell: Cell, index: int, work: Path, carry: Path | None) -> None:
+    """A new sample scored, then carried: a session that ends mid-scene loses at most the sample in hand."""
     if scorer is not None:
         scorer.score(cell, index)
         if cell.variant.row.name not in NO_COLOR_FIX:
             scorer.score(cell, index, color_fix=True)
+    if carry is not None:
+        pack(work, carry)
 
 
 def _through_vae(bench: Bench, which: str, scene, picture):
@@ -1201,7 +1202,7 @@ def add_parser(sub) -> None:
         type=Path,
         default=None,
         help="a JSON-lines file of finished records (committed, e.g. docs/fair/upscale-256x256.carry.jsonl): "
-        "read into --work before sampling and rewritten after every scene, so the run goes on in another session "
+        "read into --work before sampling and rewritten after every sample, so the run goes on in another session "
         "or on another machine without the images",
     )
     u.add_argument("--shard", default=None, help="I/N: this process samples scenes I-1, I-1+N, ... (1 <= I <= N)")
