@@ -101,8 +101,9 @@ def test_flow_loss_falls_on_a_fixed_batch_and_batches_are_seeded():
 
 def _train(monkeypatch, work, out, steps, *extra):
     argv = ["train_flow", "--work", str(work), "--out", str(out), "--steps", str(steps), "--cache-scenes", "8"]
-    argv += ["--batch-size", "4", "--checkpoint-every", "1", "--log-every", "1", "--warmup", "1", *extra]
+    argv += ["--batch-size", "4", "--checkpoint-every", "1", "--log-every", "1", "--warmup", "1"]
     argv += [x for name, value in TINY.items() for x in ("--" + name.replace("_", "-"), str(value))]
+    argv += extra  # last: a flag given here wins over TINY's
     monkeypatch.setattr(sys, "argv", argv)
     train_flow.main()
 
@@ -151,6 +152,38 @@ def test_trains_resumes_and_exports_a_folder_plain_diffusers_and_sc_app_run(tmp_
     (out / "README.md").write_text("# measured card")
     _train(monkeypatch, work, out, 3, "--export-only")
     assert (out / "README.md").read_text() == "# measured card"
+
+
+def test_a_new_work_folder_goes_on_from_an_exported_folder(tmp_path, monkeypatch, capsys):
+    """--init: a later session keeps only the export; training goes on from its weights, fresh optimizer."""
+    first_out, second_out = tmp_path / "first", tmp_path / "second"
+    _train(monkeypatch, tmp_path / "w1", first_out, 2)
+    exported = StableDiffusion3Pipeline.from_pretrained(
+        first_out, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    ).transformer.state_dict()
+
+    starts = []
+    real = train_flow.flow_loss
+
+    def spying(transformer, *args):  # the weights the first step of the new run trains from
+        if not starts:
+            starts.append({k: v.detach().clone() for k, v in transformer.state_dict().items()})
+        return real(transformer, *args)
+
+    monkeypatch.setattr(train_flow, "flow_loss", spying)
+    _train(monkeypatch, tmp_path / "w2", second_out, 1, "--init", str(first_out))
+    assert all(torch.equal(starts[0][k], exported[k].float()) for k in exported)  # the export's, as float32
+    record = json.loads((second_out / "training.json").read_text())
+    assert record["steps"] == 1 and record["prior"]["steps"] == 2 and record["prior"]["from"] == str(first_out)
+
+    # a folder of another configuration, or one that is not an export: one line, nothing trained
+    capsys.readouterr()
+    for folder, says in ((first_out, "num_layers 1 there, 3 here"), (tmp_path, "not a folder this trainer exported")):
+        with pytest.raises(SystemExit) as stop:
+            _train(monkeypatch, tmp_path / "w3", tmp_path / "third", 1, "--init", str(folder), "--layers", "3")
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "third").exists() and not (tmp_path / "w3").exists()  # before the cache or a checkpoint
 
 
 def test_embedded_flow_without_its_folder_names_the_training_command(tmp_path, monkeypatch):

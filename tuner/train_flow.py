@@ -56,6 +56,9 @@ class Config:
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
     log_every: int = 50
+    # an exported folder (e.g. assets/shapes-flow) whose transformer a new --work starts from, with a fresh
+    # optimizer, EMA and schedule: how training goes on in a later session, where only the export was kept
+    init: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -66,11 +69,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
             raise ValueError(f"--base-size must be a multiple of {VAE_FACTOR * PATCH} up to {MAX_SIDE}")
         if not (Path(cfg.base_model) / "vae").is_dir():
             raise ValueError(f"--base-model {cfg.base_model}: not the embedded model's folder (no vae/)")
+        if cfg.init:
+            check_init_folder(cfg)
 
     positive = ("steps", "batch_size", "layers", "heads", "head_dim", "checkpoint_every", "log_every")
     return parse_config(
         Config, __doc__, argv, export_help="write --out from the checkpoint in --work", positive=positive, check=check
     )
+
+
+def check_init_folder(cfg: Config) -> None:
+    """--init names a folder this trainer exported with the configuration of these flags (its transformer's
+    config.json against --layers, --heads, --head-dim, --base-size): read before torch loads or the cache."""
+    folder = Path(cfg.init)
+    config_path = folder / "transformer" / "config.json"
+    if not config_path.is_file() or not (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
+        raise ValueError(f"--init {folder}: not a folder this trainer exported (no transformer/ weights and config)")
+    config = json.loads(config_path.read_text())
+    wanted = {
+        "num_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "attention_head_dim": cfg.head_dim,
+        "sample_size": cfg.base_size // VAE_FACTOR,
+    }
+    off = [f"{k} {config.get(k)} there, {v} here" for k, v in wanted.items() if config.get(k) != v]
+    if off:
+        raise ValueError(
+            f"--init {folder}: its transformer does not fit this configuration ({'; '.join(off)}): give the "
+            "--layers, --heads, --head-dim and --base-size it was trained with (its training.json)"
+        )
 
 
 VAE_FACTOR = 4  # the embedded VAE's downsampling
@@ -279,6 +306,9 @@ def train(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prom
     pipe = build_pipeline(cfg)
     transformer = pipe.transformer.train()
     pipe.text_encoder.to(acc.device), pipe.text_encoder_2.to(acc.device)
+    if cfg.init and not (work / CHECKPOINT).exists():
+        transformer.load_state_dict(exported_weights(Path(cfg.init), transformer))
+        log.info("flow: started from %s (%s)", cfg.init, prior_training(Path(cfg.init)))
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01)
     ema = EMA(transformer, cfg.ema_decay)
     start, seconds = 0, 0.0
@@ -329,6 +359,37 @@ def train(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prom
             )
 
 
+def exported_weights(folder: Path, transformer) -> dict:
+    """The transformer weights of an exported folder, in float32, checked to fit `transformer` (names, shapes)
+    and finite; ValueError in one line otherwise. Read with safetensors: nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"--init {folder}: no {path.relative_to(folder)} (not a folder this trainer exported)")
+    state = {k: v.float() for k, v in load_file(path).items()}
+    expected = transformer.state_dict()
+    unfit = sorted(set(state) ^ set(expected)) or [k for k in state if state[k].shape != expected[k].shape]
+    if unfit:
+        raise ValueError(
+            f"--init {folder}: its transformer does not fit --layers/--heads/--head-dim/--base-size "
+            f"(first: {unfit[0]}); give the configuration it was trained with (its training.json)"
+        )
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"--init {folder}: {bad[0]} holds NaN or infinite values")
+    return state
+
+
+def prior_training(folder: Path) -> dict:
+    """What an exported folder's training.json says was done (steps, seconds, and its own prior runs)."""
+    try:
+        record = json.loads((folder / "training.json").read_text())
+    except (OSError, ValueError):
+        return {"from": str(folder)}
+    return {"from": str(folder), **{k: record[k] for k in ("steps", "train_seconds", "prior") if k in record}}
+
+
 # ---- export ------------------------------------------------------------------------------------------------
 
 
@@ -375,6 +436,8 @@ def export(cfg: Config, work: Path) -> Path:
         "train_seconds": state["train_seconds"],
         "transformer_parameters": parameters,
     }
+    if cfg.init:  # the runs before this one, as the folder it started from recorded them
+        training["prior"] = prior_training(Path(cfg.init))
     (tmp / "training.json").write_text(json.dumps(training, indent=2))
     (tmp / "self_cascade.json").write_text(json.dumps(self_cascade_defaults(cfg), indent=2))
     (tmp / "README.md").write_text(model_card(cfg, state["step"], parameters, folder_megabytes(tmp)))
