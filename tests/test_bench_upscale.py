@@ -306,8 +306,8 @@ def test_the_test_table_has_every_method_and_every_score(dev, sd_folder, files, 
     run(argv(sd_folder, files, work, "--dev"))  # the search resumes as well
 
 
-def test_shards_split_the_scenes_and_the_last_one_writes_the_section(dev, sd_folder, files, monkeypatch):
-    work, out = files["root"] / "work-sharded", files["root"] / "sharded.md"
+def seeds_generated(monkeypatch) -> list[int]:
+    """The seed of every `generate` call the bench makes from now on (the list fills as it runs)."""
     made = []
     real = upscale.generate
 
@@ -316,6 +316,12 @@ def test_shards_split_the_scenes_and_the_last_one_writes_the_section(dev, sd_fol
         return real(*args, **kwargs)
 
     monkeypatch.setattr(upscale, "generate", counting)
+    return made
+
+
+def test_shards_split_the_scenes_and_the_last_one_writes_the_section(dev, sd_folder, files, monkeypatch):
+    work, out = files["root"] / "work-sharded", files["root"] / "sharded.md"
+    made = seeds_generated(monkeypatch)
     run(argv(sd_folder, files, work, "--shard", "2/2", "--out", str(out)))
     sampled = len([row for row in upscale.ROWS if not row.reference])  # the references call no generate
     assert set(made) == {1} and len(made) == sampled and not out.exists()  # scene 1 only; scene 0 is shard 1's
@@ -410,14 +416,7 @@ def test_a_carried_run_goes_on_in_a_fresh_work_folder_without_sampling_again(dev
     fixed = [p for p in records if p.endswith(".color-fix.scores.json")]
     assert len(fixed) == 2 * len([r for r in upscale.ROWS if r.name not in upscale.NO_COLOR_FIX])
 
-    made = []
-    real = upscale.generate
-
-    def counting(*args, **kwargs):
-        made.append(kwargs["generator"].initial_seed())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(upscale, "generate", counting)
+    made = seeds_generated(monkeypatch)
     second = files["root"] / "work-carried-2"  # a fresh checkout: no images, no records
     run(argv(sd_folder, files, second, "--carry", str(carry)))
     assert made == [] and not list(second.rglob("*.png"))
