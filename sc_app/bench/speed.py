@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..api import PIXEL_METHODS  # no UNet of the model after the pivot: the attention mode does not apply
 from ..cli import BadInput
 from .archs import ARCHS
 from .common import (
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # torch loads where it is used: `python -m sc_app.bench --hel
     import argparse
 
 ARCH_SIZES = [(1024, 1024), (2048, 2048)]
-PIXEL_METHODS = ("sr", "lanczos")  # no UNet of the model after the pivot: the attention mode does not apply
 TUNED = "tuned"  # --methods' name for the self-cascade with trained upsamplers
 
 

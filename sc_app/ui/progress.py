@@ -15,14 +15,13 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..api import SDEDIT_METHODS
+from ..api import PIXEL_METHODS, SDEDIT_METHODS
 from ..baselines.progressive import base_steps
 from ..baselines.progressive import stage_steps as peer_stage_steps
 from ..plan import plan_stages
 from .common import request_ks
 
 PEER_METHODS = ("demofusion", "freescale")  # multi-stage peers: their own steps and work per stage
-PIVOT_METHODS = ("sr", "lanczos")  # the pivot, then upscaled in pixel space: sr's x4 model, or a Lanczos resize
 SR_FACTOR = 4  # per side, each pass of the x4 upscaler
 
 
@@ -94,7 +93,7 @@ def stage_plan(model, request: dict) -> list[tuple[int, int, int]]:
         sizes = plan_stages(h, w, model.base_size, model.size_multiple, request.get("stages"))
     elif method in PEER_METHODS:
         sizes = plan_stages(h, w, model.base_size, model.size_multiple)
-    elif method in PIVOT_METHODS:
+    elif method in PIXEL_METHODS:
         sizes = plan_stages(h, w, model.base_size, model.size_multiple)[:1]
         while method == "sr" and (sizes[-1][0] < h or sizes[-1][1] < w):
             sh, sw = sizes[-1][0] * SR_FACTOR, sizes[-1][1] * SR_FACTOR
@@ -115,7 +114,7 @@ def picture_plan(model, request: dict) -> list[tuple[int, int, int]]:
     if start.mode == "sdedit":
         k = request.get("k") or model.default_k
         return [first, (max(1, min(steps, round(steps * k / model.num_train_timesteps))), h, w)]
-    if method in PIVOT_METHODS:
+    if method in PIXEL_METHODS:
         sizes = [start.size]
         while method == "sr" and (sizes[-1][0] < h or sizes[-1][1] < w):
             sh, sw = sizes[-1][0] * SR_FACTOR, sizes[-1][1] * SR_FACTOR
