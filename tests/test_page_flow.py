@@ -37,3 +37,11 @@ def test_compare_and_generate_run_on_a_flow_model(app):
     assert list(results) == list(FLOW_METHODS) and status.startswith("Done: 3 methods")
     *_, last = list(app.studio.generate_page("a red circle", "", "1:1", "4x", "auto", "auto", 2, 3.0, 0, "none"))
     assert "Done:" in last[0]
+
+
+def test_the_steps_field_starts_at_the_flow_pipelines_own(app):
+    """28 on SD3 and FLUX, as the command line and the pipelines take them (50, DDIM's, on a UNet model)."""
+    steps = [
+        c for c in app.demo.config["components"] if c.get("props", {}).get("elem_id") in ("steps", "compare-steps")
+    ]
+    assert steps and {c["props"]["value"] for c in steps} == {28}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .. import checks
 from .common import (
     ASPECTS,
     ATTENTION_CHOICES,
@@ -99,7 +100,9 @@ def sampling_controls(studio, with_stages: bool, prefix: str = "") -> tuple:
             f", each 1 to {model.num_train_timesteps - 1}; higher: more new detail, less of the pivot's layout",
             elem_id=f"{prefix}k",
         )
-        steps = number_field(50, "Steps", f"1 to {MAX_STEPS}", elem_id=f"{prefix}steps")
+        steps = number_field(  # the pipelines' own: DDIM's 50 on a UNet, 28 on SD3 and FLUX as the CLI takes
+            checks.ModelShape.of(model).default_steps, "Steps", f"1 to {MAX_STEPS}", elem_id=f"{prefix}steps"
+        )
         guidance = number_field(
             model.default_guidance, "Guidance scale", f"0 to {MAX_GUIDANCE:g}", step=0.5, elem_id=f"{prefix}guidance"
         )
