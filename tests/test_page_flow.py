@@ -45,3 +45,26 @@ def test_the_steps_field_starts_at_the_flow_pipelines_own(app):
         c for c in app.demo.config["components"] if c.get("props", {}).get("elem_id") in ("steps", "compare-steps")
     ]
     assert steps and {c["props"]["value"] for c in steps} == {28}
+
+
+def test_tune_says_it_needs_a_unet_model_and_starts_nothing(app):
+    config = app.demo.config
+    notes = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "tune-flow-note"]
+    assert notes and "no feature upsamplers yet" in notes[0]["props"]["value"]
+    button = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "tune-button")
+    assert button["props"]["interactive"] is False
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="feature upsamplers of a UNet model"):  # the API's /tune too
+        list(app.studio.tune("shapes world", None, 2, 1, 1e-3, 2, SimpleNamespace(session_hash="s")))
+    assert app.studio._tune_lock.acquire(blocking=False)  # no job holds the server's tuning slot
+    app.studio._tune_lock.release()
+
+
+def test_the_adapter_fields_are_off_on_a_flow_model_and_say_why(app):
+    fields = [
+        c for c in app.demo.config["components"] if c.get("props", {}).get("elem_id") in ("adapter", "compare-adapter")
+    ]
+    assert len(fields) == 2
+    for c in fields:
+        assert c["props"]["interactive"] is False and "UNet models only" in c["props"]["info"]

@@ -27,6 +27,7 @@ from .common import (
 )
 from .controls import (
     PRIVATE,
+    adapter_field_state,
     color_fix_input,
     disable,
     enable,
@@ -444,6 +445,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                     label="Adapter for the self-cascade",
                     allow_custom_value=True,
                     elem_id="compare-adapter",
+                    **adapter_field_state(studio.model),
                 )
                 c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF", visible="attn-sf" in studio.compare_methods)

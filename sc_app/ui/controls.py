@@ -28,6 +28,14 @@ K_LABEL = "K (re-noise level)"
 PICTURE_K_LABEL = "K: how much may change (re-noise level)"  # from a picture: how much of it each stage redraws
 
 
+def adapter_field_state(model) -> dict:
+    """An adapter dropdown's state: on a flow model (SD3, FLUX) it is off and says why (no upsamplers for
+    transformers yet; the Tune tab says the same)."""
+    if getattr(model, "is_flow", False):
+        return {"interactive": False, "info": "UNet models only: a flow model's self-cascade runs tuning-free"}
+    return {}
+
+
 def enable():
     """A Stop (or Cancel) button while its run goes: red and pressable."""
     return gr.update(interactive=True, variant="stop")

@@ -37,6 +37,7 @@ from .common import (
 from .controlnets import control_text, controlnet_controls, named_error
 from .controls import (
     PRIVATE,
+    adapter_field_state,
     color_fix_input,
     disable,
     enable,
@@ -529,9 +530,14 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                         allow_custom_value=True,
                         scale=3,
                         elem_id="adapter",
+                        **adapter_field_state(studio.model),
                     )
                     adapter_upload = gr.UploadButton(
-                        "Load .safetensors", file_types=[".safetensors"], scale=1, size="sm"
+                        "Load .safetensors",
+                        file_types=[".safetensors"],
+                        scale=1,
+                        size="sm",
+                        interactive=not getattr(studio.model, "is_flow", False),
                     )
                 lora, lora_scale, lora_upload = lora_controls(studio.loras)
                 scheduler, attention = run_options()

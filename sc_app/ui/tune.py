@@ -42,6 +42,11 @@ TUNE_FIELDS = {"steps": "tune-steps", "batch size": "tune-batch", "learning rate
 
 
 CANCELLING = "Cancelling: what it has learned so far will be saved, and offered, not chosen..."
+FLOW_TUNE_NOTE = (
+    "Tuning trains the feature upsamplers of a UNet model (SD 1.x/2.x/XL, the embedded model). This is a "
+    "flow-matching transformer (SD3 or FLUX), which has no feature upsamplers yet: its self-cascade runs "
+    "tuning-free."
+)
 
 
 @dataclass
@@ -136,6 +141,8 @@ class TuneHandlers:
             yield status.error(error.message, TUNE_FIELDS.get(getattr(error, "field", None))), *[gr.skip()] * 4
 
     def _tune_views(self, source, files, steps, batch_size, lr, scale, request, progress) -> Iterator[TuneView]:
+        if getattr(self.model, "is_flow", False):
+            raise user_error(FLOW_TUNE_NOTE)
         steps = checked("steps", checks.whole, "steps", steps, 1, MAX_TUNE_STEPS, empty=f"enter 1 to {MAX_TUNE_STEPS}")
         batch_size = checked(
             "batch size",
@@ -336,8 +343,13 @@ def tune_tab(studio, offered_in: list[gr.Dropdown]) -> None:
                     gr.Radio([SHAPES_WORLD, MY_IMAGES], value=SHAPES_WORLD, label="Data", elem_id="tune-data"),
                     name="data",
                 )
+                flow = getattr(studio.model, "is_flow", False)
+                if flow:  # say why nothing here runs on this model
+                    gr.Markdown(FLOW_TUNE_NOTE, elem_id="tune-flow-note")
                 with gr.Row():
-                    t_run = gr.Button("Start tuning", variant="primary", elem_id="tune-button", scale=3)
+                    t_run = gr.Button(
+                        "Start tuning", variant="primary", elem_id="tune-button", scale=3, interactive=not flow
+                    )
                     t_cancel = stop_button("tune-cancel", "Cancel")
             with gr.Column(elem_classes=["sc-results"]):
                 t_status = status.status_area("tune-status")
