@@ -210,3 +210,22 @@ def test_the_command_line_names_the_training_command_for_an_untrained_embedded_f
         "python -m tuner.train_flow"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_flow_model_loads_in_plain_diffusers_and_as_embedded_flow():
+    """assets/shapes-flow as committed: safetensors only, under 25 MB, offline in plain diffusers and in sc_app."""
+    folder = models.EMBEDDED_FLOW
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25e6
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl", ".pth")]
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        folder, text_encoder_3=None, tokenizer_3=None, use_safetensors=True, local_files_only=True
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="np", generator=generator)
+    assert images.images.shape == (1, 64, 64, 3) and np.isfinite(images.images).all()
+    model = load_model("embedded-flow", device="cpu")
+    assert model.family == "sd3" and model.base_size == 64
+    first = generate(model, "a red circle", 128, 128, method="self-cascade", num_inference_steps=2, seed=3)
+    again = generate(model, "a red circle", 128, 128, method="self-cascade", num_inference_steps=2, seed=3)
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))  # a seed reproduces
