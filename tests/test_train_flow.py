@@ -4,6 +4,7 @@ flow-matching loss that learns, resumable training, and an export that plain dif
 import json
 import math
 import sys
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -175,6 +176,13 @@ def test_a_new_work_folder_goes_on_from_an_exported_folder(tmp_path, monkeypatch
     assert all(torch.equal(starts[0][k], exported[k].float()) for k in exported)  # the export's, as float32
     record = json.loads((second_out / "training.json").read_text())
     assert record["steps"] == 1 and record["prior"]["steps"] == 2 and record["prior"]["from"] == str(first_out)
+
+    # going on into the folder it started from (the documented use): the lineage stays the starting folder's,
+    # however often the run is exported again
+    _train(monkeypatch, tmp_path / "w4", first_out, 1, "--init", str(first_out))
+    _train(monkeypatch, tmp_path / "w4", first_out, 1, "--init", str(first_out), "--export-only")
+    record = json.loads((first_out / "training.json").read_text())
+    assert record["steps"] == 1 and record["prior"] == {"from": str(first_out), "steps": 2, "train_seconds": ANY}
 
     # a folder of another configuration, or one that is not an export: one line, nothing trained
     capsys.readouterr()

@@ -306,9 +306,11 @@ def train(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prom
     pipe = build_pipeline(cfg)
     transformer = pipe.transformer.train()
     pipe.text_encoder.to(acc.device), pipe.text_encoder_2.to(acc.device)
+    prior = None  # the runs before this one, when it started from an export: kept in its checkpoints
     if cfg.init and not (work / CHECKPOINT).exists():
         transformer.load_state_dict(exported_weights(Path(cfg.init), transformer))
-        log.info("flow: started from %s (%s)", cfg.init, prior_training(Path(cfg.init)))
+        prior = prior_training(Path(cfg.init))  # read now: --out may be that folder, which the export replaces
+        log.info("flow: started from %s (%s)", cfg.init, prior)
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01)
     ema = EMA(transformer, cfg.ema_decay)
     start, seconds = 0, 0.0
@@ -318,6 +320,7 @@ def train(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prom
         opt.load_state_dict(state["optimizer"])
         ema.shadow = state["ema"]
         start, seconds = state["step"], state["train_seconds"] or 0.0
+        prior = state["config"].get("prior")
         log.info("flow: resumed at step %d", start)
     transformer.set_attn_processor(RepeatedLastTokenAttnProcessor(T5_TOKENS))
     transformer, opt = acc.prepare(transformer, opt)
@@ -353,32 +356,31 @@ def train(cfg: Config, acc: Accelerator, work: Path, latents: torch.Tensor, prom
                 weights=acc.unwrap_model(transformer).state_dict(),
                 optimizer=opt,
                 step=done,
-                config=dataclasses.asdict(cfg),
+                config=dataclasses.asdict(cfg) | ({"prior": prior} if prior else {}),
                 ema=ema.shadow,
                 train_seconds=seconds + time.time() - started,
             )
 
 
 def exported_weights(folder: Path, transformer) -> dict:
-    """The transformer weights of an exported folder, in float32, checked to fit `transformer` (names, shapes)
-    and finite; ValueError in one line otherwise. Read with safetensors: nothing is unpickled."""
+    """The transformer weights of an exported folder (check_init_folder found it), in float32, checked to fit
+    `transformer` (names, shapes) and finite (`sc_app.weights`); ValueError in one line otherwise. Read with
+    safetensors: nothing is unpickled."""
     from safetensors.torch import load_file
 
-    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"--init {folder}: no {path.relative_to(folder)} (not a folder this trainer exported)")
-    state = {k: v.float() for k, v in load_file(path).items()}
-    expected = transformer.state_dict()
-    unfit = sorted(set(state) ^ set(expected)) or [k for k in state if state[k].shape != expected[k].shape]
-    if unfit:
+    from sc_app.weights import compare, module_shapes, nonfinite_message, nonfinite_names, unfit_message
+
+    state = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    fit = compare({k: tuple(v.shape) for k, v in state.items()}, module_shapes(transformer))
+    if fit.foreign or fit.missing or fit.unfit:
+        what = unfit_message(fit.unfit, "it") if fit.unfit else f"first: {(fit.foreign or fit.missing)[0]}"
         raise ValueError(
-            f"--init {folder}: its transformer does not fit --layers/--heads/--head-dim/--base-size "
-            f"(first: {unfit[0]}); give the configuration it was trained with (its training.json)"
+            f"--init {folder}: its transformer does not fit --layers/--heads/--head-dim/--base-size ({what}); "
+            "give the configuration it was trained with (its training.json)"
         )
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"--init {folder}: {bad[0]} holds NaN or infinite values")
-    return state
+    if bad := nonfinite_names(state.items()):
+        raise ValueError(f"--init {folder}: {nonfinite_message(bad)}")
+    return {k: v.float() for k, v in state.items()}
 
 
 def prior_training(folder: Path) -> dict:
@@ -436,8 +438,8 @@ def export(cfg: Config, work: Path) -> Path:
         "train_seconds": state["train_seconds"],
         "transformer_parameters": parameters,
     }
-    if cfg.init:  # the runs before this one, as the folder it started from recorded them
-        training["prior"] = prior_training(Path(cfg.init))
+    if prior := state["config"].get("prior"):  # the runs before this one, as its starting folder recorded them
+        training["prior"] = prior
     (tmp / "training.json").write_text(json.dumps(training, indent=2))
     (tmp / "self_cascade.json").write_text(json.dumps(self_cascade_defaults(cfg), indent=2))
     (tmp / "README.md").write_text(model_card(cfg, state["step"], parameters, folder_megabytes(tmp)))
