@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="--attention downsample-kv or auto: keys and values pooled by N per side; default: 2",
     )
+    g.add_argument(
+        "--positions",
+        default=None,
+        choices=("extend", "interpolate"),
+        help="SD3 and FLUX: the token positions of stages above the model's size: extend (the pipelines' own, "
+        "past the trained range) or interpolate (spread over the base size's span); default: extend",
+    )
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     g.add_argument(
         "--seed",
@@ -360,6 +367,7 @@ SETTINGS_FLAGS = {  # generate's keyword (infotext.generate_arguments) -> the fl
     "scheduler": "scheduler",
     "attention": "attention",
     "attention_factor": "attention_factor",
+    "positions": "positions",
     "stages": "stages",
     "upsample": "upsample",
     "image": "image",
@@ -639,6 +647,8 @@ def _check_flow_flags(args) -> None:
     family = checks.flow_family(folder)
     if family is not None:
         _refuse_for_flow(args, family)
+    elif args.positions is not None and folder is not None:  # a hub id: once it loads (generate refuses it)
+        raise BadInput(f"--positions applies to {FLOW_WORDS} (their token positions): a UNet has none, leave it out")
 
 
 def _sampler_options(args) -> dict:
@@ -661,6 +671,7 @@ def _sampler_options(args) -> dict:
         "attention": args.attention,
         "attention_window": args.attention_window,
         "attention_factor": args.attention_factor,
+        "positions": args.positions,
     }
     return {name: value for name, value in options.items() if value is not None}
 

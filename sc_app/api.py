@@ -78,6 +78,7 @@ def generate(
     attention: str | None = None,
     attention_window: int | tuple[int, int] | None = None,
     attention_factor: int = 2,
+    positions: str | None = None,
     controlnet=None,
     control_image=None,
     controlnet_conditioning_scale: float | list[float] = 1.0,
@@ -121,6 +122,11 @@ def generate(
     rule per stage: the measured default, DEFAULT_ATTENTION; flow models have "full" only). The pivot stays
     exact, and under "auto" so does a stage from noise (`stages.stage_attention`); settings["stage_attention"]
     says what each stage ran.
+
+    `positions` (flow transformers): the token positions of stages above the model's size, "extend" (default,
+    the pipelines' own: positions past the trained range) or "interpolate" (the stage's tokens spread over the
+    base size's span, `sc_app.families`); settings["stage_position_scale"] has each stage's spacing. UNets have
+    no token positions and refuse it.
 
     `controlnet` (a diffusers ControlNetModel, a folder or hub id of one, or a list of these) with
     `control_image` (one per ControlNet, RGB, any `image` source): every UNet pass of every stage that samples
@@ -179,11 +185,13 @@ def generate(
             raise ValueError("controlnet does not run on flow transformers yet")
         flow_options = dict(k=k, stages=stages, upsample=upsample, upsampler=upsampler, loras=loras, image=image)
         flow_options |= dict(fit=fit, max_pixels=max_pixels, scheduler=scheduler, attention=attention or "full")
-        flow_options |= dict(attention_window=attention_window, attention_factor=attention_factor)
+        flow_options |= dict(attention_window=attention_window, attention_factor=attention_factor, positions=positions)
         result = generate_flow(
             model, prompt, height, width, method, upsampler_min_t=upsampler_min_t, **flow_options, **common
         )
         return _output(result, output_type, return_dict, color_fix)
+    if positions is not None:
+        raise ValueError("positions applies to flow transformers (SD3, FLUX): a UNet has no token positions")
     sdedit_k = image is not None and method in SDEDIT_METHODS
     if method != "self-cascade" and ((k is not None and not sdedit_k) or stages is not None or upsampler is not None):
         raise ValueError(

@@ -25,6 +25,14 @@ starts at sigma = the first point of its own (shifted) grid at or below k / 1000
 rule the UNet samplers follow (`schedulers.start_index`). The default K of a flow model, FLOW_K = 770, is the
 paper's K=700 on Stable Diffusion's schedule moved to the flow line at the same signal-to-noise ratio:
 sqrt(a_700 / (1 - a_700)) = (1 - sigma) / sigma gives sigma = 0.769.
+
+Positions above the model's size (`POSITIONS`): a stage larger than the base size shows the transformer token
+positions it never saw in training: SD3 crops a wider part of its sin-cos grid, FLUX counts rows and columns past
+its trained range. "extend" (the pipelines' own) leaves it so; "interpolate" spreads the stage's tokens over the
+span the base size's tokens cover (position interpolation, Chen et al. 2023, as DyPE and the NTK-style RoPE
+scalings do for FLUX): the same centre, the spacing shrunk by the base size's token count over the stage's
+(one factor for both axes, from the pixel ratio, so the aspect is kept). At or below the base size both are the
+pipeline's positions.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ FLOW_K = 770  # the paper's K=700 on SD's DDPM schedule, at equal signal-to-nois
 GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the pipelines' own defaults
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # T5 tokens, the pipelines' own defaults
 SHIFT_DEFAULTS = {"sd3": (0.5, 1.16), "flux": (0.5, 1.15)}  # (base_shift, max_shift) each pipeline falls back to
+POSITIONS = ("extend", "interpolate")  # a stage's token positions above the base size (see the module's docstring)
 
 
 # ---- flow models ------------------------------------------------------------------------------------
@@ -251,7 +260,8 @@ class Family:
         """A one-line ValueError when a stage re-noised to K would start below every step of `scheduler`'s grid."""
         raise NotImplementedError
 
-    def denoiser(self, cond, height: int, width: int) -> Denoiser:
+    def denoiser(self, cond, height: int, width: int, positions: str = "extend") -> Denoiser:
+        """`positions`: the flow families' token positions above the base size (POSITIONS); UNets have none."""
         raise NotImplementedError
 
     def sample(self, denoiser, x, scheduler, timesteps, generators, callback=None, progress=False) -> torch.Tensor:
@@ -327,7 +337,7 @@ class UNetFamily(Family):
 
         start_index(scheduler, k)
 
-    def denoiser(self, cond, height, width):
+    def denoiser(self, cond, height, width, positions="extend"):
         from .sampling import added_conditions, guided_denoiser
 
         return guided_denoiser(self.model.unet, cond, added_conditions(self.model, cond, height, width))
@@ -368,6 +378,19 @@ class FlowFamily(Family):
         """The transformer's image tokens at height x width pixels."""
         side = self.model.size_multiple
         return (height // side) * (width // side)
+
+    def position_scale(self, height: int, width: int, positions: str = "extend") -> float:
+        """The spacing of a stage's token positions in units of the pipeline's own: 1 under "extend" and at or
+        below the base size; under "interpolate" the base size's tokens over the stage's, per side (from the
+        pixel ratio, one factor for both axes)."""
+        base = self.model.base_size // self.model.size_multiple
+        if positions == "extend":
+            return 1.0
+        return min(1.0, math.sqrt(base * base / self.tokens(height, width)))
+
+    def _coordinates(self, count: int, centre: float, scale: float) -> torch.Tensor:
+        """`count` token positions `scale` apart, centred on `centre` (float32, for fractional positions)."""
+        return centre + (torch.arange(count, dtype=torch.float32) - (count - 1) / 2) * scale
 
     def latent_shape(self, batch, height, width):
         vae = self.model.vae_scale
@@ -456,18 +479,43 @@ class SD3Family(FlowFamily):
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return FlowConditioning(embeds, pooled, guidance_scale, cfg)
 
-    def denoiser(self, cond, height, width):
+    def positional_embedding(self, height: int, width: int, positions: str = "extend") -> torch.Tensor | None:
+        """The sin-cos embedding of a stage's tokens under `positions` (1, tokens, dim); None where it is the
+        pipeline's own (the centre crop of the transformer's grid)."""
+        scale = self.position_scale(height, width, positions)
+        return None if scale == 1.0 else self.sincos(height, width, scale)
+
+    def sincos(self, height: int, width: int, scale: float) -> torch.Tensor:
+        """The sin-cos embedding of a stage's tokens `scale` apart on the transformer's grid, centred where the
+        base size's crop is centred (the trained tokens are the grid's central crop), on the grid's own
+        coordinates (diffusers' PatchEmbed: index / (max size / base size) / interpolation_scale)."""
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+        embed = self.model.transformer.pos_embed
+        grid, base = embed.pos_embed_max_size, self.model.base_size // self.model.size_multiple
+        centre = (grid - base) // 2 + (base - 1) / 2  # the base crop's centre, in grid indices
+        unit = 1 / (grid / embed.base_size) / embed.interpolation_scale
+        side = self.model.size_multiple
+        rows = self._coordinates(height // side, centre, scale) * unit
+        columns = self._coordinates(width // side, centre, scale) * unit
+        coordinates = torch.stack(torch.meshgrid(columns, rows, indexing="xy"))  # (2, rows, columns), width first
+        table = get_2d_sincos_pos_embed_from_grid(embed.pos_embed.shape[-1], coordinates[:, None], output_type="pt")
+        return table.float()[None].to(self.model.device)
+
+    def denoiser(self, cond, height, width, positions="extend"):
         transformer = self.model.transformer
+        table = self.positional_embedding(height, width, positions)
 
         def denoise(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             x_in = torch.cat([x, x]) if cond.cfg else x
-            out = transformer(
-                hidden_states=x_in,
-                timestep=t.expand(x_in.shape[0]),
-                encoder_hidden_states=cond.embeds,
-                pooled_projections=cond.pooled,
-                return_dict=False,
-            )[0]
+            with _positions_replaced(transformer.pos_embed, table):
+                out = transformer(
+                    hidden_states=x_in,
+                    timestep=t.expand(x_in.shape[0]),
+                    encoder_hidden_states=cond.embeds,
+                    pooled_projections=cond.pooled,
+                    return_dict=False,
+                )[0]
             if not cond.cfg:
                 return out
             uncond, text = out.chunk(2)
@@ -514,18 +562,33 @@ class FluxFamily(FlowFamily):
         return patches.reshape(b, channels // 4, height, width)
 
     @staticmethod
-    def image_ids(rows: int, columns: int, device, dtype) -> torch.Tensor:
-        """Each token's position (0, row, column), row-major: what FLUX's rotary embedding reads."""
+    def image_ids(rows: int, columns: int, device, dtype, row_positions=None, column_positions=None) -> torch.Tensor:
+        """Each token's position (0, row, column), row-major: what FLUX's rotary embedding reads; the pipeline's
+        whole rows and columns unless given."""
         ids = torch.zeros(rows, columns, 3)
-        ids[..., 1] = torch.arange(rows)[:, None]
-        ids[..., 2] = torch.arange(columns)[None, :]
+        ids[..., 1] = (torch.arange(rows) if row_positions is None else row_positions)[:, None]
+        ids[..., 2] = (torch.arange(columns) if column_positions is None else column_positions)[None, :]
         return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype)
 
-    def denoiser(self, cond, height, width):
+    def stage_ids(self, height: int, width: int, dtype, positions: str = "extend") -> torch.Tensor:
+        """A stage's image ids under `positions`: "interpolate" spreads its rows and columns over the span the
+        base size's cover (0 .. base - 1, the same centre), in float32 so the fractions survive a bfloat16
+        model (the rotary embedding computes in float anyway)."""
+        vae = self.model.vae_scale
+        rows, columns = height // vae // 2, width // vae // 2
+        scale = self.position_scale(height, width, positions)
+        if scale == 1.0:
+            return self.image_ids(rows, columns, self.model.device, dtype)
+        base = self.model.base_size // self.model.size_multiple
+        centre = (base - 1) / 2
+        along = (self._coordinates(rows, centre, scale), self._coordinates(columns, centre, scale))
+        return self.image_ids(rows, columns, self.model.device, torch.float32, *along)
+
+    def denoiser(self, cond, height, width, positions="extend"):
         transformer = self.model.transformer
         vae = self.model.vae_scale
         h, w = height // vae, width // vae
-        ids = self.image_ids(h // 2, w // 2, self.model.device, cond.embeds.dtype)
+        ids = self.stage_ids(height, width, cond.embeds.dtype, positions)
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full([1], cond.guidance_scale, device=self.model.device, dtype=torch.float32)
@@ -545,6 +608,20 @@ class FluxFamily(FlowFamily):
             return self.unpack(out, h, w)
 
         return denoise
+
+
+@contextmanager
+def _positions_replaced(embed, table: torch.Tensor | None):
+    """SD3's PatchEmbed adds `table` instead of its grid's crop for one forward (None: the crop, untouched); the
+    user's module is as it was afterwards, an error included."""
+    if table is None:
+        yield
+        return
+    embed.cropped_pos_embed = lambda height, width: table
+    try:
+        yield
+    finally:
+        del embed.cropped_pos_embed  # the instance attribute: the class's method shows through again
 
 
 def family_of(model, scheduler_name: str = "ddim") -> Family:

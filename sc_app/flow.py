@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .families import Family, family_of, is_flow
+from .families import POSITIONS, Family, family_of, is_flow
 from .stages import (
     UPSAMPLE_MODES,
     Result,
@@ -63,6 +63,11 @@ class FlowRun:
     cond: object | None
     steps: int
     run: Run
+    positions: str = "extend"
+
+    def denoiser(self, height: int, width: int):
+        """The stage's denoiser at height x width, its token positions as the run asked (`POSITIONS`)."""
+        return self.family.denoiser(self.cond, height, width, positions=self.positions)
 
 
 def prepare(
@@ -88,6 +93,7 @@ def prepare(
     image_mode: str = "pivot",
     conditioning: bool = True,
     family: Family | None = None,
+    positions: str = "extend",
 ) -> FlowRun:
     """Everything before a method's first stage, checked before anything slow: the request (sizes in multiples
     of the patch size times the VAE factor, within SD3's position grid; K, steps, guidance, stages), the input
@@ -135,6 +141,8 @@ def prepare(
         "guidance": family.guidance(guidance),
         "scheduler": "flow-euler" if is_flow(model) else getattr(family, "scheduler_name", "ddim"),
     }
+    if is_flow(model):
+        settings["positions"] = positions
     if start is not None:
         settings |= {"image": dict(start.info), "image_mode": start.mode}
         if sdedit:
@@ -156,7 +164,7 @@ def prepare(
         progress=progress,
         pivot_first=not sdedit,
     )
-    return FlowRun(family, cond, num_inference_steps, run)
+    return FlowRun(family, cond, num_inference_steps, run, positions)
 
 
 def sample_stage(
@@ -177,6 +185,8 @@ def sample_stage(
     begin = len(scheduler.timesteps) - len(timesteps)
     sigmas = getattr(scheduler, "sigmas", None)  # the flow grids' (t = 1000 sigma); DDIM has none
     recorded = {"sigma": round(float(sigmas[begin]), 6)} if sigmas is not None else {}
+    if is_flow(run.model):  # the spacing of its token positions (1: the pipeline's own)
+        recorded["position_scale"] = round(family.position_scale(height, width, frun.positions), 6)
     for key, value in (recorded | family.stage_settings(scheduler, height, width)).items():
         run.result.settings.setdefault(f"stage_{key}", []).append(value)
     return Stage(height, width, len(timesteps), seconds, round(float(timesteps[0])), latents, attention="full")
@@ -249,7 +259,7 @@ def self_cascade(
             latents = input_stage(frun).latents
             continue
         started = time.perf_counter()
-        scheduler, denoiser = grids[r], family.denoiser(frun.cond, h, w)
+        scheduler, denoiser = grids[r], frun.denoiser(h, w)
         if r == 0:  # ... or sampled from noise at about the model's size
             timesteps, x = _from_noise(frun, scheduler, h, w)
         else:  # 3. A stage: x_sigma = (1 - sigma) up(x^{r-1}) + sigma eps, sigma from K on this size's grid
@@ -279,8 +289,7 @@ def direct(model, prompt: str | list[str], height: int, width: int, *, k: int | 
         started = time.perf_counter()
         noise = family.noise(run.generators, height, width)
         timesteps, x = family.renoise(scheduler, latents, noise, run.result.settings["k"])
-    denoiser = family.denoiser(frun.cond, height, width)
-    finish(frun, sample_stage(frun, denoiser, x, scheduler, timesteps, started))
+    finish(frun, sample_stage(frun, frun.denoiser(height, width), x, scheduler, timesteps, started))
     return run.result
 
 
@@ -295,8 +304,7 @@ def lanczos(model, prompt: str | list[str], height: int, width: int, **common) -
         started = time.perf_counter()
         scheduler = frun.family.scheduler(frun.steps, h, w)
         timesteps, x = _from_noise(frun, scheduler, h, w)
-        denoiser = frun.family.denoiser(frun.cond, h, w)
-        pivot = finish(frun, sample_stage(frun, denoiser, x, scheduler, timesteps, started))
+        pivot = finish(frun, sample_stage(frun, frun.denoiser(h, w), x, scheduler, timesteps, started))
     started = time.perf_counter()
     images = [im.resize((width, height), Image.LANCZOS) for im in pivot.images]
     seconds = time.perf_counter() - started  # the resize alone: the pivot's stage holds its own time
@@ -327,10 +335,12 @@ def generate(
     attention: str = "full",
     attention_window=None,
     attention_factor: int = 2,
+    positions: str | None = None,
     **common,
 ) -> Result:
     """`api.generate` for a flow model (SD3, FLUX): the methods of METHODS, with what they take; every option
-    that has no flow version yet is refused in one line, naming it."""
+    that has no flow version yet is refused in one line, naming it. `positions` ("extend", the default, or
+    "interpolate"): the token positions of stages above the base size (`families.POSITIONS`)."""
     from .checks import whole, within_limit
 
     if method not in METHODS:
@@ -348,6 +358,10 @@ def generate(
         )
     if upsample is not None and upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+    positions = "extend" if positions is None else positions
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    common["positions"] = positions
     if method != "self-cascade" and (
         (k is not None and (image is None or method != "direct")) or stages is not None or upsample is not None
     ):

@@ -584,11 +584,13 @@ def generate_arguments(settings: dict) -> dict:
     """Settings (result.json's, or `parse_infotext`'s) as `api.generate`'s keyword arguments, with "model" (the
     model's name: "embedded", a folder, a hub id), for what they can say again: prompt (an image's own, the first
     of a batch), negative_prompt, height, width, method, num_inference_steps, guidance_scale, seed, scheduler,
-    attention and its window and factor; the self-cascade's k, stages (after stage 0) and upsample; an SDEdit
-    run's k; loras whose files are recorded; the input image and fit where its file is recorded; ControlNets
-    whose control images are; SD+SR's sr_model, noise_level, sr_steps and sr_guidance. Not: feature upsamplers
-    (recorded by description, not file), the methods' own settings, a generator."""
+    attention and its window and factor, a flow model's positions; the self-cascade's k, stages (after stage 0)
+    and upsample; an SDEdit run's k; loras whose files are recorded; the input image and fit where its file is
+    recorded; ControlNets whose control images are; SD+SR's sr_model, noise_level, sr_steps and sr_guidance.
+    Not: feature upsamplers (recorded by description, not file), the methods' own settings, a generator."""
     arguments = {name: settings[key] for key, name in _ARGUMENTS.items() if settings.get(key) is not None}
+    if arguments.get("scheduler") == "flow-euler":  # a flow model's own and only sampler: nothing to say again
+        del arguments["scheduler"]
     prompt = settings.get("prompt")
     if isinstance(prompt, list):
         arguments["prompt"] = prompt[0] if prompt else ""
@@ -639,6 +641,7 @@ _ARGUMENTS = {  # settings key -> generate's keyword, where the value passes as 
     "scheduler": "scheduler",
     "attention": "attention",
     "attention_factor": "attention_factor",
+    "positions": "positions",
 }
 _SR_ARGUMENTS = ("sr_model", "noise_level", "sr_steps", "sr_guidance")
 

@@ -179,6 +179,7 @@ def test_bad_values_and_keys_of_another_method_are_one_line():
         ("method=sr; k=300", "k= applies to method=self-cascade only"),
         ("upsampler_min_t=100", "upsampler_min_t= needs upsampler="),
         ("upsampler=README.md; upsampler_min_t=-1", "upsampler_min_t must be an integer in 0..1000"),
+        ("positions=rope", "positions must be one of extend, interpolate, got 'rope'"),
     ]:
         with pytest.raises(BadInput) as error:
             parse_setting(f"x: {spec}")
@@ -186,6 +187,7 @@ def test_bad_values_and_keys_of_another_method_are_one_line():
     setting = parse_setting("x: method=sr; noise_level=50; guidance=3")
     assert setting.generate_options() == {"noise_level": 50, "guidance_scale": 3.0}
     assert parse_setting(setting.text) == setting  # the text form is what search writes and ablation reads
+    assert parse_setting("x: method=direct; positions=interpolate").generate_options() == {"positions": "interpolate"}
     assert parse_setting("x: method=direct").key == parse_setting("x: method=direct").key
     assert parse_setting("x: method=direct; guidance=3").key != parse_setting("x: method=direct").key
 

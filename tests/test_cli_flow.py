@@ -95,7 +95,7 @@ def test_steps_default_per_family_and_help_says_both(capsys):
 @pytest.mark.parametrize(
     "family, method, flags",
     [
-        ("sd3", "self-cascade", []),
+        ("sd3", "self-cascade", ["--positions", "interpolate"]),
         ("flux", "self-cascade", ["--steps", "6", "--k", "600", "--upsample", "bicubic", "--upsampler", "none"]),
         ("sd3", "direct", ["--steps", "5", "--negative-prompt", "blurry"]),
         ("flux", "direct", []),
@@ -111,6 +111,7 @@ def test_a_flow_folder_runs_from_the_command_line(family, method, flags, folders
     steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else 28
     assert result["method"] == method and result["family"] == family and result["steps"] == steps
     assert result["seed"] == 3 and result["prompt"] == PROMPT and result["scheduler"] == "flow-euler"
+    assert result["positions"] == ("interpolate" if "--positions" in flags else "extend")
     staged = [f"stage{r}.png" for r in range(len(result["stages"]))] if len(result["stages"]) > 1 else []
     assert sorted(p.name for p in out.iterdir()) == sorted(["final.png", "result.json", *staged])
     assert Image.open(out / "final.png").size == (48, 64)
@@ -180,6 +181,16 @@ def test_flow_refusals_come_before_the_model_loads(family, flags, message, folde
     assert not (tmp_path / "o").exists()
 
 
+def test_positions_on_a_unet_folder_refused_before_it_loads(sd_folder, tmp_path, capsys, no_model):
+    argv = ["--model", str(sd_folder), "--prompt", PROMPT, "--height", "64", "--width", "64"]
+    code, err = _run(capsys, *argv, "--positions", "interpolate", "--out", str(tmp_path / "o"))
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --positions applies to flow transformers (SD3, FLUX) (their token positions): a UNet has none, "
+        "leave it out"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_flow_refusal_needs_no_torch(sd3_folder, tmp_path):
     """In a fresh process: the folder's model_index.json says it is SD3, and --lora is refused before torch."""
     argv = ["generate", "--model", str(sd3_folder), "--prompt", PROMPT, "--height", "64", "--width", "64"]
@@ -216,3 +227,14 @@ def test_a_flow_hub_id_is_refused_once_it_loads(flux_folder, tmp_path, capsys, m
     code, err = _run(capsys, *argv, "--device", "cpu", "--out", str(tmp_path / "o"))  # and runs 28 steps
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "result.json").read_text())["steps"] == 28
+
+
+def test_settings_from_a_flow_run_say_its_positions_again(sd3_folder, tmp_path, capsys):
+    argv = ["--model", str(sd3_folder), "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "4"]
+    code, err = _run(capsys, *argv, "--positions", "interpolate", "--device", "cpu", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    code, err = _run(capsys, "--settings-from", str(tmp_path / "a" / "final.png"), "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    first, again = (json.loads((tmp_path / name / "result.json").read_text()) for name in "ab")
+    assert again["positions"] == "interpolate" and again["stage_position_scale"] == [1.0, 0.5]
+    assert Image.open(tmp_path / "b" / "final.png").tobytes() == Image.open(tmp_path / "a" / "final.png").tobytes()

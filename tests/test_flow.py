@@ -463,3 +463,72 @@ def test_the_unet_family_through_the_flow_runner_is_the_unet_cascade(sd_model):
         (s.height, s.steps, s.start_t) for s in theirs.stages
     ]
     assert torch.equal(ours.stages[-1].latents, theirs.stages[-1].latents)
+
+
+# ---- token positions above the base size ------------------------------------------------------------------
+
+
+def test_interpolated_positions_at_the_base_size_are_the_pipelines_own(sd3_model, flux_model):
+    """The correctness anchor: spacing 1 on the interpolated formula is SD3's centre crop and FLUX's whole rows."""
+    sd3, flux = family_of(sd3_model), family_of(flux_model)
+    cells = BASE // sd3_model.vae_scale
+    crop = sd3_model.transformer.pos_embed.cropped_pos_embed(cells, cells)
+    assert torch.allclose(sd3.sincos(BASE, BASE, 1.0), crop, atol=1e-6)
+    assert sd3.positional_embedding(BASE, BASE, "interpolate") is None  # at the base size: the crop itself
+    own = flux.image_ids(BASE // 4, BASE // 4, "cpu", torch.float32)
+    assert torch.equal(flux.stage_ids(BASE, BASE, torch.float32, "interpolate"), own)
+
+
+def test_interpolated_positions_span_the_base_sizes(sd3_model, flux_model):
+    """At 4x the pixels the stage's tokens sit half as far apart, over the base tokens' span, centred on it; the
+    pipelines' own positions run past it."""
+    sd3, flux = family_of(sd3_model), family_of(flux_model)
+    assert sd3.position_scale(2 * BASE, 2 * BASE, "interpolate") == 0.5
+    assert sd3.position_scale(4 * BASE, 2 * BASE, "interpolate") == pytest.approx(0.5**1.5)
+    assert sd3.position_scale(2 * BASE, 2 * BASE, "extend") == 1.0
+    assert sd3.position_scale(BASE // 2, BASE // 2, "interpolate") == 1.0  # below the base size: the pipeline's
+    base = BASE // 4  # tokens per side at the base size
+    ids = flux.stage_ids(2 * BASE, 2 * BASE, torch.bfloat16, "interpolate")
+    assert ids.dtype == torch.float32 and ids.shape == (4 * base * base, 3)
+    rows = ids[:, 1].reshape(2 * base, 2 * base)[:, 0]
+    assert rows.min() == -0.25 and rows.max() == base - 0.75 and torch.allclose(rows.diff(), torch.tensor(0.5))
+    assert rows.mean() == pytest.approx((base - 1) / 2)  # the base tokens' centre
+    extended = flux.stage_ids(2 * BASE, 2 * BASE, torch.float32, "extend")[:, 1]
+    assert extended.max() == 2 * base - 1
+    table = sd3.positional_embedding(2 * BASE, 2 * BASE, "interpolate")
+    assert table.shape == (1, 4 * base * base, sd3_model.transformer.pos_embed.pos_embed.shape[-1])
+    assert not torch.allclose(table, sd3.sincos(2 * BASE, 2 * BASE, 1.0))
+
+
+def test_interpolate_changes_only_the_stages_above_the_base_size(model, pipe):
+    """The pivot is the same sample under both; the larger stages differ; settings say each stage's spacing;
+    the user's transformer has no patch left, after a run and after one that failed mid-stage."""
+    runs = {
+        positions: generate(model, PROMPT, 4 * BASE, 4 * BASE, num_inference_steps=STEPS, seed=0, positions=positions)
+        for positions in ("extend", "interpolate")
+    }
+    extend, interpolate = runs["extend"], runs["interpolate"]
+    assert torch.equal(extend.stages[0].latents, interpolate.stages[0].latents)
+    assert not torch.equal(extend.stages[-1].latents, interpolate.stages[-1].latents)
+    assert interpolate.settings["positions"] == "interpolate"
+    assert interpolate.settings["stage_position_scale"] == [1.0, 0.5, 0.25]
+    assert extend.settings["stage_position_scale"] == [1.0, 1.0, 1.0]
+    direct = generate(model, PROMPT, 2 * BASE, 2 * BASE, "direct", num_inference_steps=STEPS, seed=0)
+    assert direct.settings["positions"] == "extend"  # the default: the pipeline's own output (tested above)
+
+    def fail(info):
+        if info["stage"] == 1:
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        generate(pipe, PROMPT, 2 * BASE, 2 * BASE, num_inference_steps=STEPS, positions="interpolate", callback=fail)
+    if model.family == "sd3":
+        assert "cropped_pos_embed" not in vars(pipe.transformer.pos_embed)
+        assert "cropped_pos_embed" not in vars(model.transformer.pos_embed)
+
+
+def test_positions_refused_in_one_line(sd3_model, sd_model):
+    with pytest.raises(ValueError, match=r"^positions must be one of extend, interpolate, got 'rope'$"):
+        generate(sd3_model, PROMPT, 64, 64, num_inference_steps=STEPS, positions="rope")
+    with pytest.raises(ValueError, match=r"^positions applies to flow transformers \(SD3, FLUX\)"):
+        generate(sd_model, PROMPT, 64, 64, num_inference_steps=STEPS, positions="interpolate")

@@ -59,7 +59,7 @@ OTHER_SEEDS = 100_000  # FID_b's base samples: prompt i with seed + OTHER_SEEDS 
 FID_DRAWS = 50  # bootstrap draws of an FID interval: each draw is one FID
 KEYS = (
     "k upsample upsampler upsampler_min_t method lora model guidance noise_level dilation tau ndcfg restart_fraction "
-    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio scheduler attention attention_factor"
+    "cosine_scale_1 cosine_scale_2 cosine_scale_3 t1_ratio scheduler attention attention_factor positions"
 ).split()
 FILE_KEYS = ("upsampler", "lora", "model")  # paths: must exist; their contents are part of the key
 ONLY_FOR = {  # keys that one method alone takes
@@ -152,7 +152,7 @@ class Setting:
         for key in ("restart_fraction", "cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "t1_ratio"):
             if key in options:
                 out[key] = float(options[key])
-        for key in ("scheduler", "attention"):  # every method's: the sampler, and self-attention past the pivot
+        for key in ("scheduler", "attention", "positions"):  # every method's: sampler, attention, flow positions
             if key in options:
                 out[key] = options[key]
         if "attention_factor" in options:
@@ -215,11 +215,12 @@ def parse_setting(text: str) -> Setting:
 
 
 def _check_choice(text: str, options: dict) -> None:
-    """scheduler= and attention=: one of generate's own choices."""
+    """scheduler=, attention= and positions=: one of generate's own choices."""
+    from ..families import POSITIONS
     from ..schedulers import CHOICES
     from ..stages import ATTENTION_CHOICES
 
-    for key, choices in (("scheduler", CHOICES), ("attention", ATTENTION_CHOICES)):
+    for key, choices in (("scheduler", CHOICES), ("attention", ATTENTION_CHOICES), ("positions", POSITIONS)):
         if key in options and options[key] not in choices:
             raise BadInput(f"--setting {text!r}: {key} must be one of {', '.join(choices)}, got {options[key]!r}")
     if "attention_factor" in options and options.get("attention") not in ("downsample-kv", "auto"):
