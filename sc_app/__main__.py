@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=("extend", "interpolate"),
         help="SD3 and FLUX: the token positions of stages above the model's size: extend (the pipelines' own, "
-        "past the trained range) or interpolate (spread over the base size's span); default: extend",
+        "past the trained range) or interpolate (spread over the base size's span); default: the model's (extend "
+        "unless its self_cascade.json sets default_positions; interpolate for embedded-flow)",
     )
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     g.add_argument(

@@ -123,10 +123,11 @@ def generate(
     exact, and under "auto" so does a stage from noise (`stages.stage_attention`); settings["stage_attention"]
     says what each stage ran.
 
-    `positions` (flow transformers): the token positions of stages above the model's size, "extend" (default,
-    the pipelines' own: positions past the trained range) or "interpolate" (the stage's tokens spread over the
-    base size's span, `sc_app.families`); settings["stage_position_scale"] has each stage's spacing. UNets have
-    no token positions and refuse it.
+    `positions` (flow transformers): the token positions of stages above the model's size, "extend" (the
+    pipelines' own: positions past the trained range) or "interpolate" (the stage's tokens spread over the base
+    size's span, `sc_app.families`); default the model's (its self_cascade.json's default_positions, else
+    extend); settings["stage_position_scale"] has each stage's spacing. UNets have no token positions and refuse
+    it.
 
     `controlnet` (a diffusers ControlNetModel, a folder or hub id of one, or a list of these) with
     `control_image` (one per ControlNet, RGB, any `image` source): every UNet pass of every stage that samples

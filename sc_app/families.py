@@ -84,6 +84,7 @@ class FlowModel(Model):
     default_guidance: float = GUIDANCE["flux"]
     family: str = "flux"  # "sd3" | "flux"
     base: int | None = None
+    default_positions: str = "extend"  # the token positions above the base size (POSITIONS; self_cascade.json)
 
     is_flow = True
 
@@ -159,7 +160,16 @@ class FlowModel(Model):
             default_upsample=_default_upsample(source, settings),
             family=family,
             base=base,
+            default_positions=_default_positions(source, settings),
         )
+
+
+def _default_positions(folder: str, settings: dict) -> str:
+    """A folder's self_cascade.json may name the positions its model runs best with above its size (measured)."""
+    positions = settings.get("default_positions", "extend")
+    if positions not in POSITIONS:
+        raise ValueError(f"{folder}/self_cascade.json: default_positions {positions!r} is not one of {POSITIONS}")
+    return positions
 
 
 def model_index(source: str) -> dict:

@@ -339,8 +339,9 @@ def generate(
     **common,
 ) -> Result:
     """`api.generate` for a flow model (SD3, FLUX): the methods of METHODS, with what they take; every option
-    that has no flow version yet is refused in one line, naming it. `positions` ("extend", the default, or
-    "interpolate"): the token positions of stages above the base size (`families.POSITIONS`)."""
+    that has no flow version yet is refused in one line, naming it. `positions` ("extend" or "interpolate"; default
+    the model's, self_cascade.json's default_positions, else "extend"): the token positions of stages above the
+    base size (`families.POSITIONS`)."""
     from .checks import whole, within_limit
 
     if method not in METHODS:
@@ -358,7 +359,7 @@ def generate(
         )
     if upsample is not None and upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
-    positions = "extend" if positions is None else positions
+    positions = model.default_positions if positions is None else positions
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
     common["positions"] = positions

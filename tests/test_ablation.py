@@ -476,3 +476,19 @@ def test_scheduler_and_attention_are_row_settings_of_every_method(sd_folder, tmp
     ]:
         with pytest.raises(BadInput, match=words):
             parse_setting(f"x: {spec}")
+
+
+def test_a_flow_model_runs_its_rows_with_its_own_sampler_and_positions(tmp_path):
+    """A tiny SD3 folder through the ablation: the section names the flow-matching Euler (not DDIM) and each
+    row's positions and per-stage spacing, and the two position rows differ where the stages grow."""
+    from tiny_flow_models import make_sd3
+
+    model = make_sd3(tmp_path / "sd3")
+    out, work = tmp_path / "flow.md", tmp_path / "work"
+    rows = ["extend: positions=extend", "interpolate: positions=interpolate"]
+    assert run(model, work, out, *rows, direct_n=0) == 0
+    text = out.read_text()
+    assert "flow-matching Euler 2 steps" in text and "DDIM" not in text
+    assert "positions=extend" in text and "stage_position_scale=[1.0, 0.5]" in text
+    assert set(table_rows(text)) >= {"extend", "interpolate"}
+    assert not same(pixels(work, "64x64", "extend"), pixels(work, "64x64", "interpolate"))

@@ -527,6 +527,26 @@ def test_interpolate_changes_only_the_stages_above_the_base_size(model, pipe):
         assert "cropped_pos_embed" not in vars(model.transformer.pos_embed)
 
 
+def test_a_folder_names_its_default_positions(sd3_folder, tmp_path):
+    """self_cascade.json's default_positions is the default of every call that does not say; a bad one is
+    refused in one line when the folder loads."""
+    import shutil
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(sd3_folder, folder)
+    (folder / "self_cascade.json").write_text(json.dumps({"default_positions": "interpolate"}))
+    model = load_model(str(folder), device="cpu")
+    assert model.default_positions == "interpolate"
+    result = generate(model, PROMPT, 2 * BASE, 2 * BASE, num_inference_steps=STEPS, seed=0)
+    assert result.settings["positions"] == "interpolate" and result.settings["stage_position_scale"] == [1.0, 0.5]
+    said = generate(model, PROMPT, 2 * BASE, 2 * BASE, num_inference_steps=STEPS, seed=0, positions="extend")
+    assert said.settings["stage_position_scale"] == [1.0, 1.0]
+    (folder / "self_cascade.json").write_text(json.dumps({"default_positions": "stretch"}))
+    with pytest.raises(ValueError, match=r"self_cascade.json: default_positions 'stretch' is not one of") as error:
+        load_model(str(folder), device="cpu")
+    assert "\n" not in str(error.value)
+
+
 def test_positions_refused_in_one_line(sd3_model, sd_model):
     with pytest.raises(ValueError, match=r"^positions must be one of extend, interpolate, got 'rope'$"):
         generate(sd3_model, PROMPT, 64, 64, num_inference_steps=STEPS, positions="rope")

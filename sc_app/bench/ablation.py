@@ -46,6 +46,7 @@ from .common import (
     model_fingerprint,
     parse_sizes,
     process_state,
+    sampler_words,
     shared_resolved,
     size_name,
     writable,
@@ -603,10 +604,11 @@ def describe(args, bench: Bench) -> str:
     return (
         f"{'Development' if args.seed >= DEV_SEED else 'Test'} prompts `shapes.random_prompts({args.n}, {args.seed})` "
         f"(prompt i with seed {args.seed} + i, seeds {args.seed}..{last}; the test tables use seeds 0.., development "
-        f"sets {DEV_SEED}..), DDIM {args.steps} steps, the model's guidance ({model.default_guidance:g}) unless a "
-        "row sets its own. **composition**: share with exactly the prompted objects, Wilson 95% interval. **shape "
-        "fidelity**: mean over detected objects of the IoU between the object's mask and the ideal shape of its "
-        "class with the same area and centroid (`shapes.shape_fidelity`), bootstrap 95% interval; real renders at "
+        f"sets {DEV_SEED}..), {sampler_words(model)} {args.steps} steps, the model's guidance "
+        f"({model.default_guidance:g}) unless a row sets its own. **composition**: share with exactly the prompted "
+        "objects, Wilson 95% interval. **shape fidelity**: mean over detected objects of the IoU between the "
+        "object's mask and the ideal shape of its class with the same area and centroid (`shapes.shape_fidelity`), "
+        "bootstrap 95% interval; real renders at "
         f"this size: {np.mean(ceiling):.3f}. **FID_r / KID_r**: against one real render per prompt at the row's "
         f"size. **FID_b / KID_b**: each sample down-sampled (PIL bicubic) to the pivot size {pivot} against the "
         f"base model's own direct samples there for the same prompts but other seeds (seed + {OTHER_SEEDS} + i: "

@@ -176,6 +176,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def sampler_words(model) -> str:
+    """The sampler a table's rows use unless a row sets its own: a flow model's own flow-matching Euler, else
+    DDIM (the project's default for UNets)."""
+    return "flow-matching Euler" if getattr(model, "is_flow", False) else "DDIM"
+
+
 def machine_description(device: torch.device) -> str:
     """Machine, date and versions: what a reader needs to compare a table with their own."""
     import diffusers

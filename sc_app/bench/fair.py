@@ -64,6 +64,7 @@ from .common import (
     markdown_table,
     model_fingerprint,
     parse_sizes,
+    sampler_words,
     size_name,
     writable,
     write_section,
@@ -1185,8 +1186,8 @@ def write_search(fair, argv, plan, settings: Path, candidates, rounds, scores) -
                 + (" (**provisional**: fewer than 100 development prompts)." if dev["provisional"] else "."),
                 f"**Rule**: {plan['rule']['text']}. **Edges**: {EXTENSION}.",
                 f"**Development set**: `{dev['prompts']}`, prompt i with seed {dev['seeds'][0]} + i (seeds "
-                f"{dev['seeds'][0]}..{dev['seeds'][1]}; the test tables use 0..), DDIM {args.steps} steps. "
-                + dev["texts"]["note"],
+                f"{dev['seeds'][0]}..{dev['seeds'][1]}; the test tables use 0..), "
+                f"{sampler_words(fair.model)} {args.steps} steps. " + dev["texts"]["note"],
                 grid_table,
                 "Chosen:\n\n" + choice,
                 f"Per-image scores: [{csv_path.name}]({_relative(csv_path, args.out)}). **composition**: Wilson 95% "
