@@ -591,7 +591,7 @@ def _method_options(args) -> dict:
 
 def _flow_refusal(args, family: str) -> str | None:
     """What a flow transformer (SD3, FLUX) cannot run of this request, in one line naming the flag; None where
-    it runs all of it. They run the self-cascade, direct and Lanczos, without LoRAs, feature upsamplers,
+    it runs all of it. They run the self-cascade, direct and Lanczos, with LoRAs, without feature upsamplers,
     attention modes, ControlNets, other samplers than their own flow-matching Euler, or an SR model."""
     if args.method not in checks.FLOW_METHODS:
         return (
@@ -599,7 +599,6 @@ def _flow_refusal(args, family: str) -> str | None:
             f"{', '.join(checks.FLOW_METHODS[:-1])} and {checks.FLOW_METHODS[-1]}"
         )
     refused = [
-        ("--lora", bool(args.lora), "leave it out"),
         ("--upsampler", args.upsampler not in (None, NO_UPSAMPLER), "leave it out, or give --upsampler none"),
         ("--attention", args.attention not in (None, "full"), "leave it out, or give --attention full"),
         ("--attention-window", args.attention_window is not None, "leave it out"),

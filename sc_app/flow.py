@@ -339,14 +339,16 @@ def generate(
     **common,
 ) -> Result:
     """`api.generate` for a flow model (SD3, FLUX): the methods of METHODS, with what they take; every option
-    that has no flow version yet is refused in one line, naming it. `positions` ("extend" or "interpolate"; default
-    the model's, self_cascade.json's default_positions, else "extend"): the token positions of stages above the
-    base size (`families.POSITIONS`)."""
+    that has no flow version yet is refused in one line, naming it. `loras` apply to the transformer (and to the
+    text encoders where a file has theirs) through the pipelines' own `load_lora_weights`, for this call only.
+    `positions` ("extend" or "interpolate"; default the model's, self_cascade.json's default_positions, else
+    "extend"): the token positions of stages above the base size (`families.POSITIONS`)."""
     from .checks import whole, within_limit
+    from .lora import applied_loras, check_loras
 
     if method not in METHODS:
         raise ValueError(f"method {method} does not run on flow transformers yet (they run {', '.join(METHODS)})")
-    refused = [name for name, given in (("upsampler", upsampler is not None), ("loras", bool(loras))) if given]
+    refused = ["upsampler"] if upsampler is not None else []
     refused += ["upsampler_min_t"] if upsampler_min_t else []
     refused += ["attention"] if attention != "full" or attention_window is not None or attention_factor != 2 else []
     refused += sorted(set(common) - set(COMMON))
@@ -378,10 +380,15 @@ def generate(
         mode = "sdedit" if method == "direct" else "pivot"
         image = image_start(model, image, height, width, fit=fit, mode=mode, max_pixels=max_pixels)
     common.setdefault("num_inference_steps", DEFAULT_STEPS)
-    if method == "self-cascade":
-        return self_cascade(
-            model, prompt, height, width, k=k, stages=stages, upsample=upsample, image=image, fit=fit, **common
-        )
-    if method == "direct":
-        return direct(model, prompt, height, width, k=k, image=image, fit=fit, **common)
-    return lanczos(model, prompt, height, width, image=image, fit=fit, **common)
+    checked = check_loras(loras, model)  # against the transformer and text encoders, before anything slow
+    with applied_loras(model, checked):
+        if method == "self-cascade":
+            options = dict(k=k, stages=stages, upsample=upsample)
+            result = self_cascade(model, prompt, height, width, **options, image=image, fit=fit, **common)
+        elif method == "direct":
+            result = direct(model, prompt, height, width, k=k, image=image, fit=fit, **common)
+        else:
+            result = lanczos(model, prompt, height, width, image=image, fit=fit, **common)
+    if checked:
+        result.settings["loras"] = [lora.summary() for lora in checked]
+    return result

@@ -132,7 +132,12 @@ _PEFT_NAME = re.compile(
     r"^(?P<layer>.+)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<param>weight|bias))?$"
 )
-PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
+PART_NAMES = {
+    "unet": "UNet",
+    "transformer": "transformer",
+    "text_encoder": "text encoder",
+    "text_encoder_2": "second text encoder",
+}
 
 
 def _check_fit(lora: Lora, model) -> None:
@@ -189,7 +194,9 @@ def _as_loaded(contents, pipe) -> tuple[dict[str, dict], list[str]]:
     }
     options = {"unet_config": pipe.unet.config} if isinstance(pipe, StableDiffusionXLLoraLoaderMixin) else {}
     with _quiet_diffusers():  # its notes on DoRA scales are not ours to print
-        state, _ = type(pipe).lora_state_dict(state, **options)
+        state = type(pipe).lora_state_dict(state, **options)
+    if isinstance(state, tuple):  # (state, network alphas) from the UNet and FLUX loaders; SD3's is the dict alone
+        state = state[0]
     loadable = getattr(pipe, "_lora_loadable_modules", ("unet", "text_encoder"))
     parts: dict[str, dict] = {part: {} for part in loadable if getattr(pipe, part, None) is not None}
     foreign = []
@@ -202,8 +209,8 @@ def _as_loaded(contents, pipe) -> tuple[dict[str, dict], list[str]]:
     for part, tensors in parts.items():
         if not tensors:
             continue
-        if part == "unet":
-            if "lora_A" not in next(iter(tensors)):  # as diffusers' load_lora_adapter decides
+        if part in ("unet", "transformer"):  # the denoiser: as diffusers' load_lora_adapter decides
+            if "lora_A" not in next(iter(tensors)):
                 tensors = convert_unet_state_dict_to_peft(tensors)
         else:  # as diffusers' _load_lora_into_text_encoder
             tensors = convert_state_dict_to_peft(convert_state_dict_to_diffusers(tensors))

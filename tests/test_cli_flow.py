@@ -147,7 +147,7 @@ FLOW = "does not run on flow transformers (SD3, FLUX) yet"
         ("sd3", ["--method", "demofusion"], f"--method demofusion {FLOW}: they run self-cascade, direct and lanczos"),
         ("flux", ["--method", "sr"], f"--method sr {FLOW}"),
         ("sd3", ["--method", "sr", "--sr-model", "x/y"], f"--method sr {FLOW}"),
-        ("flux", ["--lora", "/nonexistent/style.safetensors"], f"--lora {FLOW}: leave it out"),
+        ("flux", ["--lora", "/nonexistent/style.safetensors"], "--lora /nonexistent/style.safetensors: no such file"),
         ("sd3", ["--upsampler", "/nonexistent/up.safetensors"], f"--upsampler /nonexistent/up.safetensors {FLOW}"),
         ("flux", ["--attention", "window"], f"--attention window {FLOW}: leave it out, or give --attention full"),
         ("sd3", ["--attention", "auto", "--attention-window", "4"], f"--attention auto {FLOW}"),
@@ -192,9 +192,9 @@ def test_positions_on_a_unet_folder_refused_before_it_loads(sd_folder, tmp_path,
 
 
 def test_a_flow_refusal_needs_no_torch(sd3_folder, tmp_path):
-    """In a fresh process: the folder's model_index.json says it is SD3, and --lora is refused before torch."""
+    """In a fresh process: the folder's model_index.json says it is SD3, and --upsampler is refused before torch."""
     argv = ["generate", "--model", str(sd3_folder), "--prompt", PROMPT, "--height", "64", "--width", "64"]
-    argv += ["--lora", "style.safetensors", "--out", str(tmp_path / "o")]
+    argv += ["--upsampler", "up.safetensors", "--out", str(tmp_path / "o")]
     script = f"import sys\nfrom sc_app.__main__ import main\ncode = main({argv!r})\nprint(code, 'torch' in sys.modules)"
     done = subprocess.run(
         [sys.executable, "-c", script],
@@ -205,7 +205,8 @@ def test_a_flow_refusal_needs_no_torch(sd3_folder, tmp_path):
         timeout=300,
     )
     assert done.stdout.strip() == "2 False", done.stdout + done.stderr[-2000:]
-    assert done.stderr.splitlines() == [f"error: --lora {FLOW}: leave it out"]
+    refusal = f"error: --upsampler up.safetensors {FLOW}: leave it out, or give --upsampler none"
+    assert done.stderr.splitlines() == [refusal]
 
 
 def test_a_flow_hub_id_is_refused_once_it_loads(flux_folder, tmp_path, capsys, monkeypatch):
@@ -238,3 +239,14 @@ def test_settings_from_a_flow_run_say_its_positions_again(sd3_folder, tmp_path, 
     first, again = (json.loads((tmp_path / name / "result.json").read_text()) for name in "ab")
     assert again["positions"] == "interpolate" and again["stage_position_scale"] == [1.0, 0.5]
     assert Image.open(tmp_path / "b" / "final.png").tobytes() == Image.open(tmp_path / "a" / "final.png").tobytes()
+
+
+def test_a_lora_runs_on_a_flow_folder_from_the_command_line(flux_folder, tmp_path, capsys):
+    from tiny_flow_models import make_transformer_lora
+
+    lora = make_transformer_lora(flux_folder, tmp_path / "lora")
+    argv = ["--model", str(flux_folder), "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "4"]
+    code, err = _run(capsys, *argv, "--lora", f"{lora}:0.8", "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert [(entry["file"], entry["scale"]) for entry in result["loras"]] == [(str(lora), 0.8)]

@@ -408,7 +408,7 @@ BAD = [
     (dict(method="demofusion"), "method demofusion does not run on flow transformers yet"),
     (dict(method="sr"), "method sr does not run on flow transformers yet"),
     (dict(method="nope"), "method must be one of"),
-    (dict(loras=[("x.safetensors", 1.0)]), "loras does not run on flow transformers yet"),
+    (dict(loras=[("/nonexistent/x.safetensors", 1.0)]), "LoRA /nonexistent/x.safetensors: no such file"),
     (dict(upsampler="x.safetensors"), "upsampler does not run on flow transformers yet"),
     (dict(attention="window"), "attention does not run on flow transformers yet"),
     (dict(scheduler="ddim"), "scheduler 'ddim' does not run on flow transformers yet"),
@@ -552,3 +552,38 @@ def test_positions_refused_in_one_line(sd3_model, sd_model):
         generate(sd3_model, PROMPT, 64, 64, num_inference_steps=STEPS, positions="rope")
     with pytest.raises(ValueError, match=r"^positions applies to flow transformers \(SD3, FLUX\)"):
         generate(sd_model, PROMPT, 64, 64, num_inference_steps=STEPS, positions="interpolate")
+
+
+# ---- LoRAs ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loras(sd3_folder, flux_folder, tmp_path_factory):
+    from tiny_flow_models import make_transformer_lora
+
+    out = tmp_path_factory.mktemp("loras")
+    return {
+        "sd3": make_transformer_lora(sd3_folder, out / "sd3"),
+        "flux": make_transformer_lora(flux_folder, out / "flux"),
+    }
+
+
+def test_a_lora_applies_for_one_call_and_is_gone_after_it(model, family, loras):
+    """The LoRA changes every stage after it loads; at scale 0 it changes nothing; the run records its file,
+    scale and sha256; after it the transformer is the one it was (the same output as before)."""
+    run = functools.partial(generate, model, PROMPT, 2 * BASE, 2 * BASE, num_inference_steps=STEPS, seed=0)
+    before = run().stages[-1].latents
+    styled = run(loras=[(loras[family], 1.0)])
+    assert not torch.allclose(styled.stages[0].latents, run().stages[0].latents)
+    summary = styled.settings["loras"]
+    assert [(s["file"], s["scale"]) for s in summary] == [(str(loras[family]), 1.0)] and len(summary[0]["sha256"]) == 64
+    assert torch.allclose(run(loras=[(loras[family], 0.0)]).stages[-1].latents, before, atol=1e-5)
+    assert model.pipe.get_list_adapters() == {}
+    assert torch.equal(run().stages[-1].latents, before)
+
+
+def test_a_lora_for_the_other_family_is_refused_in_one_line(sd3_model, flux_model, loras):
+    for model, other in ((sd3_model, "flux"), (flux_model, "sd3")):
+        with pytest.raises(ValueError, match=r"^LoRA pytorch_lora_weights.safetensors: .*(does not have|shape)"):
+            generate(model, PROMPT, 64, 64, num_inference_steps=STEPS, loras=[(loras[other], 1.0)])
+        assert model.pipe.get_list_adapters() == {}

@@ -233,7 +233,8 @@ def test_the_shipped_flow_model_loads_in_plain_diffusers_and_as_embedded_flow():
     images = pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="np", generator=generator)
     assert images.images.shape == (1, 64, 64, 3) and np.isfinite(images.images).all()
     model = load_model("embedded-flow", device="cpu")
-    assert model.family == "sd3" and model.base_size == 64
+    assert model.family == "sd3" and model.base_size == 64 and model.default_positions == "interpolate"
     first = generate(model, "a red circle", 128, 128, method="self-cascade", num_inference_steps=2, seed=3)
     again = generate(model, "a red circle", 128, 128, method="self-cascade", num_inference_steps=2, seed=3)
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))  # a seed reproduces
+    assert first.settings["stage_position_scale"] == [1.0, 0.5]  # its measured default: interpolated positions

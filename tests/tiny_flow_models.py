@@ -142,3 +142,24 @@ def make_flux(folder: Path) -> Path:
     """FLUX's own default size is 1024 px (default_sample_size 128, which no folder records), so the folder says
     its base size in self_cascade.json."""
     return save(flux_pipeline(folder), folder, {"base_size": BASE})
+
+
+def make_transformer_lora(folder: Path, out: Path, seed: int = 0, rank: int = 2) -> Path:
+    """A LoRA of rank `rank` on the attention projections of the transformer in `folder` (SD3 or FLUX), with
+    random weights large enough to change a sample, saved as the pipeline's own save_lora_weights writes it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    index = json.loads((folder / "model_index.json").read_text())
+    pipeline = FluxPipeline if index["_class_name"] == "FluxPipeline" else StableDiffusion3Pipeline
+    transformer_class = FluxTransformer2DModel if pipeline is FluxPipeline else SD3Transformer2DModel
+    transformer = transformer_class.from_pretrained(folder / "transformer")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        key: torch.randn(value.shape, generator=generator) * 0.5
+        for key, value in get_peft_model_state_dict(transformer).items()
+    }
+    pipeline.save_lora_weights(out, transformer_lora_layers=state, safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"
