@@ -68,3 +68,21 @@ def test_the_adapter_fields_are_off_on_a_flow_model_and_say_why(app):
     assert len(fields) == 2
     for c in fields:
         assert c["props"]["interactive"] is False and "UNet models only" in c["props"]["info"]
+
+
+def test_a_lora_uploaded_for_the_flow_model_changes_the_image_and_is_recorded(app, tmp_path):
+    """The LoRA field works as on a UNet model: an SD3 LoRA uploads (checked against the transformer), applies to one
+    run and is gone after it."""
+    from tiny_flow_models import make_transformer_lora
+
+    folder = tmp_path / "sd3"
+    app.model.pipe.save_pretrained(folder, safe_serialization=True)
+    chosen, _, cleared = app.studio.upload_lora(str(make_transformer_lora(folder, tmp_path / "lora")))
+    assert cleared is None
+    run = ("a red circle", "", "1:1", "4x", "auto", "auto", 2, 3.0, 0, "none")
+    before = list(app.studio.generate(*run))[-1]
+    styled = list(app.studio.generate(*run, chosen["value"], 0.8))[-1]
+    assert styled[3]["loras"] and styled[3]["loras"][0]["scale"] == 0.8
+    with open(before[1], "rb") as plain, open(styled[1], "rb") as lora:
+        assert plain.read() != lora.read()
+    assert app.model.pipe.get_list_adapters() == {}
