@@ -591,8 +591,8 @@ def _method_options(args) -> dict:
 
 def _flow_refusal(args, family: str) -> str | None:
     """What a flow transformer (SD3, FLUX) cannot run of this request, in one line naming the flag; None where
-    it runs all of it. They run the self-cascade, direct and Lanczos, with LoRAs, without feature upsamplers,
-    attention modes, ControlNets, other samplers than their own flow-matching Euler, or an SR model."""
+    it runs all of it. They run the self-cascade, direct, SD+SR and Lanczos, with LoRAs, without feature upsamplers,
+    attention modes, ControlNets, or other samplers than their own flow-matching Euler."""
     if args.method not in checks.FLOW_METHODS:
         return (
             f"--method {args.method} does not run on {FLOW_WORDS} yet: they run "
@@ -614,8 +614,6 @@ def _flow_refusal(args, family: str) -> str | None:
             "they sample with the flow-matching Euler of their own scheduler config (leave it out, or give "
             "--scheduler pipe)",
         ),
-        ("--sr-model", args.sr_model is not None, "leave it out"),
-        ("--noise-level", args.noise_level is not None, "leave it out"),
     ]
     for flag, given, hint in refused:
         if given:

@@ -31,6 +31,7 @@ SDEDIT_METHODS = (
     "hidiffusion",
 )  # one stage at the target: an input image is re-noised there
 RESTARTING_METHODS = ("self-cascade", "freescale")  # their stages after the pivot start part-way into the schedule
+SR_OPTIONS = ("sr_model", "noise_level", "sr_steps", "sr_guidance")  # method sr's own arguments
 PIXEL_METHODS = ("sr", "lanczos")  # no UNet of ours after the pivot: a ControlNet steers the pivot only
 
 
@@ -161,6 +162,9 @@ def generate(
     model = as_model(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    sr_given = [name for name in SR_OPTIONS if name in common]
+    if sr_given and method != "sr":
+        raise ValueError(f"{sr_given[0]} applies to method sr only, not {method!r}")
     tensor_inputs = check_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, interrupt)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")

@@ -186,7 +186,7 @@ UNET_STEPS = 50  # generate's --steps for a UNet model: DDIM over the whole sche
 # sc_app.flow.DEFAULT_STEPS (the pipelines' own) and sc_app.flow.METHODS (tests/test_cli_flow.py holds them equal)
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 FLOW_STEPS = 28
-FLOW_METHODS = ("self-cascade", "direct", "lanczos")
+FLOW_METHODS = ("self-cascade", "direct", "sr", "lanczos")
 FLOW_PATCH = 2  # latent cells per token side: SD3's usual patch embedding, FLUX's 2x2 packing
 FLOW_DEFAULT_SAMPLE_SIZE = 128  # latent cells: FluxPipeline's default size, and SD3's without a transformer config
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a header

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
+from .api import SR_OPTIONS
 from .families import POSITIONS, Family, family_of, is_flow
 from .stages import (
     UPSAMPLE_MODES,
@@ -39,7 +39,7 @@ from .stages import (
     refuse_non_finite,
 )
 
-METHODS = ("self-cascade", "direct", "lanczos")
+METHODS = ("self-cascade", "direct", "sr", "lanczos")
 DEFAULT_STEPS = 28  # the SD3 and FLUX pipelines' own default
 COMMON = (  # what generate passes on to the methods besides their own arguments
     "negative_prompt",
@@ -293,23 +293,20 @@ def direct(model, prompt: str | list[str], height: int, width: int, *, k: int | 
     return run.result
 
 
-def lanczos(model, prompt: str | list[str], height: int, width: int, **common) -> Result:
-    """The pivot (or the input image), resized to height x width with Lanczos: "is it better than resizing?"."""
-    frun = prepare(model, "lanczos", prompt, height, width, conditioning=common.get("image") is None, **common)
+def pivot(model, method: str, prompt: str | list[str], height: int, width: int, common: dict) -> Run:
+    """The shared runner's Run with its stage 0 finished, for the pixel-space methods (`baselines.upscale`: SD+SR
+    and Lanczos): the input image, or the pivot sampled at about the model's size as the self-cascade's is."""
+    frun = prepare(model, method, prompt, height, width, conditioning=common.get("image") is None, **common)
     run = frun.run
     if run.start is not None:
-        pivot = input_stage(frun, latents=False)
-    else:
-        h, w = run.sizes[0]
-        started = time.perf_counter()
-        scheduler = frun.family.scheduler(frun.steps, h, w)
-        timesteps, x = _from_noise(frun, scheduler, h, w)
-        pivot = finish(frun, sample_stage(frun, frun.denoiser(h, w), x, scheduler, timesteps, started))
+        input_stage(frun, latents=False)
+        return run
+    h, w = run.sizes[0]
     started = time.perf_counter()
-    images = [im.resize((width, height), Image.LANCZOS) for im in pivot.images]
-    seconds = time.perf_counter() - started  # the resize alone: the pivot's stage holds its own time
-    finish(frun, Stage(height, width, pivot.steps, seconds, pivot.start_t, None, images))
-    return run.result
+    scheduler = frun.family.scheduler(frun.steps, h, w)
+    timesteps, x = _from_noise(frun, scheduler, h, w)
+    finish(frun, sample_stage(frun, frun.denoiser(h, w), x, scheduler, timesteps, started))
+    return run
 
 
 # ---- the one door's route -----------------------------------------------------------------------------
@@ -351,7 +348,7 @@ def generate(
     refused = ["upsampler"] if upsampler is not None else []
     refused += ["upsampler_min_t"] if upsampler_min_t else []
     refused += ["attention"] if attention != "full" or attention_window is not None or attention_factor != 2 else []
-    refused += sorted(set(common) - set(COMMON))
+    refused += sorted(set(common) - set(COMMON) - set(SR_OPTIONS))  # SR's own: method sr only (`api.generate`)
     if refused:
         raise ValueError(f"{refused[0]} does not run on flow transformers yet")
     if scheduler not in (None, "pipe"):
@@ -387,8 +384,11 @@ def generate(
             result = self_cascade(model, prompt, height, width, **options, image=image, fit=fit, **common)
         elif method == "direct":
             result = direct(model, prompt, height, width, k=k, image=image, fit=fit, **common)
-        else:
-            result = lanczos(model, prompt, height, width, image=image, fit=fit, **common)
+        else:  # pixel space after the pivot: the same code as the UNet models' (its pivot from `pivot` here)
+            from .baselines import upscale
+
+            run = upscale.super_resolution if method == "sr" else upscale.lanczos
+            result = run(model, prompt, height, width, image=image, fit=fit, **common)
     if checked:
         result.settings["loras"] = [lora.summary() for lora in checked]
     return result

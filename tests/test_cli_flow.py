@@ -144,9 +144,13 @@ FLOW = "does not run on flow transformers (SD3, FLUX) yet"
 @pytest.mark.parametrize(
     "family, flags, message",
     [
-        ("sd3", ["--method", "demofusion"], f"--method demofusion {FLOW}: they run self-cascade, direct and lanczos"),
-        ("flux", ["--method", "sr"], f"--method sr {FLOW}"),
-        ("sd3", ["--method", "sr", "--sr-model", "x/y"], f"--method sr {FLOW}"),
+        (
+            "sd3",
+            ["--method", "demofusion"],
+            f"--method demofusion {FLOW}: they run self-cascade, direct, sr and lanczos",
+        ),
+        ("flux", ["--method", "freescale"], f"--method freescale {FLOW}"),
+        ("sd3", ["--method", "hidiffusion", "--attention", "full"], f"--method hidiffusion {FLOW}"),
         ("flux", ["--lora", "/nonexistent/style.safetensors"], "--lora /nonexistent/style.safetensors: no such file"),
         ("sd3", ["--upsampler", "/nonexistent/up.safetensors"], f"--upsampler /nonexistent/up.safetensors {FLOW}"),
         ("flux", ["--attention", "window"], f"--attention window {FLOW}: leave it out, or give --attention full"),
@@ -250,3 +254,16 @@ def test_a_lora_runs_on_a_flow_folder_from_the_command_line(flux_folder, tmp_pat
     assert code == 0, err
     result = json.loads((tmp_path / "o" / "result.json").read_text())
     assert [(entry["file"], entry["scale"]) for entry in result["loras"]] == [(str(lora), 0.8)]
+
+
+def test_sd_plus_sr_runs_on_a_flow_folder_from_the_command_line(sd3_folder, sd_folder, tmp_path, capsys):
+    from tiny_models import make_upscaler
+
+    upscaler = make_upscaler(tmp_path / "sr", sd_folder)
+    argv = ["--model", str(sd3_folder), "--prompt", PROMPT, "--height", "64", "--width", "64", "--steps", "3"]
+    argv += ["--method", "sr", "--sr-model", str(upscaler), "--noise-level", "5"]
+    code, err = _run(capsys, *argv, "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["method"] == "sr" and result["family"] == "sd3" and result["noise_level"] == 5
+    assert Image.open(tmp_path / "o" / "final.png").size == (64, 64)

@@ -406,13 +406,13 @@ BAD = [
     (dict(k=[700, 500]), "k lists one value per stage after the pivot (1), got 2"),
     (dict(height=62), "height must be a multiple of 4 for this model, got 62"),
     (dict(method="demofusion"), "method demofusion does not run on flow transformers yet"),
-    (dict(method="sr"), "method sr does not run on flow transformers yet"),
+    (dict(method="hidiffusion"), "method hidiffusion does not run on flow transformers yet"),
     (dict(method="nope"), "method must be one of"),
     (dict(loras=[("/nonexistent/x.safetensors", 1.0)]), "LoRA /nonexistent/x.safetensors: no such file"),
     (dict(upsampler="x.safetensors"), "upsampler does not run on flow transformers yet"),
     (dict(attention="window"), "attention does not run on flow transformers yet"),
     (dict(scheduler="ddim"), "scheduler 'ddim' does not run on flow transformers yet"),
-    (dict(sr_model="x"), "sr_model does not run on flow transformers yet"),
+    (dict(sr_model="x"), "sr_model applies to method sr only, not 'self-cascade'"),
     (dict(method="direct", k=500), "k, stages and upsample apply to the self-cascade only"),
     (dict(upsample="nearest"), "upsample must be one of"),
     (dict(num_inference_steps=0), "num_inference_steps must be in 1..1000"),
@@ -587,3 +587,34 @@ def test_a_lora_for_the_other_family_is_refused_in_one_line(sd3_model, flux_mode
         with pytest.raises(ValueError, match=r"^LoRA pytorch_lora_weights.safetensors: .*(does not have|shape)"):
             generate(model, PROMPT, 64, 64, num_inference_steps=STEPS, loras=[(loras[other], 1.0)])
         assert model.pipe.get_list_adapters() == {}
+
+
+# ---- SD+SR --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upscaler(sd_folder, tmp_path_factory):
+    from tiny_models import make_upscaler
+
+    return make_upscaler(tmp_path_factory.mktemp("sr"), sd_folder)
+
+
+def test_sr_upscales_the_flow_pivot_with_the_x4_model(model, upscaler):
+    """SD+SR on a flow model: the pivot is the flow model's own (the self-cascade's stage 0, bit for bit), then
+    the x4 upscaler and Lanczos to the target, as on a UNet model; from a picture, the picture is stage 0."""
+    run = functools.partial(generate, model, PROMPT, 2 * BASE, 2 * BASE, num_inference_steps=STEPS, seed=0)
+    result = run("sr", sr_model=str(upscaler), sr_steps=2, noise_level=10)
+    assert [(s.height, s.width) for s in result.stages] == [(BASE, BASE), (2 * BASE, 2 * BASE)]
+    assert result.images[0].size == (2 * BASE, 2 * BASE)
+    assert result.settings["sr_steps"] == 2 and result.settings["noise_level"] == 10
+    assert result.settings["family"] == model.family
+    pivot = run("self-cascade").stages[0]
+    assert np.array_equal(np.asarray(result.stages[0].images[0]), np.asarray(pivot.images[0]))
+    picture = Image.new("RGB", (BASE, BASE), (200, 40, 40))
+    from_picture = run("sr", sr_model=str(upscaler), sr_steps=2, image=picture)
+    assert from_picture.stages[0].steps == 0 and from_picture.images[0].size == (2 * BASE, 2 * BASE)
+
+
+def test_sr_on_a_flow_model_without_an_sr_model_says_which_to_give(sd3_model):
+    with pytest.raises(ValueError, match=r"^method sr needs an SR model for .*: give sr_model"):
+        generate(sd3_model, PROMPT, 64, 64, "sr", num_inference_steps=STEPS)

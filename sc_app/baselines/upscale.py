@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..models import ASSETS, EMBEDDED, checked_load, refuse_pickle_weights
+from ..models import ASSETS, EMBEDDED, EMBEDDED_FLOW, checked_load, refuse_pickle_weights
 from ..sampling import added_conditions, guided_denoiser
 from ..stages import Result, Run, Stage, check_finite, finish_stage, from_noise, input_stage, prepare, sample_stage
 
@@ -29,7 +29,11 @@ _loaded: dict[tuple, object] = {}  # the last upscaler, kept for the next call (
 
 
 def _is_embedded(model) -> bool:
-    return model.name == "embedded" or Path(str(model.name)).resolve() == EMBEDDED.resolve()
+    """One of the shapes world's own models (the UNet or the flow model): the embedded SR model upscales both's
+    pictures (it works in pixels, on the same world)."""
+    if model.name in ("embedded", "embedded-flow"):
+        return True
+    return Path(str(model.name)).resolve() in (EMBEDDED.resolve(), EMBEDDED_FLOW.resolve())
 
 
 def load_upscaler(source, model):
@@ -81,8 +85,13 @@ def refuse_control(method: str, image, control) -> None:
 
 def _pivot(model, method: str, prompt, height: int, width: int, common: dict) -> Run:
     """A run with its stage 0 finished: the input image (`common["image"]`), or the pivot sampled as the
-    self-cascade's is (the target's aspect ratio at about the base size), with `common["control"]`'s ControlNets."""
+    self-cascade's is (the target's aspect ratio at about the base size), with `common["control"]`'s ControlNets;
+    a flow model's (SD3, FLUX) by its family (`flow.pivot`)."""
     refuse_control(method, common.get("image"), common.get("control"))
+    if getattr(model, "is_flow", False):
+        from ..flow import pivot
+
+        return pivot(model, method, prompt, height, width, common)
     run = prepare(model, method, prompt, height, width, conditioning=common.get("image") is None, **common)
     if run.start is not None:
         input_stage(run, latents=False)

@@ -78,20 +78,20 @@ SDEDIT = " (SDEdit)"  # from a picture, a method that redraws it at the target (
 
 
 def compare_methods(model) -> tuple[str, ...]:
-    """The methods Compare offers for `model`: all but sr where it has no SR model (only the embedded model has
-    one, assets/shapes-sr, once trained), and on a flow model (SD3, FLUX) those with a flow version
-    (`checks.FLOW_METHODS`). Asked once, when the page is built; the upscaler stays loaded."""
+    """The methods Compare offers for `model`: on a flow model (SD3, FLUX) those with a flow version
+    (`checks.FLOW_METHODS`), and of those all but sr where it has no SR model (only the embedded models have one,
+    assets/shapes-sr, once trained). Asked once, when the page is built; the upscaler stays loaded."""
     from ..baselines.upscale import load_upscaler
     from ..checks import FLOW_METHODS
 
+    methods = COMPARE_METHODS
     if getattr(model, "is_flow", False):
-        return tuple(m for m in COMPARE_METHODS if m in FLOW_METHODS)
-
+        methods = tuple(m for m in COMPARE_METHODS if m in FLOW_METHODS)
     try:
         load_upscaler(None, model)
     except (ValueError, OSError, RuntimeError):
-        return tuple(m for m in COMPARE_METHODS if m != "sr")
-    return COMPARE_METHODS
+        return tuple(m for m in methods if m != "sr")
+    return methods
 
 
 def method_words(method: str) -> str:
