@@ -30,6 +30,7 @@ not take are refused in one line before anything loads (a hub id's once it has l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -756,13 +757,13 @@ def _check_image_model(args) -> checks.ModelShape:
     """--model (and --method sr's --sr-model and --noise-level) before anything loads, and the request's
     sizes, steps, K and stages against what the model folder's configs say."""
     folder = checks.model_source("--model", args.model, EMBEDDED_IMAGE, named=IMAGE_MODELS)
-    shape = checks.model_shape(folder)
+    shape = _with_positions(checks.model_shape(folder), args)
     if args.steps is None:  # the family's default: 28 for SD3 and FLUX, 50 for a UNet (a hub id's: once loaded)
         args.steps = shape.default_steps
     checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
     if args.method == "sr":
         if args.sr_model in (None, "embedded"):
-            if folder is None or folder.resolve() != EMBEDDED_IMAGE.resolve():
+            if folder is None or folder.resolve() not in (EMBEDDED_IMAGE.resolve(), EMBEDDED_FLOW.resolve()):
                 raise ValueError(
                     f"--method sr needs an SR model for {args.model}: give --sr-model a StableDiffusionUpscalePipeline "
                     "folder or hub id, e.g. stabilityai/stable-diffusion-x4-upscaler"
@@ -774,6 +775,11 @@ def _check_image_model(args) -> checks.ModelShape:
             top = checks.max_noise_level(sr_folder)
             checks.whole("--noise-level", args.noise_level, 0, top)
     return shape
+
+
+def _with_positions(shape: checks.ModelShape, args) -> checks.ModelShape:
+    """A flow model's shape with --positions where given (interpolated positions take sizes past SD3's grid)."""
+    return dataclasses.replace(shape, positions=args.positions) if args.positions and shape.family else shape
 
 
 def _check_video_model(args) -> checks.ModelShape:
@@ -902,7 +908,7 @@ def _loaded(what: str, load: Callable[[], T]) -> T:
 def _check_loaded(args, model) -> None:
     """The request again with the loaded model's own numbers (a hub id's are known only now), in the command
     line's words; the library's own check follows."""
-    shape = checks.ModelShape.of(model)
+    shape = _with_positions(checks.ModelShape.of(model), args)
     checks.request(shape, args.height, args.width, args.steps, _k(args), args.stages)
     if args.height is not None and _image_flag(args) is None:
         checks.stage_plan(shape, args.height, args.width, _k(args), args.stages)
@@ -1019,7 +1025,7 @@ def generate(args) -> None:
             if not steps_given:
                 args.steps = checks.ModelShape.of(model).default_steps
             _check_loaded(args, model)
-            _plan_jobs(args, jobs, checks.ModelShape.of(model), checked)
+            _plan_jobs(args, jobs, _with_positions(checks.ModelShape.of(model), args), checked)
             plans = {(job.height, job.width, None if sdedit else job.first) for job in jobs}
             for height, width, first in sorted(plans, key=str):
                 check_inputs(

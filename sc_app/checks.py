@@ -187,6 +187,7 @@ UNET_STEPS = 50  # generate's --steps for a UNet model: DDIM over the whole sche
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 FLOW_STEPS = 28
 FLOW_METHODS = ("self-cascade", "direct", "sr", "lanczos")
+FLOW_POSITIONS = ("extend", "interpolate")  # sc_app.families.POSITIONS, named here without torch
 FLOW_PATCH = 2  # latent cells per token side: SD3's usual patch embedding, FLUX's 2x2 packing
 FLOW_DEFAULT_SAMPLE_SIZE = 128  # latent cells: FluxPipeline's default size, and SD3's without a transformer config
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a header
@@ -198,13 +199,16 @@ class ModelShape:
     the step count stay below them), the multiple every side must be, and its base size (None where unknown:
     a hub id before it is downloaded). Read from a folder's config files before any weight loads. `family`:
     "sd3" or "flux" for a flow transformer, None for a UNet (or a hub id not loaded yet); `max_side`: the
-    largest side its positions reach (SD3's position grid), None where there is no such limit."""
+    largest side its positions reach (SD3's position grid), None where there is no such limit; `positions`: a
+    flow model's token positions above its size ("extend", the pipelines', within the grid; "interpolate" spreads
+    them over the base size's span, so the grid does not limit the size)."""
 
     num_train_timesteps: int = SD_TRAIN_TIMESTEPS
     size_multiple: int = SD_VAE_SCALE
     base_size: int | None = None
     family: str | None = None
     max_side: int | None = None
+    positions: str = "extend"
 
     @property
     def default_steps(self) -> int:
@@ -221,6 +225,7 @@ class ModelShape:
             model.base_size,
             family,
             getattr(model, "max_side", None) if family else None,
+            getattr(model, "default_positions", "extend") if family else "extend",
         )
 
 
@@ -262,7 +267,9 @@ def _flow_shape(folder: Path, family: str, steps: int) -> ModelShape:
         sample = _count(transformer.get("sample_size")) if family == "sd3" else None
         base = (sample or FLOW_DEFAULT_SAMPLE_SIZE) * vae_scale
     grid = _count(transformer.get("pos_embed_max_size")) if family == "sd3" else None
-    return ModelShape(steps, multiple, base, family, grid * multiple if grid else None)
+    positions = _config(folder, "self_cascade.json").get("default_positions")
+    positions = positions if positions in FLOW_POSITIONS else "extend"  # a bad one: the loader refuses it
+    return ModelShape(steps, multiple, base, family, grid * multiple if grid else None, positions)
 
 
 def model_shape(folder: str | Path | None) -> ModelShape:
@@ -345,10 +352,11 @@ def request(
         whole(name, side, 1)
         if side % shape.size_multiple:
             raise ValueError(f"{name} must be a multiple of {shape.size_multiple} for this model, got {side}")
-        if shape.max_side and side > shape.max_side:
+        if shape.max_side and shape.positions == "extend" and side > shape.max_side:
             raise ValueError(
                 f"{name} must be at most {shape.max_side} for this model (its positional embedding covers "
-                f"{shape.max_side // shape.size_multiple} patches per side), got {side}"
+                f"{shape.max_side // shape.size_multiple} patches per side; interpolated positions reach any size: "
+                f"--positions interpolate), got {side}"
             )
     whole("--steps", steps, 1, shape.num_train_timesteps)
     for value in [] if k is None else [k] if isinstance(k, int) else k:  # K re-noises to a training step: 1..T-1

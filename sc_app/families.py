@@ -117,8 +117,9 @@ class FlowModel(Model):
 
     @property
     def max_side(self) -> int | None:
-        """The largest side, in pixels, the model's positions reach: SD3 crops its positional embedding from a
-        grid of pos_embed_max_size patches; FLUX's rotary positions have no such limit (None)."""
+        """The largest side, in pixels, the model's own positions reach: SD3 crops its positional embedding from a
+        grid of pos_embed_max_size patches; FLUX's rotary positions have no such limit (None). Interpolated
+        positions (`POSITIONS`) are computed for the stage, so they take any size."""
         grid = self.transformer.config.get("pos_embed_max_size") if self.family == "sd3" else None
         return grid * self.size_multiple if grid else None
 

@@ -108,11 +108,12 @@ def prepare(
         raise ValueError(f"k applies to method {method} as one value, with an input image only; got {k!r}")
     first = start.size if start is not None and not sdedit else None
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample, first)
-    largest = getattr(model, "max_side", None)
+    largest = getattr(model, "max_side", None) if positions == "extend" else None  # interpolated: any size
     if largest and max(height, width) > largest:
         raise ValueError(
             f"height and width must be at most {largest} for this model (its positional embedding covers "
-            f"{largest // model.size_multiple} patches per side), got {height}x{width}"
+            f"{largest // model.size_multiple} patches per side; interpolated positions reach any size: "
+            f"positions='interpolate'), got {height}x{width}"
         )
     if sdedit:
         sizes = [(height, width)]

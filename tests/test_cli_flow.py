@@ -267,3 +267,14 @@ def test_sd_plus_sr_runs_on_a_flow_folder_from_the_command_line(sd3_folder, sd_f
     result = json.loads((tmp_path / "o" / "result.json").read_text())
     assert result["method"] == "sr" and result["family"] == "sd3" and result["noise_level"] == 5
     assert Image.open(tmp_path / "o" / "final.png").size == (64, 64)
+
+
+def test_interpolated_positions_take_an_sd3_folder_past_its_grid(sd3_folder, tmp_path, capsys):
+    """--height past SD3's grid (128 px here) is refused before loading with the way past it, and runs with
+    --positions interpolate."""
+    argv = ["--model", str(sd3_folder), "--prompt", PROMPT, "--height", "160", "--width", "160", "--steps", "3"]
+    code, err = _run(capsys, *argv, "--device", "cpu", "--out", str(tmp_path / "a"))
+    assert code == 2 and "--height must be at most 128" in err and "--positions interpolate" in err
+    code, err = _run(capsys, *argv, "--positions", "interpolate", "--device", "cpu", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "b" / "final.png").size == (160, 160)

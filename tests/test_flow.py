@@ -618,3 +618,15 @@ def test_sr_upscales_the_flow_pivot_with_the_x4_model(model, upscaler):
 def test_sr_on_a_flow_model_without_an_sr_model_says_which_to_give(sd3_model):
     with pytest.raises(ValueError, match=r"^method sr needs an SR model for .*: give sr_model"):
         generate(sd3_model, PROMPT, 64, 64, "sr", num_inference_steps=STEPS)
+
+
+def test_interpolated_positions_take_sd3_past_its_position_grid(sd3_model):
+    """The tiny SD3's grid covers 32 patches per side (128 px): extended positions stop there, with a word on
+    the way past it; interpolated ones are computed for the stage, so 192 px runs (patched table, 48 patches)."""
+    with pytest.raises(ValueError, match=r"at most 128 .*interpolated positions reach any size") as error:
+        generate(sd3_model, PROMPT, 192, 192, num_inference_steps=STEPS, positions="extend")
+    assert "\n" not in str(error.value)
+    result = generate(sd3_model, PROMPT, 192, 192, num_inference_steps=STEPS, seed=0, positions="interpolate")
+    assert result.images[0].size == (192, 192) and result.stages[-1].height == 192
+    assert result.settings["stage_position_scale"][-1] == round(1 / 6, 6)  # 8 base patches over 48
+    assert "cropped_pos_embed" not in vars(sd3_model.transformer.pos_embed)
