@@ -234,6 +234,19 @@ def _encoders_on_device(model):
             encoder.to("cpu")
 
 
+def flow_k(k: float) -> int:
+    """A K on Stable Diffusion's DDPM schedule (scaled-linear betas 0.00085..0.012 over 1000 steps) moved to the
+    flow line at the same signal-to-noise ratio, (1 - sigma) / sigma = sqrt(a_k / (1 - a_k)), as t = 1000 sigma
+    rounded up: 700 -> 770 (FLOW_K), 300 -> 455. So a grid of K's written for UNets means the same noise levels
+    on a flow model."""
+    alpha = 1.0
+    for step in range(int(round(k)) + 1):
+        beta = (0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * step / 999) ** 2
+        alpha *= 1 - beta
+    sigma = 1 / (1 + math.sqrt(alpha / (1 - alpha)))
+    return math.ceil(round(1000 * sigma, 6))
+
+
 def calculate_shift(tokens: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
     """The resolution-dependent shift mu (Esser et al. 2024, sec. 5.3.2; FLUX): linear in the image's token count,
     base_shift at base_seq_len tokens, max_shift at max_seq_len (in the pipelines' arithmetic, to the last bit)."""

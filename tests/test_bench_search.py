@@ -156,3 +156,15 @@ def test_the_papers_row_is_one_row_when_it_is_the_chosen_one(tmp_path):
     path.write_text("{}")
     with pytest.raises(BadInput, match="not a choice written by `bench search`"):
         search.read_chosen(path, args, bench)
+
+
+def test_a_flow_model_searches_k_on_its_flow_line_and_names_the_papers_k_there():
+    from sc_app.families import FLOW_K, flow_k
+
+    assert flow_k(700) == FLOW_K == 770 and flow_k(300) == 455 and flow_k(0) < flow_k(100) < flow_k(999) < 1000
+    rows = [parse_setting(text) for text in search.grid("self-cascade", 3.0, flow=True)]
+    assert sorted({dict(r.options)["k"] for r in rows}, key=int) == ["256", "364", "455", "619", "770"]
+    assert "on the flow line" in search.grid_text(["self-cascade"], 3.0, flow=True)
+    flow_model = SimpleNamespace(is_flow=True, default_guidance=3.0)
+    assert search.paper_setting(flow_model) == "self-cascade K=770 (paper's): k=770; guidance=3"
+    assert search.paper_setting(SimpleNamespace(default_guidance=5.0)).startswith("self-cascade K=700 (paper's)")

@@ -79,6 +79,17 @@ def test_every_method_is_searched_on_a_grid_of_equal_breadth():
     assert set(grids_by_group(bare)) == set(grids) - {"sr", "self-cascade-tuned"}
 
 
+def test_a_flow_models_k_grid_is_the_same_noise_levels_on_its_flow_line():
+    """K 150 / 300 / 500 and the bounds 50..950 of Stable Diffusion's schedule, at equal signal-to-noise ratio on
+    the flow line (families.flow_k); the guidance bounds stay absolute."""
+    flow = grids_by_group(fair.Context(guidance=3.0, stages=2, later_ratio=0.69, side=4.0, flow=True))
+    k, guidance = flow["self-cascade"]["knobs"]
+    assert (k["values"], k["low"], k["high"]) == ([314, 455, 619], 185, 917)
+    assert (guidance["low"], guidance["high"]) == (1.0, 30.0)
+    unet = grids_by_group()["self-cascade"]["knobs"][0]
+    assert (unet["values"], unet["low"], unet["high"]) == ([150, 300, 500], 50, 950)
+
+
 def test_grid_candidates_are_settings_the_ablation_engine_takes():
     grids = [g for g in fair.resolve_grids(EMBEDDED_16X) if g["group"] != "self-cascade-tuned"]
     candidates = fair.grid_candidates(grids)

@@ -87,7 +87,8 @@ DEFAULT_WORK = Path("runs/fair")
 class Knob:
     """A setting searched on a grid: its `--setting` key, a short name for labels, its values and the bounds an
     extension stays within. `unit` scales the values to the model and size: "guidance" (times the model's default
-    guidance, rounded to 0.5), "side" (times the target's side over the pivot's), "" (as written)."""
+    guidance, rounded to 0.5), "side" (times the target's side over the pivot's), "k" (a K on Stable Diffusion's
+    schedule: as written on a UNet, at the same signal-to-noise ratio on a flow model's line), "" (as written)."""
 
     key: str
     short: str
@@ -122,13 +123,13 @@ GRIDS = (
     Grid(
         "self-cascade",
         "self-cascade",
-        (Knob("k", "K", (150, 300, 500), 50, 950, integer=True), GUIDANCE),
+        (Knob("k", "K", (150, 300, 500), 50, 950, integer=True, unit="k"), GUIDANCE),
         note="K of the first re-noised stage; later stages at K x the model's later_stages_k / default_k",
     ),
     Grid(
         "self-cascade-tuned",
         "self-cascade",
-        (Knob("k", "K", (150, 300, 500), 50, 950, integer=True), GUIDANCE),
+        (Knob("k", "K", (150, 300, 500), 50, 950, integer=True, unit="k"), GUIDANCE),
         needs="adapters",
         note="the model folder's own per-stage feature upsamplers (a trained row); K as for the self-cascade",
     ),
@@ -201,6 +202,7 @@ class Context:
     side: float  # the target's longer side over the pivot's
     adapters: tuple[str, ...] = ()  # the model folder's own feature upsamplers, as --setting paths
     has_sr: bool = False
+    flow: bool = False  # a flow transformer: K's on its flow line (`families.flow_k`)
 
 
 def context_for(model, size: tuple[int, int]) -> Context:
@@ -221,7 +223,8 @@ def context_for(model, size: tuple[int, int]) -> Context:
     except (ValueError, FileNotFoundError, OSError):
         has_sr = False
     later = (model.later_k or model.default_k) / model.default_k
-    return Context(model.default_guidance, len(sizes) - 1, later, side, adapters, has_sr)
+    flow = getattr(model, "is_flow", False)
+    return Context(model.default_guidance, len(sizes) - 1, later, side, adapters, has_sr, flow)
 
 
 def _path_text(path: Path) -> str:
@@ -237,7 +240,16 @@ def _scaled(knob: Knob, value: float, ctx: Context) -> float:
         return round(value * ctx.guidance * 2) / 2
     if knob.unit == "side":
         return round(value * ctx.side * 4) / 4
+    if knob.unit == "k" and ctx.flow:
+        from ..families import flow_k
+
+        return flow_k(value)
     return value
+
+
+def _bound(knob: Knob, value: float, ctx: Context) -> float:
+    """An extension's bound: absolute (guidance 1..30, a dilation up to 8), but a K on a flow model's line."""
+    return _scaled(knob, value, ctx) if knob.unit == "k" else value
 
 
 def resolve_grids(ctx: Context, groups: list[str] | None = None) -> list[dict]:
@@ -252,7 +264,8 @@ def resolve_grids(ctx: Context, groups: list[str] | None = None) -> list[dict]:
         for knob in grid.knobs:
             values = sorted({_num(_scaled(knob, v, ctx), knob.integer) for v in knob.values})
             knobs.append(
-                {"key": knob.key, "short": knob.short, "values": values, "low": knob.low, "high": knob.high}
+                {"key": knob.key, "short": knob.short, "values": values}
+                | {"low": _bound(knob, knob.low, ctx), "high": _bound(knob, knob.high, ctx)}
                 | {"integer": knob.integer}
             )
         fixed = {"upsampler": "+".join(ctx.adapters)} if grid.needs == "adapters" else {}
@@ -1213,10 +1226,10 @@ def _is_centre(grids: dict, c: Candidate) -> bool:
 
 
 def _paper_setting(fair: Fair, plan: dict) -> str:
-    from ..models import PAPER_K
+    from .search import paper_k
 
     stages = next((g["stages"] for g in plan["grids"]), 1)
-    ks = ",".join([str(PAPER_K)] * stages)
+    ks = ",".join([str(paper_k(fair.model))] * stages)
     g = f"{fair.model.default_guidance:g}"
     return f"self-cascade K={ks} g={g} (paper's K): k={ks}; guidance={g}"
 

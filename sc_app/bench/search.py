@@ -44,11 +44,20 @@ NOISE_LEVELS = (0, 20, 50, 100)  # 20: the x4 upscaler's default
 CHOSEN = " (chosen)"
 
 
-def grid(method: str, guidance: float) -> list[str]:
-    """The --setting rows searched for `method`; `guidance` is the model's default."""
+def ks_for(flow: bool = False) -> tuple[int, ...]:
+    """The self-cascade's K grid: KS, or on a flow model the same noise levels on its flow line (`flow_k`)."""
+    if not flow:
+        return KS
+    from ..families import flow_k
+
+    return tuple(flow_k(k) for k in KS)
+
+
+def grid(method: str, guidance: float, flow: bool = False) -> list[str]:
+    """The --setting rows searched for `method`; `guidance` is the model's default; `flow`: a flow model's K's."""
     gs = [f"{g:g}" for g in sorted({*GUIDANCES, guidance})]
     if method == "self-cascade":
-        return [f"self-cascade K={k} g={g}: k={k}; guidance={g}" for k in KS for g in gs]
+        return [f"self-cascade K={k} g={g}: k={k}; guidance={g}" for k in ks_for(flow) for g in gs]
     if method == "scalecrafter":  # the preset (or general rule) as it is, then a grid around it
         plans = [f"scalecrafter plan g={g}: method=scalecrafter; guidance={g}" for g in gs]
         pairs = [(d, None) for d in DILATIONS] + list(NOISE_DAMPED)  # (dilation, noise-damped or None)
@@ -65,11 +74,12 @@ def grid(method: str, guidance: float) -> list[str]:
     return [f"{method} g={g}: method={method}; guidance={g}" for g in gs]
 
 
-def grid_text(methods: list[str], guidance: float) -> str:
+def grid_text(methods: list[str], guidance: float, flow: bool = False) -> str:
     """What `grid` searched for these methods, in words."""
     gs = "{" + ", ".join(f"{g:g}" for g in sorted({*GUIDANCES, guidance})) + "}"
+    on_flow = f" (K {{{', '.join(map(str, KS))}}} on the flow line at equal signal-to-noise ratio)" if flow else ""
     said = {
-        "self-cascade": f"self-cascade K in {{{', '.join(map(str, KS))}}} x guidance {gs}",
+        "self-cascade": f"self-cascade K in {{{', '.join(map(str, ks_for(flow)))}}}{on_flow} x guidance {gs}",
         "scalecrafter": f"ScaleCrafter's plan as it is (the released preset for the UNet and size, else the project's "
         f"general rule) at guidance {gs}, and dilation {{{', '.join(f'{d:g}' for d in DILATIONS)}}} x tau "
         f"{{{', '.join(map(str, TAUS))}}} on the plan's blocks at guidance {guidance:g}, the same with noise-damped "
@@ -130,10 +140,21 @@ def _rule(use_fid: bool) -> str:
 
 
 def paper_setting(model) -> str:
-    """The paper's own setting, shown beside the chosen one: K=700 at the model's guidance."""
+    """The paper's own setting, shown beside the chosen one: K=700 (on a flow model its equal, FLOW_K) at the
+    model's guidance."""
+    k = paper_k(model)
+    return f"self-cascade K={k} (paper's): k={k}; guidance={model.default_guidance:g}"
+
+
+def paper_k(model) -> int:
+    """The paper's K=700, on a flow model at the same signal-to-noise ratio on its flow line (FLOW_K)."""
     from ..models import PAPER_K
 
-    return f"self-cascade K={PAPER_K} (paper's): k={PAPER_K}; guidance={model.default_guidance:g}"
+    if getattr(model, "is_flow", False):
+        from ..families import FLOW_K
+
+        return FLOW_K
+    return PAPER_K
 
 
 def write_chosen(path: Path, args, bench, chosen: dict[str, Measured]) -> None:
@@ -204,7 +225,8 @@ def run_search(args, argv: list[str]) -> None:
     bench = open_bench(args)
     guidance = bench.model.default_guidance
     searched = methods or default_methods(bench.model)
-    settings = [parse_setting(text) for method in searched for text in grid(method, guidance)] + extra
+    flow = getattr(bench.model, "is_flow", False)
+    settings = [parse_setting(text) for method in searched for text in grid(method, guidance, flow)] + extra
     measured = measure(args, bench, settings)
     if measured is None:
         return
@@ -224,7 +246,7 @@ def run_search(args, argv: list[str]) -> None:
             f"### Settings search at {size_name(bench.size)} ({bench.model.name})",
             machine_description(bench.model.device)
             + f"\n\nCommand: `{command_line(argv, processes=bench.state.num_processes)}`",
-            f"Every method searched alike: {grid_text(searched, guidance)}"
+            f"Every method searched alike: {grid_text(searched, guidance, flow)}"
             + (f"; and the rows given with --setting ({len(extra)})" if extra else "")
             + f". Chosen per method (the first word of a row's label), by {_rule(not args.no_fid)}; written to "
             f"`{path}`, which `bench ablation --chosen` turns into rows of the test table, beside the paper's "
