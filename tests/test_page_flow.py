@@ -25,7 +25,10 @@ def test_compare_offers_the_flow_methods_and_says_why_not_the_others(app):
     assert app.studio.compare_methods == tuple(m for m in FLOW_METHODS if m != "sr")  # no SR model for it
     config = app.demo.config
     notes = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "compare-flow-note"]
-    assert notes and "no flow version yet" in notes[0]["props"]["value"]
+    note = notes[0]["props"]["value"]
+    assert "Compare runs self-cascade, direct sampling and Lanczos resize." in note
+    assert "ScaleCrafter, Attn-SF, DemoFusion, FreeScale and HiDiffusion change a UNet's layers" in note
+    assert "no flow version yet" in note and "SD+SR needs an x4 upscaler" in note  # none for this tiny SD3
     boxes = [c for c in config["components"] if c.get("props", {}).get("label") == "Also run Attn-SF"]
     assert boxes and boxes[0]["props"]["visible"] is False
 

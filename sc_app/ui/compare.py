@@ -39,11 +39,26 @@ from .controls import (
 )
 from .loras import lora_controls
 
-FLOW_NOTE = (
-    "This is a flow-matching model (SD3 or FLUX): Compare runs the self-cascade, direct sampling and the Lanczos "
-    "resize. ScaleCrafter, Attn-SF, DemoFusion, FreeScale, HiDiffusion and SD+SR change a UNet's layers or need an "
-    "SD upscaler, so they have no flow version yet."
-)
+
+def flow_note(offered: tuple[str, ...]) -> str:
+    """What Compare says on a flow model (SD3, FLUX): the methods it runs, and why the UNet-only ones are not
+    there (and SD+SR, where no x4 upscaler is there for the model)."""
+    from ..checks import FLOW_METHODS
+
+    def names(methods) -> str:
+        words = [METHOD_NAMES[m] for m in methods]
+        return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+
+    unet_only = [m for m in COMPARE_METHODS if m not in FLOW_METHODS]
+    note = (
+        f"This is a flow-matching model (SD3 or FLUX): Compare runs {names(offered)}. {names(unet_only)} change a "
+        "UNet's layers, so they have no flow version yet."
+    )
+    if "sr" in FLOW_METHODS and "sr" not in offered:
+        note += " SD+SR needs an x4 upscaler, which this model has none of here."
+    return note
+
+
 # attn-sf when its box is ticked, sr where the model has an SR model (`compare_methods`)
 COMPARE_METHODS = METHODS  # every method the library has, in its order
 # the methods as the page names them
@@ -451,7 +466,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF", visible="attn-sf" in studio.compare_methods)
                 c_scheduler, c_attention = run_options(prefix="compare-")
                 if getattr(studio.model, "is_flow", False):  # say why the UNet methods are not offered
-                    gr.Markdown(FLOW_NOTE, elem_id="compare-flow-note")
+                    gr.Markdown(flow_note(studio.compare_methods), elem_id="compare-flow-note")
                 gr.Examples([[e] for e in examples], [c_prompt])
 
     c_inputs = [
