@@ -646,7 +646,7 @@ def _check_flow_flags(args) -> None:
     family = checks.flow_family(folder)
     if family is not None:
         _refuse_for_flow(args, family)
-    elif args.positions is not None and folder is not None:  # a hub id: once it loads (generate refuses it)
+    elif getattr(args, "positions", None) is not None and folder is not None:  # a hub id: refused once it loads
         raise BadInput(f"--positions applies to {FLOW_WORDS} (their token positions): a UNet has none, leave it out")
 
 
@@ -670,7 +670,7 @@ def _sampler_options(args) -> dict:
         "attention": args.attention,
         "attention_window": args.attention_window,
         "attention_factor": args.attention_factor,
-        "positions": args.positions,
+        "positions": getattr(args, "positions", None),  # generate's flag (generate-video has none)
     }
     return {name: value for name, value in options.items() if value is not None}
 
@@ -779,7 +779,8 @@ def _check_image_model(args) -> checks.ModelShape:
 
 def _with_positions(shape: checks.ModelShape, args) -> checks.ModelShape:
     """A flow model's shape with --positions where given (interpolated positions take sizes past SD3's grid)."""
-    return dataclasses.replace(shape, positions=args.positions) if args.positions and shape.family else shape
+    positions = getattr(args, "positions", None)  # generate's flag (generate-video has none)
+    return dataclasses.replace(shape, positions=positions) if positions and shape.family else shape
 
 
 def _check_video_model(args) -> checks.ModelShape:
