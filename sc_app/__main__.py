@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--positions",
         default=None,
-        choices=("extend", "interpolate"),
+        choices=checks.FLOW_POSITIONS,
         help="SD3 and FLUX: the token positions of stages above the model's size: extend (the pipelines' own, "
         "past the trained range) or interpolate (spread over the base size's span); default: the model's (extend "
         "unless its self_cascade.json sets default_positions; interpolate for embedded-flow)",

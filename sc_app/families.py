@@ -51,6 +51,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checks import FLOW_POSITIONS
 from .models import Model, _default_upsample, _folder_settings, checked_load, refuse_pickle_weights
 from .sampling import Denoiser
 
@@ -60,7 +61,7 @@ FLOW_K = 770  # the paper's K=700 on SD's DDPM schedule, at equal signal-to-nois
 GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the pipelines' own defaults
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # T5 tokens, the pipelines' own defaults
 SHIFT_DEFAULTS = {"sd3": (0.5, 1.16), "flux": (0.5, 1.15)}  # (base_shift, max_shift) each pipeline falls back to
-POSITIONS = ("extend", "interpolate")  # a stage's token positions above the base size (see the module's docstring)
+POSITIONS = FLOW_POSITIONS  # a stage's token positions above the base size (see the module's docstring)
 
 
 # ---- flow models ------------------------------------------------------------------------------------
@@ -291,8 +292,8 @@ class Family:
     def sample(self, denoiser, x, scheduler, timesteps, generators, callback=None, progress=False) -> torch.Tensor:
         raise NotImplementedError
 
-    def stage_settings(self, scheduler, height: int, width: int) -> dict:
-        """What a stage's grid was, for result.json (the flow families' mu)."""
+    def stage_settings(self, scheduler, height: int, width: int, positions: str = "extend") -> dict:
+        """What a stage's grid was, for result.json (the flow families' mu, tokens and position spacing)."""
         return {}
 
     # latents
@@ -459,9 +460,13 @@ class FlowFamily(Family):
         scheduler.set_timesteps(num_inference_steps, device=self.model.device, **options)
         return scheduler
 
-    def stage_settings(self, scheduler, height, width):
+    def stage_settings(self, scheduler, height, width, positions="extend"):
         mu = self.mu(height, width)
-        return {"mu": None if mu is None else round(mu, 6), "tokens": self.tokens(height, width)}
+        return {
+            "position_scale": round(self.position_scale(height, width, positions), 6),  # 1: the pipeline's own
+            "mu": None if mu is None else round(mu, 6),
+            "tokens": self.tokens(height, width),
+        }
 
     def renoise(self, scheduler, clean, noise, k):
         """x_sigma = (1 - sigma) clean + sigma noise at sigma = `start_sigma(scheduler, k)`; the scheduler is set

@@ -186,9 +186,7 @@ def sample_stage(
     begin = len(scheduler.timesteps) - len(timesteps)
     sigmas = getattr(scheduler, "sigmas", None)  # the flow grids' (t = 1000 sigma); DDIM has none
     recorded = {"sigma": round(float(sigmas[begin]), 6)} if sigmas is not None else {}
-    if is_flow(run.model):  # the spacing of its token positions (1: the pipeline's own)
-        recorded["position_scale"] = round(family.position_scale(height, width, frun.positions), 6)
-    for key, value in (recorded | family.stage_settings(scheduler, height, width)).items():
+    for key, value in (recorded | family.stage_settings(scheduler, height, width, frun.positions)).items():
         run.result.settings.setdefault(f"stage_{key}", []).append(value)
     return Stage(height, width, len(timesteps), seconds, round(float(timesteps[0])), latents, attention="full")
 
