@@ -408,6 +408,8 @@ def test_a_carried_run_goes_on_in_a_fresh_work_folder_without_sampling_again(dev
     first = files["root"] / "work-carried-1"
     run(argv(sd_folder, files, first, "--carry", str(carry)))
     before = table_rows(section(dev / "benchmarks.md", "upscale-64x64"), "method (how")
+    first_settings = section(dev / "benchmarks.md", "upscale-64x64").split("Settings each row ran with")[1]
+    assert "steps=" in first_settings
     lines = carry.read_text().splitlines()
     records = [json.loads(line)["path"] for line in lines]
     assert "settings.json" in records and not any(path.endswith(".png") for path in records)
@@ -421,6 +423,8 @@ def test_a_carried_run_goes_on_in_a_fresh_work_folder_without_sampling_again(dev
     run(argv(sd_folder, files, second, "--carry", str(carry)))
     assert made == [] and not list(second.rglob("*.png"))
     assert table_rows(section(dev / "benchmarks.md", "upscale-64x64"), "method (how") == before
+    settings = section(dev / "benchmarks.md", "upscale-64x64").split("Settings each row ran with")[1]
+    assert settings == first_settings  # every row's resolved settings too, though the carry sorted their keys
 
     # a record whose scores are of another definition comes back as missing: that sample alone is made again
     stale = [json.loads(line) for line in lines]
@@ -463,3 +467,10 @@ def test_pack_and_unpack_keep_every_json_file_and_never_replace_one(tmp_path):
     assert json.loads((other / "64x64" / "row" / "0000.json").read_text()) == {"seconds": 1.5, "psnr": math.inf}
     assert not (other / "64x64" / "row" / "0000.png").exists()
     assert unpack(tmp_path / "missing.jsonl", other) == 0
+
+
+def test_a_setting_that_is_a_path_in_the_working_folder_is_printed_relative_to_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert upscale._setting_text(str(tmp_path / "assets" / "shapes-sr")) == "assets/shapes-sr"
+    assert upscale._setting_text("/elsewhere/sr") == "/elsewhere/sr"
+    assert upscale._setting_text([1, 2]) == "[1, 2]" and upscale._setting_text(0.5) == "0.5"
