@@ -470,7 +470,9 @@ def test_pack_and_unpack_keep_every_json_file_and_never_replace_one(tmp_path):
 
 
 def test_a_setting_that_is_a_path_in_the_working_folder_is_printed_relative_to_it(tmp_path, monkeypatch):
+    from sc_app.bench.ablation import setting_value_text
+
     monkeypatch.chdir(tmp_path)
-    assert upscale._setting_text(str(tmp_path / "assets" / "shapes-sr")) == "assets/shapes-sr"
-    assert upscale._setting_text("/elsewhere/sr") == "/elsewhere/sr"
-    assert upscale._setting_text([1, 2]) == "[1, 2]" and upscale._setting_text(0.5) == "0.5"
+    assert setting_value_text(str(tmp_path / "assets" / "shapes-sr")) == "assets/shapes-sr"
+    assert setting_value_text("/elsewhere/sr") == "/elsewhere/sr"
+    assert setting_value_text([1, 2]) == "[1, 2]" and setting_value_text(0.5) == "0.5"

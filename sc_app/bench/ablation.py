@@ -45,6 +45,7 @@ from .common import (
     markdown_table,
     model_fingerprint,
     parse_sizes,
+    path_text,
     process_state,
     sampler_words,
     shared_resolved,
@@ -101,9 +102,17 @@ def settings_text(resolved: dict | None) -> str:
     """`guidance_scale=3, k=[300, 150], ...`: a row's resolved settings on one line (the model's name left out)."""
     if not resolved:
         return "not recorded (samples older than the record)"
-    return ", ".join(
-        f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in resolved.items() if k != "model"
-    )
+    return ", ".join(f"{k}={setting_value_text(v)}" for k, v in resolved.items() if k != "model")
+
+
+def setting_value_text(value) -> str:
+    """One resolved setting's value: JSON for a list or a dict, an absolute path (an SR model's folder, an
+    adapter) relative to the working directory where it lies inside it (`path_text`), anything else as it is."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if isinstance(value, str) and os.path.isabs(value):
+        return path_text(Path(value))
+    return str(value)
 
 
 @dataclass(frozen=True)

@@ -339,3 +339,12 @@ def check_work_settings(work: Path, settings: dict, is_main: bool) -> None:
     elif is_main:
         work.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
+
+
+def path_text(path: Path) -> str:
+    """A path as a section prints it: relative to the working directory where it lies inside it, so that a section
+    names `assets/shapes-sr` rather than one machine's checkout."""
+    try:
+        return os.path.relpath(path.resolve(), Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)

@@ -64,6 +64,7 @@ from .common import (
     markdown_table,
     model_fingerprint,
     parse_sizes,
+    path_text,
     sampler_words,
     size_name,
     writable,
@@ -214,7 +215,7 @@ def context_for(model, size: tuple[int, int]) -> Context:
     if model.default_upsampler is not None:
         root = Path(model.default_upsampler)
         files = sorted(root.glob("*.safetensors")) if root.is_dir() else [root]
-        adapters = tuple(_path_text(p) for p in files)
+        adapters = tuple(path_text(p) for p in files)
     from ..baselines.upscale import load_upscaler
 
     try:
@@ -225,14 +226,6 @@ def context_for(model, size: tuple[int, int]) -> Context:
     later = (model.later_k or model.default_k) / model.default_k
     flow = getattr(model, "is_flow", False)
     return Context(model.default_guidance, len(sizes) - 1, later, side, adapters, has_sr, flow)
-
-
-def _path_text(path: Path) -> str:
-    """A path as a --setting gives it: relative to the working directory where it lies inside it."""
-    try:
-        return os.path.relpath(path.resolve(), Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else str(path)
-    except ValueError:
-        return str(path)
 
 
 def _scaled(knob: Knob, value: float, ctx: Context) -> float:

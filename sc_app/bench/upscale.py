@@ -45,7 +45,7 @@ from ..cli import BadInput
 from ..colorfix import color_fix as fix_colors
 from ..colorfix import detail_sigma
 from ..stats import bootstrap, mcnemar_exact, paired_bootstrap, wilson
-from .ablation import stage_decodes
+from .ablation import settings_text, stage_decodes
 from .carry import pack, unpack
 from .common import (
     _load,
@@ -991,27 +991,14 @@ def describe(bench: Bench, scenes, first_seed: int, dev: bool) -> str:
     )
 
 
-def _setting_text(value) -> str:
-    """One resolved setting as the section prints it: a path inside the working folder relative to it, so that
-    a section says `assets/shapes-sr` rather than one machine's checkout."""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    if isinstance(value, str) and os.path.isabs(value):
-        try:
-            return Path(value).relative_to(Path.cwd()).as_posix()
-        except ValueError:
-            return value
-    return str(value)
-
-
 def _settings_list(scored: list[Scored]) -> str:
     """Each row's resolved settings, by name (sorted: a carried record comes back with its keys sorted, and the
     section a carried rerun writes is the same)."""
     lines = []
     for entry in scored[1:]:
         resolved = entry.resolved or {}
-        text = ", ".join(f"{k}={_setting_text(v)}" for k, v in sorted(resolved.items()))
-        lines.append(f"- {entry.label} ({entry.candidate.setting}): {text or 'not recorded'}")
+        text = settings_text(dict(sorted(resolved.items()))) if resolved else "not recorded"
+        lines.append(f"- {entry.label} ({entry.candidate.setting}): {text}")
     return "Settings each row ran with (resolved at run time):\n\n" + "\n".join(lines)
 
 
