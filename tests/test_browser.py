@@ -34,13 +34,23 @@ BACKSTOP_MS = int(
 )  # waits are for the page's state; a busy machine only makes them longer
 
 
+SETTLED = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+RETYPES = 10
+
+
 def fill_number(field, value: str) -> None:
-    """Type `value` into a number field once it shows a value: gradio sets a field's value just after the field
-    appears (its accordion opened, its tab shown), overwriting what was typed before that."""
+    """Type `value` into a number field and see that it holds. Gradio sets a field's value when the field appears
+    (its accordion opened, its tab shown) and can set it a second time a moment later (a CI run saw a typed 500 go
+    back to the default 50), so: type, let the page apply what it has pending (two animation frames: svelte
+    applies its updates before the next frame), look again, and type again if it was overwritten."""
     from playwright.sync_api import expect
 
     expect(field).to_have_value(re.compile(r"."), timeout=BACKSTOP_MS)
-    field.fill(value)
+    for _ in range(RETYPES):
+        field.fill(value)
+        field.page.evaluate(SETTLED)
+        if field.input_value() == value:
+            break
     expect(field).to_have_value(value, timeout=BACKSTOP_MS)
 
 
