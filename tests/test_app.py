@@ -865,3 +865,19 @@ def test_the_api_lists_no_internal_handlers(client):
     assert {"/generate", "/compare", "/tune", "/load_lora", "/load_video_lora"} <= set(api["named_endpoints"])
     assert not [name for name in api["named_endpoints"] if "lambda" in name]
     assert not api["unnamed_endpoints"]
+
+
+def test_a_unet_page_has_no_positions_field_and_refuses_positions(app):
+    """Token positions are a flow transformer's: on a UNet model the field is not shown and sends nothing, and a
+    caller that gives one is told why in one line."""
+    import gradio as gr
+
+    fields = [
+        c
+        for c in app.demo.config["components"]
+        if c.get("props", {}).get("elem_id") in ("positions", "compare-positions")
+    ]
+    assert len(fields) == 2 and all(c["props"]["visible"] is False and c["props"].get("value") is None for c in fields)
+    assert "positions" not in app.studio.request("self-cascade", *_settings(), positions=None)
+    with pytest.raises(gr.Error, match="positions applies to flow transformers .* a UNet has no token positions"):
+        app.studio.request("self-cascade", *_settings(), positions="interpolate")

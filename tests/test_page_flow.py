@@ -89,3 +89,117 @@ def test_a_lora_uploaded_for_the_flow_model_changes_the_image_and_is_recorded(ap
     with open(before[1], "rb") as plain, open(styled[1], "rb") as lora:
         assert plain.read() != lora.read()
     assert app.model.pipe.get_list_adapters() == {}
+
+
+def _positions_fields(config) -> list[dict]:
+    return [c for c in config["components"] if c.get("props", {}).get("elem_id") in ("positions", "compare-positions")]
+
+
+def test_the_positions_field_starts_at_the_models_own_and_a_choice_reaches_the_run(app):
+    """Generate's and Compare's "Token positions" field: the model's default, shown; interpolate changes the large
+    stage and the settings line says so; the default chosen by name runs as the model's own."""
+    import numpy as np
+    from PIL import Image
+
+    fields = _positions_fields(app.demo.config)
+    assert len(fields) == 2
+    for c in fields:
+        assert c["props"]["value"] == app.model.default_positions == "extend" and c["props"]["visible"] is True
+        assert [value for _, value in c["props"]["choices"]] == ["extend", "interpolate"]
+    run = ("a red circle", "", "1:1", "4x", "auto", "auto", 2, 3.0, 0, "none")
+    own, named, spread = (list(app.studio.generate(*run, positions=p))[-1] for p in (None, "extend", "interpolate"))
+    pixels = [np.asarray(Image.open(result[1]).convert("RGB")) for result in (own, named, spread)]
+    assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+    assert "--positions" not in own[3]["settings"] and "--positions" not in named[3]["settings"]
+    assert "--positions interpolate" in spread[3]["settings"] and "positions interpolate" in spread[2]
+
+
+def test_compare_runs_every_method_with_the_chosen_positions(app):
+    settings = ("a red circle", "", "1:1", "4x", None, 2, 3.0, 0, "none", False, "direct", "lanczos")
+    *_, (_, _, _, results, status, lines) = list(app.studio.compare(*settings, positions="interpolate"))
+    assert status.startswith("Done: 3 methods")
+    assert all("--positions interpolate" in line for line in lines.values())
+
+
+@pytest.mark.parametrize(
+    ("scale", "positions", "message"),
+    [
+        ("4x", "sideways", "positions must be one of extend, interpolate, got 'sideways'"),
+        ("64x", None, r"256 x 256 is past this model's extended positions \(at most 128 px a side"),
+        ("64x", "extend", r"256 x 256 is past this model's extended positions"),
+    ],
+)
+def test_positions_the_model_cannot_take_are_refused_on_their_field(app, tmp_path, scale, positions, message):
+    import gradio as gr
+
+    from sc_app.ui import Studio
+
+    studio = Studio(app.model, max_pixels=256 * 256, work_dir=tmp_path / "work")
+    settings = ("a red circle", "", "1:1", scale, "auto", "auto", 2, 3.0, 0, "none")
+    with pytest.raises(gr.Error, match=message) as error:
+        studio.request("self-cascade", *settings, positions=positions)
+    assert error.value.field == "positions"
+    request = studio.request("self-cascade", *settings[:3], "64x", *settings[4:], positions="interpolate")
+    assert request["positions"] == "interpolate" and (request["height"], request["width"]) == (256, 256)
+
+
+def test_a_pngs_positions_fill_the_field_in(app):
+    from sc_app.ui.generate import FORM_KEYS, filled_form
+
+    form = filled_form(app.model, {"prompt": "a red circle", "positions": "interpolate"})
+    assert form["positions"] == "interpolate" and "positions" in FORM_KEYS
+    assert "positions" not in filled_form(app.model, {"prompt": "a red circle", "positions": "sideways"})
+
+
+def test_the_sampler_and_attention_fields_are_off_on_a_flow_model_and_say_what_runs(app):
+    """A flow model samples with its flow-matching Euler and full attention: the fields show that, are off, and a
+    caller that sends a UNet sampler is refused in one line; the run records the flow sampler."""
+    import gradio as gr
+
+    for field in ("scheduler", "attention"):
+        found = [
+            c for c in app.demo.config["components"] if c.get("props", {}).get("elem_id") in (field, f"compare-{field}")
+        ]
+        assert len(found) == 2
+        for c in found:
+            assert c["props"]["interactive"] is False and len(c["props"]["choices"]) == 1
+    labels = {
+        c["props"]["elem_id"]: c["props"]["choices"][0][0]
+        for c in app.demo.config["components"]
+        if c.get("props", {}).get("elem_id") in ("scheduler", "attention")
+    }
+    assert labels == {"scheduler": "flow-matching Euler (the model's own)", "attention": "full (exact)"}
+    sampler = next(b for b in app.demo.blocks.values() if getattr(b, "elem_id", None) == "scheduler")
+    with pytest.raises(gr.Error, match="sampler 'euler-a' is not in the list of choices"):
+        sampler.preprocess("euler-a")
+
+
+def test_a_pngs_unet_sampler_is_not_put_in_a_flow_form_and_is_said(app):
+    from sc_app.ui.generate import filled_form
+
+    form = filled_form(app.model, {"prompt": "a red circle", "scheduler": "euler-a", "attention": "window"})
+    assert "scheduler" not in form and "attention" not in form
+    assert any("sampler euler-a is a UNet model's" in note for note in form["notes"])
+    assert any("attention window is a UNet model's" in note for note in form["notes"])
+    assert filled_form(app.model, {"prompt": "a", "scheduler": "flow-euler"})["notes"] == []
+
+
+def test_the_controlnet_field_is_off_on_a_flow_model_and_says_why(app):
+    """`api.generate` refuses a ControlNet on SD3 and FLUX: the page offers none (not even a folder shipped in the
+    model's controlnets/), and a caller that names one is told so on the field."""
+    import gradio as gr
+
+    fields = [
+        c
+        for c in app.demo.config["components"]
+        if c.get("props", {}).get("elem_id") in ("controlnet", "compare-controlnet")
+    ]
+    assert fields
+    for c in fields:
+        assert (
+            c["props"]["interactive"] is False and "ControlNet does not run on flow transformers" in c["props"]["info"]
+        )
+    assert list(app.studio.controlnets.choices()) == ["none"]
+    with pytest.raises(gr.Error, match="is not one this server has") as error:
+        app.studio.controlnets.chosen("embedded: colour layout", None, 1.0, 0.0, 1.0, None)
+    assert error.value.field == "controlnet"

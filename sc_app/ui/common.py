@@ -290,6 +290,8 @@ def settings_line(
         args += ["--scheduler", request["scheduler"]]
     if request.get("attention") not in (None, DEFAULT_ATTENTION):
         args += ["--attention", request["attention"]]
+    if request.get("positions") is not None:  # a flow model's, where not its default (`Studio._positions`)
+        args += ["--positions", request["positions"]]
     if request["method"] == "self-cascade":
         args += _upsampler_flag(model.default_upsampler, request.get("upsampler"), shown or {})
     for path, scale in request.get("loras") or []:

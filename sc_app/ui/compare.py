@@ -88,6 +88,7 @@ FIELDS = {
     "image": "compare-input-image",
     "scheduler": "compare-scheduler",
     "attention": "compare-attention",
+    "positions": "compare-positions",
 }
 SDEDIT = " (SDEdit)"  # from a picture, a method that redraws it at the target (`api.image_mode`) says so
 
@@ -284,13 +285,15 @@ class CompareHandlers:
         scheduler=None,
         attention=None,
         color_fix=False,
+        positions=None,
     ) -> CompareRun:
         methods = [m for m in self.compare_methods if m != "attn-sf" or attn_sf]
         if seed is None or seed == RANDOM_SEED:
             seed = random_seed()  # one seed for every method
         widgets = (negative_prompt, aspect, scale, "auto", k, steps, guidance, seed, adapter, lora, lora_scale)
         requests = [
-            self.request(m, prompt, *widgets, image, scheduler, attention, color_fix=color_fix) for m in methods
+            self.request(m, prompt, *widgets, image, scheduler, attention, color_fix=color_fix, positions=positions)
+            for m in methods
         ]
         return CompareRun(self, methods, requests, adapter)
 
@@ -314,15 +317,16 @@ class CompareHandlers:
         scheduler=None,
         attention=None,
         color_fix=False,
+        positions=None,
         page: gr.Request = None,
     ):
         """Compare (the API's /compare): one prompt and seed through each method; a gallery, a table, an A/B slider,
         the progress line in the status, and (a State for `show_settings`) a settings line per method. `lora` (one of
         `Studio.loras`, at `lora_scale`) applies to every method. `image`: a picture every method upscales (the
-        direct methods redraw it at the target, SDEdit, and say so: "direct (SDEdit)"); `scheduler` and `attention`
-        as Generate's."""
+        direct methods redraw it at the target, SDEdit, and say so: "direct (SDEdit)"); `scheduler`, `attention`,
+        `color_fix` and `positions` as Generate's."""
         widgets = (prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale)
-        run = self._compare_run(*widgets, image, scheduler, attention, color_fix)
+        run = self._compare_run(*widgets, image, scheduler, attention, color_fix, positions)
         skip = gr.skip()
         yield [], [], skip, skip, "Starting...", skip
         for change in run.changes(page):
@@ -352,6 +356,7 @@ class CompareHandlers:
         scheduler=None,
         attention=None,
         color_fix=False,
+        positions=None,
         page: gr.Request = None,
     ):
         """The page's Compare: the status area, the row of methods, the A/B slider, the results (a State), the table,
@@ -359,7 +364,7 @@ class CompareHandlers:
         skip = gr.skip()
         widgets = (prompt, negative_prompt, aspect, scale, k, steps, guidance, seed, adapter, attn_sf, lora, lora_scale)
         try:
-            run = self._compare_run(*widgets, image, scheduler, attention, color_fix)
+            run = self._compare_run(*widgets, image, scheduler, attention, color_fix, positions)
             yield status.running(None, "Starting..."), run.row(), skip, {}, [], {}, run.seed
             for change in run.changes(page):
                 if change == "progress":
@@ -464,7 +469,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
                 )
                 c_lora, c_lora_scale, c_lora_upload = lora_controls(studio.loras, prefix="compare-")
                 c_attn_sf = gr.Checkbox(False, label="Also run Attn-SF", visible="attn-sf" in studio.compare_methods)
-                c_scheduler, c_attention = run_options(prefix="compare-")
+                c_scheduler, c_attention, c_positions = run_options(studio.model, prefix="compare-")
                 if getattr(studio.model, "is_flow", False):  # say why the UNet methods are not offered
                     gr.Markdown(flow_note(studio.compare_methods), elem_id="compare-flow-note")
                 gr.Examples([[e] for e in examples], [c_prompt])
@@ -488,6 +493,7 @@ def compare_tab(studio, examples: list[str], adapters: list[str], gpu: dict) -> 
         c_scheduler,
         c_attention,
         c_color_fix,
+        c_positions,
     ]
     gr.on([c_run.click, c_prompt.submit], enable, None, c_stop, **PRIVATE).then(
         studio.compare_page,

@@ -30,6 +30,7 @@ LAYOUT_INFO = (
     "the embedded one takes a drawing: coloured shapes (red, green, blue, yellow) on white; the page turns the "
     "picture into its colour layout"
 )
+FLOW_INFO = "UNet models only: ControlNet does not run on flow transformers (SD3, FLUX) yet"
 
 
 def shipped_controlnets(model_folder: Path) -> list[Path]:
@@ -52,6 +53,8 @@ class ControlNets:
         then the model folder's controlnets/ by folder name; each with the source the library and the command line
         take ("embedded", or the folder)."""
         choices: dict[str, str | None] = {NO_ADAPTER: None}
+        if getattr(self.model, "is_flow", False):  # `api.generate` refuses a ControlNet on SD3 and FLUX for now
+            return choices
         if self.model.name == "embedded" and control_lib.embedded_controlnet().is_dir():
             choices[EMBEDDED_LABEL] = control_lib.EMBEDDED
         for path in shipped_controlnets(self.model_folder):
@@ -61,6 +64,8 @@ class ControlNets:
     def info(self, choices: dict | None = None) -> str:
         """The dropdown's info line: where the choices come from, or how to get one where there is none."""
         choices = self.choices() if choices is None else choices
+        if getattr(self.model, "is_flow", False):
+            return FLOW_INFO
         if len(choices) > 1:
             where = f"shipped in the model folder's {CONTROLNETS}/"
             return f"{where}; {LAYOUT_INFO}" if EMBEDDED_LABEL in choices else where
@@ -231,6 +236,7 @@ def controlnet_controls(shelf: ControlNets, prefix: str = "") -> tuple:
             label="ControlNet",
             info=shelf.info(choices),
             allow_custom_value=True,  # the choices change (a trained one appears); the handler looks a label up
+            interactive=not getattr(shelf.model, "is_flow", False),
             elem_id=f"{prefix}controlnet",
         )
         drawing = "for the embedded one: a drawing, coloured shapes on white" if EMBEDDED_LABEL in choices else ""

@@ -171,29 +171,63 @@ ATTENTION_LABELS = {
 }
 
 
-def run_options(prefix: str = "") -> tuple[gr.Dropdown, gr.Dropdown]:
-    """The sampler and the attention of the large stages, in an accordion of their own (#{prefix}scheduler,
-    #{prefix}attention): A1111's sampler names, the library's values."""
+POSITION_LABELS = {
+    "extend": "extend (past the trained span)",
+    "interpolate": "interpolate (trained span)",
+}
+
+
+def run_options(model, prefix: str = "") -> tuple[gr.Dropdown, gr.Dropdown, gr.Dropdown]:
+    """The sampler, the attention and (flow models only) the token positions of the large stages, in an accordion
+    of their own (#{prefix}scheduler, #{prefix}attention, #{prefix}positions): A1111's sampler names, the
+    library's values. A UNet has no token positions: the field is not shown there and sends None."""
+    flow = getattr(model, "is_flow", False)
     with gr.Accordion("Sampler and attention", open=False, elem_classes=["sc-accordion"]):
+        # a flow model samples with its own flow-matching Euler and full attention (`sc_app.flow` refuses the
+        # others): the fields say so and are off, holding the defaults, which the request leaves out
         scheduler = refusing_quietly(
             gr.Dropdown(
-                sampler_choices(),
+                [("flow-matching Euler (the model's own)", DEFAULT_SCHEDULER)] if flow else sampler_choices(),
                 value=DEFAULT_SCHEDULER,
                 label="Sampler",
-                info="every stage samples with it; LCM needs an LCM model or LoRA",
+                info="SD3 and FLUX sample with the flow-matching Euler of their scheduler config; the other samplers "
+                "are UNet models' for now"
+                if flow
+                else "every stage samples with it; LCM needs an LCM model or LoRA",
+                interactive=not flow,
                 elem_id=f"{prefix}scheduler",
             ),
             name="sampler",
         )
         attention = refusing_quietly(
             gr.Dropdown(
-                [(ATTENTION_LABELS[mode], mode) for mode in ATTENTION_CHOICES],
+                [(ATTENTION_LABELS["full"], DEFAULT_ATTENTION)]
+                if flow
+                else [(ATTENTION_LABELS[mode], mode) for mode in ATTENTION_CHOICES],
                 value=DEFAULT_ATTENTION,
                 label="Attention in the large stages",
-                info="auto (default): keys and values pooled above the model's size (2x2, 4x4 from 64x), which kept "
+                info="flow transformers run full attention for now; the pooled and windowed modes are UNet models'"
+                if flow
+                else "auto (default): keys and values pooled above the model's size (2x2, 4x4 from 64x), which kept "
                 "quality level with full attention at 16x and 64x in about half its time and a third of it",
+                interactive=not flow,
                 elem_id=f"{prefix}attention",
             ),
             name="attention",
         )
-    return scheduler, attention
+        default = getattr(model, "default_positions", "extend") if flow else None
+        positions = refusing_quietly(
+            gr.Dropdown(
+                [(POSITION_LABELS[mode], mode) for mode in checks.FLOW_POSITIONS],
+                value=default,
+                label="Token positions in the large stages",
+                info=f"this model's default: {default}; interpolate keeps a stage's tokens where the model was "
+                "trained (it took the grid texture out of the embedded flow model's 16x stages)"
+                if flow
+                else None,
+                visible=flow,
+                elem_id=f"{prefix}positions",
+            ),
+            name="positions",
+        )
+    return scheduler, attention, positions

@@ -18,11 +18,14 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from ..checks import FLOW_POSITIONS
 from ..infotext import infotext, save_png
 from . import status
 from .common import (
     ASPECTS,
     ATTENTION_CHOICES,
+    DEFAULT_ATTENTION,
+    DEFAULT_SCHEDULER,
     NO_ADAPTER,
     SCALES,
     ks_text,
@@ -66,6 +69,7 @@ FIELDS = {
     "image": "input-image",
     "scheduler": "scheduler",
     "attention": "attention",
+    "positions": "positions",
     "controlnet": "controlnet",
     "control-image": "control-image",
     "control-scale": "control-scale",
@@ -78,7 +82,7 @@ SLIDER_LABELS = ("Pivot (upscaled) | final: drag to compare", "Input (resized) |
 
 
 FORM_KEYS = ("prompt", "negative", "aspect", "scale", "stages", "k", "steps", "guidance", "seed", "scheduler")
-FORM_KEYS += ("attention",)
+FORM_KEYS += ("attention", "positions")
 
 
 def filled_form(model, settings: dict) -> dict:
@@ -106,10 +110,18 @@ def filled_form(model, settings: dict) -> dict:
     for key, name in (("num_inference_steps", "steps"), ("guidance_scale", "guidance"), ("seed", "seed")):
         if settings.get(key) is not None:
             form[name] = settings[key]
-    if settings.get("scheduler") in CHOICES:
-        form["scheduler"] = settings["scheduler"]
-    if settings.get("attention") in ATTENTION_CHOICES:
-        form["attention"] = settings["attention"]
+    if getattr(model, "is_flow", False):  # its own sampler and full attention: the fields are off (`run_options`)
+        if settings.get("positions") in FLOW_POSITIONS:
+            form["positions"] = settings["positions"]
+        if settings.get("scheduler") not in (None, DEFAULT_SCHEDULER, "flow-euler", "pipe"):
+            notes.append(f"its sampler {settings['scheduler']} is a UNet model's: this model's flow Euler runs")
+        if settings.get("attention") not in (None, "full", DEFAULT_ATTENTION):
+            notes.append(f"its attention {settings['attention']} is a UNet model's: this model runs full attention")
+    else:
+        if settings.get("scheduler") in CHOICES:
+            form["scheduler"] = settings["scheduler"]
+        if settings.get("attention") in ATTENTION_CHOICES:
+            form["attention"] = settings["attention"]
     method = settings.get("method", "self-cascade")
     if method != "self-cascade":
         notes.append(f"it was made with {method}; Generate runs the self-cascade (Compare runs the others)")
@@ -225,6 +237,7 @@ class GenerateRun:
         tuned = f", adapter {self.studio.adapter_label(request.get('upsampler'))}" if request.get("upsampler") else ""
         sampler = f", sampler {request['scheduler']}" if request.get("scheduler") else ""
         sampler += f", attention {request['attention']}" if request.get("attention") else ""
+        sampler += f", positions {request['positions']}" if request.get("positions") else ""
         self.final = str(final)
         control = self._control_layout(run)
         self.result = {
@@ -320,6 +333,7 @@ class GenerateHandlers:
         control_start=0.0,
         control_end=1.0,
         color_fix=False,
+        positions=None,
         page: gr.Request = None,
     ):
         """Generate (the API's /generate): the pivot and every stage as they finish (a gallery), the progress line
@@ -329,7 +343,8 @@ class GenerateHandlers:
         used it; the prompt may be empty); `scheduler` one of `sc_app.schedulers.CHOICES`, `attention` "full",
         "auto", "window" or "downsample-kv" (None: ddim and full). `controlnet`: one of `Studio.controlnets`
         (none, "embedded: colour layout", a folder of the model's controlnets/ by name) with `control_image` (a
-        file), at `control_scale` (0..2) over `control_start`..`control_end` of each stage's steps."""
+        file), at `control_scale` (0..2) over `control_start`..`control_end` of each stage's steps. `color_fix`: keep
+        the picture's colours. `positions` (flow models): "extend" or "interpolate" (None: the model's default)."""
         request = self.request(
             "self-cascade",
             prompt,
@@ -353,6 +368,7 @@ class GenerateHandlers:
             control_start,
             control_end,
             color_fix,
+            positions,
         )
         run = GenerateRun(self, request)
         skip = gr.skip()
@@ -390,6 +406,7 @@ class GenerateHandlers:
         control_start=0.0,
         control_end=1.0,
         color_fix=False,
+        positions=None,
         page: gr.Request = None,
     ):
         """The page's Generate: the status area (a bar and the progress line, then how it ended, or an error that
@@ -398,7 +415,8 @@ class GenerateHandlers:
         widgets = (prompt, negative_prompt, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale)
         try:
             control = (controlnet, control_image, control_scale, control_start, control_end)
-            request = self.request("self-cascade", *widgets, image, scheduler, attention, *control, color_fix)
+            options = (scheduler, attention, *control, color_fix, positions)
+            request = self.request("self-cascade", *widgets, image, *options)
             run = GenerateRun(self, request)
             yield status.running(None, "Starting..."), run.row(), None, None
             for change in run.changes(page):
@@ -444,8 +462,8 @@ class GenerateHandlers:
     def settings_from_png(self, file):
         """A PNG's settings (`infotext.settings_from_png`: our JSON, else A1111's parameters text) into Generate's
         form: prompt, negative prompt, aspect and scale (the page's size that is the PNG's, else the nearest,
-        said so), stages, K, steps, guidance, seed, sampler and attention; what the page cannot take is said in the
-        status area. An unreadable file: its one line there, the form as it was."""
+        said so), stages, K, steps, guidance, seed, sampler, attention and (flow models) token positions; what the
+        page cannot take is said in the status area. An unreadable file: its one line there, the form as it was."""
         from ..infotext import settings_from_png
 
         skip = gr.skip()
@@ -454,7 +472,7 @@ class GenerateHandlers:
             settings = settings_from_png(file)
         except ValueError as error:
             message = str(error).replace(str(file), name)
-            return [skip] * 11 + [status.error(f"settings from a PNG: {message}", "settings-from")]
+            return [skip] * len(FORM_KEYS) + [status.error(f"settings from a PNG: {message}", "settings-from")]
         form = filled_form(self.model, settings)
         notes = form.pop("notes")
         text = f"Filled in from {name}" + (f" ({'; '.join(notes)})" if notes else "") + ". Press Generate to run it."
@@ -540,7 +558,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
                         interactive=not getattr(studio.model, "is_flow", False),
                     )
                 lora, lora_scale, lora_upload = lora_controls(studio.loras)
-                scheduler, attention = run_options()
+                scheduler, attention, positions = run_options(studio.model)
                 controlnet, control_image, control_scale, control_start, control_end, control_used = (
                     controlnet_controls(studio.controlnets)
                 )
@@ -552,7 +570,7 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     inputs = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, adapter, lora, lora_scale]
     inputs += [picture, scheduler, attention]  # after the first ones: the API's callers by position still work
     inputs += [controlnet, control_image, control_scale, control_start, control_end]  # after those, as they came
-    inputs += [color_fix]
+    inputs += [color_fix, positions]
     # the page's run: the status area keeps the progress in view; nothing covers the stages already shown
     gr.on([run.click, prompt.submit], enable, None, stop, **PRIVATE).then(
         studio.generate_page,
@@ -579,7 +597,8 @@ def generate_tab(studio, examples: list[str], adapters: list[str], gpu: dict) ->
     picture.change(studio.picture_controls, [picture, aspect, scale], [aspect, scale, k], **PRIVATE)
     picture.change(slider_label, picture, final_slider, **PRIVATE)  # what the slider will compare, before the run
     # a PNG made here or by A1111 fills the form in (its parameters text, or our settings JSON)
-    filled = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, scheduler, attention, status_area]
+    filled = [prompt, negative, aspect, scale, stages, k, steps, guidance, seed, scheduler, attention, positions]
+    filled += [status_area]
     settings_png.upload(studio.settings_from_png, settings_png, filled, **PRIVATE)
     use_result.click(studio.use_result, result, picture, api_visibility="private").then(
         None, js=SHOW_PICTURE, **PRIVATE

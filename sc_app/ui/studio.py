@@ -28,7 +28,7 @@ from .. import checks
 from ..api import RESTARTING_METHODS, SDEDIT_METHODS, image_mode
 from ..api import generate as run_method
 from ..cascade import check_inputs
-from ..checks import ENV_MAX_PIXELS, megapixels
+from ..checks import ENV_MAX_PIXELS, FLOW_POSITIONS, megapixels
 from ..images import InputImage, load_image
 from ..lora import check_loras
 from ..schedulers import CHOICES
@@ -280,6 +280,7 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         control_start=0.0,
         control_end=1.0,
         color_fix=False,
+        positions=None,
     ) -> dict:
         """Widget values -> keyword arguments of `sc_app.api.generate`, checked; gr.Error if not valid. `lora`: one
         of `self.loras`' choices, applied at `lora_scale` whatever the method. `image`: a picture's file to start
@@ -289,7 +290,8 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         with `control_image` (a file; for the embedded ControlNet a drawing, turned into its layout here) at
         `control_scale` over `control_start`..`control_end` of each stage's steps; the pair, the numbers, the
         folder's fit to the model and the image are checked here, before anything slow. `color_fix`: keep the
-        picture's colours (with a picture only: the box means nothing without one)."""
+        picture's colours (with a picture only: the box means nothing without one). `positions` (flow models): the large
+        stages' token positions, "extend" or "interpolate"; None or the model's default: the model's."""
         prompt = (prompt or "").strip()
         picture = self.picture(image) if image else None
         if not prompt and picture is None:
@@ -378,6 +380,7 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         if loras := self.loras.chosen(lora, lora_scale):
             request["loras"] = loras
         request.update(self._sampling(method, scheduler, attention, steps, loras, start))
+        request.update(self._positions(positions, height, width))
         control = (controlnet, control_image, control_scale, control_start, control_end)
         request.update(self.controlnets.chosen(*control, self.max_pixels))
         return request
@@ -409,6 +412,27 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         if attention != DEFAULT_ATTENTION:
             options["attention"] = attention
         return options
+
+    def _positions(self, positions, height: int, width: int) -> dict:
+        """The request's token positions, checked against the model and the size (SD3's extended positions stop at
+        its grid): {} for the model's own default."""
+        flow = getattr(self.model, "is_flow", False)
+        if positions in (None, "") and not flow:
+            return {}
+        if not flow:
+            raise user_error("positions applies to flow transformers (SD3, FLUX): a UNet has no token positions")
+        chosen = self.model.default_positions if positions in (None, "") else positions
+        if chosen not in FLOW_POSITIONS:
+            raise user_error(f"positions must be one of {', '.join(FLOW_POSITIONS)}, got {chosen!r}", "positions")
+        largest = self.model.max_side if chosen == "extend" else None  # interpolated positions take any size
+        if largest and max(height, width) > largest:
+            raise user_error(
+                f"{width} x {height} is past this model's extended positions (at most {largest} px a side: its "
+                f"positional embedding covers {largest // self.model.size_multiple} patches): pick interpolate, "
+                "or a smaller scale",
+                "positions",
+            )
+        return {} if chosen == self.model.default_positions else {"positions": chosen}
 
     def picture(self, path) -> InputImage:
         """A picture to start from, read and checked as the library reads it (its size from its header first, within
