@@ -492,3 +492,51 @@ def test_a_flow_model_runs_its_rows_with_its_own_sampler_and_positions(tmp_path)
     assert "positions=extend" in text and "stage_position_scale=[1.0, 0.5]" in text
     assert set(table_rows(text)) >= {"extend", "interpolate"}
     assert not same(pixels(work, "64x64", "extend"), pixels(work, "64x64", "interpolate"))
+
+
+def test_scores_writes_every_samples_own_scores_and_the_section_links_them(sd_folder, tmp_path):
+    """--scores: a CSV line per sample of every row (the base's too), read from the samples' records, and the
+    section names the file; a bad path is refused before anything loads."""
+    import csv
+
+    work, out, scores = tmp_path / "work", tmp_path / "docs" / "bench.md", tmp_path / "docs" / "fair" / "s.csv"
+    out.parent.mkdir()
+    assert (
+        run(
+            sd_folder,
+            work,
+            out,
+            "tuning-free: k=600",
+            "pixels: k=600; upsample=lanczos",
+            n=3,
+            extra=["--scores", str(scores), "--section", "mine"],
+        )
+        == 0
+    )
+    with scores.open(newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["row"], r["index"]) for r in lines] == [
+        (row, str(i)) for row in ("base (16x16, other seeds)", "tuning-free", "pixels") for i in range(3)
+    ]
+    for line in lines:
+        size = "16x16" if line["row"].startswith("base") else "64x64"
+        slug = "base-16x16-other-seeds" if line["row"].startswith("base") else line["row"]
+        record = records(work, size, slug)[int(line["index"])]
+        assert line["section"] == "mine" and line["size"] == size and line["prompt"] == record["prompt"]
+        assert int(line["seed"]) == record["seed"] and int(line["composition"]) == int(record["match"])
+        expected = f"{np.mean(record['fidelity']):.6f}" if record["fidelity"] else ""
+        assert line["shape_fidelity"] == expected and line["detected"] == "; ".join(record["detected"])
+    assert (
+        "Per-sample scores (composition, shape fidelity, detections, time; 9 samples): [fair/s.csv](fair/s.csv)."
+        in (out.read_text())
+    )
+
+
+def test_scores_to_a_path_that_cannot_be_written_is_one_line_before_sampling(sd_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = ["--scores", str(blocker / "s.csv")]
+    assert run(sd_folder, tmp_path / "work", tmp_path / "b.md", "x: k=600", extra=bad) == 2
+    err = capsys.readouterr().err
+    assert "--scores" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()

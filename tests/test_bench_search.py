@@ -99,8 +99,13 @@ def test_default_methods_search_sr_only_with_an_sr_model(sd_model, monkeypatch):
 def test_search_writes_the_choice_that_ablation_makes_its_test_table_from(sd_folder, tmp_path, capsys):
     work, out, chosen = tmp_path / "dev", tmp_path / "bench.md", tmp_path / "chosen.json"
     extra = ["--methods", "direct,lanczos", "--setting", "self-cascade K=600: k=600", "--chosen", str(chosen)]
-    assert main(engine_args("search", sd_folder, work, seed=1000, extra=[*extra, "--out", str(out)])) == 0
+    scores = tmp_path / "search.csv"
+    more = [*extra, "--out", str(out), "--scores", str(scores)]
+    assert main(engine_args("search", sd_folder, work, seed=1000, extra=more)) == 0
     data = json.loads(chosen.read_text())
+    lines = scores.read_text().splitlines()  # a line per sample of every row: the base, 3 direct, lanczos, the K=600
+    assert lines[0].startswith("section,size,row,index") and len(lines) == 1 + 2 * (1 + 3 + 1 + 1)
+    assert all(line.startswith("search-32x32,") for line in lines[1:])
     assert data["seeds"] == [1000, 1001] and data["size"] == "32x32" and data["steps"] == 2
     assert set(data["chosen"]) == {"direct", "lanczos", "self-cascade"}
     # The choice follows the rule on what was sampled: the highest composition, then the higher shape fidelity.

@@ -8,7 +8,8 @@ speed    Self-cascade against direct sampling (and, on request, the baselines an
 ablation Settings side by side (any method; K per stage, upsampling, adapters, LoRAs, guidance, SR noise level,
          ScaleCrafter's dilation and tau): composition, shape fidelity, FID_r/KID_r, unpaired FID_b/KID_b with 95%
          intervals, parameters, training steps, time vs direct; `--chosen` adds the rows that `search` chose,
-         `--figure` draws the samples side by side. Samples and their records go to `--work`, so an interrupted
+         `--figure` draws the samples side by side, `--scores FILE` writes every sample's own scores (a CSV
+         line each; `search` takes it too). Samples and their records go to `--work`, so an interrupted
          run resumes where it stopped, and `accelerate launch --multi_gpu --num_processes N -m sc_app.bench
          ablation ...` splits the prompts across processes: one per GPU, or on a machine without one, N CPU
          processes (with OMP_NUM_THREADS set to cores / N).

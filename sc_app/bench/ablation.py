@@ -643,6 +643,57 @@ def resolved_list(rows: list[Measured]) -> str:
     return "Settings each row ran with (resolved at run time, steps included):\n\n" + "\n".join(lines)
 
 
+SCORE_COLUMNS = ("section", "size", "row", "index", "seed", "prompt", "composition", "shape_fidelity", "detected")
+SCORE_COLUMNS += ("seconds",)
+
+
+def write_scores(path: Path, section: str, cells: list[Cell], n: int) -> int:
+    """Every sample's own scores behind a section's table, a CSV line each (composition 0/1, the mean shape
+    fidelity of its detected objects, empty where none was, the detections, seconds per image), so that paired
+    tests and other summaries can be made later without the images; written atomically. Returns the lines."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORE_COLUMNS)
+    lines = 0
+    for cell in cells:
+        for i, record in sorted(cell.records(n).items()):
+            fidelity = record["fidelity"]
+            writer.writerow(
+                [
+                    section,
+                    size_name(cell.size),
+                    cell.variant.label,
+                    i,
+                    record["seed"],
+                    record["prompt"],
+                    int(record["match"]),
+                    f"{np.mean(fidelity):.6f}" if fidelity else "",
+                    "; ".join(record["detected"]),
+                    f"{record['seconds']:.3f}",
+                ]
+            )
+            lines += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+    return lines
+
+
+def scores_text(args, bench: Bench, section: str, base: Measured, rows: list[Measured]) -> str:
+    """With --scores: writes the per-sample CSV (`write_scores`) and returns the section's line that links it."""
+    if args.scores is None:
+        return ""
+    cells = [Cell(base.setting, bench.pivot, args.work)] + [Cell(r.setting, bench.size, args.work) for r in rows]
+    lines = write_scores(args.scores, section, cells, args.n)
+    log(f"wrote {lines} samples' scores to {args.scores}")
+    where = os.path.relpath(args.scores, args.out.parent) if args.out is not None else str(args.scores)
+    return f"Per-sample scores (composition, shape fidelity, detections, time; {lines} samples): [{where}]({where})."
+
+
 def run_ablation(args, argv: list[str]) -> None:
     settings = [parse_setting(s) for s in args.setting]
     if not settings and args.chosen is None:
@@ -650,6 +701,7 @@ def run_ablation(args, argv: list[str]) -> None:
     if args.figure_rows < 1:
         raise BadInput(f"--figure-rows must be >= 1, got {args.figure_rows}")
     writable("--figure", args.figure)
+    writable("--scores", args.scores)
     bench = open_bench(args)
     chosen_text = ""
     if args.chosen is not None:
@@ -661,6 +713,8 @@ def run_ablation(args, argv: list[str]) -> None:
     if measured is None:
         return
     base, rows = measured
+    section = args.section or f"ablation-{size_name(bench.size)}"
+    scores = scores_text(args, bench, section, base, rows)
     table = markdown_table(HEADER, [base.cells()] + [r.cells() for r in rows])
     print(table)
     if args.figure is not None:
@@ -690,11 +744,12 @@ def run_ablation(args, argv: list[str]) -> None:
                 chosen_text,
                 table,
                 resolved_list([base] + rows),
+                scores,
                 figure,
             ],
         )
     )
-    write_section(args.out, args.section or f"ablation-{size_name(bench.size)}", body)
+    write_section(args.out, section, body)
     log(f"wrote section to {args.out}")
 
 
@@ -709,6 +764,7 @@ def add_engine_arguments(p, *, n: int, work: Path, section: str) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--work", type=Path, default=work, help="samples and records, for resuming")
     p.add_argument("--no-fid", action="store_true", help="no FID_r, KID_r, FID_b, KID_b")
+    p.add_argument("--scores", type=Path, default=None, help="CSV of every sample's scores (one line per image)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--out", type=Path, default=None, help="markdown file for the section (default: print only)")
     p.add_argument("--section", default=None, help=f"the section's marker name (default: {section}-HxW)")

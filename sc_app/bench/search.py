@@ -30,8 +30,9 @@ from .ablation import (
     open_bench,
     parse_setting,
     resolved_list,
+    scores_text,
 )
-from .common import command_line, log, machine_description, markdown_table, size_name, write_section
+from .common import command_line, log, machine_description, markdown_table, size_name, writable, write_section
 
 DEFAULT_WORK = Path("runs/bench-search")
 SEARCHED = ("direct", "self-cascade", "scalecrafter", "attn-sf", "demofusion", "freescale", "sr", "lanczos")
@@ -222,6 +223,7 @@ def read_chosen(path: Path, args, bench) -> tuple[list[Setting], str]:
 def run_search(args, argv: list[str]) -> None:
     methods = _parse_methods(args.methods)
     extra = [parse_setting(s) for s in args.setting]
+    writable("--scores", args.scores)
     bench = open_bench(args)
     guidance = bench.model.default_guidance
     searched = methods or default_methods(bench.model)
@@ -231,6 +233,8 @@ def run_search(args, argv: list[str]) -> None:
     if measured is None:
         return
     base, rows = measured
+    section = args.section or f"search-{size_name(bench.size)}"
+    scores = scores_text(args, bench, section, base, rows)
     chosen = choose(rows)
     path = args.chosen or args.work / f"chosen-{size_name(bench.size)}.json"
     write_chosen(path, args, bench, chosen)
@@ -255,9 +259,10 @@ def run_search(args, argv: list[str]) -> None:
             describe(args, bench),
             table,
             resolved_list([base] + rows),
+            *([scores] if scores else []),
         ]
     )
-    write_section(args.out, args.section or f"search-{size_name(bench.size)}", body)
+    write_section(args.out, section, body)
     log(f"wrote section to {args.out}")
 
 
