@@ -1,5 +1,6 @@
-"""The page on a flow model (SD3 or FLUX, and the embedded flow model once trained): Generate runs the
-self-cascade, Compare offers only the methods with a flow version and says why the others are not there."""
+"""The page on a flow model (SD3 or FLUX, and the embedded flow model): Generate runs the self-cascade, Compare
+offers only the methods with a flow version and says why the others are not there, the token positions field
+reaches the run (in chromium too), and the fields with no flow version are off and say why."""
 
 from __future__ import annotations
 
@@ -203,3 +204,34 @@ def test_the_controlnet_field_is_off_on_a_flow_model_and_says_why(app):
     with pytest.raises(gr.Error, match="is not one this server has") as error:
         app.studio.controlnets.chosen("embedded: colour layout", None, 1.0, 0.0, 1.0, None)
     assert error.value.field == "controlnet"
+
+
+def test_in_the_browser_the_positions_field_reaches_the_run(app, tmp_path):
+    """The page's own Generate event on a flow model, in chromium: interpolate picked in the field is what the run
+    used (the status and the settings line say so), and the sampler field shows the flow sampler, off."""
+    import re
+
+    from test_browser import BACKSTOP_MS, VIEWPORT, browser_or_skip, open_browser, serve
+
+    sync_playwright = browser_or_skip()
+    url, demo = serve(app.model, tmp_path / "work", max_pixels=128 * 128)
+    try:
+        with sync_playwright() as playwright:
+            browser = open_browser(playwright)
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url)
+            page.locator("#generate-button").wait_for(timeout=BACKSTOP_MS)
+            page.locator("#prompt textarea").fill("a red circle")
+            page.get_by_text("Sampler and attention").first.click()
+            sampler = page.locator("#scheduler input")
+            sampler.wait_for(timeout=BACKSTOP_MS)
+            assert sampler.is_disabled() and sampler.input_value() == "flow-matching Euler (the model's own)"
+            page.locator("#positions input").click()
+            page.get_by_role("option", name=re.compile(r"^interpolate")).click()
+            page.locator("#generate-button").click()
+            done = page.locator("#generate-status").get_by_text(re.compile(r"^Done: .*, positions interpolate\.$"))
+            done.wait_for(timeout=BACKSTOP_MS)
+            assert "--positions interpolate" in page.locator("#settings-line textarea").input_value()
+            browser.close()
+    finally:
+        demo.close()
