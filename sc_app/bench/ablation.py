@@ -52,6 +52,7 @@ from .common import (
     size_name,
     writable,
     write_section,
+    write_text_atomic,
 )
 from .samples import Cell, cached_features, eval_scenes
 
@@ -676,10 +677,7 @@ def write_scores(path: Path, section: str, cells: list[Cell], n: int) -> int:
                 ]
             )
             lines += 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
     return lines
 
 

@@ -348,3 +348,12 @@ def path_text(path: Path) -> str:
         return os.path.relpath(path.resolve(), Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else str(path)
     except ValueError:
         return str(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` (its folder made), written beside it and renamed: a reader never sees half a file, and
+    processes sharing a folder never share the temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -60,6 +60,7 @@ from .common import (
     size_name,
     writable,
     write_section,
+    write_text_atomic,
 )
 from .samples import Cell, eval_scenes
 
@@ -743,14 +744,7 @@ def write_csv(path: Path, scored: list[Scored], scenes, dev: bool) -> None:
                     _csv_value(s["seconds"]),
                 ]
             )
-    _write(path, buffer.getvalue())
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def _csv_value(value) -> str:
@@ -874,7 +868,7 @@ def write_chosen(path: Path, bench: Bench, found: Search, n: int) -> dict:
     for row in bench.rows:
         if row.knob is not None:
             data["chosen"][row.name] = {"knob": row.knob, "value": found.chosen[row.name]}
-    _write(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     return data
 
 
