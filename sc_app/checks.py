@@ -352,18 +352,30 @@ def request(
         whole(name, side, 1)
         if side % shape.size_multiple:
             raise ValueError(f"{name} must be a multiple of {shape.size_multiple} for this model, got {side}")
-        if shape.max_side and shape.positions == "extend" and side > shape.max_side:
-            raise ValueError(
-                f"{name} must be at most {shape.max_side} for this model (its positional embedding covers "
-                f"{shape.max_side // shape.size_multiple} patches per side; interpolated positions reach any size: "
-                f"--positions interpolate), got {side}"
-            )
+        positions_reach(
+            name, side, side, shape.max_side, shape.size_multiple, shape.positions, "--positions interpolate"
+        )
     whole("--steps", steps, 1, shape.num_train_timesteps)
     for value in [] if k is None else [k] if isinstance(k, int) else k:  # K re-noises to a training step: 1..T-1
         if not (isinstance(value, int) and 0 < value < shape.num_train_timesteps):
             raise ValueError(f"--k must be an integer in 1..{shape.num_train_timesteps - 1}, got {value!r}")
     if stages is not None:  # with a known base size, `stage_plan` says the most that fit this size
         whole("--stages", stages, 0, MAX_STAGES if shape.base_size is None else None)
+
+
+def positions_reach(
+    name: str, value, side: int, max_side: int | None, size_multiple: int, positions: str, way: str
+) -> None:
+    """A side against the positions a flow model reaches: SD3's extended positions stop at its grid (`max_side`);
+    interpolated positions, and FLUX's rotary ones (no `max_side`), reach any size. The library, the command line
+    and the page apply this one rule; `name`, `value` and `way` (how to get past the grid) are each caller's
+    words."""
+    if max_side and positions == "extend" and side > max_side:
+        raise ValueError(
+            f"{name} must be at most {max_side} for this model (its positional embedding covers "
+            f"{max_side // size_multiple} patches per side; interpolated positions reach any size: {way}), "
+            f"got {value}"
+        )
 
 
 def most_stages(height: int, width: int, base_size: int, multiple: int) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import SR_OPTIONS
+from .checks import positions_reach
 from .families import POSITIONS, Family, family_of, is_flow
 from .stages import (
     UPSAMPLE_MODES,
@@ -108,13 +109,16 @@ def prepare(
         raise ValueError(f"k applies to method {method} as one value, with an input image only; got {k!r}")
     first = start.size if start is not None and not sdedit else None
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample, first)
-    largest = getattr(model, "max_side", None) if positions == "extend" else None  # interpolated: any size
-    if largest and max(height, width) > largest:
-        raise ValueError(
-            f"height and width must be at most {largest} for this model (its positional embedding covers "
-            f"{largest // model.size_multiple} patches per side; interpolated positions reach any size: "
-            f"positions='interpolate'), got {height}x{width}"
-        )
+    max_side = getattr(model, "max_side", None)
+    positions_reach(
+        "height and width",
+        f"{height}x{width}",
+        max(height, width),
+        max_side,
+        model.size_multiple,
+        positions,
+        "positions='interpolate'",
+    )
     if sdedit:
         sizes = [(height, width)]
     elif start is not None and len(sizes) == 1:

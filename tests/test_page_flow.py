@@ -126,8 +126,8 @@ def test_compare_runs_every_method_with_the_chosen_positions(app):
     ("scale", "positions", "message"),
     [
         ("4x", "sideways", "positions must be one of extend, interpolate, got 'sideways'"),
-        ("64x", None, r"256 x 256 is past this model's extended positions \(at most 128 px a side"),
-        ("64x", "extend", r"256 x 256 is past this model's extended positions"),
+        ("64x", None, r"the size must be at most 128 for this model \(its positional embedding covers 32 patches"),
+        ("64x", "extend", r"reach any size: pick interpolate, or a smaller scale\), got 256 x 256"),
     ],
 )
 def test_positions_the_model_cannot_take_are_refused_on_their_field(app, tmp_path, scale, positions, message):

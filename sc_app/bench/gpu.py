@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cli import BadInput
-from .common import Variant, command_line, log, machine_description, markdown_table, write_section
+from .common import Variant, command_line, log, machine_description, markdown_table, write_section, write_text_atomic
 
 if TYPE_CHECKING:  # torch loads where it is used
     import torch
@@ -502,14 +502,14 @@ class Work:
         self.save_run(run)
 
     def save_run(self, run: dict) -> None:
-        _atomic_write(self.run_path, json.dumps(run, indent=2))
+        write_text_atomic(self.run_path, json.dumps(run, indent=2))
 
     def add(self, row: Row, run: dict, rows: list[Row]) -> None:
         with open(self.rows_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(asdict(row)) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _atomic_write(self.table_path, report(run, rows) + "\n")
+        write_text_atomic(self.table_path, report(run, rows) + "\n")
 
     def load(self) -> tuple[dict, list[Row]]:
         if not self.run_path.is_file():
@@ -517,12 +517,6 @@ class Work:
         run = json.loads(self.run_path.read_text())
         lines = self.rows_path.read_text().splitlines() if self.rows_path.is_file() else []
         return run, [Row(**json.loads(line)) for line in lines if line.strip()]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---- the command -------------------------------------------------------------------------------------

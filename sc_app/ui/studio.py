@@ -424,14 +424,18 @@ class Studio(GenerateHandlers, CompareHandlers, TuneHandlers, Runner):
         chosen = self.model.default_positions if positions in (None, "") else positions
         if chosen not in FLOW_POSITIONS:
             raise user_error(f"positions must be one of {', '.join(FLOW_POSITIONS)}, got {chosen!r}", "positions")
-        largest = self.model.max_side if chosen == "extend" else None  # interpolated positions take any size
-        if largest and max(height, width) > largest:
-            raise user_error(
-                f"{width} x {height} is past this model's extended positions (at most {largest} px a side: its "
-                f"positional embedding covers {largest // self.model.size_multiple} patches): pick interpolate, "
-                "or a smaller scale",
-                "positions",
+        try:
+            checks.positions_reach(
+                "the size",
+                f"{width} x {height}",
+                max(height, width),
+                self.model.max_side,
+                self.model.size_multiple,
+                chosen,
+                "pick interpolate, or a smaller scale",
             )
+        except ValueError as error:
+            raise user_error(str(error), "positions") from None
         return {} if chosen == self.model.default_positions else {"positions": chosen}
 
     def picture(self, path) -> InputImage:
