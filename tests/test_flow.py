@@ -630,3 +630,17 @@ def test_interpolated_positions_take_sd3_past_its_position_grid(sd3_model):
     assert result.images[0].size == (192, 192) and result.stages[-1].height == 192
     assert result.settings["stage_position_scale"][-1] == round(1 / 6, 6)  # 8 base patches over 48
     assert "cropped_pos_embed" not in vars(sd3_model.transformer.pos_embed)
+
+
+def test_the_bench_fingerprint_tells_a_retrained_transformer_apart(family, sd3_folder, flux_folder):
+    """The benches key their sample folders by `model_fingerprint`: a flow model whose transformer was trained on
+    (its VAE and text encoders the same) must not reuse the old weights' samples."""
+    from sc_app.bench.common import model_fingerprint
+
+    folder = str(sd3_folder if family == "sd3" else flux_folder)
+    model = load_model(folder, device="cpu")
+    before = model_fingerprint(model)
+    assert model_fingerprint(load_model(folder, device="cpu")) == before
+    with torch.no_grad():
+        next(model.transformer.parameters()).add_(1e-3)
+    assert model_fingerprint(model) != before

@@ -303,11 +303,12 @@ def ratios_to(times: dict[str, list[float]], reference: str = "direct") -> dict[
 
 
 def model_fingerprint(model) -> str:
-    """A hash of every weight (UNet, VAE, text encoders), so a retrained model never reuses old samples."""
+    """A hash of every weight (UNet or flow transformer, VAE, text encoders), so a retrained model never reuses old
+    samples. A UNet model's hash is what it was before transformers were hashed: its samples stay valid."""
     import torch
 
     h = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(model.pipe, name, None)
         if module is None:
             continue
