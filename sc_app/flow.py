@@ -109,12 +109,11 @@ def prepare(
         raise ValueError(f"k applies to method {method} as one value, with an input image only; got {k!r}")
     first = start.size if start is not None and not sdedit else None
     sizes = check_inputs(model, height, width, num_inference_steps, guidance_scale or 0.0, k, stages, upsample, first)
-    max_side = getattr(model, "max_side", None)
     positions_reach(
         "height and width",
         f"{height}x{width}",
         max(height, width),
-        max_side,
+        getattr(model, "max_side", None),
         model.size_multiple,
         positions,
         "positions='interpolate'",

@@ -644,8 +644,10 @@ def resolved_list(rows: list[Measured]) -> str:
     return "Settings each row ran with (resolved at run time, steps included):\n\n" + "\n".join(lines)
 
 
-SCORE_COLUMNS = ("section", "size", "row", "index", "seed", "prompt", "composition", "shape_fidelity", "detected")
-SCORE_COLUMNS += ("seconds",)
+SCORE_COLUMNS = (
+    *("section", "size", "row", "index", "seed", "prompt"),
+    *("composition", "shape_fidelity", "detected", "seconds"),
+)
 
 
 def write_scores(path: Path, section: str, cells: list[Cell], n: int) -> int:
